@@ -1,0 +1,144 @@
+"""The one contract between model adapters and the compiler.
+
+Every adapter (LLaVA-3D layout, HF LLaVA, ...) turns (scene | image, question) samples into a
+:class:`DecoderInputs` batch plus the HF causal-LM decoder to run or capture. Calibration,
+compilation and the runtime depend only on this contract, never on a model family.
+
+Conventions (fixed, relied on by the graph pass and the runtime):
+
+* **Left padding.** Row ``b`` occupies the last ``lengths[b]`` positions of the sequence axis, so
+  the last position ``L-1`` is every row's last instruction token (the scoring query) and decoding
+  appends at the same column for all rows.
+* ``attention_mask`` is ``(B, L)`` int64, 1 for real tokens, 0 for padding.
+* ``position_ids`` is ``(B, L)`` int64: ``0..lengths[b]-1`` over the real tokens, 1 on padding
+  (the transformers convention), so a row's positions do not depend on the batch it sits in.
+* ``spatial_mask`` is ``(B, L)`` bool, True exactly on spatial (scene / image) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class DecoderInputs:
+    """One left-padded batch of spliced multimodal sequences, ready for the decoder."""
+
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) int64
+    position_ids: torch.Tensor  # (B, L) int64
+    spatial_mask: torch.Tensor  # (B, L) bool
+    # per row: [start, end) of every spatial span, in padded coordinates
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs_embeds.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs_embeds.shape[1])
+
+    def spatial_counts(self) -> list[int]:
+        return [int(x) for x in self.spatial_mask.sum(dim=1).tolist()]
+
+    def lengths(self) -> list[int]:
+        return [int(x) for x in self.attention_mask.sum(dim=1).tolist()]
+
+    def row(self, b: int) -> "DecoderInputs":
+        """Row ``b`` alone, padding stripped."""
+        n = self.lengths()[b]
+        L = self.seq_len
+        off = L - n
+        return DecoderInputs(
+            inputs_embeds=self.inputs_embeds[b : b + 1, off:],
+            attention_mask=self.attention_mask[b : b + 1, off:],
+            position_ids=self.position_ids[b : b + 1, off:],
+            spatial_mask=self.spatial_mask[b : b + 1, off:],
+            spans=[[(s - off, e - off) for s, e in self.spans[b]]] if self.spans else [],
+        )
+
+
+@dataclass
+class Segment:
+    """One row before padding: token embeddings (L, H) and which of them are spatial."""
+
+    embeds: torch.Tensor  # (L, H)
+    spatial: torch.Tensor  # (L,) bool
+
+    def spans(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        s = self.spatial.tolist()
+        i = 0
+        while i < len(s):
+            if s[i]:
+                j = i
+                while j < len(s) and s[j]:
+                    j += 1
+                out.append((i, j))
+                i = j
+            else:
+                i += 1
+        return out
+
+
+def collate(rows: Sequence[Segment]) -> DecoderInputs:
+    """Left-pad rows into one batch following the module conventions."""
+    if not rows:
+        raise ValueError("collate: empty batch")
+    L = max(int(r.embeds.shape[0]) for r in rows)
+    H = int(rows[0].embeds.shape[1])
+    dtype = rows[0].embeds.dtype
+    B = len(rows)
+    emb = torch.zeros(B, L, H, dtype=dtype)
+    am = torch.zeros(B, L, dtype=torch.int64)
+    pos = torch.ones(B, L, dtype=torch.int64)
+    sm = torch.zeros(B, L, dtype=torch.bool)
+    spans = []
+    for b, r in enumerate(rows):
+        n = int(r.embeds.shape[0])
+        off = L - n
+        emb[b, off:] = r.embeds
+        am[b, off:] = 1
+        pos[b, off:] = torch.arange(n)
+        sm[b, off:] = r.spatial
+        spans.append([(s + off, e + off) for s, e in r.spans()])
+    return DecoderInputs(emb, am, pos, sm, spans)
+
+
+@dataclass
+class Sample:
+    """One question about one scene (LLaVA-3D) or image (2D LLaVA)."""
+
+    question: str
+    scene: object | None = None  # adatoken_compile.scene.Scene
+    image: object | None = None  # np.ndarray (H, W, 3) uint8
+    answer: str | None = None
+    kind: str | None = None
+    boxes: object | None = None  # optional (M, 3) location prompt(s) for <boxes>
+    meta: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What every model family provides to the compiler."""
+
+    family: str  # "llava3d" | "llava-hf"
+    decoder: torch.nn.Module  # the installed transformers *ForCausalLM, unpatched
+    tokenizer: object  # a tokenizers.Tokenizer-like object with encode/decode
+    eos_token_id: int
+
+    def segment(self, sample: Sample) -> Segment:
+        """Encode one sample into a spliced embedding row with its spatial-token mask."""
+
+    def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
+        """Encode and left-pad a batch."""
+
+    def fingerprint(self) -> str:
+        """Stable hash of config + weights, recorded in schedules and artifacts."""
+
+    def describe(self) -> dict:
+        """Architecture summary: layers, hidden, heads, kv_heads, vocab, ..."""

@@ -1,0 +1,214 @@
+"""The pruning schedule: static HOW MANY per layer, dynamic WHICH per input.
+
+A schedule is a list of *cuts*. A cut ``{"layer": i, "keep": r}`` sits just before decoder layer
+``i`` (0 < i < num_layers): there, each row keeps ``k = clamp(ceil(r * N0), 1, N_now)`` of its
+spatial tokens, where ``N0`` is the row's original spatial-token count and ``N_now`` the count
+still present. ``r`` is relative to the ORIGINAL count, so ratios are non-increasing with depth.
+Non-spatial tokens (system prompt, question, padding structure) are always kept.
+
+The tokens kept are chosen at run time by the scoring rule (see :data:`DEFAULT_SCORING`), in
+their original order, keeping their original position ids.
+
+JSON (schema ``adatoken-compile/schedule``, version 1)::
+
+    {
+      "schema": "adatoken-compile/schedule", "version": 1,
+      "policy": "adaptive",
+      "model": {"fingerprint": "...", "family": "llava3d", "num_layers": 8, "name": "..."},
+      "cuts": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.2}],
+      "scoring": {...}, "positions": "original",
+      "predicted": {"flops_ratio": 0.41, "formula": "...", "spatial_tokens": 1400, "text_tokens": 60},
+      "calibration": {...free-form provenance...}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import InputError, ScheduleMismatch
+
+SCHEMA = "adatoken-compile/schedule"
+VERSION = 1
+
+DEFAULT_SCORING = {
+    # which query row(s) score the spatial tokens: the last real token of the prompt, i.e. the
+    # last instruction token ("ASSISTANT:"), at sequence position L-1 under left padding
+    "query": "last_token",
+    # keys: the post-RoPE keys of the layer just before the cut (layer i-1), exactly as the prefill
+    # computes them for its KV cache; the query row is that layer's query for the last token.
+    # No attention weights are read from the attention kernel, so SDPA/fused attention keep working.
+    "keys": "prev_layer_rope",
+    # softmax over all real keys of the row (causal row of the last token), scaled by 1/sqrt(d)
+    "normalize": "softmax_real_keys",
+    # reduce the per-head probabilities by the mean over query heads
+    "head_reduction": "mean",
+}
+
+
+@dataclass(frozen=True)
+class Cut:
+    layer: int
+    keep: float
+
+
+@dataclass
+class Schedule:
+    cuts: list[Cut]
+    num_layers: int
+    policy: str = "none"
+    fingerprint: str | None = None
+    family: str | None = None
+    model_name: str | None = None
+    scoring: dict = field(default_factory=lambda: dict(DEFAULT_SCORING))
+    positions: str = "original"
+    predicted: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- semantics
+    def is_identity(self) -> bool:
+        return all(c.keep >= 1.0 for c in self.cuts)
+
+    def effective_cuts(self) -> list[Cut]:
+        """Cuts that actually drop something (keep < previous keep)."""
+        out, prev = [], 1.0
+        for c in self.cuts:
+            if c.keep < prev:
+                out.append(c)
+                prev = c.keep
+        return out
+
+    def keep_per_layer(self) -> list[float]:
+        """Ratio of the original spatial tokens present at each layer's input."""
+        ratios, cur, it = [], 1.0, iter(sorted(self.cuts, key=lambda c: c.layer))
+        nxt = next(it, None)
+        for layer in range(self.num_layers):
+            while nxt is not None and nxt.layer == layer:
+                cur = min(cur, nxt.keep)
+                nxt = next(it, None)
+            ratios.append(cur)
+        return ratios
+
+    @staticmethod
+    def keep_count(keep: float, n0: int, n_now: int) -> int:
+        """k for one row: clamp(ceil(keep * n0), 1, n_now) (0 when the row has no spatial tokens)."""
+        if n_now <= 0:
+            return 0
+        return max(1, min(n_now, math.ceil(keep * n0 - 1e-9)))
+
+    def tokens_per_layer(self, n_spatial: int) -> list[int]:
+        """Spatial tokens present at each layer's input for a row with ``n_spatial`` tokens."""
+        out, cur = [], n_spatial
+        cuts = {c.layer: c.keep for c in self.effective_cuts()}
+        for layer in range(self.num_layers):
+            if layer in cuts:
+                cur = self.keep_count(cuts[layer], n_spatial, cur)
+            out.append(cur)
+        return out
+
+    # ---------------------------------------------------------------- validation / io
+    def validate(self, where: str = "schedule") -> "Schedule":
+        if self.num_layers < 1:
+            raise InputError(f"{where}: model.num_layers must be >= 1, got {self.num_layers}")
+        prev_layer, prev_keep = 0, 1.0
+        for c in self.cuts:
+            if not isinstance(c.layer, int) or not (0 < c.layer < self.num_layers):
+                raise InputError(
+                    f"{where}: cut layer {c.layer} out of range; cuts sit before layers 1..{self.num_layers - 1}"
+                )
+            if c.layer <= prev_layer and prev_layer != 0:
+                raise InputError(f"{where}: cut layers must be strictly increasing (got {c.layer} after {prev_layer})")
+            if not (0.0 < c.keep <= 1.0) or not math.isfinite(c.keep):
+                raise InputError(f"{where}: keep ratio {c.keep} at layer {c.layer} must be in (0, 1]")
+            if c.keep > prev_keep + 1e-12:
+                raise InputError(
+                    f"{where}: keep ratios must be non-increasing with depth ({c.keep} at layer {c.layer} > {prev_keep})"
+                )
+            prev_layer, prev_keep = c.layer, c.keep
+        if self.positions != "original":
+            raise InputError(f"{where}: positions rule '{self.positions}' unsupported; only 'original' is implemented")
+        for k, v in DEFAULT_SCORING.items():
+            if self.scoring.get(k) != v:
+                raise InputError(f"{where}: scoring.{k}={self.scoring.get(k)!r} unsupported; expected {v!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "policy": self.policy,
+            "model": {
+                "fingerprint": self.fingerprint,
+                "family": self.family,
+                "num_layers": self.num_layers,
+                "name": self.model_name,
+            },
+            "cuts": [{"layer": c.layer, "keep": c.keep} for c in self.cuts],
+            "keep_per_layer": self.keep_per_layer(),
+            "scoring": self.scoring,
+            "positions": self.positions,
+            "predicted": self.predicted,
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "schedule") -> "Schedule":
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise InputError(f"{where}: not an adatoken-compile schedule (missing schema '{SCHEMA}')")
+        if d.get("version") != VERSION:
+            raise InputError(f"{where}: schedule version {d.get('version')} unsupported (this build reads {VERSION})")
+        try:
+            model = d["model"]
+            cuts = [Cut(int(c["layer"]), float(c["keep"])) for c in d["cuts"]]
+            s = cls(
+                cuts=cuts,
+                num_layers=int(model["num_layers"]),
+                policy=d.get("policy", "unknown"),
+                fingerprint=model.get("fingerprint"),
+                family=model.get("family"),
+                model_name=model.get("name"),
+                scoring=d.get("scoring", dict(DEFAULT_SCORING)),
+                positions=d.get("positions", "original"),
+                predicted=d.get("predicted", {}),
+                calibration=d.get("calibration", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: malformed schedule ({type(e).__name__}: {e}); regenerate it with `adatoken-compile calibrate`")
+        return s.validate(where)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Schedule":
+        if not os.path.exists(path):
+            raise InputError(f"{path}: schedule not found; create one with `adatoken-compile calibrate --out DIR`")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e}); regenerate it with `adatoken-compile calibrate`")
+        return cls.from_dict(d, where=path)
+
+    def check_model(self, fingerprint: str, num_layers: int, where: str = "schedule") -> None:
+        if self.num_layers != num_layers:
+            raise ScheduleMismatch(
+                f"{where}: schedule is for a {self.num_layers}-layer model, this model has {num_layers}; "
+                "calibrate a schedule for this model"
+            )
+        if self.fingerprint is not None and self.fingerprint != fingerprint:
+            raise ScheduleMismatch(
+                f"{where}: schedule was calibrated on model {self.fingerprint[:12]}, not this one "
+                f"({fingerprint[:12]}); run `adatoken-compile calibrate` on this model"
+            )
+
+
+def identity(num_layers: int, **kw) -> Schedule:
+    return Schedule(cuts=[], num_layers=num_layers, policy="none", **kw)

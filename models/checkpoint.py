@@ -105,3 +105,20 @@ def assign_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: st
                 f"{where}: tensor '{prefix}{k}' has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}"
             )
     module.load_state_dict(sd, strict=True)
+
+
+def decoder_arch(decoder) -> dict:
+    """Architecture of an installed *ForCausalLM: what FLOPs formulas and the runtime need."""
+    c = decoder.config
+    heads = int(c.num_attention_heads)
+    return {
+        "decoder_class": type(decoder).__name__,
+        "attn_implementation": c._attn_implementation,
+        "layers": int(c.num_hidden_layers),
+        "hidden": int(c.hidden_size),
+        "heads": heads,
+        "kv_heads": int(getattr(c, "num_key_value_heads", heads) or heads),
+        "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+        "intermediate": int(c.intermediate_size),
+        "vocab": int(c.vocab_size),
+    }

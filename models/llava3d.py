@@ -24,7 +24,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
+from .checkpoint import decoder_arch, assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
 
 IMAGE_TOKEN_INDEX = -200
 BOXES_TOKEN_INDEX = -300
@@ -229,19 +229,9 @@ class Llava3DAdapter:
         return self._fingerprint
 
     def describe(self) -> dict:
-        c = self.decoder.config
-        heads = int(c.num_attention_heads)
         return {
             "family": self.family,
-            "decoder_class": type(self.decoder).__name__,
-            "attn_implementation": c._attn_implementation,
-            "layers": int(c.num_hidden_layers),
-            "hidden": int(c.hidden_size),
-            "heads": heads,
-            "kv_heads": int(getattr(c, "num_key_value_heads", heads) or heads),
-            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
-            "intermediate": int(c.intermediate_size),
-            "vocab": int(c.vocab_size),
+            **decoder_arch(self.decoder),
             "max_positions": self.max_positions,
             "vision": {
                 "image_size": self.image_size,

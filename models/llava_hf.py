@@ -19,7 +19,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.scene import _resize_crop_params
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import config_digest, files_digest, read_config, weight_files
+from .checkpoint import decoder_arch, config_digest, files_digest, read_config, weight_files
 from .llava3d import IMAGE_TOKEN_INDEX, splice, tokenize_with_placeholders
 
 
@@ -109,19 +109,9 @@ class LlavaHFAdapter:
         return self._fingerprint
 
     def describe(self) -> dict:
-        c = self.decoder.config
-        heads = int(c.num_attention_heads)
         return {
             "family": self.family,
-            "decoder_class": type(self.decoder).__name__,
-            "attn_implementation": c._attn_implementation,
-            "layers": int(c.num_hidden_layers),
-            "hidden": int(c.hidden_size),
-            "heads": heads,
-            "kv_heads": int(getattr(c, "num_key_value_heads", heads) or heads),
-            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
-            "intermediate": int(c.intermediate_size),
-            "vocab": int(c.vocab_size),
+            **decoder_arch(self.decoder),
             "max_positions": self.max_positions,
             "vision": {"image_size": self.image_size, "patch_size": int(self.llava.config.vision_config.patch_size)},
             "fingerprint": self.fingerprint(),

@@ -49,6 +49,10 @@ DEFAULT_SCORING = {
 }
 
 
+# the `random` peer policy: same counts, tokens chosen by a seeded pseudo-random score
+RANDOM_SCORING = {"query": "random", "keys": "none", "normalize": "none", "head_reduction": "none"}
+
+
 @dataclass(frozen=True)
 class Cut:
     layer: int
@@ -130,9 +134,12 @@ class Schedule:
             prev_layer, prev_keep = c.layer, c.keep
         if self.positions != "original":
             raise InputError(f"{where}: positions rule '{self.positions}' unsupported; only 'original' is implemented")
-        for k, v in DEFAULT_SCORING.items():
+        ref = RANDOM_SCORING if self.scoring.get("query") == "random" else DEFAULT_SCORING
+        for k, v in ref.items():
             if self.scoring.get(k) != v:
                 raise InputError(f"{where}: scoring.{k}={self.scoring.get(k)!r} unsupported; expected {v!r}")
+        if ref is RANDOM_SCORING and not isinstance(self.scoring.get("seed", 0), int):
+            raise InputError(f"{where}: scoring.seed must be an integer")
         return self
 
     def to_dict(self) -> dict:

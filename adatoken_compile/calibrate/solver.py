@@ -1,0 +1,372 @@
+"""``--policy adaptive``: choose cut layers and keep ratios from calibration statistics.
+
+1. Proxy. For a schedule with keep ratio ``r_l`` at layer ``l`` whose tokens were chosen at the
+   latest cut ``c <= l`` (scored by layer ``c-1``, the run-time rule), the predicted retained
+   information flow at layer ``l`` is ``m_l = retained_flow[c-1, l, r_l]`` from the stats (the
+   share of the last token's head-mean spatial flow kept by those tokens in the UNPRUNED model).
+   The proxy loss is ``sum_l w_l (1 - m_l)`` with ``w_l`` = the last token's mean flow share on
+   spatial tokens at layer ``l`` divided by the number of layers (0 = lossless, at most 1).
+2. Candidates. A dynamic programme over layers (state: cuts used, current ratio on the grid,
+   last cut layer) minimises ``flops_ratio + lambda * loss`` for a sweep of lambdas; the distinct
+   optima form a FLOPs/loss Pareto frontier (non-increasing ratios by construction).
+3. Validation. Candidates are run end to end (pruned prefill) on held-back samples and compared
+   with the unpruned model: agreement = share of rows whose greedy next token is unchanged.
+   Fidelity target: bisection along the frontier for the cheapest candidate meeting it.
+   FLOPs budget: the lowest-loss candidates within the budget, best measured agreement wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..contract import DecoderInputs
+from ..errors import InputError
+from ..flops import FORMULA, arch_from_config, drop_flops, layer_flops, prefill_flops, schedule_flops
+from ..schedule import DEFAULT_SCORING, Cut, Schedule
+from .observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from .stats import CalibrationStats
+
+
+# ---------------------------------------------------------------------- forwards
+@torch.no_grad()
+def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
+    """Unpruned next-token logits (B, vocab) at the last position."""
+    dev = next(decoder.parameters()).device
+    out = decoder(
+        inputs_embeds=inputs.inputs_embeds.to(dev),
+        attention_mask=inputs.attention_mask.to(dev),
+        position_ids=inputs.position_ids.to(dev),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float().cpu()
+
+
+def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
+    """Pruned prefill next-token logits (B, vocab). Uses ``adatoken_compile.pruned_forward`` when
+    it is installed and the scoring is the default rule; else the eager fallback below."""
+    if schedule.scoring.get("query") == DEFAULT_SCORING["query"]:
+        try:
+            from ..pruned_forward import pruned_prefill  # type: ignore
+        except ImportError:
+            pruned_prefill = None
+        if pruned_prefill is not None:
+            return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
+    return _fallback_pruned_prefill(decoder, inputs, schedule)
+
+
+@torch.no_grad()
+def _fallback_pruned_prefill(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
+    """Eager reference of the pruned prefill, one row at a time (no padding).
+
+    Before each cut layer i: score spatial tokens with layer i-1's last-token query against its
+    post-RoPE keys (softmax over all present keys, mean over heads), keep the top
+    ``Schedule.keep_count`` in original order with original position ids. Scoring "random"
+    draws the scores from a generator seeded with ``scoring["seed"] + row``.
+    """
+    base = base_model(decoder)
+    layers = decoder_layers(decoder)
+    dev = next(decoder.parameters()).device
+    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
+    rnd = schedule.scoring.get("query") == "random"
+    outs = []
+    for b in range(inputs.batch_size):
+        r = inputs.row(b)
+        h = r.inputs_embeds.to(dev)
+        pos = r.position_ids.to(dev)
+        sp = r.spatial_mask[0].clone()
+        n0 = int(sp.sum())
+        last: dict = {}
+
+        def on_layer(i, attn, hn, pe, k, v):
+            last["attn"], last["h"], last["cos"], last["sin"], last["k"] = attn, hn[0, -1:], pe[0][0, -1:], pe[1][0, -1:], k[0]
+
+        gen = torch.Generator().manual_seed(int(schedule.scoring.get("seed", 0)) + b) if rnd else None
+        with capture(decoder, on_layer) as cache:
+            for i, layer in enumerate(layers):
+                if i in cuts and n0 > 0:
+                    n_now = int(sp.sum())
+                    k = Schedule.keep_count(cuts[i], n0, n_now)
+                    sp_idx = torch.nonzero(sp).flatten()
+                    if rnd:
+                        score = torch.rand(n_now, generator=gen)
+                    else:
+                        q = query_rows(last["attn"], last["h"], last["cos"], last["sin"])
+                        n = last["k"].shape[1]
+                        p = softmax_rows(last["attn"], q, last["k"], torch.tensor([n - 1]))
+                        score = p.mean(0)[0].cpu()[sp_idx]
+                    top = torch.topk(score, k, sorted=False).indices
+                    keep = torch.cat([torch.nonzero(~sp).flatten(), sp_idx[top]]).sort().values
+                    h, pos, sp = h[:, keep.to(dev)], pos[:, keep.to(dev)], sp[keep]
+                n = h.shape[1]
+                mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=dev).triu(1)[None, None]
+                pe = base.rotary_emb(h, pos)
+                out = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
+                h = out[0] if isinstance(out, tuple) else out
+        hl = base.norm(h[:, -1:])
+        outs.append(decoder.lm_head(hl)[:, -1].float().cpu())
+    return torch.cat(outs)
+
+
+def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule) -> dict:
+    """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``."""
+    same = total = 0
+    kl = 0.0
+    for batch, ref in zip(holdout, refs):
+        lg = _run_pruned(decoder, batch, schedule)
+        same += int((lg.argmax(-1) == ref.argmax(-1)).sum())
+        total += lg.shape[0]
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
+        kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
+    return {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total}
+
+
+# ---------------------------------------------------------------------- proxy + DP
+def _weights(stats: CalibrationStats, proxy: str) -> np.ndarray:
+    w = np.nan_to_num(stats.spatial_share("last", "flow" if proxy == "flow" else "attn").mean(axis=1))
+    return w / stats.arch["num_layers"]
+
+
+def predicted_loss(stats: CalibrationStats, schedule: Schedule, proxy: str = "flow") -> float:
+    """Proxy loss of any schedule (ratios between grid points are interpolated)."""
+    ret = np.nan_to_num(stats.retained(proxy), nan=0.0)
+    w = _weights(stats, proxy)
+    grid = np.asarray(stats.ratios)
+    src, keep, loss = None, 1.0, 0.0
+    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
+    for l in range(schedule.num_layers):
+        if l in cuts:
+            src, keep = l - 1, cuts[l]
+        if src is None or keep >= 1.0:
+            continue
+        m = float(np.interp(keep, grid, ret[src, l])) if keep >= grid[0] else float(ret[src, l, 0]) * keep / grid[0]
+        loss += w[l] * (1.0 - m)
+    return float(loss)
+
+
+@dataclass
+class Candidate:
+    cuts: list
+    flops_ratio: float
+    loss: float
+    measured: dict | None = None
+
+    def schedule(self, num_layers: int) -> Schedule:
+        return Schedule(cuts=list(self.cuts), num_layers=num_layers, policy="adaptive")
+
+    def summary(self) -> dict:
+        d = {"cuts": [[c.layer, c.keep] for c in self.cuts], "flops_ratio": round(self.flops_ratio, 5), "proxy_loss": round(self.loss, 6)}
+        if self.measured:
+            d.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.measured.items()})
+        return d
+
+
+def propose(stats: CalibrationStats, *, max_cuts: int | None = 4, proxy: str = "flow",
+            lambdas: Sequence[float] | None = None) -> list[Candidate]:
+    """Pareto frontier (FLOPs ratio ascending, loss descending) of DP-optimal schedules."""
+    arch = stats.arch
+    L = arch["num_layers"]
+    if stats.arrays["retained_rows"][0] == 0:
+        raise InputError("solver: the calibration statistics hold no sample with spatial tokens; calibrate on data with spatial tokens")
+    grid = [float(r) for r in stats.ratios]
+    if grid[-1] != 1.0:
+        raise InputError("solver: the stats ratio grid must end with 1.0")
+    R = len(grid)
+    K = (L - 1) if max_cuts is None else max(0, min(int(max_cuts), L - 1))
+    N = max(1, int(round(stats.mean_spatial_tokens())))
+    nt = int(round(stats.mean_text_tokens()))
+    full = prefill_flops(arch, nt, [N] * L)["total"]
+    cnt = [Schedule.keep_count(r, N, N) for r in grid]
+    cost = np.array([sum(layer_flops(arch, nt + s)) / full for s in cnt])  # (R,)
+    drop = np.full((R, R), np.inf)
+    for a in range(R):
+        for b in range(a):
+            drop[a, b] = drop_flops(arch, nt + cnt[a], cnt[a], cnt[b]) / full
+    ret = np.nan_to_num(stats.retained(proxy), nan=0.0)  # [src, dst, r]
+    w = _weights(stats, proxy)
+    # loss_tab[l, r, c]: loss at layer l with ratio r whose latest cut was at layer c (c=0: none)
+    loss_tab = np.zeros((L, R, L))
+    for l in range(L):
+        for c in range(L):
+            if 1 <= c <= l:  # c = 0 (no cut yet, ratio 1) and c > l are lossless / unreachable
+                loss_tab[l, :, c] = w[l] * (1.0 - ret[c - 1, l, :])
+    lambdas = list(lambdas) if lambdas is not None else [0.0] + list(np.logspace(-3, 4, 36))
+    seen: dict = {}
+    for lam in lambdas:
+        cuts = _dp(cost, drop, loss_tab, lam, K, L, R)
+        key = tuple((l, grid[r]) for l, r in cuts)
+        if key not in seen:
+            s = Schedule(cuts=[Cut(l, g) for l, g in key], num_layers=L)
+            seen[key] = Candidate(list(s.cuts), schedule_flops(arch, s, N, nt)["flops_ratio"], predicted_loss(stats, s, proxy))
+    seen.setdefault((), Candidate([], 1.0, 0.0))
+    cands = sorted(seen.values(), key=lambda c: (c.flops_ratio, c.loss))
+    frontier, best = [], math.inf
+    for c in cands:
+        if c.loss < best - 1e-12 or not frontier:
+            frontier.append(c)
+            best = min(best, c.loss)
+    if frontier[-1].cuts:  # the identity closes the frontier
+        frontier.append(Candidate([], 1.0, 0.0))
+    return frontier
+
+
+def fill_budget(stats: CalibrationStats, start: Candidate, budget: float, proxy: str = "flow", max_steps: int = 200) -> Candidate:
+    """Greedy local search from a schedule within ``budget``: repeatedly apply the move with the
+    best loss decrease per FLOPs increase (raise one cut's ratio one grid step, or move one cut one
+    layer deeper) while the FLOPs ratio stays within the budget. Fills the gap the Lagrangian
+    frontier leaves between its (convex-hull) points."""
+    arch, L = stats.arch, stats.arch["num_layers"]
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    grid = sorted(float(r) for r in stats.ratios)
+
+    def make(cuts):
+        s = Schedule(cuts=[Cut(l, k) for l, k in cuts if k < 1.0], num_layers=L)
+        return Candidate(list(s.cuts), schedule_flops(arch, s, N, nt)["flops_ratio"], predicted_loss(stats, s, proxy))
+
+    cur = start
+    for _ in range(max_steps):
+        base = [(c.layer, c.keep) for c in cur.cuts]
+        moves = []
+        for j, (l, k) in enumerate(base):
+            prev_k = base[j - 1][1] if j else 1.0
+            up = [g for g in grid if g > k + 1e-12]
+            if up:
+                nk = up[0]
+                nc = list(base)
+                if nk >= prev_k - 1e-12:
+                    del nc[j]
+                else:
+                    nc[j] = (l, nk)
+                moves.append(nc)
+            nxt = base[j + 1][0] if j + 1 < len(base) else L
+            if l + 1 < nxt:
+                nc = list(base)
+                nc[j] = (l + 1, k)
+                moves.append(nc)
+        best, best_rate = None, 0.0
+        for mv in moves:
+            c = make(mv)
+            if c.flops_ratio > budget + 1e-12 or c.loss >= cur.loss - 1e-15:
+                continue
+            rate = (cur.loss - c.loss) / max(c.flops_ratio - cur.flops_ratio, 1e-12)
+            if rate > best_rate:
+                best, best_rate = c, rate
+        if best is None:
+            break
+        cur = best
+    return cur
+
+
+def _dp(cost, drop, loss_tab, lam, K, L, R) -> list[tuple[int, int]]:
+    INF = np.inf
+    V = np.full((K + 1, R, L), INF)
+    V[0, R - 1, 0] = cost[R - 1]
+    back = {}  # (layer, k, r) of a cut state -> (k-1, r_prev, c_prev)
+    for l in range(1, L):
+        step = cost[None, :, None] + lam * loss_tab[l][None]
+        newV = V + step
+        newV[:, :, l] = INF
+        if K > 0:
+            # best previous state per (k-1, r_prev): min over c
+            bc = V[:-1].min(axis=2)  # (K, R)
+            bc_arg = V[:-1].argmin(axis=2)
+            tot = bc[:, :, None] + drop[None]  # (K, R_prev, R_new); drop inf unless r_new < r_prev
+            rp = tot.argmin(axis=1)  # (K, R_new)
+            best = tot.min(axis=1)
+            val = best + cost[None, :] + lam * loss_tab[l][:, l][None]
+            for k in range(1, K + 1):
+                for r in range(R):
+                    if np.isfinite(val[k - 1, r]):
+                        newV[k, r, l] = val[k - 1, r]
+                        back[(l, k, r)] = (k - 1, int(rp[k - 1, r]), int(bc_arg[k - 1, rp[k - 1, r]]))
+        V = newV
+    k, r, c = np.unravel_index(np.argmin(V), V.shape)
+    cuts = []
+    while c > 0:
+        cuts.append((int(c), int(r)))
+        k, r, c = back[(int(c), int(k), int(r))]
+    return sorted(cuts)
+
+
+# ---------------------------------------------------------------------- solve
+def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
+          flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 8,
+          proxy: str = "flow", seed: int = 0, progress=None) -> Schedule:
+    """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches."""
+    if fidelity is not None and flops_budget is not None:
+        raise InputError("calibrate: give either a fidelity target or a FLOPs budget, not both")
+    if flops_budget is not None and not (0.0 < flops_budget < 1.0):
+        raise InputError(f"calibrate: FLOPs budget {flops_budget} must be a ratio in (0, 1)")
+    if fidelity is None and flops_budget is None:
+        fidelity = 0.98
+    if fidelity is not None and not (0.0 < fidelity <= 1.0):
+        raise InputError(f"calibrate: fidelity target {fidelity} must be in (0, 1]")
+    if not holdout:
+        raise InputError("calibrate: policy 'adaptive' needs held-back samples to validate on; use holdout > 0 with at least 2 samples")
+    t0 = time.time()
+    L = stats.arch["num_layers"]
+    frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
+    refs = [reference_logits(decoder, b) for b in holdout]
+    validated: list[Candidate] = []
+
+    def validate(c: Candidate) -> float:
+        if c.measured is None:
+            c.measured = agreement(decoder, holdout, refs, c.schedule(L))
+            validated.append(c)
+            if progress is not None:
+                progress(c)
+        return c.measured["agreement"]
+
+    if fidelity is not None:
+        lo, hi = 0, len(frontier) - 1  # frontier[-1] is the identity: agreement 1 by construction
+        while lo < hi and len(validated) < max_validations:
+            mid = (lo + hi) // 2
+            if validate(frontier[mid]) >= fidelity - 1e-12:
+                hi = mid
+            else:
+                lo = mid + 1
+        ok = [c for c in validated if c.measured["agreement"] >= fidelity - 1e-12]
+        chosen = min(ok, key=lambda c: c.flops_ratio) if ok else frontier[-1]
+        if chosen is frontier[-1] and chosen.measured is None:
+            validate(chosen)
+        mode = {"objective": "min_flops", "fidelity_target": fidelity}
+    else:
+        feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]
+        if not feasible:
+            raise InputError(
+                f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
+                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs"
+            )
+        filled = fill_budget(stats, max(feasible, key=lambda c: c.flops_ratio), flops_budget, proxy)
+        if all(filled.cuts != c.cuts for c in feasible):
+            feasible.append(filled)
+        for c in sorted(feasible, key=lambda c: c.loss)[:max_validations]:
+            if validate(c) >= 1.0:
+                break
+        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio))
+        mode = {"objective": "max_fidelity", "flops_budget": flops_budget}
+    s = chosen.schedule(L).validate("adaptive")
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    fl = schedule_flops(stats.arch, s, N, nt)
+    s.predicted = {"flops_ratio": fl["flops_ratio"], "formula": FORMULA, "spatial_tokens": fl["spatial_tokens"],
+                   "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"], "proxy_loss": chosen.loss}
+    s.calibration = {
+        "samples": stats.samples,
+        "holdout_rows": sum(b.batch_size for b in holdout),
+        "fidelity": {"metric": "greedy_next_token_agreement", **chosen.measured},
+        **mode,
+        "seed": seed,
+        "search": {
+            "proxy": f"retained_{proxy} (last token, head mean), loss = sum_l w_l (1 - m_l)",
+            "ratio_grid": list(stats.ratios), "max_cuts": max_cuts,
+            "frontier_size": len(frontier), "validated": [c.summary() for c in validated],
+            "seconds": round(time.time() - t0, 2),
+        },
+    }
+    return s

@@ -1,0 +1,158 @@
+"""The one prefill FLOPs formula used everywhere (calibration, reports, benchmarks).
+
+A FLOP is one multiply or one add (a multiply-accumulate is 2). Notation, from ``arch``::
+
+    H  = hidden            I  = intermediate         V = vocab
+    d  = head_dim          Hq = heads * d            Hkv = kv_heads * d
+    n  = tokens entering the layer = n_text + spatial tokens present at that layer
+
+Per decoder layer with n tokens::
+
+    linear    = 2 * n * (H * (Hq + 2 * Hkv)   # q, k, v projections
+                         + Hq * H             # o projection
+                         + 3 * H * I)         # SwiGLU FFN: gate, up, down
+    attention = 2 * 2 * n * n * Hq            # Q K^T and A V over the FULL n x n square
+                                              # (no causal halving; kernels compute the square)
+
+Once per prefill::
+
+    lm_head   = 2 * H * V                     # last position only (next-token logits)
+
+Each drop node (a cut before layer i, with n_in = n_text + s_in tokens present and s_in spatial)::
+
+    score     = 2 * H * Hq                    # q projection of the one scoring row
+              + 2 * n_in * Hq                 # that row against the n_in keys, all heads
+              + 5 * n_in * heads              # softmax: max, subtract, exp, sum, divide
+              + n_in * heads                  # mean over heads
+    select    = s_in * log2(s_in)             # top-k as comparisons
+              + k * log2(k)                   # sorting the k kept indices (original order)
+    gather    = 0                             # memory movement, no arithmetic
+
+Not counted (stated, small): RMSNorms, RoPE, SiLU/elementwise products, residual adds,
+embedding lookups, the attention mask.
+
+Hand check (``tests/test_calibrate.py``): H=8, d=2, heads=4, kv_heads=2, I=16, V=10, one layer,
+n=3 tokens: Hq=8, Hkv=4, linear = 2*3*(8*(8+8) + 8*8 + 3*8*16) = 2*3*(128+64+384) = 3456;
+attention = 4*9*8 = 288; lm_head = 2*8*10 = 160; total 3904.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+FORMULA = (
+    "per layer (n tokens): linear = 2n(H(Hq+2Hkv) + Hq*H + 3H*I) [q,k,v,o + SwiGLU FFN]; "
+    "attention = 4*n^2*Hq [QK^T and AV, full n x n]; plus lm_head 2*H*V for the last position; "
+    "plus each drop node: 2*H*Hq + 2*n*Hq + 6*n*heads [one query row, softmax, head mean] + "
+    "s*log2(s) + k*log2(k) comparisons [top-k, sort]; Hq=heads*head_dim, Hkv=kv_heads*head_dim; "
+    "norms, RoPE, activations, residuals not counted"
+)
+
+ARCH_KEYS = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+
+
+def arch_from_config(config) -> dict:
+    """The ``arch`` dict of a transformers decoder config (LlamaConfig, Qwen2Config, ...)."""
+    heads = int(config.num_attention_heads)
+    hidden = int(config.hidden_size)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {
+        "num_layers": int(config.num_hidden_layers),
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+        "intermediate": int(config.intermediate_size),
+        "vocab": int(config.vocab_size),
+    }
+
+
+def _check_arch(arch: dict) -> None:
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    if missing:
+        raise ValueError(f"flops: arch is missing {missing}; expected keys {list(ARCH_KEYS)}")
+
+
+def layer_flops(arch: dict, n: int) -> tuple[int, int]:
+    """(linear, attention) FLOPs of one decoder layer over ``n`` tokens."""
+    H, I = arch["hidden"], arch["intermediate"]
+    hq = arch["heads"] * arch["head_dim"]
+    hkv = arch["kv_heads"] * arch["head_dim"]
+    linear = 2 * n * (H * (hq + 2 * hkv) + hq * H + 3 * H * I)
+    attention = 2 * 2 * n * n * hq
+    return int(linear), int(attention)
+
+
+def drop_flops(arch: dict, n_in: int, s_in: int, k: int) -> float:
+    """FLOPs of one drop node: scoring row + softmax + head mean, plus top-k/sort comparisons."""
+    H = arch["hidden"]
+    heads = arch["heads"]
+    hq = heads * arch["head_dim"]
+    score = 2 * H * hq + 2 * n_in * hq + 5 * n_in * heads + n_in * heads
+    select = (s_in * math.log2(s_in) if s_in > 1 else 0.0) + (k * math.log2(k) if k > 1 else 0.0)
+    return float(score + select)
+
+
+def prefill_flops(arch: dict, n_text: int, tokens_per_layer: Sequence[int], *, include_drop: bool = True) -> dict:
+    """Prefill FLOPs of one sequence.
+
+    ``tokens_per_layer[i]`` is the number of SPATIAL tokens entering layer ``i`` (so
+    ``tokens_per_layer[0]`` is the original count); every layer also sees ``n_text`` text tokens.
+    A drop node is counted before every layer whose count is below the previous layer's.
+    Returns ``{"total", "linear", "attention", "lm_head", "drop", "per_layer", "formula"}``.
+    """
+    _check_arch(arch)
+    if len(tokens_per_layer) != arch["num_layers"]:
+        raise ValueError(f"flops: tokens_per_layer has {len(tokens_per_layer)} entries, arch has {arch['num_layers']} layers")
+    lin_t = att_t = 0
+    drop_t = 0.0
+    per_layer = []
+    prev = None
+    for s in tokens_per_layer:
+        n = int(n_text) + int(s)
+        lin, att = layer_flops(arch, n)
+        drop = 0.0
+        if include_drop and prev is not None and s < prev:
+            drop = drop_flops(arch, int(n_text) + prev, prev, int(s))
+        per_layer.append({"tokens": n, "linear": lin, "attention": att, "drop": drop})
+        lin_t += lin
+        att_t += att
+        drop_t += drop
+        prev = s
+    lm = 2 * arch["hidden"] * arch["vocab"]
+    total = lin_t + att_t + lm + drop_t
+    return {
+        "total": float(total),
+        "linear": float(lin_t),
+        "attention": float(att_t),
+        "lm_head": float(lm),
+        "drop": float(drop_t),
+        "per_layer": per_layer,
+        "formula": FORMULA,
+    }
+
+
+def schedule_flops(arch: dict, schedule, n_spatial: int, n_text: int) -> dict:
+    """Pruned vs unpruned prefill FLOPs of ``schedule`` for one sequence."""
+    if schedule.num_layers != arch["num_layers"]:
+        raise ValueError(f"flops: schedule has {schedule.num_layers} layers, arch has {arch['num_layers']}")
+    n_spatial = int(round(n_spatial))
+    n_text = int(round(n_text))
+    tpl = schedule.tokens_per_layer(n_spatial)
+    pruned = prefill_flops(arch, n_text, tpl)
+    full = prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])
+    return {
+        "flops_ratio": pruned["total"] / full["total"],
+        "flops": pruned["total"],
+        "flops_unpruned": full["total"],
+        "spatial_tokens": n_spatial,
+        "text_tokens": n_text,
+        "tokens_per_layer": tpl,
+        "formula": FORMULA,
+    }
+
+
+def schedule_flops_ratio(arch: dict, schedule, n_spatial: int, n_text: int) -> float:
+    """Predicted prefill FLOPs of ``schedule`` divided by the unpruned prefill's."""
+    return schedule_flops(arch, schedule, n_spatial, n_text)["flops_ratio"]

@@ -1,0 +1,304 @@
+"""Calibrate stage: observers vs brute force, exact merges, FLOPs formula, policies, solver, API."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from adatoken_compile.calibrate import api as cal_api
+from adatoken_compile.calibrate.api import calibrate, write_calibration
+from adatoken_compile.calibrate.observers import AttentionObserver, extend_with_answers
+from adatoken_compile.calibrate.policies import RANDOM_SCORING, peer_schedule
+from adatoken_compile.calibrate.solver import _fallback_pruned_prefill, reference_logits
+from adatoken_compile.calibrate.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
+from adatoken_compile.contract import Segment, collate
+from adatoken_compile.errors import InputError
+from adatoken_compile.flops import arch_from_config, prefill_flops, schedule_flops_ratio
+from adatoken_compile.schedule import Cut, Schedule, identity
+
+
+def _llama(attn="eager"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=128, vocab_size=101)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+
+
+def _qwen(attn="eager"):
+    torch.manual_seed(1)
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=101)
+    return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+
+
+def _odd(attn="eager"):
+    torch.manual_seed(2)
+    cfg = LlamaConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3, head_dim=16,
+                      intermediate_size=96, vocab_size=101)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+
+
+def _sharpen(model):
+    # random init gives near-uniform attention; larger q/k weights make the stats non-trivial
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def _batch(H, seed, B=2):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        pre, N, post = 3 + b, 24 + 7 * b + seed % 5, 4 + 2 * b
+        sp = torch.zeros(pre + N + post, dtype=torch.bool)
+        sp[pre : pre + N] = True
+        rows.append(Segment(torch.randn(pre + N + post, H, generator=g), sp))
+    return collate(rows)
+
+
+# ---------------------------------------------------------------------- brute force
+def _brute(model, inputs, answers, ratios, nb):
+    """Full eager attention maps (output_attentions) reduced by hand with plain loops."""
+    ext, pend, _ = extend_with_answers(model, inputs, answers)
+    with torch.no_grad():
+        out = model(inputs_embeds=ext.inputs_embeds, attention_mask=ext.attention_mask, position_ids=ext.position_ids,
+                    output_attentions=True, output_hidden_states=True)
+    cfg = model.config
+    Lyr, heads, kvh = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    B, T = ext.batch_size, ext.seq_len
+    acc = {}
+
+    def add(key, v):
+        acc.setdefault(key, []).append(v)
+
+    hists = {}
+    retained = {}
+    for b in range(B):
+        off = T - ext.lengths()[b]
+        sp = [j for j in range(off, pend[b]) if ext.spatial_mask[b, j]]
+        spl = [j - off for j in sp]
+        last = pend[b] - 1
+        groups = {"instr": [j for j in range(sp[-1] + 1, pend[b]) if not ext.spatial_mask[b, j]], "last": [last],
+                  "answer": list(range(pend[b], T))}
+        a_last, f_last = [], []
+        for i in range(Lyr):
+            layer = model.model.layers[i]
+            P = out.attentions[i][b].double()
+            hn = layer.input_layernorm(out.hidden_states[i][b])
+            v = layer.self_attn.v_proj(hn).view(T, kvh, -1)
+            d = v.shape[-1]
+            Wo = layer.self_attn.o_proj.weight
+            u = torch.stack([(v[:, h // (heads // kvh)] @ Wo[:, h * d:(h + 1) * d].T).double().norm(dim=-1) for h in range(heads)])
+            for g, rows in groups.items():
+                for r in rows:
+                    pm = torch.zeros(len(spl), dtype=torch.float64)
+                    fm = torch.zeros(len(spl), dtype=torch.float64)
+                    for h in range(heads):
+                        p = P[h, r, off:]
+                        f = p * u[h, off:]
+                        f = f / f.sum()
+                        add(("attn", g, i, h), p[spl].sum().item())
+                        add(("flow", g, i, h), f[spl].sum().item())
+                        rel = f[spl] / f[spl].max()
+                        for x in rel.tolist():
+                            k = ("hist_flow", g, i, h, min(nb - 1, int(math.floor(x * nb))))
+                            hists[k] = hists.get(k, 0) + 1
+                        pm += p[spl] / heads
+                        fm += f[spl] / heads
+                    if g == "last":
+                        a_last.append(pm)
+                        f_last.append(fm)
+        for src in range(Lyr):
+            order = sorted(range(len(spl)), key=lambda j: -a_last[src][j].item())
+            for dst in range(src, Lyr):
+                for ri, r in enumerate(ratios):
+                    k = max(1, min(len(spl), math.ceil(r * len(spl) - 1e-9)))
+                    top = order[:k]
+                    retained.setdefault((src, dst, ri), []).append((a_last[dst][top].sum() / a_last[dst].sum()).item())
+    return acc, hists, retained
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen, _odd], ids=["llama", "qwen2-gqa", "odd-heads"])
+def test_observers_match_brute_force(make):
+    model = _sharpen(make("eager"))
+    inputs = _batch(model.config.hidden_size, 0)
+    answers = [torch.tensor([5, 7, 9]), None]
+    st = CalibrationStats.empty(arch_from_config(model.config), "fp")
+    AttentionObserver(model, st).observe(inputs, answers)
+    acc, hists, retained = _brute(model, inputs, answers, st.ratios, st.num_bins)
+    assert st.arrays["answer_rows"].tolist() == [3] * model.config.num_hidden_layers
+    for g in GROUPS:
+        for kind in ("attn", "flow"):
+            share = st.spatial_share(g, kind)
+            for i in range(model.config.num_hidden_layers):
+                for h in range(model.config.num_attention_heads):
+                    assert abs(share[i, h] - np.mean(acc[(kind, g, i, h)])) < 1e-5, (g, kind, i, h)
+        hf = st.arrays[f"{g}_hist_flow"]
+        ref = np.zeros_like(hf)
+        for (_, gg, i, h, k), c in hists.items():
+            if gg == g:
+                ref[i, h, k] += c
+        assert np.abs(hf - ref).sum() <= 2  # bin edges may flip under fp noise
+    ret = st.retained("attn")
+    for (src, dst, ri), vals in retained.items():
+        assert abs(ret[src, dst, ri] - np.mean(vals)) < 1e-5
+
+
+def test_sdpa_matches_eager():
+    stats = []
+    for attn in ("eager", "sdpa"):
+        model = _sharpen(_qwen(attn))
+        st = CalibrationStats.empty(arch_from_config(model.config), "fp")
+        AttentionObserver(model, st).observe(_batch(64, 3), [torch.tensor([4, 2]), torch.tensor([8])])
+        stats.append(st)
+    a, b = stats
+    for g in GROUPS:
+        for kind in ("attn", "flow"):
+            np.testing.assert_allclose(a.spatial_share(g, kind), b.spatial_share(g, kind), atol=1e-5)
+    np.testing.assert_allclose(a.retained("flow"), b.retained("flow"), atol=1e-5)
+    assert np.abs(a.arrays["last_hist_flow"] - b.arrays["last_hist_flow"]).sum() <= 2
+
+
+def test_merge_is_exact_and_roundtrips(tmp_path):
+    model = _sharpen(_llama())
+    batches = [_batch(64, s) for s in range(4)]
+    answers = [[torch.tensor([1, 2]), None]] * 4
+    arch = arch_from_config(model.config)
+
+    def run(bs, ans):
+        st = CalibrationStats.empty(arch, "fp")
+        obs = AttentionObserver(model, st)
+        for b, a in zip(bs, ans):
+            obs.observe(b, a)
+        return st
+
+    whole = run(batches, answers)
+    merged = merge(run(batches[:2], answers[:2]), run(batches[2:], answers[2:]))
+    merged_rev = merge(run(batches[2:], answers[2:]), run(batches[:2], answers[:2]))
+    for k in whole.arrays:
+        assert np.array_equal(whole.arrays[k], merged.arrays[k]), k
+        assert np.array_equal(whole.arrays[k], merged_rev.arrays[k]), k
+    whole.save(str(tmp_path))
+    back = CalibrationStats.load(str(tmp_path))
+    assert back.fingerprint == "fp" and back.arch == arch
+    assert all(np.array_equal(back.arrays[k], v) for k, v in whole.arrays.items())
+    other = CalibrationStats.empty(arch, "another-model")
+    with pytest.raises(InputError):
+        merge(whole, other)
+
+
+def test_flops_hand_count():
+    arch = {"num_layers": 1, "hidden": 8, "heads": 4, "kv_heads": 2, "head_dim": 2, "intermediate": 16, "vocab": 10}
+    f = prefill_flops(arch, n_text=1, tokens_per_layer=[2])
+    assert f["linear"] == 2 * 3 * (8 * (8 + 8) + 8 * 8 + 3 * 8 * 16) == 3456
+    assert f["attention"] == 4 * 9 * 8 == 288
+    assert f["lm_head"] == 160 and f["drop"] == 0 and f["total"] == 3904
+    arch2 = dict(arch, num_layers=2)
+    f2 = prefill_flops(arch2, n_text=1, tokens_per_layer=[4, 2])
+    # layer 0: n=5, layer 1: n=3; drop before layer 1 with n_in=5, s_in=4, k=2
+    drop = 2 * 8 * 8 + 2 * 5 * 8 + 5 * 5 * 4 + 5 * 4 + 4 * 2 + 2 * 1
+    lin5 = 2 * 5 * 576
+    assert f2["drop"] == drop
+    assert f2["total"] == lin5 + 4 * 25 * 8 + 3456 + 288 + 160 + drop
+    s = Schedule([Cut(1, 0.5)], 2)
+    full = prefill_flops(arch2, 1, [4, 4])["total"]
+    assert schedule_flops_ratio(arch2, s, 4, 1) == pytest.approx(f2["total"] / full)
+
+
+@pytest.mark.parametrize("L,fastv,pdrop", [
+    (4, [(2, 0.5)], [(1, 0.5), (2, 0.25), (3, 0.125)]),
+    (8, [(2, 0.5)], [(2, 0.5), (4, 0.25), (6, 0.125)]),
+    (32, [(2, 0.5)], [(8, 0.5), (16, 0.25), (24, 0.125)]),
+])
+def test_peer_policies(L, fastv, pdrop):
+    assert [(c.layer, c.keep) for c in peer_schedule("fastv", L).cuts] == fastv
+    assert [(c.layer, c.keep) for c in peer_schedule("pdrop", L).cuts] == pdrop
+    assert peer_schedule("none", L).cuts == []
+    dec = peer_schedule("adatoken-decay", L)
+    step = max(1, round(4 * L / 32))
+    assert [c.layer for c in dec.cuts] == list(range(step, L, step))
+    assert dec.cuts[0].keep == pytest.approx(0.1 ** (step / (L - 1)), abs=1e-6)
+    assert dec.cuts[-1].keep == pytest.approx(0.1 ** (dec.cuts[-1].layer / (L - 1)), abs=1e-6)
+    assert dec.keep_per_layer() == sorted(dec.keep_per_layer(), reverse=True)
+    rnd = peer_schedule("random", L, like=dec, seed=3)
+    assert rnd.cuts == dec.cuts and rnd.scoring["query"] == RANDOM_SCORING["query"]
+    assert rnd.tokens_per_layer(1000) == dec.tokens_per_layer(1000)
+
+
+def _data(H, n=8, answers=False):
+    out = []
+    for s in range(n // 2):
+        b = _batch(H, 10 + s)
+        out.append((b, [torch.tensor([3, 4]), torch.tensor([5])]) if answers else b)
+    return out
+
+
+def test_fallback_identity_matches_reference():
+    model = _qwen("sdpa")
+    b = _batch(64, 5)
+    assert torch.allclose(_fallback_pruned_prefill(model, b, identity(4)), reference_logits(model, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"flops_budget": 0.6}, {"fidelity": 0.5}])
+def test_solver_meets_target(kw, tmp_path):
+    model = _sharpen(_qwen("sdpa"))
+    s, st = calibrate(model, _data(64, answers=True), policy="adaptive", progress=False, **kw)
+    s.validate()
+    keeps = s.keep_per_layer()
+    assert keeps == sorted(keeps, reverse=True)
+    if "flops_budget" in kw:
+        assert s.predicted["flops_ratio"] <= kw["flops_budget"] + 1e-9
+    else:
+        assert s.calibration["fidelity"]["agreement"] >= kw["fidelity"]
+    assert s.fingerprint == st.fingerprint and s.calibration["search"]["validated"]
+    out = write_calibration(str(tmp_path / "cal"), s, st)
+    assert sorted(os.listdir(out)) == sorted(["schedule.json", "stats.npz", "stats.json", "report.md", "report.json",
+                                              "spatial_share.png", "contribution_cdf.png", "keep_curves.png", "retained_mass.png"])
+    assert Schedule.load(os.path.join(out, "schedule.json")).cuts == s.cuts
+    assert [p for p in os.listdir(tmp_path) if p != "cal"] == []
+
+
+def test_invalid_inputs(tmp_path, monkeypatch):
+    model = _llama()
+    data = _data(64, n=4)
+    with pytest.raises(InputError):
+        calibrate(model, [], policy="pdrop", progress=False)
+    with pytest.raises(InputError):
+        calibrate(model, data, policy="adaptive", flops_budget=1.5, progress=False)
+    with pytest.raises(InputError):
+        calibrate(model, data, policy="adaptive", fidelity=0.0, progress=False)
+    with pytest.raises(InputError):
+        calibrate(model, data, policy="bogus", progress=False)
+    with pytest.raises(InputError):
+        calibrate(model, [_batch(32, 0)], policy="pdrop", progress=False)
+    s, st = calibrate(model, data, policy="pdrop", progress=False)
+    other = CalibrationStats.empty(st.arch, "other")
+    with pytest.raises(InputError):
+        calibrate(model, data, policy="pdrop", prior=other, progress=False)
+    s.fingerprint = "other-model"
+    with pytest.raises(InputError):
+        write_calibration(str(tmp_path / "bad"), s, st)
+    s.fingerprint = st.fingerprint
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    import adatoken_compile.calibrate.report as rep
+
+    monkeypatch.setattr(rep, "write_report", boom)
+    with pytest.raises(RuntimeError):
+        write_calibration(str(tmp_path / "cal"), s, st)
+    assert os.listdir(tmp_path) == []
+
+
+def test_fallback_matches_pruned_forward():
+    pf = pytest.importorskip("adatoken_compile.pruned_forward")
+    model = _sharpen(_qwen("sdpa"))
+    b = _batch(64, 7)
+    s = Schedule([Cut(1, 0.5), Cut(2, 0.2)], 4)
+    assert torch.allclose(pf.pruned_prefill(model, b, s).logits_last, _fallback_pruned_prefill(model, b, s), atol=1e-5)

@@ -141,6 +141,20 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     if stats.samples == 0:
         raise InputError("calibrate: no calibration sample has spatial tokens; check the spatial_mask of the inputs")
 
+    sched = derive_schedule(decoder, stats, holdout_batches, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
+                            seed=seed, progress=progress, family=family, model_name=model_name, like=like,
+                            max_cuts=max_cuts, max_validations=max_validations)
+    sched.calibration["observe_seconds"] = stats.meta.get("observe_seconds")
+    return sched, stats
+
+
+def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, policy: str = "adaptive",
+                    fidelity: float | None = None, flops_budget: float | None = None, seed: int = 0,
+                    progress: bool = True, family: str | None = None, model_name: str | None = None,
+                    like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 8) -> Schedule:
+    """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end."""
+    arch = arch_from_config(decoder.config)
+    fp = stats.fingerprint
     model = {"fingerprint": fp, "family": family, "model_name": model_name}
     if policy == "adaptive":
         vbar = _bar(progress, max_validations, "validate")
@@ -153,12 +167,37 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
         fl = schedule_flops(arch, sched, stats.mean_spatial_tokens(), stats.mean_text_tokens())
         sched.predicted = {k: fl[k] for k in ("flops_ratio", "spatial_tokens", "text_tokens", "tokens_per_layer")}
         sched.predicted["formula"] = FORMULA
-        sched.calibration = {"samples": stats.samples, "holdout_rows": len(hold_rows), "seed": seed}
+        sched.calibration = {"samples": stats.samples, "holdout_rows": sum(b.batch_size for b in holdout_batches), "seed": seed}
         if holdout_batches:
             refs = [reference_logits(decoder, b) for b in holdout_batches]
             sched.calibration["fidelity"] = {"metric": "greedy_next_token_agreement",
                                              **agreement(decoder, holdout_batches, refs, sched)}
-    sched.calibration["observe_seconds"] = stats.meta.get("observe_seconds")
+    return sched
+
+
+def load_stats(path: str) -> CalibrationStats:
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: not a calibration directory; run `adatoken-compile calibrate --out {path}` first")
+    return CalibrationStats.load(path)
+
+
+def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: str = "adaptive",
+                         fingerprint: str | None = None, **kw) -> tuple[Schedule, CalibrationStats]:
+    """Merge the statistics of several calibration runs (disjoint shards, e.g. from several machines) and
+    derive the schedule from the merged statistics, validating on ``holdout`` batches."""
+    if not shards:
+        raise InputError("calibrate --merge: no statistics to merge")
+    stats = shards[0]
+    for other in shards[1:]:
+        stats = merge(stats, other)
+    if fingerprint is not None and stats.fingerprint != fingerprint:
+        raise InputError(f"calibrate --merge: statistics are for model {stats.fingerprint[:12]}, not this one "
+                         f"({fingerprint[:12]}); calibrate this model")
+    rows, bs = _rows(decoder, holdout)
+    batches = [b for b, _, _ in _batches([(r, None) for r, _ in rows], bs)]
+    kw.pop("like", None) if policy != "random" else None
+    sched = derive_schedule(decoder, stats, batches, policy=policy, **kw)
+    sched.calibration["merged_shards"] = len(shards)
     return sched, stats
 
 

@@ -20,8 +20,8 @@ Once per prefill::
 
 Each drop node (a cut before layer i, with n_in = n_text + s_in tokens present and s_in spatial)::
 
-    score     = 2 * H * Hq                    # q projection of the one scoring row
-              + 2 * n_in * Hq                 # that row against the n_in keys, all heads
+    score     = 2 * n_in * Hq                 # the scoring row (layer i-1's query of the last token, already in
+                                              # the graph) against the n_in cached keys, all heads
               + 5 * n_in * heads              # softmax: max, subtract, exp, sum, divide
               + n_in * heads                  # mean over heads
     select    = s_in * log2(s_in)             # top-k as comparisons
@@ -44,7 +44,7 @@ from typing import Sequence
 FORMULA = (
     "per layer (n tokens): linear = 2n(H(Hq+2Hkv) + Hq*H + 3H*I) [q,k,v,o + SwiGLU FFN]; "
     "attention = 4*n^2*Hq [QK^T and AV, full n x n]; plus lm_head 2*H*V for the last position; "
-    "plus each drop node: 2*H*Hq + 2*n*Hq + 6*n*heads [one query row, softmax, head mean] + "
+    "plus each drop node: 2*n*Hq + 6*n*heads [one query row vs cached keys, softmax, head mean] + "
     "s*log2(s) + k*log2(k) comparisons [top-k, sort]; Hq=heads*head_dim, Hkv=kv_heads*head_dim; "
     "norms, RoPE, activations, residuals not counted"
 )
@@ -86,10 +86,9 @@ def layer_flops(arch: dict, n: int) -> tuple[int, int]:
 
 def drop_flops(arch: dict, n_in: int, s_in: int, k: int) -> float:
     """FLOPs of one drop node: scoring row + softmax + head mean, plus top-k/sort comparisons."""
-    H = arch["hidden"]
     heads = arch["heads"]
     hq = heads * arch["head_dim"]
-    score = 2 * H * hq + 2 * n_in * hq + 5 * n_in * heads + n_in * heads
+    score = 2 * n_in * hq + 5 * n_in * heads + n_in * heads
     select = (s_in * math.log2(s_in) if s_in > 1 else 0.0) + (k * math.log2(k) if k > 1 else 0.0)
     return float(score + select)
 

@@ -201,7 +201,7 @@ def test_flops_hand_count():
     arch2 = dict(arch, num_layers=2)
     f2 = prefill_flops(arch2, n_text=1, tokens_per_layer=[4, 2])
     # layer 0: n=5, layer 1: n=3; drop before layer 1 with n_in=5, s_in=4, k=2
-    drop = 2 * 8 * 8 + 2 * 5 * 8 + 5 * 5 * 4 + 5 * 4 + 4 * 2 + 2 * 1
+    drop = 2 * 5 * 8 + 5 * 5 * 4 + 5 * 4 + 4 * 2 + 2 * 1
     lin5 = 2 * 5 * 576
     assert f2["drop"] == drop
     assert f2["total"] == lin5 + 4 * 25 * 8 + 3456 + 288 + 160 + drop

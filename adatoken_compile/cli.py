@@ -96,7 +96,9 @@ def run(model, vision_tower, attn, scene, image, question, max_new_tokens, artif
         from .runtime import load as load_runtime
 
         rt = load_runtime(artifact)
-        sample = rt.sample_from_args(scene=scene, question=question)
+        sample = rt.sample_from_args(scene=scene, image=image, question=question)
+        if sample.meta.get("seed") is not None:
+            click.echo(f"(no --scene given: using generated test scene seed {sample.meta['seed']})", err=True)
         click.echo(f"question: {sample.question}")
         click.echo("answer: ", nl=False)
         for piece in rt.stream(sample, max_new_tokens=max_new_tokens):
@@ -176,6 +178,158 @@ def make_tiny(out, decoder, layers, shards, seed):
 
     random_llava3d(out, decoder=decoder, layers=layers, shards=shards, seed=seed, image_size=224)
     click.echo(f"wrote {out}")
+
+
+def _progress(total, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+@main.command("eval")
+@model_options
+@click.option("--artifact", default=None, help="evaluate a compiled artifact (ONNX Runtime) next to the unpruned model")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test", "calibration"]))
+@click.option("--limit", default=500, show_default=True, type=click.IntRange(1, None), help="number of questions")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@click.option("--predictions", default=None, help="also write per-question predictions to this JSON file")
+@user_errors
+def eval_cmd(model, vision_tower, attn, artifact, split, limit, as_json, predictions):
+    """Answer accuracy on the procedural benchmark (overall and per question kind)."""
+    from .data.dataset import iter_samples
+    from .evaluate import evaluate, torch_answer_fn
+
+    samples = list(iter_samples(split, limit=limit))
+    bar = _progress(len(samples), f"eval {split}")
+    if artifact:
+        from .bench import eval_artifact
+
+        res = eval_artifact(artifact, samples, progress=bar, model=model)
+    else:
+        adapter = _load(model, vision_tower, attn)
+        res = evaluate(torch_answer_fn(adapter), samples, progress=bar)
+        res["model"] = adapter.describe()["fingerprint"]
+    bar.close()
+    res["split"] = split
+    preds = res.pop("predictions", None)
+    if predictions and preds is not None:
+        _write_json(predictions, preds)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"split {split}: n={res['n']}  accuracy {res['accuracy']:.4f}"
+               + (f"  (unpruned {res['baseline_accuracy']:.4f})" if "baseline_accuracy" in res else ""))
+    for k, v in res["per_kind"].items():
+        click.echo(f"  {k:<10} {v['accuracy']:.4f}  (n={v['n']})")
+
+
+def _write_json(path, obj):
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def calibration_batches(adapter, split: str, samples: int, batch_size: int = 4, start_scene: int = 0):
+    """(DecoderInputs, answer ids) batches from the procedural benchmark's calibration split."""
+    import torch
+
+    from .data.dataset import iter_samples
+
+    todo = list(iter_samples(split, limit=samples, start_scene=start_scene))
+    if not todo:
+        raise InputError(f"calibration split '{split}' yielded no samples")
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        answers = [torch.tensor(adapter.tokenizer.encode(" " + s.answer) + [adapter.eos_token_id]) for s in chunk]
+        yield adapter.prepare(chunk), answers
+
+
+@main.command()
+@model_options
+@click.option("--out", required=True, help="output directory (schedule.json, stats.*, report.md, PNGs)")
+@click.option("--data", default="calibration", show_default=True,
+              help="procedural split to calibrate on (calibration|validation|train)")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(1, None), help="calibration questions")
+@click.option("--start-scene", default=0, show_default=True, type=click.IntRange(0, None),
+              help="first scene index of the split (shard calibration across machines)")
+@click.option("--policy", default="adaptive", show_default=True,
+              type=click.Choice(["adaptive", "fastv", "pdrop", "adatoken-decay", "random", "none"]))
+@click.option("--flops-budget", default=None, type=float, help="adaptive: maximise fidelity under this prefill FLOPs ratio (0,1)")
+@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1]")
+@click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--merge", "merge_dirs", multiple=True, help="merge stats of these calibration dirs (repeat) instead of running")
+@user_errors
+def calibrate(model, vision_tower, attn, out, data, samples, start_scene, policy, flops_budget, fidelity, like, seed, merge_dirs):
+    """Mine attention statistics and derive a static per-layer pruning schedule."""
+    from .calibrate import api
+
+    if flops_budget is not None and fidelity is not None:
+        raise InputError("pass either --flops-budget or --fidelity, not both")
+    adapter = _load(model, vision_tower, attn)
+    like_s = None
+    if like:
+        from .schedule import Schedule
+
+        like_s = Schedule.load(like)
+    kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, fingerprint=adapter.fingerprint(),
+              family=adapter.family, model_name=str(model or "llava3d-tiny"), like=like_s)
+    if merge_dirs:
+        schedule, stats = api.calibrate_from_stats(adapter.decoder, [api.load_stats(d) for d in merge_dirs],
+                                                   calibration_batches(adapter, data, max(8, samples // 4), start_scene=start_scene),
+                                                   **kw)
+    else:
+        schedule, stats = api.calibrate(adapter.decoder, calibration_batches(adapter, data, samples, start_scene=start_scene), **kw)
+    api.write_calibration(out, schedule, stats)
+    pred = schedule.predicted
+    click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "
+               + (", ".join(f"L{c.layer}:{c.keep:.3g}" for c in schedule.cuts) or "none")
+               + (f", predicted prefill FLOPs ratio {pred['flops_ratio']:.3f}" if "flops_ratio" in pred else ""))
+
+
+def _load_schedule(adapter, schedule: str | None):
+    from .schedule import Schedule, identity
+
+    if schedule in (None, "none", "identity"):
+        return identity(int(adapter.describe()["layers"]), fingerprint=adapter.fingerprint(), family=adapter.family)
+    return Schedule.load(schedule)
+
+
+@main.command("compile")
+@model_options
+@click.option("--schedule", "-s", "schedule", default=None,
+              help="schedule.json from `calibrate` (default: identity, i.e. unpruned)")
+@click.option("--out", "-o", required=True, help="artifact directory to write (replaced only on success)")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--no-decode", is_flag=True, help="skip the decode graph (the artifact then answers 1 token)")
+@user_errors
+def compile_cmd(model, vision_tower, attn, schedule, out, opset, no_decode):
+    """Capture, prune (token-drop pass) and export ONNX graphs into an artifact directory."""
+    from .artifact import compile_artifact
+
+    adapter = _load(model, vision_tower, attn)
+    sched = _load_schedule(adapter, schedule)
+    man = compile_artifact(adapter, sched, out, opset=opset, decode=False if no_decode else None)
+    click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")
+    for name, g in man.graphs.items():
+        click.echo(f"  {name:<10} {g['file']:<16} {man.graph_bytes(name) / 1e6:9.2f} MB  opset {g['opset']}")
+    total = sum(f["size"] for f in man.files.values())
+    click.echo(f"  total      {len(man.files)} files      {total / 1e6:9.2f} MB")
+
+
+@main.command()
+@model_options
+@click.option("--schedule", "-s", "schedule", required=True, help="schedule.json")
+@user_errors
+def diff(model, vision_tower, attn, schedule):
+    """Print what the token-drop pass changes in the captured prefill graph, per cut."""
+    from .artifact import diff_text
+
+    adapter = _load(model, vision_tower, attn)
+    click.echo(diff_text(adapter, _load_schedule(adapter, schedule)))
 
 
 if __name__ == "__main__":  # pragma: no cover

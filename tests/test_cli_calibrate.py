@@ -1,0 +1,70 @@
+"""calibrate / eval through the CLI on a tiny random LLaVA-3D checkpoint and the procedural data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from adatoken_compile.cli import main
+from adatoken_compile.evaluate import normalize, score
+from adatoken_compile.contract import Sample
+from adatoken_compile.schedule import Schedule
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_calibrate_peer_policy_writes_everything(tiny3d_dir, tmp_path):
+    out = tmp_path / "cal"
+    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6", "--policy", "pdrop"])
+    assert r.exit_code == 0, r.output
+    files = set(os.listdir(out))
+    assert {"schedule.json", "report.md"} <= files and any(f.startswith("stats") for f in files)
+    assert any(f.endswith(".png") for f in files)
+    s = Schedule.load(str(out / "schedule.json"))
+    assert s.policy == "pdrop" and [c.layer for c in s.cuts] == [1, 2, 3]
+    assert 0 < s.predicted["flops_ratio"] < 1
+
+
+def test_calibrate_bad_budget_leaves_nothing(tiny3d_dir, tmp_path):
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "4",
+                                  "--flops-budget", "1.5"])
+    assert r.exit_code == 2 and "(0, 1)" in r.output and r.output.strip().count("\n") == 0
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".cal")]
+
+
+def test_calibrate_shards_merge(tiny3d_dir, tmp_path):
+    a, b, m = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    for d, start in ((a, 0), (b, 3)):
+        r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(d), "--samples", "5", "--start-scene", str(start),
+                  "--policy", "fastv"])
+        assert r.exit_code == 0, r.output
+    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(m), "--merge", str(a), "--merge", str(b),
+              "--policy", "fastv", "--samples", "8"])
+    assert r.exit_code == 0, r.output
+    ja = json.load(open(a / "schedule.json"))["calibration"]["samples"]
+    jb = json.load(open(b / "schedule.json"))["calibration"]["samples"]
+    jm = json.load(open(m / "schedule.json"))["calibration"]
+    assert jm["samples"] == ja + jb and jm["merged_shards"] == 2
+
+
+def test_score_per_kind():
+    s = [Sample("q", answer="red", kind="attribute"), Sample("q", answer="2", kind="counting"),
+         Sample("q", answer="yes", kind="existence")]
+    r = score(s, ["Red.", "3", "yes"])
+    assert r["n"] == 3 and abs(r["accuracy"] - 2 / 3) < 1e-12
+    assert r["per_kind"]["counting"]["accuracy"] == 0.0 and r["per_kind"]["attribute"]["accuracy"] == 1.0
+    assert normalize("  Blue  box") == "blue"
+
+
+def test_eval_json(tiny3d_dir):
+    r = _run(["eval", "--model", tiny3d_dir, "--limit", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    assert sum(v["n"] for v in res["per_kind"].values()) == 6

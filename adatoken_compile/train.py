@@ -296,7 +296,11 @@ def main(argv=None):
     p.add_argument("--vision-steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--minutes", type=float, default=None, help="stop decoder training after this wall time")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
           vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes)
 

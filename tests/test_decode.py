@@ -1,0 +1,298 @@
+"""Decoding over pruned per-layer KV caches: DecodeModule, its ONNX graph, reference generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adatoken_compile.capture import capture, describe_decoder
+from adatoken_compile.decode import (
+    DecodeModule,
+    cache_bytes_of,
+    decode_input_names,
+    decode_output_names,
+    export_decode_onnx,
+    generate_pruned,
+    kv_cache_bytes,
+)
+from adatoken_compile.errors import InputError
+from adatoken_compile.onnx_export import export_onnx, ort_session, run_ort
+from adatoken_compile.passes.token_drop import apply_token_drop
+from adatoken_compile.pruned_forward import pruned_prefill
+from adatoken_compile.sampling import next_tokens, sample_next
+from adatoken_compile.schedule import Cut, Schedule, identity
+
+from conftest import make_batch, tiny_decoder
+
+N_LAYERS = 4
+ROWS = [(3, 10, 4), (2, 6, 3)]  # batch 2, different spatial counts, row 1 left-padded
+ROWS_B = [(4, 7, 2), (1, 12, 5)]  # another scene / question length
+SCHEDULE = Schedule(cuts=[Cut(1, 0.5), Cut(3, 0.25)], num_layers=N_LAYERS)
+
+_MODELS: dict = {}
+
+
+def model_of(family: str, attn: str):
+    if (family, attn) not in _MODELS:
+        _MODELS[(family, attn)] = tiny_decoder(family, attn, layers=N_LAYERS)
+    return _MODELS[(family, attn)]
+
+
+def flat_past(pre) -> list[torch.Tensor]:
+    out = []
+    for k, v, m in zip(pre.keys, pre.values, pre.masks):
+        out += [k, v, m]
+    return out
+
+
+def embed_ids(model, ids) -> torch.Tensor:
+    return model.get_input_embeddings()(torch.as_tensor(ids, dtype=torch.int64).reshape(-1, 1))
+
+
+def first_step(model, ex, schedule):
+    """Pruned prefill, then the inputs of the first decode step (greedy token, ORIGINAL positions)."""
+    pre = pruned_prefill(model, ex, schedule)
+    tok = pre.logits_last.argmax(-1)
+    x = embed_ids(model, tok).detach()
+    pos = torch.tensor(ex.lengths(), dtype=torch.int64)[:, None]
+    return pre, x, pos
+
+
+def strip(row, eos):
+    return row[: row.index(eos)] if eos in row else row
+
+
+# ----------------------------------------------------------------------------- identity == HF generate
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_identity_generation_matches_hf_generate(family, attn):
+    model = model_of(family, attn)
+    ex = make_batch(ROWS)
+    free = generate_pruned(model, ex, identity(N_LAYERS), max_new_tokens=10, eos_token_id=None)
+    # an EOS that row 0 emits mid-way and row 1 later or never: row 0 stops while row 1 goes on
+    later = lambda t: free[1].index(t) if t in free[1] else 99  # noqa: E731
+    eos = next(t for t in free[0][2:] if later(t) > free[0].index(t))
+    ours = generate_pruned(model, ex, identity(N_LAYERS), max_new_tokens=10, eos_token_id=eos)
+    with torch.no_grad():
+        hf = model.generate(inputs_embeds=ex.inputs_embeds, attention_mask=ex.attention_mask, do_sample=False,
+                            max_new_tokens=10, eos_token_id=eos, pad_token_id=eos)
+    want = [strip(r, eos) for r in hf.tolist()]
+    assert ours == want
+    assert len(ours[0]) == free[0].index(eos) < 10 and len(ours[0]) < len(ours[1])
+
+
+# ----------------------------------------------------------------------------- pruned step correctness
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_pruned_step_matches_per_layer_bruteforce(family, attn):
+    """One DecodeModule step after the pruned prefill == the installed model run per row over an HF
+    DynamicCache that holds, per layer, exactly that layer's KEPT keys/values (padding stripped),
+    with the new token at its ORIGINAL position (layers of different lengths, no mask needed)."""
+    from transformers import DynamicCache
+
+    model = model_of(family, attn)
+    ex = make_batch(ROWS)
+    pre, x, pos = first_step(model, ex, SCHEDULE)
+    lens = pre.cache_lengths()
+    assert lens == [17, 12, 12, 10]
+    with torch.no_grad():
+        out = DecodeModule(model)(x, pos, *flat_past(pre))
+    logits = out[0]
+    for i in range(N_LAYERS):
+        k, v, m = out[1 + 3 * i : 4 + 3 * i]
+        assert k.shape[2] == v.shape[2] == m.shape[1] == lens[i] + 1
+        assert torch.equal(m[:, :-1], pre.masks[i]) and bool(m[:, -1].all())
+        assert torch.equal(k[:, :, :-1], pre.keys[i])
+
+    model.config._attn_implementation = "sdpa"  # mask-free reference path (eager would need one mask per layer)
+    try:
+        for b in range(ex.batch_size):
+            data = [(pre.keys[i][b : b + 1][:, :, pre.masks[i][b]], pre.values[i][b : b + 1][:, :, pre.masks[i][b]])
+                    for i in range(N_LAYERS)]
+            kept = [int(d[0].shape[2]) for d in data]
+            n_sp, n = ex.spatial_counts()[b], ex.lengths()[b]
+            assert kept == [s + n - n_sp for s in SCHEDULE.tokens_per_layer(n_sp)]
+            with torch.no_grad():
+                ref = model(inputs_embeds=x[b : b + 1], position_ids=pos[b : b + 1],
+                            past_key_values=DynamicCache(ddp_cache_data=data), use_cache=True).logits[0, -1]
+            assert (ref - logits[b]).abs().max() <= 1e-5
+    finally:
+        model.config._attn_implementation = attn
+
+
+def test_decode_position_is_original_length():
+    model = model_of("llama", "sdpa")
+    ex = make_batch(ROWS)
+    pre, x, pos = first_step(model, ex, SCHEDULE)
+    step = DecodeModule(model)
+    with torch.no_grad():
+        right = step(x, pos, *flat_past(pre))[0]
+        pruned_len = pre.masks[-1].sum(1, keepdim=True)  # what a renumbering scheme would continue from
+        assert bool((pruned_len < pos).all())
+        wrong = step(x, pruned_len, *flat_past(pre))[0]
+    assert (right - wrong).abs().max() > 1e-3
+    # and the reference generation uses the original length
+    ids = generate_pruned(model, ex, SCHEDULE, max_new_tokens=2, eos_token_id=None)
+    assert [r[1] for r in ids] == right.argmax(-1).tolist()
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+@pytest.fixture(scope="module")
+def onnx_graphs(tmp_path_factory):
+    model = model_of("llama", "sdpa")
+    ex = make_batch(ROWS)
+    d = tmp_path_factory.mktemp("decode_onnx")
+    dec = export_decode_onnx(model, str(d / "decode.onnx"))
+    pre = export_onnx(apply_token_drop(capture(model, ex), SCHEDULE), ex, str(d / "prefill.onnx"))
+    return dec, ort_session(dec.path, level="all"), ort_session(pre.path, level="all")
+
+
+def test_decode_onnx_file(onnx_graphs):
+    import onnx
+
+    dec, sess, _ = onnx_graphs
+    assert dec.opset >= 18 and dec.external_data is not None
+    onnx.checker.check_model(dec.path)
+    assert [i.name for i in sess.get_inputs()] == decode_input_names(N_LAYERS)
+    assert [o.name for o in sess.get_outputs()] == decode_output_names(N_LAYERS)
+    m = onnx.load(dec.path, load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(m.graph.input) + list(m.graph.output)}
+    for i in range(N_LAYERS):
+        assert dims[f"past_key.{i}"][0] == "batch" and dims[f"past_key.{i}"][2] == f"past_{i}"
+        assert dims[f"past_mask.{i}"] == ["batch", f"past_{i}"]
+    assert len({dims[f"past_key.{i}"][2] for i in range(N_LAYERS)}) == N_LAYERS
+
+
+def test_decode_onnx_matches_module_two_configs(onnx_graphs):
+    _, sess, _ = onnx_graphs
+    model = model_of("llama", "sdpa")
+    step = DecodeModule(model)
+    configs = []
+    pre, x, pos = first_step(model, make_batch(ROWS), SCHEDULE)  # past lengths [17, 12, 12, 10]
+    configs.append((x, pos, flat_past(pre)))
+    pre, x, pos = first_step(model, make_batch(ROWS_B, seed=3), Schedule(cuts=[Cut(2, 0.3)], num_layers=N_LAYERS))
+    past = flat_past(pre)
+    with torch.no_grad():
+        for _ in range(3):  # a few steps in: other past lengths, one graph
+            res = step(x, pos, *past)
+            past, pos = list(res[1:]), pos + 1
+            x = embed_ids(model, res[0].argmax(-1)).detach()
+    configs.append((x, pos, past))
+    assert [p.shape[2] for p in configs[0][2][0::3]] != [p.shape[2] for p in configs[1][2][0::3]]
+    for x, pos, past in configs:
+        with torch.no_grad():
+            want = [t.numpy() for t in step(x, pos, *past)]
+        feeds = dict(zip(decode_input_names(N_LAYERS), [x.numpy(), pos.numpy()] + [t.numpy() for t in past]))
+        got = sess.run(None, feeds)
+        assert np.abs(got[0] - want[0]).max() <= 1e-4
+        for i in range(N_LAYERS):
+            gk, gv, gm = got[1 + 3 * i : 4 + 3 * i]
+            wk, wv, wm = want[1 + 3 * i : 4 + 3 * i]
+            np.testing.assert_array_equal(gm, wm)
+            assert gk.shape == wk.shape
+            valid = wm[:, None, :, None]
+            assert (np.abs(gk - wk) * valid).max() <= 1e-4 and (np.abs(gv - wv) * valid).max() <= 1e-4
+
+
+def test_ort_greedy_loop_matches_generate_pruned(onnx_graphs):
+    _, dec_sess, pre_sess = onnx_graphs
+    model = model_of("llama", "sdpa")
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    for ex in (make_batch(ROWS), make_batch(ROWS_B, seed=3)):
+        want = generate_pruned(model, ex, SCHEDULE, max_new_tokens=8, eos_token_id=None)
+        out = run_ort(pre_sess, ex)
+        past = []
+        for i in range(N_LAYERS):
+            past += [out[f"key.{i}"], out[f"value.{i}"], out[f"mask.{i}"]]
+        pos = np.asarray(ex.lengths(), np.int64)[:, None]
+        logits, got = out["logits"], [[] for _ in range(ex.batch_size)]
+        for t in range(8):
+            tok = next_tokens(logits, 0.0, 1.0, None)
+            for b, tb in enumerate(tok):
+                got[b].append(int(tb))
+            if t == 7:
+                break
+            res = dec_sess.run(None, dict(zip(decode_input_names(N_LAYERS), [emb[tok][:, None], pos] + past)))
+            logits, past, pos = res[0], res[1:], pos + 1
+        assert got == want
+
+
+# ----------------------------------------------------------------------------- KV cache bytes
+
+
+def test_kv_cache_bytes_matches_pruned_arrays():
+    model = model_of("qwen2", "eager")  # GQA: 2 kv heads
+    arch = describe_decoder(model)
+    ex = make_batch(ROWS)
+    pre, x, pos = first_step(model, ex, SCHEDULE)
+    with torch.no_grad():
+        step = DecodeModule(model)(x, pos, *flat_past(pre))
+    per_tok = 2 * arch["num_kv_heads"] * arch["head_dim"] * 4
+    for b, (n_sp, n) in enumerate(zip(ex.spatial_counts(), ex.lengths())):
+        arrays = []
+        for i in range(N_LAYERS):
+            m = pre.masks[i][b]
+            arrays += [pre.keys[i][b][:, m], pre.values[i][b][:, m]]
+        got = cache_bytes_of(arrays)
+        assert got == kv_cache_bytes(arch, SCHEDULE, n_sp, n - n_sp)
+        full = kv_cache_bytes(arch, identity(N_LAYERS), n_sp, n - n_sp)
+        assert full == N_LAYERS * n * per_tok
+        dropped = sum(n_sp - s for s in SCHEDULE.tokens_per_layer(n_sp))
+        assert full - got == dropped * per_tok and dropped > 0
+        # after one decode step: one more position per layer
+        arrays = []
+        for i in range(N_LAYERS):
+            k, v, m = step[1 + 3 * i : 4 + 3 * i]
+            arrays += [k[b][:, m[b]].numpy(), v[b][:, m[b]].numpy()]
+        assert cache_bytes_of(arrays) == kv_cache_bytes(arch, SCHEDULE, n_sp, n - n_sp, new_tokens=1)
+    # row 0 (10 spatial): per layer 10, 5, 5, 3 kept -> 17 tokens x 4 layers... 17 dropped in all
+    assert sum(10 - s for s in SCHEDULE.tokens_per_layer(10)) == 17
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sample_next_procedure():
+    logits = np.log(np.array([0.1, 0.5, 0.15, 0.25]))
+    # top_p 0.7: keep {1: .5, 3: .25} -> renormalised 2/3, 1/3
+    assert sample_next(logits, 1.0, 0.7, np.random.default_rng(0)) in (1, 3)
+    picks = [sample_next(logits, 1.0, 0.7, r) for r in [np.random.default_rng(s) for s in range(200)]]
+    assert set(picks) == {1, 3} and 0.55 < picks.count(1) / 200 < 0.8
+    u = np.random.default_rng(7).random()
+    assert sample_next(logits, 1.0, 1.0, np.random.default_rng(7)) == [1, 3, 2, 0][int(np.searchsorted(np.cumsum([.5, .25, .15, .1]), u, side="right"))]
+    assert sample_next(logits, 0.0, 0.5, None) == 1
+    assert sample_next(logits, 1.0, 1e-6, np.random.default_rng(3)) == 1
+
+
+def test_generation_sampling_seeded():
+    model = model_of("llama", "sdpa")
+    ex = make_batch(ROWS)
+    kw = dict(max_new_tokens=6, eos_token_id=None, temperature=1.5, top_p=0.95)
+    a = generate_pruned(model, ex, SCHEDULE, seed=1, **kw)
+    assert a == generate_pruned(model, ex, SCHEDULE, seed=1, **kw)
+    assert a != generate_pruned(model, ex, SCHEDULE, seed=2, **kw)
+    greedy = generate_pruned(model, ex, SCHEDULE, max_new_tokens=6, eos_token_id=None)
+    assert generate_pruned(model, ex, SCHEDULE, max_new_tokens=6, eos_token_id=None, temperature=1.5, top_p=1e-6, seed=5) == greedy
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_length_errors_are_one_line():
+    model = tiny_decoder("llama", "sdpa", layers=2)
+    ex = make_batch(ROWS)  # longest prompt: 17 tokens
+    model.config.max_position_embeddings = 20
+    with pytest.raises(InputError) as e:
+        generate_pruned(model, ex, identity(2), max_new_tokens=4, eos_token_id=None)
+    assert "\n" not in str(e.value) and "max_new_tokens" in str(e.value) and "<= 3" in str(e.value)
+    assert len(generate_pruned(model, ex, identity(2), max_new_tokens=3, eos_token_id=None)[0]) == 3
+    model.config.max_position_embeddings = 16
+    with pytest.raises(InputError) as e:
+        generate_pruned(model, ex, identity(2), max_new_tokens=1, eos_token_id=None)
+    assert "\n" not in str(e.value) and "prompt of 17 tokens" in str(e.value)

@@ -21,17 +21,17 @@ from torch import nn
 
 from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
 from adatoken_compile.errors import InputError
+from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
+    BOXES_TOKEN_INDEX,
+    IMAGE_TOKEN_INDEX,
+    SYSTEM_PROMPT,
+    llava_v1_prompt,
+    tokenize_with_placeholders,
+)
 from adatoken_compile.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.tokenizer import TextTokenizer
 
 from .checkpoint import decoder_arch, assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
-
-IMAGE_TOKEN_INDEX = -200
-BOXES_TOKEN_INDEX = -300
-SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
@@ -43,26 +43,6 @@ LLAVA3D_ONLY_KEYS = {
     "tokenizer_padding_side", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter", "image_aspect_ratio",
     "use_mm_proj", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map",
 }
-
-
-def llava_v1_prompt(question: str) -> str:
-    """The upstream ``llava_v1`` template with the image placeholder before the question."""
-    return f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
-
-
-def tokenize_with_placeholders(tokenizer: TextTokenizer, prompt: str) -> list[int]:
-    """Upstream ``tokenizer_image_token``: chunks around ``<image>``/``<boxes>`` tokenized apart,
-    BOS once at the start, placeholders as -200 / -300."""
-    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    for i, img_chunk in enumerate(prompt.split("<image>")):
-        if i:
-            ids.append(IMAGE_TOKEN_INDEX)
-        for j, chunk in enumerate(img_chunk.split("<boxes>")):
-            if j:
-                ids.append(BOXES_TOKEN_INDEX)
-            if chunk:
-                ids.extend(tokenizer.encode(chunk))
-    return ids
 
 
 class PositionEmbedding3D(nn.Module):

@@ -16,15 +16,16 @@ from torch import nn
 
 from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
 from adatoken_compile.errors import InputError
-from adatoken_compile.scene import _resize_crop_params
+from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
+    IMAGE_TOKEN_INDEX,
+    llava_hf_prompt,
+    preprocess_image,
+    tokenize_with_placeholders,
+)
 from adatoken_compile.tokenizer import TextTokenizer
 
 from .checkpoint import decoder_arch, config_digest, files_digest, read_config, weight_files
-from .llava3d import IMAGE_TOKEN_INDEX, splice, tokenize_with_placeholders
-
-
-def llava_hf_prompt(question: str) -> str:
-    return f"USER: <image>\n{question} ASSISTANT:"
+from .llava3d import splice
 
 
 class ImageEncoder(nn.Module):
@@ -39,23 +40,6 @@ class ImageEncoder(nn.Module):
         if self.strategy == "default":
             hs = hs[:, 1:]
         return self.projector(hs)
-
-
-def preprocess_image(image: np.ndarray, size: int, mean, std) -> np.ndarray:
-    """(H,W,3) uint8 -> (3,size,size) float32: shortest side to size (bicubic), centre crop, normalise."""
-    from PIL import Image
-
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
-        raise InputError(f"image has shape {img.shape} dtype {img.dtype}, expected (H,W,3) uint8 RGB")
-    H, W = img.shape[:2]
-    nh, nw, top, left = _resize_crop_params(H, W, size)
-    if (nh, nw) != (H, W):
-        img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
-    img = img[top : top + size, left : left + size].astype(np.float32) / 255.0
-    m = np.asarray(mean, np.float32).reshape(1, 1, 3)
-    s = np.asarray(std, np.float32).reshape(1, 1, 3)
-    return ((img - m) / s).transpose(2, 0, 1).copy()
 
 
 class LlavaHFAdapter:

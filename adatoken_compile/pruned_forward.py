@@ -108,7 +108,7 @@ def pruned_prefill(decoder_lm, inputs: DecoderInputs, schedule) -> PrefillResult
         if i in cuts:
             if mask4 is None or query is None:
                 raise RuntimeError("pruned_prefill: no 4-D mask / query observed before the cut")
-            scores = td.last_token_scores(query, cache.keys[i - 1], valid)
+            scores = td.score_for(schedule.scoring, sorted(cuts).index(i), query, cache.keys[i - 1], valid)
             idx, new_valid, _ = td.select_tokens(scores, valid, spatial, n0, cuts[i])
             hidden = td.gather_seq(hidden, idx, (1,))
             cos = td.gather_seq(cos, idx, (1,))

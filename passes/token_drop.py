@@ -54,6 +54,30 @@ def last_token_scores(query: torch.Tensor, key: torch.Tensor, valid: torch.Tenso
     return probs.mean(dim=(1, 2))
 
 
+def random_scores(valid: torch.Tensor, seed: int) -> torch.Tensor:
+    """Seeded pseudo-random scores for the ``random`` peer policy: (B, L) in [0, 1), 0 on invalid keys.
+
+    An integer hash (multiply, xor-shift, multiply, xor-shift; int64 arithmetic mod 2^24, so
+    PyTorch and ONNX Runtime agree exactly) of each token's rank among the row's valid tokens,
+    so a row selects the same tokens whatever left padding it has. Each step is a bijection of
+    [0, 2^24) and every such value is exact in float32, so distinct ranks never tie.
+    """
+    m = 16777216
+    rank = torch.cumsum(valid.to(torch.int64), dim=1) - 1
+    h = (rank * 3635633 + (int(seed) * 2246822519 + 374761393) % m) % m
+    h = torch.bitwise_xor(h, h // 4096)
+    h = (h * 73244475) % m
+    h = torch.bitwise_xor(h, h // 4096)
+    return torch.where(valid, h.to(torch.float32) / float(m), torch.zeros_like(h, dtype=torch.float32))
+
+
+def score_for(scoring: dict, cut_index: int, query, key, valid) -> torch.Tensor:
+    """The schedule's scoring rule at one cut (``scoring.query`` 'last_token' or 'random')."""
+    if scoring.get("query") == "random":
+        return random_scores(valid, int(scoring.get("seed", 0)) * 1000 + cut_index)
+    return last_token_scores(query, key, valid)
+
+
 def spatial_count(spatial: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B,) int64 number of spatial tokens per row (N0)."""
     return (spatial & valid).sum(dim=1)
@@ -144,8 +168,16 @@ class SpatialCount(nn.Module):
 
 
 class Score(nn.Module):
+    def __init__(self, scoring: dict | None = None, cut_index: int = 0):
+        super().__init__()
+        self.scoring = dict(scoring or {"query": "last_token"})
+        self.cut_index = int(cut_index)
+
     def forward(self, query, key, valid):
-        return last_token_scores(query, key, valid)
+        return score_for(self.scoring, self.cut_index, query, key, valid)
+
+    def extra_repr(self):
+        return f"query={self.scoring.get('query')}"
 
 
 class Select(nn.Module):
@@ -341,7 +373,8 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                 cur_valid = add_module(pre + "valid0", ValidMask(), (attn_mask,), ci, cut, "valid0")
                 n0 = add_module(pre + "n0", SpatialCount(), (spatial_in, cur_valid), ci, cut, "n0")
                 cur_spatial = spatial_in
-            score = add_module(pre + "score", Score(), (query_node, key_node, cur_valid), ci, cut, "score",
+            score = add_module(pre + "score", Score(getattr(schedule, "scoring", None), ci),
+                               (query_node, key_node, cur_valid), ci, cut, "score",
                                query=query_node.name, key=key_node.name)
             sel = add_module(pre + "select", Select(cut.keep), (score, cur_valid, cur_spatial, n0), ci, cut, "select")
             idx = add_getitem(sel, 0, pre + "idx", ci, cut, "idx")

@@ -12,13 +12,62 @@ from adatoken_compile.calibrate import api as cal_api
 from adatoken_compile.calibrate.api import calibrate, write_calibration
 from adatoken_compile.calibrate.observers import AttentionObserver, extend_with_answers
 from adatoken_compile.calibrate.policies import RANDOM_SCORING, peer_schedule
-from adatoken_compile.calibrate.solver import _fallback_pruned_prefill, reference_logits
+from adatoken_compile.calibrate.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from adatoken_compile.calibrate.solver import reference_logits
 from adatoken_compile.calibrate.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
 from adatoken_compile.contract import Segment, collate
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import arch_from_config, prefill_flops, schedule_flops_ratio
 from adatoken_compile.schedule import Cut, Schedule, identity
 
+
+
+@torch.no_grad()
+def _fallback_pruned_prefill(decoder, inputs, schedule: Schedule) -> torch.Tensor:
+    """Eager reference of the pruned prefill, one row at a time (no padding).
+
+    Before each cut layer i: score spatial tokens with layer i-1's last-token query against its
+    post-RoPE keys (softmax over all present keys, mean over heads), keep the top
+    ``Schedule.keep_count`` in original order with original position ids. An independent,
+    row-by-row oracle for ``pruned_forward.pruned_prefill`` (default scoring only).
+    """
+    base = base_model(decoder)
+    layers = decoder_layers(decoder)
+    dev = next(decoder.parameters()).device
+    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
+    outs = []
+    for b in range(inputs.batch_size):
+        r = inputs.row(b)
+        h = r.inputs_embeds.to(dev)
+        pos = r.position_ids.to(dev)
+        sp = r.spatial_mask[0].clone()
+        n0 = int(sp.sum())
+        last: dict = {}
+
+        def on_layer(i, attn, hn, pe, k, v):
+            last["attn"], last["h"], last["cos"], last["sin"], last["k"] = attn, hn[0, -1:], pe[0][0, -1:], pe[1][0, -1:], k[0]
+
+        with capture(decoder, on_layer) as cache:
+            for i, layer in enumerate(layers):
+                if i in cuts and n0 > 0:
+                    n_now = int(sp.sum())
+                    k = Schedule.keep_count(cuts[i], n0, n_now)
+                    sp_idx = torch.nonzero(sp).flatten()
+                    q = query_rows(last["attn"], last["h"], last["cos"], last["sin"])
+                    n = last["k"].shape[1]
+                    p = softmax_rows(last["attn"], q, last["k"], torch.tensor([n - 1]))
+                    score = p.mean(0)[0].cpu()[sp_idx]
+                    top = torch.topk(score, k, sorted=False).indices
+                    keep = torch.cat([torch.nonzero(~sp).flatten(), sp_idx[top]]).sort().values
+                    h, pos, sp = h[:, keep.to(dev)], pos[:, keep.to(dev)], sp[keep]
+                n = h.shape[1]
+                mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=dev).triu(1)[None, None]
+                pe = base.rotary_emb(h, pos)
+                out = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
+                h = out[0] if isinstance(out, tuple) else out
+        hl = base.norm(h[:, -1:])
+        outs.append(decoder.lm_head(hl)[:, -1].float().cpu())
+    return torch.cat(outs)
 
 def _llama(attn="eager"):
     torch.manual_seed(0)

@@ -261,3 +261,34 @@ def test_compile_after_pass():
     fn = token_drop_backend(SCHEDULE)(gm, list(args_of(ex)))
     with torch.no_grad():
         assert (fn(*args_of(ex))[0] - want["logits"]).abs().max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------- random peer policy
+
+def test_random_policy_pass_reference_and_onnx_agree(tmp_path):
+    from adatoken_compile.calibrate.policies import peer_schedule
+    from adatoken_compile.passes.token_drop import random_scores
+
+    rnd = peer_schedule("random", N_LAYERS, like=SCHEDULE, seed=7)
+    rnd.validate()
+    model, ex, gm, _ = setup("llama", "sdpa")
+    pg = apply_token_drop(gm, rnd)
+    ref = pruned_prefill(model, ex, rnd)
+    got = graph_outputs(pg, ex)
+    assert (got["logits"] - ref.logits_last).abs().max().item() <= 1e-5
+    for c in range(2):
+        assert torch.equal(got[f"kept.{c}"], ref.kept_indices[c])
+    # not the attention choice, and a different seed draws differently
+    att = pruned_prefill(model, ex, SCHEDULE)
+    assert any(not torch.equal(att.kept_indices[c], ref.kept_indices[c]) for c in range(2))
+    other = pruned_prefill(model, ex, peer_schedule("random", N_LAYERS, like=SCHEDULE, seed=8))
+    assert any(not torch.equal(other.kept_indices[c], ref.kept_indices[c]) for c in range(2))
+    # independent of left padding: a row alone picks the same tokens (in its own coordinates)
+    valid = ex.attention_mask != 0
+    s = random_scores(valid, 3)
+    n = int(valid[1].sum())
+    assert torch.equal(s[1, -n:], random_scores(valid[1:, -n:], 3)[0]) and bool((s[~valid] == 0).all())
+    info = export_onnx(pg, ex, str(tmp_path / "rnd.onnx"))
+    ort = run_ort(ort_session(info.path), ex)
+    for c in range(2):
+        np.testing.assert_array_equal(ort[f"kept.{c}"], ref.kept_indices[c].numpy())

@@ -13,18 +13,19 @@
   s, 2s, ... < L), each cut keeping keep(cut layer). L=32: s=4, cuts 4..28 keeping
   0.743 ... 0.125; L=8: s=1, cuts 1..7 keeping 0.720 ... 0.1; L=4: s=1, cuts 1,2,3 keeping
   0.464, 0.215, 0.1.
-* ``random``: the cuts of a given schedule, tokens chosen uniformly at random (scoring
-  :data:`RANDOM_SCORING`; needs the schedule.py extension proposed in the helper's report to
-  validate/serialise).
+* ``random``: the cuts of a given schedule, tokens chosen by a seeded pseudo-random score
+  (scoring :data:`adatoken_compile.schedule.RANDOM_SCORING`).
+
+
+
 """
 
 from __future__ import annotations
 
 from ..errors import InputError
-from ..schedule import DEFAULT_SCORING, Cut, Schedule
+from ..schedule import DEFAULT_SCORING, RANDOM_SCORING, Cut, Schedule
 
 PEER_POLICIES = ("none", "fastv", "pdrop", "adatoken-decay", "random")
-from ..schedule import RANDOM_SCORING  # noqa: E402
 
 
 def _clean(cuts: list[tuple[int, float]], L: int) -> list[Cut]:

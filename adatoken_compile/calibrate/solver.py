@@ -28,8 +28,7 @@ import torch
 from ..contract import DecoderInputs
 from ..errors import InputError
 from ..flops import FORMULA, arch_from_config, drop_flops, layer_flops, prefill_flops, schedule_flops
-from ..schedule import DEFAULT_SCORING, Cut, Schedule
-from .observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from ..schedule import Cut, Schedule
 from .stats import CalibrationStats
 
 
@@ -49,69 +48,10 @@ def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
 
 
 def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
-    """Pruned prefill next-token logits (B, vocab). Uses ``adatoken_compile.pruned_forward`` when
-    it is installed and the scoring is the default rule; else the eager fallback below."""
-    if schedule.scoring.get("query") == DEFAULT_SCORING["query"]:
-        try:
-            from ..pruned_forward import pruned_prefill  # type: ignore
-        except ImportError:
-            pruned_prefill = None
-        if pruned_prefill is not None:
-            return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
-    return _fallback_pruned_prefill(decoder, inputs, schedule)
+    """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs."""
+    from ..pruned_forward import pruned_prefill
 
-
-@torch.no_grad()
-def _fallback_pruned_prefill(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
-    """Eager reference of the pruned prefill, one row at a time (no padding).
-
-    Before each cut layer i: score spatial tokens with layer i-1's last-token query against its
-    post-RoPE keys (softmax over all present keys, mean over heads), keep the top
-    ``Schedule.keep_count`` in original order with original position ids. Scoring "random"
-    draws the scores from a generator seeded with ``scoring["seed"] + row``.
-    """
-    base = base_model(decoder)
-    layers = decoder_layers(decoder)
-    dev = next(decoder.parameters()).device
-    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
-    rnd = schedule.scoring.get("query") == "random"
-    outs = []
-    for b in range(inputs.batch_size):
-        r = inputs.row(b)
-        h = r.inputs_embeds.to(dev)
-        pos = r.position_ids.to(dev)
-        sp = r.spatial_mask[0].clone()
-        n0 = int(sp.sum())
-        last: dict = {}
-
-        def on_layer(i, attn, hn, pe, k, v):
-            last["attn"], last["h"], last["cos"], last["sin"], last["k"] = attn, hn[0, -1:], pe[0][0, -1:], pe[1][0, -1:], k[0]
-
-        gen = torch.Generator().manual_seed(int(schedule.scoring.get("seed", 0)) + b) if rnd else None
-        with capture(decoder, on_layer) as cache:
-            for i, layer in enumerate(layers):
-                if i in cuts and n0 > 0:
-                    n_now = int(sp.sum())
-                    k = Schedule.keep_count(cuts[i], n0, n_now)
-                    sp_idx = torch.nonzero(sp).flatten()
-                    if rnd:
-                        score = torch.rand(n_now, generator=gen)
-                    else:
-                        q = query_rows(last["attn"], last["h"], last["cos"], last["sin"])
-                        n = last["k"].shape[1]
-                        p = softmax_rows(last["attn"], q, last["k"], torch.tensor([n - 1]))
-                        score = p.mean(0)[0].cpu()[sp_idx]
-                    top = torch.topk(score, k, sorted=False).indices
-                    keep = torch.cat([torch.nonzero(~sp).flatten(), sp_idx[top]]).sort().values
-                    h, pos, sp = h[:, keep.to(dev)], pos[:, keep.to(dev)], sp[keep]
-                n = h.shape[1]
-                mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=dev).triu(1)[None, None]
-                pe = base.rotary_emb(h, pos)
-                out = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
-                h = out[0] if isinstance(out, tuple) else out
-        hl = base.norm(h[:, -1:])
-        outs.append(decoder.lm_head(hl)[:, -1].float().cpu())
-    return torch.cat(outs)
+    return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
 
 
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule) -> dict:

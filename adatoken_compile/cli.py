@@ -189,12 +189,14 @@ def _progress(total, desc):
 @main.command("eval")
 @model_options
 @click.option("--artifact", default=None, help="evaluate a compiled artifact (ONNX Runtime) next to the unpruned model")
+@click.option("--baseline", default=None, help="with --artifact: identity-schedule artifact used as the unpruned reference "
+              "(default: the PyTorch model given by --model)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test", "calibration"]))
 @click.option("--limit", default=500, show_default=True, type=click.IntRange(1, None), help="number of questions")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @click.option("--predictions", default=None, help="also write per-question predictions to this JSON file")
 @user_errors
-def eval_cmd(model, vision_tower, attn, artifact, split, limit, as_json, predictions):
+def eval_cmd(model, vision_tower, attn, artifact, baseline, split, limit, as_json, predictions):
     """Answer accuracy on the procedural benchmark (overall and per question kind)."""
     from .data.dataset import iter_samples
     from .evaluate import evaluate, torch_answer_fn
@@ -202,9 +204,9 @@ def eval_cmd(model, vision_tower, attn, artifact, split, limit, as_json, predict
     samples = list(iter_samples(split, limit=limit))
     bar = _progress(len(samples), f"eval {split}")
     if artifact:
-        from .bench import eval_artifact
+        from .evaluate import eval_artifact
 
-        res = eval_artifact(artifact, samples, progress=bar, model=model)
+        res = eval_artifact(artifact, samples, progress=bar, model=model, baseline=baseline)
     else:
         adapter = _load(model, vision_tower, attn)
         res = evaluate(torch_answer_fn(adapter), samples, progress=bar)

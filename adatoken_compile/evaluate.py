@@ -56,3 +56,64 @@ def torch_answer_fn(adapter, max_new_tokens: int = 8):
     from .generate import greedy_answers
 
     return lambda group: greedy_answers(adapter, group, max_new_tokens=max_new_tokens)
+
+
+def runtime_answer_fn(rt, max_new_tokens: int = 8):
+    """Answers through an ONNX Runtime artifact (torch-free path)."""
+
+    def fn(group: list[Sample]) -> list[str]:
+        return rt.generate([s.scene for s in group], [s.question for s in group], max_new_tokens=max_new_tokens)
+
+    return fn
+
+
+def eval_artifact(artifact: str, samples: Sequence[Sample], *, baseline: str | None = None, model: str | None = None,
+                  progress=None) -> dict:
+    """Accuracy of an artifact next to the unpruned model on the same questions.
+
+    The unpruned reference is ``baseline`` (an identity-schedule artifact) when given, else the
+    PyTorch adapter of ``model`` (default: the bundled model), which must be the model the
+    artifact was compiled from.
+    """
+    from .errors import ScheduleMismatch
+    from .runtime import load
+
+    rt = load(artifact)
+    res = evaluate(runtime_answer_fn(rt), samples, progress=progress)
+    if baseline:
+        ref_rt = load(baseline)
+        if ref_rt.manifest.data["model"]["fingerprint"] != rt.manifest.data["model"]["fingerprint"]:
+            raise ScheduleMismatch(f"{baseline}: baseline artifact was compiled from another model than {artifact}")
+        ref = evaluate(runtime_answer_fn(ref_rt), samples)
+    else:
+        from .models.registry import load_adapter
+
+        adapter = load_adapter(model)
+        if adapter.fingerprint() != rt.manifest.data["model"]["fingerprint"]:
+            raise ScheduleMismatch(f"{artifact}: compiled from another model than {model or 'the bundled model'}; "
+                                   "pass --model DIR of the model it was compiled from, or --baseline ART0")
+        ref = evaluate(torch_answer_fn(adapter), samples)
+    res["baseline_accuracy"] = ref["accuracy"]
+    res["baseline_per_kind"] = ref["per_kind"]
+    res["agreement"] = sum(a["prediction"] == b["prediction"] for a, b in zip(res["predictions"], ref["predictions"])) / max(1, res["n"])
+    res["artifact"] = artifact
+    res["schedule"] = {"policy": rt.manifest.data.get("schedule", {}).get("policy"),
+                       "cuts": rt.manifest.data.get("schedule", {}).get("cuts")}
+    return res
+
+
+def pruned_answer_fn(adapter, schedule, max_new_tokens: int = 8):
+    """Answers of the PyTorch reference of a compiled artifact: the same pruned prefill and
+    per-layer KV-cache decoding (``decode.generate_pruned``), parity-tested against ORT."""
+    import torch
+
+    from .decode import generate_pruned
+
+    def fn(group: list[Sample]) -> list[str]:
+        batch = adapter.prepare(group)
+        with torch.no_grad():
+            ids = generate_pruned(adapter.decoder, batch, schedule, max_new_tokens=max_new_tokens,
+                                  eos_token_id=adapter.eos_token_id)
+        return [adapter.tokenizer.decode(r).strip() for r in ids]
+
+    return fn

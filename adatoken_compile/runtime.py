@@ -353,8 +353,9 @@ class Runtime:
                              f"{self.max_positions}; use max_new_tokens <= {self.max_positions - n}")
 
     def generate_ids(self, feeds: dict, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int | None = None) -> Iterator[np.ndarray]:
-        """Yield the (B,) token ids of each step (finished rows yield EOS); stops when all rows hit EOS."""
+                     seed: int | None = None, ignore_eos: bool = False) -> Iterator[np.ndarray]:
+        """Yield the (B,) token ids of each step (finished rows yield EOS); stops when all rows hit EOS.
+        ``ignore_eos`` decodes exactly ``max_new_tokens`` steps (fixed-length benchmarks)."""
         from .sampling import make_rng, next_tokens
 
         self._check_generation(feeds, max_new_tokens)
@@ -375,7 +376,7 @@ class Runtime:
             toks = next_tokens(logits, temperature, top_p, rng)
             toks = np.where(done, fill, toks)
             yield toks
-            if eos is not None:
+            if eos is not None and not ignore_eos:
                 done |= toks == eos
             if done.all() or t == max_new_tokens - 1:
                 break

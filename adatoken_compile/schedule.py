@@ -98,10 +98,13 @@ class Schedule:
 
     @staticmethod
     def keep_count(keep: float, n0: int, n_now: int) -> int:
-        """k for one row: clamp(ceil(keep * n0), 1, n_now) (0 when the row has no spatial tokens)."""
+        """k for one row: clamp(ceil(keep * n0), 1, n_now) (0 when the row has no spatial tokens).
+
+        Integer arithmetic with ``keep`` in millionths, the same the compiled graph performs."""
         if n_now <= 0:
             return 0
-        return max(1, min(n_now, math.ceil(keep * n0 - 1e-9)))
+        num = int(round(float(keep) * 1_000_000))
+        return max(1, min(n_now, -(-(n0 * num) // 1_000_000)))
 
     def tokens_per_layer(self, n_spatial: int) -> list[int]:
         """Spatial tokens present at each layer's input for a row with ``n_spatial`` tokens."""

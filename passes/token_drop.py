@@ -83,10 +83,16 @@ def spatial_count(spatial: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (spatial & valid).sum(dim=1)
 
 
+def keep_millionths(keep: float) -> int:
+    return int(round(float(keep) * 1_000_000))
+
+
 def keep_counts(n0: torch.Tensor, n_now: torch.Tensor, keep: float) -> torch.Tensor:
-    """k = clamp(ceil(keep * n0), 1, n_now) per row (0 where n_now == 0); same float64 math as
-    :meth:`adatoken_compile.schedule.Schedule.keep_count`."""
-    k = torch.ceil(n0.to(torch.float64) * float(keep) - 1e-9).to(torch.int64)
+    """k = clamp(ceil(keep * n0), 1, n_now) per row (0 where n_now == 0), in INTEGER arithmetic
+    with keep in millionths, exactly as :meth:`adatoken_compile.schedule.Schedule.keep_count`
+    (a float constant would be rounded to float32 in ONNX and could keep one token too many)."""
+    num, den = keep_millionths(keep), 1_000_000
+    k = (n0.to(torch.int64) * num + (den - 1)) // den
     return torch.minimum(torch.clamp(k, min=1), n_now)
 
 

@@ -292,3 +292,15 @@ def test_random_policy_pass_reference_and_onnx_agree(tmp_path):
     ort = run_ort(ort_session(info.path), ex)
     for c in range(2):
         np.testing.assert_array_equal(ort[f"kept.{c}"], ref.kept_indices[c].numpy())
+
+
+def test_onnx_keep_count_is_exact_for_non_binary_ratios(tmp_path):
+    """keep=0.3 is not exact in float32: ceil(0.3f * 10) = 4, the schedule says 3."""
+    sched = Schedule(cuts=[Cut(2, 0.3)], num_layers=N_LAYERS)
+    model, _, gm, _ = setup("llama", "sdpa")
+    ex = make_batch([(3, 10, 4), (2, 20, 3)], seed=5)
+    info = export_onnx(apply_token_drop(gm, sched), ex, str(tmp_path / "k.onnx"))
+    got = run_ort(ort_session(info.path), ex)
+    for b, n0 in enumerate((10, 20)):
+        want = sched.tokens_per_layer(n0)[2] + (ex.lengths()[b] - n0)
+        assert int(got["mask.2"][b].sum()) == want == int(pruned_prefill(model, ex, sched).masks[2][b].sum())

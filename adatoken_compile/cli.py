@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import json
 import sys
 
@@ -332,6 +333,106 @@ def diff(model, vision_tower, attn, schedule):
 
     adapter = _load(model, vision_tower, attn)
     click.echo(diff_text(adapter, _load_schedule(adapter, schedule)))
+
+
+@main.command()
+@model_options
+@click.option("--artifact", default=None, help="pruned artifact to measure")
+@click.option("--baseline", default=None, help="identity-schedule artifact of the same model "
+              "(default: compiled from --model into a temporary directory)")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["validation", "test", "calibration"]))
+@click.option("--repeats", default=7, show_default=True, type=click.IntRange(1, None))
+@click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1, 512), help="end-to-end answer length")
+@click.option("--threads", default=None, type=int, help="ORT intra-op threads (default: ORT's choice)")
+@click.option("--synthetic-7b", "synthetic", is_flag=True,
+              help="also measure a random decoder of LLaVA-3D-7B width (hidden 4096, 32 heads, FFN 11008), reduced depth")
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(2, 32), help="depth of the synthetic 7B-width decoder")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@user_errors
+def bench(model, vision_tower, attn, artifact, baseline, split, repeats, new_tokens, threads, synthetic, layers, as_json):
+    """Pruned vs unpruned artifact: prefill and end-to-end latency, FLOPs, realised fraction, overhead."""
+    import tempfile
+
+    from .artifact_bench import bench_artifacts
+    from .data.dataset import iter_samples
+
+    if not artifact and not synthetic:
+        raise InputError("pass --artifact ART (and optionally --baseline ART0), or --synthetic-7b")
+    res = {}
+    if artifact:
+        samples = list(iter_samples(split, limit=1))
+        with tempfile.TemporaryDirectory(prefix="adatoken-baseline-") as tmp:
+            if not baseline:
+                from .artifact import compile_artifact
+                from .runtime import load as load_rt
+                from .schedule import identity
+
+                adapter = _load(model, vision_tower, attn)
+                if adapter.fingerprint() != load_rt(artifact, check_hashes=False).manifest.data["model"]["fingerprint"]:
+                    raise InputError(f"{artifact}: compiled from another model than {model or 'the bundled model'}; "
+                                     "pass --model DIR or --baseline ART0")
+                click.echo("compiling the identity-schedule baseline ...", err=True)
+                baseline = os.path.join(tmp, "identity")
+                compile_artifact(adapter, identity(adapter.describe()["layers"], fingerprint=adapter.fingerprint()),
+                                 baseline, progress=False)
+            res = bench_artifacts(artifact, baseline, samples, repeats=repeats, new_tokens=new_tokens, threads=threads,
+                                  log=lambda m: click.echo(m, err=True))
+    if synthetic:
+        from .bench import synthetic_7b_width
+
+        click.echo(f"synthetic 7B-width decoder, {layers} layers (minutes) ...", err=True)
+        res["synthetic_7b_width"] = synthetic_7b_width(layers=layers, schedule_keep=[(1, 0.3)], repeats=repeats,
+                                                       threads=threads)
+    if as_json:
+        click.echo(json.dumps(res, indent=2, default=float))
+        return
+    click.echo(format_bench(res))
+
+
+def format_bench(res: dict) -> str:
+    lines = []
+    if "prefill" in res:
+        p, e = res["prefill"], res["end_to_end"]
+        lines.append(f"schedule {res['schedule']['policy']}: "
+                     + (", ".join(f"L{c['layer']}:{c['keep']:.3g}" for c in res["schedule"]["cuts"]) or "identity")
+                     + f"  (provider {res['provider']})")
+        lines.append(f"prefill   latency {p['latency_s']['pruned']['median_s'] * 1e3:8.1f} ms vs "
+                     f"{p['latency_s']['baseline']['median_s'] * 1e3:8.1f} ms  ratio {p['latency_ratio']:.3f}")
+        lines.append(f"          FLOPs ratio {p['flops_ratio']:.3f} (graph count {p['flops_ratio_graph']:.3f})  "
+                     f"realized fraction {p['realized_fraction']:.2f}  overhead fraction {p['overhead_fraction']:.4f}")
+        if "latency_ratio" in e:
+            lines.append(f"end2end   {e['new_tokens']} tokens {e['pruned']['latency_s']['median_s'] * 1e3:8.1f} ms vs "
+                         f"{e['baseline']['latency_s']['median_s'] * 1e3:8.1f} ms  ratio {e['latency_ratio']:.3f}  "
+                         f"FLOPs ratio {e['flops_ratio']:.3f}  realized {e['realized_fraction']:.2f}")
+            lines.append(f"          TTFT ratio {e['ttft_ratio']:.3f}  per-token decode "
+                         f"{e['pruned']['per_token_decode_s']['median_s'] * 1e3:.2f} ms vs "
+                         f"{e['baseline']['per_token_decode_s']['median_s'] * 1e3:.2f} ms")
+        kv = e["kv_cache_bytes"]
+        lines.append(f"KV cache  {kv['pruned'] / 1e6:.2f} MB vs {kv['baseline'] / 1e6:.2f} MB per request (ratio {kv['ratio']:.3f})")
+    if "synthetic_7b_width" in res:
+        s = res["synthetic_7b_width"]
+        lines.append(f"7B-width synthetic: latency ratio {s.get('latency_ratio', float('nan')):.3f}  FLOPs ratio "
+                     f"{s.get('flops_ratio', float('nan')):.3f}  realized {s.get('realized_fraction', float('nan')):.2f}  "
+                     f"overhead {s.get('overhead_fraction', float('nan')):.4f}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--out", default="runs/quickstart", show_default=True, help="output directory")
+@click.option("--limit", default=60, show_default=True, type=click.IntRange(10, None),
+              help="test questions per policy for accuracy (README figures use 600)")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(8, None), help="calibration questions")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, None))
+@click.option("--all-artifacts", is_flag=True, help="compile every policy's artifact and measure its accuracy with ORT "
+              "(default: ORT for adaptive + identity; peers through the parity-tested PyTorch reference)")
+@user_errors
+def quickstart(out, limit, samples, repeats, all_artifacts):
+    """The main job: calibrate -> compile -> eval -> bench on the bundled model, adaptive vs peers."""
+    from .quickstart import run_quickstart
+
+    summary = run_quickstart(out, limit=limit, samples=samples, repeats=repeats, all_artifacts=all_artifacts,
+                             log=lambda m: click.echo(m, err=True))
+    click.echo(summary)
 
 
 if __name__ == "__main__":  # pragma: no cover

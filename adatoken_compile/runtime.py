@@ -184,6 +184,12 @@ class Runtime:
         self.last_kept: list[np.ndarray] = []
         self._last: dict | None = None
 
+    def graph_path(self, name: str) -> str:
+        """Path of one of the artifact's ONNX graphs (``encoder``, ``projector``, ``prefill``, ``decode``)."""
+        if name not in self.manifest.data["graphs"]:
+            raise InputError(f"{self.path}: artifact has no '{name}' graph")
+        return os.path.join(self.path, self.manifest.data["graphs"][name]["file"])
+
     @property
     def has_decode(self) -> bool:
         return "decode" in self.sessions

@@ -171,8 +171,12 @@ def packed_sequence(prefix_ids, n_spatial, qa_ids):
     return allow, pos, starts
 
 
+VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+
+
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
-          scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None) -> dict:
+          scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
+          curriculum_views: int = 0, curriculum_frac: float = 0.3) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -207,6 +211,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
 
     prefix_ids = None
     total_steps = int(scenes * epochs)
+    curriculum_steps = int(curriculum_frac * total_steps)
     warm = min(100, total_steps // 10)
     # scene features are cached in memory across epochs (about 1.3 MB per scene)
     feats_cache: dict[int, tuple] = {}
@@ -220,6 +225,14 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             scene, info = ds.make_scene(scene_seed)
             feats_cache[scene_seed] = (cache(scene), training_questions(info, scene_seed))
         (f, xyz, vmap), qs = feats_cache[scene_seed]
+        if curriculum_views and step < curriculum_steps:
+            # curriculum: early steps see a random subset of the views (fewer tokens, easier
+            # attention discovery); the rest of training sees whole scenes as evaluated
+            V = len(f) // VISION_PATCHES
+            views = np.random.default_rng(seed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
+            rows = (views[:, None] * VISION_PATCHES + np.arange(VISION_PATCHES)[None]).reshape(-1)
+            f, xyz = f[rows], xyz[rows]
+            vmap = voxelize(xyz.numpy())
         # scene tokens through the trainable part of the adapter path
         v = f + pe(xyz)
         inv = torch.from_numpy(vmap.inverse)
@@ -273,7 +286,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                  "scene_seeds": [train_lo, train_lo + scenes - 1],
                  "vision_scene_seeds": [train_lo + 500_000, train_lo + 500_000 + vision_scenes - 1]},
         "vision_pretraining": {"steps": vision_steps, **vstats},
-        "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:]))},
+        "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
+                             "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None},
         "wall_minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
     }
@@ -296,13 +310,17 @@ def main(argv=None):
     p.add_argument("--vision-steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--minutes", type=float, default=None, help="stop decoder training after this wall time")
+    p.add_argument("--curriculum-views", type=int, default=0,
+                   help="views per scene during the first --curriculum-frac of the steps (0: off)")
+    p.add_argument("--curriculum-frac", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
-          vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes)
+          vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
+          curriculum_frac=a.curriculum_frac)
 
 
 if __name__ == "__main__":

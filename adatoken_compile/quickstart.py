@@ -1,0 +1,177 @@
+"""The main job: calibrate -> compile -> eval -> bench on the bundled model, adaptive vs peers.
+
+Everything lands in one output directory (written under a temporary name, renamed at the end):
+
+    calibration/            schedule.json, stats, report.md + plots of the adaptive calibration
+    schedules/<policy>.json every compared schedule (peers, adaptive, adaptive at each peer's FLOPs)
+    artifacts/identity/     unpruned (identity-schedule) ONNX artifact
+    artifacts/adaptive/     the pruned ONNX artifact
+    artifacts/<policy>/     prefill-only artifacts of the other policies (prefill latency)
+    results.json            every figure below, machine-readable
+    summary.md              the summary table
+    pareto.png              accuracy vs prefill FLOPs ratio, every policy
+    keep_curves.png         kept spatial tokens per layer, every policy
+
+Accuracy of every policy comes from the same greedy answers on the same test questions. For the
+identity and adaptive schedules it is measured through ONNX Runtime (the shipped artifact); for
+the other policies through the PyTorch reference of the same pruned prefill + KV-cache decode
+(``decode.generate_pruned``, token-for-token equal to ORT in the tests), unless
+``all_artifacts`` asks for ORT everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from .errors import InputError
+
+PEERS = ("fastv", "pdrop", "adatoken-decay", "random")
+
+
+def _fmt_cuts(s) -> str:
+    return ", ".join(f"L{c.layer}:{c.keep:.3g}" for c in s.effective_cuts()) or "none"
+
+
+def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, repeats: int = 5, all_artifacts: bool = False,
+                   model: str | None = None, log=print) -> str:
+    from tqdm import tqdm
+
+    from . import bench
+    from .artifact import compile_artifact
+    from .artifact_bench import bench_artifacts
+    from .calibrate.api import calibrate, derive_schedule, write_calibration
+    from .calibrate.policies import peer_schedule
+    from .cli import calibration_batches
+    from .data.dataset import iter_samples
+    from .evaluate import evaluate, pruned_answer_fn, runtime_answer_fn
+    from .flops import arch_from_config, schedule_flops
+    from .models.registry import load_adapter
+    from .runtime import load as load_runtime
+    from .schedule import identity
+
+    t0 = time.time()
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "schedules"))
+    os.makedirs(os.path.join(tmp, "artifacts"))
+    try:
+        adapter = load_adapter(model)
+        fp, L = adapter.fingerprint(), adapter.describe()["layers"]
+        arch = arch_from_config(adapter.decoder.config)
+        model_kw = dict(fingerprint=fp, family=adapter.family, model_name=model or "llava3d-tiny")
+
+        # ------------------------------------------------------------------ 1. calibrate
+        log(f"[1/5] calibrate: {samples} calibration questions, adaptive policy")
+        sched_a, stats = calibrate(adapter.decoder, calibration_batches(adapter, "calibration", samples), policy="adaptive",
+                                   seed=0, progress=True, **model_kw)
+        write_calibration(os.path.join(tmp, "calibration"), sched_a, stats)
+        n_sp, n_tx = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+        holdout = [b for b, _ in calibration_batches(adapter, "calibration", 24, start_scene=200)]
+
+        schedules = {"none": identity(L, **model_kw), "adaptive": sched_a}
+        for p in PEERS:
+            schedules[p] = peer_schedule(p, L, like=sched_a if p == "random" else None, seed=0, **model_kw)
+        for p in ("fastv", "pdrop", "adatoken-decay"):
+            budget = schedule_flops(arch, schedules[p], n_sp, n_tx)["flops_ratio"]
+            log(f"      adaptive at {p}'s prefill FLOPs ratio {budget:.3f}")
+            s = derive_schedule(adapter.decoder, stats, holdout, policy="adaptive", flops_budget=budget, seed=0,
+                                progress=False, family=adapter.family, model_name=model_kw["model_name"])
+            s.policy = f"adaptive@{p}"
+            schedules[f"adaptive@{p}"] = s
+        flops = {}
+        for name, s in schedules.items():
+            s.fingerprint = fp
+            s.save(os.path.join(tmp, "schedules", f"{name}.json"))
+            flops[name] = schedule_flops(arch, s, n_sp, n_tx)["flops_ratio"]
+
+        # ------------------------------------------------------------------ 2. compile
+        log("[2/5] compile: identity and adaptive artifacts (prefill + decode)")
+        arts = {}
+        for name in ("none", "adaptive"):
+            arts[name] = os.path.join(tmp, "artifacts", "identity" if name == "none" else name)
+            compile_artifact(adapter, schedules[name], arts[name], progress=False)
+        others = [n for n in schedules if n not in arts]
+        log(f"      prefill-only artifacts for {len(others)} other policies" + (" (+ decode)" if all_artifacts else ""))
+        for name in tqdm(others, desc="compile", unit="artifact"):
+            arts[name] = os.path.join(tmp, "artifacts", name.replace("@", "_at_"))
+            compile_artifact(adapter, schedules[name], arts[name], progress=False, decode=True if all_artifacts else False)
+
+        # ------------------------------------------------------------------ 3. eval
+        test = list(iter_samples("test", limit=limit))
+        log(f"[3/5] eval: {len(test)} test questions x {len(schedules)} policies")
+        acc, paths = {}, {}
+        bar = tqdm(total=len(test) * len(schedules), desc="eval", unit="q")
+        for name, s in schedules.items():
+            if name in ("none", "adaptive") or all_artifacts:
+                fn, paths[name] = runtime_answer_fn(load_runtime(arts[name])), "onnxruntime"
+            else:
+                fn, paths[name] = pruned_answer_fn(adapter, s), "pytorch-reference"
+            acc[name] = evaluate(fn, test, progress=bar)
+        bar.close()
+
+        # ------------------------------------------------------------------ 4. bench
+        log(f"[4/5] bench: interleaved ORT timing, {repeats} repeats")
+        benches = {"adaptive": bench_artifacts(arts["adaptive"], arts["none"], test, repeats=repeats, new_tokens=16)}
+        for name in others:
+            benches[name] = bench_artifacts(arts[name], arts["none"], test, repeats=repeats,
+                                            new_tokens=16 if all_artifacts else 1)
+
+        # ------------------------------------------------------------------ 5. report
+        log("[5/5] report")
+        base_acc = acc["none"]["accuracy"]
+        rows, points = [], []
+        for name, s in schedules.items():
+            b = benches.get(name)
+            row = {
+                "policy": name,
+                "cuts": _fmt_cuts(s),
+                "accuracy": acc[name]["accuracy"],
+                "delta_points": 100 * (acc[name]["accuracy"] - base_acc),
+                "accuracy_path": paths[name],
+                "prefill_flops_ratio": flops[name],
+                "flops_reduction": 1 - flops[name],
+                "prefill_speedup": (1 / b["prefill"]["latency_ratio"]) if b else 1.0,
+                "e2e_speedup": (1 / b["end_to_end"]["latency_ratio"]) if b and "latency_ratio" in b["end_to_end"] else None,
+                "realized_fraction": b["prefill"]["realized_fraction"] if b else None,
+                "overhead_fraction": b["prefill"]["overhead_fraction"] if b else None,
+            }
+            rows.append(row)
+            points.append({"policy": name, "flops_ratio": flops[name], "accuracy": acc[name]["accuracy"]})
+        bench.plot_pareto(points, os.path.join(tmp, "pareto.png"), title="llava3d-tiny: accuracy vs prefill FLOPs")
+        bench.plot_keep_curves(schedules, os.path.join(tmp, "keep_curves.png"), n_spatial=int(round(n_sp)))
+        cols = [("policy", "policy"), ("cuts", "cuts"), ("accuracy", "accuracy"), ("delta_points", "Δ acc (pts)"),
+                ("flops_reduction", "prefill FLOPs cut"), ("prefill_speedup", "prefill speedup"),
+                ("e2e_speedup", "e2e speedup (16 tok)"), ("realized_fraction", "realized fraction"),
+                ("overhead_fraction", "overhead fraction")]
+        table = bench.markdown_table(rows, cols)
+        wall = time.time() - t0
+        header = (f"Bundled model llava3d-tiny (small reference model, not the 7B); {len(test)} test questions; "
+                  f"ORT {benches['adaptive']['provider']}; mean {n_sp:.0f} spatial + {n_tx:.0f} text tokens; "
+                  f"{wall / 60:.1f} min")
+        summary = header + "\n\n" + table
+        results = {
+            "model": {"name": model_kw["model_name"], "fingerprint": fp, "arch": arch},
+            "test_questions": len(test),
+            "tokens": {"spatial_mean": n_sp, "text_mean": n_tx},
+            "rows": rows,
+            "accuracy": {k: {kk: v[kk] for kk in ("accuracy", "n", "per_kind")} for k, v in acc.items()},
+            "bench": benches,
+            "wall_s": wall,
+        }
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            f.write(json.dumps(results, indent=2, default=float).replace(tmp, out))
+        with open(os.path.join(tmp, "summary.md"), "w") as f:
+            f.write(summary + "\n")
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary + f"\n\nwrote {out}/ (results.json, summary.md, pareto.png, keep_curves.png, artifacts/)"

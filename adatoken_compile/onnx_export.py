@@ -17,6 +17,8 @@ ONNX gets a dynamic dim fed by ``TopK``'s ``K`` input, so one file serves any ba
 
 from __future__ import annotations
 
+import logging
+
 import ast
 import os
 import shutil
@@ -29,6 +31,16 @@ import torch
 
 from .capture import INPUT_NAMES, dynamic_shapes, example_args
 from .contract import DecoderInputs
+
+
+class _NoTorchvisionNoise(logging.Filter):
+    """torch.onnx warns once per op that torchvision is absent; it is never needed here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvisionNoise())
 
 
 @dataclass

@@ -176,7 +176,8 @@ VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
-          curriculum_views: int = 0, curriculum_frac: float = 0.3) -> dict:
+          curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
+          vision_cache: str | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -192,16 +193,32 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     from .models.llava3d import SYSTEM_PROMPT
 
     texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts())
+    texts += [llava_v1_prompt(t) for t in ds.all_texts()]  # the real prompt pieces, "\n" included
     tok = build_word_tokenizer(texts, vocab_size=600)
     log(f"tokenizer: {tok.vocab_size} tokens")
     # ---------------------------------------------------------------- stage 1
-    vision, vstats = pretrain_vision(range(train_lo + 500_000, train_lo + 500_000 + vision_scenes), vision_steps,
-                                     CLIP_MEAN, CLIP_STD)
+    if vision_cache and os.path.exists(vision_cache):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        blob = torch.load(vision_cache, weights_only=True)
+        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
+        vision.load_state_dict(blob["state_dict"])
+        vision.eval().requires_grad_(False)
+        vstats = {k: float(v) for k, v in blob["stats"].items()}
+        log(f"vision tower from {vision_cache} (stage 1 of an identical earlier run)")
+    else:
+        vision, vstats = pretrain_vision(range(train_lo + 500_000, train_lo + 500_000 + vision_scenes), vision_steps,
+                                         CLIP_MEAN, CLIP_STD)
+        if vision_cache:
+            torch.save({"state_dict": vision.state_dict(), "stats": vstats}, vision_cache)
     # ---------------------------------------------------------------- stage 2 modules
     dcfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                        pad_token_id=tok.pad_id, **DECODER)
     dcfg._attn_implementation = "sdpa"
     lm = LlamaForCausalLM(dcfg)
+    # text embeddings start at the scale of the projected spatial tokens (norm ~3 for hidden 128)
+    # instead of HF's std 0.02 (norm ~0.2), so question words are not drowned by ~1,400 scene tokens
+    nn.init.normal_(lm.model.embed_tokens.weight, std=embed_std)
     pe = PositionEmbedding3D(3, VISION["hidden_size"])
     proj = build_projector("mlp2x_gelu", VISION["hidden_size"], DECODER["hidden_size"], "train")
     params = list(lm.parameters()) + list(pe.parameters()) + list(proj.parameters())
@@ -217,6 +234,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     feats_cache: dict[int, tuple] = {}
     order = np.random.default_rng(seed).permutation(scenes)
     step, losses, t_stage = 0, [], time.time()
+    hits, tot = [], []
     lm.train()
     while step < total_steps:
         i = int(order[step % scenes])
@@ -270,10 +288,15 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             pg["lr"] = cur
         opt.step()
         losses.append(loss.item())
+        with torch.no_grad():
+            m = labels != -100
+            hits.append(((logits.argmax(-1) == labels) & m).sum().item() - len(qa))  # minus the EOS labels
+            tot.append(len(qa))
         step += 1
         if step % 25 == 0:
             el = time.time() - t_stage
-            log(f"step {step}/{total_steps} loss {np.mean(losses[-25:]):.4f} lr {cur:.2e} "
+            log(f"step {step}/{total_steps} loss {np.mean(losses[-25:]):.4f} "
+                f"answer acc {sum(hits[-25:]) / max(1, sum(tot[-25:])):.3f} lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
             log(f"time budget of {minutes} min reached at step {step}")
@@ -313,6 +336,8 @@ def main(argv=None):
     p.add_argument("--curriculum-views", type=int, default=0,
                    help="views per scene during the first --curriculum-frac of the steps (0: off)")
     p.add_argument("--curriculum-frac", type=float, default=0.3)
+    p.add_argument("--embed-std", type=float, default=0.3, help="init std of the text embeddings")
+    p.add_argument("--vision-cache", default=None, help="reuse/save the stage-1 vision tower here (same settings only)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)
@@ -320,7 +345,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
           vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
-          curriculum_frac=a.curriculum_frac)
+          curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache)
 
 
 if __name__ == "__main__":

@@ -772,11 +772,13 @@ def plot_keep_curves(schedules: Mapping[str, Any], path: str, *, n_spatial: int 
     if not schedules:
         raise ValueError("plot_keep_curves: no schedules")
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    others = iter(f"C{k}" for k in range(20) if k != 3)  # C3 (red) is reserved for adaptive
     for i, (name, s) in enumerate(schedules.items()):
         ys = s.tokens_per_layer(n_spatial) if n_spatial else s.keep_per_layer()
         xs = list(range(len(ys)))
         ax.step(xs, ys, where="post", lw=2.5 if name == "adaptive" else 1.5, label=name,
-                color="C3" if name == "adaptive" else None)
+                color="C3" if name == "adaptive" else next(others),
+                linestyle="--" if name.startswith("adaptive@") else "-")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(f"spatial tokens kept (of {n_spatial})" if n_spatial else "spatial tokens kept (ratio)")
     ax.grid(alpha=0.3)

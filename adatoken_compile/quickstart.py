@@ -142,7 +142,9 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, repeats: int
                 "overhead_fraction": b["prefill"]["overhead_fraction"] if b else None,
             }
             rows.append(row)
-            points.append({"policy": name, "flops_ratio": flops[name], "accuracy": acc[name]["accuracy"]})
+            # the adaptive schedules at several budgets form one curve
+            points.append({"policy": "adaptive" if name.startswith("adaptive") else ("unpruned" if name == "none" else name),
+                           "flops_ratio": flops[name], "accuracy": acc[name]["accuracy"]})
         bench.plot_pareto(points, os.path.join(tmp, "pareto.png"), title="llava3d-tiny: accuracy vs prefill FLOPs")
         bench.plot_keep_curves(schedules, os.path.join(tmp, "keep_curves.png"), n_spatial=int(round(n_sp)))
         cols = [("policy", "policy"), ("cuts", "cuts"), ("accuracy", "accuracy"), ("delta_points", "Δ acc (pts)"),

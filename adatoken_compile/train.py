@@ -177,7 +177,7 @@ VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
-          vision_cache: str | None = None) -> dict:
+          vision_cache: str | None = None, aux_weight: float = 0.0) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -227,6 +227,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
 
     prefix_ids = None
+    from .data.world import CLASSES, COLOR_NAMES
+
+    class_word = torch.tensor([tok.encode(" " + c)[0] for c in CLASSES])
+    colour_word = torch.tensor([tok.encode(" " + c)[0] for c in COLOR_NAMES])
     total_steps = int(scenes * epochs)
     curriculum_steps = int(curriculum_frac * total_steps)
     warm = min(100, total_steps // 10)
@@ -240,9 +244,12 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         i = int(order[step % scenes])
         scene_seed = train_lo + i
         if scene_seed not in feats_cache:
-            scene, info = ds.make_scene(scene_seed)
-            feats_cache[scene_seed] = (cache(scene), training_questions(info, scene_seed))
-        (f, xyz, vmap), qs = feats_cache[scene_seed]
+            info, r = _render(scene_seed)
+            c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
+                                       VISION["patch_size"])
+            feats_cache[scene_seed] = (cache(r.scene), training_questions(info, scene_seed),
+                                       (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
+        (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
         if curriculum_views and step < curriculum_steps:
             # curriculum: early steps see a random subset of the views (fewer tokens, easier
             # attention discovery); the rest of training sees whole scenes as evaluated
@@ -250,6 +257,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             views = np.random.default_rng(seed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
             rows = (views[:, None] * VISION_PATCHES + np.arange(VISION_PATCHES)[None]).reshape(-1)
             f, xyz = f[rows], xyz[rows]
+            pcls, pcol = pcls[rows], pcol[rows]
             vmap = voxelize(xyz.numpy())
         # scene tokens through the trainable part of the adapter path
         v = f + pe(xyz)
@@ -276,6 +284,19 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
         logits = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None]).logits[0]
         loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+        if aux_weight > 0:
+            # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
+            # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
+            n_sp = vmap.num_tokens
+            inv = torch.from_numpy(vmap.inverse)
+            votes_c = torch.zeros(n_sp, int(pcls.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcls).float())
+            votes_k = torch.zeros(n_sp, int(pcol.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcol).float())
+            vc, vk = votes_c.argmax(1), votes_k.argmax(1)
+            obj = vc >= 3  # 0..2 are floor / wall / ceiling
+            if obj.any():
+                sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
+                loss = loss + aux_weight * 0.5 * (nn.functional.cross_entropy(sl, class_word[vc[obj] - 3])
+                                                  + nn.functional.cross_entropy(sl, colour_word[vk[obj] - 1]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -310,6 +331,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                  "vision_scene_seeds": [train_lo + 500_000, train_lo + 500_000 + vision_scenes - 1]},
         "vision_pretraining": {"steps": vision_steps, **vstats},
         "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
+                             "embed_std": embed_std, "aux_weight": aux_weight,
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None},
         "wall_minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
@@ -337,6 +359,8 @@ def main(argv=None):
                    help="views per scene during the first --curriculum-frac of the steps (0: off)")
     p.add_argument("--curriculum-frac", type=float, default=0.3)
     p.add_argument("--embed-std", type=float, default=0.3, help="init std of the text embeddings")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the auxiliary class/colour-word loss on scene tokens (alignment)")
     p.add_argument("--vision-cache", default=None, help="reuse/save the stage-1 vision tower here (same settings only)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
@@ -345,7 +369,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
           vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
-          curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache)
+          curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
+          aux_weight=a.aux_weight)
 
 
 if __name__ == "__main__":

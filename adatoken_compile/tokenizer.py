@@ -95,7 +95,8 @@ def build_word_tokenizer(texts, extra_words=(), vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # punctuation split off ("ball?" -> "ball", "?"), as subword tokenizers of real LLMs mostly do
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Metaspace()
     specials = ["<unk>", "<s>", "</s>", "<image>", "<boxes>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)

@@ -1,0 +1,93 @@
+"""eval --artifact and bench through the CLI on tiny random artifacts: JSON keys, reference parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from adatoken_compile.artifact import compile_artifact
+from adatoken_compile.artifact_bench import decode_flops
+from adatoken_compile.calibrate.policies import peer_schedule
+from adatoken_compile.cli import main
+from adatoken_compile.data.dataset import iter_samples
+from adatoken_compile.evaluate import evaluate, pruned_answer_fn
+from adatoken_compile.models.registry import load_adapter
+from adatoken_compile.schedule import identity
+
+
+@pytest.fixture(scope="module")
+def arts(tiny3d_dir, tmp_path_factory):
+    a = load_adapter(tiny3d_dir)
+    L, fp = a.describe()["layers"], a.fingerprint()
+    d = tmp_path_factory.mktemp("arts")
+    sched = peer_schedule("pdrop", L, fingerprint=fp)
+    compile_artifact(a, identity(L, fingerprint=fp), str(d / "id"), progress=False)
+    compile_artifact(a, sched, str(d / "pd"), progress=False)
+    return a, sched, str(d / "id"), str(d / "pd")
+
+
+def _json(out: str) -> dict:
+    return json.loads(out[out.index("{"):])
+
+
+def test_eval_artifact_equals_pytorch_reference(arts, tiny3d_dir):
+    a, sched, art0, art = arts
+    r = CliRunner().invoke(main, ["eval", "--artifact", art, "--model", tiny3d_dir, "--limit", "12", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = _json(r.output)
+    assert {"accuracy", "baseline_accuracy", "n", "per_kind"} <= set(res) and res["n"] == 12
+    ref = evaluate(pruned_answer_fn(a, sched), list(iter_samples("test", limit=12)))
+    assert res["accuracy"] == ref["accuracy"]
+    assert res["per_kind"] == ref["per_kind"]
+    # the unpruned column is the PyTorch model itself
+    ref0 = evaluate(pruned_answer_fn(a, identity(sched.num_layers)), list(iter_samples("test", limit=12)))
+    assert res["baseline_accuracy"] == ref0["accuracy"]
+
+
+def test_bench_json_keys(arts):
+    _, sched, art0, art = arts
+    r = CliRunner().invoke(main, ["bench", "--artifact", art, "--baseline", art0, "--repeats", "2", "--new-tokens", "4",
+                                  "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = _json(r.output)
+    p, e = res["prefill"], res["end_to_end"]
+    for k in ("latency_s", "latency_ratio", "flops_ratio", "realized_fraction", "overhead_fraction",
+              "peak_memory_bytes", "flops"):
+        assert k in p, k
+    for k in ("latency_ratio", "flops_ratio", "realized_fraction", "kv_cache_bytes"):
+        assert k in e, k
+    for k in ("latency_s", "ttft_s", "per_token_decode_s"):
+        assert e["pruned"][k]["median_s"] > 0 and e["baseline"][k]["median_s"] > 0
+    assert 0 < p["flops_ratio"] < 1 and 0 < e["flops_ratio"] < 1
+    # FLOPs formula vs the count over the executed ORT graph (MatMul/Gemm only): close
+    assert abs(p["flops"]["graph_vs_formula_rel_err"]["baseline"]) < 0.05
+    assert 0 < p["overhead_fraction"] < 1
+    assert e["kv_cache_bytes"]["pruned"] < e["kv_cache_bytes"]["baseline"]
+    # the pruned KV cache matches the schedule's arithmetic
+    n_sp, n_tx = p["tokens"]["spatial"], p["tokens"]["text"]
+    arch = load_adapter_arch(art)
+    per_tok = 2 * arch["kv_heads"] * arch["head_dim"] * 4
+    want = sum(t + n_tx for t in sched.tokens_per_layer(n_sp)) * per_tok
+    assert e["kv_cache_bytes"]["pruned"] == want
+
+
+def load_adapter_arch(art):
+    from adatoken_compile.runtime import load
+
+    return load(art).arch
+
+
+def test_decode_flops_hand_count():
+    arch = {"hidden": 8, "intermediate": 16, "vocab": 10, "heads": 4, "kv_heads": 2, "head_dim": 2}
+    # one step, one layer with 3 cached positions: linear 2*(8*(8+8) + 8*8 + 3*8*16) = 1152,
+    # attention 4*8*(3+1) = 128, lm_head 2*8*10 = 160
+    assert decode_flops(arch, [3], 1) == 1152 + 128 + 160
+
+
+def test_bench_requires_identity_baseline(arts):
+    _, _, art0, art = arts
+    r = CliRunner().invoke(main, ["bench", "--artifact", art0, "--baseline", art, "--repeats", "1"])
+    assert r.exit_code == 2 and "identity-schedule" in r.output

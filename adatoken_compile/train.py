@@ -1,7 +1,7 @@
 """Train the bundled reference model ``llava3d-tiny`` from scratch on CPU.
 
-    adatoken-compile train --out models/llava3d_tiny            # the committed weights
-    python -m adatoken_compile.train --out DIR --seed 0          # same thing
+    python -m adatoken_compile.train --out DIR [options]     # see TRAINING.json of the bundled model
+                                                             # for the exact command that made it
 
 Two stages, mirroring how LLaVA-3D is built from a pretrained CLIP:
 
@@ -74,15 +74,33 @@ def _render(seed: int):
     return info, render_scene(info)
 
 
-def training_questions(info, seed: int, draws: int = 3):
-    """The scene's questions from ``draws`` independent draws of the test-time generator
-    (same templates and answer balance as the evaluation splits), de-duplicated."""
-    from .data.questions import questions_for
+def training_questions(info, seed: int, relation_draws: int = 4):
+    """Every unambiguous question about a training scene, for supervision density (about 25 per
+    scene instead of the ~6 the evaluation splits ask): counting and existence for every class,
+    colour of every unique class, class of every unique colour, and the relation questions of
+    ``relation_draws`` draws of the evaluation generator. Same templates and answers as the
+    evaluation splits; only the mixture differs."""
+    from .data.questions import (Question, q_class_of_color, q_color_of_class, q_count, q_exist,
+                                 questions_for)
+    from .data.world import CLASSES, COLOR_NAMES, MAX_COUNT
 
-    seen, out = set(), []
-    for d in range(draws):
+    out = []
+    for c in CLASSES:
+        n = info.count(c)
+        if n <= MAX_COUNT:
+            out.append(Question(q_count(c), str(n), "counting", "count"))
+        out.append(Question(q_exist(c), "yes" if n > 0 else "no", "existence", "exist"))
+        if n == 1:
+            o = next(o for o in info.objects if o.cls == c)
+            out.append(Question(q_color_of_class(c), o.color, "attribute", "color_of_class"))
+    for col in COLOR_NAMES:
+        objs = [o for o in info.objects if o.color == col]
+        if len(objs) == 1:
+            out.append(Question(q_class_of_color(col), objs[0].cls, "attribute", "class_of_color"))
+    seen = {q.text for q in out}
+    for d in range(relation_draws):
         for q in questions_for(info, seed=seed + d * 10_000_000):
-            if q.text not in seen:
+            if q.kind == "relation" and q.text not in seen:
                 seen.add(q.text)
                 out.append(q)
     return out
@@ -324,7 +342,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             break
     lm.eval()
     provenance = {
-        "command": " ".join(["adatoken-compile", "train"] + sys.argv[2:]) if sys.argv[1:2] == ["train"] else " ".join(sys.argv),
+        "command": "python -m adatoken_compile.train " + " ".join(sys.argv[1:]),
         "seed": seed,
         "data": {"generator": "adatoken_compile.data (procedural rooms)", "split": "train",
                  "scene_seeds": [train_lo, train_lo + scenes - 1],
@@ -340,7 +358,29 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     with open(os.path.join(out_dir, "TRAINING.json"), "w") as f:
         json.dump(provenance, f, indent=2)
     log(f"saved {out_dir} after {provenance['wall_minutes']} min")
+    record_eval(out_dir)
     return provenance
+
+
+def record_eval(model_dir: str, limit: int = 50) -> dict:
+    """Evaluate a saved checkpoint through the real adapter on the fixed CI sample
+    (``iter_samples("test", limit=50)``) and record the result in its TRAINING.json."""
+    from .data.dataset import iter_samples
+    from .evaluate import evaluate, torch_answer_fn
+    from .models.llava3d import Llava3DAdapter
+
+    res = evaluate(torch_answer_fn(Llava3DAdapter(model_dir)), list(iter_samples("test", limit=limit)))
+    path = os.path.join(model_dir, "TRAINING.json")
+    with open(path) as f:
+        prov = json.load(f)
+    prov["ci_sample_eval"] = {"split": "test", "limit": limit, "accuracy": res["accuracy"], "n": res["n"],
+                              "per_kind": res["per_kind"]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(prov, f, indent=2)
+    os.replace(tmp, path)
+    log(f"CI-sample accuracy {res['accuracy']:.3f} on {res['n']} test questions")
+    return res
 
 
 def main(argv=None):
@@ -362,11 +402,16 @@ def main(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary class/colour-word loss on scene tokens (alignment)")
     p.add_argument("--vision-cache", default=None, help="reuse/save the stage-1 vision tower here (same settings only)")
+    p.add_argument("--record-eval-only", action="store_true",
+                   help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.record_eval_only:
+        record_eval(a.out)
+        return
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
           vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
           curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,

@@ -115,7 +115,7 @@ def pruned_prefill(decoder_lm, inputs: DecoderInputs, schedule) -> PrefillResult
             sin = td.gather_seq(sin, idx, (1,))
             position_ids = td.gather_seq(position_ids, idx, (1,))
             spatial = td.gather_seq(spatial, idx, (1,))
-            mask4 = td.gather_mask4d(mask4, idx, new_valid)
+            mask4 = td.rebuild_mask4d(mask4, idx, new_valid)
             kept = td.kept_positions(kept, idx, new_valid)
             valid = new_valid
             res.kept_indices.append(kept)

@@ -9,8 +9,8 @@ no nonzero, no sort):
 * :func:`select_tokens` -- per row keep the non-spatial valid tokens plus the top-k spatial ones,
   ``k = clamp(ceil(keep * N0), 1, N_now)``; returns kept indices ascending with left padding,
   the new valid mask and the new length ``K'`` (max kept count over rows).
-* :func:`gather_seq` / :func:`restrict_keys` / :func:`kept_positions` -- carry values with a
-  sequence axis into the new layout.
+* :func:`gather_seq` / :func:`kept_positions` -- carry values with a sequence axis into the new
+  layout; :func:`rebuild_mask4d` -- the attention mask of the new layout.
 
 The FX pass :func:`apply_token_drop` rewrites a graph captured by
 :func:`adatoken_compile.capture.capture`: for each effective cut before layer ``i`` it scores with
@@ -138,15 +138,6 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor, dims: Sequence[int]) -> torch
     return x
 
 
-def restrict_keys(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mask out invalid keys (last axis) of a (B, 1, Q, K) attention mask: bool (True = attend) or
-    additive float (0 / finfo.min), the two forms transformers builds for sdpa / eager."""
-    v = valid[:, None, None, :]
-    if mask.dtype == torch.bool:
-        return mask & v
-    return torch.where(v, mask, torch.finfo(mask.dtype).min)
-
-
 def kept_positions(prev: torch.Tensor | None, idx: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
     """Original sequence positions of the new layout (B, K'), -1 on padding slots.
     ``prev`` are the original positions of the current layout (None before the first cut)."""
@@ -154,9 +145,26 @@ def kept_positions(prev: torch.Tensor | None, idx: torch.Tensor, new_valid: torc
     return torch.where(new_valid, orig, torch.full_like(orig, -1))
 
 
-def gather_mask4d(mask: torch.Tensor, idx: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
-    """A (B|1, 1, L, L) attention mask in the new layout: gathered on both axes, dropped keys masked."""
-    return restrict_keys(gather_seq(mask, idx, (2, 3)), new_valid)
+def rebuild_mask4d(mask: torch.Tensor, idx: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, K', K') attention mask of the new layout, in ``mask``'s format (bool for sdpa,
+    additive float for eager), built from the new valid vector instead of gathering the
+    (B, 1, L, L) input on both axes (O(K'^2) instead of an O(L^2) gather: the gather was the
+    most expensive inserted node).
+
+    Kept tokens are in ascending original order, so causality in the new layout is ``k <= q``;
+    padding / dropped slots are masked as keys. Every query may attend to itself, so padding rows
+    are never fully masked (a fully masked row would give NaN that reaches valid rows through
+    0 * NaN in the value product). Equal, on valid rows, to gathering a causal + padding mask.
+    """
+    K = idx.shape[1]
+    ar = torch.arange(K, device=idx.device)
+    causal = ar[None, :] <= ar[:, None]  # [q, k]
+    allowed = (causal[None] & new_valid[:, None, :].to(torch.bool)) | (ar[None, :] == ar[:, None])[None]
+    allowed = allowed[:, None]
+    if mask.dtype == torch.bool:
+        return allowed
+    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device))
 
 
 # ----------------------------------------------------------------------------- step modules
@@ -210,9 +218,9 @@ class GatherSeq(nn.Module):
         return f"dims={self.dims}"
 
 
-class GatherMask4d(nn.Module):
+class RebuildMask4d(nn.Module):
     def forward(self, mask, idx, new_valid):
-        return gather_mask4d(mask, idx, new_valid)
+        return rebuild_mask4d(mask, idx, new_valid)
 
 
 class KeptPositions(nn.Module):
@@ -419,13 +427,13 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                     if 0 in dims:
                         raise TokenDropError(f"token_drop: '{v.name}' has the sequence on axis 0; expected batch first")
                     if len(dims) >= 2:
-                        role = "gather_mask"
+                        role = "rebuild_mask"
                     elif region.get(v, -1) == i - 1 and len(vv.shape) == 3:
                         role = "gather_hidden"
                     else:
                         role = "gather_seq"
                     src = v.name
-                name = pre + role if role in ("gather_mask", "gather_hidden") else f"{pre}gather_{src}"
+                name = pre + role if role in ("rebuild_mask", "gather_hidden") else f"{pre}gather_{src}"
                 if name in counter:
                     counter[name] += 1
                     name = f"{name}_{counter[name]}"
@@ -433,10 +441,10 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                     counter[name] = 0
                 anchor = first_after if order[v] < order[first_after] else v.next
                 with g.inserting_before(anchor):
-                    if role == "gather_mask":
+                    if role == "rebuild_mask":
                         if tuple(dims) != (2, 3):
                             raise TokenDropError(f"token_drop: mask '{v.name}' has sequence axes {dims}, expected (2, 3)")
-                        repl = add_module(name, GatherMask4d(), (v, idx, new_valid), ci, cut, role, source=src)
+                        repl = add_module(name, RebuildMask4d(), (v, idx, new_valid), ci, cut, role, source=src)
                     else:
                         repl = add_module(name, GatherSeq(dims), (v, idx), ci, cut, role, source=src)
                 carrier_dims[repl], carrier_role[repl], carrier_src[repl] = dims, role, src

@@ -413,7 +413,7 @@ def test_cli_diff_two_cuts(tiny3d_dir, schedule_file, fx_pruned):
             got[cut]["roles"].add(ln.split("role=")[1].split()[0])
         elif ln.strip().startswith("~ "):
             got[cut]["rewired"].append(ln.strip()[2:])
-    base = {"score", "select", "idx", "valid", "len", "kept_positions", "gather_mask", "gather_seq", "gather_hidden"}
+    base = {"score", "select", "idx", "valid", "len", "kept_positions", "rebuild_mask", "gather_seq", "gather_hidden"}
     assert sorted(got) == [0, 1]
     assert got[0]["roles"] == base | {"valid0", "n0", "gather_spatial"}
     assert got[1]["roles"] == base
@@ -421,7 +421,7 @@ def test_cli_diff_two_cuts(tiny3d_dir, schedule_file, fx_pruned):
     for d in diff_graphs(gm, pg):
         assert got[d.cut]["rewired"] == [f"{r.consumer}.{r.arg}: {r.old} -> {r.new}" for r in d.rewired]
         assert f"output[kept.{d.cut}].args[0][{13 + d.cut}]: None -> adatoken_cut{d.cut}_kept_positions" in got[d.cut]["rewired"]
-        assert sum("scaled_dot_product_attention" in r and "gather_mask" in r for r in got[d.cut]["rewired"]) == (2 if d.cut == 0 else 1)
+        assert sum("scaled_dot_product_attention" in r and "rebuild_mask" in r for r in got[d.cut]["rewired"]) == (2 if d.cut == 0 else 1)
 
 
 # ----------------------------------------------------------------------------- HF LLaVA

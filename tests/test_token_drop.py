@@ -144,7 +144,7 @@ def test_graph_diff_two_cuts():
     _, _, gm, pg = setup("llama", "sdpa")
     diffs = diff_graphs(gm, pg)
     assert [d.cut for d in diffs] == [0, 1]
-    base = {"score", "select", "idx", "valid", "len", "kept_positions", "gather_mask", "gather_seq", "gather_hidden"}
+    base = {"score", "select", "idx", "valid", "len", "kept_positions", "rebuild_mask", "gather_seq", "gather_hidden"}
     assert diffs[0].roles() == base | {"valid0", "n0", "gather_spatial"}
     assert diffs[1].roles() == base  # the last cut needs no spatial mask afterwards
     for d in diffs:
@@ -169,7 +169,7 @@ def test_graph_diff_two_cuts():
             got[(role_of[r.new], layer, tgt, r.arg.split("[")[0] + "[" + r.arg.split("[")[1])] += 1
         want = Counter()
         for layer in range(lo, hi):
-            want[("gather_mask", layer, "scaled_dot_product_attention", "args[3]")] += 1
+            want[("rebuild_mask", layer, "scaled_dot_product_attention", "args[3]")] += 1
             want[("gather_seq", layer, "unsqueeze", "args[0]")] += 2  # cos, sin
             want[("len", layer, "view", "args[1]")] += 3  # q, k, v head split
             want[("len", layer, "reshape", "args[1]")] += 2  # sdpa output reshape + merge heads
@@ -206,7 +206,7 @@ def test_onnx_export_file(onnx_llama):
         assert attrs.get("sorted") == 1
     names = [n.name for n in m.graph.node]
     for c in range(2):
-        for role in ("score", "select", "gather_hidden", "gather_mask"):
+        for role in ("score", "select", "gather_hidden", "rebuild_mask"):
             assert any(nm.startswith(f"adatoken_cut{c}_{role}/") for nm in names), (c, role)
     assert {"adatoken_cut0_select", "adatoken_cut1_select"} <= set(info.adatoken_nodes)
 

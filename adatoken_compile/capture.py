@@ -36,6 +36,8 @@ What the captured graph looks like (transformers 5.x, Llama / Qwen2, recorded by
 
 from __future__ import annotations
 
+import warnings
+
 import time
 from typing import Sequence
 
@@ -46,6 +48,9 @@ from .contract import DecoderInputs
 from .errors import InputError
 
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids", "spatial_mask")
+
+# torch.export's pytree emits this FutureWarning once per exported module (torch 2.13 internals)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
 
 def output_names(num_layers: int) -> list[str]:

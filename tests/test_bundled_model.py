@@ -1,0 +1,99 @@
+"""The committed reference model llava3d-tiny: loads like any checkpoint, answers, calibrates."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from adatoken_compile.data.dataset import iter_samples
+from adatoken_compile.evaluate import evaluate, torch_answer_fn
+from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL, load_adapter
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_adapter(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def ci_sample():
+    return list(iter_samples("test", limit=50))
+
+
+def test_bundled_layout_and_provenance(bundled):
+    d = BUNDLED[DEFAULT_MODEL]
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "mlp2x_gelu"
+    assert cfg["num_hidden_layers"] >= 6
+    prov = json.load(open(os.path.join(d, "TRAINING.json")))
+    assert "adatoken_compile.train" in prov["command"] or "train" in prov["command"]
+    assert isinstance(prov["seed"], int) and prov["data"]["split"] == "train"
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+    assert total < 40 * 2**20
+    assert bundled.describe()["layers"] == cfg["num_hidden_layers"]
+
+
+def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
+    """The committed weights reproduce, through the adapter, the accuracy their training run
+    recorded on the fixed 50-question test sample (a regression check of weights + adapter; the
+    issue's >= 85% quality target is NOT met by the current weights, see README)."""
+    assert len(ci_sample) == 50
+    res = evaluate(torch_answer_fn(bundled), ci_sample)
+    prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))["ci_sample_eval"]
+    assert res["n"] == prov["n"] == 50
+    assert abs(res["accuracy"] - prov["accuracy"]) <= 1 / 50, (res["accuracy"], prov["accuracy"])
+    assert {k: v["n"] for k, v in res["per_kind"].items()} == {k: v["n"] for k, v in prov["per_kind"].items()}
+
+
+def test_solver_meets_budget_on_bundled(bundled, tmp_path):
+    from adatoken_compile.calibrate import calibrate
+    from adatoken_compile.cli import calibration_batches
+
+    sched, stats = calibrate(bundled.decoder, calibration_batches(bundled, "calibration", 16), policy="adaptive",
+                             flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4)
+    assert sched.predicted["flops_ratio"] <= 0.5 + 1e-9
+    ratios = [c.keep for c in sched.cuts]
+    assert ratios == sorted(ratios, reverse=True) and all(0 < r <= 1 for r in ratios)
+    sched.validate()
+
+
+def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, ci_sample, tmp_path):
+    """Issue 6 parity: greedy answers of the ORT artifact (pruned prefill + per-layer KV-cache
+    decode) equal, token for token, the PyTorch reference that prunes and decodes the same way."""
+    import torch
+
+    from adatoken_compile.artifact import compile_artifact
+    from adatoken_compile.calibrate.policies import peer_schedule
+    from adatoken_compile.decode import generate_pruned
+    from adatoken_compile.runtime import load
+
+    L = bundled.describe()["layers"]
+    sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint())
+    art = str(tmp_path / "art")
+    compile_artifact(bundled, sched, art, progress=False)
+    rt = load(art)
+    qs = ci_sample[:20]
+    for i in range(0, 20, 5):  # batches of 5 (mixed scenes, different lengths: left padding)
+        group = qs[i : i + 5]
+        feeds = rt.prepare([(s.scene, s.question) for s in group])
+        steps = list(rt.generate_ids(feeds, max_new_tokens=6))
+        ort_ids = []
+        for b in range(len(group)):
+            row = []
+            for t in steps:
+                if int(t[b]) == bundled.eos_token_id:
+                    break
+                row.append(int(t[b]))
+            ort_ids.append(row)
+        with torch.no_grad():
+            ref = generate_pruned(bundled.decoder, bundled.prepare(group), sched, max_new_tokens=6,
+                                  eos_token_id=bundled.eos_token_id)
+        assert ort_ids == ref
+    # the KV cache holds what the schedule's arithmetic says
+    out = rt.prefill(rt.prepare([(qs[0].scene, qs[0].question)]))
+    n_sp = int(rt.prepare([(qs[0].scene, qs[0].question)])["spatial_mask"].sum())
+    n_tx = int(out["mask.0"].sum()) - n_sp
+    per_tok = 2 * rt.arch["kv_heads"] * rt.arch["head_dim"] * 4
+    assert rt.kv_cache_bytes(out)[0] == sum(t + n_tx for t in sched.tokens_per_layer(n_sp)) * per_tok

@@ -68,3 +68,22 @@ def test_eval_json(tiny3d_dir):
     res = json.loads(r.output[r.output.index("{"):])
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
     assert sum(v["n"] for v in res["per_kind"].values()) == 6
+
+
+def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
+    """Calibration depends only on the contract: an HF LLaVA (Qwen2, GQA) adapter's batches work."""
+    import numpy as np
+
+    from adatoken_compile.calibrate import calibrate
+    from adatoken_compile.models.llava_hf import random_llava_hf
+    from adatoken_compile.models.registry import load_adapter
+
+    a = load_adapter(random_llava_hf(str(tmp_path / "hf"), decoder="qwen2", kv_heads=2, layers=4))
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(6)]
+    batches = [a.prepare([Sample("what color is the ball?", image=imgs[i]), Sample("how many?", image=imgs[i + 1])])
+               for i in range(0, 6, 2)]
+    sched, stats = calibrate(a.decoder, batches, policy="pdrop", fingerprint=a.fingerprint(), progress=False)
+    assert stats.samples > 0 and sched.fingerprint == a.fingerprint()
+    assert stats.mean_spatial_tokens() == (a.image_size // 14) ** 2
+    assert [c.layer for c in sched.cuts] == [1, 2, 3] and "fidelity" in sched.calibration

@@ -57,24 +57,9 @@ def _sample(adapter, scene: str | None, image: str | None, question: str):
         return Sample(question=question, scene=load_scene(scene))
     if not image:
         raise InputError("HF LLaVA model: pass --image IMG.npy ((H,W,3) uint8) or an image file")
-    return Sample(question=question, image=_load_image(image))
+    from .runtime import load_image
 
-
-def _load_image(path: str):
-    import os
-
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise InputError(f"{path}: image not found")
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    from PIL import Image
-
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except Exception as e:
-        raise InputError(f"{path}: unreadable image ({e})")
+    return Sample(question=question, image=load_image(image))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,8 +26,6 @@ step's ``past_key.i``/``past_value.i``/``past_mask.i`` as they are; ``present_*`
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -340,8 +338,7 @@ def export_decode_onnx(decoder_lm, path: str, example_feeds: dict | None = None,
                        optimize: bool = True, opset_version: int | None = None, check: bool = True) -> DecodeExport:
     """Export :class:`DecodeModule` to ``path`` (.onnx, weights in ``<name>.onnx.data``) with dynamic batch
     and one dynamic past length per layer. Written to a temp dir and renamed into place."""
-    import onnx
-    import onnx_ir as ir
+    from .onnx_export import save_model_atomic
 
     decoder_lm.eval()
     mod = DecodeModule(decoder_lm).eval()
@@ -377,22 +374,7 @@ def export_decode_onnx(decoder_lm, path: str, example_feeds: dict | None = None,
     opset = int(model.opset_imports.get("", 0))
 
     path = os.path.abspath(path)
-    final_dir = os.path.dirname(path)
-    os.makedirs(final_dir, exist_ok=True)
-    base = os.path.basename(path)
-    data_name = base + ".data"
-    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
-    try:
-        tmp_path = os.path.join(tmp, base)
-        ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
-        if check:
-            onnx.checker.check_model(tmp_path, full_check=False)
-        has_data = os.path.exists(os.path.join(tmp, data_name))
-        if has_data:
-            os.replace(os.path.join(tmp, data_name), os.path.join(final_dir, data_name))
-        os.replace(tmp_path, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    has_data, data_name = save_model_atomic(model, path, external_data_threshold, check)
     got_in = [v.name for v in model.graph.inputs]
     got_out = [v.name for v in model.graph.outputs]
     if got_in != in_names or got_out != out_names:

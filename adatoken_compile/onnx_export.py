@@ -43,6 +43,31 @@ class _NoTorchvisionNoise(logging.Filter):
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvisionNoise())
 
 
+def save_model_atomic(model, path: str, external_data_threshold: int, check: bool = True) -> tuple[bool, str]:
+    """Save an ONNX IR model (weights over the threshold as ``<name>.data`` next to it) through a temp
+    dir, checker first, then rename into place. Returns (whether external data was written, its name)."""
+    import onnx
+    import onnx_ir as ir
+
+    final_dir = os.path.dirname(path)
+    os.makedirs(final_dir, exist_ok=True)
+    base = os.path.basename(path)
+    data_name = base + ".data"
+    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
+    try:
+        tmp_path = os.path.join(tmp, base)
+        ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
+        if check:
+            onnx.checker.check_model(tmp_path, full_check=False)
+        has_data = os.path.exists(os.path.join(tmp, data_name))
+        if has_data:
+            os.replace(os.path.join(tmp, data_name), os.path.join(final_dir, data_name))
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return has_data, data_name
+
+
 @dataclass
 class OnnxExport:
     path: str
@@ -105,9 +130,6 @@ def export_onnx(
     check: bool = True,
 ) -> OnnxExport:
     """Export ``gm`` (a captured or pruned prefill) to ``path`` (.onnx) with dynamic batch / seq."""
-    import onnx
-    import onnx_ir as ir
-
     layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
     in_names = list(layout.get("inputs", INPUT_NAMES))
     out_names = list(layout.get("outputs", [])) or None
@@ -131,22 +153,7 @@ def export_onnx(
     opset = int(model.opset_imports.get("", 0))
 
     path = os.path.abspath(path)
-    final_dir = os.path.dirname(path)
-    os.makedirs(final_dir, exist_ok=True)
-    base = os.path.basename(path)
-    data_name = base + ".data"
-    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
-    try:
-        tmp_path = os.path.join(tmp, base)
-        ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
-        if check:
-            onnx.checker.check_model(tmp_path, full_check=False)
-        has_data = os.path.exists(os.path.join(tmp, data_name))
-        if has_data:
-            os.replace(os.path.join(tmp, data_name), os.path.join(final_dir, data_name))
-        os.replace(tmp_path, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    has_data, data_name = save_model_atomic(model, path, external_data_threshold, check)
     return OnnxExport(
         path=path,
         opset=opset,

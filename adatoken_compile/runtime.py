@@ -471,7 +471,7 @@ class Runtime:
             raise InputError("this artifact is HF LLaVA: pass --image, not --scene")
         if not image or not question:
             raise InputError("HF LLaVA artifact: pass --image IMG (.npy (H,W,3) uint8 or an image file) and --question")
-        return Request(question=question, image=_load_image(image))
+        return Request(question=question, image=load_image(image))
 
 
 def _effective(cuts: list[dict]) -> list[dict]:
@@ -483,7 +483,8 @@ def _effective(cuts: list[dict]) -> list[dict]:
     return out
 
 
-def _load_image(path: str) -> np.ndarray:
+def load_image(path: str) -> np.ndarray:
+    """An RGB image (any format Pillow reads, or a (H,W,3) uint8 .npy) as a uint8 array."""
     if not os.path.exists(path):
         raise InputError(f"{path}: image not found")
     if path.endswith(".npy"):

@@ -220,21 +220,6 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def calibration_batches(adapter, split: str, samples: int, batch_size: int = 4, start_scene: int = 0):
-    """(DecoderInputs, answer ids) batches from the procedural benchmark's calibration split."""
-    import torch
-
-    from .data.dataset import iter_samples
-
-    todo = list(iter_samples(split, limit=samples, start_scene=start_scene))
-    if not todo:
-        raise InputError(f"calibration split '{split}' yielded no samples")
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        answers = [torch.tensor(adapter.tokenizer.encode(" " + s.answer) + [adapter.eos_token_id]) for s in chunk]
-        yield adapter.prepare(chunk), answers
-
-
 @main.command()
 @model_options
 @click.option("--out", required=True, help="output directory (schedule.json, stats.*, report.md, PNGs)")
@@ -254,6 +239,7 @@ def calibration_batches(adapter, split: str, samples: int, batch_size: int = 4, 
 def calibrate(model, vision_tower, attn, out, data, samples, start_scene, policy, flops_budget, fidelity, like, seed, merge_dirs):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     from .calibrate import api
+    from .evaluate import calibration_batches
 
     if flops_budget is not None and fidelity is not None:
         raise InputError("pass either --flops-budget or --fidelity, not both")

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
 from .contract import Sample
+from .errors import InputError
 
 
 def normalize(ans: str) -> str:
@@ -117,3 +118,18 @@ def pruned_answer_fn(adapter, schedule, max_new_tokens: int = 8):
         return [adapter.tokenizer.decode(r).strip() for r in ids]
 
     return fn
+
+
+def calibration_batches(adapter, split: str, samples: int, batch_size: int = 4, start_scene: int = 0):
+    """(DecoderInputs, answer ids) batches from the procedural benchmark's calibration split."""
+    import torch
+
+    from .data.dataset import iter_samples
+
+    todo = list(iter_samples(split, limit=samples, start_scene=start_scene))
+    if not todo:
+        raise InputError(f"calibration split '{split}' yielded no samples")
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        answers = [torch.tensor(adapter.tokenizer.encode(" " + s.answer) + [adapter.eos_token_id]) for s in chunk]
+        yield adapter.prepare(chunk), answers

@@ -49,7 +49,7 @@ def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
 
 def test_solver_meets_budget_on_bundled(bundled, tmp_path):
     from adatoken_compile.calibrate import calibrate
-    from adatoken_compile.cli import calibration_batches
+    from adatoken_compile.evaluate import calibration_batches
 
     sched, stats = calibrate(bundled.decoder, calibration_batches(bundled, "calibration", 16), policy="adaptive",
                              flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4)

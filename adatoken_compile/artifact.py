@@ -92,7 +92,7 @@ def _log(progress: bool, msg: str) -> None:
 # ----------------------------------------------------------------------------- examples
 
 
-def _example_scene(num_views: int = 3, H: int = 60, W: int = 80, seed: int = 0):
+def example_scene(num_views: int = 3, H: int = 60, W: int = 80, seed: int = 0):
     """A small deterministic scene (random colours, depths 1-4 m): only shapes matter for export."""
     import numpy as np
 
@@ -123,7 +123,7 @@ def example_samples(adapter) -> list:
     from .contract import Sample
 
     if adapter.family == "llava3d":
-        scene = _example_scene()
+        scene = example_scene()
         return [Sample(question=q, scene=scene) for q in EXAMPLE_QUESTIONS]
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (adapter.image_size + 8, adapter.image_size + 4, 3), dtype=np.uint8)
@@ -215,7 +215,7 @@ def _export_encoders(adapter, tmp: str, opset, progress: bool) -> list[str]:
     from .scene import preprocess_scene, unproject_patches, voxelize
 
     if adapter.family == "llava3d":
-        scene = _example_scene()
+        scene = example_scene()
         pre = preprocess_scene(scene, adapter.image_size, adapter.mean, adapter.std)
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, adapter.patch_size)
         args = (torch.from_numpy(pre.pixel_values).to(adapter.dtype), torch.from_numpy(xyz))

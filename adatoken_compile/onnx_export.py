@@ -169,16 +169,9 @@ def export_onnx(
 
 def ort_session(path: str, providers: list[str] | None = None, level: str = "all"):
     """ONNX Runtime session; ``level`` all|extended|basic|disable (default ORT_ENABLE_ALL)."""
-    import onnxruntime as ort
+    from .bench import make_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
-    return ort.InferenceSession(path, so, providers=providers or ["CPUExecutionProvider"])
+    return make_session(path, providers or ("CPUExecutionProvider",), level=level)
 
 
 def ort_feeds(inputs: DecoderInputs) -> dict[str, np.ndarray]:

@@ -11,21 +11,9 @@ torch.set_num_threads(2)
 
 def simple_scene(V: int = 3, H: int = 60, W: int = 80, seed: int = 0):
     """Random colours, depths 1-4 m, cameras translated along x (not a rendered room)."""
-    from adatoken_compile.scene import Scene
+    from adatoken_compile.artifact import example_scene
 
-    rng = np.random.default_rng(seed)
-    poses = np.tile(np.eye(4), (V, 1, 1))
-    poses[:, 0, 3] = np.arange(V) * 0.5
-    K = np.tile(np.eye(4), (V, 1, 1))
-    K[:, 0, 0] = K[:, 1, 1] = 60.0
-    K[:, 0, 2], K[:, 1, 2] = W / 2, H / 2
-    return Scene(
-        rng.integers(0, 255, (V, H, W, 3), dtype=np.uint8),
-        rng.uniform(1.0, 4.0, (V, H, W)).astype(np.float32),
-        poses,
-        K,
-        name="simple",
-    )
+    return example_scene(num_views=V, H=H, W=W, seed=seed)
 
 
 @pytest.fixture(scope="session")

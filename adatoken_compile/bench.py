@@ -733,6 +733,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: str, title: str | None) -> str:
+    """Grid, legend, optional title, atomic PNG write, figure closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_pareto(points: Iterable[Mapping], path: str, *, highlight: str = "adaptive", title: str | None = None) -> str:
     """Accuracy vs prefill FLOPs ratio, one marker per policy; points of the ``highlight`` policy
     (several budgets) are joined by a thick line. points: ``{"policy", "flops_ratio", "accuracy"}``."""
@@ -754,14 +766,7 @@ def plot_pareto(points: Iterable[Mapping], path: str, *, highlight: str = "adapt
                     lw=1, alpha=0.85, label=pol)
     ax.set_xlabel("prefill FLOPs ratio (pruned / unpruned)")
     ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, path, title)
 
 
 def plot_keep_curves(schedules: Mapping[str, Any], path: str, *, n_spatial: int | None = None,
@@ -781,14 +786,7 @@ def plot_keep_curves(schedules: Mapping[str, Any], path: str, *, n_spatial: int 
                 linestyle="--" if name.startswith("adaptive@") else "-")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(f"spatial tokens kept (of {n_spatial})" if n_spatial else "spatial tokens kept (ratio)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, path, title)
 
 
 def _cell(v) -> str:

@@ -122,3 +122,18 @@ def decoder_arch(decoder) -> dict:
         "intermediate": int(c.intermediate_size),
         "vocab": int(c.vocab_size),
     }
+
+
+ARCH_KEYS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+
+
+def decoder_arch_summary(decoder) -> dict:
+    """The arch dict adapters expose (``adapter.arch()``): :func:`decoder_arch` without class/attention names."""
+    d = decoder_arch(decoder)
+    return {k: d[k] for k in ARCH_KEYS}
+
+
+def embed_token_ids(decoder, ids) -> torch.Tensor:
+    """(n, H) input embeddings of token ids through the decoder's own embedding table."""
+    with torch.no_grad():
+        return decoder.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long))

@@ -31,7 +31,7 @@ from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
 from adatoken_compile.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import decoder_arch, assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
+from .checkpoint import decoder_arch, decoder_arch_summary, embed_token_ids, assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
@@ -224,8 +224,7 @@ class Llava3DAdapter:
         }
 
     def arch(self) -> dict:
-        d = self.describe()
-        return {k: d[k] for k in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")}
+        return decoder_arch_summary(self.decoder)
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(question))
@@ -244,9 +243,8 @@ class Llava3DAdapter:
         feats, xyz = self.spatial_features(scene)
         return self.projector(pool_torch(feats, voxelize(xyz)))
 
-    @torch.no_grad()
-    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
-        return self.decoder.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long))
+    def embed_ids(self, ids) -> torch.Tensor:
+        return embed_token_ids(self.decoder, ids)
 
     @torch.no_grad()
     def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:

@@ -24,7 +24,7 @@ from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
 )
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import decoder_arch, config_digest, files_digest, read_config, weight_files
+from .checkpoint import decoder_arch, decoder_arch_summary, embed_token_ids, config_digest, files_digest, read_config, weight_files
 from .llava3d import splice
 
 
@@ -102,8 +102,7 @@ class LlavaHFAdapter:
         }
 
     def arch(self) -> dict:
-        d = self.describe()
-        return {k: d[k] for k in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")}
+        return decoder_arch_summary(self.decoder)
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(question))
@@ -113,9 +112,8 @@ class LlavaHFAdapter:
         pix = preprocess_image(image, self.image_size, self.mean, self.std)
         return self.encoder(torch.from_numpy(pix)[None].to(self.dtype))[0]
 
-    @torch.no_grad()
     def embed_ids(self, ids) -> torch.Tensor:
-        return self.decoder.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long))
+        return embed_token_ids(self.decoder, ids)
 
     @torch.no_grad()
     def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:

@@ -189,13 +189,29 @@ def packed_sequence(prefix_ids, n_spatial, qa_ids):
     return allow, pos, starts
 
 
+def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False):
+    """Labels of one packed question block ``suffix + answer`` (label at p = token p+1): the
+    answer tokens and EOS after the last suffix token; with ``dense`` also a second label row
+    where every question position after the first word predicts the answer's first token (deep
+    supervision: a scene look-up can then be learned at the question word, one hop, before the
+    final position learns to gather it). Returns (labels, dense_labels), -100 = ignored."""
+    n = suffix_len + len(answer_ids)
+    main = [-100] * (suffix_len - 1) + list(answer_ids) + [-100]
+    extra = [-100] * n
+    if dense:
+        for p in range(2, suffix_len - 1):  # "\n" and the first word carry no question yet
+            extra[p] = answer_ids[0]
+    return main, extra
+
+
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
 
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
-          vision_cache: str | None = None, aux_weight: float = 0.0) -> dict:
+          vision_cache: str | None = None, aux_weight: float = 0.0, bg_curriculum: float = 0.0,
+          dense_answer: float = 0.0, rope_theta: float = 10000.0, scenes_per_step: int = 1) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -230,8 +246,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         if vision_cache:
             torch.save({"state_dict": vision.state_dict(), "stats": vstats}, vision_cache)
     # ---------------------------------------------------------------- stage 2 modules
+    # rope_theta: with head_dim 32 and theta 1e4 only ~3 of 16 rotary pairs stay nearly constant
+    # across the ~1,500 positions between a question and a scene token, so content look-ups have
+    # few dimensions to work with; theta 1e6 (as in Llama 3 / Qwen2 style configs) leaves about half
     dcfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                       pad_token_id=tok.pad_id, **DECODER)
+                       pad_token_id=tok.pad_id, rope_theta=rope_theta, **DECODER)
     dcfg._attn_implementation = "sdpa"
     lm = LlamaForCausalLM(dcfg)
     # text embeddings start at the scale of the projected spatial tokens (norm ~3 for hidden 128)
@@ -249,17 +268,19 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
 
     class_word = torch.tensor([tok.encode(" " + c)[0] for c in CLASSES])
     colour_word = torch.tensor([tok.encode(" " + c)[0] for c in COLOR_NAMES])
-    total_steps = int(scenes * epochs)
+    total_steps = int(scenes * epochs) // scenes_per_step  # optimizer steps
     curriculum_steps = int(curriculum_frac * total_steps)
+    bg_steps = int(bg_curriculum * total_steps)
     warm = min(100, total_steps // 10)
     # scene features are cached in memory across epochs (about 1.3 MB per scene)
     feats_cache: dict[int, tuple] = {}
     order = np.random.default_rng(seed).permutation(scenes)
-    step, losses, t_stage = 0, [], time.time()
+    step, seen, losses, t_stage = 0, 0, [], time.time()
+    opt.zero_grad()
     hits, tot = [], []
     lm.train()
     while step < total_steps:
-        i = int(order[step % scenes])
+        i = int(order[seen % scenes])
         scene_seed = train_lo + i
         if scene_seed not in feats_cache:
             info, r = _render(scene_seed)
@@ -282,6 +303,19 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         inv = torch.from_numpy(vmap.inverse)
         pooled = torch.zeros(vmap.num_tokens, v.shape[1]).index_add(0, inv, v) / \
             torch.bincount(inv, minlength=vmap.num_tokens)[:, None].float()
+        # per-voxel majority class / colour of its patches (for the alignment loss and curriculum)
+        votes_c = torch.zeros(vmap.num_tokens, int(pcls.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcls).float())
+        votes_k = torch.zeros(vmap.num_tokens, int(pcol.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcol).float())
+        vc, vk = votes_c.argmax(1), votes_k.argmax(1)
+        if bg_curriculum and step < bg_steps:
+            # curriculum: early steps keep every object voxel but only a growing random share of
+            # the floor / wall / ceiling voxels (0 -> 100% over the curriculum), so the question
+            # tokens first find objects among a few hundred tokens, then among the whole scene
+            keep_p = step / bg_steps
+            rnd = torch.from_numpy(np.random.default_rng(seed * 104729 + step).random(vmap.num_tokens))
+            sel = (vc >= 3) | (rnd < keep_p)
+            pooled, vc, vk = pooled[sel], vc[sel], vk[sel]
+        n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
         qa, targets = [], []
@@ -293,30 +327,37 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             suffix = ids[k + 1 :]
             ans = tok.encode(" " + q.answer) + [tok.eos_id]
             qa.append(suffix + ans)
-            targets.append([-100] * (len(suffix) - 1) + ans + [-100])
-        allow, pos, starts = packed_sequence(prefix_ids, vmap.num_tokens, qa)
+            targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer)))
+        allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
         labels = torch.full((x.shape[1],), -100, dtype=torch.long)
-        for s, t in zip(starts, targets):
+        dense_labels = torch.full_like(labels, -100)
+        for s, (t, d) in zip(starts, targets):
             labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
+            dense_labels[s : s + len(d)] = torch.tensor(d)
         logits = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None]).logits[0]
         loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+        if dense_answer:
+            loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
         if aux_weight > 0:
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
             # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
-            n_sp = vmap.num_tokens
-            inv = torch.from_numpy(vmap.inverse)
-            votes_c = torch.zeros(n_sp, int(pcls.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcls).float())
-            votes_k = torch.zeros(n_sp, int(pcol.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcol).float())
-            vc, vk = votes_c.argmax(1), votes_k.argmax(1)
             obj = vc >= 3  # 0..2 are floor / wall / ceiling
             if obj.any():
                 sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
                 loss = loss + aux_weight * 0.5 * (nn.functional.cross_entropy(sl, class_word[vc[obj] - 3])
                                                   + nn.functional.cross_entropy(sl, colour_word[vk[obj] - 1]))
-        opt.zero_grad()
-        loss.backward()
+        (loss / scenes_per_step).backward()
+        seen += 1
+        losses.append(loss.item())
+        with torch.no_grad():
+            # answer accuracy: the first answer token, predicted at each question's last position
+            first = torch.tensor([s + next(i for i, v in enumerate(t) if v != -100) for s, (t, _) in zip(starts, targets)])
+            hits.append((logits[first].argmax(-1) == labels[first]).sum().item())
+            tot.append(len(qa))
+        if seen % scenes_per_step:
+            continue  # gradient accumulation: one optimizer step per scenes_per_step scenes
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         # cosine decay on progress = steps done or wall time used, whichever is further along
         prog = (step - warm) / max(1, total_steps - warm)
@@ -326,16 +367,13 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         for pg in opt.param_groups:
             pg["lr"] = cur
         opt.step()
-        losses.append(loss.item())
-        with torch.no_grad():
-            m = labels != -100
-            hits.append(((logits.argmax(-1) == labels) & m).sum().item() - len(qa))  # minus the EOS labels
-            tot.append(len(qa))
+        opt.zero_grad()
         step += 1
         if step % 25 == 0:
             el = time.time() - t_stage
-            log(f"step {step}/{total_steps} loss {np.mean(losses[-25:]):.4f} "
-                f"answer acc {sum(hits[-25:]) / max(1, sum(tot[-25:])):.3f} lr {cur:.2e} "
+            w = 25 * scenes_per_step
+            log(f"step {step}/{total_steps} loss {np.mean(losses[-w:]):.4f} "
+                f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
             log(f"time budget of {minutes} min reached at step {step}")
@@ -350,7 +388,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         "vision_pretraining": {"steps": vision_steps, **vstats},
         "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
                              "embed_std": embed_std, "aux_weight": aux_weight,
-                             "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None},
+                             "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
+                             "bg_curriculum_steps": bg_steps, "dense_answer": dense_answer,
+                             "rope_theta": rope_theta, "scenes_per_step": scenes_per_step},
         "wall_minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
     }
@@ -401,6 +441,13 @@ def main(argv=None):
     p.add_argument("--embed-std", type=float, default=0.3, help="init std of the text embeddings")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary class/colour-word loss on scene tokens (alignment)")
+    p.add_argument("--dense-answer", type=float, default=0.0,
+                   help="weight of the answer loss at every question position (deep supervision; 0: off)")
+    p.add_argument("--scenes-per-step", type=int, default=1,
+                   help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
+    p.add_argument("--bg-curriculum", type=float, default=0.0,
+                   help="fraction of the steps over which floor/wall/ceiling voxels are phased in (0: off)")
     p.add_argument("--vision-cache", default=None, help="reuse/save the stage-1 vision tower here (same settings only)")
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
@@ -415,7 +462,9 @@ def main(argv=None):
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
           vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
           curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
-          aux_weight=a.aux_weight)
+          aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
+          dense_answer=a.dense_answer, rope_theta=a.rope_theta,
+          scenes_per_step=a.scenes_per_step)
 
 
 if __name__ == "__main__":

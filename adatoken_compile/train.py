@@ -277,7 +277,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     order = np.random.default_rng(seed).permutation(scenes)
     step, seen, losses, t_stage = 0, 0, [], time.time()
     opt.zero_grad()
-    hits, tot = [], []
+    hits, tot, dense_hits, dense_tot = [], [], [], []
     lm.train()
     while step < total_steps:
         i = int(order[seen % scenes])
@@ -356,6 +356,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             first = torch.tensor([s + next(i for i, v in enumerate(t) if v != -100) for s, (t, _) in zip(starts, targets)])
             hits.append((logits[first].argmax(-1) == labels[first]).sum().item())
             tot.append(len(qa))
+            dm = dense_labels != -100
+            dense_hits.append((logits[dm].argmax(-1) == dense_labels[dm]).sum().item())
+            dense_tot.append(int(dm.sum()))
         if seen % scenes_per_step:
             continue  # gradient accumulation: one optimizer step per scenes_per_step scenes
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -373,7 +376,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             el = time.time() - t_stage
             w = 25 * scenes_per_step
             log(f"step {step}/{total_steps} loss {np.mean(losses[-w:]):.4f} "
-                f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} lr {cur:.2e} "
+                f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} "
+                + (f"(at question words {sum(dense_hits[-w:]) / max(1, sum(dense_tot[-w:])):.3f}) " if dense_answer else "")
+                + f"lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
             log(f"time budget of {minutes} min reached at step {step}")

@@ -1,0 +1,52 @@
+"""Linear probes on a llava3d-tiny checkpoint's voxel tokens: can object class and colour be read?
+
+    python docs/experiments/voxel_probe.py MODEL_DIR
+
+Renders training scenes 0..39, pools per-voxel features through the checkpoint's own adapter
+modules at three points (tower features without the 3D position embedding, with it, after the
+projector), labels each voxel with the majority class/colour of its patches (renderer instance
+map), fits a linear probe on 30 scenes and reports accuracy on the other 10, over all voxels and
+over object voxels only. Not part of the package or its tests: a diagnostic the README quotes.
+"""
+import sys, torch, numpy as np
+from torch import nn
+from adatoken_compile.models.llava3d import Llava3DAdapter
+from adatoken_compile.scene import voxelize
+from adatoken_compile.train import _render, _patch_labels, VISION
+torch.set_num_threads(2)
+ad = Llava3DAdapter(sys.argv[1])
+rows = {"raw": [], "raw+pe": [], "projected": []}; ycls, ycol, norms = [], [], []
+for seed in range(0, 40):
+    info, r = _render(seed)
+    c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
+    with torch.no_grad():
+        feats, xyz = ad.spatial_features(r.scene)  # (V*P, Dv) incl. PE
+        pe = ad.pe3d(torch.as_tensor(xyz, dtype=torch.float32).reshape(-1, 3))
+        feats = feats.reshape(-1, feats.shape[-1]); raw = feats - pe
+        vm = voxelize(np.asarray(xyz).reshape(-1, 3)); inv = torch.from_numpy(vm.inverse)
+        cnt = torch.bincount(inv, minlength=vm.num_tokens)[:, None].float()
+        pool = lambda x: torch.zeros(vm.num_tokens, x.shape[1]).index_add(0, inv, x) / cnt
+        pr, pf = pool(raw), pool(feats)
+        rows["raw"].append(pr); rows["raw+pe"].append(pf); rows["projected"].append(ad.projector(pf))
+        norms.append((raw.norm(dim=1).mean().item(), pe.norm(dim=1).mean().item()))
+        pc = torch.from_numpy(c.reshape(-1)); pk = torch.from_numpy(k.reshape(-1))
+        vc = torch.zeros(vm.num_tokens, 8).index_add_(0, inv, nn.functional.one_hot(pc, 8).float()).argmax(1)
+        vk = torch.zeros(vm.num_tokens, 7).index_add_(0, inv, nn.functional.one_hot(pk, 7).float()).argmax(1)
+        ycls.append(vc); ycol.append(vk)
+print("mean |tower feature| %.2f  |3D PE| %.2f" % tuple(np.mean(norms, 0)))
+ntr = 30
+for name, xs in rows.items():
+    Xtr, Xte = torch.cat(xs[:ntr]), torch.cat(xs[ntr:])
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    out = []
+    for ys, n in ((ycls, 8), (ycol, 7)):
+        ytr, yte = torch.cat(ys[:ntr]), torch.cat(ys[ntr:])
+        lin = nn.Linear(Xtr.shape[1], n); opt = torch.optim.Adam(lin.parameters(), 1e-2)
+        for _ in range(400):
+            opt.zero_grad(); nn.functional.cross_entropy(lin(Xtr), ytr).backward(); opt.step()
+        with torch.no_grad():
+            pred = lin(Xte).argmax(1); obj = yte >= 3 if n == 8 else torch.cat(ycls[ntr:]) >= 3
+            out.append(((pred == yte).float().mean().item(), (pred[obj] == yte[obj]).float().mean().item()))
+    print(f"{name:10s} class acc all {out[0][0]:.3f} objects {out[0][1]:.3f} | colour acc all {out[1][0]:.3f} objects {out[1][1]:.3f}")
+print("object voxel share %.3f" % (torch.cat(ycls) >= 3).float().mean().item())

@@ -189,6 +189,14 @@ def packed_sequence(prefix_ids, n_spatial, qa_ids):
     return allow, pos, starts
 
 
+def voxel_majority(patch_labels: torch.Tensor, inverse: torch.Tensor, num_voxels: int) -> torch.Tensor:
+    """Per voxel, the most frequent label among its patches (``inverse``: patch -> voxel index);
+    ties go to the smaller label."""
+    votes = torch.zeros(num_voxels, int(patch_labels.max()) + 1)
+    votes.index_add_(0, inverse, nn.functional.one_hot(patch_labels).float())
+    return votes.argmax(1)
+
+
 def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False):
     """Labels of one packed question block ``suffix + answer`` (label at p = token p+1): the
     answer tokens and EOS after the last suffix token; with ``dense`` also a second label row
@@ -304,9 +312,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         pooled = torch.zeros(vmap.num_tokens, v.shape[1]).index_add(0, inv, v) / \
             torch.bincount(inv, minlength=vmap.num_tokens)[:, None].float()
         # per-voxel majority class / colour of its patches (for the alignment loss and curriculum)
-        votes_c = torch.zeros(vmap.num_tokens, int(pcls.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcls).float())
-        votes_k = torch.zeros(vmap.num_tokens, int(pcol.max()) + 1).index_add_(0, inv, nn.functional.one_hot(pcol).float())
-        vc, vk = votes_c.argmax(1), votes_k.argmax(1)
+        vc, vk = voxel_majority(pcls, inv, vmap.num_tokens), voxel_majority(pcol, inv, vmap.num_tokens)
         if bg_curriculum and step < bg_steps:
             # curriculum: early steps keep every object voxel but only a growing random share of
             # the floor / wall / ceiling voxels (0 -> 100% over the curriculum), so the question
@@ -318,7 +324,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets = [], []
+        qa, targets, answer_at = [], [], []
         for q in qs:
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
             k = ids.index(-200)
@@ -328,6 +334,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             ans = tok.encode(" " + q.answer) + [tok.eos_id]
             qa.append(suffix + ans)
             targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer)))
+            answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
         allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
@@ -353,7 +360,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         losses.append(loss.item())
         with torch.no_grad():
             # answer accuracy: the first answer token, predicted at each question's last position
-            first = torch.tensor([s + next(i for i, v in enumerate(t) if v != -100) for s, (t, _) in zip(starts, targets)])
+            first = torch.tensor(starts) + torch.tensor(answer_at)
             hits.append((logits[first].argmax(-1) == labels[first]).sum().item())
             tot.append(len(qa))
             dm = dense_labels != -100

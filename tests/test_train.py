@@ -40,3 +40,12 @@ def test_qa_targets_main_and_dense():
     assert dense == [-100, -100, 40, 40, 40, -100, -100, -100]
     main2, dense2 = qa_targets(6, [40, 2])
     assert main2 == main and set(dense2) == {-100}
+
+
+def test_voxel_majority_votes_per_voxel():
+    from adatoken_compile.train import voxel_majority
+
+    labels = torch.tensor([3, 3, 0, 5, 5, 4, 1, 2])
+    inverse = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])  # patch -> voxel
+    # voxel 0: 3 wins 2:1; voxel 1: 5 wins; voxel 2: tie 1/2 -> the smaller label
+    assert voxel_majority(labels, inverse, 3).tolist() == [3, 5, 1]

@@ -12,8 +12,9 @@ import sys, torch, numpy as np
 from torch import nn
 from adatoken_compile.models.llava3d import Llava3DAdapter
 from adatoken_compile.scene import voxelize
-from adatoken_compile.train import _render, _patch_labels, VISION
+from adatoken_compile.train import VISION, _patch_labels, _render, voxel_majority
 torch.set_num_threads(2)
+torch.manual_seed(0)  # the probes' initialisation
 ad = Llava3DAdapter(sys.argv[1])
 rows = {"raw": [], "raw+pe": [], "projected": []}; ycls, ycol, norms = [], [], []
 for seed in range(0, 40):
@@ -30,8 +31,7 @@ for seed in range(0, 40):
         rows["raw"].append(pr); rows["raw+pe"].append(pf); rows["projected"].append(ad.projector(pf))
         norms.append((raw.norm(dim=1).mean().item(), pe.norm(dim=1).mean().item()))
         pc = torch.from_numpy(c.reshape(-1)); pk = torch.from_numpy(k.reshape(-1))
-        vc = torch.zeros(vm.num_tokens, 8).index_add_(0, inv, nn.functional.one_hot(pc, 8).float()).argmax(1)
-        vk = torch.zeros(vm.num_tokens, 7).index_add_(0, inv, nn.functional.one_hot(pk, 7).float()).argmax(1)
+        vc, vk = voxel_majority(pc, inv, vm.num_tokens), voxel_majority(pk, inv, vm.num_tokens)
         ycls.append(vc); ycol.append(vk)
 print("mean |tower feature| %.2f  |3D PE| %.2f" % tuple(np.mean(norms, 0)))
 ntr = 30

@@ -36,9 +36,8 @@ What the captured graph looks like (transformers 5.x, Llama / Qwen2, recorded by
 
 from __future__ import annotations
 
-import warnings
-
 import time
+import warnings
 from typing import Sequence
 
 import torch

@@ -44,9 +44,8 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, repeats: int
     from .artifact_bench import bench_artifacts
     from .calibrate.api import calibrate, derive_schedule, write_calibration
     from .calibrate.policies import peer_schedule
-    from .evaluate import calibration_batches
     from .data.dataset import iter_samples
-    from .evaluate import evaluate, pruned_answer_fn, runtime_answer_fn
+    from .evaluate import calibration_batches, evaluate, pruned_answer_fn, runtime_answer_fn
     from .flops import arch_from_config, schedule_flops
     from .models.registry import load_adapter
     from .runtime import load as load_runtime

@@ -31,7 +31,8 @@ from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
 from adatoken_compile.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import decoder_arch, decoder_arch_summary, embed_token_ids, assign_exact, config_digest, files_digest, load_state_dict, read_config, weight_files
+from .checkpoint import (assign_exact, config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest,
+                         load_state_dict, read_config, weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."

@@ -24,7 +24,8 @@ from adatoken_compile.prompt import (  # noqa: F401  (re-exported)
 )
 from adatoken_compile.tokenizer import TextTokenizer
 
-from .checkpoint import decoder_arch, decoder_arch_summary, embed_token_ids, config_digest, files_digest, read_config, weight_files
+from .checkpoint import (config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest, read_config,
+                         weight_files)
 from .llava3d import splice
 
 

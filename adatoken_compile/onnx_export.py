@@ -169,7 +169,7 @@ def export_onnx(
 
 def ort_session(path: str, providers: list[str] | None = None, level: str = "all"):
     """ONNX Runtime session; ``level`` all|extended|basic|disable (default ORT_ENABLE_ALL)."""
-    from .bench import make_session
+    from .runtime import make_session
 
     return make_session(path, providers or ("CPUExecutionProvider",), level=level)
 

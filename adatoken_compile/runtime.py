@@ -137,17 +137,36 @@ def choose_providers(providers: Sequence[str] | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(path: str, providers: list[str]):
+def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int | None = None,
+                 profile_prefix: str | None = None, optimized_model_filepath: str | None = None, level: str = "all"):
+    """An ORT session (ORT_ENABLE_ALL by default); ``threads`` sets intra-op threads (inter-op 1)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if optimized_model_filepath is not None:
+        so.optimized_model_filepath = optimized_model_filepath
     so.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), so, providers=list(providers))
+
+
+def _session(path: str, providers: list[str]):
     try:
-        return ort.InferenceSession(path, so, providers=providers)
+        return make_session(path, providers)
     except Exception as e:
         if providers != ["CPUExecutionProvider"]:  # e.g. CUDA libraries missing: fall back to CPU
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            return make_session(path)
         raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {str(e)[:200]}); {RECOMPILE}")
 
 

@@ -108,7 +108,13 @@ def training_questions(info, seed: int, relation_draws: int = 4):
 
 # --------------------------------------------------------------------------- stage 1
 
-def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50):
+def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_weight: float = 1.0,
+                    views_per_scene: int | None = None):
+    """``object_weight``: loss weight of object patches relative to floor/wall/ceiling ones
+    (objects cover a quarter of the patches; the room's patches are easy and dominate the loss).
+    ``views_per_scene``: use only this many (seeded random) views of each scene, so that more
+    scenes fit in memory -- the tower overfits the objects of few scenes (linear probe on object
+    patches: 0.85 on its training scenes, 0.74 on new ones, with 150 scenes x 20 views)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
@@ -117,9 +123,12 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50):
         info, r = _render(s)
         pre = preprocess_scene(r.scene, VISION["image_size"], mean, std)
         c, k, n_cls, n_col = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
-        pix.append(torch.from_numpy(pre.pixel_values))
-        cls_l.append(torch.from_numpy(c))
-        col_l.append(torch.from_numpy(k))
+        V = len(c)
+        views = np.arange(V) if not views_per_scene or views_per_scene >= V else \
+            np.sort(np.random.default_rng(s).choice(V, views_per_scene, replace=False))
+        pix.append(torch.from_numpy(pre.pixel_values[views]))
+        cls_l.append(torch.from_numpy(c[views]))
+        col_l.append(torch.from_numpy(k[views]))
     pix, cls_l, col_l = torch.cat(pix), torch.cat(cls_l), torch.cat(col_l)
     log(f"vision pretraining on {len(pix)} views of {len(seeds)} scenes")
     d = VISION["hidden_size"]
@@ -131,8 +140,10 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50):
     for step in range(steps):
         idx = torch.randint(0, len(pix), (32,), generator=g)
         hs = vision(pixel_values=pix[idx], output_hidden_states=True).hidden_states[-2][:, 1:]
-        loss = nn.functional.cross_entropy(heads["cls"](hs).flatten(0, 1), cls_l[idx].flatten()) + \
-            nn.functional.cross_entropy(heads["col"](hs).flatten(0, 1), col_l[idx].flatten())
+        yc, yk = cls_l[idx].flatten(), col_l[idx].flatten()
+        w = torch.where(yc >= 3, object_weight, 1.0)
+        loss = ((nn.functional.cross_entropy(heads["cls"](hs).flatten(0, 1), yc, reduction="none")
+                 + nn.functional.cross_entropy(heads["col"](hs).flatten(0, 1), yk, reduction="none")) * w).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
         for pg in opt.param_groups:
@@ -149,6 +160,36 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50):
         acc_k = (heads["col"](hs).argmax(-1) == col_l[:64]).float().mean().item()
     log(f"vision patch accuracy (train views): class {acc_c:.3f} colour {acc_k:.3f}")
     return vision, {"patch_class_acc": acc_c, "patch_colour_acc": acc_k}
+
+
+def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0, views: int | None = None,
+                 cache: str | None = None):
+    """Stage 1, or its result from ``cache`` when that file was written with the same settings
+    (a cache from other settings is retrained and overwritten). Returns (tower, settings, stats)."""
+    from .data.dataset import SPLITS
+    from .models.tiny import CLIP_MEAN, CLIP_STD
+
+    lo = SPLITS["train"][0] + 500_000
+    settings = {"seed": seed, "scenes": scenes, "steps": steps, "object_weight": object_weight, "views_per_scene": views}
+    blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
+    if blob is not None and blob.get("settings") == settings:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
+        vision.load_state_dict(blob["state_dict"])
+        vision.eval().requires_grad_(False)
+        log(f"vision tower from {cache} (stage 1 of an earlier run with the same settings {settings})")
+        return vision, settings, {k: float(v) for k, v in blob["stats"].items()}
+    if blob is not None:
+        log(f"{cache} holds a tower trained with {blob.get('settings')}, not {settings}: retraining stage 1")
+    torch.manual_seed(seed)
+    vision, stats = pretrain_vision(range(lo, lo + scenes), steps, CLIP_MEAN, CLIP_STD, object_weight=object_weight,
+                                    views_per_scene=views)
+    if cache:
+        tmp = cache + ".tmp"
+        torch.save({"state_dict": vision.state_dict(), "stats": stats, "settings": settings}, tmp)
+        os.replace(tmp, cache)
+    return vision, settings, stats
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -218,7 +259,8 @@ VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
-          vision_cache: str | None = None, aux_weight: float = 0.0, bg_curriculum: float = 0.0,
+          vision_cache: str | None = None, vision_object_weight: float = 1.0, vision_views: int | None = None, aux_weight: float = 0.0,
+          bg_curriculum: float = 0.0,
           dense_answer: float = 0.0, rope_theta: float = 10000.0, scenes_per_step: int = 1) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -239,21 +281,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     tok = build_word_tokenizer(texts, vocab_size=600)
     log(f"tokenizer: {tok.vocab_size} tokens")
     # ---------------------------------------------------------------- stage 1
-    if vision_cache and os.path.exists(vision_cache):
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        blob = torch.load(vision_cache, weights_only=True)
-        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
-        vision.load_state_dict(blob["state_dict"])
-        vision.eval().requires_grad_(False)
-        vstats = {k: float(v) for k, v in blob["stats"].items()}
-        log(f"vision tower from {vision_cache} (stage 1 of an identical earlier run)")
-    else:
-        vision, vstats = pretrain_vision(range(train_lo + 500_000, train_lo + 500_000 + vision_scenes), vision_steps,
-                                         CLIP_MEAN, CLIP_STD)
-        if vision_cache:
-            torch.save({"state_dict": vision.state_dict(), "stats": vstats}, vision_cache)
+    vision, vsettings, vstats = vision_stage(seed, vision_scenes, vision_steps, vision_object_weight, vision_views,
+                                             vision_cache)
     # ---------------------------------------------------------------- stage 2 modules
+    torch.manual_seed(seed + 1)  # same decoder init whether stage 1 ran or came from the cache
     # rope_theta: with head_dim 32 and theta 1e4 only ~3 of 16 rotary pairs stay nearly constant
     # across the ~1,500 positions between a question and a scene token, so content look-ups have
     # few dimensions to work with; theta 1e6 (as in Llama 3 / Qwen2 style configs) leaves about half
@@ -397,7 +428,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         "data": {"generator": "adatoken_compile.data (procedural rooms)", "split": "train",
                  "scene_seeds": [train_lo, train_lo + scenes - 1],
                  "vision_scene_seeds": [train_lo + 500_000, train_lo + 500_000 + vision_scenes - 1]},
-        "vision_pretraining": {"steps": vision_steps, **vstats},
+        "vision_pretraining": {**vsettings, **vstats},
         "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
                              "embed_std": embed_std, "aux_weight": aux_weight,
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
@@ -445,6 +476,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--vision-scenes", type=int, default=120)
     p.add_argument("--vision-steps", type=int, default=400)
+    p.add_argument("--vision-object-weight", type=float, default=1.0,
+                   help="stage-1 loss weight of object patches vs floor/wall/ceiling patches")
+    p.add_argument("--vision-views", type=int, default=None,
+                   help="stage 1 uses this many random views of each of --vision-scenes scenes (default: all 20)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--minutes", type=float, default=None, help="stop decoder training after this wall time")
     p.add_argument("--curriculum-views", type=int, default=0,
@@ -460,7 +495,7 @@ def main(argv=None):
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
     p.add_argument("--bg-curriculum", type=float, default=0.0,
                    help="fraction of the steps over which floor/wall/ceiling voxels are phased in (0: off)")
-    p.add_argument("--vision-cache", default=None, help="reuse/save the stage-1 vision tower here (same settings only)")
+    p.add_argument("--vision-cache", default=None, help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, else train and save it")
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
     p.add_argument("--threads", type=int, default=None,
@@ -472,7 +507,8 @@ def main(argv=None):
         record_eval(a.out)
         return
     train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
-          vision_steps=a.vision_steps, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
+          vision_steps=a.vision_steps, vision_object_weight=a.vision_object_weight,
+          vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
           curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
           aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
           dense_answer=a.dense_answer, rope_theta=a.rope_theta,

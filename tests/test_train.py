@@ -49,3 +49,24 @@ def test_voxel_majority_votes_per_voxel():
     inverse = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])  # patch -> voxel
     # voxel 0: 3 wins 2:1; voxel 1: 5 wins; voxel 2: tie 1/2 -> the smaller label
     assert voxel_majority(labels, inverse, 3).tolist() == [3, 5, 1]
+
+
+def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsys):
+    from adatoken_compile.train import vision_stage
+
+    cache = str(tmp_path / "tower.pt")
+    first, settings, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
+    assert torch.load(cache, weights_only=True)["settings"] == settings == {
+        "seed": 0, "scenes": 1, "steps": 1, "object_weight": 5.0, "views_per_scene": 2}
+    again, _, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
+    assert "from " + cache in capsys.readouterr().err
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # other settings: retrained (a different tower) and the cache now records the new settings
+    other, _, _ = vision_stage(0, scenes=1, steps=2, views=2, object_weight=5.0, cache=cache)
+    assert "retraining stage 1" in capsys.readouterr().err
+    assert torch.load(cache, weights_only=True)["settings"]["steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+    # a run without a cache gives the cached tower bit for bit (seeded stage 1)
+    fresh, _, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), fresh.state_dict().values()))

@@ -190,6 +190,34 @@ def test_render_matches_geometry(seed):
     assert n_obj >= 250
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_object_colour_and_class_pattern(seed):
+    """An object pixel is its colour times one brightness factor (hue kept, so colour names read
+    off any pixel); the factor is the Lambertian shade times the class pattern's darkening at the
+    unprojected surface point: in [AMBIENT, 1] x (1 - PATTERN_DARKEN) in dark cells, [AMBIENT, 1]
+    elsewhere."""
+    info, r = _render(seed)
+    s = r.scene
+    rng = np.random.default_rng(seed)
+    obj_pix = np.argwhere(r.instance >= 0)
+    dark_seen = {False: 0, True: 0}
+    for v, row, col in obj_pix[rng.choice(len(obj_pix), 400, replace=False)]:
+        ob = info.objects[int(r.instance[v, row, col])]
+        K, T, z = s.intrinsics[v], s.poses[v], float(s.depths[v, row, col])
+        p = (T @ np.array([(col - K[0, 2]) * z / K[0, 0], (row - K[1, 2]) * z / K[1, 1], z, 1.0]))[:3]
+        rgb, px = np.array(ob.rgb, float), s.images[v, row, col].astype(float)
+        k = int(np.argmax(rgb))
+        f = px[k] / rgb[k]
+        assert np.all(np.abs(px - rgb * f) <= 1.5), (px, rgb)
+        dark = bool(render.pattern_mask(ob.cls, p - np.asarray(ob.lo)) > 0.5)
+        dark_seen[dark] += 1
+        lo, hi = render.AMBIENT, render.AMBIENT + render.DIFFUSE
+        if dark:
+            lo, hi = lo * (1 - render.PATTERN_DARKEN), hi * (1 - render.PATTERN_DARKEN)
+        assert lo - 0.01 <= f <= hi + 0.01, (ob.cls, dark, f)
+    assert dark_seen[True] > 40 and dark_seen[False] > 40
+
+
 def test_pipeline_token_count():
     info, r = _render(SEEDS[0])
     pre = preprocess_scene(r.scene, 224, dataset.CLIP_MEAN, dataset.CLIP_STD)

@@ -6,7 +6,10 @@ camera-to-world, ``intrinsics`` 4x4 with the pinhole K in the top-left 3x3. Pixe
 exactly what :func:`adatoken_compile.scene.unproject_patches` inverts, and ``depths`` hold the
 z-depth (distance along the camera z axis) in metres.
 
-Shading: Lambertian, one fixed directional light plus ambient; no shadows.
+Shading: Lambertian, one fixed directional light plus ambient; no shadows. Surfaces of each object
+class carry their own pattern (world-space bands or checks that darken the object's colour, see
+``CLASS_PATTERNS``), as real chairs and boxes differ in material as well as shape; the colour's hue
+is unchanged, so colour names still read off any pixel.
 """
 
 from __future__ import annotations
@@ -28,6 +31,25 @@ SCAN_SCALE = (0.8, 1.3)  # that per-scene factor (spreads the token counts)
 OVERVIEW_EVERY = 10
 LIGHT = np.array([0.5, 0.35, 0.8]) / np.linalg.norm([0.5, 0.35, 0.8])
 AMBIENT, DIFFUSE = 0.45, 0.55
+# class -> (pattern, cell size in metres): a pattern cell darkens the colour by PATTERN_DARKEN
+CLASS_PATTERNS = {"box": ("checker", 0.10), "ball": ("z-bands", 0.07), "cylinder": (None, 0.0),
+                  "table": ("xy-bands", 0.12), "chair": ("checker", 0.045)}
+PATTERN_DARKEN = 0.3
+
+
+def pattern_mask(cls: str, p: np.ndarray) -> np.ndarray:
+    """1 where a surface point ``p`` (..., 3, metres, object-local) of class ``cls`` lies in a dark
+    pattern cell, else 0."""
+    kind, s = CLASS_PATTERNS[cls]
+    if kind is None:
+        return np.zeros(p.shape[:-1])
+    p = p / s + 0.25  # grid offset: the faces through the object's lo corner (p = 0) sit mid-cell
+    c = np.floor(p).astype(np.int64)
+    if kind == "checker":
+        return ((c[..., 0] + c[..., 1] + c[..., 2]) % 2).astype(float)
+    if kind == "z-bands":
+        return (c[..., 2] % 2).astype(float)
+    return (np.floor(p[..., 0] + p[..., 1]).astype(np.int64) % 2).astype(float)  # xy-bands
 EPS = 1e-6
 
 
@@ -269,6 +291,11 @@ def render_scene(
             lam[rows, cols] = bl[hit_any]
             ids[rows, cols] = j
         shade = AMBIENT + DIFFUSE * np.maximum(lam, 0.0)
+        for j, ob in enumerate(info.objects):
+            rows, cols = np.nonzero(ids == j)
+            if len(rows):
+                hit = np.stack([o[k] + t[rows, cols] * d[k][rows, cols] - ob.lo[k] for k in range(3)], -1)
+                shade[rows, cols] *= 1.0 - PATTERN_DARKEN * pattern_mask(ob.cls, hit)
         images[v] = np.clip(palette[ids + 3] * shade[..., None] + 0.5, 0, 255).astype(np.uint8)
         depths[v] = t  # z-depth: the camera z component of every direction is 1
         inst[v] = ids

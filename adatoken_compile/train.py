@@ -35,7 +35,7 @@ from torch import nn
 from .contract import Sample
 from .scene import preprocess_scene, unproject_patches, voxelize
 
-VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=224, patch_size=14)
+VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, image_size=224, patch_size=14)
 DECODER = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, intermediate_size=384,
                max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -170,7 +170,8 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
     from .models.tiny import CLIP_MEAN, CLIP_STD
 
     lo = SPLITS["train"][0] + 500_000
-    settings = {"seed": seed, "scenes": scenes, "steps": steps, "object_weight": object_weight, "views_per_scene": views}
+    settings = {"seed": seed, "scenes": scenes, "steps": steps, "object_weight": object_weight, "views_per_scene": views,
+                "tower": {k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}}
     blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
     if blob is not None and blob.get("settings") == settings:
         from transformers import CLIPVisionConfig, CLIPVisionModel

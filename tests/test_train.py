@@ -52,12 +52,14 @@ def test_voxel_majority_votes_per_voxel():
 
 
 def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsys):
-    from adatoken_compile.train import vision_stage
+    from adatoken_compile.train import VISION, vision_stage
 
     cache = str(tmp_path / "tower.pt")
     first, settings, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
     assert torch.load(cache, weights_only=True)["settings"] == settings == {
-        "seed": 0, "scenes": 1, "steps": 1, "object_weight": 5.0, "views_per_scene": 2}
+        "seed": 0, "scenes": 1, "steps": 1, "object_weight": 5.0, "views_per_scene": 2,
+        "tower": {"hidden_size": VISION["hidden_size"], "intermediate_size": VISION["intermediate_size"],
+                  "num_hidden_layers": VISION["num_hidden_layers"]}}
     again, _, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
     assert "from " + cache in capsys.readouterr().err
     for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):

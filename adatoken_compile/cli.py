@@ -391,7 +391,7 @@ def format_bench(res: dict) -> str:
 @main.command()
 @click.option("--out", default="runs/quickstart", show_default=True, help="output directory")
 @click.option("--limit", default=60, show_default=True, type=click.IntRange(10, None),
-              help="test questions per policy for accuracy (README figures use 600)")
+              help="test questions per policy for accuracy")
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(8, None), help="calibration questions")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, None))
 @click.option("--all-artifacts", is_flag=True, help="compile every policy's artifact and measure its accuracy with ORT "

@@ -260,9 +260,9 @@ VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
-          vision_cache: str | None = None, vision_object_weight: float = 1.0, vision_views: int | None = None, aux_weight: float = 0.0,
-          bg_curriculum: float = 0.0,
-          dense_answer: float = 0.0, rope_theta: float = 10000.0, scenes_per_step: int = 1) -> dict:
+          vision_cache: str | None = None, vision_object_weight: float = 1.0, vision_views: int | None = None,
+          aux_weight: float = 0.0, bg_curriculum: float = 0.0, dense_answer: float = 0.0, rope_theta: float = 10000.0,
+          scenes_per_step: int = 1) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds

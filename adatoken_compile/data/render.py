@@ -35,6 +35,7 @@ AMBIENT, DIFFUSE = 0.45, 0.55
 CLASS_PATTERNS = {"box": ("checker", 0.10), "ball": ("z-bands", 0.07), "cylinder": (None, 0.0),
                   "table": ("xy-bands", 0.12), "chair": ("checker", 0.045)}
 PATTERN_DARKEN = 0.3
+EPS = 1e-6
 
 
 def pattern_mask(cls: str, p: np.ndarray) -> np.ndarray:
@@ -50,7 +51,6 @@ def pattern_mask(cls: str, p: np.ndarray) -> np.ndarray:
     if kind == "z-bands":
         return (c[..., 2] % 2).astype(float)
     return (np.floor(p[..., 0] + p[..., 1]).astype(np.int64) % 2).astype(float)  # xy-bands
-EPS = 1e-6
 
 
 @dataclass

@@ -36,6 +36,8 @@ from .contract import Sample
 from .scene import preprocess_scene, unproject_patches, voxelize
 
 VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, image_size=224, patch_size=14)
+ROOM_LABELS = 3  # patch/voxel class labels 0..2 are floor, wall, ceiling; objects are ROOM_LABELS + class index
+VISION_SEED_OFFSET = 500_000  # stage-1 scenes: train seeds shifted by this, disjoint from the QA scenes
 DECODER = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, intermediate_size=384,
                max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -57,13 +59,12 @@ def _patch_labels(instance: np.ndarray, info, H: int, W: int, size: int, patch: 
     ri = np.minimum(((centre + top) * H / nh).astype(np.int64), H - 1)
     ci = np.minimum(((centre + left) * W / nw).astype(np.int64), W - 1)
     ids = instance[:, ri][:, :, ci].reshape(instance.shape[0], -1).astype(np.int64)  # (V, g*g)
-    n_bg = 3  # floor, wall, ceiling -> classes 0..2 ; objects -> 3..
-    cls_of = np.array([n_bg + CLASSES.index(o.cls) for o in info.objects] or [0], np.int64)
+    cls_of = np.array([ROOM_LABELS + CLASSES.index(o.cls) for o in info.objects] or [0], np.int64)
     col_of = np.array([1 + COLOR_NAMES.index(o.color) for o in info.objects] or [0], np.int64)
     obj = ids >= 0
     cls = np.where(obj, cls_of[np.clip(ids, 0, None)], -1 - ids)  # floor -1 -> 0, wall -2 -> 1, ceiling -3 -> 2
     col = np.where(obj, col_of[np.clip(ids, 0, None)], 0)
-    return cls, col, n_bg + len(CLASSES), 1 + len(COLOR_NAMES)
+    return cls, col, ROOM_LABELS + len(CLASSES), 1 + len(COLOR_NAMES)
 
 
 def _render(seed: int):
@@ -141,7 +142,7 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_we
         idx = torch.randint(0, len(pix), (32,), generator=g)
         hs = vision(pixel_values=pix[idx], output_hidden_states=True).hidden_states[-2][:, 1:]
         yc, yk = cls_l[idx].flatten(), col_l[idx].flatten()
-        w = torch.where(yc >= 3, object_weight, 1.0)
+        w = torch.where(yc >= ROOM_LABELS, object_weight, 1.0)
         loss = ((nn.functional.cross_entropy(heads["cls"](hs).flatten(0, 1), yc, reduction="none")
                  + nn.functional.cross_entropy(heads["col"](hs).flatten(0, 1), yk, reduction="none")) * w).sum() / w.sum()
         opt.zero_grad()
@@ -169,7 +170,7 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
     from .data.dataset import SPLITS
     from .models.tiny import CLIP_MEAN, CLIP_STD
 
-    lo = SPLITS["train"][0] + 500_000
+    lo = SPLITS["train"][0] + VISION_SEED_OFFSET
     settings = {"seed": seed, "scenes": scenes, "steps": steps, "object_weight": object_weight, "views_per_scene": views,
                 "tower": {k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}}
     blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
@@ -351,7 +352,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             # tokens first find objects among a few hundred tokens, then among the whole scene
             keep_p = step / bg_steps
             rnd = torch.from_numpy(np.random.default_rng(seed * 104729 + step).random(vmap.num_tokens))
-            sel = (vc >= 3) | (rnd < keep_p)
+            sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
             pooled, vc, vk = pooled[sel], vc[sel], vk[sel]
         n_sp = len(pooled)
         spatial = proj(pooled)
@@ -382,10 +383,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         if aux_weight > 0:
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
             # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
-            obj = vc >= 3  # 0..2 are floor / wall / ceiling
+            obj = vc >= ROOM_LABELS
             if obj.any():
                 sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
-                loss = loss + aux_weight * 0.5 * (nn.functional.cross_entropy(sl, class_word[vc[obj] - 3])
+                loss = loss + aux_weight * 0.5 * (nn.functional.cross_entropy(sl, class_word[vc[obj] - ROOM_LABELS])
                                                   + nn.functional.cross_entropy(sl, colour_word[vk[obj] - 1]))
         (loss / scenes_per_step).backward()
         seen += 1
@@ -428,7 +429,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         "seed": seed,
         "data": {"generator": "adatoken_compile.data (procedural rooms)", "split": "train",
                  "scene_seeds": [train_lo, train_lo + scenes - 1],
-                 "vision_scene_seeds": [train_lo + 500_000, train_lo + 500_000 + vision_scenes - 1]},
+                 "vision_scene_seeds": [train_lo + VISION_SEED_OFFSET, train_lo + VISION_SEED_OFFSET + vision_scenes - 1]},
         "vision_pretraining": {**vsettings, **vstats},
         "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
                              "embed_std": embed_std, "aux_weight": aux_weight,

@@ -13,8 +13,7 @@ diagnostic the README quotes.
 import argparse
 
 import torch
-from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from _probe import fit_linear_probe
 
 from adatoken_compile import train as T
 from adatoken_compile.data.world import CLASSES
@@ -35,28 +34,22 @@ tower, settings, _ = T.vision_stage(0, a.scenes, a.steps, a.object_weight, a.vie
 X, Y = [], []
 for s in range(700000, 700030):
     info, r = T._render(s)
-    pre = preprocess_scene(r.scene, 224, CLIP_MEAN, CLIP_STD)
-    c, _, _, _ = T._patch_labels(r.instance, info, *r.scene.images.shape[1:3], 224, 14)
+    pre = preprocess_scene(r.scene, T.VISION["image_size"], CLIP_MEAN, CLIP_STD)
+    c, _, _, _ = T._patch_labels(r.instance, info, *r.scene.images.shape[1:3], T.VISION["image_size"],
+                                 T.VISION["patch_size"])
     with torch.no_grad():
         hs = tower(pixel_values=torch.from_numpy(pre.pixel_values), output_hidden_states=True).hidden_states[-2][:, 1:]
     X.append(hs.reshape(-1, hs.shape[-1]))
     Y.append(torch.from_numpy(c.reshape(-1)))
 X, Y = torch.cat(X), torch.cat(Y)
-obj = Y >= 3  # 0..2 floor / wall / ceiling
-X, Y = X[obj], Y[obj] - 3
+obj = Y >= T.ROOM_LABELS
+X, Y = X[obj], Y[obj] - T.ROOM_LABELS
 n = len(X) * 3 // 4
 torch.manual_seed(0)
-lin = nn.Linear(X.shape[1], len(CLASSES))
-opt = torch.optim.Adam(lin.parameters(), 1e-2)
-mu, sd = X[:n].mean(0), X[:n].std(0) + 1e-6
-Xn = (X - mu) / sd
-for _ in range(400):
-    opt.zero_grad()
-    nn.functional.cross_entropy(lin(Xn[:n]), Y[:n]).backward()
-    opt.step()
+lin, X_fit, X_test = fit_linear_probe(X[:n], Y[:n], len(CLASSES), X[n:])
 with torch.no_grad():
-    fit = (lin(Xn[:n]).argmax(1) == Y[:n]).float().mean().item()
-    pred = lin(Xn[n:]).argmax(1)
+    fit = (lin(X_fit).argmax(1) == Y[:n]).float().mean().item()
+    pred = lin(X_test).argmax(1)
 test = (pred == Y[n:]).float().mean().item()
 cm = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
 cm.index_put_((Y[n:], pred), torch.ones_like(pred), accumulate=True)

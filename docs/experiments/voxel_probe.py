@@ -9,10 +9,10 @@ map), fits a linear probe on 30 scenes and reports accuracy on the other 10, ove
 over object voxels only. Not part of the package or its tests: a diagnostic the README quotes.
 """
 import sys, torch, numpy as np
-from torch import nn
+from _probe import fit_linear_probe
 from adatoken_compile.models.llava3d import Llava3DAdapter
 from adatoken_compile.scene import voxelize
-from adatoken_compile.train import VISION, _patch_labels, _render, voxel_majority
+from adatoken_compile.train import ROOM_LABELS, VISION, _patch_labels, _render, voxel_majority
 torch.set_num_threads(2)
 torch.manual_seed(0)  # the probes' initialisation
 ad = Llava3DAdapter(sys.argv[1])
@@ -37,16 +37,12 @@ print("mean |tower feature| %.2f  |3D PE| %.2f" % tuple(np.mean(norms, 0)))
 ntr = 30
 for name, xs in rows.items():
     Xtr, Xte = torch.cat(xs[:ntr]), torch.cat(xs[ntr:])
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
     out = []
     for ys, n in ((ycls, 8), (ycol, 7)):
         ytr, yte = torch.cat(ys[:ntr]), torch.cat(ys[ntr:])
-        lin = nn.Linear(Xtr.shape[1], n); opt = torch.optim.Adam(lin.parameters(), 1e-2)
-        for _ in range(400):
-            opt.zero_grad(); nn.functional.cross_entropy(lin(Xtr), ytr).backward(); opt.step()
+        lin, _, Xte_n = fit_linear_probe(Xtr, ytr, n, Xte)
         with torch.no_grad():
-            pred = lin(Xte).argmax(1); obj = yte >= 3 if n == 8 else torch.cat(ycls[ntr:]) >= 3
+            pred = lin(Xte_n).argmax(1); obj = (yte if n == 8 else torch.cat(ycls[ntr:])) >= ROOM_LABELS
             out.append(((pred == yte).float().mean().item(), (pred[obj] == yte[obj]).float().mean().item()))
     print(f"{name:10s} class acc all {out[0][0]:.3f} objects {out[0][1]:.3f} | colour acc all {out[1][0]:.3f} objects {out[1][1]:.3f}")
-print("object voxel share %.3f" % (torch.cat(ycls) >= 3).float().mean().item())
+print("object voxel share %.3f" % (torch.cat(ycls) >= ROOM_LABELS).float().mean().item())

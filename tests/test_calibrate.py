@@ -312,6 +312,43 @@ def test_solver_meets_target(kw, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p != "cal"] == []
 
 
+def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
+    """The Lagrangian frontier jumps (here 0.54 -> 1.0 of the FLOPs); with agreement a step function of
+    the FLOPs ratio the fidelity search must land inside the gap, below the frontier's passing point."""
+    from adatoken_compile.calibrate import solver
+    from adatoken_compile.flops import schedule_flops
+
+    model = _sharpen(_qwen("sdpa"))
+    _, st = calibrate(model, _data(64, answers=True), policy="adaptive", progress=False, fidelity=0.5)
+    N, nt = st.mean_spatial_tokens(), st.mean_text_tokens()
+    frontier = solver.propose(st)
+    gaps = [(a.flops_ratio, b.flops_ratio) for a, b in zip(frontier, frontier[1:])]
+    lo, hi = max(gaps, key=lambda g: g[1] - g[0])
+    assert hi - lo > 0.2  # the premise: a wide jump on this model's frontier
+    threshold = lo + 0.5 * (hi - lo)
+
+    def fake_agreement(decoder, holdout, refs, schedule):
+        ok = schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold
+        return {"agreement": 1.0 if ok else 0.5, "kl": 0.0, "rows": 4}
+
+    monkeypatch.setattr(solver, "agreement", fake_agreement)
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.9, max_validations=12)
+    got = s.predicted["flops_ratio"]
+    assert threshold <= got < hi - 0.05  # inside the gap, well below the frontier point above it
+    assert got - threshold < 0.15
+    assert s.calibration["fidelity"]["agreement"] == 1.0
+    assert len(s.calibration["search"]["validated"]) <= 12
+
+
+def test_wilson_interval_of_the_agreement():
+    from adatoken_compile.calibrate.solver import wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # textbook value: 0.490 .. 0.943
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson_interval(16, 16)[0] < 0.81 < wilson_interval(200, 200)[0]  # more rows, tighter bound
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
 def test_invalid_inputs(tmp_path, monkeypatch):
     model = _llama()
     data = _data(64, n=4)

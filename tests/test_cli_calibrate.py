@@ -19,13 +19,17 @@ def _run(args):
 
 def test_calibrate_peer_policy_writes_everything(tiny3d_dir, tmp_path):
     out = tmp_path / "cal"
-    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6", "--policy", "pdrop"])
+    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6", "--policy", "pdrop",
+              "--holdout", "2"])
     assert r.exit_code == 0, r.output
+    assert "validated on 2 held-back rows" in r.output and "95% CI" in r.output
     files = set(os.listdir(out))
     assert {"schedule.json", "report.md"} <= files and any(f.startswith("stats") for f in files)
     assert any(f.endswith(".png") for f in files)
     s = Schedule.load(str(out / "schedule.json"))
     assert s.policy == "pdrop" and [c.layer for c in s.cuts] == [1, 2, 3]
+    fid = s.calibration["fidelity"]
+    assert s.calibration["samples"] == 4 and fid["rows"] == 2 and fid["ci95"][0] <= fid["agreement"] <= fid["ci95"][1]
     assert 0 < s.predicted["flops_ratio"] < 1
 
 
@@ -36,6 +40,13 @@ def test_calibrate_bad_budget_leaves_nothing(tiny3d_dir, tmp_path):
     assert r.exit_code == 2 and "(0, 1)" in r.output and r.output.strip().count("\n") == 0
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".cal")]
+
+
+def test_calibrate_bad_holdout_is_one_line(tiny3d_dir, tmp_path):
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), "--holdout", "1.5"])
+    assert r.exit_code == 2 and "--holdout" in r.output and r.output.strip().count("\n") == 0
+    assert not out.exists()
 
 
 def test_calibrate_shards_merge(tiny3d_dir, tmp_path):

@@ -83,11 +83,13 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
               fingerprint: str | None = None, family: str | None = None, model_name: str | None = None,
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
               max_validations: int = 8, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
-              num_bins: int = DEFAULT_BINS) -> tuple[Schedule, CalibrationStats]:
+              num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None) -> tuple[Schedule, CalibrationStats]:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
 
     ``holdout``: fraction in [0, 1) or a row count held back from the statistics to validate
     schedules on (needed by ``adaptive``; peers get their fidelity measured on it too).
+    ``holdout_batches``: a separate iterable (same kind as ``batches``) to validate on instead;
+    every row of ``batches`` then goes into the statistics.
     ``prior``: statistics of earlier shards to merge with (same model). ``like``: the schedule
     whose counts ``random`` copies.
     """
@@ -113,17 +115,20 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     if not rows:
         raise InputError("calibrate: no calibration samples (the batch iterable was empty)")
     n = len(rows)
-    n_hold = int(holdout) if isinstance(holdout, int) else int(round(holdout * n))
-    if isinstance(holdout, float) and holdout > 0 and n >= 2:
-        n_hold = max(1, n_hold)
-    n_hold = min(n_hold, n - 1)
-    if n_hold < 0:
-        raise InputError(f"calibrate: holdout {holdout} must be >= 0")
-    perm = list(range(n))
-    random.Random(seed).shuffle(perm)
-    hold_idx = set(perm[:n_hold])
-    cal_rows = [r for i, r in enumerate(rows) if i not in hold_idx]
-    hold_rows = [r for i, r in enumerate(rows) if i in hold_idx]
+    if holdout_batches is not None:
+        cal_rows, hold_rows = rows, _rows(decoder, holdout_batches)[0]
+    else:
+        n_hold = int(holdout) if isinstance(holdout, int) else int(round(holdout * n))
+        if isinstance(holdout, float) and holdout > 0 and n >= 2:
+            n_hold = max(1, n_hold)
+        n_hold = min(n_hold, n - 1)
+        if n_hold < 0:
+            raise InputError(f"calibrate: holdout {holdout} must be >= 0")
+        perm = list(range(n))
+        random.Random(seed).shuffle(perm)
+        hold_idx = set(perm[:n_hold])
+        cal_rows = [r for i, r in enumerate(rows) if i not in hold_idx]
+        hold_rows = [r for i, r in enumerate(rows) if i in hold_idx]
     holdout_batches = [b for b, _, _ in _batches([(s, None) for s, _ in hold_rows], bs)]
 
     stats = CalibrationStats.empty(arch, fp, ratios=ratios, num_bins=num_bins)

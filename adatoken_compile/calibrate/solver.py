@@ -11,7 +11,9 @@
    optima form a FLOPs/loss Pareto frontier (non-increasing ratios by construction).
 3. Validation. Candidates are run end to end (pruned prefill) on held-back samples and compared
    with the unpruned model: agreement = share of rows whose greedy next token is unchanged.
-   Fidelity target: bisection along the frontier for the cheapest candidate meeting it.
+   Fidelity target: bisection along the frontier for the cheapest candidate meeting it, then
+   bisection on the FLOPs budget between it and the failing candidate below it (``fill_budget``
+   schedules), while validations remain and the gap exceeds ``REFINE_GAP``.
    FLOPs budget: the lowest-loss candidates within the budget, best measured agreement wins.
 """
 
@@ -30,6 +32,8 @@ from ..errors import InputError
 from ..flops import FORMULA, arch_from_config, drop_flops, layer_flops, prefill_flops, schedule_flops
 from ..schedule import Cut, Schedule
 from .stats import CalibrationStats
+
+REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
 
 
 # ---------------------------------------------------------------------- forwards
@@ -64,7 +68,20 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
         total += lg.shape[0]
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
         kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
-    return {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total}
+    return {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total,
+            "ci95": [round(x, 4) for x in wilson_interval(same, total)]}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (how far a held-back agreement can be trusted:
+    16 rows that all agree still allow 0.81)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 # ---------------------------------------------------------------------- proxy + DP
@@ -275,6 +292,21 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         chosen = min(ok, key=lambda c: c.flops_ratio) if ok else frontier[-1]
         if chosen is frontier[-1] and chosen.measured is None:
             validate(chosen)
+        # the frontier holds only the convex-hull points of the FLOPs/loss trade-off, so the cheapest
+        # passing point can sit far above the failing one below it (e.g. 0.29 -> 0.63 of the FLOPs);
+        # spend the remaining validations bisecting that gap with budget-filled schedules
+        failed = [c for c in validated if c.measured["agreement"] < fidelity - 1e-12 and c.flops_ratio < chosen.flops_ratio]
+        if failed:
+            start = max(failed, key=lambda c: c.flops_ratio)
+            lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
+            while len(validated) < max_validations and hi_f - lo_f > REFINE_GAP:
+                c = fill_budget(stats, start, 0.5 * (lo_f + hi_f), proxy)
+                if any(c.cuts == v.cuts for v in validated):
+                    break  # the grid offers nothing new in this interval
+                if validate(c) >= fidelity - 1e-12:
+                    chosen, hi_f = c, c.flops_ratio
+                else:
+                    lo_f = 0.5 * (lo_f + hi_f)
         mode = {"objective": "min_flops", "fidelity_target": fidelity}
     else:
         feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]

@@ -300,13 +300,13 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
             start = max(failed, key=lambda c: c.flops_ratio)
             lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
             while len(validated) < max_validations and hi_f - lo_f > REFINE_GAP:
-                c = fill_budget(stats, start, 0.5 * (lo_f + hi_f), proxy)
-                if any(c.cuts == v.cuts for v in validated):
-                    break  # the grid offers nothing new in this interval
-                if validate(c) >= fidelity - 1e-12:
+                mid = 0.5 * (lo_f + hi_f)
+                c = fill_budget(stats, start, mid, proxy)
+                c = next((v for v in validated if v.cuts == c.cuts), c)  # measured already: no new run
+                if validate(c) >= fidelity - 1e-12 and c.flops_ratio < hi_f:
                     chosen, hi_f = c, c.flops_ratio
                 else:
-                    lo_f = 0.5 * (lo_f + hi_f)
+                    lo_f = mid  # nothing cheaper passes at this budget (the gap halves either way)
         mode = {"objective": "min_flops", "fidelity_target": fidelity}
     else:
         feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]

@@ -209,6 +209,9 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, split, limit, as_jso
                + (f"  (unpruned {res['baseline_accuracy']:.4f})" if "baseline_accuracy" in res else ""))
     for k, v in res["per_kind"].items():
         click.echo(f"  {k:<10} {v['accuracy']:.4f}  (n={v['n']})")
+    if res.get("per_template"):
+        click.echo("per template: " + "  ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
+                                                for k, v in res["per_template"].items()))
 
 
 def _write_json(path, obj):

@@ -23,18 +23,24 @@ def by_scene(samples: Iterable[Sample]) -> Iterable[list[Sample]]:
 
 
 def score(samples: Sequence[Sample], predictions: Sequence[str]) -> dict:
-    per = defaultdict(lambda: [0, 0])
+    """Accuracy overall, per question kind and (when the samples name one in ``meta``) per template."""
+    per, per_t = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     for s, p in zip(samples, predictions):
-        k = s.kind or "all"
-        per[k][0] += int(normalize(p) == normalize(s.answer or ""))
-        per[k][1] += 1
+        hit = int(normalize(p) == normalize(s.answer or ""))
+        for table, key in ((per, s.kind or "all"), (per_t, s.meta.get("template"))):
+            if key is not None:
+                table[key][0] += hit
+                table[key][1] += 1
     n = sum(v[1] for v in per.values())
     correct = sum(v[0] for v in per.values())
-    return {
+    out = {
         "accuracy": correct / n if n else 0.0,
         "n": n,
         "per_kind": {k: {"accuracy": c / t, "n": t} for k, (c, t) in sorted(per.items())},
     }
+    if per_t:
+        out["per_template"] = {k: {"accuracy": c / t, "n": t} for k, (c, t) in sorted(per_t.items())}
+    return out
 
 
 def evaluate(answer_fn: Callable[[list[Sample]], list[str]], samples: Iterable[Sample], progress=None) -> dict:
@@ -47,7 +53,8 @@ def evaluate(answer_fn: Callable[[list[Sample]], list[str]], samples: Iterable[S
             progress.update(len(group))
     out = score(done, preds)
     out["predictions"] = [
-        {"question": s.question, "answer": s.answer, "prediction": p, "kind": s.kind, "seed": s.meta.get("seed")}
+        {"question": s.question, "answer": s.answer, "prediction": p, "kind": s.kind,
+         "template": s.meta.get("template"), "seed": s.meta.get("seed")}
         for s, p in zip(done, preds)
     ]
     return out
@@ -96,6 +103,8 @@ def eval_artifact(artifact: str, samples: Sequence[Sample], *, baseline: str | N
         ref = evaluate(torch_answer_fn(adapter), samples)
     res["baseline_accuracy"] = ref["accuracy"]
     res["baseline_per_kind"] = ref["per_kind"]
+    if "per_template" in ref:
+        res["baseline_per_template"] = ref["per_template"]
     res["agreement"] = sum(a["prediction"] == b["prediction"] for a, b in zip(res["predictions"], ref["predictions"])) / max(1, res["n"])
     res["artifact"] = artifact
     res["schedule"] = {"policy": rt.manifest.data.get("schedule", {}).get("policy"),

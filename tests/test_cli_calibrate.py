@@ -65,11 +65,16 @@ def test_calibrate_shards_merge(tiny3d_dir, tmp_path):
 
 
 def test_score_per_kind():
-    s = [Sample("q", answer="red", kind="attribute"), Sample("q", answer="2", kind="counting"),
-         Sample("q", answer="yes", kind="existence")]
-    r = score(s, ["Red.", "3", "yes"])
-    assert r["n"] == 3 and abs(r["accuracy"] - 2 / 3) < 1e-12
-    assert r["per_kind"]["counting"]["accuracy"] == 0.0 and r["per_kind"]["attribute"]["accuracy"] == 1.0
+    s = [Sample("q", answer="red", kind="attribute", meta={"template": "color_of_class"}),
+         Sample("q", answer="box", kind="attribute", meta={"template": "class_of_color"}),
+         Sample("q", answer="2", kind="counting", meta={"template": "count"}),
+         Sample("q", answer="yes", kind="existence", meta={"template": "exist"})]
+    r = score(s, ["Red.", "ball", "3", "yes"])
+    assert r["n"] == 4 and abs(r["accuracy"] - 2 / 4) < 1e-12
+    assert r["per_kind"]["counting"]["accuracy"] == 0.0 and r["per_kind"]["attribute"]["accuracy"] == 0.5
+    assert r["per_template"]["color_of_class"] == {"accuracy": 1.0, "n": 1}
+    assert r["per_template"]["class_of_color"] == {"accuracy": 0.0, "n": 1}
+    assert "per_template" not in score([Sample("q", answer="x", kind="k")], ["x"])  # no templates named: no table
     assert normalize("  Blue  box") == "blue"
 
 

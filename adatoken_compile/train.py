@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .contract import Sample
+from .errors import InputError
 from .scene import preprocess_scene, unproject_patches, voxelize
 
 VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, image_size=224, patch_size=14)
@@ -240,6 +241,21 @@ def voxel_majority(patch_labels: torch.Tensor, inverse: torch.Tensor, num_voxels
     return votes.argmax(1)
 
 
+def object_targets(vc: torch.Tensor, vk: torch.Tensor):
+    """Object voxels (majority class label >= ROOM_LABELS) with their class index and colour index
+    (-1 where the colour vote tied with the room's "no colour" and went to the room)."""
+    obj = vc >= ROOM_LABELS
+    return obj, vc[obj] - ROOM_LABELS, vk[obj] - 1
+
+
+def class_colour_loss(cls_scores, col_scores, cls_t, col_t) -> torch.Tensor:
+    """Mean of the class and the colour cross-entropy over object voxels; a voxel without a colour
+    target (``col_t`` < 0) counts for the class only."""
+    has = col_t >= 0
+    col = nn.functional.cross_entropy(col_scores[has], col_t[has]) if has.any() else cls_scores.new_zeros(())
+    return 0.5 * (nn.functional.cross_entropy(cls_scores, cls_t) + col)
+
+
 def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False):
     """Labels of one packed question block ``suffix + answer`` (label at p = token p+1): the
     answer tokens and EOS after the last suffix token; with ``dense`` also a second label row
@@ -263,7 +279,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
           vision_cache: str | None = None, vision_object_weight: float = 1.0, vision_views: int | None = None,
           aux_weight: float = 0.0, bg_curriculum: float = 0.0, dense_answer: float = 0.0, rope_theta: float = 10000.0,
-          scenes_per_step: int = 1) -> dict:
+          scenes_per_step: int = 1, align_weight: float = 0.0, bg_keep_max: float = 1.0,
+          templates: tuple[str, ...] | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -271,6 +288,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
     from .tokenizer import build_word_tokenizer
 
+    from .data.questions import TEMPLATES
+
+    if templates is not None and not set(templates) <= set(TEMPLATES):
+        raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(templates) - set(TEMPLATES)))}; "
+                         f"choose from {', '.join(TEMPLATES)}")
     torch.manual_seed(seed)
     np.random.seed(seed)
     t0 = time.time()
@@ -316,7 +338,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     # scene features are cached in memory across epochs (about 1.3 MB per scene)
     feats_cache: dict[int, tuple] = {}
     order = np.random.default_rng(seed).permutation(scenes)
-    step, seen, losses, t_stage = 0, 0, [], time.time()
+    step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
     hits, tot, dense_hits, dense_tot = [], [], [], []
     lm.train()
@@ -327,9 +349,17 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             info, r = _render(scene_seed)
             c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
                                        VISION["patch_size"])
-            feats_cache[scene_seed] = (cache(r.scene), training_questions(info, scene_seed),
+            qs_all = [q for q in training_questions(info, scene_seed) if templates is None or q.template in templates]
+            feats_cache[scene_seed] = (cache(r.scene), qs_all,
                                        (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
         (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
+        if not qs:  # --templates: this scene has no question of those templates
+            seen += 1
+            skipped += 1
+            if skipped > scenes:
+                raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}")
+            continue
+        skipped = 0
         if curriculum_views and step < curriculum_steps:
             # curriculum: early steps see a random subset of the views (fewer tokens, easier
             # attention discovery); the rest of training sees whole scenes as evaluated
@@ -350,7 +380,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             # curriculum: early steps keep every object voxel but only a growing random share of
             # the floor / wall / ceiling voxels (0 -> 100% over the curriculum), so the question
             # tokens first find objects among a few hundred tokens, then among the whole scene
-            keep_p = step / bg_steps
+            keep_p = bg_keep_max * step / bg_steps
             rnd = torch.from_numpy(np.random.default_rng(seed * 104729 + step).random(vmap.num_tokens))
             sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
             pooled, vc, vk = pooled[sel], vc[sel], vk[sel]
@@ -380,14 +410,21 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
         if dense_answer:
             loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
-        if aux_weight > 0:
+        obj, cls_t, col_t = object_targets(vc, vk)
+        if aux_weight > 0 and obj.any():
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
             # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
-            obj = vc >= ROOM_LABELS
-            if obj.any():
-                sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
-                loss = loss + aux_weight * 0.5 * (nn.functional.cross_entropy(sl, class_word[vc[obj] - ROOM_LABELS])
-                                                  + nn.functional.cross_entropy(sl, colour_word[vk[obj] - 1]))
+            sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
+            col_words = torch.where(col_t >= 0, colour_word[col_t.clamp(min=0)], -1)
+            loss = loss + aux_weight * class_colour_loss(sl, sl, class_word[cls_t], col_words)
+        if align_weight > 0 and obj.any():
+            # word alignment of the projected scene tokens (before the decoder): an object voxel's
+            # token must score highest, by dot product, with the input embeddings of its class and
+            # colour words, so "ball" in a question can find ball voxels with a layer-0 match of
+            # like with like (the easy attention pattern) instead of a look-up learned from scratch
+            s_obj = spatial[obj]
+            loss = loss + align_weight * class_colour_loss(s_obj @ emb.weight[class_word].T,
+                                                           s_obj @ emb.weight[colour_word].T, cls_t, col_t)
         (loss / scenes_per_step).backward()
         seen += 1
         losses.append(loss.item())
@@ -434,8 +471,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         "decoder_training": {"steps": step, "epochs": epochs, "lr": lr, "final_loss": float(np.mean(losses[-50:])),
                              "embed_std": embed_std, "aux_weight": aux_weight,
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
-                             "bg_curriculum_steps": bg_steps, "dense_answer": dense_answer,
-                             "rope_theta": rope_theta, "scenes_per_step": scenes_per_step},
+                             "bg_curriculum_steps": bg_steps, "bg_keep_max": bg_keep_max, "templates": templates, "dense_answer": dense_answer,
+                             "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
+                             "align_weight": align_weight},
         "wall_minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
     }
@@ -490,6 +528,8 @@ def main(argv=None):
     p.add_argument("--embed-std", type=float, default=0.3, help="init std of the text embeddings")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary class/colour-word loss on scene tokens (alignment)")
+    p.add_argument("--align-weight", type=float, default=0.0,
+                   help="weight of the loss tying projected object tokens to their class/colour word embeddings")
     p.add_argument("--dense-answer", type=float, default=0.0,
                    help="weight of the answer loss at every question position (deep supervision; 0: off)")
     p.add_argument("--scenes-per-step", type=int, default=1,
@@ -497,6 +537,10 @@ def main(argv=None):
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
     p.add_argument("--bg-curriculum", type=float, default=0.0,
                    help="fraction of the steps over which floor/wall/ceiling voxels are phased in (0: off)")
+    p.add_argument("--templates", default=None,
+                   help="train only on these question templates (comma-separated, e.g. color_of_class,exist)")
+    p.add_argument("--bg-keep-max", type=float, default=1.0,
+                   help="share of floor/wall/ceiling voxels kept at the end of --bg-curriculum (phased in from 0)")
     p.add_argument("--vision-cache", default=None, help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, else train and save it")
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
@@ -508,13 +552,18 @@ def main(argv=None):
     if a.record_eval_only:
         record_eval(a.out)
         return
-    train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
-          vision_steps=a.vision_steps, vision_object_weight=a.vision_object_weight,
-          vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
-          curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
-          aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
-          dense_answer=a.dense_answer, rope_theta=a.rope_theta,
-          scenes_per_step=a.scenes_per_step)
+    try:
+        train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
+              vision_steps=a.vision_steps, vision_object_weight=a.vision_object_weight,
+              vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
+              curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
+              aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
+              dense_answer=a.dense_answer, rope_theta=a.rope_theta,
+              scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
+              templates=tuple(a.templates.split(",")) if a.templates else None)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

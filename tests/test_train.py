@@ -72,3 +72,34 @@ def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsy
     # a run without a cache gives the cached tower bit for bit (seeded stage 1)
     fresh, _, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_object_targets_and_class_colour_loss():
+    from adatoken_compile.train import ROOM_LABELS, class_colour_loss, object_targets
+
+    vc = torch.tensor([0, ROOM_LABELS, ROOM_LABELS + 1, ROOM_LABELS + 4, 2])
+    vk = torch.tensor([0, 2, 0, 1, 0])  # the second object voxel's colour vote went to "no colour"
+    obj, cls_t, col_t = object_targets(vc, vk)
+    assert obj.tolist() == [False, True, True, True, False]
+    assert cls_t.tolist() == [0, 1, 4] and col_t.tolist() == [1, -1, 0]
+    # tokens equal to (scaled) one-hot class / colour words score their own words highest
+    cls_emb, col_emb = torch.eye(5) * 10, torch.eye(6) * 10
+    tok_c, tok_k = cls_emb[cls_t], col_emb[col_t.clamp(min=0)]
+    good = class_colour_loss(tok_c @ cls_emb.T, tok_k @ col_emb.T, cls_t, col_t)
+    bad = class_colour_loss(tok_c.roll(1, 0) @ cls_emb.T, tok_k.roll(1, 0) @ col_emb.T, cls_t, col_t)
+    assert good < 1e-3 < 10 < bad
+    # no voxel with a colour target: the class term alone, still finite
+    none = class_colour_loss(tok_c @ cls_emb.T, tok_k @ col_emb.T, cls_t, torch.full_like(col_t, -1))
+    assert torch.isfinite(none) and none < 1e-3
+
+
+def test_unknown_training_template_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    from adatoken_compile.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--templates", "color_of_class,colour_of_chair"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "colour_of_chair" in err and "color_of_class" in err
+    assert not (tmp_path / "m").exists()

@@ -284,11 +284,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
+    from .data.questions import TEMPLATES
     from .models.llava3d import PositionEmbedding3D, build_projector, llava_v1_prompt, tokenize_with_placeholders
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
     from .tokenizer import build_word_tokenizer
-
-    from .data.questions import TEMPLATES
 
     if templates is not None and not set(templates) <= set(TEMPLATES):
         raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(templates) - set(TEMPLATES)))}; "

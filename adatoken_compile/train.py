@@ -285,6 +285,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
 
     from .data import dataset as ds
     from .data.questions import TEMPLATES
+    from .data.render import render_scene
+    from .data.world import make_world
     from .models.llava3d import PositionEmbedding3D, build_projector, llava_v1_prompt, tokenize_with_placeholders
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
     from .tokenizer import build_word_tokenizer
@@ -345,20 +347,23 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         i = int(order[seen % scenes])
         scene_seed = train_lo + i
         if scene_seed not in feats_cache:
-            info, r = _render(scene_seed)
-            c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
-                                       VISION["patch_size"])
+            info = make_world(scene_seed)
             qs_all = [q for q in training_questions(info, scene_seed) if templates is None or q.template in templates]
-            feats_cache[scene_seed] = (cache(r.scene), qs_all,
-                                       (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
-        (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
-        if not qs:  # --templates: this scene has no question of those templates
+            feats_cache[scene_seed] = None  # --templates: no question of those templates, nothing to render
+            if qs_all:
+                r = render_scene(info)
+                c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
+                                           VISION["patch_size"])
+                feats_cache[scene_seed] = (cache(r.scene), qs_all,
+                                           (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
+        if feats_cache[scene_seed] is None:
             seen += 1
             skipped += 1
             if skipped > scenes:
                 raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}")
             continue
         skipped = 0
+        (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
         if curriculum_views and step < curriculum_steps:
             # curriculum: early steps see a random subset of the views (fewer tokens, easier
             # attention discovery); the rest of training sees whole scenes as evaluated

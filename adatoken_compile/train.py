@@ -22,6 +22,7 @@ comes from learning the task.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -164,18 +165,33 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_we
     return vision, {"patch_class_acc": acc_c, "patch_colour_acc": acc_k}
 
 
+def data_fingerprint() -> str:
+    """Hash of the scene generator's and renderer's source (``data/world.py``, ``data/render.py``):
+    a stage-1 cache is reused only for renders made by the same code (a changed pattern or camera
+    rule retrains the tower; so does any edit of those files, comments included)."""
+    from .data import render, world
+
+    h = hashlib.sha256()
+    for mod in (world, render):
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0, views: int | None = None,
                  cache: str | None = None):
-    """Stage 1, or its result from ``cache`` when that file was written with the same settings
-    (a cache from other settings is retrained and overwritten). Returns (tower, settings, stats)."""
+    """Stage 1, or its result from ``cache`` when that file was written with the same settings and
+    the same scene code (:func:`data_fingerprint`); otherwise stage 1 is retrained and the cache
+    overwritten. Returns (tower, settings, stats)."""
     from .data.dataset import SPLITS
     from .models.tiny import CLIP_MEAN, CLIP_STD
 
     lo = SPLITS["train"][0] + VISION_SEED_OFFSET
     settings = {"seed": seed, "scenes": scenes, "steps": steps, "object_weight": object_weight, "views_per_scene": views,
                 "tower": {k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}}
+    data = data_fingerprint()
     blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
-    if blob is not None and blob.get("settings") == settings:
+    if blob is not None and blob.get("settings") == settings and blob.get("data") == data:
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
@@ -183,14 +199,17 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
         vision.eval().requires_grad_(False)
         log(f"vision tower from {cache} (stage 1 of an earlier run with the same settings {settings})")
         return vision, settings, {k: float(v) for k, v in blob["stats"].items()}
-    if blob is not None:
+    if blob is not None and blob.get("settings") != settings:
         log(f"{cache} holds a tower trained with {blob.get('settings')}, not {settings}: retraining stage 1")
+    elif blob is not None:
+        log(f"{cache} holds a tower trained on renders of other generator/renderer code (data {blob.get('data')}, "
+            f"now {data}): retraining stage 1")
     torch.manual_seed(seed)
     vision, stats = pretrain_vision(range(lo, lo + scenes), steps, CLIP_MEAN, CLIP_STD, object_weight=object_weight,
                                     views_per_scene=views)
     if cache:
         tmp = cache + ".tmp"
-        torch.save({"state_dict": vision.state_dict(), "stats": stats, "settings": settings}, tmp)
+        torch.save({"state_dict": vision.state_dict(), "stats": stats, "settings": settings, "data": data}, tmp)
         os.replace(tmp, cache)
     return vision, settings, stats
 

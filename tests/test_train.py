@@ -52,7 +52,7 @@ def test_voxel_majority_votes_per_voxel():
 
 
 def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsys):
-    from adatoken_compile.train import VISION, vision_stage
+    from adatoken_compile.train import VISION, data_fingerprint, vision_stage
 
     cache = str(tmp_path / "tower.pt")
     first, settings, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
@@ -69,6 +69,14 @@ def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsy
     assert "retraining stage 1" in capsys.readouterr().err
     assert torch.load(cache, weights_only=True)["settings"]["steps"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+    # same settings, but a cache written by other scene/renderer code: retrained, not reused
+    blob = torch.load(cache, weights_only=True)
+    assert blob["data"] == data_fingerprint() and len(blob["data"]) == 16
+    blob["data"] = "0" * 16
+    torch.save(blob, cache)
+    vision_stage(0, scenes=1, steps=2, views=2, object_weight=5.0, cache=cache)
+    assert "other generator/renderer code" in capsys.readouterr().err
+    assert torch.load(cache, weights_only=True)["data"] == data_fingerprint()
     # a run without a cache gives the cached tower bit for bit (seeded stage 1)
     fresh, _, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), fresh.state_dict().values()))

@@ -207,6 +207,11 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, split, limit, as_jso
         return
     click.echo(f"split {split}: n={res['n']}  accuracy {res['accuracy']:.4f}"
                + (f"  (unpruned {res['baseline_accuracy']:.4f})" if "baseline_accuracy" in res else ""))
+    if "paired" in res:
+        pc = res["paired"]
+        click.echo(f"  vs unpruned, same questions: {pc['changed']} answers changed (+{pc['gained']} right, -{pc['lost']} wrong), "
+                   f"delta {pc['delta_points']:+.1f} pts, paired 95% CI {pc['delta_ci95_points'][0]:+.1f} .. "
+                   f"{pc['delta_ci95_points'][1]:+.1f}")
     for k, v in res["per_kind"].items():
         click.echo(f"  {k:<10} {v['accuracy']:.4f}  (n={v['n']})")
     if res.get("per_template"):
@@ -422,13 +427,14 @@ def format_bench(res: dict) -> str:
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, None))
 @click.option("--all-artifacts", is_flag=True, help="compile every policy's artifact and measure its accuracy with ORT "
               "(default: ORT for adaptive + identity; peers through the parity-tested PyTorch reference)")
+@click.option("--model", default=None, help="checkpoint directory or short name (default: the bundled llava3d-tiny)")
 @user_errors
-def quickstart(out, limit, samples, holdout, repeats, all_artifacts):
+def quickstart(out, limit, samples, holdout, repeats, all_artifacts, model):
     """The main job: calibrate -> compile -> eval -> bench on the bundled model, adaptive vs peers."""
     from .quickstart import run_quickstart
 
     summary = run_quickstart(out, limit=limit, samples=samples, holdout_rows=holdout, repeats=repeats,
-                             all_artifacts=all_artifacts,
+                             all_artifacts=all_artifacts, model=model,
                              log=lambda m: click.echo(m, err=True))
     click.echo(summary)
 

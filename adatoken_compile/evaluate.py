@@ -43,6 +43,31 @@ def score(samples: Sequence[Sample], predictions: Sequence[str]) -> dict:
     return out
 
 
+def paired(predictions: Sequence[dict], baseline: Sequence[dict], z: float = 1.96) -> dict:
+    """Paired comparison of two ``evaluate(...)["predictions"]`` lists over the same questions.
+
+    ``changed``: answers that differ from the baseline's; ``gained`` / ``lost``: of those, now right /
+    now wrong. ``delta_points`` = 100 (gained - lost) / n with a normal-approximation interval over the
+    per-question differences d_i in {-1, 0, 1} (var = (gained + lost) / n - delta^2): a pruned
+    schedule whose interval contains 0 is not distinguishable from the baseline on these questions."""
+    if len(predictions) != len(baseline):
+        raise InputError(f"paired comparison needs the same questions: {len(predictions)} vs {len(baseline)} answers")
+    changed = gained = lost = 0
+    for a, b in zip(predictions, baseline):
+        if a["question"] != b["question"]:
+            raise InputError(f"paired comparison needs the same questions in the same order: {a['question']!r} vs {b['question']!r}")
+        pa, pb, truth = normalize(a["prediction"]), normalize(b["prediction"]), normalize(a["answer"] or "")
+        if pa != pb:
+            changed += 1
+            gained += int(pa == truth)
+            lost += int(pb == truth)
+    n = len(predictions)
+    d = (gained - lost) / n if n else 0.0
+    half = z * ((max(0.0, (gained + lost) / n - d * d) / n) ** 0.5) if n else 0.0
+    return {"n": n, "changed": changed, "gained": gained, "lost": lost, "delta_points": 100 * d,
+            "delta_ci95_points": [100 * (d - half), 100 * (d + half)]}
+
+
 def evaluate(answer_fn: Callable[[list[Sample]], list[str]], samples: Iterable[Sample], progress=None) -> dict:
     """Run ``answer_fn`` scene by scene; return accuracy, n, per_kind and the predictions."""
     done, preds = [], []
@@ -106,6 +131,7 @@ def eval_artifact(artifact: str, samples: Sequence[Sample], *, baseline: str | N
     if "per_template" in ref:
         res["baseline_per_template"] = ref["per_template"]
     res["agreement"] = sum(a["prediction"] == b["prediction"] for a, b in zip(res["predictions"], ref["predictions"])) / max(1, res["n"])
+    res["paired"] = paired(res["predictions"], ref["predictions"])
     res["artifact"] = artifact
     res["schedule"] = {"policy": rt.manifest.data.get("schedule", {}).get("policy"),
                        "cuts": rt.manifest.data.get("schedule", {}).get("cuts")}

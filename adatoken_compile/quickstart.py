@@ -8,6 +8,7 @@ Everything lands in one output directory (written under a temporary name, rename
     artifacts/adaptive/     the pruned ONNX artifact
     artifacts/<policy>/     prefill-only artifacts of the other policies (prefill latency)
     results.json            every figure below, machine-readable
+    predictions.json        every policy's answer to every test question (paired comparisons)
     summary.md              the summary table
     pareto.png              accuracy vs prefill FLOPs ratio, every policy
     keep_curves.png         kept spatial tokens per layer, every policy
@@ -46,7 +47,7 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
     from .calibrate.api import calibrate, derive_schedule, write_calibration
     from .calibrate.policies import peer_schedule
     from .data.dataset import iter_samples
-    from .evaluate import calibration_batches, evaluate, pruned_answer_fn, runtime_answer_fn
+    from .evaluate import calibration_batches, evaluate, paired, pruned_answer_fn, runtime_answer_fn
     from .flops import arch_from_config, schedule_flops
     from .models.registry import load_adapter
     from .runtime import load as load_runtime
@@ -135,11 +136,17 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
         rows, points = [], []
         for name, s in schedules.items():
             b = benches.get(name)
+            pc = paired(acc[name]["predictions"], acc["none"]["predictions"])
             row = {
                 "policy": name,
                 "cuts": _fmt_cuts(s),
                 "accuracy": acc[name]["accuracy"],
                 "delta_points": 100 * (acc[name]["accuracy"] - base_acc),
+                "delta_ci95_points": pc["delta_ci95_points"],
+                "delta_ci95": "" if name == "none" else f"{pc['delta_ci95_points'][0]:+.1f} .. {pc['delta_ci95_points'][1]:+.1f}",
+                "answers_changed": pc["changed"],
+                "answers_gained_lost": [pc["gained"], pc["lost"]],
+                "changed": "" if name == "none" else f"{pc['changed']} (+{pc['gained']} -{pc['lost']})",
                 "accuracy_path": paths[name],
                 "prefill_flops_ratio": flops[name],
                 "flops_reduction": 1 - flops[name],
@@ -152,21 +159,26 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
             # the adaptive schedules at several budgets form one curve
             points.append({"policy": "adaptive" if name.startswith("adaptive") else ("unpruned" if name == "none" else name),
                            "flops_ratio": flops[name], "accuracy": acc[name]["accuracy"]})
-        bench.plot_pareto(points, os.path.join(tmp, "pareto.png"), title="llava3d-tiny: accuracy vs prefill FLOPs")
+        bench.plot_pareto(points, os.path.join(tmp, "pareto.png"), title=f"{model_kw['model_name']}: accuracy vs prefill FLOPs")
         bench.plot_keep_curves(schedules, os.path.join(tmp, "keep_curves.png"), n_spatial=int(round(n_sp)))
         cols = [("policy", "policy"), ("cuts", "cuts"), ("accuracy", "accuracy"), ("delta_points", "Δ acc (pts)"),
+                ("delta_ci95", "Δ 95% CI (paired)"), ("changed", "answers changed (+right -wrong)"),
                 ("flops_reduction", "prefill FLOPs cut"), ("prefill_speedup", "prefill speedup"),
                 ("e2e_speedup", "e2e speedup (16 tok)"), ("realized_fraction", "realized fraction"),
                 ("overhead_fraction", "overhead fraction")]
         table = bench.markdown_table(rows, cols)
         wall = time.time() - t0
-        header = (f"Bundled model llava3d-tiny (small reference model, not the 7B); {len(test)} test questions; "
+        who = ("Bundled model llava3d-tiny (small reference model, not the 7B)" if model in (None, "llava3d-tiny")
+               else f"Model {model}")
+        header = (f"{who}; {len(test)} test questions; "
                   f"ORT {benches['adaptive']['provider']}; mean {n_sp:.0f} spatial + {n_tx:.0f} text tokens; "
                   f"{wall / 60:.1f} min")
         fid = sched_a.calibration["fidelity"]
         header += (f"\nadaptive: fidelity target {sched_a.calibration['fidelity_target']} = greedy next-token agreement "
                    f"with the unpruned model on {fid['rows']} held-back calibration questions; chosen schedule "
                    f"{fid['agreement']:.3f} (95% CI {fid['ci95'][0]:.3f}-{fid['ci95'][1]:.3f})")
+        header += ("\nΔ 95% CI: paired over the same questions (per-question difference in {-1, 0, 1}); answers changed: "
+                   "greedy answers that differ from the unpruned model's, + now right, - now wrong")
         summary = header + "\n\n" + table
         results = {
             "model": {"name": model_kw["model_name"], "fingerprint": fp, "arch": arch},
@@ -179,6 +191,8 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
         }
         with open(os.path.join(tmp, "results.json"), "w") as f:
             f.write(json.dumps(results, indent=2, default=float).replace(tmp, out))
+        with open(os.path.join(tmp, "predictions.json"), "w") as f:  # per question, for paired analyses
+            json.dump({k: v["predictions"] for k, v in acc.items()}, f)
         with open(os.path.join(tmp, "summary.md"), "w") as f:
             f.write(summary + "\n")
         if os.path.exists(out):
@@ -187,4 +201,4 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary + f"\n\nwrote {out}/ (results.json, summary.md, pareto.png, keep_curves.png, artifacts/)"
+    return summary + f"\n\nwrote {out}/ (results.json, summary.md, predictions.json, pareto.png, keep_curves.png, artifacts/)"

@@ -12,7 +12,8 @@ from adatoken_compile.artifact_bench import decode_flops
 from adatoken_compile.calibrate.policies import peer_schedule
 from adatoken_compile.cli import main
 from adatoken_compile.data.dataset import iter_samples
-from adatoken_compile.evaluate import evaluate, pruned_answer_fn
+from adatoken_compile.errors import InputError
+from adatoken_compile.evaluate import evaluate, normalize, paired, pruned_answer_fn
 from adatoken_compile.models.registry import load_adapter
 from adatoken_compile.schedule import identity
 
@@ -45,6 +46,37 @@ def test_eval_artifact_equals_pytorch_reference(arts, tiny3d_dir):
     # the unpruned column is the PyTorch model itself
     ref0 = evaluate(pruned_answer_fn(a, identity(sched.num_layers)), list(iter_samples("test", limit=12)))
     assert res["baseline_accuracy"] == ref0["accuracy"]
+    # the paired comparison counts exactly the answers that differ between the two runs
+    pc = res["paired"]
+    assert pc["n"] == 12 and pc["changed"] == sum(normalize(x["prediction"]) != normalize(y["prediction"])
+                                                  for x, y in zip(ref["predictions"], ref0["predictions"]))
+    assert abs(pc["delta_points"] - 100 * (res["accuracy"] - res["baseline_accuracy"])) < 1e-9
+
+
+def _pred(q, truth, p):
+    return {"question": q, "answer": truth, "prediction": p}
+
+
+def test_paired_comparison_counts_and_interval():
+    base = [_pred(f"q{i}", "yes", "yes" if i < 6 else "no") for i in range(10)]  # 6 right
+    new = [dict(b) for b in base]
+    new[0]["prediction"] = "no"    # right -> wrong
+    new[1]["prediction"] = "No."   # right -> wrong (normalised)
+    new[7]["prediction"] = "yes"   # wrong -> right
+    new[8]["prediction"] = "maybe"  # wrong -> wrong, still a change
+    new[2]["prediction"] = "Yes!"  # same answer after normalisation: not a change
+    pc = paired(new, base)
+    assert (pc["changed"], pc["gained"], pc["lost"]) == (4, 1, 2)
+    assert abs(pc["delta_points"] + 10.0) < 1e-9
+    lo, hi = pc["delta_ci95_points"]
+    # var of d_i = 3/10 - 0.01 = 0.29 -> half width 1.96 * sqrt(0.029) = 0.3338
+    assert abs(lo + 10 + 33.38) < 0.01 and abs(hi + 10 - 33.38) < 0.01
+    same = paired(base, base)
+    assert same["changed"] == 0 and same["delta_ci95_points"] == [0.0, 0.0]
+    with pytest.raises(InputError, match="same questions"):
+        paired(new[:9], base)
+    with pytest.raises(InputError, match="same questions"):
+        paired([_pred("other", "yes", "yes")] + new[1:], base)
 
 
 def test_bench_json_keys(arts):

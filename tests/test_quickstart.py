@@ -1,0 +1,41 @@
+"""The main job end to end on a tiny random LLaVA-3D checkpoint: every output file, and a summary
+whose paired columns agree with the accuracies it reports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from adatoken_compile.cli import main
+from adatoken_compile.evaluate import normalize
+
+
+def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir, tmp_path):
+    out = str(tmp_path / "qs")
+    r = CliRunner().invoke(main, ["quickstart", "--out", out, "--model", tiny3d_dir, "--limit", "12", "--samples", "8",
+                                  "--holdout", "8", "--repeats", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for f in ("results.json", "summary.md", "predictions.json", "pareto.png", "keep_curves.png",
+              "calibration/schedule.json", "artifacts/identity/manifest.json", "artifacts/adaptive/manifest.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]  # no half-written output left
+    res = json.load(open(os.path.join(out, "results.json")))
+    preds = json.load(open(os.path.join(out, "predictions.json")))
+    rows = {row["policy"]: row for row in res["rows"]}
+    assert set(rows) == set(preds) >= {"none", "adaptive", "fastv", "pdrop", "adatoken-decay", "random"}
+    base = preds["none"]
+    for name, row in rows.items():
+        p = preds[name]
+        assert len(p) == res["test_questions"] == 12
+        acc = sum(normalize(x["prediction"]) == normalize(x["answer"]) for x in p) / len(p)
+        assert abs(acc - row["accuracy"]) < 1e-12
+        changed = sum(normalize(x["prediction"]) != normalize(y["prediction"]) for x, y in zip(p, base))
+        assert row["answers_changed"] == changed
+        gained, lost = row["answers_gained_lost"]
+        assert abs(100 * (gained - lost) / len(p) - row["delta_points"]) < 1e-9
+        lo, hi = row["delta_ci95_points"]
+        assert lo <= row["delta_points"] <= hi
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "Δ 95% CI (paired)" in summary and "| adaptive |" in summary

@@ -293,13 +293,23 @@ def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False):
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
 
+def curriculum_templates(stages, stage_steps: int, step: int) -> set | None:
+    """Templates trained at ``step`` under a template curriculum (None: every template): phase j
+    (steps j*stage_steps .. (j+1)*stage_steps) trains on the templates of stages 0..j, cumulatively,
+    so the easy look-ups are learned before the whole mixture competes for the same heads."""
+    if not stages or stage_steps <= 0 or step >= stage_steps * len(stages):
+        return None
+    return set().union(*stages[: step // stage_steps + 1])
+
+
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
           vision_cache: str | None = None, vision_object_weight: float = 1.0, vision_views: int | None = None,
           aux_weight: float = 0.0, bg_curriculum: float = 0.0, dense_answer: float = 0.0, rope_theta: float = 10000.0,
           scenes_per_step: int = 1, align_weight: float = 0.0, bg_keep_max: float = 1.0,
-          templates: tuple[str, ...] | None = None) -> dict:
+          templates: tuple[str, ...] | None = None, template_stages: tuple[tuple[str, ...], ...] | None = None,
+          template_frac: float = 0.5, decoder_seed: int | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -313,6 +323,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     if templates is not None and not set(templates) <= set(TEMPLATES):
         raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(templates) - set(TEMPLATES)))}; "
                          f"choose from {', '.join(TEMPLATES)}")
+    for stage in template_stages or ():
+        if not set(stage) <= set(TEMPLATES):
+            raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(stage) - set(TEMPLATES)))} in "
+                             f"--template-curriculum; choose from {', '.join(TEMPLATES)}")
     torch.manual_seed(seed)
     np.random.seed(seed)
     t0 = time.time()
@@ -328,7 +342,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     vision, vsettings, vstats = vision_stage(seed, vision_scenes, vision_steps, vision_object_weight, vision_views,
                                              vision_cache)
     # ---------------------------------------------------------------- stage 2 modules
-    torch.manual_seed(seed + 1)  # same decoder init whether stage 1 ran or came from the cache
+    # stage 2 has its own seed (default: --seed) so that decoder runs can be repeated over seeds on one
+    # cached stage-1 tower
+    dseed = seed if decoder_seed is None else decoder_seed
+    torch.manual_seed(dseed + 1)  # same decoder init whether stage 1 ran or came from the cache
     # rope_theta: with head_dim 32 and theta 1e4 only ~3 of 16 rotary pairs stay nearly constant
     # across the ~1,500 positions between a question and a scene token, so content look-ups have
     # few dimensions to work with; theta 1e6 (as in Llama 3 / Qwen2 style configs) leaves about half
@@ -354,10 +371,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     total_steps = int(scenes * epochs) // scenes_per_step  # optimizer steps
     curriculum_steps = int(curriculum_frac * total_steps)
     bg_steps = int(bg_curriculum * total_steps)
+    stage_steps = int(template_frac * total_steps) // len(template_stages) if template_stages else 0
     warm = min(100, total_steps // 10)
     # scene features are cached in memory across epochs (about 1.3 MB per scene)
     feats_cache: dict[int, tuple] = {}
-    order = np.random.default_rng(seed).permutation(scenes)
+    order = np.random.default_rng(dseed).permutation(scenes)
     step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
     hits, tot, dense_hits, dense_tot = [], [], [], []
@@ -381,13 +399,19 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             if skipped > scenes:
                 raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}")
             continue
-        skipped = 0
         (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
+        active = curriculum_templates(template_stages, stage_steps, step)
+        if active is not None:
+            qs = [q for q in qs if q.template in active]
+            if not qs:
+                seen += 1
+                continue
+        skipped = 0
         if curriculum_views and step < curriculum_steps:
             # curriculum: early steps see a random subset of the views (fewer tokens, easier
             # attention discovery); the rest of training sees whole scenes as evaluated
             V = len(f) // VISION_PATCHES
-            views = np.random.default_rng(seed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
+            views = np.random.default_rng(dseed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
             rows = (views[:, None] * VISION_PATCHES + np.arange(VISION_PATCHES)[None]).reshape(-1)
             f, xyz = f[rows], xyz[rows]
             pcls, pcol = pcls[rows], pcol[rows]
@@ -404,7 +428,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             # the floor / wall / ceiling voxels (0 -> 100% over the curriculum), so the question
             # tokens first find objects among a few hundred tokens, then among the whole scene
             keep_p = bg_keep_max * step / bg_steps
-            rnd = torch.from_numpy(np.random.default_rng(seed * 104729 + step).random(vmap.num_tokens))
+            rnd = torch.from_numpy(np.random.default_rng(dseed * 104729 + step).random(vmap.num_tokens))
             sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
             pooled, vc, vk = pooled[sel], vc[sel], vk[sel]
         n_sp = len(pooled)
@@ -487,6 +511,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     provenance = {
         "command": "python -m adatoken_compile.train " + " ".join(sys.argv[1:]),
         "seed": seed,
+        "decoder_seed": dseed,
         "data": {"generator": "adatoken_compile.data (procedural rooms)", "split": "train",
                  "scene_seeds": [train_lo, train_lo + scenes - 1],
                  "vision_scene_seeds": [train_lo + VISION_SEED_OFFSET, train_lo + VISION_SEED_OFFSET + vision_scenes - 1]},
@@ -496,7 +521,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
                              "bg_curriculum_steps": bg_steps, "bg_keep_max": bg_keep_max, "templates": templates, "dense_answer": dense_answer,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
-                             "align_weight": align_weight},
+                             "align_weight": align_weight,
+                             "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
+                             if template_stages else None},
         "wall_minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
     }
@@ -535,6 +562,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoder-seed", type=int, default=None,
+                   help="seed of stage 2 (decoder init, scene order, curricula); default: --seed")
     p.add_argument("--scenes", type=int, default=1200)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--vision-scenes", type=int, default=120)
@@ -562,6 +591,10 @@ def main(argv=None):
                    help="fraction of the steps over which floor/wall/ceiling voxels are phased in (0: off)")
     p.add_argument("--templates", default=None,
                    help="train only on these question templates (comma-separated, e.g. color_of_class,exist)")
+    p.add_argument("--template-curriculum", default=None,
+                   help="cumulative template stages over --template-frac of the steps, e.g. "
+                        "'exist,class_of_color;color_of_class;count' (stage j adds its templates; then all)")
+    p.add_argument("--template-frac", type=float, default=0.5, help="fraction of the steps the template curriculum spans")
     p.add_argument("--bg-keep-max", type=float, default=1.0,
                    help="share of floor/wall/ceiling voxels kept at the end of --bg-curriculum (phased in from 0)")
     p.add_argument("--vision-cache", default=None, help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, else train and save it")
@@ -576,14 +609,16 @@ def main(argv=None):
         record_eval(a.out)
         return
     try:
-        train(a.out, seed=a.seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
+        train(a.out, seed=a.seed, decoder_seed=a.decoder_seed, scenes=a.scenes, epochs=a.epochs, vision_scenes=a.vision_scenes,
               vision_steps=a.vision_steps, vision_object_weight=a.vision_object_weight,
               vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
               curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
               aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
               dense_answer=a.dense_answer, rope_theta=a.rope_theta,
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
-              templates=tuple(a.templates.split(",")) if a.templates else None)
+              templates=tuple(a.templates.split(",")) if a.templates else None,
+              template_stages=tuple(tuple(t for t in st.split(",") if t) for st in a.template_curriculum.split(";"))
+              if a.template_curriculum else None, template_frac=a.template_frac)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

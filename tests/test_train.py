@@ -111,3 +111,47 @@ def test_unknown_training_template_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and "colour_of_chair" in err and "color_of_class" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_template_curriculum_phases_are_cumulative_then_everything(tmp_path, capsys):
+    import pytest
+
+    from adatoken_compile.train import curriculum_templates, main
+
+    stages = (("exist", "class_of_color"), ("color_of_class",), ("count",))
+    assert curriculum_templates(stages, 10, 0) == curriculum_templates(stages, 10, 9) == {"exist", "class_of_color"}
+    assert curriculum_templates(stages, 10, 10) == {"exist", "class_of_color", "color_of_class"}
+    assert curriculum_templates(stages, 10, 29) == {"exist", "class_of_color", "color_of_class", "count"}
+    assert curriculum_templates(stages, 10, 30) is None  # after the curriculum: every template
+    assert curriculum_templates(None, 10, 0) is None and curriculum_templates(stages, 0, 0) is None
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--template-curriculum", "exist;how_big"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "how_big" in err and "--template-curriculum" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
+    """Two decoder steps through the whole train() path on one cached stage-1 tower: the checkpoint
+    loads through the real adapter, TRAINING.json records the recipe, and --decoder-seed changes the
+    decoder but not the tower."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from adatoken_compile.train import main
+
+    tower = str(tmp_path / "tower.pt")
+    common = ["--scenes", "2", "--epochs", "1", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
+              "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
+    main(["--out", str(tmp_path / "a"), *common])
+    main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", *common])
+    prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
+    assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
+    assert prov[0]["decoder_training"]["steps"] == 2
+    assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
+    assert 0.0 <= prov[0]["ci_sample_eval"]["accuracy"] <= 1.0 and prov[0]["ci_sample_eval"]["n"] == 50
+    da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
+    va, vb = (load_file(str(tmp_path / m / "vision_tower" / "model.safetensors")) for m in "ab")
+    assert va and all(torch.equal(va[k], vb[k]) for k in va)  # the same cached tower
+    assert not torch.equal(da["model.embed_tokens.weight"], db["model.embed_tokens.weight"])  # another decoder init

@@ -327,6 +327,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         if not set(stage) <= set(TEMPLATES):
             raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(stage) - set(TEMPLATES)))} in "
                              f"--template-curriculum; choose from {', '.join(TEMPLATES)}")
+    if template_stages and not 0.0 < template_frac <= 1.0:
+        raise InputError(f"train: --template-frac {template_frac} must be in (0, 1] (the share of the steps the curriculum spans)")
     torch.manual_seed(seed)
     np.random.seed(seed)
     t0 = time.time()
@@ -405,6 +407,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             qs = [q for q in qs if q.template in active]
             if not qs:
                 seen += 1
+                skipped += 1
+                if skipped > scenes:
+                    raise InputError(f"train: no training scene has a question of the curriculum stage "
+                                     f"{', '.join(sorted(active))}; put a template that every scene asks (exist, count) first")
                 continue
         skipped = 0
         if curriculum_views and step < curriculum_steps:

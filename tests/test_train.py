@@ -128,6 +128,10 @@ def test_template_curriculum_phases_are_cumulative_then_everything(tmp_path, cap
         main(["--out", str(tmp_path / "m"), "--template-curriculum", "exist;how_big"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and "how_big" in err and "--template-curriculum" in err
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--template-curriculum", "exist;count", "--template-frac", "1.5"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "--template-frac 1.5" in err
     assert not (tmp_path / "m").exists()
 
 

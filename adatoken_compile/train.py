@@ -320,13 +320,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
     from .tokenizer import build_word_tokenizer
 
-    if templates is not None and not set(templates) <= set(TEMPLATES):
-        raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(templates) - set(TEMPLATES)))}; "
-                         f"choose from {', '.join(TEMPLATES)}")
-    for stage in template_stages or ():
-        if not set(stage) <= set(TEMPLATES):
-            raise InputError(f"train: unknown question template(s) {', '.join(sorted(set(stage) - set(TEMPLATES)))} in "
-                             f"--template-curriculum; choose from {', '.join(TEMPLATES)}")
+    for names, where in [(templates or (), "")] + [(st, " in --template-curriculum") for st in template_stages or ()]:
+        bad = sorted(set(names) - set(TEMPLATES))
+        if bad:
+            raise InputError(f"train: unknown question template(s) {', '.join(bad)}{where}; choose from {', '.join(TEMPLATES)}")
     if template_stages and not 0.0 < template_frac <= 1.0:
         raise InputError(f"train: --template-frac {template_frac} must be in (0, 1] (the share of the steps the curriculum spans)")
     torch.manual_seed(seed)
@@ -395,24 +392,19 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                                            VISION["patch_size"])
                 feats_cache[scene_seed] = (cache(r.scene), qs_all,
                                            (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
-        if feats_cache[scene_seed] is None:
+        entry = feats_cache[scene_seed]
+        active = curriculum_templates(template_stages, stage_steps, step)
+        qs = [] if entry is None else entry[1] if active is None else [q for q in entry[1] if q.template in active]
+        if not qs:  # no question of --templates (nothing rendered) or of the curriculum's current stage
             seen += 1
             skipped += 1
             if skipped > scenes:
-                raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}")
+                raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}"
+                                 if entry is None else "train: no training scene has a question of the curriculum stage "
+                                 f"{', '.join(sorted(active))}; put a template that every scene asks (exist, count) first")
             continue
-        (f, xyz, vmap), qs, (pcls, pcol) = feats_cache[scene_seed]
-        active = curriculum_templates(template_stages, stage_steps, step)
-        if active is not None:
-            qs = [q for q in qs if q.template in active]
-            if not qs:
-                seen += 1
-                skipped += 1
-                if skipped > scenes:
-                    raise InputError(f"train: no training scene has a question of the curriculum stage "
-                                     f"{', '.join(sorted(active))}; put a template that every scene asks (exist, count) first")
-                continue
         skipped = 0
+        (f, xyz, vmap), _, (pcls, pcol) = entry
         if curriculum_views and step < curriculum_steps:
             # curriculum: early steps see a random subset of the views (fewer tokens, easier
             # attention discovery); the rest of training sees whole scenes as evaluated

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -302,6 +303,12 @@ def curriculum_templates(stages, stage_steps: int, step: int) -> set | None:
     return set().union(*stages[: step // stage_steps + 1])
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as a shell would need it typed again: arguments such as a template curriculum
+    ('exist,class_of_color;count') carry shell metacharacters and must stay quoted."""
+    return "python -m adatoken_compile.train " + shlex.join(argv)
+
+
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
@@ -507,7 +514,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             break
     lm.eval()
     provenance = {
-        "command": "python -m adatoken_compile.train " + " ".join(sys.argv[1:]),
+        "command": command_line(sys.argv[1:]),
         "seed": seed,
         "decoder_seed": dseed,
         "data": {"generator": "adatoken_compile.data (procedural rooms)", "split": "train",

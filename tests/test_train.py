@@ -135,6 +135,17 @@ def test_template_curriculum_phases_are_cumulative_then_everything(tmp_path, cap
     assert not (tmp_path / "m").exists()
 
 
+def test_recorded_command_can_be_typed_again():
+    import shlex
+
+    from adatoken_compile.train import command_line
+
+    argv = ["--out", "/tmp/a b", "--template-curriculum", "exist,class_of_color;color_of_class;count", "--seed", "3"]
+    cmd = command_line(argv)
+    assert cmd.startswith("python -m adatoken_compile.train ")
+    assert shlex.split(cmd)[3:] == argv  # a shell splits it back into the same arguments
+
+
 def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     """Two decoder steps through the whole train() path on one cached stage-1 tower: the checkpoint
     loads through the real adapter, TRAINING.json records the recipe, and --decoder-seed changes the

@@ -239,7 +239,7 @@ def _write_json(path, obj):
 @click.option("--policy", default="adaptive", show_default=True,
               type=click.Choice(["adaptive", "fastv", "pdrop", "adatoken-decay", "random", "none"]))
 @click.option("--flops-budget", default=None, type=float, help="adaptive: maximise fidelity under this prefill FLOPs ratio (0,1)")
-@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1]")
+@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1]; the default when neither this nor --flops-budget is given: 0.95")
 @click.option("--holdout", default="0.25", show_default=True,
               help="calibration questions held back to validate the schedule: a fraction in [0,1) or a row count; "
                    "adaptive's agreement is only as exact as this count allows (16 rows that all agree: 95%% CI 0.81-1)")

@@ -71,7 +71,7 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
         log(f"[1/5] calibrate: statistics of {samples} calibration questions, adaptive schedules validated on "
             f"{holdout_rows} others")
         # one held-back set (later scenes of the calibration split) validates every adaptive schedule;
-        # at 96 rows an agreement of 0.98 is resolved to about +-3 points, at 16 it could not tell 0.9 from 1
+        # at 96 rows an agreement of 0.95 is resolved to about +-4 points, at 16 it could not tell 0.9 from 1
         holdout = [b for b, _ in calibration_batches(adapter, "calibration", holdout_rows, start_scene=HOLDOUT_SCENE)]
         sched_a, stats = calibrate(adapter.decoder, calibration_batches(adapter, "calibration", samples), policy="adaptive",
                                    seed=0, progress=True, holdout_batches=holdout, **model_kw)

@@ -13,6 +13,7 @@ from adatoken_compile.calibrate.api import calibrate, write_calibration
 from adatoken_compile.calibrate.observers import AttentionObserver, extend_with_answers
 from adatoken_compile.calibrate.policies import RANDOM_SCORING, peer_schedule
 from adatoken_compile.calibrate.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from adatoken_compile.calibrate import solver
 from adatoken_compile.calibrate.solver import reference_logits
 from adatoken_compile.calibrate.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
 from adatoken_compile.contract import Segment, collate
@@ -293,7 +294,7 @@ def test_fallback_identity_matches_reference():
     assert torch.allclose(_fallback_pruned_prefill(model, b, identity(4)), reference_logits(model, b), atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{"flops_budget": 0.6}, {"fidelity": 0.5}])
+@pytest.mark.parametrize("kw", [{"flops_budget": 0.6}, {"fidelity": 0.5}, {}])
 def test_solver_meets_target(kw, tmp_path):
     model = _sharpen(_qwen("sdpa"))
     s, st = calibrate(model, _data(64, answers=True), policy="adaptive", progress=False, **kw)
@@ -303,7 +304,8 @@ def test_solver_meets_target(kw, tmp_path):
     if "flops_budget" in kw:
         assert s.predicted["flops_ratio"] <= kw["flops_budget"] + 1e-9
     else:
-        assert s.calibration["fidelity"]["agreement"] >= kw["fidelity"]
+        target = kw.get("fidelity", solver.DEFAULT_FIDELITY)  # no target, no budget: the default target
+        assert s.calibration["fidelity_target"] == target and s.calibration["fidelity"]["agreement"] >= target
     assert s.fingerprint == st.fingerprint and s.calibration["search"]["validated"]
     out = write_calibration(str(tmp_path / "cal"), s, st)
     assert sorted(os.listdir(out)) == sorted(["schedule.json", "stats.npz", "stats.json", "report.md", "report.json",
@@ -315,7 +317,6 @@ def test_solver_meets_target(kw, tmp_path):
 def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
     """The Lagrangian frontier jumps (here 0.54 -> 1.0 of the FLOPs); with agreement a step function of
     the FLOPs ratio the fidelity search must land inside the gap, below the frontier's passing point."""
-    from adatoken_compile.calibrate import solver
     from adatoken_compile.flops import schedule_flops
 
     model = _sharpen(_qwen("sdpa"))

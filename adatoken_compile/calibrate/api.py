@@ -1,6 +1,6 @@
 """Public calibrate API: statistics + schedule from a decoder and calibration batches.
 
-    schedule, stats = calibrate(decoder, batches, policy="adaptive", fidelity=0.98)
+    schedule, stats = calibrate(decoder, batches, policy="adaptive", fidelity=0.95)
     write_calibration("out/cal", schedule, stats)   # schedule.json, stats.npz/.json, report.*
 
 ``batches`` yields :class:`DecoderInputs`, or ``(DecoderInputs, answers)`` pairs where

@@ -37,6 +37,19 @@ def _fmt_cuts(s) -> str:
     return ", ".join(f"L{c.layer}:{c.keep:.3g}" for c in s.effective_cuts()) or "none"
 
 
+def example_table(base: list[dict], pruned: list[dict]) -> str:
+    """The first test scene's questions: ground truth next to the unpruned and the adaptive artifact's
+    answers (both through ONNX Runtime), so the main job shows what the model is asked and says."""
+    from .bench import markdown_table
+
+    seed = base[0]["seed"]
+    rows = [{"question": b["question"], "kind": b["kind"], "truth": b["answer"], "none": b["prediction"],
+             "adaptive": a["prediction"]} for b, a in zip(base, pruned) if b["seed"] == seed]
+    cols = [("question", "question"), ("kind", "kind"), ("truth", "ground truth"), ("none", "unpruned answer"),
+            ("adaptive", "adaptive answer")]
+    return f"Example: the questions of test scene {seed}\n\n" + markdown_table(rows, cols)
+
+
 def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows: int = 96, repeats: int = 5,
                    all_artifacts: bool = False, model: str | None = None, log=print) -> str:
     from tqdm import tqdm
@@ -181,7 +194,7 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
                    f"{fid['agreement']:.3f} (95% CI {fid['ci95'][0]:.3f}-{fid['ci95'][1]:.3f})")
         header += ("\nΔ 95% CI: paired over the same questions (per-question difference in {-1, 0, 1}); answers changed: "
                    "greedy answers that differ from the unpruned model's, + now right, - now wrong")
-        summary = header + "\n\n" + table
+        summary = header + "\n\n" + table + "\n\n" + example_table(acc["none"]["predictions"], acc["adaptive"]["predictions"])
         results = {
             "model": {"name": model_kw["model_name"], "fingerprint": fp, "arch": arch},
             "test_questions": len(test),

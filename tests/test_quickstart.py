@@ -39,3 +39,8 @@ def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir
         assert lo <= row["delta_points"] <= hi
     summary = open(os.path.join(out, "summary.md")).read()
     assert "Δ 95% CI (paired)" in summary and "| adaptive |" in summary
+    # the example block: every question of the first test scene with its ground truth and both answers
+    first = [(b, a) for b, a in zip(base, preds["adaptive"]) if b["seed"] == base[0]["seed"]]
+    assert f"questions of test scene {base[0]['seed']}" in summary and len(first) >= 3
+    for b, a in first:
+        assert f"| {b['question']} | {b['kind']} | {b['answer']} | {b['prediction']} | {a['prediction']} |" in summary

@@ -17,6 +17,17 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+def test_calibrate_help_states_the_solvers_default_fidelity():
+    """The CLI keeps torch out of start-up, so its help text spells the default target out; it must
+    be the solver's."""
+    import re
+
+    from adatoken_compile.calibrate.solver import DEFAULT_FIDELITY
+
+    r = _run(["calibrate", "--help"])
+    assert r.exit_code == 0 and re.search(rf"given: {re.escape(str(DEFAULT_FIDELITY))}(?![\d])", " ".join(r.output.split()))
+
+
 def test_calibrate_peer_policy_writes_everything(tiny3d_dir, tmp_path):
     out = tmp_path / "cal"
     r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6", "--policy", "pdrop",

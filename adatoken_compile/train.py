@@ -276,21 +276,33 @@ def class_colour_loss(cls_scores, col_scores, cls_t, col_t) -> torch.Tensor:
     return 0.5 * (nn.functional.cross_entropy(cls_scores, cls_t) + col)
 
 
-def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False):
+def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False, dense_from: int = 2):
     """Labels of one packed question block ``suffix + answer`` (label at p = token p+1): the
     answer tokens and EOS after the last suffix token; with ``dense`` also a second label row
-    where every question position after the first word predicts the answer's first token (deep
+    where every question position from ``dense_from`` on predicts the answer's first token (deep
     supervision: a scene look-up can then be learned at the question word, one hop, before the
-    final position learns to gather it). Returns (labels, dense_labels), -100 = ignored."""
+    final position learns to gather it). The default 2 skips "\n" and the first word, which carry
+    no question yet; ``key_word_position`` gives the first position where the question text
+    determines its answer. Returns (labels, dense_labels), -100 = ignored."""
     n = suffix_len + len(answer_ids)
     main = [-100] * (suffix_len - 1) + list(answer_ids) + [-100]
     extra = [-100] * n
     if dense:
-        for p in range(2, suffix_len - 1):  # "\n" and the first word carry no question yet
+        for p in range(max(2, dense_from), suffix_len - 1):
             extra[p] = answer_ids[0]
     return main, extra
 
 
+def key_word_position(suffix_ids: list[int], key_ids: set[int]) -> int:
+    """Index of the last class / colour word in a question's token ids (2 if none): before it the
+    question text does not yet say what is asked ("which is closer to the red object, the blue
+    one" has one candidate of two), so an answer target there teaches a guess from the scene
+    alone, e.g. the colour of any object near the red one."""
+    hits = [i for i, t in enumerate(suffix_ids) if t in key_ids]
+    return hits[-1] if hits else 2
+
+
+DENSE_FROM = ("question", "key-word")
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
 
@@ -316,7 +328,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           aux_weight: float = 0.0, bg_curriculum: float = 0.0, dense_answer: float = 0.0, rope_theta: float = 10000.0,
           scenes_per_step: int = 1, align_weight: float = 0.0, bg_keep_max: float = 1.0,
           templates: tuple[str, ...] | None = None, template_stages: tuple[tuple[str, ...], ...] | None = None,
-          template_frac: float = 0.5, decoder_seed: int | None = None) -> dict:
+          template_frac: float = 0.5, decoder_seed: int | None = None, dense_from: str = "question") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -331,6 +343,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         bad = sorted(set(names) - set(TEMPLATES))
         if bad:
             raise InputError(f"train: unknown question template(s) {', '.join(bad)}{where}; choose from {', '.join(TEMPLATES)}")
+    if dense_from not in DENSE_FROM:
+        raise InputError(f"train: --dense-from {dense_from!r} is not one of {', '.join(DENSE_FROM)}")
     if template_stages and not 0.0 < template_frac <= 1.0:
         raise InputError(f"train: --template-frac {template_frac} must be in (0, 1] (the share of the steps the curriculum spans)")
     torch.manual_seed(seed)
@@ -374,6 +388,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
 
     class_word = torch.tensor([tok.encode(" " + c)[0] for c in CLASSES])
     colour_word = torch.tensor([tok.encode(" " + c)[0] for c in COLOR_NAMES])
+    from .data.world import PLURALS
+
+    # last token of every class / plural / colour word (the words a question's answer hinges on)
+    key_ids = {tok.encode(" " + w)[-1] for w in (*CLASSES, *PLURALS.values(), *COLOR_NAMES)}
     total_steps = int(scenes * epochs) // scenes_per_step  # optimizer steps
     curriculum_steps = int(curriculum_frac * total_steps)
     bg_steps = int(bg_curriculum * total_steps)
@@ -448,7 +466,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             suffix = ids[k + 1 :]
             ans = tok.encode(" " + q.answer) + [tok.eos_id]
             qa.append(suffix + ans)
-            targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer)))
+            targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer),
+                                      dense_from=key_word_position(suffix, key_ids) if dense_from == "key-word" else 2))
             answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
         allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
@@ -525,6 +544,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "embed_std": embed_std, "aux_weight": aux_weight,
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
                              "bg_curriculum_steps": bg_steps, "bg_keep_max": bg_keep_max, "templates": templates, "dense_answer": dense_answer,
+                             "dense_from": dense_from,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -587,6 +607,10 @@ def main(argv=None):
                    help="weight of the auxiliary class/colour-word loss on scene tokens (alignment)")
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="weight of the loss tying projected object tokens to their class/colour word embeddings")
+    p.add_argument("--dense-from", choices=DENSE_FROM, default="question",
+                   help="where --dense-answer's targets start: 'question' = every question word after the "
+                        "first; 'key-word' = from the last class/colour word, where the text first says what is "
+                        "asked (relation questions name their second candidate last)")
     p.add_argument("--dense-answer", type=float, default=0.0,
                    help="weight of the answer loss at every question position (deep supervision; 0: off)")
     p.add_argument("--scenes-per-step", type=int, default=1,
@@ -619,7 +643,7 @@ def main(argv=None):
               vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
               curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
               aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
-              dense_answer=a.dense_answer, rope_theta=a.rope_theta,
+              dense_answer=a.dense_answer, dense_from=a.dense_from, rope_theta=a.rope_theta,
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
               templates=tuple(a.templates.split(",")) if a.templates else None,
               template_stages=tuple(tuple(t for t in st.split(",") if t) for st in a.template_curriculum.split(";"))

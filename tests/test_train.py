@@ -42,6 +42,41 @@ def test_qa_targets_main_and_dense():
     assert main2 == main and set(dense2) == {-100}
 
 
+def test_dense_targets_start_at_the_last_class_or_colour_word():
+    """--dense-from key-word: answer targets only where the question text already says what is
+    asked, e.g. not at "which is closer to the red object, the blue one or the" (one candidate)."""
+    from adatoken_compile.data import dataset as ds
+    from adatoken_compile.data.questions import TEMPLATES, questions_for
+    from adatoken_compile.data.world import CLASSES, COLOR_NAMES, PLURALS, make_world
+    from adatoken_compile.models.llava3d import SYSTEM_PROMPT, llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.tokenizer import build_word_tokenizer
+    from adatoken_compile.train import key_word_position
+
+    _, dense = qa_targets(8, [40, 2], dense=True, dense_from=5)
+    assert dense == [-100] * 5 + [40, 40] + [-100] * 3  # positions 5 and 6; 7 carries the main label
+    assert qa_targets(8, [40, 2], dense=True, dense_from=0)[1] == qa_targets(8, [40, 2], dense=True)[1]
+
+    texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts()) + [llava_v1_prompt(t) for t in ds.all_texts()]
+    tok = build_word_tokenizer(texts, vocab_size=600)
+    words = {*CLASSES, *PLURALS.values(), *COLOR_NAMES}
+    key_ids = {tok.encode(" " + w)[-1] for w in words}
+    seen = set()
+    for seed in range(2_000_000, 2_000_040):
+        for q in questions_for(make_world(seed)):
+            ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
+            suffix = ids[ids.index(-200) + 1 :]
+            k = key_word_position(suffix, key_ids)
+            head = tok.decode(suffix[: k + 1]).replace("?", " ").replace(",", " ").split()
+            tail = tok.decode(suffix[k + 1 :]).replace("?", " ").replace(",", " ").split()
+            # every class/colour word of the question is at or before k, and the word at k is one
+            assert head[-1] in words and not words & set(tail), q.text
+            assert [w for w in head if w in words] == [w for w in q.text.replace("?", " ").replace(",", " ").split()
+                                                         if w in words]
+            seen.add(q.template)
+    assert seen == set(TEMPLATES)
+    assert key_word_position([5, 6, 7], key_ids={99}) == 2  # no key word: the default start
+
+
 def test_voxel_majority_votes_per_voxel():
     from adatoken_compile.train import voxel_majority
 
@@ -160,9 +195,10 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     common = ["--scenes", "2", "--epochs", "1", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
               "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
     main(["--out", str(tmp_path / "a"), *common])
-    main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", *common])
+    main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
+    assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
     assert 0.0 <= prov[0]["ci_sample_eval"]["accuracy"] <= 1.0 and prov[0]["ci_sample_eval"]["n"] == 50

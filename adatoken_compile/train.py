@@ -293,6 +293,25 @@ def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False, dens
     return main, extra
 
 
+def training_tokenizer():
+    """The bundled model's tokenizer: trained on the system prompt and every question and answer
+    the generator can emit, inside the real llava_v1 prompt pieces ("\n" included)."""
+    from .data import dataset as ds
+    from .models.llava3d import SYSTEM_PROMPT, llava_v1_prompt
+    from .tokenizer import build_word_tokenizer
+
+    texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts())
+    texts += [llava_v1_prompt(t) for t in ds.all_texts()]
+    return build_word_tokenizer(texts, vocab_size=600)
+
+
+def key_word_ids(tok) -> set[int]:
+    """Last token of every class / plural / colour word: the words a question's answer hinges on."""
+    from .data.world import CLASSES, COLOR_NAMES, PLURALS
+
+    return {tok.encode(" " + w)[-1] for w in (*CLASSES, *PLURALS.values(), *COLOR_NAMES)}
+
+
 def key_word_position(suffix_ids: list[int], key_ids: set[int]) -> int:
     """Index of the last class / colour word in a question's token ids (2 if none): before it the
     question text does not yet say what is asked ("which is closer to the red object, the blue
@@ -338,7 +357,6 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     from .data.world import make_world
     from .models.llava3d import PositionEmbedding3D, build_projector, llava_v1_prompt, tokenize_with_placeholders
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
-    from .tokenizer import build_word_tokenizer
 
     for names, where in [(templates or (), "")] + [(st, " in --template-curriculum") for st in template_stages or ()]:
         bad = sorted(set(names) - set(TEMPLATES))
@@ -353,11 +371,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     t0 = time.time()
     train_lo = ds.SPLITS["train"][0]
     # ---------------------------------------------------------------- tokenizer
-    from .models.llava3d import SYSTEM_PROMPT
-
-    texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts())
-    texts += [llava_v1_prompt(t) for t in ds.all_texts()]  # the real prompt pieces, "\n" included
-    tok = build_word_tokenizer(texts, vocab_size=600)
+    tok = training_tokenizer()
     log(f"tokenizer: {tok.vocab_size} tokens")
     # ---------------------------------------------------------------- stage 1
     vision, vsettings, vstats = vision_stage(seed, vision_scenes, vision_steps, vision_object_weight, vision_views,
@@ -385,12 +399,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
 
     prefix_ids = None
-    from .data.world import CLASSES, COLOR_NAMES, PLURALS
+    from .data.world import CLASSES, COLOR_NAMES
 
     class_word = torch.tensor([tok.encode(" " + c)[0] for c in CLASSES])
     colour_word = torch.tensor([tok.encode(" " + c)[0] for c in COLOR_NAMES])
-    # last token of every class / plural / colour word (the words a question's answer hinges on)
-    key_ids = {tok.encode(" " + w)[-1] for w in (*CLASSES, *PLURALS.values(), *COLOR_NAMES)}
+    key_ids = key_word_ids(tok)
     total_steps = int(scenes * epochs) // scenes_per_step  # optimizer steps
     curriculum_steps = int(curriculum_frac * total_steps)
     bg_steps = int(bg_curriculum * total_steps)

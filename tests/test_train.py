@@ -45,21 +45,19 @@ def test_qa_targets_main_and_dense():
 def test_dense_targets_start_at_the_last_class_or_colour_word():
     """--dense-from key-word: answer targets only where the question text already says what is
     asked, e.g. not at "which is closer to the red object, the blue one or the" (one candidate)."""
-    from adatoken_compile.data import dataset as ds
     from adatoken_compile.data.questions import TEMPLATES, questions_for
     from adatoken_compile.data.world import CLASSES, COLOR_NAMES, PLURALS, make_world
-    from adatoken_compile.models.llava3d import SYSTEM_PROMPT, llava_v1_prompt, tokenize_with_placeholders
-    from adatoken_compile.tokenizer import build_word_tokenizer
-    from adatoken_compile.train import key_word_position
+    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.train import key_word_ids, key_word_position, training_tokenizer
 
     _, dense = qa_targets(8, [40, 2], dense=True, dense_from=5)
     assert dense == [-100] * 5 + [40, 40] + [-100] * 3  # positions 5 and 6; 7 carries the main label
     assert qa_targets(8, [40, 2], dense=True, dense_from=0)[1] == qa_targets(8, [40, 2], dense=True)[1]
 
-    texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts()) + [llava_v1_prompt(t) for t in ds.all_texts()]
-    tok = build_word_tokenizer(texts, vocab_size=600)
+    tok = training_tokenizer()
     words = {*CLASSES, *PLURALS.values(), *COLOR_NAMES}
-    key_ids = {tok.encode(" " + w)[-1] for w in words}
+    key_ids = key_word_ids(tok)
+    assert len(key_ids) == len(words)  # one distinct token per word
     seen = set()
     for seed in range(2_000_000, 2_000_040):
         for q in questions_for(make_world(seed)):

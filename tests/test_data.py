@@ -324,7 +324,7 @@ def test_vocabulary():
     for _, q in _questions()[:2000]:
         assert q.text == q.text.lower() and q.answer == q.answer.lower()
         assert q.text in texts and q.answer in texts
-        assert set(q.text.replace("?", " ").replace(",", " ").split()) <= vocab and q.answer in vocab
+        assert set(questions.text_words(q.text)) <= vocab and q.answer in vocab
 
 
 # --------------------------------------------------------------------------- splits, iteration

@@ -45,7 +45,7 @@ def test_qa_targets_main_and_dense():
 def test_dense_targets_start_at_the_last_class_or_colour_word():
     """--dense-from key-word: answer targets only where the question text already says what is
     asked, e.g. not at "which is closer to the red object, the blue one or the" (one candidate)."""
-    from adatoken_compile.data.questions import TEMPLATES, questions_for
+    from adatoken_compile.data.questions import TEMPLATES, questions_for, text_words
     from adatoken_compile.data.world import CLASSES, COLOR_NAMES, PLURALS, make_world
     from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
     from adatoken_compile.train import key_word_ids, key_word_position, training_tokenizer
@@ -64,12 +64,11 @@ def test_dense_targets_start_at_the_last_class_or_colour_word():
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
             suffix = ids[ids.index(-200) + 1 :]
             k = key_word_position(suffix, key_ids)
-            head = tok.decode(suffix[: k + 1]).replace("?", " ").replace(",", " ").split()
-            tail = tok.decode(suffix[k + 1 :]).replace("?", " ").replace(",", " ").split()
+            head = text_words(tok.decode(suffix[: k + 1]))
+            tail = text_words(tok.decode(suffix[k + 1 :]))
             # every class/colour word of the question is at or before k, and the word at k is one
             assert head[-1] in words and not words & set(tail), q.text
-            assert [w for w in head if w in words] == [w for w in q.text.replace("?", " ").replace(",", " ").split()
-                                                         if w in words]
+            assert [w for w in head if w in words] == [w for w in text_words(q.text) if w in words]
             seen.add(q.template)
     assert seen == set(TEMPLATES)
     assert key_word_position([5, 6, 7], key_ids={99}) == 2  # no key word: the default start

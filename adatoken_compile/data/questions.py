@@ -75,8 +75,7 @@ def answer_space(template: str, text: str = "") -> tuple[str, ...]:
     if template in ("exist", "closer_yesno"):
         return ("yes", "no")
     if template in ("closer", "farther"):
-        words = text.replace(",", " ").replace("?", " ").split()
-        return tuple(w for w in words if w in COLOR_NAMES)[1:3]
+        return tuple(w for w in text_words(text) if w in COLOR_NAMES)[1:3]
     raise KeyError(template)
 
 
@@ -172,6 +171,13 @@ def questions_for(info: SceneInfo, seed: int | None = None) -> list[Question]:
 # --------------------------------------------------------------------------- vocabulary
 
 
+def text_words(text: str) -> list[str]:
+    """A question text's words, in order, without its punctuation (``PUNCTUATION``)."""
+    for mark in PUNCTUATION:
+        text = text.replace(mark, " ")
+    return text.split()
+
+
 def all_texts() -> list[str]:
     """Every distinct question text and answer the generator can emit (sorted)."""
     texts = set()
@@ -188,7 +194,7 @@ def all_texts() -> list[str]:
 def _words() -> tuple[str, ...]:
     words = set()
     for t in all_texts():
-        words |= set(t.replace("?", " ").replace(",", " ").split())
+        words |= set(text_words(t))
     return tuple(sorted(words))
 
 

@@ -110,6 +110,22 @@ def training_questions(info, seed: int, relation_draws: int = 4):
     return out
 
 
+def count_answer_weights(infos) -> dict[str, float]:
+    """Loss weight of a counting question by its answer, from the answers' frequencies over the
+    training scenes ``infos``: w(a) = 1 / (K * f(a)) over the K answers seen, so every answer
+    carries the same total weight and the weights average 1 over the counting questions. Random
+    rooms hold many classes once or not at all (train answers 0/1/2/3/4 about 42/26/17/10/6%)
+    while the evaluation splits ask every count about equally often; unweighted, the answer prior
+    says "2" wherever the scene evidence between 2 and 4 is not sharp."""
+    from collections import Counter
+
+    from .data.world import CLASSES, MAX_COUNT
+
+    freq = Counter(str(info.count(c)) for info in infos for c in CLASSES if info.count(c) <= MAX_COUNT)
+    total = sum(freq.values())
+    return {a: total / (len(freq) * n) for a, n in sorted(freq.items())}
+
+
 # --------------------------------------------------------------------------- stage 1
 
 def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_weight: float = 1.0,
@@ -293,6 +309,16 @@ def qa_targets(suffix_len: int, answer_ids: list[int], dense: bool = False, dens
     return main, extra
 
 
+def weighted_cross_entropy(logits, labels, weight) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled positions (label != -100) with a weight per
+    position: sum(w * ce) / sum(w); equal weights give the plain mean."""
+    m = labels != -100
+    if not m.any():
+        return logits.new_zeros(())
+    ce = nn.functional.cross_entropy(logits[m], labels[m], reduction="none")
+    return (ce * weight[m]).sum() / weight[m].sum()
+
+
 def training_tokenizer():
     """The bundled model's tokenizer: trained on the system prompt and every question and answer
     the generator can emit, inside the real llava_v1 prompt pieces ("\n" included)."""
@@ -348,7 +374,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           aux_weight: float = 0.0, bg_curriculum: float = 0.0, dense_answer: float = 0.0, rope_theta: float = 10000.0,
           scenes_per_step: int = 1, align_weight: float = 0.0, bg_keep_max: float = 1.0,
           templates: tuple[str, ...] | None = None, template_stages: tuple[tuple[str, ...], ...] | None = None,
-          template_frac: float = 0.5, decoder_seed: int | None = None, dense_from: str = "question") -> dict:
+          template_frac: float = 0.5, decoder_seed: int | None = None, dense_from: str = "question",
+          relation_draws: int = 4, count_balance: bool = False) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -364,6 +391,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             raise InputError(f"train: unknown question template(s) {', '.join(bad)}{where}; choose from {', '.join(TEMPLATES)}")
     if dense_from not in DENSE_FROM:
         raise InputError(f"train: --dense-from {dense_from!r} is not one of {', '.join(DENSE_FROM)}")
+    if relation_draws < 0:
+        raise InputError(f"train: --relation-draws {relation_draws} must be >= 0 (draws of the relation generator per scene)")
     if template_stages and not 0.0 < template_frac <= 1.0:
         raise InputError(f"train: --template-frac {template_frac} must be in (0, 1] (the share of the steps the curriculum spans)")
     torch.manual_seed(seed)
@@ -409,6 +438,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     bg_steps = int(bg_curriculum * total_steps)
     stage_steps = int(template_frac * total_steps) // len(template_stages) if template_stages else 0
     warm = min(100, total_steps // 10)
+    count_w = count_answer_weights([make_world(train_lo + i) for i in range(scenes)]) if count_balance else None
+    if count_w:
+        log("counting-question loss weights by answer: " + ", ".join(f"{a}: {w:.2f}" for a, w in count_w.items()))
     # scene features are cached in memory across epochs (about 1.3 MB per scene)
     feats_cache: dict[int, tuple] = {}
     order = np.random.default_rng(dseed).permutation(scenes)
@@ -421,7 +453,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         scene_seed = train_lo + i
         if scene_seed not in feats_cache:
             info = make_world(scene_seed)
-            qs_all = [q for q in training_questions(info, scene_seed) if templates is None or q.template in templates]
+            qs_all = [q for q in training_questions(info, scene_seed, relation_draws) if templates is None or q.template in templates]
             feats_cache[scene_seed] = None  # --templates: no question of those templates, nothing to render
             if qs_all:
                 r = render_scene(info)
@@ -469,8 +501,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets, answer_at = [], [], []
+        qa, targets, answer_at, q_weight = [], [], [], []
         for q in qs:
+            q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
             k = ids.index(-200)
             if prefix_ids is None:
@@ -486,13 +519,20 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
         labels = torch.full((x.shape[1],), -100, dtype=torch.long)
         dense_labels = torch.full_like(labels, -100)
-        for s, (t, d) in zip(starts, targets):
+        pos_weight = torch.ones(x.shape[1])
+        for s, (t, d), w in zip(starts, targets, q_weight):
             labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
             dense_labels[s : s + len(d)] = torch.tensor(d)
+            pos_weight[s : s + len(t)] = w
         logits = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None]).logits[0]
-        loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
-        if dense_answer:
-            loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
+        if count_w:
+            loss = weighted_cross_entropy(logits, labels, pos_weight)
+            if dense_answer:
+                loss = loss + dense_answer * weighted_cross_entropy(logits, dense_labels, pos_weight)
+        else:  # the unweighted path, kept as it was so that earlier recorded commands reproduce bit for bit
+            loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+            if dense_answer:
+                loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
         obj, cls_t, col_t = object_targets(vc, vk)
         if aux_weight > 0 and obj.any():
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
@@ -556,7 +596,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "embed_std": embed_std, "aux_weight": aux_weight,
                              "curriculum": {"views": curriculum_views, "steps": curriculum_steps} if curriculum_views else None,
                              "bg_curriculum_steps": bg_steps, "bg_keep_max": bg_keep_max, "templates": templates, "dense_answer": dense_answer,
-                             "dense_from": dense_from,
+                             "dense_from": dense_from, "relation_draws": relation_draws,
+                             "count_balance": count_w,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -625,6 +666,13 @@ def main(argv=None):
                         "asked (relation questions name their second candidate last)")
     p.add_argument("--dense-answer", type=float, default=0.0,
                    help="weight of the answer loss at every question position (deep supervision; 0: off)")
+    p.add_argument("--relation-draws", type=int, default=4,
+                   help="draws of the evaluation generator's relation questions per training scene (duplicates "
+                        "dropped): 4 -> about 3 relation questions per scene, 12 -> about 6")
+    p.add_argument("--count-balance", action="store_true",
+                   help="weight each counting question's loss by 1 / frequency of its answer over the training "
+                        "scenes, so the answers 3 and 4 (rare in random rooms, as common as 0 in the test split) "
+                        "stop losing to the prior")
     p.add_argument("--scenes-per-step", type=int, default=1,
                    help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
@@ -655,7 +703,8 @@ def main(argv=None):
               vision_views=a.vision_views, lr=a.lr, minutes=a.minutes, curriculum_views=a.curriculum_views,
               curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
               aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
-              dense_answer=a.dense_answer, dense_from=a.dense_from, rope_theta=a.rope_theta,
+              dense_answer=a.dense_answer, dense_from=a.dense_from, relation_draws=a.relation_draws,
+              count_balance=a.count_balance, rope_theta=a.rope_theta,
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
               templates=tuple(a.templates.split(",")) if a.templates else None,
               template_stages=tuple(tuple(t for t in st.split(",") if t) for st in a.template_curriculum.split(";"))

@@ -145,6 +145,66 @@ def test_unknown_training_template_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_negative_relation_draws_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    from adatoken_compile.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--relation-draws", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "--relation-draws -1" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_count_answer_weights_give_every_answer_the_same_total():
+    from collections import Counter
+
+    from adatoken_compile.data.world import CLASSES, MAX_COUNT, make_world
+    from adatoken_compile.train import count_answer_weights
+
+    infos = [make_world(s) for s in range(200)]
+    w = count_answer_weights(infos)
+    answers = Counter(str(i.count(c)) for i in infos for c in CLASSES if i.count(c) <= MAX_COUNT)
+    assert set(w) == set(answers) == {"0", "1", "2", "3", "4"}
+    totals = [w[a] * n for a, n in answers.items()]
+    assert max(totals) - min(totals) < 1e-9  # each answer carries the same total weight
+    assert abs(sum(totals) / sum(answers.values()) - 1.0) < 1e-9  # mean weight 1 over the questions
+    assert w["0"] < 1.0 < w["4"]  # random rooms: 0 is the most common count, 4 the rarest
+
+
+def test_weighted_cross_entropy_is_the_plain_mean_at_equal_weights():
+    from adatoken_compile.train import weighted_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g)
+    labels = torch.tensor([-100, 3, 4, -100, 7, 1])
+    plain = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    assert torch.allclose(weighted_cross_entropy(logits, labels, torch.full((6,), 2.5)), plain)
+    # weight 0 at one labelled position drops it; weight on an ignored position changes nothing
+    w = torch.tensor([9.0, 1.0, 0.0, 9.0, 1.0, 1.0])
+    keep = torch.tensor([1, 4, 5])
+    assert torch.allclose(weighted_cross_entropy(logits, labels, w),
+                          torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
+    assert weighted_cross_entropy(logits, torch.full((6,), -100), w) == 0
+
+
+def test_more_relation_draws_add_relation_questions_only():
+    from adatoken_compile.data.world import make_world
+    from adatoken_compile.train import training_questions
+
+    more_total = 0
+    for s in range(20):
+        info = make_world(s)
+        few, many = training_questions(info, s, 4), training_questions(info, s, 12)
+        assert {q.text for q in few} <= {q.text for q in many}
+        assert all(q.kind == "relation" for q in many if q.text not in {f.text for f in few})
+        assert len({q.text for q in many}) == len(many)  # duplicates dropped
+        more_total += len(many) - len(few)
+        assert not any(q.kind == "relation" for q in training_questions(info, s, 0))
+    assert more_total > 20  # 12 draws ask about 3 more relation questions per scene than 4
+
+
 def test_template_curriculum_phases_are_cumulative_then_everything(tmp_path, capsys):
     import pytest
 
@@ -192,10 +252,14 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     common = ["--scenes", "2", "--epochs", "1", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
               "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
     main(["--out", str(tmp_path / "a"), *common])
-    main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word", *common])
+    main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
+          "--relation-draws", "0", "--count-balance", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
+    assert [p["decoder_training"]["relation_draws"] for p in prov] == [4, 0]
+    assert prov[0]["decoder_training"]["count_balance"] is None
+    assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
     assert 0.0 <= prov[0]["ci_sample_eval"]["accuracy"] <= 1.0 and prov[0]["ci_sample_eval"]["n"] == 50

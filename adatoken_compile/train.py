@@ -348,6 +348,34 @@ def key_word_position(suffix_ids: list[int], key_ids: set[int]) -> int:
     return hits[-1] if hits else 2
 
 
+def word_of_key_token(tok) -> dict[int, tuple[str, str]]:
+    """Token id -> ("class", name) / ("colour", name) for the last token of every singular class
+    word and colour word (plurals name several objects and are left out)."""
+    from .data.world import CLASSES, COLOR_NAMES
+
+    out = {tok.encode(" " + c)[-1]: ("class", c) for c in CLASSES}
+    out.update({tok.encode(" " + c)[-1]: ("colour", c) for c in COLOR_NAMES})
+    return out
+
+
+def locate_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info) -> list[tuple[int, tuple[float, float]]]:
+    """(position, floor position) for every class / colour word of a question that names exactly
+    one object of the scene: the object's centre on the floor plane, in metres from the room's
+    centre, halved (about -2..2). A relation question ("which is closer to the red object, the
+    blue one or the green one?") names three colour-unique objects; supervising where each is at
+    its word gives the distance comparison its inputs one hop early."""
+    out = []
+    for i, t in enumerate(suffix_ids):
+        if t not in word_of:
+            continue
+        what, name = word_of[t]
+        objs = [o for o in info.objects if (o.cls if what == "class" else o.color) == name]
+        if len(objs) == 1:
+            xy = (objs[0].center[:2] - np.asarray(info.room[:2]) / 2) / 2
+            out.append((i, (float(xy[0]), float(xy[1]))))
+    return out
+
+
 DENSE_FROM = ("question", "key-word")
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
@@ -375,7 +403,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           scenes_per_step: int = 1, align_weight: float = 0.0, bg_keep_max: float = 1.0,
           templates: tuple[str, ...] | None = None, template_stages: tuple[tuple[str, ...], ...] | None = None,
           template_frac: float = 0.5, decoder_seed: int | None = None, dense_from: str = "question",
-          relation_draws: int = 4, count_balance: bool = False) -> dict:
+          relation_draws: int = 4, count_balance: bool = False, locate_weight: float = 0.0,
+          locate_layer: int = 4) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -391,6 +420,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             raise InputError(f"train: unknown question template(s) {', '.join(bad)}{where}; choose from {', '.join(TEMPLATES)}")
     if dense_from not in DENSE_FROM:
         raise InputError(f"train: --dense-from {dense_from!r} is not one of {', '.join(DENSE_FROM)}")
+    if locate_weight and not 1 <= locate_layer <= DECODER["num_hidden_layers"]:
+        raise InputError(f"train: --locate-layer {locate_layer} must be 1..{DECODER['num_hidden_layers']} (decoder layers)")
     if relation_draws < 0:
         raise InputError(f"train: --relation-draws {relation_draws} must be >= 0 (draws of the relation generator per scene)")
     if template_stages and not 0.0 < template_frac <= 1.0:
@@ -423,6 +454,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     pe = PositionEmbedding3D(3, VISION["hidden_size"])
     proj = build_projector("mlp2x_gelu", VISION["hidden_size"], DECODER["hidden_size"], "train")
     params = list(lm.parameters()) + list(pe.parameters()) + list(proj.parameters())
+    # --locate-weight: a training-only linear read-out of floor positions (not saved)
+    locate_head = nn.Linear(DECODER["hidden_size"], 2) if locate_weight else None
+    if locate_head is not None:
+        params += list(locate_head.parameters())
     log(f"decoder params {sum(p.numel() for p in lm.parameters())/1e6:.2f}M")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
@@ -433,6 +468,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     class_word = torch.tensor([tok.encode(" " + c)[0] for c in CLASSES])
     colour_word = torch.tensor([tok.encode(" " + c)[0] for c in COLOR_NAMES])
     key_ids = key_word_ids(tok)
+    word_of = word_of_key_token(tok)
     total_steps = int(scenes * epochs) // scenes_per_step  # optimizer steps
     curriculum_steps = int(curriculum_frac * total_steps)
     bg_steps = int(bg_curriculum * total_steps)
@@ -459,11 +495,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                 r = render_scene(info)
                 c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
                                            VISION["patch_size"])
-                feats_cache[scene_seed] = (cache(r.scene), qs_all,
+                feats_cache[scene_seed] = (cache(r.scene), (qs_all, info),
                                            (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1))))
         entry = feats_cache[scene_seed]
         active = curriculum_templates(template_stages, stage_steps, step)
-        qs = [] if entry is None else entry[1] if active is None else [q for q in entry[1] if q.template in active]
+        qs = [] if entry is None else entry[1][0] if active is None else [q for q in entry[1][0] if q.template in active]
         if not qs:  # no question of --templates (nothing rendered) or of the curriculum's current stage
             seen += 1
             skipped += 1
@@ -501,7 +537,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets, answer_at, q_weight = [], [], [], []
+        qa, targets, answer_at, q_weight, where = [], [], [], [], []
         for q in qs:
             q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
@@ -514,6 +550,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer),
                                       dense_from=key_word_position(suffix, key_ids) if dense_from == "key-word" else 2))
             answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
+            where.append(locate_targets(suffix, word_of, entry[1][1]) if locate_head is not None else [])
         allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
@@ -524,7 +561,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
             dense_labels[s : s + len(d)] = torch.tensor(d)
             pos_weight[s : s + len(t)] = w
-        logits = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None]).logits[0]
+        out = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None],
+                 output_hidden_states=locate_head is not None)
+        logits = out.logits[0]
         if count_w:
             loss = weighted_cross_entropy(logits, labels, pos_weight)
             if dense_answer:
@@ -533,6 +572,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
             if dense_answer:
                 loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
+        at = [(s + i, xy) for s, w in zip(starts, where) for i, xy in w]
+        if at:
+            h = out.hidden_states[locate_layer][0, torch.tensor([a for a, _ in at])]
+            loss = loss + locate_weight * nn.functional.mse_loss(locate_head(h), torch.tensor([xy for _, xy in at]))
         obj, cls_t, col_t = object_targets(vc, vk)
         if aux_weight > 0 and obj.any():
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
@@ -598,6 +641,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "bg_curriculum_steps": bg_steps, "bg_keep_max": bg_keep_max, "templates": templates, "dense_answer": dense_answer,
                              "dense_from": dense_from, "relation_draws": relation_draws,
                              "count_balance": count_w,
+                             "locate": {"weight": locate_weight, "layer": locate_layer} if locate_weight else None,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -673,6 +717,10 @@ def main(argv=None):
                    help="weight each counting question's loss by 1 / frequency of its answer over the training "
                         "scenes, so the answers 3 and 4 (rare in random rooms, as common as 0 in the test split) "
                         "stop losing to the prior")
+    p.add_argument("--locate-weight", type=float, default=0.0,
+                   help="weight of a training-only loss that reads, at every class/colour word naming a single "
+                        "object, that object's floor position from the hidden state after --locate-layer (0: off)")
+    p.add_argument("--locate-layer", type=int, default=4, help="decoder layer whose output --locate-weight reads (1..8)")
     p.add_argument("--scenes-per-step", type=int, default=1,
                    help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
@@ -704,7 +752,8 @@ def main(argv=None):
               curriculum_frac=a.curriculum_frac, embed_std=a.embed_std, vision_cache=a.vision_cache,
               aux_weight=a.aux_weight, bg_curriculum=a.bg_curriculum,
               dense_answer=a.dense_answer, dense_from=a.dense_from, relation_draws=a.relation_draws,
-              count_balance=a.count_balance, rope_theta=a.rope_theta,
+              count_balance=a.count_balance, locate_weight=a.locate_weight, locate_layer=a.locate_layer,
+              rope_theta=a.rope_theta,
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
               templates=tuple(a.templates.split(",")) if a.templates else None,
               template_stages=tuple(tuple(t for t in st.split(",") if t) for st in a.template_curriculum.split(";"))

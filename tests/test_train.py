@@ -157,6 +157,48 @@ def test_negative_relation_draws_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_locate_targets_name_the_single_object_of_each_word():
+    import numpy as np
+
+    from adatoken_compile.data.questions import q_closer, q_count
+    from adatoken_compile.data.world import Object3D, SceneInfo
+    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.train import locate_targets, training_tokenizer, word_of_key_token
+
+    def obj(cls, color, x, y):
+        return Object3D(cls, color, [], np.array([x - 0.2, y - 0.2, 0.0]), np.array([x + 0.2, y + 0.2, 0.5]))
+
+    room = np.array([6.0, 4.0, 3.0])
+    info = SceneInfo(0, room, [obj("ball", "red", 1.0, 1.0), obj("box", "blue", 5.0, 3.0), obj("box", "green", 3.0, 0.5),
+                               obj("chair", "green", 2.0, 3.0)], (0, 0, 0), (0, 0, 0), (0, 0, 0), "box", ())
+    tok = training_tokenizer()
+    word_of = word_of_key_token(tok)
+
+    def suffix(text):
+        ids = tokenize_with_placeholders(tok, llava_v1_prompt(text))
+        return ids[ids.index(-200) + 1 :]
+
+    s = suffix(q_closer("red", "blue", "green"))  # green names two objects: no target
+    got = locate_targets(s, word_of, info)
+    assert [word_of[s[i]] for i, _ in got] == [("colour", "red"), ("colour", "blue")]
+    assert np.allclose([xy for _, xy in got], [((1 - 3) / 2, (1 - 2) / 2), ((5 - 3) / 2, (3 - 2) / 2)])
+    assert locate_targets(suffix(q_count("box")), word_of, info) == []  # a plural names several objects
+    s = suffix("what color is the ball?")
+    assert [(word_of[s[i]], xy) for i, xy in locate_targets(s, word_of, info)] == [(("class", "ball"), (-1.0, -0.5))]
+
+
+def test_bad_locate_layer_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    from adatoken_compile.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "m"), "--locate-weight", "1", "--locate-layer", "9"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "--locate-layer 9" in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_count_answer_weights_give_every_answer_the_same_total():
     from collections import Counter
 
@@ -253,12 +295,13 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
               "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
-          "--relation-draws", "0", "--count-balance", *common])
+          "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
     assert [p["decoder_training"]["relation_draws"] for p in prov] == [4, 0]
     assert prov[0]["decoder_training"]["count_balance"] is None
+    assert [p["decoder_training"]["locate"] for p in prov] == [None, {"weight": 0.5, "layer": 2}]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}

@@ -482,7 +482,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     order = np.random.default_rng(dseed).permutation(scenes)
     step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
-    hits, tot, dense_hits, dense_tot = [], [], [], []
+    hits, tot, dense_hits, dense_tot, locate_err = [], [], [], [], []
     lm.train()
     while step < total_steps:
         i = int(order[seen % scenes])
@@ -575,7 +575,9 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         at = [(s + i, xy) for s, w in zip(starts, where) for i, xy in w]
         if at:
             h = out.hidden_states[locate_layer][0, torch.tensor([a for a, _ in at])]
-            loss = loss + locate_weight * nn.functional.mse_loss(locate_head(h), torch.tensor([xy for _, xy in at]))
+            xy_err = nn.functional.mse_loss(locate_head(h), torch.tensor([xy for _, xy in at]))
+            loss = loss + locate_weight * xy_err
+            locate_err.append(xy_err.item())
         obj, cls_t, col_t = object_targets(vc, vk)
         if aux_weight > 0 and obj.any():
             # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
@@ -621,6 +623,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             log(f"step {step}/{total_steps} loss {np.mean(losses[-w:]):.4f} "
                 f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} "
                 + (f"(at question words {sum(dense_hits[-w:]) / max(1, sum(dense_tot[-w:])):.3f}) " if dense_answer else "")
+                + (f"locate rms {2 * math.sqrt(np.mean(locate_err[-w:])):.2f} m " if locate_err else "")
                 + f"lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:

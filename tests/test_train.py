@@ -280,13 +280,15 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
               "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
-          "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2", *common])
+          "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
+          "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
     assert [p["decoder_training"]["relation_draws"] for p in prov] == [4, 0]
     assert prov[0]["decoder_training"]["count_balance"] is None
     assert [p["decoder_training"]["locate"] for p in prov] == [None, {"weight": 0.5, "layer": 2}]
+    assert [p["decoder_training"]["instance_marker"] for p in prov] == [None, {"weight": 0.5, "layer": 3}]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -295,3 +297,61 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     va, vb = (load_file(str(tmp_path / m / "vision_tower" / "model.safetensors")) for m in "ab")
     assert va and all(torch.equal(va[k], vb[k]) for k in va)  # the same cached tower
     assert not torch.equal(da["model.embed_tokens.weight"], db["model.embed_tokens.weight"])  # another decoder init
+
+
+def test_first_of_instance_marks_the_first_token_of_each_object():
+    from adatoken_compile.train import first_of_instance
+
+    assert first_of_instance(torch.tensor([-1, 2, 2, -1, 0, 2, 1, 0, -1])).nonzero().squeeze(1).tolist() == [1, 4, 6]
+    assert not first_of_instance(torch.full((4,), -1)).any()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # against the definition, element by element
+        v = torch.randint(-1, 5, (30,), generator=g)
+        ref = [int(v[i]) >= 0 and int(v[i]) not in v[:i].tolist() for i in range(30)]
+        assert first_of_instance(v).tolist() == ref
+
+
+def test_instance_markers_count_the_objects_of_rendered_scenes():
+    """On real renders (the training path: patch instances -> voxel majority), the markers of a
+    class are as many as the scene's objects of that class for nearly every (scene, class)."""
+    from adatoken_compile.data.render import render_scene
+    from adatoken_compile.data.world import CLASSES, make_world
+    from adatoken_compile.models.tiny import CLIP_MEAN, CLIP_STD
+    from adatoken_compile.scene import preprocess_scene, unproject_patches, voxelize
+    from adatoken_compile.train import (ROOM_LABELS, VISION, _patch_instances, _patch_labels, instance_markers,
+                                        voxel_majority)
+
+    agree, pairs = 0, 0
+    for seed in range(8):
+        info = make_world(seed)
+        r = render_scene(info)
+        pre = preprocess_scene(r.scene, VISION["image_size"], CLIP_MEAN, CLIP_STD)
+        vm = voxelize(unproject_patches(pre.depths, pre.intrinsics, pre.poses, VISION["patch_size"]).reshape(-1, 3))
+        inv = torch.from_numpy(vm.inverse)
+        hw = (*r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
+        vc = voxel_majority(torch.from_numpy(_patch_labels(r.instance, info, *hw)[0].reshape(-1)), inv, vm.num_tokens)
+        vi = voxel_majority(_patch_instances(r.instance, *hw), inv, vm.num_tokens) - 1
+        on, mark = instance_markers(vc, vi)
+        assert int(mark.sum()) == len(set(vi[on].tolist()))  # one marker per object seen
+        for i, c in enumerate(CLASSES):
+            agree += int((mark & (vc[on] == ROOM_LABELS + i)).sum()) == info.count(c)
+            pairs += 1
+    assert agree >= 0.9 * pairs
+
+
+def test_balanced_bce_weighs_the_rare_class_like_the_rest():
+    from adatoken_compile.train import balanced_bce
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    target = torch.tensor([True] + [False] * 99)
+    never = torch.full((100,), -3.0)  # "never a marker": cheap under the plain mean
+    assert bce(never, target.float()) < 0.1
+    expected = 0.5 * (bce(never[:1], torch.ones(1)) + bce(never[1:], torch.zeros(99)))
+    assert torch.allclose(balanced_bce(never, target), expected) and balanced_bce(never, target) > 1.0
+    right = torch.where(target, 6.0, -6.0)
+    assert balanced_bce(right, target) < 0.01
+    assert torch.allclose(balanced_bce(never[1:], target[1:]), bce(never[1:], torch.zeros(99)))  # no positive: negatives only
+
+
+def test_bad_instance_layer_is_a_one_line_error(tmp_path, capsys):
+    assert "--instance-layer 0" in train_error(tmp_path, capsys, "--instance-weight", "1", "--instance-layer", "0")

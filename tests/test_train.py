@@ -281,7 +281,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
-          "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", *common])
+          "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
@@ -289,6 +289,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert prov[0]["decoder_training"]["count_balance"] is None
     assert [p["decoder_training"]["locate"] for p in prov] == [None, {"weight": 0.5, "layer": 2}]
     assert [p["decoder_training"]["instance_marker"] for p in prov] == [None, {"weight": 0.5, "layer": 3}]
+    assert [p["decoder_training"]["lr_decay_frac"] for p in prov] == [None, 0.5]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -355,3 +356,22 @@ def test_balanced_bce_weighs_the_rare_class_like_the_rest():
 
 def test_bad_instance_layer_is_a_one_line_error(tmp_path, capsys):
     assert "--instance-layer 0" in train_error(tmp_path, capsys, "--instance-weight", "1", "--instance-layer", "0")
+
+
+def test_lr_factor_cosine_by_default_and_stable_then_decay():
+    import math
+
+    from adatoken_compile.train import lr_factor
+
+    for p in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):  # the whole-run cosine the recorded commands used
+        assert lr_factor(p) == 0.5 * (1 + math.cos(math.pi * p))
+    assert lr_factor(1.5) == 0.0
+    assert [lr_factor(p, 0.2) for p in (0.0, 0.5, 0.8)] == [1.0, 1.0, 1.0]  # stable until 1 - F
+    assert abs(lr_factor(0.9, 0.2) - 0.5) < 1e-12 and lr_factor(1.0, 0.2) == 0.0 == lr_factor(1.3, 0.2)
+    steps = [lr_factor(p / 100, 0.2) for p in range(101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # never rises
+    assert all(abs(lr_factor(p, 1.0) - lr_factor(p)) < 1e-12 for p in (0.2, 0.6))  # F = 1 is the plain cosine
+
+
+def test_bad_lr_decay_frac_is_a_one_line_error(tmp_path, capsys):
+    assert "--lr-decay-frac 0.0" in train_error(tmp_path, capsys, "--lr-decay-frac", "0")

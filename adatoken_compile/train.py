@@ -654,8 +654,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             loss = loss + locate_weight * xy_err
             locate_err.append(xy_err.item())
         obj, cls_t, col_t = object_targets(vc, vk)
-        if marker_head is not None and obj.any():
-            on, mark = instance_markers(vc, vi)
+        on, mark = instance_markers(vc, vi) if marker_head is not None else (None, None)
+        if on is not None and on.any():  # (a voxel can vote object by class but room by instance)
             h = out.hidden_states[instance_layer][0, len(prefix_ids) : len(prefix_ids) + n_sp][on]
             sc = marker_head(h).squeeze(1)
             loss = loss + instance_weight * balanced_bce(sc, mark)

@@ -434,10 +434,9 @@ def lr_factor(progress: float, decay_frac: float | None = None) -> float:
     only after a break-away at ~55-70% of the steps, where a whole-run cosine has already
     halved the rate)."""
     p = min(1.0, progress)
-    if decay_frac is None:
-        return 0.5 * (1 + math.cos(math.pi * p))
-    start = 1.0 - decay_frac
-    return 1.0 if p <= start else 0.5 * (1 + math.cos(math.pi * (p - start) / decay_frac))
+    f = 1.0 if decay_frac is None else decay_frac  # F = 1 is the whole-run cosine, float for float
+    start = 1.0 - f
+    return 1.0 if p <= start else 0.5 * (1 + math.cos(math.pi * (p - start) / f))
 
 
 def curriculum_templates(stages, stage_steps: int, step: int) -> set | None:

@@ -233,16 +233,20 @@ def _write_json(path, obj):
 @click.option("--out", required=True, help="output directory (schedule.json, stats.*, report.md, PNGs)")
 @click.option("--data", default="calibration", show_default=True,
               help="procedural split to calibrate on (calibration|validation|train)")
-@click.option("--samples", default=64, show_default=True, type=click.IntRange(1, None), help="calibration questions")
+@click.option("--samples", default=None, type=click.IntRange(1, None),
+              help="calibration questions, the held-back ones included [default: 448 for adaptive, 64 otherwise]")
 @click.option("--start-scene", default=0, show_default=True, type=click.IntRange(0, None),
               help="first scene index of the split (shard calibration across machines)")
 @click.option("--policy", default="adaptive", show_default=True,
               type=click.Choice(["adaptive", "fastv", "pdrop", "adatoken-decay", "random", "none"]))
 @click.option("--flops-budget", default=None, type=float, help="adaptive: maximise fidelity under this prefill FLOPs ratio (0,1)")
-@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1]; the default when neither this nor --flops-budget is given: 0.95")
-@click.option("--holdout", default="0.25", show_default=True,
-              help="calibration questions held back to validate the schedule: a fraction in [0,1) or a row count; "
-                   "adaptive's agreement is only as exact as this count allows (16 rows that all agree: 95%% CI 0.81-1)")
+@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1), "
+              "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); the default when "
+              "neither this nor --flops-budget is given: 0.95")
+@click.option("--holdout", default=None,
+              help="calibration questions held back to validate the schedule: a row count or a fraction in [0,1); "
+                   "a fidelity target needs enough of them (73 rows for 0.95, 381 for 0.99) "
+                   "[default: 384 for adaptive, 0.25 otherwise]")
 @click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--merge", "merge_dirs", multiple=True, help="merge stats of these calibration dirs (repeat) instead of running")
@@ -255,6 +259,9 @@ def calibrate(model, vision_tower, attn, out, data, samples, start_scene, policy
 
     if flops_budget is not None and fidelity is not None:
         raise InputError("pass either --flops-budget or --fidelity, not both")
+    adaptive = policy == "adaptive"
+    samples = samples if samples is not None else (448 if adaptive else 64)
+    holdout = holdout if holdout is not None else ("384" if adaptive else "0.25")
     adapter = _load(model, vision_tower, attn)
     like_s = None
     if like:
@@ -422,19 +429,22 @@ def format_bench(res: dict) -> str:
 @click.option("--limit", default=60, show_default=True, type=click.IntRange(10, None),
               help="test questions per policy for accuracy")
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(8, None), help="calibration questions")
-@click.option("--holdout", default=96, show_default=True, type=click.IntRange(2, None),
-              help="other calibration questions that validate the adaptive schedules")
+@click.option("--holdout", default=384, show_default=True, type=click.IntRange(2, None),
+              help="other calibration questions that validate the adaptive schedules (the fidelity target needs "
+                   "enough of them: 73 for 0.95, 381 for 0.99)")
+@click.option("--fidelity", default=None, type=float,
+              help="adaptive's agreement target, passed when the lower end of its 95% interval reaches it; default 0.95")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, None))
 @click.option("--all-artifacts", is_flag=True, help="compile every policy's artifact and measure its accuracy with ORT "
               "(default: ORT for adaptive + identity; peers through the parity-tested PyTorch reference)")
 @click.option("--model", default=None, help="checkpoint directory or short name (default: the bundled llava3d-tiny)")
 @user_errors
-def quickstart(out, limit, samples, holdout, repeats, all_artifacts, model):
+def quickstart(out, limit, samples, holdout, fidelity, repeats, all_artifacts, model):
     """The main job: calibrate -> compile -> eval -> bench on the bundled model, adaptive vs peers."""
     from .quickstart import run_quickstart
 
     summary = run_quickstart(out, limit=limit, samples=samples, holdout_rows=holdout, repeats=repeats,
-                             all_artifacts=all_artifacts, model=model,
+                             all_artifacts=all_artifacts, model=model, fidelity=fidelity,
                              log=lambda m: click.echo(m, err=True))
     click.echo(summary)
 

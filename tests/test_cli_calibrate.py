@@ -114,3 +114,11 @@ def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     assert stats.samples > 0 and sched.fingerprint == a.fingerprint()
     assert stats.mean_spatial_tokens() == (a.image_size // 14) ** 2
     assert [c.layer for c in sched.cuts] == [1, 2, 3] and "fidelity" in sched.calibration
+
+
+def test_calibrate_holdout_larger_than_the_samples_is_one_line(tiny3d_dir, tmp_path):
+    """The default --holdout (384 rows) with a small --samples would leave no statistics: say so."""
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6"])
+    assert r.exit_code == 2 and "holdout 384" in r.output and "--samples 448" in r.output
+    assert r.output.strip().count("\n") == 0 and not out.exists()

@@ -15,7 +15,8 @@ from adatoken_compile.evaluate import normalize
 def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir, tmp_path):
     out = str(tmp_path / "qs")
     r = CliRunner().invoke(main, ["quickstart", "--out", out, "--model", tiny3d_dir, "--limit", "12", "--samples", "8",
-                                  "--holdout", "8", "--repeats", "1"], catch_exceptions=False)
+                                  "--holdout", "8", "--fidelity", "0.6", "--repeats", "1"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
     for f in ("results.json", "summary.md", "predictions.json", "pareto.png", "keep_curves.png",
               "calibration/schedule.json", "artifacts/identity/manifest.json", "artifacts/adaptive/manifest.json"):
@@ -44,3 +45,12 @@ def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir
     assert f"questions of test scene {base[0]['seed']}" in summary and len(first) >= 3
     for b, a in first:
         assert f"| {b['question']} | {b['kind']} | {b['answer']} | {b['prediction']} | {a['prediction']} |" in summary
+
+
+def test_quickstart_too_few_held_back_rows_for_the_target_is_one_line(tiny3d_dir, tmp_path):
+    """8 held-back questions that all agree show only >= 0.675 at 95% confidence: the default target
+    0.95 needs 73; the job must say so before it runs and leave nothing behind."""
+    out = tmp_path / "qs"
+    r = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--model", tiny3d_dir, "--holdout", "8"])
+    assert r.exit_code == 2 and "--holdout 73" in r.output and r.output.strip().count("\n") == 0
+    assert not out.exists() and os.listdir(tmp_path) == []

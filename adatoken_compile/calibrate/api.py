@@ -83,13 +83,15 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
               fingerprint: str | None = None, family: str | None = None, model_name: str | None = None,
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
               max_validations: int = 8, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
-              num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None) -> tuple[Schedule, CalibrationStats]:
+              num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None,
+              cache=None) -> tuple[Schedule, CalibrationStats]:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
 
     ``holdout``: fraction in [0, 1) or a row count held back from the statistics to validate
     schedules on (needed by ``adaptive``; peers get their fidelity measured on it too).
     ``holdout_batches``: a separate iterable (same kind as ``batches``) to validate on instead;
-    every row of ``batches`` then goes into the statistics.
+    every row of ``batches`` then goes into the statistics. ``cache``: a ``solver.ValidationCache``
+    to reuse in later ``derive_schedule`` calls on the same held-back rows.
     ``prior``: statistics of earlier shards to merge with (same model). ``like``: the schedule
     whose counts ``random`` copies.
     """
@@ -118,6 +120,9 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     if holdout_batches is not None:
         cal_rows, hold_rows = rows, _rows(decoder, holdout_batches)[0]
     else:
+        if isinstance(holdout, int) and holdout >= n:
+            raise InputError(f"calibrate: holdout {holdout} rows leaves none of the {n} samples for the statistics; "
+                             f"use more samples (e.g. --samples {holdout + 64}) or a smaller --holdout")
         n_hold = int(holdout) if isinstance(holdout, int) else int(round(holdout * n))
         if isinstance(holdout, float) and holdout > 0 and n >= 2:
             n_hold = max(1, n_hold)
@@ -148,7 +153,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
 
     sched = derive_schedule(decoder, stats, holdout_batches, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                             seed=seed, progress=progress, family=family, model_name=model_name, like=like,
-                            max_cuts=max_cuts, max_validations=max_validations)
+                            max_cuts=max_cuts, max_validations=max_validations, cache=cache)
     sched.calibration["observe_seconds"] = stats.meta.get("observe_seconds")
     return sched, stats
 
@@ -156,15 +161,17 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
 def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, policy: str = "adaptive",
                     fidelity: float | None = None, flops_budget: float | None = None, seed: int = 0,
                     progress: bool = True, family: str | None = None, model_name: str | None = None,
-                    like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 8) -> Schedule:
-    """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end."""
+                    like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 8,
+                    cache=None) -> Schedule:
+    """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end
+    (``cache``: a ``solver.ValidationCache`` shared by several derivations on the same rows)."""
     arch = arch_from_config(decoder.config)
     fp = stats.fingerprint
     model = {"fingerprint": fp, "family": family, "model_name": model_name}
     if policy == "adaptive":
         vbar = _bar(progress, max_validations, "validate")
         sched = solve(decoder, stats, holdout_batches, fidelity=fidelity, flops_budget=flops_budget, max_cuts=max_cuts,
-                      max_validations=max_validations, seed=seed, progress=lambda c: vbar.update(1))
+                      max_validations=max_validations, seed=seed, progress=lambda c: vbar.update(1), cache=cache)
         vbar.close()
         sched.fingerprint, sched.family, sched.model_name = fp, family, model_name
     else:

@@ -36,14 +36,16 @@ def test_bundled_layout_and_provenance(bundled):
 
 
 def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
-    """The committed weights reproduce, through the adapter, the accuracy their training run
-    recorded on the fixed 50-question test sample (a regression check of weights + adapter; the
-    issue's >= 85% quality target is NOT met by the current weights, see README)."""
+    """The committed model reaches the issue's >= 85% on the fixed 50-question test sample, and the
+    weights reproduce, through the adapter, the accuracy their training run recorded on it (a
+    regression check of weights + adapter). The 90% target on the whole test split is not met yet
+    (README: 83.8% on 500 questions)."""
     assert len(ci_sample) == 50
     res = evaluate(torch_answer_fn(bundled), ci_sample)
     prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))["ci_sample_eval"]
     assert res["n"] == prov["n"] == 50
     assert abs(res["accuracy"] - prov["accuracy"]) <= 1 / 50, (res["accuracy"], prov["accuracy"])
+    assert res["accuracy"] >= 0.85, res["accuracy"]
     assert {k: v["n"] for k, v in res["per_kind"].items()} == {k: v["n"] for k, v in prov["per_kind"].items()}
 
 

@@ -13,8 +13,9 @@
    with the unpruned model: agreement = share of rows whose greedy next token is unchanged.
    A candidate meets a fidelity target T when the lower end of its agreement's 95% Wilson interval
    is >= T (``passes``), not its point estimate: the search picks the cheapest candidate that
-   passes, and with a point estimate it picks the luckiest one (session 12: 0.958 on 96 rows for
-   a schedule that agrees on 0.917 of 480 other rows and changes 11% of 500 test answers).
+   passes, and with a point estimate it picks the luckiest one (session 11's quickstart on run C
+   chose a schedule at 0.958 on 96 rows that agrees on 0.917 of 480 other rows and changes 11% of
+   500 test answers, measured in session 12).
    Fidelity target: bisection along the frontier for the cheapest candidate meeting it, then
    bisection on the FLOPs budget between it and the failing candidate below it (``fill_budget``
    schedules), while validations remain and the gap exceeds ``REFINE_GAP``.
@@ -39,9 +40,9 @@ from .stats import CalibrationStats
 
 REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
 # default agreement target when neither a target nor a budget is given: the lower end of the 95%
-# interval must reach 0.95, which on 384 held-back rows takes about 0.976 measured (9 changed
-# answers); on the 500 test questions of the session-11 model, cuts changing 1.4% of the answers
-# kept the accuracy and cuts changing 3-4% lost 1.2 points (README, solver section)
+# interval must reach 0.95, which on 384 held-back rows takes 374 agreeing (0.974, at most 10
+# changed); on the 500 test questions of session 11's run C, cuts changing 1.4% of the answers
+# kept the accuracy and cuts changing 3.6% lost 1.2 points (README, solver section)
 DEFAULT_FIDELITY = 0.95
 Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 

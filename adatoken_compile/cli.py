@@ -270,13 +270,17 @@ def calibrate(model, vision_tower, attn, out, data, samples, start_scene, policy
         like_s = Schedule.load(like)
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, fingerprint=adapter.fingerprint(),
               family=adapter.family, model_name=str(model or "llava3d-tiny"), like=like_s)
+    hold = _holdout(holdout)
     if merge_dirs:
+        # the merged statistics need no new samples: validate on --holdout rows (a count), or on that
+        # share of --samples (at least 8), from --start-scene on
+        n_val = hold if isinstance(hold, int) else max(8, round(hold * samples))
         schedule, stats = api.calibrate_from_stats(adapter.decoder, [api.load_stats(d) for d in merge_dirs],
-                                                   calibration_batches(adapter, data, max(8, samples // 4), start_scene=start_scene),
+                                                   calibration_batches(adapter, data, n_val, start_scene=start_scene),
                                                    **kw)
     else:
         schedule, stats = api.calibrate(adapter.decoder, calibration_batches(adapter, data, samples, start_scene=start_scene),
-                                        holdout=_holdout(holdout), **kw)
+                                        holdout=hold, **kw)
     api.write_calibration(out, schedule, stats)
     pred = schedule.predicted
     click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "

@@ -73,6 +73,12 @@ def test_calibrate_shards_merge(tiny3d_dir, tmp_path):
     jb = json.load(open(b / "schedule.json"))["calibration"]["samples"]
     jm = json.load(open(m / "schedule.json"))["calibration"]
     assert jm["samples"] == ja + jb and jm["merged_shards"] == 2
+    assert jm["fidelity"]["rows"] == 8  # fastv's default --holdout 0.25 of 8 samples, at least 8
+    # adaptive on merged statistics validates on exactly --holdout rows (the count its target needs)
+    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(tmp_path / "ma"), "--merge", str(a), "--merge", str(b),
+              "--holdout", "76", "--start-scene", "20"])
+    assert r.exit_code == 0, r.output
+    assert json.load(open(tmp_path / "ma" / "schedule.json"))["calibration"]["fidelity"]["rows"] == 76
 
 
 def test_score_per_kind():

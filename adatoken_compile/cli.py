@@ -291,6 +291,9 @@ def calibrate(model, vision_tower, attn, out, data, samples, start_scene, policy
         lo, hi = fid.get("ci95", (None, None))
         click.echo(f"  validated on {fid['rows']} held-back rows: next-token agreement {fid['agreement']:.3f}"
                    + (f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""))
+        target = schedule.calibration.get("fidelity_target")
+        if target is not None and lo is not None:
+            click.echo(f"  fidelity target {target} met at 95% confidence: the interval's lower end {lo:.3f} >= {target}")
 
 
 def _holdout(text: str) -> float | int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from click.testing import CliRunner
 
@@ -20,8 +21,6 @@ def _run(args):
 def test_calibrate_help_states_the_solvers_default_fidelity():
     """The CLI keeps torch out of start-up, so its help text spells the default target out; it must
     be the solver's."""
-    import re
-
     from adatoken_compile.calibrate.solver import DEFAULT_FIDELITY
 
     r = _run(["calibrate", "--help"])
@@ -79,6 +78,8 @@ def test_calibrate_shards_merge(tiny3d_dir, tmp_path):
               "--holdout", "76", "--start-scene", "20"])
     assert r.exit_code == 0, r.output
     assert json.load(open(tmp_path / "ma" / "schedule.json"))["calibration"]["fidelity"]["rows"] == 76
+    lo = float(re.search(r"lower end (\d\.\d+) >= 0\.95", r.output).group(1))  # the pass rule, printed
+    assert lo >= 0.95
 
 
 def test_score_per_kind():

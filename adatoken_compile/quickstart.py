@@ -60,7 +60,7 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
     from .artifact_bench import bench_artifacts
     from .calibrate.api import calibrate, derive_schedule, write_calibration
     from .calibrate.policies import peer_schedule
-    from .calibrate.solver import ValidationCache
+    from .calibrate.solver import DEFAULT_FIDELITY, ValidationCache, require_rows
     from .data.dataset import iter_samples
     from .evaluate import calibration_batches, evaluate, paired, pruned_answer_fn, runtime_answer_fn
     from .flops import arch_from_config, schedule_flops
@@ -68,14 +68,10 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
     from .runtime import load as load_runtime
     from .schedule import identity
 
-    from .calibrate.solver import DEFAULT_FIDELITY, min_rows
-
     target = DEFAULT_FIDELITY if fidelity is None else fidelity
     if not (0.0 < target < 1.0):
         raise InputError(f"quickstart: --fidelity {target} must be in (0, 1)")
-    if holdout_rows < min_rows(target):  # before anything runs or is written
-        raise InputError(f"quickstart: --holdout {holdout_rows} held-back questions cannot show agreement >= {target} "
-                         f"at 95% confidence; use --holdout {min_rows(target)} or more, or a lower --fidelity")
+    require_rows(holdout_rows, target, "quickstart")  # the solver's own check, before anything runs or is written
     t0 = time.time()
     out = os.path.abspath(out)
     parent = os.path.dirname(out)

@@ -123,6 +123,18 @@ def min_rows(target: float) -> int:
     return math.ceil(target * Z95 * Z95 / (1.0 - target) - 1e-9)
 
 
+def require_rows(n_rows: int, target: float, where: str = "calibrate") -> None:
+    """One-line error unless ``n_rows`` held-back rows can show ``target`` at all (``min_rows``)."""
+    need = min_rows(target)
+    if n_rows < need:
+        lo = wilson_interval(n_rows, n_rows)[0]
+        raise InputError(
+            f"{where}: {n_rows} held-back rows cannot show agreement >= {target} (even all {n_rows} agreeing "
+            f"only shows >= {lo:.3f} at 95% confidence); hold back at least {need} rows (--holdout {need}) "
+            f"or lower --fidelity"
+        )
+
+
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (how far a held-back agreement can be trusted:
     16 rows that all agree still allow 0.81)."""
@@ -319,14 +331,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     if not holdout:
         raise InputError("calibrate: policy 'adaptive' needs held-back samples to validate on; use holdout > 0 with at least 2 samples")
     if fidelity is not None:
-        n_rows, need = sum(b.batch_size for b in holdout), min_rows(fidelity)
-        if n_rows < need:
-            lo = wilson_interval(n_rows, n_rows)[0]
-            raise InputError(
-                f"calibrate: {n_rows} held-back rows cannot show agreement >= {fidelity} (even all {n_rows} agreeing "
-                f"only shows >= {lo:.3f} at 95% confidence); hold back at least {need} rows (--holdout {need} with "
-                f"enough --samples) or lower --fidelity"
-            )
+        require_rows(sum(b.batch_size for b in holdout), fidelity)
     t0 = time.time()
     L = stats.arch["num_layers"]
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)

@@ -423,6 +423,12 @@ def locate_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], i
     return out
 
 
+def position_targets(centres: torch.Tensor, room) -> torch.Tensor:
+    """--position-weight's targets: voxel centres (N, 3) in metres from the room's centre, halved
+    (about -2..2 on the floor plane, as locate_targets)."""
+    return (centres.float() - torch.as_tensor(np.asarray(room, np.float32)) / 2) / 2
+
+
 DENSE_FROM = ("question", "key-word")
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
@@ -464,7 +470,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           template_frac: float = 0.5, decoder_seed: int | None = None, dense_from: str = "question",
           relation_draws: int = 4, count_balance: bool = False, locate_weight: float = 0.0,
           locate_layer: int = 4, instance_weight: float = 0.0, instance_layer: int = 3,
-          lr_decay_frac: float | None = None) -> dict:
+          lr_decay_frac: float | None = None, position_weight: float = 0.0, pe_scale: float = 1.0) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -486,6 +492,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         raise InputError(f"train: --instance-layer {instance_layer} must be 1..{DECODER['num_hidden_layers']} (decoder layers)")
     if lr_decay_frac is not None and not 0.0 < lr_decay_frac <= 1.0:
         raise InputError(f"train: --lr-decay-frac {lr_decay_frac} must be in (0, 1] (the share of the steps the decay spans)")
+    if position_weight < 0 or pe_scale <= 0:
+        raise InputError(f"train: --position-weight {position_weight} must be >= 0 and --pe-scale {pe_scale} > 0")
     if relation_draws < 0:
         raise InputError(f"train: --relation-draws {relation_draws} must be >= 0 (draws of the relation generator per scene)")
     if template_stages and not 0.0 < template_frac <= 1.0:
@@ -516,6 +524,14 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     # instead of HF's std 0.02 (norm ~0.2), so question words are not drowned by ~1,400 scene tokens
     nn.init.normal_(lm.model.embed_tokens.weight, std=embed_std)
     pe = PositionEmbedding3D(3, VISION["hidden_size"])
+    if pe_scale != 1.0:
+        # --pe-scale: the stage-1 CLIP features that the position embedding is added to have norm
+        # ~40 while a default-initialised embedding ends training at ~4, so a linear read of a
+        # token's position from the decoder's input is poor (ridge R^2 0.44 / 0.34 for x / y on the
+        # session-12 model); start the embedding's last layer S times larger instead
+        with torch.no_grad():
+            pe.position_embedding_head[-1].weight.mul_(pe_scale)
+            pe.position_embedding_head[-1].bias.mul_(pe_scale)
     proj = build_projector("mlp2x_gelu", VISION["hidden_size"], DECODER["hidden_size"], "train")
     params = list(lm.parameters()) + list(pe.parameters()) + list(proj.parameters())
     # --locate-weight: a training-only linear read-out of floor positions (not saved)
@@ -527,6 +543,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     marker_head = nn.Linear(DECODER["hidden_size"], 1) if instance_weight else None
     if marker_head is not None:
         params += list(marker_head.parameters())
+    # --position-weight: a training-only linear read-out (not saved) of each scene token's own
+    # position from the token as it enters the decoder, so that attention can copy positions
+    position_head = nn.Linear(DECODER["hidden_size"], 3) if position_weight else None
+    if position_head is not None:
+        params += list(position_head.parameters())
     log(f"decoder params {sum(p.numel() for p in lm.parameters())/1e6:.2f}M")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
@@ -551,7 +572,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     order = np.random.default_rng(dseed).permutation(scenes)
     step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
-    hits, tot, dense_hits, dense_tot, locate_err, marker_acc = [], [], [], [], [], []
+    hits, tot, dense_hits, dense_tot, locate_err, marker_acc, position_err = [], [], [], [], [], [], []
     lm.train()
     while step < total_steps:
         i = int(order[seen % scenes])
@@ -599,6 +620,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         # per-voxel majority class / colour of its patches (for the alignment loss and curriculum)
         vc, vk = voxel_majority(pcls, inv, vmap.num_tokens), voxel_majority(pcol, inv, vmap.num_tokens)
         vi = None if pinst is None else voxel_majority(pinst, inv, vmap.num_tokens) - 1
+        centres = torch.from_numpy(vmap.centers)
         if bg_curriculum and step < bg_steps:
             # curriculum: early steps keep every object voxel but only a growing random share of
             # the floor / wall / ceiling voxels (0 -> 100% over the curriculum), so the question
@@ -606,7 +628,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             keep_p = bg_keep_max * step / bg_steps
             rnd = torch.from_numpy(np.random.default_rng(dseed * 104729 + step).random(vmap.num_tokens))
             sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
-            pooled, vc, vk = pooled[sel], vc[sel], vk[sel]
+            pooled, vc, vk, centres = pooled[sel], vc[sel], vk[sel], centres[sel]
             vi = None if vi is None else vi[sel]
         n_sp = len(pooled)
         spatial = proj(pooled)
@@ -652,6 +674,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             xy_err = nn.functional.mse_loss(locate_head(h), torch.tensor([xy for _, xy in at]))
             loss = loss + locate_weight * xy_err
             locate_err.append(xy_err.item())
+        if position_head is not None:
+            pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
+            loss = loss + position_weight * pos_err
+            position_err.append(pos_err.item())
         obj, cls_t, col_t = object_targets(vc, vk)
         on, mark = instance_markers(vc, vi) if marker_head is not None else (None, None)
         if on is not None and on.any():  # (a voxel can vote object by class but room by instance)
@@ -707,6 +733,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                 + (f"(at question words {sum(dense_hits[-w:]) / max(1, sum(dense_tot[-w:])):.3f}) " if dense_answer else "")
                 + (f"locate rms {2 * math.sqrt(np.mean(locate_err[-w:])):.2f} m " if locate_err else "")
                 + (f"marker bal. acc {np.mean(marker_acc[-w:]):.3f} " if marker_acc else "")
+                + (f"position rms {2 * math.sqrt(np.mean(position_err[-w:]) * 3):.2f} m " if position_err else "")
                 + f"lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
@@ -729,6 +756,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "count_balance": count_w,
                              "locate": {"weight": locate_weight, "layer": locate_layer} if locate_weight else None,
                              "instance_marker": {"weight": instance_weight, "layer": instance_layer} if instance_weight else None,
+                             "position_weight": position_weight or None, "pe_scale": pe_scale if pe_scale != 1.0 else None,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -815,6 +843,12 @@ def main(argv=None):
                    help="weight of a training-only marker loss: from the hidden state after --instance-layer, each "
                         "object scene token tells whether it is the first token of its object instance (0: off)")
     p.add_argument("--instance-layer", type=int, default=3, help="decoder layer whose output --instance-weight reads (1..8)")
+    p.add_argument("--position-weight", type=float, default=0.0,
+                   help="weight of a training-only loss that reads each scene token's voxel centre (metres from "
+                        "the room's centre) linearly from the token as it enters the decoder (0: off)")
+    p.add_argument("--pe-scale", type=float, default=1.0,
+                   help="initialise the 3D position embedding's last layer this many times larger (the CLIP "
+                        "features it is added to are ~10x the default embedding's norm)")
     p.add_argument("--scenes-per-step", type=int, default=1,
                    help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
@@ -848,6 +882,7 @@ def main(argv=None):
               dense_answer=a.dense_answer, dense_from=a.dense_from, relation_draws=a.relation_draws,
               count_balance=a.count_balance, locate_weight=a.locate_weight, locate_layer=a.locate_layer,
               instance_weight=a.instance_weight, instance_layer=a.instance_layer, lr_decay_frac=a.lr_decay_frac,
+              position_weight=a.position_weight, pe_scale=a.pe_scale,
               rope_theta=a.rope_theta,
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max,
               templates=tuple(a.templates.split(",")) if a.templates else None,

@@ -281,7 +281,8 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
-          "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5", *common])
+          "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5",
+          "--position-weight", "0.5", "--pe-scale", "10", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
@@ -290,6 +291,8 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert [p["decoder_training"]["locate"] for p in prov] == [None, {"weight": 0.5, "layer": 2}]
     assert [p["decoder_training"]["instance_marker"] for p in prov] == [None, {"weight": 0.5, "layer": 3}]
     assert [p["decoder_training"]["lr_decay_frac"] for p in prov] == [None, 0.5]
+    assert [p["decoder_training"]["position_weight"] for p in prov] == [None, 0.5]
+    assert [p["decoder_training"]["pe_scale"] for p in prov] == [None, 10.0]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -298,6 +301,9 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     va, vb = (load_file(str(tmp_path / m / "vision_tower" / "model.safetensors")) for m in "ab")
     assert va and all(torch.equal(va[k], vb[k]) for k in va)  # the same cached tower
     assert not torch.equal(da["model.embed_tokens.weight"], db["model.embed_tokens.weight"])  # another decoder init
+    # --pe-scale 10: the position embedding's last layer starts (and after two small steps stays) ~10x larger
+    k = "model.video_tower.video_tower.positional_embedding.position_embedding_head.3.weight"
+    assert 8 < db[k].norm() / da[k].norm() < 12.5
 
 
 def test_first_of_instance_marks_the_first_token_of_each_object():
@@ -375,3 +381,16 @@ def test_lr_factor_cosine_by_default_and_stable_then_decay():
 
 def test_bad_lr_decay_frac_is_a_one_line_error(tmp_path, capsys):
     assert "--lr-decay-frac 0.0" in train_error(tmp_path, capsys, "--lr-decay-frac", "0")
+
+
+def test_position_targets_are_metres_from_the_room_centre_halved():
+    from adatoken_compile.train import position_targets
+
+    room = [4.0, 6.0, 3.0]
+    got = position_targets(torch.tensor([[2.0, 3.0, 1.5], [4.0, 6.0, 3.0], [0.0, 1.0, 0.5]]), room)
+    assert torch.allclose(got, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.5, 0.75], [-1.0, -1.0, -0.5]]))
+
+
+def test_bad_position_weight_or_pe_scale_is_a_one_line_error(tmp_path, capsys):
+    assert "--position-weight -1" in train_error(tmp_path, capsys, "--position-weight", "-1")
+    assert "--pe-scale 0" in train_error(tmp_path, capsys, "--pe-scale", "0")

@@ -6,7 +6,9 @@ Renders training scenes 0..39, pools per-voxel features through the checkpoint's
 modules at three points (tower features without the 3D position embedding, with it, after the
 projector), labels each voxel with the majority class/colour of its patches (renderer instance
 map), fits a linear probe on 30 scenes and reports accuracy on the other 10, over all voxels and
-over object voxels only. Not part of the package or its tests: a diagnostic the README quotes.
+over object voxels only; and a ridge regression of each voxel's centre (x, y, z in metres) from
+the same features, R^2 and rms error on the 10 test scenes (how linearly a token says where it
+is, which distance questions need). Not part of the package or its tests: a diagnostic the README quotes.
 """
 import sys, torch, numpy as np
 from _probe import fit_linear_probe
@@ -16,7 +18,7 @@ from adatoken_compile.train import ROOM_LABELS, VISION, _patch_labels, _render, 
 torch.set_num_threads(2)
 torch.manual_seed(0)  # the probes' initialisation
 ad = Llava3DAdapter(sys.argv[1])
-rows = {"raw": [], "raw+pe": [], "projected": []}; ycls, ycol, norms = [], [], []
+rows = {"raw": [], "raw+pe": [], "projected": []}; ycls, ycol, norms, centres = [], [], [], []
 for seed in range(0, 40):
     info, r = _render(seed)
     c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
@@ -32,7 +34,7 @@ for seed in range(0, 40):
         norms.append((raw.norm(dim=1).mean().item(), pe.norm(dim=1).mean().item()))
         pc = torch.from_numpy(c.reshape(-1)); pk = torch.from_numpy(k.reshape(-1))
         vc, vk = voxel_majority(pc, inv, vm.num_tokens), voxel_majority(pk, inv, vm.num_tokens)
-        ycls.append(vc); ycol.append(vk)
+        ycls.append(vc); ycol.append(vk); centres.append(torch.from_numpy(vm.centers).double())
 print("mean |tower feature| %.2f  |3D PE| %.2f" % tuple(np.mean(norms, 0)))
 ntr = 30
 for name, xs in rows.items():
@@ -44,5 +46,12 @@ for name, xs in rows.items():
         with torch.no_grad():
             pred = lin(Xte_n).argmax(1); obj = (yte if n == 8 else torch.cat(ycls[ntr:])) >= ROOM_LABELS
             out.append(((pred == yte).float().mean().item(), (pred[obj] == yte[obj]).float().mean().item()))
+    # ridge (lambda 1e-2 on standardised features) for the voxel centre
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    A = torch.cat([(Xtr - mu) / sd, torch.ones(len(Xtr), 1)], 1).double(); B = torch.cat(centres[:ntr])
+    W = torch.linalg.solve(A.T @ A + 1e-2 * torch.eye(A.shape[1], dtype=A.dtype), A.T @ B)
+    P = torch.cat([(Xte - mu) / sd, torch.ones(len(Xte), 1)], 1).double() @ W; T = torch.cat(centres[ntr:])
+    r2 = 1 - ((P - T) ** 2).sum(0) / ((T - T.mean(0)) ** 2).sum(0); rms = ((P - T) ** 2).mean(0).sqrt()
+    print(f"{name:10s} position R^2 x/y/z " + "/".join(f"{v:.2f}" for v in r2) + "  rms m " + "/".join(f"{v:.2f}" for v in rms))
     print(f"{name:10s} class acc all {out[0][0]:.3f} objects {out[0][1]:.3f} | colour acc all {out[1][0]:.3f} objects {out[1][1]:.3f}")
 print("object voxel share %.3f" % (torch.cat(ycls) >= ROOM_LABELS).float().mean().item())

@@ -405,10 +405,15 @@ def word_of_key_token(tok) -> dict[int, tuple[str, str]]:
     return out
 
 
+def room_frame(p, room):
+    """Positions in metres from the room's centre, halved (about -2..2 on the floor plane): the
+    targets of both position read-outs (``room`` the extents, of p's type and length)."""
+    return (p - room / 2) / 2
+
+
 def locate_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info) -> list[tuple[int, tuple[float, float]]]:
     """(position, floor position) for every class / colour word of a question that names exactly
-    one object of the scene: the object's centre on the floor plane, in metres from the room's
-    centre, halved (about -2..2). A relation question ("which is closer to the red object, the
+    one object of the scene: the object's centre on the floor plane (``room_frame``). A relation question ("which is closer to the red object, the
     blue one or the green one?") names three colour-unique objects; supervising where each is at
     its word gives the distance comparison its inputs one hop early."""
     out = []
@@ -418,15 +423,14 @@ def locate_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], i
         what, name = word_of[t]
         objs = [o for o in info.objects if (o.cls if what == "class" else o.color) == name]
         if len(objs) == 1:
-            xy = (objs[0].center[:2] - np.asarray(info.room[:2]) / 2) / 2
+            xy = room_frame(objs[0].center[:2], np.asarray(info.room[:2]))
             out.append((i, (float(xy[0]), float(xy[1]))))
     return out
 
 
 def position_targets(centres: torch.Tensor, room) -> torch.Tensor:
-    """--position-weight's targets: voxel centres (N, 3) in metres from the room's centre, halved
-    (about -2..2 on the floor plane, as locate_targets)."""
-    return (centres.float() - torch.as_tensor(np.asarray(room, np.float32)) / 2) / 2
+    """--position-weight's targets: voxel centres (N, 3) in the frame of ``room_frame``."""
+    return room_frame(centres.float(), torch.as_tensor(np.asarray(room, np.float32)))
 
 
 DENSE_FROM = ("question", "key-word")

@@ -11,7 +11,7 @@ the same features, R^2 and rms error on the 10 test scenes (how linearly a token
 is, which distance questions need). Not part of the package or its tests: a diagnostic the README quotes.
 """
 import sys, torch, numpy as np
-from _probe import fit_linear_probe
+from _probe import fit_linear_probe, fit_ridge
 from adatoken_compile.models.llava3d import Llava3DAdapter
 from adatoken_compile.scene import voxelize
 from adatoken_compile.train import ROOM_LABELS, VISION, _patch_labels, _render, voxel_majority
@@ -46,11 +46,7 @@ for name, xs in rows.items():
         with torch.no_grad():
             pred = lin(Xte_n).argmax(1); obj = (yte if n == 8 else torch.cat(ycls[ntr:])) >= ROOM_LABELS
             out.append(((pred == yte).float().mean().item(), (pred[obj] == yte[obj]).float().mean().item()))
-    # ridge (lambda 1e-2 on standardised features) for the voxel centre
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    A = torch.cat([(Xtr - mu) / sd, torch.ones(len(Xtr), 1)], 1).double(); B = torch.cat(centres[:ntr])
-    W = torch.linalg.solve(A.T @ A + 1e-2 * torch.eye(A.shape[1], dtype=A.dtype), A.T @ B)
-    P = torch.cat([(Xte - mu) / sd, torch.ones(len(Xte), 1)], 1).double() @ W; T = torch.cat(centres[ntr:])
+    P, T = fit_ridge(Xtr, torch.cat(centres[:ntr]), Xte), torch.cat(centres[ntr:])  # the voxel centre
     r2 = 1 - ((P - T) ** 2).sum(0) / ((T - T.mean(0)) ** 2).sum(0); rms = ((P - T) ** 2).mean(0).sqrt()
     print(f"{name:10s} position R^2 x/y/z " + "/".join(f"{v:.2f}" for v in r2) + "  rms m " + "/".join(f"{v:.2f}" for v in rms))
     print(f"{name:10s} class acc all {out[0][0]:.3f} objects {out[0][1]:.3f} | colour acc all {out[1][0]:.3f} objects {out[1][1]:.3f}")

@@ -332,7 +332,7 @@ def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
     assert hi - lo > 0.2  # the premise: a wide jump on this model's frontier
     threshold = lo + 0.5 * (hi - lo)
 
-    def fake_agreement(decoder, holdout, refs, schedule):
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None):
         ok = schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold
         return {"agreement": 1.0 if ok else 0.5, "kl": 0.0, "rows": 4, "agreed": 4 if ok else 2}
 
@@ -343,6 +343,50 @@ def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
     assert got - threshold < 0.15
     assert s.calibration["fidelity"]["agreement"] == 1.0
     assert len(s.calibration["search"]["validated"]) <= 12
+
+
+def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monkeypatch):
+    """Session 13's run P: the whole frontier cut at layer 1, every layer-1 cut that passed kept most
+    of the FLOPs, and deeper shapes the frontier never offered passed far cheaper. With agreement
+    refusing every cut at layer 1 (and the unpruned model never run: it agrees by construction),
+    the fidelity search must find a passing schedule whose first cut is deeper, and the budget
+    search must measure more than one first-cut layer and choose a deeper one."""
+    from adatoken_compile.flops import schedule_flops
+
+    model = _sharpen(_qwen("sdpa"))
+    _, st = calibrate(model, _data(64, answers=True), policy="adaptive", progress=False, fidelity=0.5, holdout=4)
+    N, nt = st.mean_spatial_tokens(), st.mean_text_tokens()
+    assert solver.propose(st)[0].cuts[0].layer == 1  # the premise: the proxy's cheapest shape cuts at layer 1
+    assert all(c.cuts[0].layer >= 2 for c in solver.propose(st, first_layer=2) if c.cuts)
+    runs = []
+
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None):
+        assert schedule.cuts, "the unpruned schedule was run"
+        runs.append(schedule)
+        ok = schedule.cuts[0].layer >= 2
+        return {"agreement": 1.0 if ok else 0.5, "kl": 0.0, "rows": 4, "agreed": 4 if ok else 2}
+
+    monkeypatch.setattr(solver, "agreement", fake_agreement)
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=12)
+    assert s.cuts and s.cuts[0].layer >= 2 and s.calibration["fidelity"]["agreed"] == 4
+    assert s.predicted["flops_ratio"] < 1.0 and len(runs) <= 12
+    cheapest_deep = min(c.flops_ratio for c in solver.propose(st, first_layer=2) if c.cuts)
+    assert s.predicted["flops_ratio"] < cheapest_deep + 0.25  # well into the deeper shapes' range
+
+    runs.clear()
+    budget = cheapest_deep + 0.03  # the proxy's own candidates at this budget all cut at layer 1 here
+    deep = fake_agreement
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None: {**deep(d, h, r, sch), "agreement": 0.75, "agreed": 3}
+                        if sch.cuts[0].layer >= 2 else deep(d, h, r, sch))  # below 1: no early stop
+    b = solver.solve(model, st, _data(64, n=4), flops_budget=budget, max_validations=4)
+    assert len({r.cuts[0].layer for r in runs}) >= 2  # shapes measured, not ranked by the proxy alone
+    assert b.cuts[0].layer >= 2 and b.predicted["flops_ratio"] <= budget + 1e-9
+
+    # nothing passes: the unpruned schedule is returned, recorded as agreeing by construction
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None: {"agreement": 0.5, "kl": 0.0, "rows": 4, "agreed": 2})
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=6)
+    assert s.cuts == [] and s.calibration["fidelity"]["unpruned"] and s.calibration["fidelity"]["agreed"] == 4
+    assert len(s.calibration["search"]["validated"]) == 6
 
 
 def test_a_lucky_point_estimate_does_not_pass(monkeypatch):
@@ -358,7 +402,7 @@ def test_a_lucky_point_estimate_does_not_pass(monkeypatch):
     ratios = sorted(c.flops_ratio for c in solver.propose(st))
     threshold = ratios[len(ratios) // 2]
 
-    def fake_agreement(decoder, holdout, refs, schedule):
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None):
         k = 96 if schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold - 1e-9 else 92
         return {"agreement": k / 96, "kl": 0.0, "rows": 96, "agreed": k}
 
@@ -419,6 +463,43 @@ def test_validation_cache_computes_references_and_measures_each_schedule_once(mo
     assert s1.calibration["fidelity"] == s2.calibration["fidelity"] == plain.calibration["fidelity"]
     solver.solve(model, st, _data(64, n=10), fidelity=0.5, cache=cache)  # other rows: new references
     assert calls["refs"] == first["refs"] + 5
+
+
+def test_a_failing_candidate_stops_early_and_is_measured_in_full_when_ranked(monkeypatch):
+    """A fidelity search stops running a candidate once more rows disagree than the target allows;
+    the stopped measurement fails, and a budget search (which ranks agreements) measures all rows.
+    The pruned forward is replaced by one whose answers differ on batches 1, 3 and 5 (2 rows each)."""
+    from adatoken_compile.schedule import Cut
+
+    model = _sharpen(_qwen("sdpa"))
+    hold = _data(64, n=16)  # 8 batches of 2 rows
+    refs = [solver.reference_logits(model, b) for b in hold]
+    runs = []
+
+    def fake_pruned(decoder, batch, schedule):
+        i = next(j for j, b in enumerate(hold) if b is batch)
+        runs.append(i)
+        return -refs[i] if i in (1, 3, 5) else refs[i]
+
+    monkeypatch.setattr(solver, "_run_pruned", fake_pruned)
+    harsh = Schedule(cuts=[Cut(1, 0.025)], num_layers=4)
+    full = solver.agreement(model, hold, refs, harsh)
+    assert full["rows"] == 16 and full["agreed"] == 10 and "stopped" not in full and runs == list(range(8))
+    part = solver.agreement(model, hold, refs, harsh, max_disagree=3)
+    assert part["stopped"] and part["rows"] == 8 and part["agreed"] == 4  # batch 3 takes it past 3
+    assert not solver.passes(part, 0.01) and solver.passes(full, 0.01)
+    assert solver.agreement(model, hold, refs, harsh, max_disagree=16 - full["agreed"]) == full  # never over: runs all
+    cache = solver.ValidationCache()
+    runs.clear()
+    assert cache.measure(model, hold, harsh, 3) == part and cache.measure(model, hold, harsh, 2) == part
+    assert runs == [0, 1, 2, 3]  # a stricter request is answered by the stopped run
+    looser = cache.measure(model, hold, harsh, 4)  # a looser request runs again, further
+    assert (looser["rows"], looser["agreed"], looser["stopped"]) == (12, 6, True)
+    assert cache.measure(model, hold, harsh) == full  # a ranking request: all rows
+    for n, t in ((384, 0.95), (96, 0.9), (500, 0.97)):
+        m = solver.max_disagreements(n, t)
+        assert solver.wilson_interval(n - m, n)[0] >= t > solver.wilson_interval(n - m - 1, n)[0]
+    assert solver.max_disagreements(384, 0.95) == 10
 
 
 def test_wilson_interval_of_the_agreement():

@@ -82,7 +82,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
               flops_budget: float | None = None, holdout: float | int = 0.25, seed: int = 0, progress: bool = True,
               fingerprint: str | None = None, family: str | None = None, model_name: str | None = None,
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
-              max_validations: int = 8, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
+              max_validations: int = 16, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
               num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None,
               cache=None) -> tuple[Schedule, CalibrationStats]:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
@@ -161,7 +161,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
 def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, policy: str = "adaptive",
                     fidelity: float | None = None, flops_budget: float | None = None, seed: int = 0,
                     progress: bool = True, family: str | None = None, model_name: str | None = None,
-                    like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 8,
+                    like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 16,
                     cache=None) -> Schedule:
     """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end
     (``cache``: a ``solver.ValidationCache`` shared by several derivations on the same rows)."""

@@ -69,18 +69,29 @@ def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Ten
     return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
 
 
-def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule) -> dict:
-    """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``."""
+def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
+              max_disagree: int | None = None) -> dict:
+    """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
+    ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
+    failed a fidelity target whatever the rest do); the result then says ``stopped`` and counts
+    only the rows run."""
     same = total = 0
     kl = 0.0
+    stopped = False
     for batch, ref in zip(holdout, refs):
         lg = _run_pruned(decoder, batch, schedule)
         same += int((lg.argmax(-1) == ref.argmax(-1)).sum())
         total += lg.shape[0]
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
         kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
-    return {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total, "agreed": same,
-            "ci95": [round(x, 4) for x in wilson_interval(same, total)]}
+        if max_disagree is not None and total - same > max_disagree:
+            stopped = total < sum(b.batch_size for b in holdout)
+            break
+    out = {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total, "agreed": same,
+           "ci95": [round(x, 4) for x in wilson_interval(same, total)]}
+    if stopped:
+        out["stopped"] = True
+    return out
 
 
 class ValidationCache:
@@ -99,16 +110,22 @@ class ValidationCache:
             self.key, self.refs, self.measured = key, [reference_logits(decoder, b) for b in holdout], {}
         return self.refs
 
-    def measure(self, decoder, holdout, schedule: Schedule) -> dict:
+    def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
+        """Agreement of ``schedule`` (see ``agreement``); a measurement that stopped early answers only
+        requests that would have stopped there too (a fidelity search), others measure all rows."""
         cuts = tuple((c.layer, round(float(c.keep), 9)) for c in schedule.cuts)
-        if cuts not in self.measured:
-            self.measured[cuts] = agreement(decoder, holdout, self.refs_for(decoder, holdout), schedule)
+        have = self.measured.get(cuts)
+        if have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree)):
+            self.measured[cuts] = agreement(decoder, holdout, self.refs_for(decoder, holdout), schedule, max_disagree)
         return dict(self.measured[cuts])
 
 
 def passes(measured: dict, target: float) -> bool:
     """Does a validated candidate meet the fidelity target? The lower end of the 95% Wilson interval
-    of its agreement must reach it (computed from the counts, not the rounded ``ci95``)."""
+    of its agreement must reach it (computed from the counts, not the rounded ``ci95``); a
+    measurement stopped early has failed."""
+    if measured.get("stopped"):
+        return False
     n = int(measured["rows"])
     k = int(measured.get("agreed", round(measured["agreement"] * n)))
     return wilson_interval(k, n, Z95)[0] >= target - 1e-12
@@ -121,6 +138,15 @@ def min_rows(target: float) -> int:
         raise InputError("calibrate: fidelity target 1 cannot be shown on a finite held-back set; "
                          "use --policy none for the unpruned model, or a target below 1 such as 0.99")
     return math.ceil(target * Z95 * Z95 / (1.0 - target) - 1e-9)
+
+
+def max_disagreements(n_rows: int, target: float) -> int:
+    """Most rows of ``n_rows`` that may disagree for a schedule to still pass ``target`` (-1: none
+    can pass): on 384 rows at 0.95, 10."""
+    k = n_rows
+    while k >= 0 and wilson_interval(k, n_rows, Z95)[0] >= target - 1e-12:
+        k -= 1
+    return n_rows - (k + 1)
 
 
 def require_rows(n_rows: int, target: float, where: str = "calibrate") -> None:
@@ -188,8 +214,9 @@ class Candidate:
 
 
 def propose(stats: CalibrationStats, *, max_cuts: int | None = 4, proxy: str = "flow",
-            lambdas: Sequence[float] | None = None) -> list[Candidate]:
-    """Pareto frontier (FLOPs ratio ascending, loss descending) of DP-optimal schedules."""
+            lambdas: Sequence[float] | None = None, first_layer: int = 1) -> list[Candidate]:
+    """Pareto frontier (FLOPs ratio ascending, loss descending) of DP-optimal schedules whose
+    cuts all sit at layer ``first_layer`` or deeper."""
     arch = stats.arch
     L = arch["num_layers"]
     if stats.arrays["retained_rows"][0] == 0:
@@ -219,7 +246,7 @@ def propose(stats: CalibrationStats, *, max_cuts: int | None = 4, proxy: str = "
     lambdas = list(lambdas) if lambdas is not None else [0.0] + list(np.logspace(-3, 4, 36))
     seen: dict = {}
     for lam in lambdas:
-        cuts = _dp(cost, drop, loss_tab, lam, K, L, R)
+        cuts = _dp(cost, drop, loss_tab, lam, K, L, R, first_layer)
         key = tuple((l, grid[r]) for l, r in cuts)
         if key not in seen:
             s = Schedule(cuts=[Cut(l, g) for l, g in key], num_layers=L)
@@ -283,7 +310,7 @@ def fill_budget(stats: CalibrationStats, start: Candidate, budget: float, proxy:
     return cur
 
 
-def _dp(cost, drop, loss_tab, lam, K, L, R) -> list[tuple[int, int]]:
+def _dp(cost, drop, loss_tab, lam, K, L, R, first_layer: int = 1) -> list[tuple[int, int]]:
     INF = np.inf
     V = np.full((K + 1, R, L), INF)
     V[0, R - 1, 0] = cost[R - 1]
@@ -292,7 +319,7 @@ def _dp(cost, drop, loss_tab, lam, K, L, R) -> list[tuple[int, int]]:
         step = cost[None, :, None] + lam * loss_tab[l][None]
         newV = V + step
         newV[:, :, l] = INF
-        if K > 0:
+        if K > 0 and l >= first_layer:
             # best previous state per (k-1, r_prev): min over c
             bc = V[:-1].min(axis=2)  # (K, R)
             bc_arg = V[:-1].argmin(axis=2)
@@ -316,7 +343,7 @@ def _dp(cost, drop, loss_tab, lam, K, L, R) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------- solve
 def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
-          flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 8,
+          flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 16,
           proxy: str = "flow", seed: int = 0, progress=None, cache: ValidationCache | None = None) -> Schedule:
     """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches; ``cache``:
     share reference logits and measurements with other solves on the same held-back set."""
@@ -339,32 +366,54 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     cache.refs_for(decoder, holdout)
     validated: list[Candidate] = []
 
+    # a fidelity search stops a candidate's run once it has failed (most failing candidates are
+    # settled within the first half of the rows); a budget search ranks full measurements
+    stop_at = None if fidelity is None else max_disagreements(sum(b.batch_size for b in holdout), fidelity)
+
     def validate(c: Candidate) -> float:
         if c.measured is None:
-            c.measured = cache.measure(decoder, holdout, c.schedule(L))
+            c.measured = cache.measure(decoder, holdout, c.schedule(L), stop_at)
             validated.append(c)
             if progress is not None:
                 progress(c)
         return c.measured["agreement"]
 
+    def family(f: int) -> list[Candidate]:
+        """Frontier of schedules whose first cut is at layer ``f`` or deeper (identity left out);
+        candidates equal to validated ones are the validated objects (no second run)."""
+        out = []
+        for c in propose(stats, max_cuts=max_cuts, proxy=proxy, first_layer=f)[:-1]:
+            out.append(next((v for v in validated if v.cuts == c.cuts), c))
+        return out
+
     if fidelity is not None:
-        lo, hi = 0, len(frontier) - 1  # frontier[-1] is the identity: agreement 1 by construction
-        while lo < hi and len(validated) < max_validations:
-            mid = (lo + hi) // 2
-            validate(frontier[mid])
-            if passes(frontier[mid].measured, fidelity):
-                hi = mid
-            else:
-                lo = mid + 1
-        ok = [c for c in validated if passes(c.measured, fidelity)]
-        chosen = min(ok, key=lambda c: c.flops_ratio) if ok else frontier[-1]
-        if chosen is frontier[-1] and chosen.measured is None:
-            validate(chosen)
-        # the frontier holds only the convex-hull points of the FLOPs/loss trade-off, so the cheapest
-        # passing point can sit far above the failing one below it (e.g. 0.29 -> 0.63 of the FLOPs);
-        # spend the remaining validations bisecting that gap with budget-filled schedules
-        failed = [c for c in validated if not passes(c.measured, fidelity) and c.flops_ratio < chosen.flops_ratio]
-        if failed:
+        identity = frontier[-1]  # agreement 1 by construction: recorded, not run
+        n_rows = sum(b.batch_size for b in holdout)
+        identity.measured = {"agreement": 1.0, "kl": 0.0, "rows": n_rows, "agreed": n_rows,
+                             "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True}
+
+        def cheapest(cands: list[Candidate], chosen: Candidate) -> Candidate:
+            """Bisection over ``cands`` (FLOPs ascending, all cheaper than ``chosen``, which passes)
+            for the cheapest passing one, assuming agreement grows with FLOPs along a frontier."""
+            lo, hi = 0, len(cands)
+            while lo < hi and len(validated) < max_validations:
+                mid = (lo + hi) // 2
+                validate(cands[mid])
+                if passes(cands[mid].measured, fidelity):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return cands[hi] if hi < len(cands) else chosen  # cands[hi] was validated and passed
+
+        def refine(chosen: Candidate, pool: list[Candidate]) -> Candidate:
+            # the frontier holds only the convex-hull points of the FLOPs/loss trade-off, so the cheapest
+            # passing point can sit far above the failing one below it (e.g. 0.29 -> 0.63 of the FLOPs);
+            # bisect that gap with budget-filled schedules grown from the failing one (of ``pool``: the
+            # same search's candidates, so a deeper first cut is not refined from a layer-1 schedule)
+            failed = [c for c in pool if c.measured is not None and not passes(c.measured, fidelity)
+                      and c.flops_ratio < chosen.flops_ratio]
+            if not failed:
+                return chosen
             start = max(failed, key=lambda c: c.flops_ratio)
             lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
             while len(validated) < max_validations and hi_f - lo_f > REFINE_GAP:
@@ -376,6 +425,24 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                     chosen, hi_f = c, c.flops_ratio
                 else:
                     lo_f = mid  # nothing cheaper passes at this budget (the gap halves either way)
+            return chosen
+
+        chosen = refine(cheapest(frontier[:-1], identity), frontier)
+        # the proxy can rank cuts at one layer too well against deeper ones (session 13's run P: the
+        # whole frontier cut at layer 1, and every candidate that passed there cut under 26% of the
+        # FLOPs while L2:0.4, L4:0.2 passes at 63%): search each first-cut layer's own frontier for
+        # anything cheaper than the choice so far; deeper first cuts cost more, so the first family
+        # with nothing cheaper ends the search
+        for f in range(2, L):
+            cheaper = [c for c in family(f) if c.flops_ratio < chosen.flops_ratio - REFINE_GAP]
+            if not cheaper or len(validated) >= max_validations:
+                break
+            cands = [c for c in cheaper if c.measured is None]
+            if not cands:
+                continue
+            found = cheapest(cands, chosen)
+            if found is not chosen:
+                chosen = refine(found, cheaper)
         mode = {"objective": "min_flops", "fidelity_target": fidelity,
                 "fidelity_rule": "lower end of the agreement's 95% Wilson interval >= fidelity_target"}
     else:
@@ -385,10 +452,19 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                 f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
                 f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs"
             )
-        filled = fill_budget(stats, max(feasible, key=lambda c: c.flops_ratio), flops_budget, proxy)
-        if all(filled.cuts != c.cuts for c in feasible):
-            feasible.append(filled)
-        for c in sorted(feasible, key=lambda c: c.loss)[:max_validations]:
+        # one candidate per first-cut layer: the lowest-loss schedule of that layer's frontier within
+        # the budget, filled up to it; validated in order of proxy loss (the proxy ranks schedules of
+        # one shape well and different shapes less well, so the shapes are measured, not ranked)
+        reps = []
+        for f in range(1, L):
+            fam = [c for c in (frontier if f == 1 else family(f)) if c.cuts and c.flops_ratio <= flops_budget + 1e-12]
+            if not fam:
+                break
+            rep = fill_budget(stats, max(fam, key=lambda c: c.flops_ratio), flops_budget, proxy)
+            rep = next((v for v in validated + reps if v.cuts == rep.cuts), rep)
+            if all(rep is not r for r in reps):
+                reps.append(rep)
+        for c in sorted(reps, key=lambda c: c.loss)[:max_validations]:
             if validate(c) >= 1.0:
                 break
         chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio))

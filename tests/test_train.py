@@ -157,26 +157,36 @@ def test_negative_relation_draws_is_a_one_line_error(tmp_path, capsys):
     assert "--relation-draws -1" in train_error(tmp_path, capsys, "--relation-draws", "-1")
 
 
+def _room(*objects):
+    """A hand-made SceneInfo (room 6 x 4 x 3 m) of (class, colour, x, y) objects, 0.4 m wide."""
+    import numpy as np
+
+    from adatoken_compile.data.world import Object3D, SceneInfo
+
+    objs = [Object3D(c, k, [], np.array([x - 0.2, y - 0.2, 0.0]), np.array([x + 0.2, y + 0.2, 0.5])) for c, k, x, y in objects]
+    return SceneInfo(0, np.array([6.0, 4.0, 3.0]), objs, (0, 0, 0), (0, 0, 0), (0, 0, 0), "box", ())
+
+
+def _question_suffix(tok, text):
+    """Token ids after the scene placeholder of ``text``'s prompt (what training reads targets from)."""
+    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+
+    ids = tokenize_with_placeholders(tok, llava_v1_prompt(text))
+    return ids[ids.index(-200) + 1 :]
+
+
 def test_locate_targets_name_the_single_object_of_each_word():
     import numpy as np
 
     from adatoken_compile.data.questions import q_closer, q_count
-    from adatoken_compile.data.world import Object3D, SceneInfo
-    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
     from adatoken_compile.train import locate_targets, training_tokenizer, word_of_key_token
 
-    def obj(cls, color, x, y):
-        return Object3D(cls, color, [], np.array([x - 0.2, y - 0.2, 0.0]), np.array([x + 0.2, y + 0.2, 0.5]))
-
-    room = np.array([6.0, 4.0, 3.0])
-    info = SceneInfo(0, room, [obj("ball", "red", 1.0, 1.0), obj("box", "blue", 5.0, 3.0), obj("box", "green", 3.0, 0.5),
-                               obj("chair", "green", 2.0, 3.0)], (0, 0, 0), (0, 0, 0), (0, 0, 0), "box", ())
+    info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 5.0, 3.0), ("box", "green", 3.0, 0.5), ("chair", "green", 2.0, 3.0))
     tok = training_tokenizer()
     word_of = word_of_key_token(tok)
 
     def suffix(text):
-        ids = tokenize_with_placeholders(tok, llava_v1_prompt(text))
-        return ids[ids.index(-200) + 1 :]
+        return _question_suffix(tok, text)
 
     s = suffix(q_closer("red", "blue", "green"))  # green names two objects: no target
     got = locate_targets(s, word_of, info)
@@ -282,7 +292,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
           "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5",
-          "--position-weight", "0.5", "--pe-scale", "10", *common])
+          "--position-weight", "0.5", "--pe-scale", "10", "--distance-weight", "0.5", "--distance-layer", "4", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
@@ -293,6 +303,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert [p["decoder_training"]["lr_decay_frac"] for p in prov] == [None, 0.5]
     assert [p["decoder_training"]["position_weight"] for p in prov] == [None, 0.5]
     assert [p["decoder_training"]["pe_scale"] for p in prov] == [None, 10.0]
+    assert [p["decoder_training"]["distance"] for p in prov] == [None, {"weight": 0.5, "layer": 4}]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -394,3 +405,49 @@ def test_position_targets_are_metres_from_the_room_centre_halved():
 def test_bad_position_weight_or_pe_scale_is_a_one_line_error(tmp_path, capsys):
     assert "--position-weight -1" in train_error(tmp_path, capsys, "--position-weight", "-1")
     assert "--pe-scale 0" in train_error(tmp_path, capsys, "--pe-scale", "0")
+
+
+def test_distance_targets_are_the_two_compared_floor_distances():
+    from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count
+    from adatoken_compile.train import distance_targets, training_tokenizer, word_of_key_token
+
+    info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 4.0, 5.0), ("box", "green", 1.0, 3.0),
+                 ("chair", "yellow", 2.0, 3.0), ("chair", "yellow", 5.0, 1.0))
+    tok = training_tokenizer()
+    word_of = word_of_key_token(tok)
+
+    def suffix(text):
+        return _question_suffix(tok, text)
+
+    # red-blue 5 m, red-green 2 m, halved, in the order the question names them
+    assert distance_targets(suffix(q_closer("red", "blue", "green")), word_of, info, "closer") == (2.5, 1.0)
+    got = distance_targets(suffix(q_closer_yesno("green", "red", "blue")), word_of, info, "closer_yesno")
+    assert got[0] == 1.0 and abs(got[1] - 13 ** 0.5 / 2) < 1e-12  # green-red 2 m, green-blue sqrt(3^2 + 2^2)
+    assert distance_targets(suffix(q_closer("red", "blue", "yellow")), word_of, info, "closer") is None  # two yellow
+    assert distance_targets(suffix(q_count("box")), word_of, info, "count") is None
+
+
+def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
+    """Same seed and data, with and without --distance-weight: the read-out's gradient reaches the
+    layers below the one it reads (only scene 2 of the first three has relation questions)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from adatoken_compile.train import main
+
+    common = ["--scenes", "3", "--epochs", "0.34", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
+              "--threads", "1", "--vision-cache", str(tmp_path / "tower.pt"), "--templates", "closer,farther,closer_yesno"]
+    main(["--out", str(tmp_path / "a"), *common])
+    main(["--out", str(tmp_path / "b"), "--distance-weight", "1", "--distance-layer", "3", *common])
+    da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
+    # one step: the read-out after layer 3 moves layers 1-3; above it only the gradient clipping's
+    # common scale differs (Adam's first step is nearly scale-free), so those barely move
+    diff = {k: float((da[k] - db[k]).abs().mean()) for k in da}
+    below = np.mean([d for k, d in diff.items() if any(f".layers.{i}." in k for i in range(3))])
+    above = np.mean([d for k, d in diff.items() if any(f".layers.{i}." in k for i in range(3, 8)) or k == "lm_head.weight"])
+    assert below > 20 * above
+
+
+def test_bad_distance_weight_or_layer_is_a_one_line_error(tmp_path, capsys):
+    assert "--distance-layer 9" in train_error(tmp_path, capsys, "--distance-weight", "1", "--distance-layer", "9")
+    assert "--distance-weight -1" in train_error(tmp_path, capsys, "--distance-weight", "-1")

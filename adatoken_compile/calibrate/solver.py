@@ -18,8 +18,11 @@
    500 test answers, measured in session 12).
    Fidelity target: bisection along the frontier for the cheapest candidate meeting it, then
    bisection on the FLOPs budget between it and the failing candidate below it (``fill_budget``
-   schedules), while validations remain and the gap exceeds ``REFINE_GAP``.
-   FLOPs budget: the lowest-loss candidates within the budget, best measured agreement wins.
+   schedules), while validations remain and the gap exceeds ``REFINE_GAP``; then the same on each
+   first-cut layer's own frontier (``propose(first_layer=f)``, f = 2, 3, ...) below the choice so
+   far (the proxy can prefer one shape throughout: session 13's run P). A candidate's run stops
+   once more rows disagree than the target allows (``max_disagreements``); the identity is not run.
+   FLOPs budget: one candidate per first-cut layer within the budget, best measured agreement wins.
 """
 
 from __future__ import annotations

@@ -360,8 +360,9 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         raise InputError(f"calibrate: fidelity target {fidelity} must be in (0, 1]")
     if not holdout:
         raise InputError("calibrate: policy 'adaptive' needs held-back samples to validate on; use holdout > 0 with at least 2 samples")
+    n_rows = sum(b.batch_size for b in holdout)
     if fidelity is not None:
-        require_rows(sum(b.batch_size for b in holdout), fidelity)
+        require_rows(n_rows, fidelity)
     t0 = time.time()
     L = stats.arch["num_layers"]
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
@@ -371,7 +372,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
 
     # a fidelity search stops a candidate's run once it has failed (most failing candidates are
     # settled within the first half of the rows); a budget search ranks full measurements
-    stop_at = None if fidelity is None else max_disagreements(sum(b.batch_size for b in holdout), fidelity)
+    stop_at = None if fidelity is None else max_disagreements(n_rows, fidelity)
 
     def validate(c: Candidate) -> float:
         if c.measured is None:
@@ -381,17 +382,16 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                 progress(c)
         return c.measured["agreement"]
 
+    def known(c: Candidate) -> Candidate:
+        """The validated candidate with ``c``'s cuts if there is one (no second run or count), else ``c``."""
+        return next((v for v in validated if v.cuts == c.cuts), c)
+
     def family(f: int) -> list[Candidate]:
-        """Frontier of schedules whose first cut is at layer ``f`` or deeper (identity left out);
-        candidates equal to validated ones are the validated objects (no second run)."""
-        out = []
-        for c in propose(stats, max_cuts=max_cuts, proxy=proxy, first_layer=f)[:-1]:
-            out.append(next((v for v in validated if v.cuts == c.cuts), c))
-        return out
+        """Frontier of schedules whose first cut is at layer ``f`` or deeper (identity left out)."""
+        return [known(c) for c in propose(stats, max_cuts=max_cuts, proxy=proxy, first_layer=f)[:-1]]
 
     if fidelity is not None:
         identity = frontier[-1]  # agreement 1 by construction: recorded, not run
-        n_rows = sum(b.batch_size for b in holdout)
         identity.measured = {"agreement": 1.0, "kl": 0.0, "rows": n_rows, "agreed": n_rows,
                              "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True}
 
@@ -421,8 +421,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
             lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
             while len(validated) < max_validations and hi_f - lo_f > REFINE_GAP:
                 mid = 0.5 * (lo_f + hi_f)
-                c = fill_budget(stats, start, mid, proxy)
-                c = next((v for v in validated if v.cuts == c.cuts), c)  # measured already: no new run
+                c = known(fill_budget(stats, start, mid, proxy))
                 validate(c)
                 if passes(c.measured, fidelity) and c.flops_ratio < hi_f:
                     chosen, hi_f = c, c.flops_ratio
@@ -464,8 +463,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
             if not fam:
                 break
             rep = fill_budget(stats, max(fam, key=lambda c: c.flops_ratio), flops_budget, proxy)
-            rep = next((v for v in validated + reps if v.cuts == rep.cuts), rep)
-            if all(rep is not r for r in reps):
+            if all(rep.cuts != r.cuts for r in reps):
                 reps.append(rep)
         for c in sorted(reps, key=lambda c: c.loss)[:max_validations]:
             if validate(c) >= 1.0:
@@ -479,7 +477,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                    "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"], "proxy_loss": chosen.loss}
     s.calibration = {
         "samples": stats.samples,
-        "holdout_rows": sum(b.batch_size for b in holdout),
+        "holdout_rows": n_rows,
         "fidelity": {"metric": "greedy_next_token_agreement", **chosen.measured},
         **mode,
         "seed": seed,

@@ -451,3 +451,48 @@ def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
 def test_bad_distance_weight_or_layer_is_a_one_line_error(tmp_path, capsys):
     assert "--distance-layer 9" in train_error(tmp_path, capsys, "--distance-weight", "1", "--distance-layer", "9")
     assert "--distance-weight -1" in train_error(tmp_path, capsys, "--distance-weight", "-1")
+
+
+def test_room_keep_share_phases_in_holds_then_keeps_the_whole_scene():
+    from adatoken_compile.train import room_keep_share
+
+    # --bg-curriculum over 4 steps to 0.2, --bg-hold until step 10, then whole scenes
+    assert [room_keep_share(s, 4, 10, 0.2) for s in (0, 2)] == [0.0, 0.1]
+    assert [room_keep_share(s, 4, 10, 0.2) for s in (4, 9)] == [0.2, 0.2]
+    assert room_keep_share(10, 4, 10, 0.2) is None and room_keep_share(50, 4, 10, 0.2) is None
+    # no hold: the curriculum ends in whole scenes (as before --bg-hold); no curriculum: hold from step 0
+    assert room_keep_share(3, 4, 0, 1.0) == 0.75 and room_keep_share(4, 4, 0, 1.0) is None
+    assert room_keep_share(0, 0, 3, 0.3) == 0.3 and room_keep_share(3, 0, 3, 0.3) is None
+    assert room_keep_share(0, 0, 0) is None
+
+
+def test_bg_hold_trains_on_fewer_tokens_then_on_whole_scenes(tmp_path, monkeypatch):
+    """Four steps on one scene with --bg-hold 0.75 --bg-keep-max 0.1: the first three decoder inputs
+    keep the objects and a tenth of the room voxels, the last is the whole scene; TRAINING.json
+    records the hold."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from adatoken_compile.train import main
+
+    lengths = []
+    forward = LlamaForCausalLM.forward
+
+    def spy(self, *a, **kw):
+        if self.training:
+            lengths.append(kw["inputs_embeds"].shape[1])
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    main(["--out", str(tmp_path / "m"), "--scenes", "1", "--epochs", "4", "--vision-scenes", "1", "--vision-steps", "1",
+          "--vision-views", "2", "--threads", "1", "--vision-cache", str(tmp_path / "tower.pt"),
+          "--bg-hold", "0.75", "--bg-keep-max", "0.1"])
+    assert len(lengths) == 4
+    assert lengths[3] > 2 * max(lengths[:3])  # room surfaces are most of a scene's voxels
+    assert json.load(open(tmp_path / "m" / "TRAINING.json"))["decoder_training"]["bg_hold_steps"] == 3
+
+
+def test_bad_bg_hold_or_keep_share_is_a_one_line_error(tmp_path, capsys):
+    assert "--bg-hold 1.0" in train_error(tmp_path, capsys, "--bg-hold", "1")
+    assert "--bg-keep-max 0.0" in train_error(tmp_path, capsys, "--bg-keep-max", "0")

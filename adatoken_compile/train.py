@@ -927,8 +927,8 @@ def main(argv=None):
     p.add_argument("--bg-keep-max", type=float, default=1.0,
                    help="share of floor/wall/ceiling voxels kept at the end of --bg-curriculum (phased in from 0)")
     p.add_argument("--bg-hold", type=float, default=0.0,
-                   help="keep --bg-keep-max of the floor/wall/ceiling voxels after --bg-curriculum until this share of the "
-                        "steps (cheaper steps; the rest see whole scenes)")
+                   help="keep --bg-keep-max (set it below 1) of the floor/wall/ceiling voxels after --bg-curriculum until "
+                        "this share of the steps (cheaper steps; the rest see whole scenes)")
     p.add_argument("--vision-cache", default=None, help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, else train and save it")
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")

@@ -13,7 +13,9 @@ the rest (R^2 on held-out rows):
   and its class (one-hot ridge, argmax accuracy; chance ~0.2), i.e. did the word's look-up fetch
   the object, and did it fetch where the object is;
 - at the last position: the three objects' positions (mean R^2 of x and y), the distance
-  difference d1 - d2 the answer is the sign of, and that sign's accuracy.
+  difference d1 - d2 the answer is the sign of, and that sign's accuracy; the same d1 - d2 probe
+  at each colour word (d1 - d2 is not linear in the positions: a linear probe finds it only where
+  the model has computed it).
 
 Not part of the package or its tests: a diagnostic whose numbers the README quotes.
 """
@@ -88,4 +90,7 @@ for layer in range(at["last"][0].shape[0]):
     row.append("last p0/p1/p2 R2 " + "/".join(f"{(r2[2 * i] + r2[2 * i + 1]) / 2:.2f}" for i in range(3)))
     P, T, r2d = ridge(X, D)
     row.append(f"d1-d2 R2 {r2d[0]:.2f} sign {((P > 0) == (T > 0)).double().mean():.2f}")
+    for name in WORDS:
+        P, T, r2d = ridge(torch.stack([h[layer] for h in at[name]]), D)
+        row.append(f"{name} d1-d2 R2 {r2d[0]:.2f} sign {((P > 0) == (T > 0)).double().mean():.2f}")
     print(" | ".join(row), flush=True)

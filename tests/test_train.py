@@ -148,6 +148,13 @@ def train_error(tmp_path, capsys, *args: str) -> str:
     return err
 
 
+def tiny_stage1(tmp_path) -> list[str]:
+    """``train`` arguments for the smallest stage 1 (one scene, one step, two views, one thread),
+    cached in ``tmp_path`` so that every run of a test shares one tower."""
+    return ["--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2", "--threads", "1",
+            "--vision-cache", str(tmp_path / "tower.pt")]
+
+
 def test_unknown_training_template_is_a_one_line_error(tmp_path, capsys):
     err = train_error(tmp_path, capsys, "--templates", "color_of_class,colour_of_chair")
     assert "colour_of_chair" in err and "color_of_class" in err
@@ -285,9 +292,8 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
 
     from adatoken_compile.train import main
 
-    tower = str(tmp_path / "tower.pt")
-    common = ["--scenes", "2", "--epochs", "1", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
-              "--threads", "1", "--vision-cache", tower, "--template-curriculum", "exist;count", "--template-frac", "1"]
+    common = ["--scenes", "2", "--epochs", "1", *tiny_stage1(tmp_path), "--template-curriculum", "exist;count",
+              "--template-frac", "1"]
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
@@ -435,8 +441,7 @@ def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
 
     from adatoken_compile.train import main
 
-    common = ["--scenes", "3", "--epochs", "0.34", "--vision-scenes", "1", "--vision-steps", "1", "--vision-views", "2",
-              "--threads", "1", "--vision-cache", str(tmp_path / "tower.pt"), "--templates", "closer,farther,closer_yesno"]
+    common = ["--scenes", "3", "--epochs", "0.34", *tiny_stage1(tmp_path), "--templates", "closer,farther,closer_yesno"]
     main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--distance-weight", "1", "--distance-layer", "3", *common])
     da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
@@ -485,8 +490,7 @@ def test_bg_hold_trains_on_fewer_tokens_then_on_whole_scenes(tmp_path, monkeypat
         return forward(self, *a, **kw)
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
-    main(["--out", str(tmp_path / "m"), "--scenes", "1", "--epochs", "4", "--vision-scenes", "1", "--vision-steps", "1",
-          "--vision-views", "2", "--threads", "1", "--vision-cache", str(tmp_path / "tower.pt"),
+    main(["--out", str(tmp_path / "m"), "--scenes", "1", "--epochs", "4", *tiny_stage1(tmp_path),
           "--bg-hold", "0.75", "--bg-keep-max", "0.1"])
     assert len(lengths) == 4
     assert lengths[3] > 2 * max(lengths[:3])  # room surfaces are most of a scene's voxels

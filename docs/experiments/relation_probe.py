@@ -27,7 +27,8 @@ from _probe import fit_ridge
 
 from adatoken_compile.data.questions import floor_distance, questions_for
 from adatoken_compile.data.world import CLASSES, COLOR_NAMES
-from adatoken_compile.models.llava3d import Llava3DAdapter
+from adatoken_compile.models.llava3d import Llava3DAdapter, splice
+from adatoken_compile.prompt import IMAGE_TOKEN_INDEX
 from adatoken_compile.train import _render
 
 torch.set_num_threads(1)
@@ -49,15 +50,15 @@ for si, seed in enumerate(range(1_000_000, 1_000_000 + n_scenes)):
     half_room = np.asarray(info.room, np.float32)[:2] / 2
     for q in rel:
         ids = ad.prompt_ids(q.text)
-        k = ids.index(-200)
-        words = [ad.tokenizer.decode([i]).strip() if i >= 0 else "" for i in ids]
+        k = ids.index(IMAGE_TOKEN_INDEX)
+        words = [ad.tokenizer.decode([i]).strip() if i != IMAGE_TOKEN_INDEX else "" for i in ids]
         cpos = [i for i, w in enumerate(words) if w in COLOR_NAMES]
         objs = [next(o for o in info.objects if o.color == words[i]) for i in cpos]
-        x = torch.cat([ad.embed_ids(ids[:k]), sp, ad.embed_ids(ids[k + 1:])])[None]
+        x = splice(ids, ad.embed_ids, sp).embeds[None]  # the adapter's own splice
         with torch.no_grad():
             H = torch.stack([h[0] for h in dec(inputs_embeds=x, output_hidden_states=True).hidden_states])
         for name, i, o in zip(WORDS, cpos, objs):
-            at[name].append(H[:, i - 1 + len(sp)])  # text after the placeholder shifts by the scene
+            at[name].append(H[:, i - 1 + len(sp) if i > k else i])  # text after the placeholder shifts by the scene
             xy[name].append(o.center[:2] - half_room)
             cls[name].append(CLASSES.index(o.cls))
         at["last"].append(H[:, -1])
@@ -79,18 +80,16 @@ def ridge(X, Y):
 D = torch.tensor(diff, dtype=torch.float64)[:, None]
 for layer in range(at["last"][0].shape[0]):
     row = [f"layer {layer}"]
+    X = {name: torch.stack([h[layer] for h in hs]) for name, hs in at.items()}
     for name in WORDS:
-        X = torch.stack([h[layer] for h in at[name]])
-        _, _, r2 = ridge(X, np.stack(xy[name]))
+        _, _, r2 = ridge(X[name], np.stack(xy[name]))
         c = torch.tensor(cls[name])
-        P, _, _ = ridge(X, torch.nn.functional.one_hot(c, len(CLASSES)))
+        P, _, _ = ridge(X[name], torch.nn.functional.one_hot(c, len(CLASSES)))
         row.append(f"{name} xy R2 {r2[0]:.2f}/{r2[1]:.2f} class {(P.argmax(1) == c[torch.from_numpy(test)]).double().mean():.2f}")
-    X = torch.stack([h[layer] for h in at["last"]])
-    _, _, r2 = ridge(X, np.stack(pos3))
+    _, _, r2 = ridge(X["last"], np.stack(pos3))
     row.append("last p0/p1/p2 R2 " + "/".join(f"{(r2[2 * i] + r2[2 * i + 1]) / 2:.2f}" for i in range(3)))
-    P, T, r2d = ridge(X, D)
-    row.append(f"d1-d2 R2 {r2d[0]:.2f} sign {((P > 0) == (T > 0)).double().mean():.2f}")
-    for name in WORDS:
-        P, T, r2d = ridge(torch.stack([h[layer] for h in at[name]]), D)
-        row.append(f"{name} d1-d2 R2 {r2d[0]:.2f} sign {((P > 0) == (T > 0)).double().mean():.2f}")
+    for name in ("last",) + WORDS:  # printed as "d1-d2" (last position), "c0 d1-d2", ...
+        P, T, r2d = ridge(X[name], D)
+        label = "" if name == "last" else f"{name} "
+        row.append(f"{label}d1-d2 R2 {r2d[0]:.2f} sign {((P > 0) == (T > 0)).double().mean():.2f}")
     print(" | ".join(row), flush=True)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from adatoken_compile.train import DECODER
+
 COLOURS = 6
 WHICH, QMARK = 20, 21  # token ids; colour c is token c
 
@@ -41,13 +43,11 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(1)
-    cfg = LlamaConfig(vocab_size=24, hidden_size=128, num_hidden_layers=8, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=384, max_position_embeddings=4096,
-                      rope_theta=1e6)
+    cfg = LlamaConfig(vocab_size=24, rope_theta=1e6, **DECODER)
     cfg._attn_implementation = "sdpa"
     lm = LlamaForCausalLM(cfg)
     nn.init.normal_(lm.model.embed_tokens.weight, std=0.3)
-    D = 128
+    D = DECODER["hidden_size"]
     col_f, bg_f, pos_map = torch.randn(COLOURS, 64), torch.randn(64), torch.randn(2, 64)
     proj = nn.Sequential(nn.Linear(64, D), nn.GELU(), nn.Linear(D, D))
     loc_head, dist_head = nn.Linear(D, 2), nn.Linear(D, 1)

@@ -436,20 +436,48 @@ def position_targets(centres: torch.Tensor, room) -> torch.Tensor:
 RELATION_TEMPLATES = ("closer", "farther", "closer_yesno")
 
 
+def relation_objects(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info, template: str):
+    """For a relation question ("which is closer to the red object, the blue one or the green one?";
+    every relation template names c0, c1, c2 in that order): [(position of the colour word, object)]
+    for the three colour-unique objects it names; None for other questions."""
+    if template not in RELATION_TEMPLATES:
+        return None
+    words = [(i, word_of[t][1]) for i, t in enumerate(suffix_ids) if t in word_of and word_of[t][0] == "colour"]
+    named = [(i, [o for o in info.objects if o.color == c]) for i, c in words]
+    if len(named) != 3 or any(len(o) != 1 for _, o in named):
+        return None  # relation questions name three colour-unique objects; anything else is not one
+    return [(i, o[0]) for i, o in named]
+
+
 def distance_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info, template: str):
     """--distance-weight's target for a relation question ("which is closer to the red object, the
     blue one or the green one?"): the floor distances (red, blue) and (red, green), in the units of
     ``room_frame`` (metres, halved), in the order the question names them; None for other questions."""
-    if template not in RELATION_TEMPLATES:
-        return None
     from .data.questions import floor_distance
 
-    colours = [word_of[t][1] for t in suffix_ids if t in word_of and word_of[t][0] == "colour"]
-    objs = [[o for o in info.objects if o.color == c] for c in colours]
-    if len(objs) != 3 or any(len(o) != 1 for o in objs):
-        return None  # relation questions name three colour-unique objects; anything else is not one
-    o0, o1, o2 = (o[0] for o in objs)
+    named = relation_objects(suffix_ids, word_of, info, template)
+    if named is None:
+        return None
+    (_, o0), (_, o1), (_, o2) = named
     return (0.5 * floor_distance(o0, o1), 0.5 * floor_distance(o0, o2))
+
+
+def candidate_distance_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info,
+                               template: str) -> list[tuple[int, float]]:
+    """--candidate-distance-weight's targets for a relation question: at each candidate's colour word
+    (blue, green in "which is closer to the red object, the blue one or the green one?") its floor
+    distance to the reference object (red), in the units of ``room_frame``; [] for other questions.
+    Each hop of the comparison is then supervised where it happens (the reference's position is
+    known by the candidate words, which the answer only has to compare); the read-out at the last
+    position (--distance-weight) asks for both hops at once and was not learnt (session 14).
+    Measured on a toy of this comparison: README, "Relation toy"."""
+    from .data.questions import floor_distance
+
+    named = relation_objects(suffix_ids, word_of, info, template)
+    if named is None:
+        return []
+    (_, o0), *cands = named
+    return [(i, 0.5 * floor_distance(o0, o)) for i, o in cands]
 
 
 DENSE_FROM = ("question", "key-word")
@@ -509,7 +537,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           relation_draws: int = 4, count_balance: bool = False, locate_weight: float = 0.0,
           locate_layer: int = 4, instance_weight: float = 0.0, instance_layer: int = 3,
           lr_decay_frac: float | None = None, position_weight: float = 0.0, pe_scale: float = 1.0,
-          distance_weight: float = 0.0, distance_layer: int = 5, bg_hold: float = 0.0) -> dict:
+          distance_weight: float = 0.0, distance_layer: int = 5, bg_hold: float = 0.0,
+          candidate_distance_weight: float = 0.0, candidate_distance_layer: int = 4) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -532,6 +561,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     if distance_weight < 0 or (distance_weight and not 1 <= distance_layer <= DECODER["num_hidden_layers"]):
         raise InputError(f"train: --distance-weight {distance_weight} must be >= 0 and --distance-layer {distance_layer} "
                          f"1..{DECODER['num_hidden_layers']} (decoder layers)")
+    if candidate_distance_weight < 0 or (candidate_distance_weight
+                                         and not 1 <= candidate_distance_layer <= DECODER["num_hidden_layers"]):
+        raise InputError(f"train: --candidate-distance-weight {candidate_distance_weight} must be >= 0 and "
+                         f"--candidate-distance-layer {candidate_distance_layer} 1..{DECODER['num_hidden_layers']} (decoder layers)")
     if lr_decay_frac is not None and not 0.0 < lr_decay_frac <= 1.0:
         raise InputError(f"train: --lr-decay-frac {lr_decay_frac} must be in (0, 1] (the share of the steps the decay spans)")
     if position_weight < 0 or pe_scale <= 0:
@@ -600,6 +633,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     distance_head = nn.Linear(DECODER["hidden_size"], 2) if distance_weight else None
     if distance_head is not None:
         params += list(distance_head.parameters())
+    # --candidate-distance-weight: a training-only linear read-out (not saved), at each relation
+    # candidate's colour word, of its distance to the reference object
+    cand_head = nn.Linear(DECODER["hidden_size"], 1) if candidate_distance_weight else None
+    if cand_head is not None:
+        params += list(cand_head.parameters())
     log(f"decoder params {sum(p.numel() for p in lm.parameters())/1e6:.2f}M")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
@@ -626,7 +664,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
     hits, tot, dense_hits, dense_tot, locate_err, marker_acc, position_err = [], [], [], [], [], [], []
-    distance_err = []
+    distance_err, cand_err = [], []
     lm.train()
     while step < total_steps:
         i = int(order[seen % scenes])
@@ -684,7 +722,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets, answer_at, q_weight, where, dist = [], [], [], [], [], []
+        qa, targets, answer_at, q_weight, where, dist, cand = [], [], [], [], [], [], []
         for q in qs:
             q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
@@ -699,6 +737,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
             where.append(locate_targets(suffix, word_of, entry[1][1]) if locate_head is not None else [])
             dist.append(distance_targets(suffix, word_of, entry[1][1], q.template) if distance_head is not None else None)
+            cand.append(candidate_distance_targets(suffix, word_of, entry[1][1], q.template) if cand_head is not None else [])
         allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
@@ -710,7 +749,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             dense_labels[s : s + len(d)] = torch.tensor(d)
             pos_weight[s : s + len(t)] = w
         out = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None],
-                 output_hidden_states=locate_head is not None or marker_head is not None or distance_head is not None)
+                 output_hidden_states=any(h is not None for h in (locate_head, marker_head, distance_head, cand_head)))
         logits = out.logits[0]
         if count_w:
             loss = weighted_cross_entropy(logits, labels, pos_weight)
@@ -732,6 +771,12 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             d_err = nn.functional.mse_loss(distance_head(h), torch.tensor([d for _, d in at_d]))
             loss = loss + distance_weight * d_err
             distance_err.append(d_err.item())
+        at_c = [(s + i, d) for s, c in zip(starts, cand) for i, d in c]
+        if at_c:
+            h = out.hidden_states[candidate_distance_layer][0, torch.tensor([a for a, _ in at_c])]
+            c_err = nn.functional.mse_loss(cand_head(h)[:, 0], torch.tensor([d for _, d in at_c]))
+            loss = loss + candidate_distance_weight * c_err
+            cand_err.append(c_err.item())
         if position_head is not None:
             pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
             loss = loss + position_weight * pos_err
@@ -793,6 +838,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                 + (f"marker bal. acc {np.mean(marker_acc[-w:]):.3f} " if marker_acc else "")
                 + (f"position rms {2 * math.sqrt(np.mean(position_err[-w:]) * 3):.2f} m " if position_err else "")
                 + (f"distance rms {2 * math.sqrt(np.mean(distance_err[-w:])):.2f} m " if distance_err else "")
+                + (f"cand. distance rms {2 * math.sqrt(np.mean(cand_err[-w:])):.2f} m " if cand_err else "")
                 + f"lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
@@ -817,6 +863,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "instance_marker": {"weight": instance_weight, "layer": instance_layer} if instance_weight else None,
                              "position_weight": position_weight or None, "pe_scale": pe_scale if pe_scale != 1.0 else None,
                              "distance": {"weight": distance_weight, "layer": distance_layer} if distance_weight else None,
+                             "candidate_distance": {"weight": candidate_distance_weight, "layer": candidate_distance_layer}
+                             if candidate_distance_weight else None,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -913,6 +961,11 @@ def main(argv=None):
                    help="weight of a training-only loss that reads, at each relation question's last position, the "
                         "two floor distances the answer compares from the hidden state after --distance-layer (0: off)")
     p.add_argument("--distance-layer", type=int, default=5, help="decoder layer whose output --distance-weight reads (1..8)")
+    p.add_argument("--candidate-distance-weight", type=float, default=0.0,
+                   help="weight of a training-only loss that reads, at each relation candidate's colour word, its floor "
+                        "distance to the reference object from the hidden state after --candidate-distance-layer (0: off)")
+    p.add_argument("--candidate-distance-layer", type=int, default=4,
+                   help="decoder layer whose output --candidate-distance-weight reads (1..8)")
     p.add_argument("--scenes-per-step", type=int, default=1,
                    help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
@@ -949,6 +1002,7 @@ def main(argv=None):
               dense_answer=a.dense_answer, dense_from=a.dense_from, relation_draws=a.relation_draws,
               count_balance=a.count_balance, locate_weight=a.locate_weight, locate_layer=a.locate_layer,
               distance_weight=a.distance_weight, distance_layer=a.distance_layer,
+              candidate_distance_weight=a.candidate_distance_weight, candidate_distance_layer=a.candidate_distance_layer,
               instance_weight=a.instance_weight, instance_layer=a.instance_layer, lr_decay_frac=a.lr_decay_frac,
               position_weight=a.position_weight, pe_scale=a.pe_scale,
               rope_theta=a.rope_theta,

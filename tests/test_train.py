@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -298,7 +299,8 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
           "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5",
-          "--position-weight", "0.5", "--pe-scale", "10", "--distance-weight", "0.5", "--distance-layer", "4", *common])
+          "--position-weight", "0.5", "--pe-scale", "10", "--distance-weight", "0.5", "--distance-layer", "4",
+          "--candidate-distance-weight", "2", "--candidate-distance-layer", "5", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
@@ -310,6 +312,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert [p["decoder_training"]["position_weight"] for p in prov] == [None, 0.5]
     assert [p["decoder_training"]["pe_scale"] for p in prov] == [None, 10.0]
     assert [p["decoder_training"]["distance"] for p in prov] == [None, {"weight": 0.5, "layer": 4}]
+    assert [p["decoder_training"]["candidate_distance"] for p in prov] == [None, {"weight": 2.0, "layer": 5}]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -433,8 +436,33 @@ def test_distance_targets_are_the_two_compared_floor_distances():
     assert distance_targets(suffix(q_count("box")), word_of, info, "count") is None
 
 
-def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
-    """Same seed and data, with and without --distance-weight: the read-out's gradient reaches the
+def test_candidate_distance_targets_sit_at_the_candidate_words():
+    from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count, q_farther
+    from adatoken_compile.train import candidate_distance_targets, training_tokenizer, word_of_key_token
+
+    info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 4.0, 5.0), ("box", "green", 1.0, 3.0),
+                 ("chair", "yellow", 2.0, 3.0), ("chair", "yellow", 5.0, 1.0))
+    tok = training_tokenizer()
+    word_of = word_of_key_token(tok)
+    s = _question_suffix(tok, q_closer("red", "blue", "green"))
+    got = candidate_distance_targets(s, word_of, info, "closer")
+    # blue's word reads red-blue 5 m, green's word red-green 2 m (halved); nothing at red's word
+    assert [(word_of[s[i]], d) for i, d in got] == [(("colour", "blue"), 2.5), (("colour", "green"), 1.0)]
+    assert got[0][0] < got[1][0] and s.count(s[got[0][0]]) == 1
+    s = _question_suffix(tok, q_farther("green", "blue", "red"))
+    got = candidate_distance_targets(s, word_of, info, "farther")
+    assert [(word_of[s[i]][1], d) for i, d in got] == [("blue", 13 ** 0.5 / 2), ("red", 1.0)]
+    s = _question_suffix(tok, q_closer_yesno("blue", "green", "red"))
+    got = candidate_distance_targets(s, word_of, info, "closer_yesno")
+    assert [(word_of[s[i]][1], d) for i, d in got] == [("green", 13 ** 0.5 / 2), ("red", 2.5)]
+    assert candidate_distance_targets(_question_suffix(tok, q_closer("red", "blue", "yellow")), word_of, info, "closer") == []
+    assert candidate_distance_targets(_question_suffix(tok, q_count("box")), word_of, info, "count") == []
+
+
+@pytest.mark.parametrize("flag", ["distance", "candidate-distance"])
+def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, flag):
+    """Same seed and data, with and without --distance-weight (read at the last position) or
+    --candidate-distance-weight (read at the candidate words): the read-out's gradient reaches the
     layers below the one it reads (only scene 2 of the first three has relation questions)."""
     import numpy as np
     from safetensors.torch import load_file
@@ -443,7 +471,7 @@ def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
 
     common = ["--scenes", "3", "--epochs", "0.34", *tiny_stage1(tmp_path), "--templates", "closer,farther,closer_yesno"]
     main(["--out", str(tmp_path / "a"), *common])
-    main(["--out", str(tmp_path / "b"), "--distance-weight", "1", "--distance-layer", "3", *common])
+    main(["--out", str(tmp_path / "b"), f"--{flag}-weight", "1", f"--{flag}-layer", "3", *common])
     da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
     # one step: the read-out after layer 3 moves layers 1-3; above it only the gradient clipping's
     # common scale differs (Adam's first step is nearly scale-free), so those barely move
@@ -453,9 +481,10 @@ def test_distance_read_out_trains_the_decoder_on_relation_questions(tmp_path):
     assert below > 20 * above
 
 
-def test_bad_distance_weight_or_layer_is_a_one_line_error(tmp_path, capsys):
-    assert "--distance-layer 9" in train_error(tmp_path, capsys, "--distance-weight", "1", "--distance-layer", "9")
-    assert "--distance-weight -1" in train_error(tmp_path, capsys, "--distance-weight", "-1")
+@pytest.mark.parametrize("flag", ["distance", "candidate-distance"])
+def test_bad_distance_weight_or_layer_is_a_one_line_error(tmp_path, capsys, flag):
+    assert f"--{flag}-layer 9" in train_error(tmp_path, capsys, f"--{flag}-weight", "1", f"--{flag}-layer", "9")
+    assert f"--{flag}-weight -1" in train_error(tmp_path, capsys, f"--{flag}-weight", "-1")
 
 
 def test_room_keep_share_phases_in_holds_then_keeps_the_whole_scene():

@@ -526,6 +526,24 @@ def command_line(argv: list[str]) -> str:
     return "python -m adatoken_compile.train " + shlex.join(argv)
 
 
+def check_read_out(flag: str, weight: float, layer: int) -> None:
+    """One-line error for a training-only read-out's --FLAG-weight (>= 0) and --FLAG-layer (a
+    decoder layer, checked only when the read-out is on)."""
+    n = DECODER["num_hidden_layers"]
+    if weight < 0 or (weight and not 1 <= layer <= n):
+        raise InputError(f"train: --{flag}-weight {weight} must be >= 0 and --{flag}-layer {layer} 1..{n} (decoder layers)")
+
+
+def read_out_loss(hidden_states, layer: int, head: nn.Module, at: list, errors: list) -> torch.Tensor:
+    """MSE of a training-only linear read-out: ``head`` applied to the hidden state after decoder
+    layer ``layer`` at the positions of ``at`` = [(position, target), ...], against the targets;
+    the loss's value is appended to ``errors`` (the log's rms)."""
+    pred = head(hidden_states[layer][0, torch.tensor([a for a, _ in at])])
+    err = nn.functional.mse_loss(pred, torch.tensor([t for _, t in at]).reshape(pred.shape))
+    errors.append(err.item())
+    return err
+
+
 def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps: int = 400,
           scenes: int = 1200, epochs: float = 2.0, lr: float = 1.5e-3, minutes: float | None = None,
           curriculum_views: int = 0, curriculum_frac: float = 0.3, embed_std: float = 0.3,
@@ -554,17 +572,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             raise InputError(f"train: unknown question template(s) {', '.join(bad)}{where}; choose from {', '.join(TEMPLATES)}")
     if dense_from not in DENSE_FROM:
         raise InputError(f"train: --dense-from {dense_from!r} is not one of {', '.join(DENSE_FROM)}")
-    if locate_weight and not 1 <= locate_layer <= DECODER["num_hidden_layers"]:
-        raise InputError(f"train: --locate-layer {locate_layer} must be 1..{DECODER['num_hidden_layers']} (decoder layers)")
-    if instance_weight and not 1 <= instance_layer <= DECODER["num_hidden_layers"]:
-        raise InputError(f"train: --instance-layer {instance_layer} must be 1..{DECODER['num_hidden_layers']} (decoder layers)")
-    if distance_weight < 0 or (distance_weight and not 1 <= distance_layer <= DECODER["num_hidden_layers"]):
-        raise InputError(f"train: --distance-weight {distance_weight} must be >= 0 and --distance-layer {distance_layer} "
-                         f"1..{DECODER['num_hidden_layers']} (decoder layers)")
-    if candidate_distance_weight < 0 or (candidate_distance_weight
-                                         and not 1 <= candidate_distance_layer <= DECODER["num_hidden_layers"]):
-        raise InputError(f"train: --candidate-distance-weight {candidate_distance_weight} must be >= 0 and "
-                         f"--candidate-distance-layer {candidate_distance_layer} 1..{DECODER['num_hidden_layers']} (decoder layers)")
+    for flag, weight, layer in (("locate", locate_weight, locate_layer), ("instance", instance_weight, instance_layer),
+                                ("distance", distance_weight, distance_layer),
+                                ("candidate-distance", candidate_distance_weight, candidate_distance_layer)):
+        check_read_out(flag, weight, layer)
     if lr_decay_frac is not None and not 0.0 < lr_decay_frac <= 1.0:
         raise InputError(f"train: --lr-decay-frac {lr_decay_frac} must be in (0, 1] (the share of the steps the decay spans)")
     if position_weight < 0 or pe_scale <= 0:
@@ -761,22 +772,14 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                 loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
         at = [(s + i, xy) for s, w in zip(starts, where) for i, xy in w]
         if at:
-            h = out.hidden_states[locate_layer][0, torch.tensor([a for a, _ in at])]
-            xy_err = nn.functional.mse_loss(locate_head(h), torch.tensor([xy for _, xy in at]))
-            loss = loss + locate_weight * xy_err
-            locate_err.append(xy_err.item())
+            loss = loss + locate_weight * read_out_loss(out.hidden_states, locate_layer, locate_head, at, locate_err)
         at_d = [(s + a, d) for s, a, d in zip(starts, answer_at, dist) if d is not None]
         if at_d:
-            h = out.hidden_states[distance_layer][0, torch.tensor([a for a, _ in at_d])]
-            d_err = nn.functional.mse_loss(distance_head(h), torch.tensor([d for _, d in at_d]))
-            loss = loss + distance_weight * d_err
-            distance_err.append(d_err.item())
+            loss = loss + distance_weight * read_out_loss(out.hidden_states, distance_layer, distance_head, at_d, distance_err)
         at_c = [(s + i, d) for s, c in zip(starts, cand) for i, d in c]
         if at_c:
-            h = out.hidden_states[candidate_distance_layer][0, torch.tensor([a for a, _ in at_c])]
-            c_err = nn.functional.mse_loss(cand_head(h)[:, 0], torch.tensor([d for _, d in at_c]))
-            loss = loss + candidate_distance_weight * c_err
-            cand_err.append(c_err.item())
+            loss = loss + candidate_distance_weight * read_out_loss(out.hidden_states, candidate_distance_layer, cand_head,
+                                                                    at_c, cand_err)
         if position_head is not None:
             pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
             loss = loss + position_weight * pos_err

@@ -205,10 +205,6 @@ def test_locate_targets_name_the_single_object_of_each_word():
     assert [(word_of[s[i]], xy) for i, xy in locate_targets(s, word_of, info)] == [(("class", "ball"), (-1.0, -0.5))]
 
 
-def test_bad_locate_layer_is_a_one_line_error(tmp_path, capsys):
-    assert "--locate-layer 9" in train_error(tmp_path, capsys, "--locate-weight", "1", "--locate-layer", "9")
-
-
 def test_count_answer_weights_give_every_answer_the_same_total():
     from collections import Counter
 
@@ -380,10 +376,6 @@ def test_balanced_bce_weighs_the_rare_class_like_the_rest():
     assert torch.allclose(balanced_bce(never[1:], target[1:]), bce(never[1:], torch.zeros(99)))  # no positive: negatives only
 
 
-def test_bad_instance_layer_is_a_one_line_error(tmp_path, capsys):
-    assert "--instance-layer 0" in train_error(tmp_path, capsys, "--instance-weight", "1", "--instance-layer", "0")
-
-
 def test_lr_factor_cosine_by_default_and_stable_then_decay():
     import math
 
@@ -481,9 +473,10 @@ def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, fl
     assert below > 20 * above
 
 
-@pytest.mark.parametrize("flag", ["distance", "candidate-distance"])
-def test_bad_distance_weight_or_layer_is_a_one_line_error(tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag", ["locate", "instance", "distance", "candidate-distance"])
+def test_bad_read_out_weight_or_layer_is_a_one_line_error(tmp_path, capsys, flag):
     assert f"--{flag}-layer 9" in train_error(tmp_path, capsys, f"--{flag}-weight", "1", f"--{flag}-layer", "9")
+    assert f"--{flag}-layer 0" in train_error(tmp_path, capsys, f"--{flag}-weight", "1", f"--{flag}-layer", "0")
     assert f"--{flag}-weight -1" in train_error(tmp_path, capsys, f"--{flag}-weight", "-1")
 
 

@@ -11,6 +11,10 @@ import click
 
 from .errors import InputError
 
+# eval --kind: the benchmark's question kinds and templates (data.questions.KINDS / TEMPLATES,
+# spelled out so that the CLI starts without importing the data package; a test keeps them equal)
+EVAL_KINDS = ("attribute", "counting", "relation", "existence",
+              "color_of_class", "class_of_color", "count", "exist", "closer", "farther", "closer_yesno")
 MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
 
 
@@ -179,15 +183,22 @@ def _progress(total, desc):
               "(default: the PyTorch model given by --model)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test", "calibration"]))
 @click.option("--limit", default=500, show_default=True, type=click.IntRange(1, None), help="number of questions")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(EVAL_KINDS),
+              help="keep only the questions of this kind or template among the first --limit (repeatable), so "
+                   "that the figures are a subset of the full --limit run's")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @click.option("--predictions", default=None, help="also write per-question predictions to this JSON file")
 @user_errors
-def eval_cmd(model, vision_tower, attn, artifact, baseline, split, limit, as_json, predictions):
+def eval_cmd(model, vision_tower, attn, artifact, baseline, split, limit, kinds, as_json, predictions):
     """Answer accuracy on the procedural benchmark (overall and per question kind)."""
     from .data.dataset import iter_samples
     from .evaluate import evaluate, torch_answer_fn
 
-    samples = list(iter_samples(split, limit=limit))
+    samples = [s for s in iter_samples(split, limit=limit)
+               if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
+    if not samples:
+        raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of the {split} split; "
+                         "raise --limit")
     bar = _progress(len(samples), f"eval {split}")
     if artifact:
         from .evaluate import eval_artifact

@@ -104,6 +104,28 @@ def test_eval_json(tiny3d_dir):
     assert sum(v["n"] for v in res["per_kind"].values()) == 6
 
 
+def test_eval_kind_keeps_a_subset_of_the_same_questions(tiny3d_dir, tmp_path):
+    from adatoken_compile.cli import EVAL_KINDS
+    from adatoken_compile.data.questions import KINDS, TEMPLATES
+
+    assert set(EVAL_KINDS) == set(KINDS) | set(TEMPLATES)
+    full, sub = tmp_path / "full.json", tmp_path / "sub.json"
+    assert _run(["eval", "--model", tiny3d_dir, "--limit", "30", "--json", "--predictions", str(full)]).exit_code == 0
+    r = _run(["eval", "--model", tiny3d_dir, "--limit", "30", "--kind", "relation", "--kind", "exist", "--json",
+              "--predictions", str(sub)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    want = [p for p in json.loads(full.read_text()) if p["kind"] == "relation" or p["template"] == "exist"]
+    assert 0 < len(want) < 30 and res["n"] == len(want)
+    assert set(res["per_kind"]) == {"relation", "existence"}
+    assert json.loads(sub.read_text()) == want  # the same questions with the same answers, in the same order
+
+
+def test_eval_kind_with_no_such_question_is_a_one_line_error(tiny3d_dir):
+    r = _run(["eval", "--model", tiny3d_dir, "--limit", "1", "--kind", "closer"])
+    assert r.exit_code == 2 and "raise --limit" in r.output and r.output.strip().count("\n") == 0
+
+
 def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     """Calibration depends only on the contract: an HF LLaVA (Qwen2, GQA) adapter's batches work."""
     import numpy as np

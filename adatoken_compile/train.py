@@ -480,6 +480,23 @@ def candidate_distance_targets(suffix_ids: list[int], word_of: dict[int, tuple[s
     return [(i, 0.5 * floor_distance(o0, o)) for i, o in cands]
 
 
+def compare_targets(suffix_ids: list[int], word_of: dict[int, tuple[str, str]], info,
+                    template: str) -> list[tuple[int, float]]:
+    """--compare-weight's target for a relation question: at the second candidate's colour word
+    (green in "which is closer to the red object, the blue one or the green one?") 1.0 if the first
+    candidate is the closer one (d(red, blue) < d(red, green)), else 0.0; [] for other questions.
+    The candidate-distance read-out gives each candidate word its own distance; this supervises the
+    one step left, the comparison, where both distances are one hop apart (session 19: with only
+    the distances supervised the answer named a candidate every time but picked at chance)."""
+    from .data.questions import floor_distance
+
+    named = relation_objects(suffix_ids, word_of, info, template)
+    if named is None:
+        return []
+    (_, o0), (_, o1), (i2, o2) = named
+    return [(i2, 1.0 if floor_distance(o0, o1) < floor_distance(o0, o2) else 0.0)]
+
+
 DENSE_FROM = ("question", "key-word")
 VISION_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
@@ -534,12 +551,19 @@ def check_read_out(flag: str, weight: float, layer: int) -> None:
         raise InputError(f"train: --{flag}-weight {weight} must be >= 0 and --{flag}-layer {layer} 1..{n} (decoder layers)")
 
 
-def read_out_loss(hidden_states, layer: int, head: nn.Module, at: list, errors: list) -> torch.Tensor:
-    """MSE of a training-only linear read-out: ``head`` applied to the hidden state after decoder
-    layer ``layer`` at the positions of ``at`` = [(position, target), ...], against the targets;
-    the loss's value is appended to ``errors`` (the log's rms)."""
+def read_out_loss(hidden_states, layer: int, head: nn.Module, at: list, errors: list,
+                  binary: bool = False) -> torch.Tensor:
+    """Loss of a training-only linear read-out: ``head`` applied to the hidden state after decoder
+    layer ``layer`` at the positions of ``at`` = [(position, target), ...], against the targets:
+    MSE, its value appended to ``errors`` (the log's rms); or with ``binary`` logistic (targets 0/1),
+    the share of correct signs appended (the log's accuracy)."""
     pred = head(hidden_states[layer][0, torch.tensor([a for a, _ in at])])
-    err = nn.functional.mse_loss(pred, torch.tensor([t for _, t in at]).reshape(pred.shape))
+    target = torch.tensor([t for _, t in at]).reshape(pred.shape)
+    if binary:
+        err = nn.functional.binary_cross_entropy_with_logits(pred, target)
+        errors.append(((pred > 0).float() == target).float().mean().item())
+        return err
+    err = nn.functional.mse_loss(pred, target)
     errors.append(err.item())
     return err
 
@@ -556,7 +580,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           locate_layer: int = 4, instance_weight: float = 0.0, instance_layer: int = 3,
           lr_decay_frac: float | None = None, position_weight: float = 0.0, pe_scale: float = 1.0,
           distance_weight: float = 0.0, distance_layer: int = 5, bg_hold: float = 0.0,
-          candidate_distance_weight: float = 0.0, candidate_distance_layer: int = 4) -> dict:
+          candidate_distance_weight: float = 0.0, candidate_distance_layer: int = 4,
+          compare_weight: float = 0.0, compare_layer: int = 7) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
@@ -574,7 +599,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         raise InputError(f"train: --dense-from {dense_from!r} is not one of {', '.join(DENSE_FROM)}")
     for flag, weight, layer in (("locate", locate_weight, locate_layer), ("instance", instance_weight, instance_layer),
                                 ("distance", distance_weight, distance_layer),
-                                ("candidate-distance", candidate_distance_weight, candidate_distance_layer)):
+                                ("candidate-distance", candidate_distance_weight, candidate_distance_layer),
+                                ("compare", compare_weight, compare_layer)):
         check_read_out(flag, weight, layer)
     if lr_decay_frac is not None and not 0.0 < lr_decay_frac <= 1.0:
         raise InputError(f"train: --lr-decay-frac {lr_decay_frac} must be in (0, 1] (the share of the steps the decay spans)")
@@ -649,6 +675,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     cand_head = nn.Linear(DECODER["hidden_size"], 1) if candidate_distance_weight else None
     if cand_head is not None:
         params += list(cand_head.parameters())
+    # --compare-weight: a training-only logistic read-out (not saved), at each relation question's
+    # second candidate word, of which candidate is the closer one
+    compare_head = nn.Linear(DECODER["hidden_size"], 1) if compare_weight else None
+    if compare_head is not None:
+        params += list(compare_head.parameters())
     log(f"decoder params {sum(p.numel() for p in lm.parameters())/1e6:.2f}M")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
@@ -675,7 +706,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     step, seen, skipped, losses, t_stage = 0, 0, 0, [], time.time()
     opt.zero_grad()
     hits, tot, dense_hits, dense_tot, locate_err, marker_acc, position_err = [], [], [], [], [], [], []
-    distance_err, cand_err = [], []
+    distance_err, cand_err, compare_acc = [], [], []
     lm.train()
     while step < total_steps:
         i = int(order[seen % scenes])
@@ -733,7 +764,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         n_sp = len(pooled)
         spatial = proj(pooled)
         # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets, answer_at, q_weight, where, dist, cand = [], [], [], [], [], [], []
+        qa, targets, answer_at, q_weight, where, dist, cand, comp = [], [], [], [], [], [], [], []
         for q in qs:
             q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
             ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
@@ -749,6 +780,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             where.append(locate_targets(suffix, word_of, entry[1][1]) if locate_head is not None else [])
             dist.append(distance_targets(suffix, word_of, entry[1][1], q.template) if distance_head is not None else None)
             cand.append(candidate_distance_targets(suffix, word_of, entry[1][1], q.template) if cand_head is not None else [])
+            comp.append(compare_targets(suffix, word_of, entry[1][1], q.template) if compare_head is not None else [])
         allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
         emb = lm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
@@ -760,7 +792,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             dense_labels[s : s + len(d)] = torch.tensor(d)
             pos_weight[s : s + len(t)] = w
         out = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None],
-                 output_hidden_states=any(h is not None for h in (locate_head, marker_head, distance_head, cand_head)))
+                 output_hidden_states=any(h is not None for h in (locate_head, marker_head, distance_head, cand_head, compare_head)))
         logits = out.logits[0]
         if count_w:
             loss = weighted_cross_entropy(logits, labels, pos_weight)
@@ -780,6 +812,10 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         if at_c:
             loss = loss + candidate_distance_weight * read_out_loss(out.hidden_states, candidate_distance_layer, cand_head,
                                                                     at_c, cand_err)
+        at_k = [(s + i, y) for s, c in zip(starts, comp) for i, y in c]
+        if at_k:
+            loss = loss + compare_weight * read_out_loss(out.hidden_states, compare_layer, compare_head, at_k,
+                                                         compare_acc, binary=True)
         if position_head is not None:
             pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
             loss = loss + position_weight * pos_err
@@ -842,6 +878,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                 + (f"position rms {2 * math.sqrt(np.mean(position_err[-w:]) * 3):.2f} m " if position_err else "")
                 + (f"distance rms {2 * math.sqrt(np.mean(distance_err[-w:])):.2f} m " if distance_err else "")
                 + (f"cand. distance rms {2 * math.sqrt(np.mean(cand_err[-w:])):.2f} m " if cand_err else "")
+                + (f"compare acc {np.mean(compare_acc[-w:]):.3f} " if compare_acc else "")
                 + f"lr {cur:.2e} "
                 f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
         if minutes is not None and time.time() - t0 > minutes * 60:
@@ -868,6 +905,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
                              "distance": {"weight": distance_weight, "layer": distance_layer} if distance_weight else None,
                              "candidate_distance": {"weight": candidate_distance_weight, "layer": candidate_distance_layer}
                              if candidate_distance_weight else None,
+                             "compare": {"weight": compare_weight, "layer": compare_layer} if compare_weight else None,
                              "rope_theta": rope_theta, "scenes_per_step": scenes_per_step,
                              "align_weight": align_weight,
                              "template_curriculum": {"stages": [list(t) for t in template_stages], "steps_per_stage": stage_steps}
@@ -969,6 +1007,11 @@ def main(argv=None):
                         "distance to the reference object from the hidden state after --candidate-distance-layer (0: off)")
     p.add_argument("--candidate-distance-layer", type=int, default=4,
                    help="decoder layer whose output --candidate-distance-weight reads (1..8)")
+    p.add_argument("--compare-weight", type=float, default=0.0,
+                   help="weight of a training-only logistic loss that reads, at each relation question's second "
+                        "candidate word, whether the first candidate is the closer one, from the hidden state after "
+                        "--compare-layer (0: off)")
+    p.add_argument("--compare-layer", type=int, default=7, help="decoder layer whose output --compare-weight reads (1..8)")
     p.add_argument("--scenes-per-step", type=int, default=1,
                    help="scenes per optimizer step (gradient accumulation; steps = scenes x epochs / this)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="decoder RoPE base")
@@ -1006,6 +1049,7 @@ def main(argv=None):
               count_balance=a.count_balance, locate_weight=a.locate_weight, locate_layer=a.locate_layer,
               distance_weight=a.distance_weight, distance_layer=a.distance_layer,
               candidate_distance_weight=a.candidate_distance_weight, candidate_distance_layer=a.candidate_distance_layer,
+              compare_weight=a.compare_weight, compare_layer=a.compare_layer,
               instance_weight=a.instance_weight, instance_layer=a.instance_layer, lr_decay_frac=a.lr_decay_frac,
               position_weight=a.position_weight, pe_scale=a.pe_scale,
               rope_theta=a.rope_theta,

@@ -296,7 +296,8 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
           "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5",
           "--position-weight", "0.5", "--pe-scale", "10", "--distance-weight", "0.5", "--distance-layer", "4",
-          "--candidate-distance-weight", "2", "--candidate-distance-layer", "5", *common])
+          "--candidate-distance-weight", "2", "--candidate-distance-layer", "5",
+          "--compare-weight", "1", "--compare-layer", "6", *common])
     prov = [json.load(open(tmp_path / m / "TRAINING.json")) for m in "ab"]
     assert [p["decoder_seed"] for p in prov] == [0, 7] and prov[0]["seed"] == prov[1]["seed"] == 0
     assert [p["decoder_training"]["dense_from"] for p in prov] == ["question", "key-word"]
@@ -309,6 +310,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert [p["decoder_training"]["pe_scale"] for p in prov] == [None, 10.0]
     assert [p["decoder_training"]["distance"] for p in prov] == [None, {"weight": 0.5, "layer": 4}]
     assert [p["decoder_training"]["candidate_distance"] for p in prov] == [None, {"weight": 2.0, "layer": 5}]
+    assert [p["decoder_training"]["compare"] for p in prov] == [None, {"weight": 1.0, "layer": 6}]
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
@@ -408,14 +410,22 @@ def test_bad_position_weight_or_pe_scale_is_a_one_line_error(tmp_path, capsys):
     assert "--pe-scale 0" in train_error(tmp_path, capsys, "--pe-scale", "0")
 
 
-def test_distance_targets_are_the_two_compared_floor_distances():
-    from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count
-    from adatoken_compile.train import distance_targets, training_tokenizer, word_of_key_token
+def _relation_room():
+    """A room for the relation read-outs' targets (red at (1, 1), blue (4, 5), green (1, 3), two
+    yellow chairs), the training tokenizer and its key-word table."""
+    from adatoken_compile.train import training_tokenizer, word_of_key_token
 
     info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 4.0, 5.0), ("box", "green", 1.0, 3.0),
                  ("chair", "yellow", 2.0, 3.0), ("chair", "yellow", 5.0, 1.0))
     tok = training_tokenizer()
-    word_of = word_of_key_token(tok)
+    return info, tok, word_of_key_token(tok)
+
+
+def test_distance_targets_are_the_two_compared_floor_distances():
+    from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count
+    from adatoken_compile.train import distance_targets
+
+    info, tok, word_of = _relation_room()
 
     def suffix(text):
         return _question_suffix(tok, text)
@@ -430,12 +440,9 @@ def test_distance_targets_are_the_two_compared_floor_distances():
 
 def test_candidate_distance_targets_sit_at_the_candidate_words():
     from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count, q_farther
-    from adatoken_compile.train import candidate_distance_targets, training_tokenizer, word_of_key_token
+    from adatoken_compile.train import candidate_distance_targets
 
-    info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 4.0, 5.0), ("box", "green", 1.0, 3.0),
-                 ("chair", "yellow", 2.0, 3.0), ("chair", "yellow", 5.0, 1.0))
-    tok = training_tokenizer()
-    word_of = word_of_key_token(tok)
+    info, tok, word_of = _relation_room()
     s = _question_suffix(tok, q_closer("red", "blue", "green"))
     got = candidate_distance_targets(s, word_of, info, "closer")
     # blue's word reads red-blue 5 m, green's word red-green 2 m (halved); nothing at red's word
@@ -451,7 +458,27 @@ def test_candidate_distance_targets_sit_at_the_candidate_words():
     assert candidate_distance_targets(_question_suffix(tok, q_count("box")), word_of, info, "count") == []
 
 
-@pytest.mark.parametrize("flag", ["distance", "candidate-distance"])
+def test_compare_target_sits_at_the_second_candidate_and_says_whether_the_first_is_closer():
+    from adatoken_compile.data.questions import q_closer, q_closer_yesno, q_count, q_farther
+    from adatoken_compile.train import compare_targets
+
+    info, tok, word_of = _relation_room()
+    # red-blue 5 m, red-green 2 m: the first candidate (blue) is not the closer one; read at green's word
+    s = _question_suffix(tok, q_closer("red", "blue", "green"))
+    [(i, y)] = compare_targets(s, word_of, info, "closer")
+    assert word_of[s[i]] == ("colour", "green") and y == 0.0
+    # the same fact whatever the template asks: farther and yes/no name the candidates in the same order
+    s = _question_suffix(tok, q_farther("red", "green", "blue"))
+    [(i, y)] = compare_targets(s, word_of, info, "farther")
+    assert word_of[s[i]] == ("colour", "blue") and y == 1.0
+    s = _question_suffix(tok, q_closer_yesno("green", "red", "blue"))  # green-red 2 m < green-blue sqrt(13) m
+    [(i, y)] = compare_targets(s, word_of, info, "closer_yesno")
+    assert word_of[s[i]] == ("colour", "blue") and y == 1.0 and i == max(j for j in range(len(s)) if s[j] in word_of)
+    assert compare_targets(_question_suffix(tok, q_closer("red", "blue", "yellow")), word_of, info, "closer") == []
+    assert compare_targets(_question_suffix(tok, q_count("box")), word_of, info, "count") == []
+
+
+@pytest.mark.parametrize("flag", ["distance", "candidate-distance", "compare"])
 def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, flag):
     """Same seed and data, with and without --distance-weight (read at the last position) or
     --candidate-distance-weight (read at the candidate words): the read-out's gradient reaches the
@@ -473,7 +500,7 @@ def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, fl
     assert below > 20 * above
 
 
-@pytest.mark.parametrize("flag", ["locate", "instance", "distance", "candidate-distance"])
+@pytest.mark.parametrize("flag", ["locate", "instance", "distance", "candidate-distance", "compare"])
 def test_bad_read_out_weight_or_layer_is_a_one_line_error(tmp_path, capsys, flag):
     assert f"--{flag}-layer 9" in train_error(tmp_path, capsys, f"--{flag}-weight", "1", f"--{flag}-layer", "9")
     assert f"--{flag}-layer 0" in train_error(tmp_path, capsys, f"--{flag}-weight", "1", f"--{flag}-layer", "0")

@@ -551,6 +551,22 @@ def check_read_out(flag: str, weight: float, layer: int) -> None:
         raise InputError(f"train: --{flag}-weight {weight} must be >= 0 and --{flag}-layer {layer} 1..{n} (decoder layers)")
 
 
+def read_out_head(weight: float, out_dim: int, params: list) -> nn.Linear | None:
+    """A training-only linear read-out of the decoder's hidden state (not saved) when its loss
+    weight is on, its parameters appended to the optimiser's ``params``; None when off."""
+    if not weight:
+        return None
+    head = nn.Linear(DECODER["hidden_size"], out_dim)
+    params += list(head.parameters())
+    return head
+
+
+def word_read_out_at(starts: list[int], per_question: list[list]) -> list:
+    """The packed sequence's (position, target) pairs of a read-out whose targets are given per
+    question as (offset in the question's block, target): block start + offset."""
+    return [(s + i, t) for s, targets in zip(starts, per_question) for i, t in targets]
+
+
 def read_out_loss(hidden_states, layer: int, head: nn.Module, at: list, errors: list,
                   binary: bool = False) -> torch.Tensor:
     """Loss of a training-only linear read-out: ``head`` applied to the hidden state after decoder
@@ -651,35 +667,23 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     proj = build_projector("mlp2x_gelu", VISION["hidden_size"], DECODER["hidden_size"], "train")
     params = list(lm.parameters()) + list(pe.parameters()) + list(proj.parameters())
     # --locate-weight: a training-only linear read-out of floor positions (not saved)
-    locate_head = nn.Linear(DECODER["hidden_size"], 2) if locate_weight else None
-    if locate_head is not None:
-        params += list(locate_head.parameters())
+    locate_head = read_out_head(locate_weight, 2, params)
     # --instance-weight: a training-only marker read-out (not saved): is this scene token the
     # first of its object instance?
-    marker_head = nn.Linear(DECODER["hidden_size"], 1) if instance_weight else None
-    if marker_head is not None:
-        params += list(marker_head.parameters())
+    marker_head = read_out_head(instance_weight, 1, params)
     # --position-weight: a training-only linear read-out (not saved) of each scene token's own
     # position from the token as it enters the decoder, so that attention can copy positions
     # (run P, W = 1: the probe's R^2 0.98 / 0.98; relations 0.50 -> 0.56 on 500 test questions)
-    position_head = nn.Linear(DECODER["hidden_size"], 3) if position_weight else None
-    if position_head is not None:
-        params += list(position_head.parameters())
+    position_head = read_out_head(position_weight, 3, params)
     # --distance-weight: a training-only linear read-out (not saved), at each relation question's
     # last position, of the two distances the answer compares
-    distance_head = nn.Linear(DECODER["hidden_size"], 2) if distance_weight else None
-    if distance_head is not None:
-        params += list(distance_head.parameters())
+    distance_head = read_out_head(distance_weight, 2, params)
     # --candidate-distance-weight: a training-only linear read-out (not saved), at each relation
     # candidate's colour word, of its distance to the reference object
-    cand_head = nn.Linear(DECODER["hidden_size"], 1) if candidate_distance_weight else None
-    if cand_head is not None:
-        params += list(cand_head.parameters())
+    cand_head = read_out_head(candidate_distance_weight, 1, params)
     # --compare-weight: a training-only logistic read-out (not saved), at each relation question's
     # second candidate word, of which candidate is the closer one
-    compare_head = nn.Linear(DECODER["hidden_size"], 1) if compare_weight else None
-    if compare_head is not None:
-        params += list(compare_head.parameters())
+    compare_head = read_out_head(compare_weight, 1, params)
     log(f"decoder params {sum(p.numel() for p in lm.parameters())/1e6:.2f}M")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     cache = SceneCache(vision, CLIP_MEAN, CLIP_STD)
@@ -802,17 +806,17 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
             loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
             if dense_answer:
                 loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
-        at = [(s + i, xy) for s, w in zip(starts, where) for i, xy in w]
+        at = word_read_out_at(starts, where)
         if at:
             loss = loss + locate_weight * read_out_loss(out.hidden_states, locate_layer, locate_head, at, locate_err)
         at_d = [(s + a, d) for s, a, d in zip(starts, answer_at, dist) if d is not None]
         if at_d:
             loss = loss + distance_weight * read_out_loss(out.hidden_states, distance_layer, distance_head, at_d, distance_err)
-        at_c = [(s + i, d) for s, c in zip(starts, cand) for i, d in c]
+        at_c = word_read_out_at(starts, cand)
         if at_c:
             loss = loss + candidate_distance_weight * read_out_loss(out.hidden_states, candidate_distance_layer, cand_head,
                                                                     at_c, cand_err)
-        at_k = [(s + i, y) for s, c in zip(starts, comp) for i, y in c]
+        at_k = word_read_out_at(starts, comp)
         if at_k:
             loss = loss + compare_weight * read_out_loss(out.hidden_states, compare_layer, compare_head, at_k,
                                                          compare_acc, binary=True)

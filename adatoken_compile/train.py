@@ -22,10 +22,14 @@ comes from learning the task.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import queue
 import shlex
 import sys
 import time
@@ -141,27 +145,52 @@ def count_answer_weights(infos) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- stage 1
 
+def _stage1_views(s: int, mean, std, views_per_scene: int | None):
+    """Stage 1's data of one scene: the pixel values and patch class / colour labels of its
+    (seeded random subset of) views, as numpy arrays (cheap to send from a worker process)."""
+    info, r = _render(s)
+    pre = preprocess_scene(r.scene, VISION["image_size"], mean, std)
+    c, k, n_cls, n_col = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
+    V = len(c)
+    views = np.arange(V) if not views_per_scene or views_per_scene >= V else \
+        np.sort(np.random.default_rng(s).choice(V, views_per_scene, replace=False))
+    return pre.pixel_values[views], c[views], k[views], n_cls, n_col
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A pool of ``workers`` spawned processes (None for 0: work in this process). Spawned, not
+    forked: a fork of a process whose torch thread pool has started can hang."""
+    if not workers:
+        yield None
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
+                                                     initargs=(torch.get_num_threads(),))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_weight: float = 1.0,
-                    views_per_scene: int | None = None):
+                    views_per_scene: int | None = None, workers: int = 0):
     """``object_weight``: loss weight of object patches relative to floor/wall/ceiling ones
     (objects cover a quarter of the patches; the room's patches are easy and dominate the loss).
     ``views_per_scene``: use only this many (seeded random) views of each scene, so that more
     scenes fit in memory -- the tower overfits the objects of few scenes (linear probe on object
-    patches: 0.85 on its training scenes, 0.74 on new ones, with 150 scenes x 20 views)."""
+    patches: 0.85 on its training scenes, 0.74 on new ones, with 150 scenes x 20 views).
+    ``workers``: render the scenes in that many background processes (the same arrays)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
     pix, cls_l, col_l = [], [], []
-    for s in seeds:
-        info, r = _render(s)
-        pre = preprocess_scene(r.scene, VISION["image_size"], mean, std)
-        c, k, n_cls, n_col = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
-        V = len(c)
-        views = np.arange(V) if not views_per_scene or views_per_scene >= V else \
-            np.sort(np.random.default_rng(s).choice(V, views_per_scene, replace=False))
-        pix.append(torch.from_numpy(pre.pixel_values[views]))
-        cls_l.append(torch.from_numpy(c[views]))
-        col_l.append(torch.from_numpy(k[views]))
+    job = functools.partial(_stage1_views, mean=mean, std=std, views_per_scene=views_per_scene)
+    with _pool(workers) as pool:
+        for p, c, k, n_cls, n_col in (pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)):
+            pix.append(torch.from_numpy(p))
+            cls_l.append(torch.from_numpy(c))
+            col_l.append(torch.from_numpy(k))
     pix, cls_l, col_l = torch.cat(pix), torch.cat(cls_l), torch.cat(col_l)
     log(f"vision pretraining on {len(pix)} views of {len(seeds)} scenes")
     d = VISION["hidden_size"]
@@ -209,7 +238,7 @@ def data_fingerprint() -> str:
 
 
 def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0, views: int | None = None,
-                 cache: str | None = None):
+                 cache: str | None = None, workers: int = 0):
     """Stage 1, or its result from ``cache`` when that file was written with the same settings and
     the same scene code (:func:`data_fingerprint`); otherwise stage 1 is retrained and the cache
     overwritten. Returns (tower, settings, stats)."""
@@ -236,7 +265,7 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
             f"now {data}): retraining stage 1")
     torch.manual_seed(seed)
     vision, stats = pretrain_vision(range(lo, lo + scenes), steps, CLIP_MEAN, CLIP_STD, object_weight=object_weight,
-                                    views_per_scene=views)
+                                    views_per_scene=views, workers=workers)
     if cache:
         tmp = cache + ".tmp"
         torch.save({"state_dict": vision.state_dict(), "stats": stats, "settings": settings, "data": data}, tmp)
@@ -245,6 +274,97 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
 
 
 # --------------------------------------------------------------------------- stage 2
+
+def scene_entry(cache, scene_seed: int, relation_draws: int, templates, instances: bool):
+    """What stage 2 keeps of a training scene: ((features, patch xyz, voxel map), (questions,
+    scene info), (patch class, patch colour, patch instance or None)), or None when the scene asks
+    no question of ``templates`` (then nothing is rendered)."""
+    from .data.render import render_scene
+    from .data.world import make_world
+
+    info = make_world(scene_seed)
+    qs_all = [q for q in training_questions(info, scene_seed, relation_draws) if templates is None or q.template in templates]
+    if not qs_all:
+        return None
+    r = render_scene(info)
+    c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
+    pi = _patch_instances(r.instance, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"]) \
+        if instances else None
+    return cache(r.scene), (qs_all, info), (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1)), pi)
+
+
+def _tensors(x, to):
+    """``x`` with every tensor (numpy array) in its nested tuples replaced by ``to(tensor)``."""
+    if isinstance(x, tuple):
+        return tuple(_tensors(v, to) for v in x)
+    return to(x) if isinstance(x, (torch.Tensor, np.ndarray)) else x
+
+
+def _prefetch_worker(state: dict, seeds: list[int], relation_draws: int, templates, instances: bool, threads: int, out):
+    """Background process of :class:`ScenePrefetch`: the entries of ``seeds``, in order, as numpy."""
+    import traceback
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .models.tiny import CLIP_MEAN, CLIP_STD
+
+    torch.set_num_threads(threads)
+    try:
+        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
+        vision.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        cache = SceneCache(vision.eval().requires_grad_(False), CLIP_MEAN, CLIP_STD)
+        for sd in seeds:
+            e = scene_entry(cache, sd, relation_draws, templates, instances)
+            # numpy, not tensors: torch would pass each tensor as a shared-memory handle, thousands of them
+            out.put((sd, None if e is None else _tensors(e, lambda t: t.numpy())))
+    except BaseException:
+        out.put((None, traceback.format_exc()))
+
+
+class ScenePrefetch:
+    """Stage 2's first epoch renders each scene and runs the frozen tower over its 20 views (about
+    0.5 s a scene on an idle core, most of an early step's time). ``--workers N`` prepares the
+    scenes ahead, in visiting order, in N spawned processes (scene j of the order in worker j mod N,
+    at most ``depth`` ahead each), while training steps run; same thread count as training, so the
+    entries, and the trained weights, are the same bit for bit as without workers."""
+
+    def __init__(self, vision, seeds: list[int], workers: int, relation_draws: int, templates, instances: bool,
+                 depth: int = 8):
+        ctx = multiprocessing.get_context("spawn")
+        state = {k: v.numpy() for k, v in vision.state_dict().items()}
+        self.seeds, self.next = list(seeds), 0
+        self.queues = [ctx.Queue(maxsize=depth) for _ in range(workers)]
+        self.procs = [ctx.Process(target=_prefetch_worker, daemon=True,
+                                  args=(state, self.seeds[j::workers], relation_draws, templates, instances,
+                                        torch.get_num_threads(), q)) for j, q in enumerate(self.queues)]
+        for pr in self.procs:
+            pr.start()
+
+    def get(self, seed: int):
+        """The entry of ``seed``, which must be the next one of the visiting order."""
+        if self.next >= len(self.seeds) or self.seeds[self.next] != seed:
+            raise RuntimeError(f"scene prefetch: asked for scene {seed} out of the visiting order")
+        j = self.next % len(self.queues)
+        while True:
+            try:
+                got, e = self.queues[j].get(timeout=10)
+                break
+            except queue.Empty:
+                if not self.procs[j].is_alive():
+                    raise RuntimeError(f"scene prefetch: worker {j} exited (code {self.procs[j].exitcode}) "
+                                       f"before scene {seed}") from None
+        if got is None:
+            raise RuntimeError(f"scene prefetch: worker {j} failed on scene {seed}:\n{e}")
+        assert got == seed, (got, seed)
+        self.next += 1
+        return None if e is None else _tensors(e, torch.from_numpy)
+
+    def close(self):
+        for pr in self.procs:
+            if pr.is_alive():
+                pr.terminate()
+            pr.join()
+
 
 class SceneCache:
     """Frozen-tower features of a scene: (V*P, Dv) + voxel map, computed once per scene."""
@@ -597,12 +717,11 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
           lr_decay_frac: float | None = None, position_weight: float = 0.0, pe_scale: float = 1.0,
           distance_weight: float = 0.0, distance_layer: int = 5, bg_hold: float = 0.0,
           candidate_distance_weight: float = 0.0, candidate_distance_layer: int = 4,
-          compare_weight: float = 0.0, compare_layer: int = 7) -> dict:
+          compare_weight: float = 0.0, compare_layer: int = 7, workers: int = 0) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .data import dataset as ds
     from .data.questions import TEMPLATES
-    from .data.render import render_scene
     from .data.world import make_world
     from .models.llava3d import PositionEmbedding3D, build_projector, llava_v1_prompt, tokenize_with_placeholders
     from .models.tiny import CLIP_MEAN, CLIP_STD, save_llava3d
@@ -622,6 +741,8 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         raise InputError(f"train: --lr-decay-frac {lr_decay_frac} must be in (0, 1] (the share of the steps the decay spans)")
     if position_weight < 0 or pe_scale <= 0:
         raise InputError(f"train: --position-weight {position_weight} must be >= 0 and --pe-scale {pe_scale} > 0")
+    if workers < 0:
+        raise InputError(f"train: --workers {workers} must be >= 0 (background processes that render scenes; 0: none)")
     if relation_draws < 0:
         raise InputError(f"train: --relation-draws {relation_draws} must be >= 0 (draws of the relation generator per scene)")
     if not 0.0 <= bg_hold < 1.0 or not 0.0 < bg_keep_max <= 1.0:
@@ -638,7 +759,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     log(f"tokenizer: {tok.vocab_size} tokens")
     # ---------------------------------------------------------------- stage 1
     vision, vsettings, vstats = vision_stage(seed, vision_scenes, vision_steps, vision_object_weight, vision_views,
-                                             vision_cache)
+                                             vision_cache, workers)
     # ---------------------------------------------------------------- stage 2 modules
     # stage 2 has its own seed (default: --seed) so that decoder runs can be repeated over seeds on one
     # cached stage-1 tower
@@ -712,182 +833,179 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     hits, tot, dense_hits, dense_tot, locate_err, marker_acc, position_err = [], [], [], [], [], [], []
     distance_err, cand_err, compare_acc = [], [], []
     lm.train()
-    while step < total_steps:
-        i = int(order[seen % scenes])
-        scene_seed = train_lo + i
-        if scene_seed not in feats_cache:
-            info = make_world(scene_seed)
-            qs_all = [q for q in training_questions(info, scene_seed, relation_draws) if templates is None or q.template in templates]
-            feats_cache[scene_seed] = None  # --templates: no question of those templates, nothing to render
-            if qs_all:
-                r = render_scene(info)
-                c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"],
-                                           VISION["patch_size"])
-                pi = None if marker_head is None else \
-                    _patch_instances(r.instance, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
-                feats_cache[scene_seed] = (cache(r.scene), (qs_all, info),
-                                           (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1)), pi))
-        entry = feats_cache[scene_seed]
-        active = curriculum_templates(template_stages, stage_steps, step)
-        qs = [] if entry is None else entry[1][0] if active is None else [q for q in entry[1][0] if q.template in active]
-        if not qs:  # no question of --templates (nothing rendered) or of the curriculum's current stage
+    prefetch = ScenePrefetch(vision, [train_lo + int(j) for j in order], workers, relation_draws, templates,
+                             marker_head is not None) if workers else None
+    try:
+        while step < total_steps:
+            i = int(order[seen % scenes])
+            scene_seed = train_lo + i
+            if scene_seed not in feats_cache:  # first epoch; None: no question of --templates, nothing rendered
+                feats_cache[scene_seed] = prefetch.get(scene_seed) if prefetch else \
+                    scene_entry(cache, scene_seed, relation_draws, templates, marker_head is not None)
+            entry = feats_cache[scene_seed]
+            active = curriculum_templates(template_stages, stage_steps, step)
+            qs = [] if entry is None else entry[1][0] if active is None else [q for q in entry[1][0] if q.template in active]
+            if not qs:  # no question of --templates (nothing rendered) or of the curriculum's current stage
+                seen += 1
+                skipped += 1
+                if skipped > scenes:
+                    raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}"
+                                     if entry is None else "train: no training scene has a question of the curriculum stage "
+                                     f"{', '.join(sorted(active))}; put a template that every scene asks (exist, count) first")
+                continue
+            skipped = 0
+            (f, xyz, vmap), _, (pcls, pcol, pinst) = entry
+            if curriculum_views and step < curriculum_steps:
+                # curriculum: early steps see a random subset of the views (fewer tokens, easier
+                # attention discovery); the rest of training sees whole scenes as evaluated
+                V = len(f) // VISION_PATCHES
+                views = np.random.default_rng(dseed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
+                rows = (views[:, None] * VISION_PATCHES + np.arange(VISION_PATCHES)[None]).reshape(-1)
+                f, xyz = f[rows], xyz[rows]
+                pcls, pcol = pcls[rows], pcol[rows]
+                pinst = None if pinst is None else pinst[rows]
+                vmap = voxelize(xyz.numpy())
+            # scene tokens through the trainable part of the adapter path
+            v = f + pe(xyz)
+            inv = torch.from_numpy(vmap.inverse)
+            pooled = torch.zeros(vmap.num_tokens, v.shape[1]).index_add(0, inv, v) / \
+                torch.bincount(inv, minlength=vmap.num_tokens)[:, None].float()
+            # per-voxel majority class / colour of its patches (for the alignment loss and curriculum)
+            vc, vk = voxel_majority(pcls, inv, vmap.num_tokens), voxel_majority(pcol, inv, vmap.num_tokens)
+            vi = None if pinst is None else voxel_majority(pinst, inv, vmap.num_tokens) - 1
+            centres = torch.from_numpy(vmap.centers)
+            keep_p = room_keep_share(step, bg_steps, hold_steps, bg_keep_max)
+            if keep_p is not None:
+                rnd = torch.from_numpy(np.random.default_rng(dseed * 104729 + step).random(vmap.num_tokens))
+                sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
+                pooled, vc, vk, centres = pooled[sel], vc[sel], vk[sel], centres[sel]
+                vi = None if vi is None else vi[sel]
+            n_sp = len(pooled)
+            spatial = proj(pooled)
+            # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
+            qa, targets, answer_at, q_weight, where, dist, cand, comp = [], [], [], [], [], [], [], []
+            for q in qs:
+                q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
+                ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
+                k = ids.index(-200)
+                if prefix_ids is None:
+                    prefix_ids = ids[:k]
+                suffix = ids[k + 1 :]
+                ans = tok.encode(" " + q.answer) + [tok.eos_id]
+                qa.append(suffix + ans)
+                targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer),
+                                          dense_from=key_word_position(suffix, key_ids) if dense_from == "key-word" else 2))
+                answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
+                where.append(locate_targets(suffix, word_of, entry[1][1]) if locate_head is not None else [])
+                dist.append(distance_targets(suffix, word_of, entry[1][1], q.template) if distance_head is not None else None)
+                cand.append(candidate_distance_targets(suffix, word_of, entry[1][1], q.template) if cand_head is not None else [])
+                comp.append(compare_targets(suffix, word_of, entry[1][1], q.template) if compare_head is not None else [])
+            allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
+            emb = lm.get_input_embeddings()
+            x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
+            labels = torch.full((x.shape[1],), -100, dtype=torch.long)
+            dense_labels = torch.full_like(labels, -100)
+            pos_weight = torch.ones(x.shape[1])
+            for s, (t, d), w in zip(starts, targets, q_weight):
+                labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
+                dense_labels[s : s + len(d)] = torch.tensor(d)
+                pos_weight[s : s + len(t)] = w
+            out = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None],
+                     output_hidden_states=any(h is not None for h in (locate_head, marker_head, distance_head, cand_head, compare_head)))
+            logits = out.logits[0]
+            if count_w:
+                loss = weighted_cross_entropy(logits, labels, pos_weight)
+                if dense_answer:
+                    loss = loss + dense_answer * weighted_cross_entropy(logits, dense_labels, pos_weight)
+            else:  # the unweighted path, kept as it was so that earlier recorded commands reproduce bit for bit
+                loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+                if dense_answer:
+                    loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
+            at = word_read_out_at(starts, where)
+            if at:
+                loss = loss + locate_weight * read_out_loss(out.hidden_states, locate_layer, locate_head, at, locate_err)
+            at_d = [(s + a, d) for s, a, d in zip(starts, answer_at, dist) if d is not None]
+            if at_d:
+                loss = loss + distance_weight * read_out_loss(out.hidden_states, distance_layer, distance_head, at_d, distance_err)
+            at_c = word_read_out_at(starts, cand)
+            if at_c:
+                loss = loss + candidate_distance_weight * read_out_loss(out.hidden_states, candidate_distance_layer, cand_head,
+                                                                        at_c, cand_err)
+            at_k = word_read_out_at(starts, comp)
+            if at_k:
+                loss = loss + compare_weight * read_out_loss(out.hidden_states, compare_layer, compare_head, at_k,
+                                                             compare_acc, binary=True)
+            if position_head is not None:
+                pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
+                loss = loss + position_weight * pos_err
+                position_err.append(pos_err.item())
+            obj, cls_t, col_t = object_targets(vc, vk)
+            on, mark = instance_markers(vc, vi) if marker_head is not None else (None, None)
+            if on is not None and on.any():  # (a voxel can vote object by class but room by instance)
+                h = out.hidden_states[instance_layer][0, len(prefix_ids) : len(prefix_ids) + n_sp][on]
+                sc = marker_head(h).squeeze(1)
+                loss = loss + instance_weight * balanced_bce(sc, mark)
+                with torch.no_grad():
+                    marker_acc.append(0.5 * (((sc > 0) & mark).sum() / mark.sum().clamp(min=1)
+                                             + ((sc <= 0) & ~mark).sum() / (~mark).sum().clamp(min=1)).item())
+            if aux_weight > 0 and obj.any():
+                # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
+                # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
+                sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
+                col_words = torch.where(col_t >= 0, colour_word[col_t.clamp(min=0)], -1)
+                loss = loss + aux_weight * class_colour_loss(sl, sl, class_word[cls_t], col_words)
+            if align_weight > 0 and obj.any():
+                # word alignment of the projected scene tokens (before the decoder): an object voxel's
+                # token must score highest, by dot product, with the input embeddings of its class and
+                # colour words, so "ball" in a question can find ball voxels with a layer-0 match of
+                # like with like (the easy attention pattern) instead of a look-up learned from scratch
+                s_obj = spatial[obj]
+                loss = loss + align_weight * class_colour_loss(s_obj @ emb.weight[class_word].T,
+                                                               s_obj @ emb.weight[colour_word].T, cls_t, col_t)
+            (loss / scenes_per_step).backward()
             seen += 1
-            skipped += 1
-            if skipped > scenes:
-                raise InputError(f"train: no training scene has a question of the templates {', '.join(templates)}"
-                                 if entry is None else "train: no training scene has a question of the curriculum stage "
-                                 f"{', '.join(sorted(active))}; put a template that every scene asks (exist, count) first")
-            continue
-        skipped = 0
-        (f, xyz, vmap), _, (pcls, pcol, pinst) = entry
-        if curriculum_views and step < curriculum_steps:
-            # curriculum: early steps see a random subset of the views (fewer tokens, easier
-            # attention discovery); the rest of training sees whole scenes as evaluated
-            V = len(f) // VISION_PATCHES
-            views = np.random.default_rng(dseed * 7919 + step).choice(V, size=min(curriculum_views, V), replace=False)
-            rows = (views[:, None] * VISION_PATCHES + np.arange(VISION_PATCHES)[None]).reshape(-1)
-            f, xyz = f[rows], xyz[rows]
-            pcls, pcol = pcls[rows], pcol[rows]
-            pinst = None if pinst is None else pinst[rows]
-            vmap = voxelize(xyz.numpy())
-        # scene tokens through the trainable part of the adapter path
-        v = f + pe(xyz)
-        inv = torch.from_numpy(vmap.inverse)
-        pooled = torch.zeros(vmap.num_tokens, v.shape[1]).index_add(0, inv, v) / \
-            torch.bincount(inv, minlength=vmap.num_tokens)[:, None].float()
-        # per-voxel majority class / colour of its patches (for the alignment loss and curriculum)
-        vc, vk = voxel_majority(pcls, inv, vmap.num_tokens), voxel_majority(pcol, inv, vmap.num_tokens)
-        vi = None if pinst is None else voxel_majority(pinst, inv, vmap.num_tokens) - 1
-        centres = torch.from_numpy(vmap.centers)
-        keep_p = room_keep_share(step, bg_steps, hold_steps, bg_keep_max)
-        if keep_p is not None:
-            rnd = torch.from_numpy(np.random.default_rng(dseed * 104729 + step).random(vmap.num_tokens))
-            sel = (vc >= ROOM_LABELS) | (rnd < keep_p)
-            pooled, vc, vk, centres = pooled[sel], vc[sel], vk[sel], centres[sel]
-            vi = None if vi is None else vi[sel]
-        n_sp = len(pooled)
-        spatial = proj(pooled)
-        # text: prefix (BOS + system + "USER: ") and, per question, "\n{q} ASSISTANT:" + " {a}" + EOS
-        qa, targets, answer_at, q_weight, where, dist, cand, comp = [], [], [], [], [], [], [], []
-        for q in qs:
-            q_weight.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
-            ids = tokenize_with_placeholders(tok, llava_v1_prompt(q.text))
-            k = ids.index(-200)
-            if prefix_ids is None:
-                prefix_ids = ids[:k]
-            suffix = ids[k + 1 :]
-            ans = tok.encode(" " + q.answer) + [tok.eos_id]
-            qa.append(suffix + ans)
-            targets.append(qa_targets(len(suffix), ans, dense=bool(dense_answer),
-                                      dense_from=key_word_position(suffix, key_ids) if dense_from == "key-word" else 2))
-            answer_at.append(len(suffix) - 1)  # block offset whose label is the answer's first token
-            where.append(locate_targets(suffix, word_of, entry[1][1]) if locate_head is not None else [])
-            dist.append(distance_targets(suffix, word_of, entry[1][1], q.template) if distance_head is not None else None)
-            cand.append(candidate_distance_targets(suffix, word_of, entry[1][1], q.template) if cand_head is not None else [])
-            comp.append(compare_targets(suffix, word_of, entry[1][1], q.template) if compare_head is not None else [])
-        allow, pos, starts = packed_sequence(prefix_ids, n_sp, qa)
-        emb = lm.get_input_embeddings()
-        x = torch.cat([emb(torch.tensor(prefix_ids)), spatial] + [emb(torch.tensor(s)) for s in qa])[None]
-        labels = torch.full((x.shape[1],), -100, dtype=torch.long)
-        dense_labels = torch.full_like(labels, -100)
-        pos_weight = torch.ones(x.shape[1])
-        for s, (t, d), w in zip(starts, targets, q_weight):
-            labels[s : s + len(t)] = torch.tensor(t)  # label at position p = token p+1
-            dense_labels[s : s + len(d)] = torch.tensor(d)
-            pos_weight[s : s + len(t)] = w
-        out = lm(inputs_embeds=x, attention_mask=allow[None, None], position_ids=pos[None],
-                 output_hidden_states=any(h is not None for h in (locate_head, marker_head, distance_head, cand_head, compare_head)))
-        logits = out.logits[0]
-        if count_w:
-            loss = weighted_cross_entropy(logits, labels, pos_weight)
-            if dense_answer:
-                loss = loss + dense_answer * weighted_cross_entropy(logits, dense_labels, pos_weight)
-        else:  # the unweighted path, kept as it was so that earlier recorded commands reproduce bit for bit
-            loss = nn.functional.cross_entropy(logits, labels, ignore_index=-100)
-            if dense_answer:
-                loss = loss + dense_answer * nn.functional.cross_entropy(logits, dense_labels, ignore_index=-100)
-        at = word_read_out_at(starts, where)
-        if at:
-            loss = loss + locate_weight * read_out_loss(out.hidden_states, locate_layer, locate_head, at, locate_err)
-        at_d = [(s + a, d) for s, a, d in zip(starts, answer_at, dist) if d is not None]
-        if at_d:
-            loss = loss + distance_weight * read_out_loss(out.hidden_states, distance_layer, distance_head, at_d, distance_err)
-        at_c = word_read_out_at(starts, cand)
-        if at_c:
-            loss = loss + candidate_distance_weight * read_out_loss(out.hidden_states, candidate_distance_layer, cand_head,
-                                                                    at_c, cand_err)
-        at_k = word_read_out_at(starts, comp)
-        if at_k:
-            loss = loss + compare_weight * read_out_loss(out.hidden_states, compare_layer, compare_head, at_k,
-                                                         compare_acc, binary=True)
-        if position_head is not None:
-            pos_err = nn.functional.mse_loss(position_head(spatial), position_targets(centres, entry[1][1].room))
-            loss = loss + position_weight * pos_err
-            position_err.append(pos_err.item())
-        obj, cls_t, col_t = object_targets(vc, vk)
-        on, mark = instance_markers(vc, vi) if marker_head is not None else (None, None)
-        if on is not None and on.any():  # (a voxel can vote object by class but room by instance)
-            h = out.hidden_states[instance_layer][0, len(prefix_ids) : len(prefix_ids) + n_sp][on]
-            sc = marker_head(h).squeeze(1)
-            loss = loss + instance_weight * balanced_bce(sc, mark)
+            losses.append(loss.item())
             with torch.no_grad():
-                marker_acc.append(0.5 * (((sc > 0) & mark).sum() / mark.sum().clamp(min=1)
-                                         + ((sc <= 0) & ~mark).sum() / (~mark).sum().clamp(min=1)).item())
-        if aux_weight > 0 and obj.any():
-            # auxiliary "dense caption" of the scene tokens: at each spatial position, the object's
-            # class and colour words (majority over the voxel's patches), like LLaVA's alignment stage
-            sl = logits[len(prefix_ids) : len(prefix_ids) + n_sp][obj]
-            col_words = torch.where(col_t >= 0, colour_word[col_t.clamp(min=0)], -1)
-            loss = loss + aux_weight * class_colour_loss(sl, sl, class_word[cls_t], col_words)
-        if align_weight > 0 and obj.any():
-            # word alignment of the projected scene tokens (before the decoder): an object voxel's
-            # token must score highest, by dot product, with the input embeddings of its class and
-            # colour words, so "ball" in a question can find ball voxels with a layer-0 match of
-            # like with like (the easy attention pattern) instead of a look-up learned from scratch
-            s_obj = spatial[obj]
-            loss = loss + align_weight * class_colour_loss(s_obj @ emb.weight[class_word].T,
-                                                           s_obj @ emb.weight[colour_word].T, cls_t, col_t)
-        (loss / scenes_per_step).backward()
-        seen += 1
-        losses.append(loss.item())
-        with torch.no_grad():
-            # answer accuracy: the first answer token, predicted at each question's last position
-            first = torch.tensor(starts) + torch.tensor(answer_at)
-            hits.append((logits[first].argmax(-1) == labels[first]).sum().item())
-            tot.append(len(qa))
-            dm = dense_labels != -100
-            dense_hits.append((logits[dm].argmax(-1) == dense_labels[dm]).sum().item())
-            dense_tot.append(int(dm.sum()))
-        if seen % scenes_per_step:
-            continue  # gradient accumulation: one optimizer step per scenes_per_step scenes
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        # cosine decay on progress = steps done or wall time used, whichever is further along
-        prog = (step - warm) / max(1, total_steps - warm)
-        if minutes is not None:
-            prog = max(prog, (time.time() - t_stage) / max(1.0, minutes * 60 - (t_stage - t0)))
-        cur = lr * (step + 1) / warm if step < warm else lr * lr_factor(prog, lr_decay_frac)
-        for pg in opt.param_groups:
-            pg["lr"] = cur
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        if step % 25 == 0:
-            el = time.time() - t_stage
-            w = 25 * scenes_per_step
-            log(f"step {step}/{total_steps} loss {np.mean(losses[-w:]):.4f} "
-                f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} "
-                + (f"(at question words {sum(dense_hits[-w:]) / max(1, sum(dense_tot[-w:])):.3f}) " if dense_answer else "")
-                + (f"locate rms {2 * math.sqrt(np.mean(locate_err[-w:])):.2f} m " if locate_err else "")
-                + (f"marker bal. acc {np.mean(marker_acc[-w:]):.3f} " if marker_acc else "")
-                + (f"position rms {2 * math.sqrt(np.mean(position_err[-w:]) * 3):.2f} m " if position_err else "")
-                + (f"distance rms {2 * math.sqrt(np.mean(distance_err[-w:])):.2f} m " if distance_err else "")
-                + (f"cand. distance rms {2 * math.sqrt(np.mean(cand_err[-w:])):.2f} m " if cand_err else "")
-                + (f"compare acc {np.mean(compare_acc[-w:]):.3f} " if compare_acc else "")
-                + f"lr {cur:.2e} "
-                f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
-        if minutes is not None and time.time() - t0 > minutes * 60:
-            log(f"time budget of {minutes} min reached at step {step}")
-            break
+                # answer accuracy: the first answer token, predicted at each question's last position
+                first = torch.tensor(starts) + torch.tensor(answer_at)
+                hits.append((logits[first].argmax(-1) == labels[first]).sum().item())
+                tot.append(len(qa))
+                dm = dense_labels != -100
+                dense_hits.append((logits[dm].argmax(-1) == dense_labels[dm]).sum().item())
+                dense_tot.append(int(dm.sum()))
+            if seen % scenes_per_step:
+                continue  # gradient accumulation: one optimizer step per scenes_per_step scenes
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            # cosine decay on progress = steps done or wall time used, whichever is further along
+            prog = (step - warm) / max(1, total_steps - warm)
+            if minutes is not None:
+                prog = max(prog, (time.time() - t_stage) / max(1.0, minutes * 60 - (t_stage - t0)))
+            cur = lr * (step + 1) / warm if step < warm else lr * lr_factor(prog, lr_decay_frac)
+            for pg in opt.param_groups:
+                pg["lr"] = cur
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            if step % 25 == 0:
+                el = time.time() - t_stage
+                w = 25 * scenes_per_step
+                log(f"step {step}/{total_steps} loss {np.mean(losses[-w:]):.4f} "
+                    f"answer acc {sum(hits[-w:]) / max(1, sum(tot[-w:])):.3f} "
+                    + (f"(at question words {sum(dense_hits[-w:]) / max(1, sum(dense_tot[-w:])):.3f}) " if dense_answer else "")
+                    + (f"locate rms {2 * math.sqrt(np.mean(locate_err[-w:])):.2f} m " if locate_err else "")
+                    + (f"marker bal. acc {np.mean(marker_acc[-w:]):.3f} " if marker_acc else "")
+                    + (f"position rms {2 * math.sqrt(np.mean(position_err[-w:]) * 3):.2f} m " if position_err else "")
+                    + (f"distance rms {2 * math.sqrt(np.mean(distance_err[-w:])):.2f} m " if distance_err else "")
+                    + (f"cand. distance rms {2 * math.sqrt(np.mean(cand_err[-w:])):.2f} m " if cand_err else "")
+                    + (f"compare acc {np.mean(compare_acc[-w:]):.3f} " if compare_acc else "")
+                    + f"lr {cur:.2e} "
+                    f"{el / step:.2f}s/step eta {el / step * (total_steps - step) / 60:.1f} min")
+            if minutes is not None and time.time() - t0 > minutes * 60:
+                log(f"time budget of {minutes} min reached at step {step}")
+                break
+    finally:
+        if prefetch:
+            prefetch.close()
     lm.eval()
     provenance = {
         "command": command_line(sys.argv[1:]),
@@ -1035,6 +1153,9 @@ def main(argv=None):
     p.add_argument("--vision-cache", default=None, help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, else train and save it")
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
+    p.add_argument("--workers", type=int, default=0,
+                   help="render scenes in N background processes while training runs (stage 1's renders; stage 2's "
+                        "first epoch, tower features included); the same weights bit for bit; on 2 cores, 1")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)
@@ -1060,7 +1181,7 @@ def main(argv=None):
               scenes_per_step=a.scenes_per_step, align_weight=a.align_weight, bg_keep_max=a.bg_keep_max, bg_hold=a.bg_hold,
               templates=tuple(a.templates.split(",")) if a.templates else None,
               template_stages=tuple(tuple(t for t in st.split(",") if t) for st in a.template_curriculum.split(";"))
-              if a.template_curriculum else None, template_frac=a.template_frac)
+              if a.template_curriculum else None, template_frac=a.template_frac, workers=a.workers)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -549,3 +549,51 @@ def test_bg_hold_trains_on_fewer_tokens_then_on_whole_scenes(tmp_path, monkeypat
 def test_bad_bg_hold_or_keep_share_is_a_one_line_error(tmp_path, capsys):
     assert "--bg-hold 1.0" in train_error(tmp_path, capsys, "--bg-hold", "1")
     assert "--bg-keep-max 0.0" in train_error(tmp_path, capsys, "--bg-keep-max", "0")
+
+
+def test_workers_render_ahead_and_train_the_same_weights_bit_for_bit(tmp_path, monkeypatch):
+    """--workers 2 renders stage 1's scenes in a pool and stage 2's first epoch (tower features,
+    patch labels, instance ids) in two background processes: the tower and the decoder come out
+    equal, tensor for tensor, to a run without workers (3 scenes, 2 epochs: the second epoch
+    reads the cache the workers filled)."""
+    from safetensors.torch import load_file
+
+    import adatoken_compile.train as tr
+
+    monkeypatch.setattr(tr, "record_eval", lambda out_dir: None)  # the subject is the weights, not the CI sample
+    common = ["--scenes", "3", "--epochs", "2", "--vision-scenes", "3", "--vision-steps", "2", "--vision-views", "2",
+              "--threads", "1", "--instance-weight", "0.5", "--locate-weight", "0.5", "--relation-draws", "2"]
+    tr.main(["--out", str(tmp_path / "serial"), *common])
+
+    def not_here(*a):
+        raise AssertionError("with --workers the training process renders no stage-2 scene itself")
+
+    monkeypatch.setattr(tr, "scene_entry", not_here)
+    tr.main(["--out", str(tmp_path / "workers"), "--workers", "2", *common])
+    for part in ("model.safetensors", "vision_tower/model.safetensors"):
+        a, b = (load_file(str(tmp_path / m / part)) for m in ("serial", "workers"))
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order():
+    from adatoken_compile.models.tiny import CLIP_MEAN, CLIP_STD
+    from adatoken_compile.train import SceneCache, ScenePrefetch, scene_entry, vision_stage
+
+    vision, _, _ = vision_stage(0, scenes=1, steps=1, views=2)
+    pf = ScenePrefetch(vision, [5, 3, 4], workers=2, relation_draws=1, templates=None, instances=False)
+    try:
+        got = pf.get(5)
+        want = scene_entry(SceneCache(vision, CLIP_MEAN, CLIP_STD), 5, 1, None, False)
+        assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[2][0], want[2][0])
+        assert [q.text for q in got[1][0]] == [q.text for q in want[1][0]]
+        with pytest.raises(RuntimeError, match="out of the visiting order"):
+            pf.get(4)  # 3 is next
+        assert pf.get(3) is not None
+    finally:
+        pf.close()
+    assert not any(p.is_alive() for p in pf.procs)
+
+
+def test_negative_workers_is_a_one_line_error(tmp_path, capsys):
+    assert "--workers -1" in train_error(tmp_path, capsys, "--workers", "-1")

@@ -180,13 +180,14 @@ def pretrain_vision(seeds, steps: int, mean, std, log_every: int = 50, object_we
     ``views_per_scene``: use only this many (seeded random) views of each scene, so that more
     scenes fit in memory -- the tower overfits the objects of few scenes (linear probe on object
     patches: 0.85 on its training scenes, 0.74 on new ones, with 150 scenes x 20 views).
-    ``workers``: render the scenes in that many background processes (the same arrays)."""
+    ``workers``: render the scenes in a pool of that many background processes + 1 (this process
+    only waits for them; the same arrays)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
     pix, cls_l, col_l = [], [], []
     job = functools.partial(_stage1_views, mean=mean, std=std, views_per_scene=views_per_scene)
-    with _pool(workers) as pool:
+    with _pool(workers + 1 if workers else 0) as pool:  # the training process only waits for them
         for p, c, k, n_cls, n_col in (pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)):
             pix.append(torch.from_numpy(p))
             cls_l.append(torch.from_numpy(c))
@@ -1154,8 +1155,8 @@ def main(argv=None):
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
     p.add_argument("--workers", type=int, default=0,
-                   help="render scenes in N background processes while training runs (stage 1's renders; stage 2's "
-                        "first epoch, tower features included); the same weights bit for bit; on 2 cores, 1")
+                   help="render scenes in N background processes while training runs (stage 1's renders, in N + 1; "
+                        "stage 2's first epoch, tower features included); the same weights bit for bit; on 2 cores, 1")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
     a = p.parse_args(argv)

@@ -238,6 +238,15 @@ def data_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def frozen_tower(state_dict: dict):
+    """The stage-1 tower from its weights, frozen (eval mode, no gradients) as stage 2 uses it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    vision.load_state_dict(state_dict)
+    return vision.eval().requires_grad_(False)
+
+
 def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0, views: int | None = None,
                  cache: str | None = None, workers: int = 0):
     """Stage 1, or its result from ``cache`` when that file was written with the same settings and
@@ -252,11 +261,7 @@ def vision_stage(seed: int, scenes: int, steps: int, object_weight: float = 1.0,
     data = data_fingerprint()
     blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
     if blob is not None and blob.get("settings") == settings and blob.get("data") == data:
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
-        vision.load_state_dict(blob["state_dict"])
-        vision.eval().requires_grad_(False)
+        vision = frozen_tower(blob["state_dict"])
         log(f"vision tower from {cache} (stage 1 of an earlier run with the same settings {settings})")
         return vision, settings, {k: float(v) for k, v in blob["stats"].items()}
     if blob is not None and blob.get("settings") != settings:
@@ -294,30 +299,27 @@ def scene_entry(cache, scene_seed: int, relation_draws: int, templates, instance
     return cache(r.scene), (qs_all, info), (torch.from_numpy(c.reshape(-1)), torch.from_numpy(k.reshape(-1)), pi)
 
 
-def _tensors(x, to):
-    """``x`` with every tensor (numpy array) in its nested tuples replaced by ``to(tensor)``."""
+def _convert(x, kind: type, to):
+    """``x`` with every ``kind`` instance in its nested tuples replaced by ``to(it)`` (tensors to
+    numpy and back; nothing else is touched, numpy arrays a voxel map holds included)."""
     if isinstance(x, tuple):
-        return tuple(_tensors(v, to) for v in x)
-    return to(x) if isinstance(x, (torch.Tensor, np.ndarray)) else x
+        return tuple(_convert(v, kind, to) for v in x)
+    return to(x) if isinstance(x, kind) else x
 
 
 def _prefetch_worker(state: dict, seeds: list[int], relation_draws: int, templates, instances: bool, threads: int, out):
     """Background process of :class:`ScenePrefetch`: the entries of ``seeds``, in order, as numpy."""
     import traceback
 
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from .models.tiny import CLIP_MEAN, CLIP_STD
 
     torch.set_num_threads(threads)
     try:
-        vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
-        vision.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        cache = SceneCache(vision.eval().requires_grad_(False), CLIP_MEAN, CLIP_STD)
+        cache = SceneCache(frozen_tower({k: torch.from_numpy(v) for k, v in state.items()}), CLIP_MEAN, CLIP_STD)
         for sd in seeds:
             e = scene_entry(cache, sd, relation_draws, templates, instances)
             # numpy, not tensors: torch would pass each tensor as a shared-memory handle, thousands of them
-            out.put((sd, None if e is None else _tensors(e, lambda t: t.numpy())))
+            out.put((sd, None if e is None else _convert(e, torch.Tensor, torch.Tensor.numpy)))
     except BaseException:
         out.put((None, traceback.format_exc()))
 
@@ -358,7 +360,7 @@ class ScenePrefetch:
             raise RuntimeError(f"scene prefetch: worker {j} failed on scene {seed}:\n{e}")
         assert got == seed, (got, seed)
         self.next += 1
-        return None if e is None else _tensors(e, torch.from_numpy)
+        return None if e is None else _convert(e, np.ndarray, torch.from_numpy)
 
     def close(self):
         for pr in self.procs:

@@ -160,12 +160,12 @@ def _stage1_views(s: int, mean, std, views_per_scene: int | None):
 @contextlib.contextmanager
 def _pool(workers: int):
     """A pool of ``workers`` spawned processes (None for 0: work in this process). Spawned, not
-    forked: a fork of a process whose torch thread pool has started can hang."""
+    forked: a fork of a process whose torch thread pool has started can hang. One torch thread
+    each: a worker is a core that renders."""
     if not workers:
         yield None
         return
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads,
-                                                     initargs=(torch.get_num_threads(),))
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
         yield pool
     finally:
@@ -328,8 +328,9 @@ class ScenePrefetch:
     """Stage 2's first epoch renders each scene and runs the frozen tower over its 20 views (about
     0.5 s a scene on an idle core, most of an early step's time). ``--workers N`` prepares the
     scenes ahead, in visiting order, in N spawned processes (scene j of the order in worker j mod N,
-    at most ``depth`` ahead each), while training steps run; same thread count as training, so the
-    entries, and the trained weights, are the same bit for bit as without workers."""
+    at most ``depth`` ahead each), while training steps run. Each worker runs on one torch thread
+    (one core); with ``--threads 1`` the entries, and the trained weights, are the same bit for bit
+    as without workers. ``done``: every scene of the order has been handed out."""
 
     def __init__(self, vision, seeds: list[int], workers: int, relation_draws: int, templates, instances: bool,
                  depth: int = 8):
@@ -339,7 +340,7 @@ class ScenePrefetch:
         self.queues = [ctx.Queue(maxsize=depth) for _ in range(workers)]
         self.procs = [ctx.Process(target=_prefetch_worker, daemon=True,
                                   args=(state, self.seeds[j::workers], relation_draws, templates, instances,
-                                        torch.get_num_threads(), q)) for j, q in enumerate(self.queues)]
+                                        1, q)) for j, q in enumerate(self.queues)]
         for pr in self.procs:
             pr.start()
 
@@ -361,6 +362,10 @@ class ScenePrefetch:
         assert got == seed, (got, seed)
         self.next += 1
         return None if e is None else _convert(e, np.ndarray, torch.from_numpy)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.seeds)
 
     def close(self):
         for pr in self.procs:
@@ -838,8 +843,18 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     lm.train()
     prefetch = ScenePrefetch(vision, [train_lo + int(j) for j in order], workers, relation_draws, templates,
                              marker_head is not None) if workers else None
+    threads = torch.get_num_threads()
+    if prefetch and threads > 1:  # the workers' cores are lent back after the first epoch
+        torch.set_num_threads(max(1, threads - workers))
+        log(f"first epoch: training on {torch.get_num_threads()} thread(s) while {workers} worker(s) render")
     try:
         while step < total_steps:
+            if prefetch and prefetch.done and int(order[seen % scenes]) + train_lo in feats_cache:
+                prefetch.close()  # every scene is cached: nothing is rendered any more
+                prefetch = None
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                    log(f"first epoch done at step {step}: training on {threads} threads")
             i = int(order[seen % scenes])
             scene_seed = train_lo + i
             if scene_seed not in feats_cache:  # first epoch; None: no question of --templates, nothing rendered
@@ -1009,6 +1024,7 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
     finally:
         if prefetch:
             prefetch.close()
+        torch.set_num_threads(threads)
     lm.eval()
     provenance = {
         "command": command_line(sys.argv[1:]),
@@ -1157,10 +1173,12 @@ def main(argv=None):
     p.add_argument("--record-eval-only", action="store_true",
                    help="only evaluate the checkpoint in --out on the fixed CI sample and record it in TRAINING.json")
     p.add_argument("--workers", type=int, default=0,
-                   help="render scenes in N background processes while training runs (stage 1's renders, in N + 1; "
-                        "stage 2's first epoch, tower features included); the same weights bit for bit; on 2 cores, 1")
+                   help="render scenes in N background processes, one core each, while training runs (stage 1's "
+                        "renders, in N + 1; stage 2's first epoch, tower features included); with --threads 1 the same "
+                        "weights bit for bit; on 2 cores, 1")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (1 avoids OpenMP collapse on a loaded machine)")
+                   help="torch intra-op threads of training (1 avoids OpenMP collapse on a loaded machine); with "
+                        "--workers N, stage 2's first epoch trains on threads - N (at least 1) while the workers render")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -576,6 +576,27 @@ def test_workers_render_ahead_and_train_the_same_weights_bit_for_bit(tmp_path, m
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_workers_lend_their_cores_back_after_the_first_epoch(tmp_path, monkeypatch):
+    """--threads 2 --workers 1 on 2 cores: stage 1 trains on both threads; stage 2's first epoch
+    trains on one while the worker renders on the other, and every later step on two again."""
+    import adatoken_compile.train as tr
+
+    monkeypatch.setattr(tr, "record_eval", lambda out_dir: None)
+    at_step, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        at_step.append(torch.get_num_threads())
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    before = torch.get_num_threads()
+    tr.main(["--out", str(tmp_path / "m"), "--scenes", "3", "--epochs", "2", "--vision-scenes", "2",
+             "--vision-steps", "2", "--vision-views", "2", "--threads", "2", "--workers", "1"])
+    assert at_step == [2, 2] + [1, 1, 1] + [2, 2, 2], at_step  # stage 1, epoch 1, epoch 2
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
+
+
 def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order():
     from adatoken_compile.models.tiny import CLIP_MEAN, CLIP_STD
     from adatoken_compile.train import SceneCache, ScenePrefetch, scene_entry, vision_stage

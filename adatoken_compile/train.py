@@ -849,14 +849,14 @@ def train(out_dir: str, *, seed: int = 0, vision_scenes: int = 120, vision_steps
         log(f"first epoch: training on {torch.get_num_threads()} thread(s) while {workers} worker(s) render")
     try:
         while step < total_steps:
-            if prefetch and prefetch.done and int(order[seen % scenes]) + train_lo in feats_cache:
+            i = int(order[seen % scenes])
+            scene_seed = train_lo + i
+            if prefetch and prefetch.done and scene_seed in feats_cache:
                 prefetch.close()  # every scene is cached: nothing is rendered any more
                 prefetch = None
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
                     log(f"first epoch done at step {step}: training on {threads} threads")
-            i = int(order[seen % scenes])
-            scene_seed = train_lo + i
             if scene_seed not in feats_cache:  # first epoch; None: no question of --templates, nothing rendered
                 feats_cache[scene_seed] = prefetch.get(scene_seed) if prefetch else \
                     scene_entry(cache, scene_seed, relation_draws, templates, marker_head is not None)

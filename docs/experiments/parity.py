@@ -8,8 +8,6 @@ logits of ``prefill.onnx`` (ONNX Runtime CPU) against ``pruned_forward.pruned_pr
 artifact's own schedule; prints the max |ORT - PyTorch| and whether the kept indices agree.
 """
 import argparse
-import json
-import os
 
 import numpy as np
 import torch
@@ -30,9 +28,8 @@ def main() -> None:
     ad = load_adapter(DEFAULT_MODEL)
     qs = list(iter_samples("test", limit=a.n))
     for art in a.artifacts:
-        with open(os.path.join(art, "manifest.json")) as f:
-            sched = Schedule.from_dict(json.load(f)["schedule"], where=art)
         rt = load(art)
+        sched = Schedule.from_dict(rt.manifest.data["schedule"], where=f"{art}/manifest.json")
         worst, kept_same = 0.0, True
         for i in range(0, len(qs), a.batch):
             group = qs[i : i + a.batch]

@@ -1,7 +1,7 @@
 """Experiment (not a product feature): rank the spatial tokens by the question tail's attention
 (mean over the text rows after the scene and over heads) instead of the last token's, at pdrop's,
 adatoken-decay's and the main job's adaptive cuts, on the first 500 test questions, through the
-PyTorch reference with token_drop.score_for patched.
+PyTorch reference with token_drop.score_for / select_tokens patched.
 
     OMP_NUM_THREADS=2 python docs/experiments/tail_scoring.py
 """
@@ -16,43 +16,39 @@ from adatoken_compile.calibrate.policies import peer_schedule
 from adatoken_compile.schedule import Cut, Schedule
 
 td = pf.td
-state = {}
-orig_count, orig_gather, orig_score = td.spatial_count, td.gather_seq, td.score_for
+orig_score, orig_select = td.score_for, td.select_tokens
 
-def spatial_count(spatial, valid):
-    state["spatial"] = spatial
-    state.pop("next_spatial", None)
-    return orig_count(spatial, valid)
 
-def gather_seq(x, idx, dims):
-    out = orig_gather(x, idx, dims)
-    if x is state.get("spatial"):
-        state["next_spatial"] = out
-    return out
-
-def tail_scores(query, key, valid):
-    sp = state["spatial"]
+def tail_scores(query, key, valid, spatial):
+    """Mean over heads and over the text rows after the scene (under left padding, the last rows
+    of the sequence) of the causal softmax attention of each row over the valid keys."""
     B, hq, L, d = query.shape
-    hkv = key.shape[1]; g = hq // hkv
-    tail = valid & ~sp & (torch.cumsum(sp.long(), 1) > 0)  # text after the scene
-    q = query.reshape(B, hkv, g, L, d).float()
-    logits = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)) / math.sqrt(d)  # B,hkv,g,L,L
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    hkv = key.shape[1]
+    # after a cut the padding slots hold dropped spatial tokens (valid False): count valid ones only
+    tail = valid & ~spatial & (torch.cumsum((spatial & valid).long(), 1) > 0)
+    T = int(tail.sum(1).max())
+    assert bool((tail[:, L - T:].sum(1) == tail.sum(1)).all()), "the text after the scene must end every row"
+    q = query[:, :, L - T:].reshape(B, hkv, hq // hkv, T, d).float()
+    logits = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)) / math.sqrt(d)  # B,hkv,g,T,L
+    causal = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]  # T,L
     allowed = causal[None] & valid[:, None, :]
-    logits = torch.where(allowed[:, None, None], logits, float("-inf"))
-    p = torch.softmax(logits, -1).nan_to_num(0.0)  # rows of padding are all -inf
-    p = p.mean(dim=(1, 2))  # B, L(query), L(key)
-    w = tail.float()
-    return (p * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+    probs = torch.softmax(torch.where(allowed[:, None, None], logits, float("-inf")), -1).mean(dim=(1, 2))
+    w = tail[:, L - T:].float()
+    return (probs * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
 
 def score_for(scoring, cut_index, query, key, valid):
-    if state.get("next_spatial") is not None and state["next_spatial"].shape[1] == valid.shape[1]:
-        state["spatial"] = state.pop("next_spatial")
-    if scoring.get("query") == "tail":
-        return tail_scores(query, key, valid)
-    return orig_score(scoring, cut_index, query, key, valid)
+    # the tail rows need the spatial mask, which select_tokens receives: defer the scoring to it
+    return (query, key) if scoring.get("query") == "tail" else orig_score(scoring, cut_index, query, key, valid)
 
-td.spatial_count, td.gather_seq, td.score_for = spatial_count, gather_seq, score_for
+
+def select_tokens(scores, valid, spatial, n0, keep):
+    if isinstance(scores, tuple):
+        scores = tail_scores(*scores, valid, spatial)
+    return orig_select(scores, valid, spatial, n0, keep)
+
+
+td.score_for, td.select_tokens = score_for, select_tokens
 
 ad = load_adapter(DEFAULT_MODEL)
 L = ad.describe()["layers"]

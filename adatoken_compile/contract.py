@@ -114,7 +114,7 @@ class Sample:
     """One question about one scene (LLaVA-3D) or image (2D LLaVA)."""
 
     question: str
-    scene: object | None = None  # adatoken_compile.scene.Scene
+    scene: object | None = None  # adatoken_compile.runtime.scene.Scene
     image: object | None = None  # np.ndarray (H, W, 3) uint8
     answer: str | None = None
     kind: str | None = None

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 
-from .errors import InputError
+from adatoken_compile.errors import InputError
 
 PEERS = ("fastv", "pdrop", "adatoken-decay", "random")
 HOLDOUT_SCENE = 200  # validation questions come from calibration-split scenes from here on (stats: from 0)
@@ -40,7 +40,7 @@ def _fmt_cuts(s) -> str:
 def example_table(base: list[dict], pruned: list[dict]) -> str:
     """The first test scene's questions: ground truth next to the unpruned and the adaptive artifact's
     answers (both through ONNX Runtime), so the main job shows what the model is asked and says."""
-    from .bench import markdown_table
+    from adatoken_compile.benchmarking.measure import markdown_table
 
     seed = base[0]["seed"]
     rows = [{"question": b["question"], "kind": b["kind"], "truth": b["answer"], "none": b["prediction"],
@@ -55,18 +55,18 @@ def run_quickstart(out: str, *, limit: int = 60, samples: int = 64, holdout_rows
                    log=print) -> str:
     from tqdm import tqdm
 
-    from . import bench
-    from .artifact import compile_artifact
-    from .artifact_bench import bench_artifacts
-    from .calibrate.api import calibrate, derive_schedule, write_calibration
-    from .calibrate.policies import peer_schedule
-    from .calibrate.solver import DEFAULT_FIDELITY, ValidationCache, require_rows
-    from .data.dataset import iter_samples
-    from .evaluate import calibration_batches, evaluate, paired, pruned_answer_fn, runtime_answer_fn
-    from .flops import arch_from_config, schedule_flops
-    from .models.registry import load_adapter
-    from .runtime import load as load_runtime
-    from .schedule import identity
+    from adatoken_compile.benchmarking import measure as bench
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.benchmarking.artifacts import bench_artifacts
+    from adatoken_compile.calibration.api import calibrate, derive_schedule, write_calibration
+    from adatoken_compile.calibration.policies import peer_schedule
+    from adatoken_compile.calibration.solver import DEFAULT_FIDELITY, ValidationCache, require_rows
+    from adatoken_compile.benchmark3d.dataset import iter_samples
+    from adatoken_compile.evaluation.accuracy import calibration_batches, evaluate, paired, pruned_answer_fn, runtime_answer_fn
+    from adatoken_compile.flops import arch_from_config, schedule_flops
+    from adatoken_compile.models.registry import load_adapter
+    from adatoken_compile.runtime.engine import load as load_runtime
+    from adatoken_compile.schedule import identity
 
     target = DEFAULT_FIDELITY if fidelity is None else fidelity
     if not (0.0 < target < 1.0):

@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .errors import InputError, ScheduleMismatch
+from adatoken_compile.errors import InputError, ScheduleMismatch
 
 SCHEMA = "adatoken-compile/schedule"
 VERSION = 1

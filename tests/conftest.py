@@ -10,14 +10,14 @@ torch.set_num_threads(2)
 
 def simple_scene(V: int = 3, H: int = 60, W: int = 80, seed: int = 0):
     """Random colours, depths 1-4 m, cameras translated along x (not a rendered room)."""
-    from adatoken_compile.artifact import example_scene
+    from adatoken_compile.compiler.pipeline import example_scene
 
     return example_scene(num_views=V, H=H, W=W, seed=seed)
 
 
 @pytest.fixture(scope="session")
 def tiny3d_dir(tmp_path_factory):
-    from adatoken_compile.models.tiny import random_llava3d
+    from adatoken_compile.models.testing import random_llava3d
 
     return random_llava3d(str(tmp_path_factory.mktemp("ckpt") / "tiny3d"), layers=4, seed=0)
 

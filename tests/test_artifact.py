@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adatoken_compile import artifact as art_mod
-from adatoken_compile.artifact import compile_artifact, sha256_file
+from adatoken_compile.compiler import pipeline as art_mod
+from adatoken_compile.compiler.pipeline import compile_artifact, sha256_file
 from adatoken_compile.cli import main as cli_main
 from adatoken_compile.contract import Sample
 from adatoken_compile.errors import InputError, ScheduleMismatch
-from adatoken_compile.runtime import load
+from adatoken_compile.runtime.engine import load
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import simple_scene
@@ -75,7 +75,7 @@ def rt(pruned_art):
 @pytest.fixture(scope="module")
 def fx_pruned(adapter, schedule):
     """The FX-pruned torch graph (capture + token-drop pass) the artifact's prefill was exported from."""
-    from adatoken_compile.capture import capture
+    from adatoken_compile.compiler.capture import capture
     from adatoken_compile.passes.token_drop import apply_token_drop
 
     gm = capture(adapter.decoder, art_mod.example_batch(adapter))
@@ -174,7 +174,7 @@ def test_identity_artifact_matches_unpruned_adapter(identity_art, adapter):
         assert np.abs(out["logits"] - want).max() <= 1e-4
         np.testing.assert_array_equal(out["logits"].argmax(-1), want.argmax(-1))
     # greedy next token through the public API; more than one token needs the decode graph
-    from adatoken_compile.generate import greedy_ids
+    from adatoken_compile.compiler.generate import greedy_ids
 
     ids = greedy_ids(adapter, adapter.prepare(_samples(CASES[0])), max_new_tokens=1)[0]
     rti.generate(SCENES["a"], Q_SHORT, max_new_tokens=1)
@@ -184,7 +184,7 @@ def test_identity_artifact_matches_unpruned_adapter(identity_art, adapter):
 
 
 def test_pruned_artifact_matches_fx_graph(rt, adapter, fx_pruned, schedule):
-    from adatoken_compile.onnx_export import max_abs_diff_valid
+    from adatoken_compile.compiler.export import max_abs_diff_valid
 
     _, pg = fx_pruned
     for case in CASES:
@@ -199,7 +199,7 @@ def test_pruned_artifact_matches_fx_graph(rt, adapter, fx_pruned, schedule):
         for i in range(LAYERS):
             np.testing.assert_array_equal(got[f"mask.{i}"], want[f"mask.{i}"])
         # per-request KV-cache bytes follow the schedule's arithmetic
-        from adatoken_compile.decode import kv_cache_bytes
+        from adatoken_compile.compiler.decode import kv_cache_bytes
 
         kv = rt.kv_cache_bytes()
         for b, n in enumerate(batch.spatial_counts()):
@@ -208,7 +208,7 @@ def test_pruned_artifact_matches_fx_graph(rt, adapter, fx_pruned, schedule):
 
 
 def test_generation_matches_torch_reference(rt, adapter, schedule):
-    from adatoken_compile.decode import generate_pruned
+    from adatoken_compile.compiler.decode import generate_pruned
 
     for case in CASES[1:]:
         batch = adapter.prepare(_samples(case))
@@ -230,7 +230,7 @@ def test_generation_matches_torch_reference(rt, adapter, schedule):
 def test_runtime_does_not_import_torch(pruned_art, scene_file):
     code = (
         "import sys\n"
-        "from adatoken_compile.runtime import load\n"
+        "from adatoken_compile.runtime.engine import load\n"
         f"rt = load({pruned_art!r})\n"
         f"ans = rt.generate({scene_file!r}, 'what is here?', max_new_tokens=3)\n"
         "assert isinstance(ans, str)\n"
@@ -430,7 +430,7 @@ def test_cli_diff_two_cuts(tiny3d_dir, schedule_file, fx_pruned):
 @pytest.mark.parametrize("decoder,kv_heads", [("llama", None), ("qwen2", 2)])
 def test_hf_llava_artifact_matches_adapter(decoder, kv_heads, tmp_path):
     from adatoken_compile.models.llava_hf import LlavaHFAdapter, random_llava_hf
-    from adatoken_compile.pruned_forward import pruned_prefill
+    from adatoken_compile.compiler.reference import pruned_prefill
 
     d = random_llava_hf(str(tmp_path / f"hf_{decoder}"), decoder=decoder, layers=2, kv_heads=kv_heads)
     ad = LlavaHFAdapter(d)

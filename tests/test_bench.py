@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from adatoken_compile import bench
+from adatoken_compile.benchmarking import measure as bench
 from adatoken_compile.flops import arch_from_config, prefill_flops
-from adatoken_compile.onnx_export import ort_feeds
+from adatoken_compile.compiler.export import ort_feeds
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import make_batch
@@ -181,7 +181,7 @@ def _is_png(path):
 
 
 def test_plots(tmp_path):
-    from adatoken_compile.calibrate.policies import peer_schedule
+    from adatoken_compile.calibration.policies import peer_schedule
 
     pts = [
         {"policy": "adaptive", "flops_ratio": 0.3, "accuracy": 0.5},

@@ -7,13 +7,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from adatoken_compile.artifact import compile_artifact
-from adatoken_compile.artifact_bench import decode_flops
-from adatoken_compile.calibrate.policies import peer_schedule
+from adatoken_compile.compiler.pipeline import compile_artifact
+from adatoken_compile.benchmarking.artifacts import decode_flops
+from adatoken_compile.calibration.policies import peer_schedule
 from adatoken_compile.cli import main
-from adatoken_compile.data.dataset import iter_samples
+from adatoken_compile.benchmark3d.dataset import iter_samples
 from adatoken_compile.errors import InputError
-from adatoken_compile.evaluate import evaluate, normalize, paired, pruned_answer_fn
+from adatoken_compile.evaluation.accuracy import evaluate, normalize, paired, pruned_answer_fn
 from adatoken_compile.models.registry import load_adapter
 from adatoken_compile.schedule import identity
 
@@ -107,7 +107,7 @@ def test_bench_json_keys(arts):
 
 
 def load_adapter_arch(art):
-    from adatoken_compile.runtime import load
+    from adatoken_compile.runtime.engine import load
 
     return load(art).arch
 

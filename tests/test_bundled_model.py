@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from adatoken_compile.data.dataset import iter_samples
-from adatoken_compile.evaluate import evaluate, torch_answer_fn
+from adatoken_compile.benchmark3d.dataset import iter_samples
+from adatoken_compile.evaluation.accuracy import evaluate, torch_answer_fn
 from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL, load_adapter
 
 
@@ -28,7 +28,7 @@ def test_bundled_layout_and_provenance(bundled):
     assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "mlp2x_gelu"
     assert cfg["num_hidden_layers"] >= 6
     prov = json.load(open(os.path.join(d, "TRAINING.json")))
-    assert "adatoken_compile.train" in prov["command"] or "train" in prov["command"]
+    assert "reference_model.train" in prov["command"] or "train" in prov["command"]
     assert isinstance(prov["seed"], int) and prov["data"]["split"] == "train"
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
     assert total < 40 * 2**20
@@ -50,8 +50,8 @@ def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
 
 
 def test_solver_meets_budget_on_bundled(bundled, tmp_path):
-    from adatoken_compile.calibrate import calibrate
-    from adatoken_compile.evaluate import calibration_batches
+    from adatoken_compile.calibration import calibrate
+    from adatoken_compile.evaluation.accuracy import calibration_batches
 
     sched, stats = calibrate(bundled.decoder, calibration_batches(bundled, "calibration", 16), policy="adaptive",
                              flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4)
@@ -66,10 +66,10 @@ def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, c
     decode) equal, token for token, the PyTorch reference that prunes and decodes the same way."""
     import torch
 
-    from adatoken_compile.artifact import compile_artifact
-    from adatoken_compile.calibrate.policies import peer_schedule
-    from adatoken_compile.decode import generate_pruned
-    from adatoken_compile.runtime import load
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.calibration.policies import peer_schedule
+    from adatoken_compile.compiler.decode import generate_pruned
+    from adatoken_compile.runtime.engine import load
 
     L = bundled.describe()["layers"]
     sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint())

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from adatoken_compile.calibrate import api as cal_api
-from adatoken_compile.calibrate.api import calibrate, write_calibration
-from adatoken_compile.calibrate.observers import AttentionObserver, extend_with_answers
-from adatoken_compile.calibrate.policies import RANDOM_SCORING, peer_schedule
-from adatoken_compile.calibrate.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
-from adatoken_compile.calibrate import solver
-from adatoken_compile.calibrate.solver import reference_logits
-from adatoken_compile.calibrate.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
+from adatoken_compile.calibration import api as cal_api
+from adatoken_compile.calibration.api import calibrate, write_calibration
+from adatoken_compile.calibration.observers import AttentionObserver, extend_with_answers
+from adatoken_compile.calibration.policies import RANDOM_SCORING, peer_schedule
+from adatoken_compile.calibration.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from adatoken_compile.calibration import solver
+from adatoken_compile.calibration.solver import reference_logits
+from adatoken_compile.calibration.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
 from adatoken_compile.contract import Segment, collate
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import arch_from_config, prefill_flops, schedule_flops_ratio
@@ -503,7 +503,7 @@ def test_a_failing_candidate_stops_early_and_is_measured_in_full_when_ranked(mon
 
 
 def test_wilson_interval_of_the_agreement():
-    from adatoken_compile.calibrate.solver import wilson_interval
+    from adatoken_compile.calibration.solver import wilson_interval
 
     lo, hi = wilson_interval(8, 10)  # textbook value: 0.490 .. 0.943
     assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
@@ -536,7 +536,7 @@ def test_invalid_inputs(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    import adatoken_compile.calibrate.report as rep
+    import adatoken_compile.calibration.report as rep
 
     monkeypatch.setattr(rep, "write_report", boom)
     with pytest.raises(RuntimeError):
@@ -545,7 +545,7 @@ def test_invalid_inputs(tmp_path, monkeypatch):
 
 
 def test_fallback_matches_pruned_forward():
-    pf = pytest.importorskip("adatoken_compile.pruned_forward")
+    pf = pytest.importorskip("adatoken_compile.compiler.reference")
     model = _sharpen(_qwen("sdpa"))
     b = _batch(64, 7)
     s = Schedule([Cut(1, 0.5), Cut(2, 0.2)], 4)

@@ -9,7 +9,7 @@ import re
 from click.testing import CliRunner
 
 from adatoken_compile.cli import main
-from adatoken_compile.evaluate import normalize, score
+from adatoken_compile.evaluation.accuracy import normalize, score
 from adatoken_compile.contract import Sample
 from adatoken_compile.schedule import Schedule
 
@@ -21,7 +21,7 @@ def _run(args):
 def test_calibrate_help_states_the_solvers_default_fidelity():
     """The CLI keeps torch out of start-up, so its help text spells the default target out; it must
     be the solver's."""
-    from adatoken_compile.calibrate.solver import DEFAULT_FIDELITY
+    from adatoken_compile.calibration.solver import DEFAULT_FIDELITY
 
     r = _run(["calibrate", "--help"])
     assert r.exit_code == 0 and re.search(rf"given: {re.escape(str(DEFAULT_FIDELITY))}(?![\d])", " ".join(r.output.split()))
@@ -106,7 +106,7 @@ def test_eval_json(tiny3d_dir):
 
 def test_eval_kind_keeps_a_subset_of_the_same_questions(tiny3d_dir, tmp_path):
     from adatoken_compile.cli import EVAL_KINDS
-    from adatoken_compile.data.questions import KINDS, TEMPLATES
+    from adatoken_compile.benchmark3d.questions import KINDS, TEMPLATES
 
     assert set(EVAL_KINDS) == set(KINDS) | set(TEMPLATES)
     full, sub = tmp_path / "full.json", tmp_path / "sub.json"
@@ -130,7 +130,7 @@ def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     """Calibration depends only on the contract: an HF LLaVA (Qwen2, GQA) adapter's batches work."""
     import numpy as np
 
-    from adatoken_compile.calibrate import calibrate
+    from adatoken_compile.calibration import calibrate
     from adatoken_compile.models.llava_hf import random_llava_hf
     from adatoken_compile.models.registry import load_adapter
 

@@ -9,10 +9,10 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from adatoken_compile.data import dataset, questions, render, world
-from adatoken_compile.data.questions import MIN_GAP, WORDS, answer_space, floor_distance, questions_for
-from adatoken_compile.data.world import CEILING_ID, FLOOR_ID, WALL_ID, make_world
-from adatoken_compile.scene import preprocess_scene, unproject_patches, validate_scene, voxelize
+from adatoken_compile.benchmark3d import dataset, questions, render, world
+from adatoken_compile.benchmark3d.questions import MIN_GAP, WORDS, answer_space, floor_distance, questions_for
+from adatoken_compile.benchmark3d.world import CEILING_ID, FLOOR_ID, WALL_ID, make_world
+from adatoken_compile.runtime.scene import preprocess_scene, unproject_patches, validate_scene, voxelize
 
 SEEDS = (0, 2_000_001, 3)  # together: every object class
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adatoken_compile.capture import capture, describe_decoder
-from adatoken_compile.decode import (
+from adatoken_compile.compiler.capture import capture, describe_decoder
+from adatoken_compile.compiler.decode import (
     DecodeModule,
     cache_bytes_of,
     decode_input_names,
@@ -17,10 +17,10 @@ from adatoken_compile.decode import (
     kv_cache_bytes,
 )
 from adatoken_compile.errors import InputError
-from adatoken_compile.onnx_export import export_onnx, ort_session, run_ort
+from adatoken_compile.compiler.export import export_onnx, ort_session, run_ort
 from adatoken_compile.passes.token_drop import apply_token_drop
-from adatoken_compile.pruned_forward import pruned_prefill
-from adatoken_compile.sampling import next_tokens, sample_next
+from adatoken_compile.compiler.reference import pruned_prefill
+from adatoken_compile.runtime.sampling import next_tokens, sample_next
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import make_batch, tiny_decoder

@@ -19,8 +19,8 @@ from adatoken_compile.contract import Sample
 from adatoken_compile.errors import InputError
 from adatoken_compile.models.llava3d import IMAGE_TOKEN_INDEX, Llava3DAdapter, llava_v1_prompt, tokenize_with_placeholders
 from adatoken_compile.models.registry import load_adapter
-from adatoken_compile.models.tiny import random_llava3d
-from adatoken_compile.scene import (
+from adatoken_compile.models.testing import random_llava3d
+from adatoken_compile.runtime.scene import (
     Scene, load_scene, pool_numpy, preprocess_scene, unproject_patches, validate_scene, voxelize,
 )
 

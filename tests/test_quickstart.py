@@ -9,7 +9,7 @@ import os
 from click.testing import CliRunner
 
 from adatoken_compile.cli import main
-from adatoken_compile.evaluate import normalize
+from adatoken_compile.evaluation.accuracy import normalize
 
 
 def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir, tmp_path):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from adatoken_compile.capture import capture, output_names
-from adatoken_compile.onnx_export import export_onnx, max_abs_diff_valid, ort_session, run_ort
+from adatoken_compile.compiler.capture import capture, output_names
+from adatoken_compile.compiler.export import export_onnx, max_abs_diff_valid, ort_session, run_ort
 from adatoken_compile.passes.graph_diff import diff_graphs
 from adatoken_compile.passes.token_drop import apply_token_drop, layer_of
-from adatoken_compile.pruned_forward import pruned_prefill
+from adatoken_compile.compiler.reference import pruned_prefill
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import make_batch, tiny_decoder
@@ -266,7 +266,7 @@ def test_compile_after_pass():
 # ----------------------------------------------------------------------------- random peer policy
 
 def test_random_policy_pass_reference_and_onnx_agree(tmp_path):
-    from adatoken_compile.calibrate.policies import peer_schedule
+    from adatoken_compile.calibration.policies import peer_schedule
     from adatoken_compile.passes.token_drop import random_scores
 
     rnd = peer_schedule("random", N_LAYERS, like=SCHEDULE, seed=7)

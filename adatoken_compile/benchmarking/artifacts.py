@@ -1,0 +1,139 @@
+"""Pruned vs unpruned artifact, same inputs, one process: prefill and end-to-end figures.
+
+Definitions (also in the JSON and README):
+
+* prefill latency: one ``prefill.onnx`` run on prepared feeds (the encoder and voxel pooling are
+  identical for both artifacts and excluded); end-to-end: prefill + ``new_tokens`` greedy decode
+  steps with EOS ignored (a fixed-length answer); time to first token (TTFT): prefill + choosing
+  the first token; per-token decode time: (end-to-end - TTFT) / (new_tokens - 1).
+* Candidates alternate (pruned, baseline, pruned, ...) so machine noise hits both; medians with
+  the 25th/75th percentiles as spread.
+* FLOPs: :mod:`adatoken_compile.flops` (one formula, stated there) for the sample's real token
+  counts, cross-checked against MatMul/Gemm FLOPs counted on the executed ORT graph
+  (:func:`adatoken_compile.benchmarking.measure.flops_from_profile`). End-to-end FLOPs add the decode steps:
+  per step and layer, linear 2*(H*(Hq+2Hkv) + Hq*H + 3*H*I) + attention 4*Hq*past_i, + lm_head.
+* ``realized_fraction`` = (1 - latency_ratio) / (1 - flops_ratio): how much of the FLOPs-ideal
+  time saving the measurement realises.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from adatoken_compile.benchmarking import measure as bench
+from adatoken_compile.errors import InputError, ScheduleMismatch
+from adatoken_compile.flops import FORMULA, prefill_flops
+
+
+def decode_flops(arch: dict, past_per_layer: Sequence[int], steps: int) -> float:
+    """FLOPs of ``steps`` decode steps for one row whose layer ``i`` cache starts at ``past_per_layer[i]``."""
+    H, I, V = arch["hidden"], arch["intermediate"], arch["vocab"]
+    hq = arch["heads"] * arch["head_dim"]
+    hkv = arch["kv_heads"] * arch["head_dim"]
+    lin = 2 * (H * (hq + 2 * hkv) + hq * H + 3 * H * I)
+    total = 0.0
+    for t in range(steps):
+        for p in past_per_layer:
+            total += lin + 4 * hq * (p + t + 1)
+        total += 2 * H * V
+    return total
+
+
+def _arch(rt) -> dict:
+    """The FLOPs formula's arch dict from an artifact's preprocess.json arch."""
+    a = dict(rt.arch)
+    a["num_layers"] = int(a.get("num_layers", a["layers"]))
+    return a
+
+
+def _timed_generation(rt, feeds, new_tokens: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    ttft = None
+    for _ in rt.generate_ids(feeds, max_new_tokens=new_tokens, ignore_eos=True):
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+    return ttft, time.perf_counter() - t0
+
+
+def _stat(xs) -> dict:
+    return {"median_s": float(np.median(xs)), "p25_s": float(np.percentile(xs, 25)),
+            "p75_s": float(np.percentile(xs, 75)), "runs": [float(x) for x in xs]}
+
+
+def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int = 7, new_tokens: int = 16,
+                    threads: int | None = None, log=None) -> dict:
+    """Figures for ``pruned_art`` against ``baseline_art`` (identity schedule, same model) on the first sample."""
+    from adatoken_compile.runtime.engine import load
+
+    say = log or (lambda *a: None)
+    rt_p, rt_b = load(pruned_art), load(baseline_art)
+    fp_p = rt_p.manifest.data["model"]["fingerprint"]
+    if rt_b.manifest.data["model"]["fingerprint"] != fp_p:
+        raise ScheduleMismatch(f"{baseline_art}: baseline was compiled from another model than {pruned_art}")
+    if rt_b.cuts:
+        raise InputError(f"{baseline_art}: the baseline must be an identity-schedule artifact "
+                         "(compile it without --schedule)")
+    if new_tokens > 1 and not (rt_p.has_decode and rt_b.has_decode):
+        raise InputError("bench: both artifacts need a decode graph for end-to-end figures; recompile without --no-decode")
+    sample = samples[0]
+    feeds = rt_p.prepare([(sample.scene, sample.question)])
+    n_spatial = int(feeds["spatial_mask"].sum())
+    n_text = int(feeds["attention_mask"].sum()) - n_spatial
+    arch = _arch(rt_p)
+    from adatoken_compile.schedule import Schedule
+
+    sched = Schedule.from_dict(rt_p.manifest.data["schedule"], where=f"{pruned_art}/manifest.json")
+    tpl_p = sched.tokens_per_layer(n_spatial)
+    f_p = prefill_flops(arch, n_text, tpl_p)["total"]
+    f_b = prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])["total"]
+
+    say("prefill: profiling + interleaved timing")
+    pre = bench.prefill_bench(rt_p.graph_path("prefill"), rt_b.graph_path("prefill"), feeds, repeats=repeats,
+                              threads=threads, formula={"pruned": f_p, "baseline": f_b}, log=say)
+    pre["flops_formula"] = {"pruned": f_p, "baseline": f_b, "ratio": f_p / f_b, "formula": FORMULA}
+    pre["tokens"] = {"spatial": n_spatial, "text": n_text, "spatial_per_layer": tpl_p}
+    # FLOPs ratio used for the realised fraction: the formula's (the graph count is its cross-check)
+    pre["flops_ratio_graph"] = pre["flops_ratio"]
+    pre["flops_ratio"] = f_p / f_b
+    pre["realized_fraction"] = bench.realized_fraction(pre["latency_ratio"], pre["flops_ratio"])
+
+    out_p, out_b = rt_p.prefill(feeds), rt_b.prefill(feeds)
+    kv_p, kv_b = rt_p.kv_cache_bytes(out_p)[0], rt_b.kv_cache_bytes(out_b)[0]
+    e2e = {"new_tokens": new_tokens}
+    if new_tokens > 1:
+        say(f"end to end: {new_tokens}-token answers, interleaved")
+        for rt in (rt_p, rt_b):
+            _timed_generation(rt, feeds, new_tokens)  # warm-up
+        runs = {"pruned": [], "baseline": []}
+        for _ in range(repeats):
+            for name, rt in (("pruned", rt_p), ("baseline", rt_b)):
+                runs[name].append(_timed_generation(rt, feeds, new_tokens))
+        for name in runs:
+            ttft = [a for a, _ in runs[name]]
+            tot = [b for _, b in runs[name]]
+            per_tok = [(b - a) / (new_tokens - 1) for a, b in runs[name]]
+            e2e[name] = {"latency_s": _stat(tot), "ttft_s": _stat(ttft), "per_token_decode_s": _stat(per_tok)}
+        e2e["latency_ratio"] = e2e["pruned"]["latency_s"]["median_s"] / e2e["baseline"]["latency_s"]["median_s"]
+        e2e["ttft_ratio"] = e2e["pruned"]["ttft_s"]["median_s"] / e2e["baseline"]["ttft_s"]["median_s"]
+        e2e["per_token_decode_ratio"] = (e2e["pruned"]["per_token_decode_s"]["median_s"]
+                                         / e2e["baseline"]["per_token_decode_s"]["median_s"])
+        past_p = [int(m[0].sum()) for m in (out_p[f"mask.{i}"] for i in range(rt_p.num_layers))]
+        past_b = [int(m[0].sum()) for m in (out_b[f"mask.{i}"] for i in range(rt_b.num_layers))]
+        ef_p = f_p + decode_flops(arch, past_p, new_tokens - 1)
+        ef_b = f_b + decode_flops(arch, past_b, new_tokens - 1)
+        e2e["flops"] = {"pruned": ef_p, "baseline": ef_b}
+        e2e["flops_ratio"] = ef_p / ef_b
+        e2e["realized_fraction"] = bench.realized_fraction(e2e["latency_ratio"], e2e["flops_ratio"])
+    e2e["kv_cache_bytes"] = {"pruned": kv_p, "baseline": kv_b, "ratio": kv_p / kv_b}
+    return {
+        "pruned_artifact": pruned_art,
+        "baseline_artifact": baseline_art,
+        "schedule": {"policy": sched.policy, "cuts": [{"layer": c.layer, "keep": c.keep} for c in sched.cuts]},
+        "sample": {"question": sample.question, "seed": sample.meta.get("seed")},
+        "provider": rt_p.provider,
+        "prefill": pre,
+        "end_to_end": e2e,
+    }

@@ -1,0 +1,145 @@
+"""Eager PyTorch reference of the pruned prefill.
+
+Runs the installed transformers decoder layers in a loop, as the model's own forward does
+(``create_causal_mask`` once, ``rotary_emb`` once, then ``decoder_layer(hidden, attention_mask=...,
+position_embeddings=..., position_ids=..., past_key_values=..., use_cache=True)``), and between
+layers applies the SAME pure functions as the graph pass (:mod:`adatoken_compile.passes.token_drop`).
+
+The scoring query is observed, not recomputed: a :class:`torch.overrides.TorchFunctionMode` active
+during layer ``i-1`` records the first argument of the first attention op (``scaled_dot_product_attention``
+or the QK^T ``matmul`` of eager attention) -- the same tensor the graph pass reads -- and the keys
+come from the recording cache. No modeling code is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from adatoken_compile.compiler.capture import RecordingCache, check_decoder
+from adatoken_compile.contract import DecoderInputs
+from adatoken_compile.errors import InputError
+from adatoken_compile.passes import token_drop as td
+
+
+@dataclass
+class PrefillResult:
+    logits_last: torch.Tensor  # (B, V)
+    keys: list[torch.Tensor]  # per layer (B, Hkv, L_i, d), post-RoPE
+    values: list[torch.Tensor]  # per layer (B, Hkv, L_i, d)
+    masks: list[torch.Tensor]  # per layer (B, L_i) bool, valid positions of that layer's cache
+    kept_indices: list[torch.Tensor] = field(default_factory=list)  # per effective cut (B, K') original positions, -1 = pad
+    cut_layers: list[int] = field(default_factory=list)  # layer of each entry of kept_indices
+    positions: list[torch.Tensor] = field(default_factory=list)  # per layer (B, L_i) original position ids (1 on pads)
+
+    def cache_lengths(self) -> list[int]:
+        return [int(k.shape[2]) for k in self.keys]
+
+
+_ATTN_FUNCS = (torch.nn.functional.scaled_dot_product_attention, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+class QueryObserver(TorchFunctionMode):
+    """Records the query passed to the first attention op run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.query: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.query is None and func in _ATTN_FUNCS:
+            q = args[0] if args else kwargs.get("query", kwargs.get("input"))
+            if isinstance(q, torch.Tensor) and q.dim() == 4:
+                self.query = q
+        return func(*args, **kwargs)
+
+
+def _check_inputs(inputs: DecoderInputs, hidden: int) -> None:
+    e = inputs.inputs_embeds
+    if e.dim() != 3 or e.shape[2] != hidden:
+        raise InputError(f"pruned_prefill: inputs_embeds must be (B, L, {hidden}), got {tuple(e.shape)}")
+    for name in ("attention_mask", "position_ids", "spatial_mask"):
+        t = getattr(inputs, name)
+        if tuple(t.shape) != tuple(e.shape[:2]):
+            raise InputError(f"pruned_prefill: {name} must be (B, L)={tuple(e.shape[:2])}, got {tuple(t.shape)}")
+
+
+@torch.no_grad()
+def pruned_prefill(decoder_lm, inputs: DecoderInputs, schedule) -> PrefillResult:
+    """Prefill ``inputs`` through ``decoder_lm`` dropping spatial tokens at the schedule's cuts."""
+    from transformers.masking_utils import create_causal_mask
+
+    check_decoder(decoder_lm)
+    cfg = decoder_lm.config
+    model = decoder_lm.model
+    n_layers = int(cfg.num_hidden_layers)
+    if schedule.num_layers != n_layers:
+        raise InputError(f"pruned_prefill: schedule is for {schedule.num_layers} layers, decoder has {n_layers}")
+    _check_inputs(inputs, int(cfg.hidden_size))
+    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
+
+    hidden = inputs.inputs_embeds
+    attention_mask = inputs.attention_mask.to(torch.int64)
+    position_ids = inputs.position_ids.to(torch.int64)
+    spatial = inputs.spatial_mask.to(torch.bool)
+
+    cache = RecordingCache(n_layers)
+    mask4 = create_causal_mask(
+        config=cfg,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+        # with cuts the mask must exist to be gathered (sdpa would otherwise skip it for unpadded
+        # batches and rely on is_causal); the identity path stays exactly the model's forward
+        allow_is_causal_skip=not cuts,
+    )
+    cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
+
+    valid = attention_mask != 0
+    n0 = td.spatial_count(spatial, valid)
+    kept = None
+    res = PrefillResult(None, [], [], [], [], [], [])
+    query = None
+    for i, layer in enumerate(model.layers[:n_layers]):
+        if i in cuts:
+            if mask4 is None or query is None:
+                raise RuntimeError("pruned_prefill: no 4-D mask / query observed before the cut")
+            scores = td.score_for(schedule.scoring, sorted(cuts).index(i), query, cache.keys[i - 1], valid)
+            idx, new_valid, _ = td.select_tokens(scores, valid, spatial, n0, cuts[i])
+            hidden = td.gather_seq(hidden, idx, (1,))
+            cos = td.gather_seq(cos, idx, (1,))
+            sin = td.gather_seq(sin, idx, (1,))
+            position_ids = td.gather_seq(position_ids, idx, (1,))
+            spatial = td.gather_seq(spatial, idx, (1,))
+            mask4 = td.rebuild_mask4d(mask4, idx, new_valid)
+            kept = td.kept_positions(kept, idx, new_valid)
+            valid = new_valid
+            res.kept_indices.append(kept)
+            res.cut_layers.append(i)
+        observer = QueryObserver() if (i + 1) in cuts else None
+        kwargs = dict(
+            attention_mask=mask4,
+            position_embeddings=(cos, sin),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        if observer is not None:
+            with observer:
+                hidden = layer(hidden, **kwargs)
+            query = observer.query
+        else:
+            hidden = layer(hidden, **kwargs)
+        if isinstance(hidden, tuple):  # older transformers returned tuples
+            hidden = hidden[0]
+        res.masks.append(valid)
+        res.positions.append(position_ids)
+    hidden = model.norm(hidden)
+    res.logits_last = decoder_lm.lm_head(hidden[:, -1])
+    res.keys = list(cache.keys)
+    res.values = list(cache.values)
+    return res

@@ -1,0 +1,333 @@
+"""LLaVA-3D adapter: a checkpoint directory in the released LLaVA-3D-7B layout -> contract.
+
+Forward path (released code, see shared docs/llava3d.md):
+views -> CLIP (penultimate layer, CLS dropped) -> + 3D position embedding(xyz of each patch's
+top-left pixel) -> voxel pooling (0.2 m, x-major key order, mean) -> mlp2x_gelu projector ->
+spliced at the image placeholder (-200) of the llava_v1 prompt -> the installed HF decoder.
+
+Everything runs on installed transformers classes (CLIPVisionModel, LlamaForCausalLM /
+Qwen2ForCausalLM); nothing of transformers is patched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
+from adatoken_compile.errors import InputError
+from adatoken_compile.runtime.prompt import (  # noqa: F401  (re-exported)
+    BOXES_TOKEN_INDEX,
+    IMAGE_TOKEN_INDEX,
+    SYSTEM_PROMPT,
+    llava_v1_prompt,
+    tokenize_with_placeholders,
+)
+from adatoken_compile.runtime.scene import Scene, preprocess_scene, unproject_patches, voxelize
+from adatoken_compile.runtime.tokenizer import TextTokenizer
+
+from adatoken_compile.models.checkpoint import (assign_exact, config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest,
+                         load_state_dict, read_config, weight_files)
+
+PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
+BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
+PROJ_PREFIX = "model.mm_projector."
+# CLIP weights stored inside a LLaVA checkpoint are ignored upstream (the tower loads separately)
+IGNORED_PREFIXES = ("model.vision_tower.", "model.video_tower.video_tower.vision_tower.")
+LLAVA3D_ONLY_KEYS = {
+    "model_type", "architectures", "num_frames", "num_sample_tokens", "tokenizer_model_max_length",
+    "tokenizer_padding_side", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter", "image_aspect_ratio",
+    "use_mm_proj", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map",
+}
+
+
+class PositionEmbedding3D(nn.Module):
+    """Linear(3,D) -> LayerNorm -> ReLU -> Linear(D,D), on raw metres (checkpoint indices 0,1,3)."""
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.position_embedding_head = nn.Sequential(
+            nn.Linear(dim_in, dim), nn.LayerNorm(dim), nn.ReLU(inplace=False), nn.Linear(dim, dim)
+        )
+
+    def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+        return self.position_embedding_head(xyz)
+
+
+def build_projector(kind: str, dim_in: int, dim_out: int, where: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(dim_in, dim_out))
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(dim_in, dim_out), nn.GELU(), nn.Linear(dim_out, dim_out))
+    raise InputError(f"{where}: mm_projector_type '{kind}' unsupported (expected 'mlp2x_gelu' or 'linear')")
+
+
+class SpatialEncoder(nn.Module):
+    """Per-view CLIP patch features + 3D position embedding (vision space): (V,3,S,S),(V,P,3) -> (V,P,Dv).
+
+    Exported to ONNX as the artifact's encoder graph; voxel pooling (data-dependent) follows in numpy.
+    """
+
+    def __init__(self, vision: nn.Module, pe: nn.Module, select_layer: int, select_feature: str):
+        super().__init__()
+        self.vision = vision
+        self.pe = pe
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+
+    def forward(self, pixel_values: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            feats = feats[:, 1:]
+        return feats + self.pe(xyz.to(feats.dtype))
+
+
+def decoder_classes(cfg: dict, where: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    mt = str(cfg.get("model_type", "")).lower()
+    arch = " ".join(cfg.get("architectures") or []).lower()
+    if "qwen" in mt or "qwen" in arch:
+        return Qwen2Config, Qwen2ForCausalLM
+    if "llama" in mt or "llama" in arch:
+        return LlamaConfig, LlamaForCausalLM
+    raise InputError(f"{where}: model_type '{mt}' is not a LLaVA-3D decoder (expected llava_llama or llava_qwen)")
+
+
+def _new_module(cls, *args, **kw):
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return cls(*args, **kw)
+
+
+def _local_vision_dir(model_dir: str, cfg: dict, override: str | None, where: str) -> str:
+    name = override or cfg.get("mm_vision_tower")
+    if not name:
+        raise InputError(f"{where}: no mm_vision_tower in config.json; pass --vision-tower DIR")
+    cands = [name] if os.path.isabs(name) else [os.path.join(model_dir, name), name]
+    for c in cands:
+        if os.path.isdir(c):
+            return c
+    raise InputError(
+        f"{where}: vision tower '{name}' is not a local directory (nothing is downloaded); "
+        "pass --vision-tower DIR pointing at a local CLIP vision checkpoint"
+    )
+
+
+class Llava3DAdapter:
+    family = "llava3d"
+
+    def __init__(
+        self,
+        model_dir: str,
+        vision_tower: str | None = None,
+        attn_implementation: str = "sdpa",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        self.model_dir = model_dir
+        cfg = read_config(model_dir)
+        where = os.path.join(model_dir, "config.json")
+        if not str(cfg.get("model_type", "")).startswith("llava"):
+            raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not a LLaVA-3D checkpoint (llava_llama)")
+        self.config = cfg
+        cfg_cls, lm_cls = decoder_classes(cfg, where)
+        dec_cfg = cfg_cls(**{k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")})
+        dec_cfg._attn_implementation = attn_implementation
+        self.decoder = _new_module(lm_cls, dec_cfg).to(dtype).eval()
+
+        # ------------------------------------------------------------- vision tower (local dir)
+        self.vision_dir = _local_vision_dir(model_dir, cfg, vision_tower, where)
+        vcfg = CLIPVisionConfig.from_pretrained(self.vision_dir, local_files_only=True)
+        vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
+        vision = _new_module(CLIPVisionModel, vcfg)
+        vfiles = weight_files(self.vision_dir)
+        vsd = load_state_dict(vfiles)
+        if vsd and not next(iter(vsd)).startswith("vision_model."):
+            vsd = {k.split("vision_tower.", 1)[-1] if "vision_tower." in k else k: v for k, v in vsd.items()}
+        vsd = {k: v for k, v in vsd.items() if not k.startswith("text_model.") and k not in ("logit_scale",)}
+        vsd = {k: v for k, v in vsd.items() if not k.startswith(("visual_projection", "text_projection"))}
+        vsd = {k: v for k, v in vsd.items() if not k.endswith("position_ids")}
+        assign_exact(vision, vsd, self.vision_dir)
+        self.image_size, self.mean, self.std = _preprocessor(self.vision_dir, vcfg)
+        self.patch_size = int(vcfg.patch_size)
+
+        dv = int(cfg.get("mm_hidden_size", vcfg.hidden_size))
+        h = int(dec_cfg.hidden_size)
+        self.pe3d = PositionEmbedding3D(3, dv)
+        self.projector = build_projector(cfg.get("mm_projector_type", "mlp2x_gelu"), dv, h, where)
+        self.box_pe = PositionEmbedding3D(3, h)
+        self.encoder = SpatialEncoder(
+            vision, self.pe3d, int(cfg.get("mm_vision_select_layer", -2)), cfg.get("mm_vision_select_feature", "patch")
+        ).to(dtype).eval()
+
+        # ------------------------------------------------------------- LLaVA-3D weights
+        files = weight_files(model_dir)
+        sd = load_state_dict(files)
+        sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+        parts = {"pe": {}, "box": {}, "proj": {}, "dec": {}}
+        for k, v in sd.items():
+            if k.startswith(PE_PREFIX):
+                parts["pe"][k[len(PE_PREFIX):]] = v
+            elif k.startswith(BOX_PREFIX):
+                parts["box"][k[len(BOX_PREFIX):]] = v
+            elif k.startswith(PROJ_PREFIX):
+                parts["proj"][k[len(PROJ_PREFIX):]] = v
+            else:
+                parts["dec"][k] = v
+        if getattr(dec_cfg, "tie_word_embeddings", False):
+            parts["dec"].pop("lm_head.weight", None)
+            dsd = self.decoder.state_dict()
+            parts["dec"]["lm_head.weight"] = parts["dec"].get("model.embed_tokens.weight", dsd["lm_head.weight"])
+        where_w = os.path.join(model_dir, os.path.basename(files[0]) if len(files) == 1 else "model.safetensors.index.json")
+        assign_exact(self.decoder, parts["dec"], where_w)
+        assign_exact(self.pe3d, parts["pe"], where_w, prefix=PE_PREFIX)
+        assign_exact(self.projector, parts["proj"], where_w, prefix=PROJ_PREFIX)
+        self.has_boxes = bool(parts["box"])
+        if self.has_boxes:
+            assign_exact(self.box_pe, parts["box"], where_w, prefix=BOX_PREFIX)
+        for m in (self.pe3d, self.projector, self.box_pe):
+            m.to(dtype).eval()
+        self.dtype = dtype
+
+        self.tokenizer = TextTokenizer.from_dir(model_dir)
+        self.eos_token_id = int(cfg.get("eos_token_id", self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 2))
+        self.max_positions = int(cfg.get("max_position_embeddings", 4096))
+        self._fingerprint = "sha256:" + files_digest(
+            list(files) + list(vfiles), extra=config_digest(cfg) + config_digest(vcfg.to_dict())
+        )
+
+    # ----------------------------------------------------------------- contract
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family,
+            **decoder_arch(self.decoder),
+            "max_positions": self.max_positions,
+            "vision": {
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "patches_per_view": (self.image_size // self.patch_size) ** 2,
+                "hidden": int(self.encoder.vision.config.hidden_size),
+                "layers": int(self.encoder.vision.config.num_hidden_layers),
+            },
+            "fingerprint": self.fingerprint(),
+        }
+
+    def arch(self) -> dict:
+        return decoder_arch_summary(self.decoder)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(question))
+
+    @torch.no_grad()
+    def spatial_features(self, scene: Scene) -> tuple[torch.Tensor, np.ndarray]:
+        """Vision-space features per patch (V*P, Dv) and patch xyz (V*P, 3), before pooling."""
+        pre = preprocess_scene(scene, self.image_size, self.mean, self.std)
+        xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, self.patch_size)
+        feats = self.encoder(torch.from_numpy(pre.pixel_values).to(self.dtype), torch.from_numpy(xyz))
+        return feats.reshape(-1, feats.shape[-1]), xyz.reshape(-1, 3)
+
+    @torch.no_grad()
+    def spatial_tokens(self, scene: Scene) -> torch.Tensor:
+        """(N, H) decoder-space spatial tokens of a scene."""
+        feats, xyz = self.spatial_features(scene)
+        return self.projector(pool_torch(feats, voxelize(xyz)))
+
+    def embed_ids(self, ids) -> torch.Tensor:
+        return embed_token_ids(self.decoder, ids)
+
+    @torch.no_grad()
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
+        if sample.scene is None:
+            raise InputError("LLaVA-3D sample without a scene: pass --scene S.npz")
+        ids = self.prompt_ids(sample.question)
+        if spatial is None:
+            spatial = self.spatial_tokens(sample.scene)
+        return splice(ids, self.embed_ids, spatial, self._box_tokens(sample, ids))
+
+    def _box_tokens(self, sample: Sample, ids: list[int]) -> torch.Tensor | None:
+        nb = ids.count(BOXES_TOKEN_INDEX)
+        if nb == 0:
+            return None
+        if not self.has_boxes:
+            raise InputError(f"{self.model_dir}: question uses <boxes> but the checkpoint has no prompt_encoder weights")
+        boxes = np.asarray(sample.boxes if sample.boxes is not None else [], np.float32).reshape(-1, 3)
+        if boxes.shape[0] != nb:
+            raise InputError(f"question has {nb} <boxes> placeholder(s) but {boxes.shape[0]} box location(s) were given (M,3)")
+        with torch.no_grad():
+            return self.box_pe(torch.from_numpy(boxes).to(self.dtype))
+
+    def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
+        cache: dict[int, torch.Tensor] = {}
+        rows = []
+        for s in samples:
+            key = id(s.scene)
+            if key not in cache:
+                cache[key] = self.spatial_tokens(s.scene)
+            rows.append(self.segment(s, cache[key]))
+        return collate(rows)
+
+
+def pool_torch(feats: torch.Tensor, vmap) -> torch.Tensor:
+    """Mean of patch features per voxel token (same arithmetic as scene.pool_numpy)."""
+    inv = torch.from_numpy(vmap.inverse)
+    valid = inv >= 0
+    out = torch.zeros(vmap.num_tokens, feats.shape[1], dtype=feats.dtype)
+    out.index_add_(0, inv[valid], feats[valid])
+    counts = torch.bincount(inv[valid], minlength=vmap.num_tokens).to(feats.dtype)
+    return out / counts[:, None]
+
+
+def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | None = None) -> Segment:
+    """Replace the image placeholder by the spatial tokens (and <boxes> by box tokens)."""
+    if ids.count(IMAGE_TOKEN_INDEX) != 1:
+        raise InputError(f"prompt must hold exactly one <image> placeholder, found {ids.count(IMAGE_TOKEN_INDEX)}")
+    pieces, mask, text, bi = [], [], [], 0
+
+    def flush():
+        if text:
+            pieces.append(embed(text))
+            mask.append(torch.zeros(len(text), dtype=torch.bool))
+            text.clear()
+
+    for t in ids:
+        if t == IMAGE_TOKEN_INDEX:
+            flush()
+            pieces.append(spatial.to(pieces[0].dtype if pieces else spatial.dtype))
+            mask.append(torch.ones(spatial.shape[0], dtype=torch.bool))
+        elif t == BOXES_TOKEN_INDEX:
+            flush()
+            pieces.append(boxes[bi : bi + 1])
+            mask.append(torch.zeros(1, dtype=torch.bool))
+            bi += 1
+        else:
+            text.append(t)
+    flush()
+    return Segment(torch.cat(pieces, 0), torch.cat(mask, 0))
+
+
+def _preprocessor(vision_dir: str, vcfg) -> tuple[int, list[float], list[float]]:
+    """Image size, mean and std from the vision tower's preprocessor_config.json."""
+    path = os.path.join(vision_dir, "preprocessor_config.json")
+    clip_mean = [0.48145466, 0.4578275, 0.40821073]
+    clip_std = [0.26862954, 0.26130258, 0.27577711]
+    if not os.path.exists(path):
+        return int(vcfg.image_size), clip_mean, clip_std
+    with open(path) as f:
+        p = json.load(f)
+    crop = p.get("crop_size", vcfg.image_size)
+    size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+    if int(size) != int(vcfg.image_size):
+        raise InputError(f"{path}: crop size {size} differs from the tower's image_size {vcfg.image_size}")
+    return int(size), list(p.get("image_mean", clip_mean)), list(p.get("image_std", clip_std))

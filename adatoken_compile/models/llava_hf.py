@@ -1,0 +1,169 @@
+"""HF LLaVA adapter: ``LlavaForConditionalGeneration`` checkpoints (Llama or Qwen2 decoders).
+
+The image tokens play the role of the spatial tokens. The decoder handed to the compiler is the
+installed ``*ForCausalLM`` class sharing the LLaVA checkpoint's language model and lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
+from adatoken_compile.errors import InputError
+from adatoken_compile.runtime.prompt import (  # noqa: F401  (re-exported)
+    IMAGE_TOKEN_INDEX,
+    llava_hf_prompt,
+    preprocess_image,
+    tokenize_with_placeholders,
+)
+from adatoken_compile.runtime.tokenizer import TextTokenizer
+
+from adatoken_compile.models.checkpoint import (config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest, read_config,
+                         weight_files)
+from adatoken_compile.models.llava3d import splice
+
+
+class ImageEncoder(nn.Module):
+    """vision tower -> selected layer (CLS dropped for 'default') -> multi-modal projector."""
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, layer: int, strategy: str):
+        super().__init__()
+        self.vision, self.projector, self.layer, self.strategy = vision, projector, layer, strategy
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hs = self.vision(pixel_values, output_hidden_states=True).hidden_states[self.layer]
+        if self.strategy == "default":
+            hs = hs[:, 1:]
+        return self.projector(hs)
+
+
+class LlavaHFAdapter:
+    family = "llava-hf"
+
+    def __init__(self, model_dir: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+        from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
+
+        cfg = read_config(model_dir)
+        where = os.path.join(model_dir, "config.json")
+        if cfg.get("model_type") != "llava":
+            raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not an HF LLaVA checkpoint ('llava')")
+        files = weight_files(model_dir)  # refuses pickle checkpoints before transformers sees them
+        try:
+            llava = LlavaForConditionalGeneration.from_pretrained(
+                model_dir, local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype
+            )
+        except Exception as e:
+            raise InputError(f"{model_dir}: could not load the LLaVA checkpoint ({type(e).__name__}: {e})")
+        llava.eval()
+        tcfg = llava.config.text_config
+        cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}.get(tcfg.model_type)
+        if cls is None:
+            raise InputError(f"{where}: text_config.model_type '{tcfg.model_type}' unsupported (llama or qwen2)")
+        with torch.device("meta"):
+            lm = cls(tcfg)
+        lm.model = llava.model.language_model
+        lm.lm_head = llava.lm_head
+        lm.eval()
+        self.decoder = lm
+        self.llava = llava
+        self.config = cfg
+        self.model_dir = model_dir
+        vcfg = llava.config.vision_config
+        self.encoder = ImageEncoder(
+            llava.model.vision_tower,
+            llava.model.multi_modal_projector,
+            int(llava.config.vision_feature_layer),
+            llava.config.vision_feature_select_strategy,
+        ).eval()
+        self.image_size = int(vcfg.image_size)
+        self.mean, self.std = _mean_std(model_dir)
+        self.image_token_id = int(llava.config.image_token_id)
+        self.tokenizer = TextTokenizer.from_dir(model_dir)
+        self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_id)
+        self.max_positions = int(tcfg.max_position_embeddings)
+        self.dtype = dtype
+        self._fingerprint = "sha256:" + files_digest(files, extra=config_digest(cfg))
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family,
+            **decoder_arch(self.decoder),
+            "max_positions": self.max_positions,
+            "vision": {"image_size": self.image_size, "patch_size": int(self.llava.config.vision_config.patch_size)},
+            "fingerprint": self.fingerprint(),
+        }
+
+    def arch(self) -> dict:
+        return decoder_arch_summary(self.decoder)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(question))
+
+    @torch.no_grad()
+    def spatial_tokens(self, image: np.ndarray) -> torch.Tensor:
+        pix = preprocess_image(image, self.image_size, self.mean, self.std)
+        return self.encoder(torch.from_numpy(pix)[None].to(self.dtype))[0]
+
+    def embed_ids(self, ids) -> torch.Tensor:
+        return embed_token_ids(self.decoder, ids)
+
+    @torch.no_grad()
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
+        if sample.image is None:
+            raise InputError("HF LLaVA sample without an image: pass --image (H,W,3) uint8")
+        ids = self.prompt_ids(sample.question)
+        if IMAGE_TOKEN_INDEX not in ids:
+            raise InputError("prompt lost its <image> placeholder")
+        if spatial is None:
+            spatial = self.spatial_tokens(sample.image)
+        return splice(ids, self.embed_ids, spatial)
+
+    def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
+        return collate([self.segment(s) for s in samples])
+
+
+def _mean_std(model_dir: str):
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    mean = [0.48145466, 0.4578275, 0.40821073]
+    std = [0.26862954, 0.26130258, 0.27577711]
+    if os.path.exists(path):
+        with open(path) as f:
+            p = json.load(f)
+        mean, std = p.get("image_mean", mean), p.get("image_std", std)
+    return mean, std
+
+
+def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0) -> str:
+    """A tiny random HF LLaVA checkpoint (tests)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    from adatoken_compile.models.testing import CLIP_MEAN, CLIP_STD, DEFAULT_TEXTS
+    from adatoken_compile.runtime.tokenizer import build_word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+    tc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv_heads or heads, intermediate_size=hidden * 2, vocab_size=tok.vocab_size,
+              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    text = (Qwen2Config if decoder == "qwen2" else LlamaConfig)(**tc)
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size)
+    cfg = LlavaConfig(vision_config=vis, text_config=text, image_token_id=tok.token_to_id("<image>"))
+    m = LlavaForConditionalGeneration(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    m.save_pretrained(out_dir, safe_serialization=True)
+    tok.save(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": {"height": image_size, "width": image_size}, "image_mean": CLIP_MEAN,
+                   "image_std": CLIP_STD}, f)
+    return out_dir

@@ -1,0 +1,53 @@
+"""Resolve ``--model`` (a checkpoint directory or a bundled short name) to an adapter."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from adatoken_compile.errors import InputError
+
+from adatoken_compile.models.checkpoint import read_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = {"llava3d-tiny": os.path.join(HERE, "llava3d_tiny")}
+DEFAULT_MODEL = "llava3d-tiny"
+
+
+def resolve_model_dir(model: str | None) -> str:
+    model = model or DEFAULT_MODEL
+    if model in BUNDLED:
+        path = BUNDLED[model]
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise InputError(
+                f"{path}: the bundled model '{model}' is not present in this install; "
+                "retrain it with `python -m reference_model.train` or pass --model DIR"
+            )
+        return path
+    if not os.path.isdir(model):
+        raise InputError(f"{model}: no such model directory or bundled name (bundled: {', '.join(BUNDLED)})")
+    return model
+
+
+def load_adapter(model: str | None = None, *, vision_tower: str | None = None, attn_implementation: str = "sdpa",
+                 dtype: torch.dtype = torch.float32):
+    """An adapter for a LLaVA-3D-layout (``llava_llama``/``llava_qwen``) or HF LLaVA (``llava``) checkpoint."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise InputError(f"--attn {attn_implementation!r} unsupported: use 'sdpa' or 'eager' (both are exportable)")
+    path = resolve_model_dir(model)
+    mt = str(read_config(path).get("model_type", ""))
+    if mt == "llava":
+        if vision_tower:
+            raise InputError(f"{path}: --vision-tower applies to LLaVA-3D checkpoints only; HF LLaVA ships its tower")
+        from adatoken_compile.models.llava_hf import LlavaHFAdapter
+
+        return LlavaHFAdapter(path, attn_implementation=attn_implementation, dtype=dtype)
+    if mt.startswith("llava_"):
+        from adatoken_compile.models.llava3d import Llava3DAdapter
+
+        return Llava3DAdapter(path, vision_tower=vision_tower, attn_implementation=attn_implementation, dtype=dtype)
+    raise InputError(
+        f"{os.path.join(path, 'config.json')}: model_type '{mt}' unsupported; expected llava_llama / llava_qwen "
+        "(LLaVA-3D layout) or llava (HF LlavaForConditionalGeneration)"
+    )

@@ -1,0 +1,198 @@
+"""Write checkpoints in the released LLaVA-3D-7B layout (and HF LLaVA layout) from modules.
+
+Used by the tests (tiny random checkpoints, sharded and unsharded), by ``adatoken-compile
+make-tiny``, and by the training script of the bundled reference model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from adatoken_compile.runtime.tokenizer import TextTokenizer, build_word_tokenizer
+
+from adatoken_compile.models.llava3d import BOX_PREFIX, PE_PREFIX, PROJ_PREFIX, PositionEmbedding3D, SYSTEM_PROMPT, build_projector
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+DEFAULT_TEXTS = [
+    SYSTEM_PROMPT,
+    "USER: ASSISTANT:",
+    "what color is the ball? how many chairs are there? is there a table in the room? yes no",
+    "which object is closest to the red box? red green blue yellow white purple orange box ball cylinder chair table",
+    "0 1 2 3 4 5 6 7 8 9 the a an of in on is are what which where how many color shape left right",
+]
+
+
+def _contig(sd: dict) -> dict:
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], out_dir: str, shards: int = 1) -> None:
+    """Single ``model.safetensors`` or ``shards`` files + ``model.safetensors.index.json``."""
+    sd = _contig(sd)
+    if shards <= 1:
+        save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(sd)
+    per = -(-len(keys) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i * per : (i + 1) * per]}
+        save_file(part, os.path.join(out_dir, name), metadata={"format": "pt"})
+        for k, v in part.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_vision_tower(vision, out_dir: str, image_size: int) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    vision.config.save_pretrained(out_dir)
+    save_safetensors(vision.state_dict(), out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "crop_size": {"height": image_size, "width": image_size},
+                "size": {"shortest_edge": image_size},
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "resample": 3,
+                "image_mean": CLIP_MEAN,
+                "image_std": CLIP_STD,
+            },
+            f,
+            indent=2,
+        )
+
+
+def save_llava3d(
+    out_dir: str,
+    decoder,
+    vision,
+    pe3d,
+    projector,
+    tokenizer: TextTokenizer,
+    box_pe=None,
+    shards: int = 1,
+    vision_subdir: str = "vision_tower",
+    extra: dict | None = None,
+) -> str:
+    """Write a checkpoint directory in the released LLaVA-3D layout, atomically."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    try:
+        dcfg = decoder.config.to_dict()
+        is_qwen = "qwen" in decoder.config.model_type
+        cfg = {k: v for k, v in dcfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+        cfg.update(
+            {
+                "model_type": "llava_qwen" if is_qwen else "llava_llama",
+                "architectures": ["LlavaQwenForCausalLM" if is_qwen else "LlavaLlamaForCausalLM"],
+                "mm_hidden_size": int(vision.config.hidden_size),
+                "mm_vision_tower": vision_subdir,
+                "mm_video_tower": "SpatialAwareModule",
+                "mm_vision_select_layer": -2,
+                "mm_vision_select_feature": "patch",
+                "mm_projector_type": "mlp2x_gelu" if len(projector) == 3 else "linear",
+                "mm_patch_merge_type": "flat",
+                "num_frames": 20,
+                "num_sample_tokens": 1152,
+                "mm_use_im_start_end": False,
+                "mm_use_im_patch_token": False,
+                "tokenizer_model_max_length": int(dcfg.get("max_position_embeddings", 4096)),
+                "bos_token_id": tokenizer.bos_id,
+                "eos_token_id": tokenizer.eos_id,
+                "pad_token_id": tokenizer.pad_id,
+            }
+        )
+        cfg.update(extra or {})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
+        sd = dict(decoder.state_dict())
+        if getattr(decoder.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        sd.update({PE_PREFIX + k: v for k, v in pe3d.state_dict().items()})
+        sd.update({PROJ_PREFIX + k: v for k, v in projector.state_dict().items()})
+        if box_pe is not None:
+            sd.update({BOX_PREFIX + k: v for k, v in box_pe.state_dict().items()})
+        save_safetensors(sd, tmp, shards=shards)
+        tokenizer.save(tmp)
+        save_vision_tower(vision, os.path.join(tmp, vision_subdir), int(vision.config.image_size))
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def random_llava3d(
+    out_dir: str,
+    *,
+    decoder: str = "llama",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    intermediate: int = 128,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 56,
+    patch_size: int = 14,
+    shards: int = 1,
+    with_boxes: bool = True,
+    texts=None,
+    seed: int = 0,
+) -> str:
+    """A tiny random LLaVA-3D checkpoint in the released layout (tests, offline demos)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(texts or DEFAULT_TEXTS, vocab_size=400)
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate,
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        tie_word_embeddings=False,
+    )
+    if head_dim:
+        common["head_dim"] = head_dim
+    if decoder == "qwen2":
+        lm = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(rms_norm_eps=1e-5, **common))
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        )
+    )
+    pe = PositionEmbedding3D(3, vision_hidden)
+    proj = build_projector("mlp2x_gelu", vision_hidden, hidden, "random")
+    box = PositionEmbedding3D(3, hidden) if with_boxes else None
+    return save_llava3d(out_dir, lm, vision, pe, proj, tok, box_pe=box, shards=shards)

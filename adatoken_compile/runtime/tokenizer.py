@@ -1,0 +1,104 @@
+"""Tokenizer loading without network access, shared by adapters and the torch-free runtime.
+
+``tokenizer.json`` (HF tokenizers) is preferred. A sentencepiece-only checkpoint
+(``tokenizer.model``, as the released LLaVA-3D-7B) is converted once to the fast format through
+transformers (local files only); compile then ships the ``tokenizer.json`` in the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from adatoken_compile.errors import InputError
+
+
+class TextTokenizer:
+    def __init__(self, tok, bos_id: int | None, eos_id: int | None, pad_id: int = 0):
+        self._tok = tok  # tokenizers.Tokenizer
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_dir(cls, path: str) -> "TextTokenizer":
+        from tokenizers import Tokenizer
+
+        tj = os.path.join(path, "tokenizer.json")
+        cfg = {}
+        tc = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(tc):
+            with open(tc) as f:
+                cfg = json.load(f)
+        if os.path.exists(tj):
+            try:
+                tok = Tokenizer.from_file(tj)
+            except Exception as e:
+                raise InputError(f"{tj}: unreadable tokenizer ({e}); re-create or re-download it")
+        elif os.path.exists(os.path.join(path, "tokenizer.model")):
+            try:
+                from transformers import AutoTokenizer
+
+                hf = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+            except Exception as e:
+                raise InputError(
+                    f"{os.path.join(path, 'tokenizer.model')}: could not convert the sentencepiece tokenizer "
+                    f"({type(e).__name__}: {e}); install sentencepiece and protobuf"
+                )
+            tok = hf.backend_tokenizer
+        else:
+            raise InputError(f"{path}: no tokenizer.json or tokenizer.model; the checkpoint directory must ship its tokenizer")
+
+        def tid(name: str, default: str):
+            v = cfg.get(name, default)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tok.token_to_id(v) if v is not None else None
+
+        bos = tid("bos_token", "<s>")
+        eos = tid("eos_token", "</s>")
+        pad = tid("pad_token", "<unk>")
+        return cls(tok, bos, eos, pad if pad is not None else 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, out_dir: str) -> None:
+        """Write tokenizer.json + tokenizer_config.json (what the runtime reads)."""
+        self._tok.save(os.path.join(out_dir, "tokenizer.json"))
+        names = {}
+        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if i is not None:
+                names[key] = self._tok.id_to_token(i)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(names, f, indent=2)
+
+
+def build_word_tokenizer(texts, extra_words=(), vocab_size: int = 512):
+    """A small BPE tokenizer (Llama-like specials: <unk>=0, <s>=1, </s>=2) trained on ``texts``.
+
+    Used for the tiny models the package generates (tests, the bundled reference model).
+    Words are split on whitespace/punctuation first, then BPE-merged, so lengths resemble a real
+    subword tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # punctuation split off ("ball?" -> "ball", "?"), as subword tokenizers of real LLMs mostly do
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation("isolated")])
+    tok.decoder = decoders.Metaspace()
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<boxes>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(list(texts) + list(extra_words), trainer=trainer)
+    return TextTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)

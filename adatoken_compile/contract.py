@@ -22,6 +22,9 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from adatoken_compile.runtime.prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, PROMPTS
+from adatoken_compile.runtime.sample import Sample  # noqa: F401  (part of the contract)
+
 
 @dataclass
 class DecoderInputs:
@@ -47,6 +50,15 @@ class DecoderInputs:
 
     def lengths(self) -> list[int]:
         return [int(x) for x in self.attention_mask.sum(dim=1).tolist()]
+
+    def to_numpy(self) -> dict:
+        """The four prefill-graph feeds as numpy arrays (what ONNX Runtime takes)."""
+        return {
+            "inputs_embeds": self.inputs_embeds.detach().cpu().numpy(),
+            "attention_mask": self.attention_mask.to(torch.int64).cpu().numpy(),
+            "position_ids": self.position_ids.to(torch.int64).cpu().numpy(),
+            "spatial_mask": self.spatial_mask.to(torch.bool).cpu().numpy(),
+        }
 
     def row(self, b: int) -> "DecoderInputs":
         """Row ``b`` alone, padding stripped."""
@@ -110,26 +122,42 @@ def collate(rows: Sequence[Segment]) -> DecoderInputs:
 
 
 @dataclass
-class Sample:
-    """One question about one scene (LLaVA-3D) or image (2D LLaVA)."""
+class EncoderGraph:
+    """One encoder graph an adapter ships in its artifact (export configuration, optimum style)."""
 
-    question: str
-    scene: object | None = None  # adatoken_compile.runtime.scene.Scene
-    image: object | None = None  # np.ndarray (H, W, 3) uint8
-    answer: str | None = None
-    kind: str | None = None
-    boxes: object | None = None  # optional (M, 3) location prompt(s) for <boxes>
-    meta: dict = field(default_factory=dict)
+    name: str  # file stem in the artifact: "encoder", "projector", ...
+    module: torch.nn.Module
+    example_args: tuple  # example inputs for torch.export
+    dynamic_shapes: tuple  # torch.export dynamic shapes, one entry per input
+    input_names: list[str]
+    output_names: list[str]
 
 
 @runtime_checkable
 class Adapter(Protocol):
-    """What every model family provides to the compiler."""
+    """What every model family provides to calibration, the compiler and evaluation.
+
+    Compile and the runtime carry no family branches: what differs between families is declared
+    here (the encoder graphs to export, example samples to capture with, and the preprocessing
+    the runtime repeats in numpy).
+    """
 
     family: str  # "llava3d" | "llava-hf"
+    input_kind: str  # "scene" | "image": what one sample's spatial tokens come from
+    name: str | None  # how the user named the model (bundled name or directory), recorded in schedules
     decoder: torch.nn.Module  # the installed transformers *ForCausalLM, unpatched
-    tokenizer: object  # a tokenizers.Tokenizer-like object with encode/decode
+    tokenizer: object  # adatoken_compile.runtime.tokenizer.TextTokenizer
     eos_token_id: int
+    max_positions: int
+
+    def fingerprint(self) -> str:
+        """Stable hash of config + weights, recorded in schedules and artifacts."""
+
+    def describe(self) -> dict:
+        """Architecture summary (the :mod:`adatoken_compile.arch` keys plus family extras)."""
+
+    def arch(self) -> dict:
+        """The decoder's normalized architecture (:func:`adatoken_compile.arch.from_config`)."""
 
     def segment(self, sample: Sample) -> Segment:
         """Encode one sample into a spliced embedding row with its spatial-token mask."""
@@ -137,8 +165,34 @@ class Adapter(Protocol):
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
         """Encode and left-pad a batch."""
 
-    def fingerprint(self) -> str:
-        """Stable hash of config + weights, recorded in schedules and artifacts."""
+    def example_samples(self) -> list[Sample]:
+        """Two small samples with different question lengths: the capture example for export."""
 
-    def describe(self) -> dict:
-        """Architecture summary: layers, hidden, heads, kv_heads, vocab, ..."""
+    def encoder_graphs(self) -> list[EncoderGraph]:
+        """The encoder graph(s) compile exports next to the prefill and decode graphs."""
+
+    def runtime_config(self) -> dict:
+        """What the numpy runtime needs to rebuild the decoder inputs (``preprocess.json``)."""
+
+
+def runtime_config(adapter, template: str, input_kind: str, image_size: int, patch_size: int, mean, std, **extra) -> dict:
+    """The ``preprocess.json`` an adapter ships: what the numpy runtime needs to rebuild the
+    decoder inputs exactly as the adapter does (prompt template, image normalisation, special ids)."""
+    return {
+        "family": adapter.family,
+        "input": input_kind,
+        "image_size": int(image_size),
+        "patch_size": int(patch_size),
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "prompt": {"template": template, "format": PROMPTS[template]("{question}"), "question_field": "{question}",
+                   "bos_once": True},
+        "placeholders": {"image": IMAGE_TOKEN_INDEX, "boxes": BOXES_TOKEN_INDEX},
+        "bos_id": adapter.tokenizer.bos_id,
+        "eos_id": int(adapter.eos_token_id),
+        "pad_id": int(adapter.tokenizer.pad_id),
+        "max_positions": int(adapter.max_positions),
+        "arch": adapter.arch(),
+        "dtype": "float32",
+        **extra,
+    }

@@ -41,6 +41,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from adatoken_compile.arch import KEYS
+
 FORMULA = (
     "per layer (n tokens): linear = 2n(H(Hq+2Hkv) + Hq*H + 3H*I) [q,k,v,o + SwiGLU FFN]; "
     "attention = 4*n^2*Hq [QK^T and AV, full n x n]; plus lm_head 2*H*V for the last position; "
@@ -49,23 +51,7 @@ FORMULA = (
     "norms, RoPE, activations, residuals not counted"
 )
 
-ARCH_KEYS = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
-
-
-def arch_from_config(config) -> dict:
-    """The ``arch`` dict of a transformers decoder config (LlamaConfig, Qwen2Config, ...)."""
-    heads = int(config.num_attention_heads)
-    hidden = int(config.hidden_size)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return {
-        "num_layers": int(config.num_hidden_layers),
-        "hidden": hidden,
-        "heads": heads,
-        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
-        "head_dim": int(head_dim),
-        "intermediate": int(config.intermediate_size),
-        "vocab": int(config.vocab_size),
-    }
+ARCH_KEYS = KEYS
 
 
 def _check_arch(arch: dict) -> None:
@@ -155,3 +141,27 @@ def schedule_flops(arch: dict, schedule, n_spatial: int, n_text: int) -> dict:
 def schedule_flops_ratio(arch: dict, schedule, n_spatial: int, n_text: int) -> float:
     """Predicted prefill FLOPs of ``schedule`` divided by the unpruned prefill's."""
     return schedule_flops(arch, schedule, n_spatial, n_text)["flops_ratio"]
+
+
+def kv_cache_bytes(arch: dict, schedule, n_spatial: int, n_text: int, new_tokens: int = 0, dtype_bytes: int = 4) -> int:
+    """Bytes of one row's K+V cache from the schedule's arithmetic (no padding):
+    sum over layers of (spatial tokens at that layer + n_text + new_tokens) x 2 x kv_heads x head_dim x dtype_bytes.
+    ``arch``: :mod:`adatoken_compile.arch` keys (kv_heads, head_dim)."""
+    kvh = int(arch["kv_heads"])
+    hd = int(arch["head_dim"])
+    per_tok = 2 * kvh * hd * int(dtype_bytes)
+    return sum((s + int(n_text) + int(new_tokens)) * per_tok for s in schedule.tokens_per_layer(int(n_spatial)))
+
+
+def decode_flops(arch: dict, past_per_layer: Sequence[int], steps: int) -> float:
+    """FLOPs of ``steps`` decode steps for one row whose layer ``i`` cache starts at ``past_per_layer[i]``."""
+    H, I, V = arch["hidden"], arch["intermediate"], arch["vocab"]
+    hq = arch["heads"] * arch["head_dim"]
+    hkv = arch["kv_heads"] * arch["head_dim"]
+    lin = 2 * (H * (hq + 2 * hkv) + hq * H + 3 * H * I)
+    total = 0.0
+    for t in range(steps):
+        for p in past_per_layer:
+            total += lin + 4 * hq * (p + t + 1)
+        total += 2 * H * V
+    return total

@@ -207,7 +207,7 @@ class Schedule:
             raise InputError(f"{path}: not valid JSON ({e}); regenerate it with `adatoken-compile calibrate`")
         return cls.from_dict(d, where=path)
 
-    def check_model(self, fingerprint: str, num_layers: int, where: str = "schedule") -> None:
+    def check_model(self, fingerprint: str, num_layers: int, where: str = "schedule", family: str | None = None) -> None:
         if self.num_layers != num_layers:
             raise ScheduleMismatch(
                 f"{where}: schedule is for a {self.num_layers}-layer model, this model has {num_layers}; "
@@ -218,6 +218,9 @@ class Schedule:
                 f"{where}: schedule was calibrated on model {self.fingerprint[:12]}, not this one "
                 f"({fingerprint[:12]}); run `adatoken-compile calibrate` on this model"
             )
+        if family is not None and self.family is not None and self.family != family:
+            raise ScheduleMismatch(f"{where}: schedule is for a {self.family} model, this model is {family}; "
+                                   "calibrate a schedule for this model")
 
 
 def identity(num_layers: int, **kw) -> Schedule:

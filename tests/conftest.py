@@ -1,16 +1,31 @@
-"""Shared fixtures: tiny random checkpoints written in the released layouts, simple scenes."""
+"""Shared fixtures: tiny random checkpoints written in the released layouts, simple scenes.
+
+Tests are tiered by folder, and each folder's tests carry that marker (``pytest -m unit``):
+``unit`` (pure functions and small models, seconds), ``integration`` (capture, ONNX export,
+ONNX Runtime, the CLI, packaging), ``model`` (the bundled model and the main job), ``training``
+(the reference model's training code). CI runs them all.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+TIERS = ("unit", "integration", "model", "training")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = os.path.relpath(str(item.fspath), os.path.dirname(__file__)).split(os.sep)
+        if parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 def simple_scene(V: int = 3, H: int = 60, W: int = 80, seed: int = 0):
     """Random colours, depths 1-4 m, cameras translated along x (not a rendered room)."""
-    from adatoken_compile.compiler.pipeline import example_scene
+    from adatoken_compile.models.llava3d import example_scene
 
     return example_scene(num_views=V, H=H, W=W, seed=seed)
 
@@ -51,13 +66,24 @@ def tiny_decoder(family: str = "llama", attn: str = "sdpa", layers: int = 4, see
 
 def make_batch(rows, hidden: int = 64, seed: int = 0):
     """rows: [(n_pre, n_spatial, n_post), ...] -> left-padded DecoderInputs (random embeddings)."""
-    from adatoken_compile.contract import Segment, collate
+    from adatoken_compile.benchmarking.synthetic import synthetic_inputs
 
-    gen = torch.Generator().manual_seed(seed)
-    segs = []
-    for n_pre, n_sp, n_post in rows:
-        n = n_pre + n_sp + n_post
-        spatial = torch.zeros(n, dtype=torch.bool)
-        spatial[n_pre : n_pre + n_sp] = True
-        segs.append(Segment(torch.randn(n, hidden, generator=gen), spatial))
-    return collate(segs)
+    return synthetic_inputs(hidden, rows, seed=seed)
+
+
+@torch.no_grad()
+def hf_greedy_ids(adapter, batch, max_new_tokens: int = 32) -> list[list[int]]:
+    """Greedy continuation ids per row from transformers' own ``generate`` (EOS stripped): the
+    independent oracle the project's generation loops are checked against."""
+    out = adapter.decoder.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=adapter.eos_token_id,
+                                   pad_token_id=adapter.tokenizer.pad_id)
+    rows = []
+    for r in out.tolist():
+        ids = []
+        for t in r:
+            if t == adapter.eos_token_id:
+                break
+            ids.append(t)
+        rows.append(ids)
+    return rows

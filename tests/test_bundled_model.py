@@ -32,7 +32,7 @@ def test_bundled_layout_and_provenance(bundled):
     assert isinstance(prov["seed"], int) and prov["data"]["split"] == "train"
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
     assert total < 40 * 2**20
-    assert bundled.describe()["layers"] == cfg["num_hidden_layers"]
+    assert bundled.arch()["num_layers"] == cfg["num_hidden_layers"]
 
 
 def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
@@ -71,7 +71,7 @@ def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, c
     from adatoken_compile.compiler.decode import generate_pruned
     from adatoken_compile.runtime.engine import load
 
-    L = bundled.describe()["layers"]
+    L = bundled.arch()["num_layers"]
     sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint())
     art = str(tmp_path / "art")
     compile_artifact(bundled, sched, art, progress=False)

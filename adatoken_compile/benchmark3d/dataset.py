@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from adatoken_compile.contract import Sample
+from adatoken_compile.runtime.sample import Sample
 from adatoken_compile.runtime.scene import Scene
 from adatoken_compile.benchmark3d.questions import KINDS, TEMPLATES, WORDS, Question, all_texts, questions_for  # noqa: F401
 from adatoken_compile.benchmark3d.render import render_scene

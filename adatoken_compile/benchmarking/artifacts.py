@@ -19,34 +19,14 @@ Definitions (also in the JSON and README):
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import numpy as np
 
-from adatoken_compile.benchmarking import measure as bench
+from adatoken_compile.benchmarking.prefill import prefill_bench
+from adatoken_compile.benchmarking.timing import realized_fraction
 from adatoken_compile.errors import InputError, ScheduleMismatch
-from adatoken_compile.flops import FORMULA, prefill_flops
-
-
-def decode_flops(arch: dict, past_per_layer: Sequence[int], steps: int) -> float:
-    """FLOPs of ``steps`` decode steps for one row whose layer ``i`` cache starts at ``past_per_layer[i]``."""
-    H, I, V = arch["hidden"], arch["intermediate"], arch["vocab"]
-    hq = arch["heads"] * arch["head_dim"]
-    hkv = arch["kv_heads"] * arch["head_dim"]
-    lin = 2 * (H * (hq + 2 * hkv) + hq * H + 3 * H * I)
-    total = 0.0
-    for t in range(steps):
-        for p in past_per_layer:
-            total += lin + 4 * hq * (p + t + 1)
-        total += 2 * H * V
-    return total
-
-
-def _arch(rt) -> dict:
-    """The FLOPs formula's arch dict from an artifact's preprocess.json arch."""
-    a = dict(rt.arch)
-    a["num_layers"] = int(a.get("num_layers", a["layers"]))
-    return a
+from adatoken_compile.flops import FORMULA, decode_flops, prefill_flops
+from adatoken_compile.runtime import load
 
 
 def _timed_generation(rt, feeds, new_tokens: int) -> tuple[float, float]:
@@ -64,12 +44,10 @@ def _stat(xs) -> dict:
 
 
 def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int = 7, new_tokens: int = 16,
-                    threads: int | None = None, log=None) -> dict:
+                    threads: int | None = None, providers=None, log=None) -> dict:
     """Figures for ``pruned_art`` against ``baseline_art`` (identity schedule, same model) on the first sample."""
-    from adatoken_compile.runtime.engine import load
-
     say = log or (lambda *a: None)
-    rt_p, rt_b = load(pruned_art), load(baseline_art)
+    rt_p, rt_b = load(pruned_art, providers), load(baseline_art, providers)
     fp_p = rt_p.manifest.data["model"]["fingerprint"]
     if rt_b.manifest.data["model"]["fingerprint"] != fp_p:
         raise ScheduleMismatch(f"{baseline_art}: baseline was compiled from another model than {pruned_art}")
@@ -79,26 +57,24 @@ def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int
     if new_tokens > 1 and not (rt_p.has_decode and rt_b.has_decode):
         raise InputError("bench: both artifacts need a decode graph for end-to-end figures; recompile without --no-decode")
     sample = samples[0]
-    feeds = rt_p.prepare([(sample.scene, sample.question)])
+    feeds = rt_p.prepare([sample])
     n_spatial = int(feeds["spatial_mask"].sum())
     n_text = int(feeds["attention_mask"].sum()) - n_spatial
-    arch = _arch(rt_p)
-    from adatoken_compile.schedule import Schedule
-
-    sched = Schedule.from_dict(rt_p.manifest.data["schedule"], where=f"{pruned_art}/manifest.json")
+    arch = rt_p.arch
+    sched = rt_p.schedule
     tpl_p = sched.tokens_per_layer(n_spatial)
     f_p = prefill_flops(arch, n_text, tpl_p)["total"]
     f_b = prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])["total"]
 
     say("prefill: profiling + interleaved timing")
-    pre = bench.prefill_bench(rt_p.graph_path("prefill"), rt_b.graph_path("prefill"), feeds, repeats=repeats,
+    pre = prefill_bench(rt_p.graph_path("prefill"), rt_b.graph_path("prefill"), feeds, providers=rt_p.providers, repeats=repeats,
                               threads=threads, formula={"pruned": f_p, "baseline": f_b}, log=say)
     pre["flops_formula"] = {"pruned": f_p, "baseline": f_b, "ratio": f_p / f_b, "formula": FORMULA}
     pre["tokens"] = {"spatial": n_spatial, "text": n_text, "spatial_per_layer": tpl_p}
     # FLOPs ratio used for the realised fraction: the formula's (the graph count is its cross-check)
     pre["flops_ratio_graph"] = pre["flops_ratio"]
     pre["flops_ratio"] = f_p / f_b
-    pre["realized_fraction"] = bench.realized_fraction(pre["latency_ratio"], pre["flops_ratio"])
+    pre["realized_fraction"] = realized_fraction(pre["latency_ratio"], pre["flops_ratio"])
 
     out_p, out_b = rt_p.prefill(feeds), rt_b.prefill(feeds)
     kv_p, kv_b = rt_p.kv_cache_bytes(out_p)[0], rt_b.kv_cache_bytes(out_b)[0]
@@ -126,7 +102,7 @@ def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int
         ef_b = f_b + decode_flops(arch, past_b, new_tokens - 1)
         e2e["flops"] = {"pruned": ef_p, "baseline": ef_b}
         e2e["flops_ratio"] = ef_p / ef_b
-        e2e["realized_fraction"] = bench.realized_fraction(e2e["latency_ratio"], e2e["flops_ratio"])
+        e2e["realized_fraction"] = realized_fraction(e2e["latency_ratio"], e2e["flops_ratio"])
     e2e["kv_cache_bytes"] = {"pruned": kv_p, "baseline": kv_b, "ratio": kv_p / kv_b}
     return {
         "pruned_artifact": pruned_art,

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import shutil
 import time
 from typing import Iterable
 
@@ -22,15 +20,15 @@ import torch
 
 from adatoken_compile.contract import DecoderInputs, Segment, collate
 from adatoken_compile.errors import InputError
-from adatoken_compile.flops import FORMULA, arch_from_config, schedule_flops
+from adatoken_compile.io import atomic_dir
+from adatoken_compile.arch import from_config as arch_of
+from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.schedule import Schedule
 from adatoken_compile.calibration.observers import AttentionObserver, decoder_layers
-from adatoken_compile.calibration.policies import PEER_POLICIES, peer_schedule
+from adatoken_compile.calibration.policies import POLICIES, peer_schedule
 from adatoken_compile.calibration.solver import agreement, reference_logits, solve
+from adatoken_compile.calibration.report import write_report
 from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge
-
-POLICIES = ("adaptive",) + PEER_POLICIES
-
 
 def decoder_fingerprint(decoder) -> str:
     """Hash of the config and of every parameter's name, shape, dtype and a strided sample of its values."""
@@ -108,7 +106,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     if policy == "random" and like is None:
         raise InputError("calibrate: policy 'random' needs like=<schedule> to copy the token counts from")
     decoder.eval()
-    arch = arch_from_config(decoder.config)
+    arch = arch_of(decoder.config)
     if len(decoder_layers(decoder)) != arch["num_layers"]:
         raise InputError("calibrate: decoder layer count disagrees with its config")
     fp = fingerprint or decoder_fingerprint(decoder)
@@ -165,7 +163,7 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
                     cache=None) -> Schedule:
     """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end
     (``cache``: a ``solver.ValidationCache`` shared by several derivations on the same rows)."""
-    arch = arch_from_config(decoder.config)
+    arch = arch_of(decoder.config)
     fp = stats.fingerprint
     model = {"fingerprint": fp, "family": family, "model_name": model_name}
     if policy == "adaptive":
@@ -214,57 +212,26 @@ def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: st
 
 
 def _bar(progress, total, desc):
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="sample" if desc == "calibrate" else "candidate")
-
-    class _Null:
-        def update(self, *_):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()
+    return tqdm(total=total, desc=desc, unit="sample" if desc == "calibrate" else "candidate", disable=not progress)
 
 
 def write_calibration(out_dir: str, schedule: Schedule, stats: CalibrationStats, report: bool = True,
-                      overwrite: bool = True) -> str:
+                      overwrite: bool = False) -> str:
     """Write DIR/schedule.json, DIR/stats.npz+json and (``report``) DIR/report.md/.json + PNGs.
 
-    Atomic: everything is written into a temp dir next to DIR, then renamed into place; on any
-    failure the temp dir is removed and DIR is left as it was.
+    Atomic (:func:`adatoken_compile.io.atomic_dir`): an existing DIR is replaced only when it is an
+    earlier calibration output and ``overwrite`` is given; on any failure DIR is left as it was.
     """
     if schedule.fingerprint is not None and stats.fingerprint is not None and schedule.fingerprint != stats.fingerprint:
         raise InputError(f"{out_dir}: schedule (model {schedule.fingerprint[:12]}) and statistics (model {stats.fingerprint[:12]}) "
                          "come from different models; calibrate them together")
     if schedule.num_layers != stats.arch["num_layers"]:
         raise InputError(f"{out_dir}: schedule has {schedule.num_layers} layers, statistics {stats.arch['num_layers']}")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise InputError(f"{out_dir}: already exists; choose another --out or allow overwriting")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{int(time.time() * 1e6)}")
-    old = None
-    try:
-        os.makedirs(tmp)
+    with atomic_dir(out_dir, "calibration", overwrite=overwrite) as tmp:
         schedule.save(os.path.join(tmp, "schedule.json"))
         stats.save(tmp)
         if report:
-            from adatoken_compile.calibration.report import write_report
-
             write_report(tmp, schedule, stats)
-        if os.path.exists(out_dir):
-            old = tmp + ".old"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None and os.path.exists(old) and not os.path.exists(out_dir):
-            os.replace(old, out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return os.path.abspath(out_dir)

@@ -5,7 +5,7 @@ ordinary forward of the installed decoder:
 
 * a forward pre-hook on every layer's ``self_attn`` records its input (``input_layernorm(h)``)
   and the rotary ``(cos, sin)`` the model computed for every position;
-* a capture cache passed as ``past_key_values`` (a :class:`transformers.DynamicCache` whose
+* a capture cache passed as ``cache`` (a :class:`transformers.DynamicCache` whose
   ``update`` stores nothing) receives the post-RoPE keys and values exactly as the kernel sees
   them; at that moment the observer recomputes the query rows it needs
   (``q_proj -> [q_norm] -> heads -> RoPE`` at those rows' positions), forms their softmax rows
@@ -107,7 +107,7 @@ class _CaptureCache(DynamicCache):
 
 @contextmanager
 def capture(decoder, on_layer):
-    """Context: yields a cache to pass as ``past_key_values``; for every layer ``i`` it calls
+    """Context: yields a cache to pass as ``cache``; for every layer ``i`` it calls
     ``on_layer(i, attn_module, h_norm (B,T,H), (cos, sin), keys (B,kvh,T,d), values)``."""
     layers = decoder_layers(decoder)
     cur: dict = {}
@@ -295,7 +295,7 @@ class AttentionObserver:
                 inputs_embeds=ext.inputs_embeds.to(dev),
                 attention_mask=ext.attention_mask.to(dev),
                 position_ids=ext.position_ids.to(dev),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
         for pl in plan:

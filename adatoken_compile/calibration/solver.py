@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -37,16 +37,12 @@ import torch
 
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
-from adatoken_compile.flops import FORMULA, arch_from_config, drop_flops, layer_flops, prefill_flops, schedule_flops
+from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY
 from adatoken_compile.calibration.stats import CalibrationStats
 
 REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
-# default agreement target when neither a target nor a budget is given: the lower end of the 95%
-# interval must reach 0.95, which on 384 held-back rows takes 374 agreeing (0.974, at most 10
-# changed); on the 500 test questions of session 11's run C, cuts changing 1.4% of the answers
-# kept the accuracy and cuts changing 3.6% lost 1.2 points (README, solver section)
-DEFAULT_FIDELITY = 0.95
 Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 
 

@@ -11,7 +11,7 @@ convention for the whole compiler::
           mask_0 .. mask_{n-1}   (B, L_i) bool, valid (non-padding) positions of layer i's cache)
 
 The per-layer keys/values are recorded by :class:`RecordingCache`, a duck-typed object passed as
-``past_key_values``: transformers 5 attention calls ``past_key_values.update(k, v, layer_idx)``
+``cache``: transformers attention calls ``cache.update(k, v, layer_idx)``
 and uses what it returns, so no modeling code is patched. Unpruned, every ``L_i == L``; after the
 token-drop pass the layers behind a cut hold fewer positions.
 
@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Sequence
 
 import torch
 from torch import nn
 
+from adatoken_compile.arch import from_config
+from adatoken_compile.compiler.export import ExportResult, export
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 
@@ -62,7 +63,7 @@ def output_names(num_layers: int) -> list[str]:
 
 
 class RecordingCache:
-    """Duck-typed ``past_key_values`` for one prefill: records each layer's (k, v) and returns them.
+    """Duck-typed ``cache`` for one prefill: records each layer's (k, v) and returns them.
 
     Provides only what transformers 5 Llama/Qwen2 read from a cache during a prefill with no
     history (``update``, ``get_seq_length``, ``get_query_offset``, ``get_mask_sizes``).
@@ -119,7 +120,7 @@ class PrefillModule(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         logits = self.lm.lm_head(out.last_hidden_state[:, -1])
@@ -128,19 +129,11 @@ class PrefillModule(nn.Module):
 
 
 def describe_decoder(decoder_lm: nn.Module) -> dict:
+    """The normalized architecture (:mod:`adatoken_compile.arch`) plus the attention implementation
+    and model type of an installed decoder."""
     cfg = decoder_lm.config
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return {
-        "num_layers": int(cfg.num_hidden_layers),
-        "hidden_size": int(cfg.hidden_size),
-        "num_heads": heads,
-        "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
-        "head_dim": head_dim,
-        "vocab_size": int(cfg.vocab_size),
-        "attn_implementation": cfg._attn_implementation,
-        "model_type": getattr(cfg, "model_type", None),
-    }
+    return {**from_config(cfg), "attn_implementation": cfg._attn_implementation,
+            "model_type": getattr(cfg, "model_type", None)}
 
 
 def example_args(example: DecoderInputs) -> tuple[torch.Tensor, ...]:
@@ -170,10 +163,13 @@ def _check_example(example: DecoderInputs) -> None:
                          "(torch.export would tie the two dynamic axes)")
 
 
-def export_prefill(module: nn.Module, args: Sequence[torch.Tensor], dyn=None) -> torch.export.ExportedProgram:
-    """torch.export.export (non-strict) with dynamic batch / sequence axes on all four inputs."""
-    with torch.no_grad():
-        return torch.export.export(module, tuple(args), dynamic_shapes=dyn or dynamic_shapes(), strict=False)
+def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: int | None = None,
+                   external_data_threshold: int = 1024, optimize: bool = True, check: bool = True) -> ExportResult:
+    """ONNX export of a captured (or pruned) prefill with dynamic batch and sequence axes."""
+    layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
+    return export(gm, example_args(example), dynamic_shapes(), path, list(layout.get("inputs", INPUT_NAMES)),
+                  list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
+                  optimize=optimize, check=check)
 
 
 def plain_codegen(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -194,7 +190,8 @@ def capture(decoder_lm: nn.Module, example: DecoderInputs) -> torch.fx.GraphModu
     decoder_lm.eval()
     mod = PrefillModule(decoder_lm).eval()
     t0 = time.perf_counter()
-    ep = export_prefill(mod, example_args(example))
+    with torch.no_grad():
+        ep = torch.export.export(mod, example_args(example), dynamic_shapes=dynamic_shapes(), strict=False)
     gm = plain_codegen(ep.module())
     gm.meta["adatoken_layout"] = {
         "inputs": list(INPUT_NAMES),

@@ -1,5 +1,4 @@
-"""Decoding over pruned per-layer KV caches: one decode step as a module, its ONNX export, and the
-torch reference generation loop.
+"""Decoding over pruned per-layer KV caches: one decode step as a module and its ONNX export.
 
 :class:`DecodeModule` is ONE step for ``B x 1`` new token over caches whose lengths differ per layer
 (layers behind a cut hold fewer positions)::
@@ -25,19 +24,17 @@ step's ``past_key.i``/``past_value.i``/``past_mask.i`` as they are; ``present_*`
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import re
+from typing import Sequence
 
-import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 
-from adatoken_compile.compiler.capture import check_decoder, describe_decoder
-from adatoken_compile.contract import DecoderInputs
+from adatoken_compile.arch import from_config
+from adatoken_compile.compiler.capture import check_decoder
+from adatoken_compile.compiler.export import ExportResult, export
 from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.sampling import make_rng, next_tokens
 
 KINDS = ("key", "value", "mask")
 
@@ -51,7 +48,7 @@ def decode_output_names(num_layers: int) -> list[str]:
 
 
 class StepCache:
-    """Duck-typed ``past_key_values`` for one decode step over per-layer pasts of different lengths.
+    """Duck-typed ``cache`` for one decode step over per-layer pasts of different lengths.
 
     ``update(k, v, layer_idx)`` returns ``cat(past_i, new)`` on the sequence axis and records it.
     """
@@ -115,7 +112,7 @@ class DecodeModule(nn.Module):
                 attention_mask=layer_mask(valid, impl, x.dtype),
                 position_embeddings=(cos, sin),
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             if isinstance(x, tuple):  # older transformers returned tuples
@@ -128,150 +125,22 @@ class DecodeModule(nn.Module):
         return tuple(out)
 
 
-# ----------------------------------------------------------------------------- limits
-
-
-def max_positions(decoder_lm) -> int | None:
-    v = getattr(decoder_lm.config, "max_position_embeddings", None)
-    return int(v) if v else None
-
-
-def check_lengths(decoder_lm, prompt_len: int, max_new_tokens: int) -> None:
-    """InputError (one line) when the prompt, or prompt + max_new_tokens, passes max_position_embeddings."""
-    limit = max_positions(decoder_lm)
-    if max_new_tokens < 1:
-        raise InputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if limit is None:
-        return
-    if prompt_len > limit:
-        raise InputError(
-            f"generate: prompt of {prompt_len} tokens exceeds the model's max_position_embeddings={limit}; "
-            "use fewer spatial tokens or a shorter question"
-        )
-    if prompt_len + max_new_tokens > limit:
-        raise InputError(
-            f"generate: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={limit}; "
-            f"use max_new_tokens <= {limit - prompt_len}"
-        )
-
-
-# ----------------------------------------------------------------------------- torch reference generation
-
-
-def _flat_past(keys, values, masks) -> list[torch.Tensor]:
-    out = []
-    for k, v, m in zip(keys, values, masks):
-        out += [k, v, m.to(torch.bool)]
-    return out
-
-
-@torch.no_grad()
-def generate_pruned(
-    decoder_lm,
-    inputs: DecoderInputs,
-    schedule,
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> list[list[int]]:
-    """Generated ids per row (EOS and what follows stripped): pruned prefill, then DecodeModule steps.
-
-    Greedy when ``temperature == 0``; otherwise :func:`adatoken_compile.runtime.sampling.next_tokens` with
-    ``numpy.random.default_rng(seed)`` (temperature + top-p). Finished rows keep feeding EOS.
-    ``embed_fn`` maps (B, 1) int64 ids to (B, 1, H) embeddings (default: the decoder's input embeddings).
-    """
-    from adatoken_compile.compiler.reference import pruned_prefill
-
-    lengths = inputs.lengths()
-    check_lengths(decoder_lm, max(lengths) if lengths else 0, max_new_tokens)
-    decoder_lm.eval()
-    pre = pruned_prefill(decoder_lm, inputs, schedule)
-    step = DecodeModule(decoder_lm).eval()
-    embed = embed_fn or decoder_lm.get_input_embeddings()
-    rng = make_rng(seed) if temperature > 0 else None
-    B = inputs.batch_size
-    pos = torch.tensor(lengths, dtype=torch.int64)[:, None]  # ORIGINAL lengths: decoding continues there
-    past = _flat_past(pre.keys, pre.values, pre.masks)
-    logits = pre.logits_last
-    done = np.zeros(B, dtype=bool)
-    out: list[list[int]] = [[] for _ in range(B)]
-    fill = 0 if eos_token_id is None else int(eos_token_id)
-    for t in range(max_new_tokens):
-        toks = next_tokens(logits.float().numpy(), temperature, top_p, rng)
-        for b in range(B):
-            if done[b]:
-                continue
-            if eos_token_id is not None and int(toks[b]) == int(eos_token_id):
-                done[b] = True
-            else:
-                out[b].append(int(toks[b]))
-        if done.all() or t == max_new_tokens - 1:
-            break
-        feed = torch.from_numpy(np.where(done, fill, toks).astype(np.int64))[:, None]
-        res = step(embed(feed), pos, *past)
-        logits, past = res[0], list(res[1:])
-        pos = pos + 1
-    return out
-
-
-# ----------------------------------------------------------------------------- KV cache accounting
-
-
-def kv_cache_bytes(arch: dict, schedule, n_spatial: int, n_text: int, new_tokens: int = 0, dtype_bytes: int = 4) -> int:
-    """Bytes of one row's K+V cache from the schedule's arithmetic (no padding):
-    sum over layers of (spatial tokens at that layer + n_text + new_tokens) x 2 x kv_heads x head_dim x dtype_bytes.
-    ``arch`` is :func:`adatoken_compile.compiler.capture.describe_decoder`-shaped (num_kv_heads, head_dim)."""
-    kvh = int(arch.get("num_kv_heads", arch.get("kv_heads", 0)))
-    hd = int(arch["head_dim"])
-    per_tok = 2 * kvh * hd * int(dtype_bytes)
-    return sum((s + int(n_text) + int(new_tokens)) * per_tok for s in schedule.tokens_per_layer(int(n_spatial)))
-
-
-def cache_bytes_of(arrays) -> int:
-    """Total bytes of the given arrays (numpy or torch), as held."""
-    total = 0
-    for a in arrays:
-        if isinstance(a, torch.Tensor):
-            total += a.numel() * a.element_size()
-        else:
-            total += int(np.asarray(a).nbytes)
-    return total
-
-
 # ----------------------------------------------------------------------------- ONNX export
-
-
-@dataclass
-class DecodeExport:
-    path: str
-    opset: int
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_axes: dict[str, dict[int, str]]
-    export_s: float
-    external_data: str | None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def example_decode_feeds(decoder_lm, batch: int = 2, past_lengths: Sequence[int] | None = None, seed: int = 0) -> dict:
     """Random decode inputs with distinct per-layer past lengths (so export keeps them separate)."""
-    a = describe_decoder(decoder_lm)
+    a = from_config(decoder_lm.config)
     n = a["num_layers"]
     past_lengths = list(past_lengths or [batch + 3 + 2 * i for i in range(n)])
     g = torch.Generator().manual_seed(seed)
     feeds = {
-        "inputs_embeds": torch.randn(batch, 1, a["hidden_size"], generator=g),
+        "inputs_embeds": torch.randn(batch, 1, a["hidden"], generator=g),
         "position_ids": torch.full((batch, 1), max(past_lengths), dtype=torch.int64),
     }
     for i, p in enumerate(past_lengths):
-        feeds[f"past_key.{i}"] = torch.randn(batch, a["num_kv_heads"], p, a["head_dim"], generator=g)
-        feeds[f"past_value.{i}"] = torch.randn(batch, a["num_kv_heads"], p, a["head_dim"], generator=g)
+        feeds[f"past_key.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g)
+        feeds[f"past_value.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g)
         m = torch.ones(batch, p, dtype=torch.bool)
         m[0, 0] = False
         feeds[f"past_mask.{i}"] = m
@@ -297,10 +166,6 @@ def _check_example_feeds(feeds: dict, n: int) -> list[torch.Tensor]:
 
 def _name_dims(model, n: int) -> None:
     """Rename the exporter's symbolic dims (s12, s12 + 1, ...) to batch / past_{i} on every value."""
-    import re
-
-    import onnx_ir as ir
-
     names = {}
     for v in model.graph.inputs:
         dims = list(v.shape) if v.shape is not None else []
@@ -334,19 +199,16 @@ def _name_dims(model, n: int) -> None:
             rename(v)
 
 
-def export_decode_onnx(decoder_lm, path: str, example_feeds: dict | None = None, *, external_data_threshold: int = 1024,
-                       optimize: bool = True, opset_version: int | None = None, check: bool = True) -> DecodeExport:
+def export_decode(decoder_lm, path: str, example_feeds: dict | None = None, *, opset: int | None = None,
+                  external_data_threshold: int = 1024, optimize: bool = True, check: bool = True) -> ExportResult:
     """Export :class:`DecodeModule` to ``path`` (.onnx, weights in ``<name>.onnx.data``) with dynamic batch
-    and one dynamic past length per layer. Written to a temp dir and renamed into place."""
-    from adatoken_compile.compiler.export import save_model_atomic
-
+    and one dynamic past length per layer (named ``past_{i}`` in the ONNX file)."""
     decoder_lm.eval()
     mod = DecodeModule(decoder_lm).eval()
     n = mod.num_layers
     feeds = example_feeds if example_feeds is not None else example_decode_feeds(decoder_lm)
     args = tuple(_check_example_feeds(feeds, n))
     in_names, out_names = decode_input_names(n), decode_output_names(n)
-
     batch = torch.export.Dim("batch", min=1, max=1024)
     # Dim.DYNAMIC, not a named Dim: GQA's repeat_kv adds a (true) guard on the past length that a named
     # Dim's strict range check rejects; the ONNX dims are renamed past_{i} afterwards
@@ -355,29 +217,8 @@ def export_decode_onnx(decoder_lm, path: str, example_feeds: dict | None = None,
     for i in range(n):
         past_spec += [{0: batch, 2: past_dims[i]}, {0: batch, 2: past_dims[i]}, {0: batch, 1: past_dims[i]}]
     dyn = ({0: batch}, {0: batch}, tuple(past_spec))  # *past is one varargs entry
-    dynamic_axes = {"inputs_embeds": {0: "batch"}, "position_ids": {0: "batch"}, "logits": {0: "batch"}}
-    for i in range(n):
-        for k in ("key", "value"):
-            dynamic_axes[f"past_{k}.{i}"] = {0: "batch", 2: f"past_{i}"}
-            dynamic_axes[f"present_{k}.{i}"] = {0: "batch", 2: f"past_{i} + 1"}
-        dynamic_axes[f"past_mask.{i}"] = {0: "batch", 1: f"past_{i}"}
-        dynamic_axes[f"present_mask.{i}"] = {0: "batch", 1: f"past_{i} + 1"}
-
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ep = torch.export.export(mod, args, dynamic_shapes=dyn, strict=False)
-        kw = {} if opset_version is None else {"opset_version": opset_version}
-        prog = torch.onnx.export(ep, args, dynamo=True, input_names=in_names, output_names=out_names,
-                                 optimize=optimize, verbose=False, **kw)
-    model = prog.model
-    _name_dims(model, n)
-    opset = int(model.opset_imports.get("", 0))
-
-    path = os.path.abspath(path)
-    has_data, data_name = save_model_atomic(model, path, external_data_threshold, check)
-    got_in = [v.name for v in model.graph.inputs]
-    got_out = [v.name for v in model.graph.outputs]
-    if got_in != in_names or got_out != out_names:
-        raise RuntimeError(f"export_decode_onnx: unexpected graph I/O names {got_in} / {got_out}")
-    return DecodeExport(path=path, opset=opset, input_names=got_in, output_names=got_out, dynamic_axes=dynamic_axes,
-                        export_s=time.perf_counter() - t0, external_data=data_name if has_data else None)
+    res = export(mod, args, dyn, path, in_names, out_names, opset=opset, external_data_threshold=external_data_threshold,
+                 optimize=optimize, check=check, postprocess=lambda model: _name_dims(model, n))
+    if res.input_names != in_names or res.output_names != out_names:
+        raise RuntimeError(f"export_decode: unexpected graph I/O names {res.input_names} / {res.output_names}")
+    return res

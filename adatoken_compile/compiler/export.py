@@ -1,36 +1,36 @@
-"""Export a (pruned) prefill GraphModule to ONNX and run it with ONNX Runtime.
+"""The one path from a PyTorch module to an ONNX file: torch.export (non-strict) ->
+torch.onnx (dynamo: torchlib translation + onnxscript optimizer) -> post-processing on the
+ONNX IR -> saved beside its external data, checked, renamed into place.
 
-Path: ``torch.export.export(gm, strict=False, dynamic batch/seq)`` -> ``torch.onnx.export(ep,
-dynamo=True)`` (torchlib translation + onnxscript optimizer) -> post-processing on the ONNX IR:
+Every graph of an artifact (encoders, prefill, decode) goes through :func:`export`.
+Post-processing, for every graph:
 
 * nodes traced from a token-drop step (``pkg.torch.onnx.name_scopes`` contains the step module
   ``adatoken_cut{c}_<role>``) are renamed ``adatoken_cut{c}_<role>/<original name>`` so they are
-  identifiable in the ONNX graph (the scope also stays in the node's metadata_props);
+  identifiable in the ONNX graph and in ORT profiles (the scope also stays in metadata_props);
 * every ``TopK`` gets ``sorted=1`` (ORT's CUDA TopK wants it; the exporter already emits it);
-* weights above ``external_data_threshold`` bytes go to ``<name>.onnx.data`` next to the model;
-* ``onnx.checker.check_model`` runs on the saved file; model and data are written to a temporary
-  directory and renamed into place, so a failed export leaves nothing behind.
+* an optional graph-specific step (e.g. naming the decode graph's symbolic dims);
+* weights above ``external_data_threshold`` bytes go to ``<name>.onnx.data`` next to the model.
 
-The pruned graph's new sequence length K' is data-dependent: torch.export sees an unbacked SymInt,
-ONNX gets a dynamic dim fed by ``TopK``'s ``K`` input, so one file serves any batch / scene size.
+The pruned prefill's new sequence length K' is data-dependent: torch.export sees an unbacked
+SymInt, ONNX gets a dynamic dim fed by ``TopK``'s ``K`` input, so one file serves any batch and
+scene size.
 """
 
 from __future__ import annotations
 
-import logging
-
 import ast
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-import numpy as np
+import onnx
+import onnx_ir as ir
 import torch
-
-from adatoken_compile.compiler.capture import INPUT_NAMES, dynamic_shapes, example_args
-from adatoken_compile.contract import DecoderInputs
 
 
 class _NoTorchvisionNoise(logging.Filter):
@@ -43,33 +43,8 @@ class _NoTorchvisionNoise(logging.Filter):
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvisionNoise())
 
 
-def save_model_atomic(model, path: str, external_data_threshold: int, check: bool = True) -> tuple[bool, str]:
-    """Save an ONNX IR model (weights over the threshold as ``<name>.data`` next to it) through a temp
-    dir, checker first, then rename into place. Returns (whether external data was written, its name)."""
-    import onnx
-    import onnx_ir as ir
-
-    final_dir = os.path.dirname(path)
-    os.makedirs(final_dir, exist_ok=True)
-    base = os.path.basename(path)
-    data_name = base + ".data"
-    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
-    try:
-        tmp_path = os.path.join(tmp, base)
-        ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
-        if check:
-            onnx.checker.check_model(tmp_path, full_check=False)
-        has_data = os.path.exists(os.path.join(tmp, data_name))
-        if has_data:
-            os.replace(os.path.join(tmp, data_name), os.path.join(final_dir, data_name))
-        os.replace(tmp_path, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return has_data, data_name
-
-
 @dataclass
-class OnnxExport:
+class ExportResult:
     path: str
     opset: int
     input_names: list[str]
@@ -99,8 +74,6 @@ def _scope_of(node) -> str | None:
 
 
 def _postprocess(model) -> tuple[int, int, dict[str, int]]:
-    import onnx_ir as ir
-
     topk = fixed = 0
     counts: dict[str, int] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -119,89 +92,73 @@ def _postprocess(model) -> tuple[int, int, dict[str, int]]:
     return topk, fixed, counts
 
 
-def export_onnx(
-    gm: torch.nn.Module,
-    example: DecoderInputs,
-    path: str,
-    *,
-    external_data_threshold: int = 1024,
-    optimize: bool = True,
-    opset_version: int | None = None,
-    check: bool = True,
-) -> OnnxExport:
-    """Export ``gm`` (a captured or pruned prefill) to ``path`` (.onnx) with dynamic batch / seq."""
-    layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
-    in_names = list(layout.get("inputs", INPUT_NAMES))
-    out_names = list(layout.get("outputs", [])) or None
-    args = example_args(example)
+def save_model(model, path: str, external_data_threshold: int, check: bool = True) -> str | None:
+    """Save an ONNX IR model (weights over the threshold in ``<name>.data`` next to it) through a
+    temporary directory beside it, checker first, then rename into place. Returns the data file's
+    name, or None when every weight stayed inline."""
+    final_dir = os.path.dirname(path)
+    os.makedirs(final_dir, exist_ok=True)
+    base = os.path.basename(path)
+    data_name = base + ".data"
+    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
+    try:
+        tmp_path = os.path.join(tmp, base)
+        ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
+        if check:
+            onnx.checker.check_model(tmp_path, full_check=False)
+        has_data = os.path.exists(os.path.join(tmp, data_name))
+        if has_data:
+            os.replace(os.path.join(tmp, data_name), os.path.join(final_dir, data_name))
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_name if has_data else None
+
+
+def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes, path: str,
+           input_names: Sequence[str], output_names: Sequence[str] | None = None, *, opset: int | None = None,
+           external_data_threshold: int = 1024, optimize: bool = True, check: bool = True,
+           postprocess: Callable | None = None) -> ExportResult:
+    """Export ``module`` called on ``args`` to ``path`` (.onnx, weights in ``path.data``).
+
+    ``dynamic_shapes`` as torch.export takes them; ``postprocess(model)`` may edit the ONNX IR
+    model before it is saved (after the common steps in the module docstring).
+    """
     t0 = time.perf_counter()
     with torch.no_grad():
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(), strict=False)
-        kw = {} if opset_version is None else {"opset_version": opset_version}
-        prog = torch.onnx.export(
-            ep,
-            args,
-            dynamo=True,
-            input_names=in_names,
-            output_names=out_names,
-            optimize=optimize,
-            verbose=False,
-            **kw,
-        )
+        ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
+        kw = {} if opset is None else {"opset_version": opset}
+        prog = torch.onnx.export(ep, tuple(args), dynamo=True, input_names=list(input_names),
+                                 output_names=list(output_names) if output_names else None, optimize=optimize,
+                                 verbose=False, **kw)
     model = prog.model
     topk, fixed, counts = _postprocess(model)
-    opset = int(model.opset_imports.get("", 0))
-
+    if postprocess is not None:
+        postprocess(model)
     path = os.path.abspath(path)
-    has_data, data_name = save_model_atomic(model, path, external_data_threshold, check)
-    return OnnxExport(
+    data = save_model(model, path, external_data_threshold, check)
+    return ExportResult(
         path=path,
-        opset=opset,
-        input_names=in_names,
+        opset=int(model.opset_imports.get("", 0)),
+        input_names=[v.name for v in model.graph.inputs],
         output_names=[v.name for v in model.graph.outputs],
         export_s=time.perf_counter() - t0,
-        external_data=data_name if has_data else None,
+        external_data=data,
         topk_nodes=topk,
         topk_sorted_fixed=fixed,
         adatoken_nodes=counts,
     )
 
 
-def ort_session(path: str, providers: list[str] | None = None, level: str = "all"):
-    """ONNX Runtime session; ``level`` all|extended|basic|disable (default ORT_ENABLE_ALL)."""
-    from adatoken_compile.runtime.engine import make_session
+def graph_io(path: str) -> dict:
+    """Inputs/outputs of an ONNX file: name, dtype, shape (ints or symbolic dim names), opset."""
+    m = onnx.load(path, load_external_data=False)
 
-    return make_session(path, providers or ("CPUExecutionProvider",), level=level)
+    def vi(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+                 for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
 
-
-def ort_feeds(inputs: DecoderInputs) -> dict[str, np.ndarray]:
-    return {
-        "inputs_embeds": inputs.inputs_embeds.detach().cpu().numpy(),
-        "attention_mask": inputs.attention_mask.to(torch.int64).cpu().numpy(),
-        "position_ids": inputs.position_ids.to(torch.int64).cpu().numpy(),
-        "spatial_mask": inputs.spatial_mask.to(torch.bool).cpu().numpy(),
-    }
-
-
-def run_ort(session, inputs: DecoderInputs) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    feeds = ort_feeds(inputs)
-    wanted = {i.name for i in session.get_inputs()}
-    out = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip(names, out))
-
-
-def max_abs_diff_valid(outputs_a: dict, outputs_b: dict, num_layers: int) -> dict[str, float]:
-    """Max |a-b| of logits and of every layer's keys/values on that layer's VALID positions
-    (padding slots of a pruned layout hold don't-care values). Inputs: name -> array."""
-    res = {"logits": float(np.abs(np.asarray(outputs_a["logits"], np.float64) - np.asarray(outputs_b["logits"])).max())}
-    kv = 0.0
-    for i in range(num_layers):
-        m = np.asarray(outputs_a[f"mask.{i}"], bool)
-        for kind in ("key", "value"):
-            a, b = np.asarray(outputs_a[f"{kind}.{i}"], np.float64), np.asarray(outputs_b[f"{kind}.{i}"])
-            d = np.abs(a - b).max(axis=(1, 3))
-            if m.any():
-                kv = max(kv, float(d[m].max()))
-    res["kv_valid"] = kv
-    return res
+    opset = next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"inputs": [vi(v) for v in m.graph.input], "outputs": [vi(v) for v in m.graph.output], "opset": opset}

@@ -107,32 +107,6 @@ def assign_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: st
     module.load_state_dict(sd, strict=True)
 
 
-def decoder_arch(decoder) -> dict:
-    """Architecture of an installed *ForCausalLM: what FLOPs formulas and the runtime need."""
-    c = decoder.config
-    heads = int(c.num_attention_heads)
-    return {
-        "decoder_class": type(decoder).__name__,
-        "attn_implementation": c._attn_implementation,
-        "layers": int(c.num_hidden_layers),
-        "hidden": int(c.hidden_size),
-        "heads": heads,
-        "kv_heads": int(getattr(c, "num_key_value_heads", heads) or heads),
-        "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
-        "intermediate": int(c.intermediate_size),
-        "vocab": int(c.vocab_size),
-    }
-
-
-ARCH_KEYS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
-
-
-def decoder_arch_summary(decoder) -> dict:
-    """The arch dict adapters expose (``adapter.arch()``): :func:`decoder_arch` without class/attention names."""
-    d = decoder_arch(decoder)
-    return {k: d[k] for k in ARCH_KEYS}
-
-
 def embed_token_ids(decoder, ids) -> torch.Tensor:
     """(n, H) input embeddings of token ids through the decoder's own embedding table."""
     with torch.no_grad():

@@ -18,21 +18,25 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+from transformers.initialization import no_init_weights
 
-from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
+from adatoken_compile.arch import from_config
+from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.prompt import (  # noqa: F401  (re-exported)
+from adatoken_compile.runtime.prompt import (
     BOXES_TOKEN_INDEX,
     IMAGE_TOKEN_INDEX,
-    SYSTEM_PROMPT,
     llava_v1_prompt,
     tokenize_with_placeholders,
 )
-from adatoken_compile.runtime.scene import Scene, preprocess_scene, unproject_patches, voxelize
+from adatoken_compile.runtime.scene import (MAX_SPATIAL_TOKENS, VOXEL_SIZE, Scene, preprocess_scene, unproject_patches,
+                                            voxelize)
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
-from adatoken_compile.models.checkpoint import (assign_exact, config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest,
-                         load_state_dict, read_config, weight_files)
+from adatoken_compile.models.checkpoint import (assign_exact, config_digest, embed_token_ids, files_digest, load_state_dict,
+                                                read_config, weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
@@ -89,8 +93,6 @@ class SpatialEncoder(nn.Module):
 
 
 def decoder_classes(cfg: dict, where: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     mt = str(cfg.get("model_type", "")).lower()
     arch = " ".join(cfg.get("architectures") or []).lower()
     if "qwen" in mt or "qwen" in arch:
@@ -101,8 +103,6 @@ def decoder_classes(cfg: dict, where: str):
 
 
 def _new_module(cls, *args, **kw):
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():
         return cls(*args, **kw)
 
@@ -121,8 +121,30 @@ def _local_vision_dir(model_dir: str, cfg: dict, override: str | None, where: st
     )
 
 
+EXAMPLE_QUESTIONS = ("what is in the room?", "how many chairs are next to the big table by the window?")
+
+
+def example_scene(num_views: int = 3, H: int = 60, W: int = 80, seed: int = 0) -> Scene:
+    """A small deterministic scene (random colours, depths 1-4 m): only shapes matter for export."""
+    rng = np.random.default_rng(seed)
+    poses = np.tile(np.eye(4), (num_views, 1, 1))
+    poses[:, 0, 3] = np.arange(num_views) * 0.5
+    K = np.tile(np.eye(4), (num_views, 1, 1))
+    K[:, 0, 0] = K[:, 1, 1] = 60.0
+    K[:, 0, 2], K[:, 1, 2] = W / 2, H / 2
+    return Scene(
+        rng.integers(0, 255, (num_views, H, W, 3), dtype=np.uint8),
+        rng.uniform(1.0, 4.0, (num_views, H, W)).astype(np.float32),
+        poses,
+        K,
+        name="<compile example>",
+    )
+
+
 class Llava3DAdapter:
     family = "llava3d"
+    name: str | None = None  # how the user named the model (set by the registry)
+    input_kind = "scene"
 
     def __init__(
         self,
@@ -131,8 +153,6 @@ class Llava3DAdapter:
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
     ):
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
         self.model_dir = model_dir
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
@@ -212,7 +232,9 @@ class Llava3DAdapter:
     def describe(self) -> dict:
         return {
             "family": self.family,
-            **decoder_arch(self.decoder),
+            **self.arch(),
+            "attn_implementation": self.decoder.config._attn_implementation,
+            "decoder_class": type(self.decoder).__name__,
             "max_positions": self.max_positions,
             "vision": {
                 "image_size": self.image_size,
@@ -225,7 +247,29 @@ class Llava3DAdapter:
         }
 
     def arch(self) -> dict:
-        return decoder_arch_summary(self.decoder)
+        return from_config(self.decoder.config)
+
+    # ----------------------------------------------------------------- export configuration
+    def example_samples(self) -> list[Sample]:
+        scene = example_scene()
+        return [Sample(question=q, scene=scene) for q in EXAMPLE_QUESTIONS]
+
+    def encoder_graphs(self) -> list[EncoderGraph]:
+        """encoder: views + patch xyz -> vision-space features; projector: pooled features -> tokens
+        (voxel pooling between them is data-dependent and runs in numpy)."""
+        pre = preprocess_scene(example_scene(), self.image_size, self.mean, self.std)
+        xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, self.patch_size)
+        views = torch.export.Dim("views", min=1, max=4096)
+        tokens = torch.export.Dim("tokens", min=1, max=1 << 20)
+        feats = torch.randn(max(voxelize(xyz).num_tokens, 3), int(self.pe3d.position_embedding_head[0].out_features))
+        return [
+            EncoderGraph("encoder", self.encoder, (torch.from_numpy(pre.pixel_values).to(self.dtype), torch.from_numpy(xyz)),
+                         ({0: views}, {0: views}), ["pixel_values", "xyz"], ["features"]),
+            EncoderGraph("projector", self.projector, (feats.to(self.dtype),), ({0: tokens},), ["features"], ["tokens"]),
+        ]
+
+    def runtime_config(self) -> dict:
+        return runtime_config(self, "llava_v1", self.input_kind, self.image_size, self.patch_size, self.mean, self.std, voxel_size=VOXEL_SIZE, max_tokens=MAX_SPATIAL_TOKENS)
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(question))

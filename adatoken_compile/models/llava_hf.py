@@ -13,20 +13,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
-from adatoken_compile.contract import DecoderInputs, Sample, Segment, collate
+from adatoken_compile.arch import from_config
+from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.prompt import (  # noqa: F401  (re-exported)
-    IMAGE_TOKEN_INDEX,
-    llava_hf_prompt,
-    preprocess_image,
-    tokenize_with_placeholders,
-)
+from adatoken_compile.models.checkpoint import config_digest, embed_token_ids, files_digest, read_config, weight_files
+from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
+from adatoken_compile.runtime.image import preprocess_image
+from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, llava_hf_prompt, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
-
-from adatoken_compile.models.checkpoint import (config_digest, decoder_arch, decoder_arch_summary, embed_token_ids, files_digest, read_config,
-                         weight_files)
-from adatoken_compile.models.llava3d import splice
 
 
 class ImageEncoder(nn.Module):
@@ -45,10 +41,10 @@ class ImageEncoder(nn.Module):
 
 class LlavaHFAdapter:
     family = "llava-hf"
+    name: str | None = None  # how the user named the model (set by the registry)
+    input_kind = "image"
 
     def __init__(self, model_dir: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-        from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
-
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
         if cfg.get("model_type") != "llava":
@@ -82,6 +78,7 @@ class LlavaHFAdapter:
             llava.config.vision_feature_select_strategy,
         ).eval()
         self.image_size = int(vcfg.image_size)
+        self.patch_size = int(vcfg.patch_size)
         self.mean, self.std = _mean_std(model_dir)
         self.image_token_id = int(llava.config.image_token_id)
         self.tokenizer = TextTokenizer.from_dir(model_dir)
@@ -96,14 +93,33 @@ class LlavaHFAdapter:
     def describe(self) -> dict:
         return {
             "family": self.family,
-            **decoder_arch(self.decoder),
+            **self.arch(),
+            "attn_implementation": self.decoder.config._attn_implementation,
+            "decoder_class": type(self.decoder).__name__,
             "max_positions": self.max_positions,
-            "vision": {"image_size": self.image_size, "patch_size": int(self.llava.config.vision_config.patch_size)},
+            "vision": {"image_size": self.image_size, "patch_size": self.patch_size},
             "fingerprint": self.fingerprint(),
         }
 
     def arch(self) -> dict:
-        return decoder_arch_summary(self.decoder)
+        return from_config(self.decoder.config)
+
+    # ----------------------------------------------------------------- export configuration
+    def example_samples(self) -> list[Sample]:
+        rng = np.random.default_rng(0)
+        img = rng.integers(0, 255, (self.image_size + 8, self.image_size + 4, 3), dtype=np.uint8)
+        return [Sample(question=q, image=img) for q in EXAMPLE_QUESTIONS]
+
+    def encoder_graphs(self) -> list[EncoderGraph]:
+        """encoder: pixel values -> image tokens in decoder space (tower, feature layer, projector)."""
+        rng = np.random.default_rng(0)
+        pix = torch.from_numpy(rng.standard_normal((2, 3, self.image_size, self.image_size)).astype(np.float32))
+        images = torch.export.Dim("images", min=1, max=4096)
+        return [EncoderGraph("encoder", self.encoder, (pix.to(self.dtype),), ({0: images},), ["pixel_values"],
+                             ["features"])]
+
+    def runtime_config(self) -> dict:
+        return runtime_config(self, "llava_hf", self.input_kind, self.image_size, self.patch_size, self.mean, self.std)
 
     def prompt_ids(self, question: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(question))
@@ -140,30 +156,3 @@ def _mean_std(model_dir: str):
             p = json.load(f)
         mean, std = p.get("image_mean", mean), p.get("image_std", std)
     return mean, std
-
-
-def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
-                    kv_heads: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0) -> str:
-    """A tiny random HF LLaVA checkpoint (tests)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
-
-    from adatoken_compile.models.testing import CLIP_MEAN, CLIP_STD, DEFAULT_TEXTS
-    from adatoken_compile.runtime.tokenizer import build_word_tokenizer
-
-    torch.manual_seed(seed)
-    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
-    tc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-              num_key_value_heads=kv_heads or heads, intermediate_size=hidden * 2, vocab_size=tok.vocab_size,
-              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    text = (Qwen2Config if decoder == "qwen2" else LlamaConfig)(**tc)
-    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=patch_size)
-    cfg = LlavaConfig(vision_config=vis, text_config=text, image_token_id=tok.token_to_id("<image>"))
-    m = LlavaForConditionalGeneration(cfg)
-    os.makedirs(out_dir, exist_ok=True)
-    m.save_pretrained(out_dir, safe_serialization=True)
-    tok.save(out_dir)
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump({"crop_size": {"height": image_size, "width": image_size}, "image_mean": CLIP_MEAN,
-                   "image_std": CLIP_STD}, f)
-    return out_dir

@@ -9,6 +9,8 @@ import torch
 from adatoken_compile.errors import InputError
 
 from adatoken_compile.models.checkpoint import read_config
+from adatoken_compile.models.llava3d import Llava3DAdapter
+from adatoken_compile.models.llava_hf import LlavaHFAdapter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = {"llava3d-tiny": os.path.join(HERE, "llava3d_tiny")}
@@ -40,14 +42,13 @@ def load_adapter(model: str | None = None, *, vision_tower: str | None = None, a
     if mt == "llava":
         if vision_tower:
             raise InputError(f"{path}: --vision-tower applies to LLaVA-3D checkpoints only; HF LLaVA ships its tower")
-        from adatoken_compile.models.llava_hf import LlavaHFAdapter
-
-        return LlavaHFAdapter(path, attn_implementation=attn_implementation, dtype=dtype)
-    if mt.startswith("llava_"):
-        from adatoken_compile.models.llava3d import Llava3DAdapter
-
-        return Llava3DAdapter(path, vision_tower=vision_tower, attn_implementation=attn_implementation, dtype=dtype)
-    raise InputError(
-        f"{os.path.join(path, 'config.json')}: model_type '{mt}' unsupported; expected llava_llama / llava_qwen "
-        "(LLaVA-3D layout) or llava (HF LlavaForConditionalGeneration)"
-    )
+        adapter = LlavaHFAdapter(path, attn_implementation=attn_implementation, dtype=dtype)
+    elif mt.startswith("llava_"):
+        adapter = Llava3DAdapter(path, vision_tower=vision_tower, attn_implementation=attn_implementation, dtype=dtype)
+    else:
+        raise InputError(
+            f"{os.path.join(path, 'config.json')}: model_type '{mt}' unsupported; expected llava_llama / llava_qwen "
+            "(LLaVA-3D layout) or llava (HF LlavaForConditionalGeneration)"
+        )
+    adapter.name = model or DEFAULT_MODEL  # as the user named it: recorded in schedules, not a machine path
+    return adapter

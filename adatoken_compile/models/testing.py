@@ -1,4 +1,4 @@
-"""Write checkpoints in the released LLaVA-3D-7B layout (and HF LLaVA layout) from modules.
+"""Random checkpoints in the released LLaVA-3D-7B layout and the HF LLaVA layout, written from modules.
 
 Used by the tests (tiny random checkpoints, sharded and unsharded), by ``adatoken-compile
 make-tiny``, and by the training script of the bundled reference model.
@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
-from adatoken_compile.runtime.tokenizer import TextTokenizer, build_word_tokenizer
+from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM)
 
-from adatoken_compile.models.llava3d import BOX_PREFIX, PE_PREFIX, PROJ_PREFIX, PositionEmbedding3D, SYSTEM_PROMPT, build_projector
+from adatoken_compile.io import atomic_dir
+from adatoken_compile.models.llava3d import BOX_PREFIX, PE_PREFIX, PROJ_PREFIX, PositionEmbedding3D, build_projector
+from adatoken_compile.runtime.prompt import SYSTEM_PROMPT
+from adatoken_compile.runtime.tokenizer import TextTokenizer, build_word_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -87,12 +89,11 @@ def save_llava3d(
     shards: int = 1,
     vision_subdir: str = "vision_tower",
     extra: dict | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """Write a checkpoint directory in the released LLaVA-3D layout, atomically."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-    try:
+    """Write a checkpoint directory in the released LLaVA-3D layout, atomically (an existing
+    ``out_dir`` only when it is an earlier checkpoint this tool wrote and ``overwrite`` is given)."""
+    with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
         dcfg = decoder.config.to_dict()
         is_qwen = "qwen" in decoder.config.model_type
         cfg = {k: v for k, v in dcfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
@@ -130,12 +131,6 @@ def save_llava3d(
         save_safetensors(sd, tmp, shards=shards)
         tokenizer.save(tmp)
         save_vision_tower(vision, os.path.join(tmp, vision_subdir), int(vision.config.image_size))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -157,10 +152,9 @@ def random_llava3d(
     with_boxes: bool = True,
     texts=None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> str:
     """A tiny random LLaVA-3D checkpoint in the released layout (tests, offline demos)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     tok = build_word_tokenizer(texts or DEFAULT_TEXTS, vocab_size=400)
     common = dict(
@@ -195,4 +189,27 @@ def random_llava3d(
     pe = PositionEmbedding3D(3, vision_hidden)
     proj = build_projector("mlp2x_gelu", vision_hidden, hidden, "random")
     box = PositionEmbedding3D(3, hidden) if with_boxes else None
-    return save_llava3d(out_dir, lm, vision, pe, proj, tok, box_pe=box, shards=shards)
+    return save_llava3d(out_dir, lm, vision, pe, proj, tok, box_pe=box, shards=shards, overwrite=overwrite)
+
+
+def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0,
+                    overwrite: bool = False) -> str:
+    """A tiny random HF LLaVA checkpoint (tests)."""
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+    tc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv_heads or heads, intermediate_size=hidden * 2, vocab_size=tok.vocab_size,
+              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    text = (Qwen2Config if decoder == "qwen2" else LlamaConfig)(**tc)
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size)
+    cfg = LlavaConfig(vision_config=vis, text_config=text, image_token_id=tok.token_to_id("<image>"))
+    m = LlavaForConditionalGeneration(cfg)
+    with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump({"crop_size": {"height": image_size, "width": image_size}, "image_mean": CLIP_MEAN,
+                       "image_std": CLIP_STD}, f)
+    return out_dir

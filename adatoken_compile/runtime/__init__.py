@@ -1,0 +1,16 @@
+"""The runtime: load a compiled artifact and answer questions with ONNX Runtime, numpy and
+tokenizers. A leaf: it imports only the artifact format, the schedule and the errors (no torch).
+
+Example::
+
+    from adatoken_compile.runtime import load
+    rt = load("ART")
+    print(rt.generate("scene.npz", "what color is the box?"))
+"""
+
+from .engine import Runtime, load
+from .image import load_image
+from .sample import Sample
+from .scene import Scene, load_scene
+
+__all__ = ["Runtime", "Sample", "Scene", "load", "load_image", "load_scene"]

@@ -8,195 +8,62 @@
     for piece in rt.stream(scene, "q"): print(piece, end="")
 
 The prompt batch is built exactly as the PyTorch adapters build it (:mod:`adatoken_compile.runtime.prompt`):
-BOS once, the family's template, text chunks tokenized around the placeholder, spatial tokens
+BOS once, the model's template, text chunks tokenized around the placeholder, spatial tokens
 spliced in, rows left-padded, position ids ``0..n-1`` (1 on padding). The ORT prefill (pruned by
 the compiled schedule) returns per-layer caches of per-layer lengths; the decode graph then
 continues each row at position ``original (unpruned) prompt length + step``.
+
+What the encoder graphs take is declared by the artifact (``preprocess.json`` ``input``):
+``scene`` (posed RGB-D views -> encoder -> voxel pooling -> projector) or ``image`` (one RGB
+image -> encoder).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from adatoken_compile.compiler.pipeline import FORMAT, MANIFEST, VERSION, Manifest, sha256_file
-from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, preprocess_image, tokenize_with_placeholders
-from adatoken_compile.runtime.scene import Scene, load_scene, pool_numpy, preprocess_scene, unproject_patches, validate_scene, voxelize
+from ..arch import normalize as normalize_arch
+from ..artifact import RECOMPILE, Manifest, verify
+from ..errors import InputError
+from ..schedule import Schedule
+from .image import preprocess_image
+from .sample import Sample
+from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, tokenize_with_placeholders
+from .sampling import make_rng, next_tokens
+from .scene import Scene, load_scene, pool_numpy, preprocess_scene, unproject_patches, validate_scene, voxelize
+from .session import choose_providers, open_session
+from .tokenizer import TextTokenizer
 
-RECOMPILE = "recompile it with `adatoken-compile compile`"
-
-
-@dataclass
-class Request:
-    """One question about one scene (LLaVA-3D artifact) or image (HF LLaVA artifact)."""
-
-    question: str
-    scene: Scene | None = None
-    image: np.ndarray | None = None
-    answer: str | None = None  # ground truth, when known (CLI demo)
-    meta: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- verification
-
-
-def _inside(root_real: str, rel: str, art: str, what: str) -> str:
-    """Absolute path of ``rel`` under ART; refuses absolute paths, ``..`` and symlinks leaving ART."""
-    if not isinstance(rel, str) or not rel:
-        raise InputError(f"{art}: manifest names an empty/invalid path for {what}; {RECOMPILE}")
-    parts = rel.replace("\\", "/").split("/")
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
-        raise InputError(f"{art}: {what} path '{rel}' is absolute; artifact paths must stay inside the artifact directory")
-    if ".." in parts:
-        raise InputError(f"{art}: {what} path '{rel}' contains '..'; artifact paths must stay inside the artifact directory")
-    full = os.path.join(art, *parts)
-    real = os.path.realpath(full)
-    if not (real == root_real or real.startswith(root_real + os.sep)):
-        raise InputError(f"{art}: {what} path '{rel}' resolves outside the artifact ({real}, via a symlink); refusing to load it")
-    return full
-
-
-def verify(art_dir: str, *, check_hashes: bool = True) -> Manifest:
-    """Check format/version, that every path stays inside ART, and every file's size and sha256."""
-    from adatoken_compile.compiler.pipeline import external_locations
-
-    art = os.path.abspath(art_dir)
-    if not os.path.isdir(art):
-        raise InputError(f"{art_dir}: artifact directory not found; create one with `adatoken-compile compile --out DIR`")
-    mpath = os.path.join(art, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise InputError(f"{art_dir}: no {MANIFEST}; not an adatoken-compile artifact ({RECOMPILE})")
-    try:
-        with open(mpath) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{mpath}: unreadable manifest ({e}); {RECOMPILE}")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(f"{mpath}: not an adatoken-compile artifact manifest (format {data.get('format')!r}); {RECOMPILE}")
-    if data.get("version") != VERSION:
-        raise InputError(f"{mpath}: artifact version {data.get('version')} unsupported (this runtime reads {VERSION}); {RECOMPILE}")
-    for key in ("files", "graphs", "model", "schedule"):
-        if not isinstance(data.get(key), dict):
-            raise InputError(f"{mpath}: manifest lacks '{key}'; {RECOMPILE}")
-    root_real = os.path.realpath(art)
-    files = data["files"]
-    for rel in files:
-        _inside(root_real, rel, art, "file")
-    named = [(g["file"], f"graph '{n}'") for n, g in data["graphs"].items()]
-    named += [(data.get("embed_tokens", ""), "embed_tokens"), (data.get("preprocess", ""), "preprocess")]
-    named += [(os.path.join(data.get("tokenizer", ""), "tokenizer.json").replace(os.sep, "/"), "tokenizer")]
-    for rel, what in named:
-        _inside(root_real, rel, art, what)
-        if rel.replace("\\", "/") not in files:
-            raise InputError(f"{art}: {what} file '{rel}' is not listed (hashed) in the manifest; {RECOMPILE}")
-    for rel, info in files.items():
-        full = _inside(root_real, rel, art, "file")
-        if not os.path.isfile(full):
-            raise InputError(f"{os.path.join(art, rel)}: missing from the artifact; {RECOMPILE}")
-        size = os.path.getsize(full)
-        if size != int(info.get("size", -1)):
-            raise InputError(f"{os.path.join(art, rel)}: size {size} != {info.get('size')} in the manifest "
-                             f"(truncated or modified); {RECOMPILE}")
-        if check_hashes and sha256_file(full) != info.get("sha256"):
-            raise InputError(f"{os.path.join(art, rel)}: sha256 differs from the manifest (file tampered or corrupted); {RECOMPILE}")
-    for name, g in data["graphs"].items():
-        gpath = _inside(root_real, g["file"], art, f"graph '{name}'")
-        try:
-            locs = external_locations(gpath)
-        except Exception as e:
-            raise InputError(f"{gpath}: not a readable ONNX file ({type(e).__name__}); {RECOMPILE}")
-        gdir = os.path.dirname(g["file"])
-        for loc in locs:
-            rel = os.path.normpath(os.path.join(gdir, loc)).replace(os.sep, "/") if not os.path.isabs(loc) else loc
-            if os.path.isabs(loc) or ".." in loc.replace("\\", "/").split("/"):
-                raise InputError(f"{gpath}: external-data location '{loc}' points outside the artifact; refusing to load it")
-            _inside(root_real, rel, art, f"external data of graph '{name}'")
-            if rel not in files:
-                raise InputError(f"{gpath}: external-data file '{loc}' is not listed (hashed) in the manifest; {RECOMPILE}")
-    return Manifest(art, data)
-
-
-# ----------------------------------------------------------------------------- providers
-
-
-def choose_providers(providers: Sequence[str] | None = None) -> list[str]:
-    """CUDA when onnxruntime-gpu is installed and a GPU is visible, else CPU (or ``providers`` as given)."""
-    import onnxruntime as ort
-
-    if providers:
-        return list(providers)
-    avail = ort.get_available_providers()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() not in ("", "-1")
-    if "CUDAExecutionProvider" in avail and visible:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int | None = None,
-                 profile_prefix: str | None = None, optimized_model_filepath: str | None = None, level: str = "all"):
-    """An ORT session (ORT_ENABLE_ALL by default); ``threads`` sets intra-op threads (inter-op 1)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    if optimized_model_filepath is not None:
-        so.optimized_model_filepath = optimized_model_filepath
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), so, providers=list(providers))
-
-
-def _session(path: str, providers: list[str]):
-    try:
-        return make_session(path, providers)
-    except Exception as e:
-        if providers != ["CPUExecutionProvider"]:  # e.g. CUDA libraries missing: fall back to CPU
-            return make_session(path)
-        raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {str(e)[:200]}); {RECOMPILE}")
-
-
-# ----------------------------------------------------------------------------- runtime
+# artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
+_LEGACY_INPUT = {"llava3d": "scene", "llava-hf": "image"}
 
 
 class Runtime:
     """A loaded artifact: sessions, embeddings, tokenizer, preprocessing settings."""
 
-    def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None):
-        from adatoken_compile.runtime.tokenizer import TextTokenizer
-
+    def __init__(self, manifest: Manifest, providers: Sequence[str] | str | None = None, threads: int | None = None):
         self.manifest = manifest
         self.path = manifest.path
         d = manifest.data
-        with open(os.path.join(self.path, d["preprocess"])) as f:
+        with open(os.path.join(self.path, d["preprocess"]), encoding="utf-8") as f:
             self.pre = json.load(f)
         self.family = self.pre["family"]
+        self.input_kind = self.pre.get("input", _LEGACY_INPUT.get(self.family, "image"))
         self.embed = np.load(os.path.join(self.path, d["embed_tokens"]), allow_pickle=False)
         self.tokenizer = TextTokenizer.from_dir(os.path.join(self.path, d["tokenizer"]))
         self.eos_id = self.pre.get("eos_id")
         self.max_positions = self.pre.get("max_positions")
-        self.arch = self.pre["arch"]
-        self.num_layers = int(self.arch["layers"])
-        sch = d["schedule"]
-        self.cuts = [c for c in _effective(sch["cuts"])]
+        self.arch = normalize_arch(self.pre["arch"], f"{self.path}/{d['preprocess']}")
+        self.num_layers = self.arch["num_layers"]
+        self.schedule = Schedule.from_dict(d["schedule"], where=f"{self.path}/manifest.json")
+        self.cuts = self.schedule.effective_cuts()
         wanted = choose_providers(providers)
-        self.sessions = {}
-        for name, g in d["graphs"].items():
-            self.sessions[name] = _session(os.path.join(self.path, g["file"]), wanted)
+        self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
+                         for name, g in d["graphs"].items()}
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
@@ -222,14 +89,18 @@ class Runtime:
                                    "intrinsics": scene.intrinsics}, name=scene.name)
         if isinstance(scene, dict):
             return validate_scene(scene, name=where)
-        raise InputError(f"{where}: this artifact ({self.family}) takes a scene (Scene, dict of arrays or .npz path), "
+        raise InputError(f"{where}: this artifact takes a scene (Scene, dict of arrays or .npz path), "
                          f"got {type(scene).__name__}")
 
+    def encode(self, source) -> np.ndarray:
+        """(N, H) float32 spatial tokens of a scene or an image, as the artifact's encoder takes."""
+        return self.encode_scene(source) if self.input_kind == "scene" else self.encode_image(source)
+
     def encode_scene(self, scene) -> np.ndarray:
-        """(N, H) float32 spatial tokens of a scene (LLaVA-3D) or an image (HF LLaVA)."""
+        """(N, H) float32 spatial tokens of a scene: encoder, voxel pooling, projector."""
+        if self.input_kind != "scene":
+            raise InputError("this artifact takes an image ((H,W,3) uint8), not a scene")
         p = self.pre
-        if self.family != "llava3d":
-            return self.encode_image(scene)
         scene = self._check_scene(scene, "scene")
         pre = preprocess_scene(scene, p["image_size"], p["mean"], p["std"])
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, p["patch_size"])
@@ -239,10 +110,10 @@ class Runtime:
         return self.sessions["projector"].run(None, {"features": np.ascontiguousarray(pooled, np.float32)})[0]
 
     def encode_image(self, image) -> np.ndarray:
-        if self.family == "llava3d":
-            raise InputError("this artifact is LLaVA-3D: pass a scene, not an image")
-        if isinstance(image, (Scene, dict, str)):
-            raise InputError(f"this artifact ({self.family}) takes an image ((H,W,3) uint8), got a scene")
+        """(N, H) float32 image tokens of one (H, W, 3) uint8 image."""
+        if self.input_kind != "image" or isinstance(image, (Scene, dict, str)):
+            raise InputError(f"this artifact takes a {self.input_kind}, got "
+                             + ("a scene" if isinstance(image, (Scene, dict, str)) else type(image).__name__))
         pix = preprocess_image(image, self.pre["image_size"], self.pre["mean"], self.pre["std"])
         return self.sessions["encoder"].run(None, {"pixel_values": pix[None]})[0][0]
 
@@ -252,34 +123,30 @@ class Runtime:
         fmt = self.pre["prompt"]["format"]
         return tokenize_with_placeholders(self.tokenizer, fmt.replace(self.pre["prompt"].get("question_field", "{question}"), question))
 
-    def _as_requests(self, items) -> list[Request]:
+    def _as_requests(self, items) -> list[Sample]:
         out = []
+        scene_kind = self.input_kind == "scene"
         for i, it in enumerate(items):
-            if isinstance(it, Request):
+            if isinstance(it, Sample):
                 out.append(it)
             elif isinstance(it, (tuple, list)) and len(it) == 2:
                 inp, q = it
-                if self.family == "llava3d":
-                    if isinstance(inp, np.ndarray):
-                        raise InputError(f"item {i}: this artifact is LLaVA-3D (scenes); got an image array -- "
-                                         "a batch cannot mix families")
-                    out.append(Request(question=q, scene=inp))
-                else:
-                    if isinstance(inp, (Scene, dict, str)):
-                        raise InputError(f"item {i}: this artifact is HF LLaVA (images); got a scene -- "
-                                         "a batch cannot mix families")
-                    out.append(Request(question=q, image=inp))
+                if scene_kind and isinstance(inp, np.ndarray):
+                    raise InputError(f"item {i}: this artifact takes scenes; got an image array")
+                if not scene_kind and isinstance(inp, (Scene, dict, str)):
+                    raise InputError(f"item {i}: this artifact takes images; got a scene")
+                out.append(Sample(question=q, scene=inp) if scene_kind else Sample(question=q, image=inp))
             else:
-                raise InputError(f"item {i}: expected (scene_or_image, question) or Request, got {type(it).__name__}")
+                raise InputError(f"item {i}: expected (scene_or_image, question) or Sample, got {type(it).__name__}")
         for i, r in enumerate(out):
-            if self.family == "llava3d" and (r.scene is None or r.image is not None):
-                raise InputError(f"item {i}: this artifact is LLaVA-3D: each request needs a scene (and no image)")
-            if self.family != "llava3d" and (r.image is None or r.scene is not None):
-                raise InputError(f"item {i}: this artifact is HF LLaVA: each request needs an image (and no scene)")
+            if scene_kind and (r.scene is None or r.image is not None):
+                raise InputError(f"item {i}: this artifact takes scenes: each request needs a scene (and no image)")
+            if not scene_kind and (r.image is None or r.scene is not None):
+                raise InputError(f"item {i}: this artifact takes images: each request needs an image (and no scene)")
         return out
 
     def prepare(self, items) -> dict[str, np.ndarray]:
-        """Left-padded prefill feeds for ``items`` ((scene_or_image, question) pairs or Requests)."""
+        """Left-padded prefill feeds for ``items`` ((scene_or_image, question) pairs or Samples)."""
         reqs = self._as_requests(items)
         if not reqs:
             raise InputError("empty batch: pass at least one (scene, question)")
@@ -290,7 +157,7 @@ class Runtime:
             src = r.scene if r.scene is not None else r.image
             key = id(src)
             if key not in cache:
-                cache[key] = self.encode_scene(src) if self.family == "llava3d" else self.encode_image(src)
+                cache[key] = self.encode(src)
             spatial = cache[key]
             if spatial.shape[0] < 1:
                 raise InputError(f"item {i}: the scene gives 0 spatial tokens; a cut keeps k >= 1 per row")
@@ -381,8 +248,6 @@ class Runtime:
                      seed: int | None = None, ignore_eos: bool = False) -> Iterator[np.ndarray]:
         """Yield the (B,) token ids of each step (finished rows yield EOS); stops when all rows hit EOS.
         ``ignore_eos`` decodes exactly ``max_new_tokens`` steps (fixed-length benchmarks)."""
-        from adatoken_compile.runtime.sampling import make_rng, next_tokens
-
         self._check_generation(feeds, max_new_tokens)
         out = self.prefill(feeds)
         B = out["logits"].shape[0]
@@ -413,8 +278,8 @@ class Runtime:
             past = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
             pos = pos + 1
 
-    def _pairs(self, scenes, questions) -> tuple[list[Request], bool]:
-        if isinstance(scenes, Request):
+    def _pairs(self, scenes, questions) -> tuple[list[Sample], bool]:
+        if isinstance(scenes, Sample):
             return [scenes], True
         if questions is None:
             raise InputError("pass a question (or a list of questions) with the scene(s)")
@@ -466,56 +331,18 @@ class Runtime:
                 yield text[len(prev):]
                 prev = text
 
-    # ------------------------------------------------------------------ CLI helpers
-    def sample_from_args(self, scene: str | None = None, image: str | None = None, question: str | None = None,
-                         seed: int = 2_000_000) -> Request:
-        """A Request from CLI arguments; without ``--scene`` (LLaVA-3D) a generated test scene (torch-free)."""
-        if self.family == "llava3d":
-            if image:
-                raise InputError("this artifact is LLaVA-3D: pass --scene S.npz, not --image")
-            if scene:
-                if not question:
-                    raise InputError("pass --question with --scene")
-                return Request(question=question, scene=load_scene(scene))
-            from adatoken_compile.benchmark3d.questions import questions_for
-            from adatoken_compile.benchmark3d.render import render_scene
-            from adatoken_compile.benchmark3d.world import make_world
 
-            info = make_world(seed)
-            sc = render_scene(info).scene
-            q = questions_for(info)[0]
-            return Request(question=question or q.text, scene=sc, answer=None if question else q.answer,
-                           meta={"seed": seed})
-        if scene:
-            raise InputError("this artifact is HF LLaVA: pass --image, not --scene")
-        if not image or not question:
-            raise InputError("HF LLaVA artifact: pass --image IMG (.npy (H,W,3) uint8 or an image file) and --question")
-        return Request(question=question, image=load_image(image))
+def load(art_dir: str, providers: Sequence[str] | str | None = None, *, check_hashes: bool = True,
+         expected_digest: str | None = None, threads: int | None = None) -> Runtime:
+    """Verify and load an artifact directory.
 
+    ``providers``: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or a
+    list of ONNX Runtime provider names. ``expected_digest``: the ``sha256:...`` digest ``compile``
+    printed; a different manifest is refused. ``threads``: ORT intra-op threads.
 
-def _effective(cuts: list[dict]) -> list[dict]:
-    out, prev = [], 1.0
-    for c in cuts:
-        if float(c["keep"]) < prev:
-            out.append(c)
-            prev = float(c["keep"])
-    return out
+    Example::
 
-
-def load_image(path: str) -> np.ndarray:
-    """An RGB image (any format Pillow reads, or a (H,W,3) uint8 .npy) as a uint8 array."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: image not found")
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    from PIL import Image
-
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except Exception as e:
-        raise InputError(f"{path}: unreadable image ({e})")
-
-
-def load(art_dir: str, providers: Sequence[str] | None = None, *, check_hashes: bool = True) -> Runtime:
-    """Verify and load an artifact directory (see :func:`verify`); CUDA when available, else CPU."""
-    return Runtime(verify(art_dir, check_hashes=check_hashes), providers)
+        rt = load("runs/quickstart/artifacts/adaptive")
+        print(rt.generate("scene.npz", "what color is the box?"))
+    """
+    return Runtime(verify(art_dir, check_hashes=check_hashes, expected_digest=expected_digest), providers, threads)

@@ -1,4 +1,4 @@
-"""Torch-free prompt and image-input pieces shared by the adapters and the ONNX runtime.
+"""Prompt templates and placeholder tokenization, shared by the adapters and the ONNX runtime.
 
 The adapters (:mod:`adatoken_compile.models.llava3d`, :mod:`adatoken_compile.models.llava_hf`)
 import these definitions, and :mod:`adatoken_compile.runtime.engine` builds exactly the same token
@@ -7,10 +7,6 @@ sequence from them without importing torch.
 
 from __future__ import annotations
 
-import numpy as np
-
-from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.scene import _resize_crop_params
 
 IMAGE_TOKEN_INDEX = -200
 BOXES_TOKEN_INDEX = -300
@@ -45,20 +41,3 @@ def tokenize_with_placeholders(tokenizer, prompt: str) -> list[int]:
             if chunk:
                 ids.extend(tokenizer.encode(chunk))
     return ids
-
-
-def preprocess_image(image: np.ndarray, size: int, mean, std) -> np.ndarray:
-    """(H,W,3) uint8 -> (3,size,size) float32: shortest side to size (bicubic), centre crop, normalise."""
-    from PIL import Image
-
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
-        raise InputError(f"image has shape {img.shape} dtype {img.dtype}, expected (H,W,3) uint8 RGB")
-    H, W = img.shape[:2]
-    nh, nw, top, left = _resize_crop_params(H, W, size)
-    if (nh, nw) != (H, W):
-        img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
-    img = img[top : top + size, left : left + size].astype(np.float32) / 255.0
-    m = np.asarray(mean, np.float32).reshape(1, 1, 3)
-    s = np.asarray(std, np.float32).reshape(1, 1, 3)
-    return ((img - m) / s).transpose(2, 0, 1).copy()

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from adatoken_compile.errors import InputError
 
@@ -49,12 +50,10 @@ class Scene:
         return int(self.images.shape[0])
 
     def save(self, path: str) -> None:
-        """Write atomically (temp file, then rename)."""
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez_compressed(
-            tmp, images=self.images, depths=self.depths, poses=self.poses, intrinsics=self.intrinsics
-        )
-        os.replace(tmp, path)
+        """Write the scene ``.npz`` to ``path`` (exactly that name; callers wanting an atomic
+        write pass a temporary path, see :func:`adatoken_compile.io.atomic_file`)."""
+        with open(path, "wb") as f:
+            np.savez_compressed(f, images=self.images, depths=self.depths, poses=self.poses, intrinsics=self.intrinsics)
 
 
 def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
@@ -132,8 +131,6 @@ def _resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
 
 
 def preprocess_scene(scene: Scene, image_size: int, mean, std) -> Preprocessed:
-    from PIL import Image
-
     V, H, W, _ = scene.images.shape
     nh, nw, top, left = _resize_crop_params(H, W, image_size)
     pix = np.empty((V, 3, image_size, image_size), np.float32)

@@ -8,12 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from adatoken_compile.compiler.pipeline import compile_artifact
-from adatoken_compile.benchmarking.artifacts import decode_flops
+from adatoken_compile.flops import decode_flops
 from adatoken_compile.calibration.policies import peer_schedule
 from adatoken_compile.cli import main
 from adatoken_compile.benchmark3d.dataset import iter_samples
 from adatoken_compile.errors import InputError
-from adatoken_compile.evaluation.accuracy import evaluate, normalize, paired, pruned_answer_fn
+from adatoken_compile.evaluation.accuracy import evaluate, normalize, paired
+from adatoken_compile.evaluation.answers import reference_answer_fn as pruned_answer_fn
 from adatoken_compile.models.registry import load_adapter
 from adatoken_compile.schedule import identity
 
@@ -21,7 +22,7 @@ from adatoken_compile.schedule import identity
 @pytest.fixture(scope="module")
 def arts(tiny3d_dir, tmp_path_factory):
     a = load_adapter(tiny3d_dir)
-    L, fp = a.describe()["layers"], a.fingerprint()
+    L, fp = a.arch()["num_layers"], a.fingerprint()
     d = tmp_path_factory.mktemp("arts")
     sched = peer_schedule("pdrop", L, fingerprint=fp)
     compile_artifact(a, identity(L, fingerprint=fp), str(d / "id"), progress=False)
@@ -107,7 +108,7 @@ def test_bench_json_keys(arts):
 
 
 def load_adapter_arch(art):
-    from adatoken_compile.runtime.engine import load
+    from adatoken_compile.runtime import load
 
     return load(art).arch
 

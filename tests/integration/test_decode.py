@@ -7,17 +7,12 @@ import pytest
 import torch
 
 from adatoken_compile.compiler.capture import capture, describe_decoder
-from adatoken_compile.compiler.decode import (
-    DecodeModule,
-    cache_bytes_of,
-    decode_input_names,
-    decode_output_names,
-    export_decode_onnx,
-    generate_pruned,
-    kv_cache_bytes,
-)
+from adatoken_compile.compiler.decode import DecodeModule, decode_input_names, decode_output_names, export_decode
+from adatoken_compile.compiler.reference import generate as generate_pruned
+from adatoken_compile.flops import kv_cache_bytes
 from adatoken_compile.errors import InputError
-from adatoken_compile.compiler.export import export_onnx, ort_session, run_ort
+from adatoken_compile.compiler.capture import export_prefill as export_onnx
+from adatoken_compile.compiler.parity import ort_session, run_prefill as run_ort
 from adatoken_compile.passes.token_drop import apply_token_drop
 from adatoken_compile.compiler.reference import pruned_prefill
 from adatoken_compile.runtime.sampling import next_tokens, sample_next
@@ -117,7 +112,7 @@ def test_pruned_step_matches_per_layer_bruteforce(family, attn):
             assert kept == [s + n - n_sp for s in SCHEDULE.tokens_per_layer(n_sp)]
             with torch.no_grad():
                 ref = model(inputs_embeds=x[b : b + 1], position_ids=pos[b : b + 1],
-                            past_key_values=DynamicCache(ddp_cache_data=data), use_cache=True).logits[0, -1]
+                            cache=DynamicCache(ddp_cache_data=data), use_cache=True).logits[0, -1]
             assert (ref - logits[b]).abs().max() <= 1e-5
     finally:
         model.config._attn_implementation = attn
@@ -147,7 +142,7 @@ def onnx_graphs(tmp_path_factory):
     model = model_of("llama", "sdpa")
     ex = make_batch(ROWS)
     d = tmp_path_factory.mktemp("decode_onnx")
-    dec = export_decode_onnx(model, str(d / "decode.onnx"))
+    dec = export_decode(model, str(d / "decode.onnx"))
     pre = export_onnx(apply_token_drop(capture(model, ex), SCHEDULE), ex, str(d / "prefill.onnx"))
     return dec, ort_session(dec.path, level="all"), ort_session(pre.path, level="all")
 
@@ -233,13 +228,13 @@ def test_kv_cache_bytes_matches_pruned_arrays():
     pre, x, pos = first_step(model, ex, SCHEDULE)
     with torch.no_grad():
         step = DecodeModule(model)(x, pos, *flat_past(pre))
-    per_tok = 2 * arch["num_kv_heads"] * arch["head_dim"] * 4
+    per_tok = 2 * arch["kv_heads"] * arch["head_dim"] * 4
     for b, (n_sp, n) in enumerate(zip(ex.spatial_counts(), ex.lengths())):
         arrays = []
         for i in range(N_LAYERS):
             m = pre.masks[i][b]
             arrays += [pre.keys[i][b][:, m], pre.values[i][b][:, m]]
-        got = cache_bytes_of(arrays)
+        got = sum(int(np.asarray(a).nbytes) for a in arrays)
         assert got == kv_cache_bytes(arch, SCHEDULE, n_sp, n - n_sp)
         full = kv_cache_bytes(arch, identity(N_LAYERS), n_sp, n - n_sp)
         assert full == N_LAYERS * n * per_tok
@@ -250,7 +245,7 @@ def test_kv_cache_bytes_matches_pruned_arrays():
         for i in range(N_LAYERS):
             k, v, m = step[1 + 3 * i : 4 + 3 * i]
             arrays += [k[b][:, m[b]].numpy(), v[b][:, m[b]].numpy()]
-        assert cache_bytes_of(arrays) == kv_cache_bytes(arch, SCHEDULE, n_sp, n - n_sp, new_tokens=1)
+        assert sum(int(np.asarray(a).nbytes) for a in arrays) == kv_cache_bytes(arch, SCHEDULE, n_sp, n - n_sp, new_tokens=1)
     # row 0 (10 spatial): per layer 10, 5, 5, 3 kept -> 17 tokens x 4 layers... 17 dropped in all
     assert sum(10 - s for s in SCHEDULE.tokens_per_layer(10)) == 17
 

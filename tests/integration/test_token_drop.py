@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adatoken_compile.compiler.capture import capture, output_names
-from adatoken_compile.compiler.export import export_onnx, max_abs_diff_valid, ort_session, run_ort
+from adatoken_compile.compiler.capture import export_prefill as export_onnx
+from adatoken_compile.compiler.parity import max_abs_diff_valid, ort_session, run_prefill as run_ort
 from adatoken_compile.passes.graph_diff import diff_graphs
 from adatoken_compile.passes.token_drop import apply_token_drop, layer_of
 from adatoken_compile.compiler.reference import pruned_prefill

@@ -39,7 +39,7 @@ def test_calibrate_peer_policy_writes_everything(tiny3d_dir, tmp_path):
     s = Schedule.load(str(out / "schedule.json"))
     assert s.policy == "pdrop" and [c.layer for c in s.cuts] == [1, 2, 3]
     fid = s.calibration["fidelity"]
-    assert s.calibration["samples"] == 4 and fid["rows"] == 2 and fid["ci95"][0] <= fid["agreement"] <= fid["ci95"][1]
+    assert s.calibration["samples"] == 6 and fid["rows"] == 2 and fid["ci95"][0] <= fid["agreement"] <= fid["ci95"][1]
     assert 0 < s.predicted["flops_ratio"] < 1
 
 
@@ -63,19 +63,19 @@ def test_calibrate_shards_merge(tiny3d_dir, tmp_path):
     a, b, m = tmp_path / "a", tmp_path / "b", tmp_path / "m"
     for d, start in ((a, 0), (b, 3)):
         r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(d), "--samples", "5", "--start-scene", str(start),
-                  "--policy", "fastv"])
+                  "--policy", "fastv", "--holdout", "4"])
         assert r.exit_code == 0, r.output
     r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(m), "--merge", str(a), "--merge", str(b),
-              "--policy", "fastv", "--samples", "8"])
+              "--policy", "fastv", "--holdout", "8"])
     assert r.exit_code == 0, r.output
     ja = json.load(open(a / "schedule.json"))["calibration"]["samples"]
     jb = json.load(open(b / "schedule.json"))["calibration"]["samples"]
     jm = json.load(open(m / "schedule.json"))["calibration"]
     assert jm["samples"] == ja + jb and jm["merged_shards"] == 2
-    assert jm["fidelity"]["rows"] == 8  # fastv's default --holdout 0.25 of 8 samples, at least 8
+    assert jm["fidelity"]["rows"] == 8
     # adaptive on merged statistics validates on exactly --holdout rows (the count its target needs)
     r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(tmp_path / "ma"), "--merge", str(a), "--merge", str(b),
-              "--holdout", "76", "--start-scene", "20"])
+              "--holdout", "76"])
     assert r.exit_code == 0, r.output
     assert json.load(open(tmp_path / "ma" / "schedule.json"))["calibration"]["fidelity"]["rows"] == 76
     lo = float(re.search(r"lower end (\d\.\d+) >= 0\.95", r.output).group(1))  # the pass rule, printed
@@ -105,10 +105,6 @@ def test_eval_json(tiny3d_dir):
 
 
 def test_eval_kind_keeps_a_subset_of_the_same_questions(tiny3d_dir, tmp_path):
-    from adatoken_compile.cli import EVAL_KINDS
-    from adatoken_compile.benchmark3d.questions import KINDS, TEMPLATES
-
-    assert set(EVAL_KINDS) == set(KINDS) | set(TEMPLATES)
     full, sub = tmp_path / "full.json", tmp_path / "sub.json"
     assert _run(["eval", "--model", tiny3d_dir, "--limit", "30", "--json", "--predictions", str(full)]).exit_code == 0
     r = _run(["eval", "--model", tiny3d_dir, "--limit", "30", "--kind", "relation", "--kind", "exist", "--json",
@@ -130,8 +126,8 @@ def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     """Calibration depends only on the contract: an HF LLaVA (Qwen2, GQA) adapter's batches work."""
     import numpy as np
 
-    from adatoken_compile.calibration import calibrate
-    from adatoken_compile.models.llava_hf import random_llava_hf
+    from adatoken_compile.calibration.api import calibrate
+    from adatoken_compile.models.testing import random_llava_hf
     from adatoken_compile.models.registry import load_adapter
 
     a = load_adapter(random_llava_hf(str(tmp_path / "hf"), decoder="qwen2", kv_heads=2, layers=4))
@@ -145,9 +141,32 @@ def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     assert [c.layer for c in sched.cuts] == [1, 2, 3] and "fidelity" in sched.calibration
 
 
-def test_calibrate_holdout_larger_than_the_samples_is_one_line(tiny3d_dir, tmp_path):
-    """The default --holdout (384 rows) with a small --samples would leave no statistics: say so."""
+def test_cli_api_and_main_job_share_one_calibration_path(tiny3d_dir, tmp_path):
+    """`calibrate` with its defaults is `api.calibrate` with its defaults: the statistics come from the
+    first scenes of the calibration questions, the held-back rows from a disjoint later block."""
+    from adatoken_compile import api
+
     out = tmp_path / "cal"
-    r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6"])
-    assert r.exit_code == 2 and "holdout 384" in r.output and "--samples 448" in r.output
-    assert r.output.strip().count("\n") == 0 and not out.exists()
+    r = _run(["calibrate", "--model", tiny3d_dir, "--out", str(out), "--samples", "6", "--holdout", "80"])
+    assert r.exit_code == 0, r.output
+    cli = Schedule.load(str(out / "schedule.json"))
+    cal = api.calibrate(tiny3d_dir, samples=6, holdout=80, progress=False)
+    assert [(c.layer, c.keep) for c in cli.cuts] == [(c.layer, c.keep) for c in cal.schedule.cuts]
+    assert cli.calibration["fidelity"] == cal.schedule.calibration["fidelity"]
+    env = cli.calibration["environment"]
+    assert env["versions"]["torch"] and env["threads"]["torch_threads"] >= 1
+    from adatoken_compile.data import load_samples
+
+    stats = load_samples(api.CALIBRATION_DATA, limit=6)
+    hold = api.holdout_samples(api.CALIBRATION_DATA, 80, stats)
+    stats_scenes = {s.meta["seed"] for s in stats}
+    assert len(hold) == 80 and not stats_scenes & {s.meta["seed"] for s in hold}
+
+
+def test_cli_usage_errors_are_one_line(tiny3d_dir, tmp_path):
+    for args in (["calibrate", "--model", tiny3d_dir, "--out", str(tmp_path / "c"), "--holdout", "1.5"],
+                 ["calibrate", "--out", str(tmp_path / "c"), "--policy", "magic"],
+                 ["eval", "--limit", "0"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.strip().count("\n") == 0, r.output
+    assert not (tmp_path / "c").exists()

@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from adatoken_compile.compiler import pipeline as art_mod
-from adatoken_compile.compiler.pipeline import compile_artifact, sha256_file
+from adatoken_compile.artifact import sha256_file
+from adatoken_compile.compiler.pipeline import compile_artifact
 from adatoken_compile.cli import main as cli_main
 from adatoken_compile.contract import Sample
 from adatoken_compile.errors import InputError, ScheduleMismatch
-from adatoken_compile.runtime.engine import load
+from adatoken_compile.runtime import load
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import simple_scene
@@ -116,7 +117,7 @@ def test_manifest(pruned_art, schedule, adapter):
         assert key in m
     assert set(m["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime", "adatoken_compile"}
     assert m["model"]["fingerprint"] == adapter.fingerprint()
-    assert m["model"]["describe"]["layers"] == LAYERS
+    assert m["model"]["describe"]["num_layers"] == LAYERS
     assert m["schedule"]["cuts"] == schedule.to_dict()["cuts"]
     on_disk = set()
     for dp, _, fns in os.walk(pruned_art):
@@ -174,7 +175,7 @@ def test_identity_artifact_matches_unpruned_adapter(identity_art, adapter):
         assert np.abs(out["logits"] - want).max() <= 1e-4
         np.testing.assert_array_equal(out["logits"].argmax(-1), want.argmax(-1))
     # greedy next token through the public API; more than one token needs the decode graph
-    from adatoken_compile.compiler.generate import greedy_ids
+    from conftest import hf_greedy_ids as greedy_ids
 
     ids = greedy_ids(adapter, adapter.prepare(_samples(CASES[0])), max_new_tokens=1)[0]
     rti.generate(SCENES["a"], Q_SHORT, max_new_tokens=1)
@@ -184,7 +185,7 @@ def test_identity_artifact_matches_unpruned_adapter(identity_art, adapter):
 
 
 def test_pruned_artifact_matches_fx_graph(rt, adapter, fx_pruned, schedule):
-    from adatoken_compile.compiler.export import max_abs_diff_valid
+    from adatoken_compile.compiler.parity import max_abs_diff_valid
 
     _, pg = fx_pruned
     for case in CASES:
@@ -199,16 +200,16 @@ def test_pruned_artifact_matches_fx_graph(rt, adapter, fx_pruned, schedule):
         for i in range(LAYERS):
             np.testing.assert_array_equal(got[f"mask.{i}"], want[f"mask.{i}"])
         # per-request KV-cache bytes follow the schedule's arithmetic
-        from adatoken_compile.compiler.decode import kv_cache_bytes
+        from adatoken_compile.flops import kv_cache_bytes
 
         kv = rt.kv_cache_bytes()
         for b, n in enumerate(batch.spatial_counts()):
             n_text = batch.lengths()[b] - n
-            assert kv[b] == kv_cache_bytes(adapter.describe(), schedule, n, n_text)
+            assert kv[b] == kv_cache_bytes(adapter.arch(), schedule, n, n_text)
 
 
 def test_generation_matches_torch_reference(rt, adapter, schedule):
-    from adatoken_compile.compiler.decode import generate_pruned
+    from adatoken_compile.compiler.reference import generate as generate_pruned
 
     for case in CASES[1:]:
         batch = adapter.prepare(_samples(case))
@@ -230,7 +231,7 @@ def test_generation_matches_torch_reference(rt, adapter, schedule):
 def test_runtime_does_not_import_torch(pruned_art, scene_file):
     code = (
         "import sys\n"
-        "from adatoken_compile.runtime.engine import load\n"
+        "from adatoken_compile.runtime import load\n"
         f"rt = load({pruned_art!r})\n"
         f"ans = rt.generate({scene_file!r}, 'what is here?', max_new_tokens=3)\n"
         "assert isinstance(ans, str)\n"
@@ -244,7 +245,7 @@ def test_runtime_does_not_import_torch(pruned_art, scene_file):
 
 
 def test_cli_run_artifact(pruned_art, scene_file):
-    r = subprocess.run([sys.executable, "-m", "adatoken_compile.cli", "run", "--artifact", pruned_art, "--scene", scene_file,
+    r = subprocess.run([sys.executable, "-m", "adatoken_compile", "run", "--artifact", pruned_art, "--scene", scene_file,
                         "--question", "what is here?", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "question: what is here?" in r.stdout and "answer: " in r.stdout
@@ -361,7 +362,7 @@ def test_failed_compile_leaves_nothing(adapter, tmp_path, monkeypatch):
             f.write(b"partial")
         raise RuntimeError("export exploded")
 
-    monkeypatch.setattr(art_mod, "export_module_onnx", failing_export)
+    monkeypatch.setattr(art_mod, "export", failing_export)
     with pytest.raises(RuntimeError, match="exploded"):
         compile_artifact(adapter, identity(LAYERS), str(tmp_path / "art"), progress=False)
     assert calls and _leftovers(tmp_path) == []
@@ -375,7 +376,7 @@ def test_input_errors(rt):
     bad.depths = bad.depths.astype(np.float64)
     with pytest.raises(InputError, match="'depths' has dtype float64"):
         rt.generate(bad, Q_SHORT, max_new_tokens=1)
-    with pytest.raises(InputError, match="cannot mix families"):
+    with pytest.raises(InputError, match="takes scenes; got an image array"):
         rt.prepare([(SCENES["a"], Q_SHORT), (np.zeros((8, 8, 3), np.uint8), Q_SHORT)])
     feeds = rt.prepare(_items(CASES[0]))
     n = int(feeds["attention_mask"].sum())
@@ -429,7 +430,8 @@ def test_cli_diff_two_cuts(tiny3d_dir, schedule_file, fx_pruned):
 
 @pytest.mark.parametrize("decoder,kv_heads", [("llama", None), ("qwen2", 2)])
 def test_hf_llava_artifact_matches_adapter(decoder, kv_heads, tmp_path):
-    from adatoken_compile.models.llava_hf import LlavaHFAdapter, random_llava_hf
+    from adatoken_compile.models.llava_hf import LlavaHFAdapter
+    from adatoken_compile.models.testing import random_llava_hf
     from adatoken_compile.compiler.reference import pruned_prefill
 
     d = random_llava_hf(str(tmp_path / f"hf_{decoder}"), decoder=decoder, layers=2, kv_heads=kv_heads)
@@ -448,5 +450,5 @@ def test_hf_llava_artifact_matches_adapter(decoder, kv_heads, tmp_path):
     ref = pruned_prefill(ad.decoder, batch, sch)
     assert np.abs(got["logits"] - ref.logits_last.numpy()).max() <= 1e-4
     np.testing.assert_array_equal(got["kept.0"], ref.kept_indices[0].numpy())
-    with pytest.raises(InputError, match="takes an image|HF LLaVA"):
+    with pytest.raises(InputError, match="takes images|takes an image"):
         r.prepare([(SCENES["a"], Q_SHORT)])

@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
-from adatoken_compile.benchmarking import measure as bench
-from adatoken_compile.flops import arch_from_config, prefill_flops
-from adatoken_compile.compiler.export import ort_feeds
+from adatoken_compile.benchmarking import prefill, profile, report, synthetic, timing
+from adatoken_compile.arch import from_config as arch_of
+from adatoken_compile.flops import prefill_flops
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 from conftest import make_batch
@@ -27,7 +26,7 @@ ROW = (5, 60, 7)  # one unpadded sequence: prefix, spatial, suffix
 def test_interleaved_alternates_and_stats():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")}
-    res = bench.interleaved(fns, repeats=3, warmup=2)
+    res = timing.interleaved(fns, repeats=3, warmup=2)
     assert calls == ["a", "b", "c"] * 5
     for name in fns:
         r = res[name]
@@ -35,26 +34,26 @@ def test_interleaved_alternates_and_stats():
         assert r["min_s"] <= r["p25_s"] <= r["median_s"] <= r["p75_s"]
         assert r["median_s"] == float(np.median(r["runs"]))
     with pytest.raises(ValueError):
-        bench.interleaved({}, repeats=1)
+        timing.interleaved({}, repeats=1)
 
 
 def test_ratio_math():
-    assert bench.ratio({"median_s": 2.0}, {"median_s": 4.0}) == 0.5
-    assert bench.ratio(3.0, 1.5) == 2.0
-    assert bench.speedup({"median_s": 4.0}, 2.0) == 2.0
+    assert timing.ratio({"median_s": 2.0}, {"median_s": 4.0}) == 0.5
+    assert timing.ratio(3.0, 1.5) == 2.0
+    assert timing.speedup({"median_s": 4.0}, 2.0) == 2.0
     # latency fell 20 %, FLOPs 40 %: half the ideal saving realised
-    assert bench.realized_fraction(0.8, 0.6) == pytest.approx(0.5)
-    assert bench.realized_fraction(1.0, 0.6) == 0.0
-    assert bench.realized_fraction(0.6, 0.6) == pytest.approx(1.0)
-    assert np.isnan(bench.realized_fraction(0.9, 1.0))
-    assert bench.crosscheck(100.0, {"total": 103.0}) == pytest.approx(0.03)
+    assert timing.realized_fraction(0.8, 0.6) == pytest.approx(0.5)
+    assert timing.realized_fraction(1.0, 0.6) == 0.0
+    assert timing.realized_fraction(0.6, 0.6) == pytest.approx(1.0)
+    assert np.isnan(timing.realized_fraction(0.9, 1.0))
+    assert profile.crosscheck(100.0, {"total": 103.0}) == pytest.approx(0.03)
 
 
 def test_origin_name_rule():
-    assert bench.origin_name("adatoken_cut0_score/matmul/MatMulScaleFusion/_kernel_time") == "adatoken_cut0_score/matmul"
-    assert bench.origin_name("node_silu/QuickGeluFusion/") == "node_silu"
-    assert bench.origin_name("node_slice_2/GatherSliceToSplitFusion") == "node_slice_2"
-    assert bench.origin_name("adatoken_cut1_select/topk__1_kernel_time") == "adatoken_cut1_select/topk__1"
+    assert profile.origin_name("adatoken_cut0_score/matmul/MatMulScaleFusion/_kernel_time") == "adatoken_cut0_score/matmul"
+    assert profile.origin_name("node_silu/QuickGeluFusion/") == "node_silu"
+    assert profile.origin_name("node_slice_2/GatherSliceToSplitFusion") == "node_slice_2"
+    assert profile.origin_name("adatoken_cut1_select/topk__1_kernel_time") == "adatoken_cut1_select/topk__1"
 
 
 # ----------------------------------------------------------------------------- ONNX fixtures
@@ -69,7 +68,7 @@ SYNTH = dict(layers=N_LAYERS, spatial=ROW[1], prefix=ROW[0], suffix=ROW[2],
 def synth(tmp_path_factory):
     """The synthetic benchmark at tiny width; its two cached exports serve the profile tests."""
     cache = str(tmp_path_factory.mktemp("bench_cache"))
-    return cache, bench.synthetic_7b_width(**SYNTH, cache_dir=cache)
+    return cache, synthetic.synthetic_7b_width(**SYNTH, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +80,12 @@ def tiny_onnx(synth):
     cfg = {k: res["config"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                          "num_key_value_heads", "intermediate_size", "vocab_size")}
     return {"baseline": os.path.join(d, "baseline.onnx"), "pruned": os.path.join(d, "pruned.onnx"),
-            "feeds": ort_feeds(make_batch([ROW], seed=2)), "arch": arch_from_config(LlamaConfig(**cfg))}
+            "feeds": make_batch([ROW], seed=2).to_numpy(), "arch": arch_of(LlamaConfig(**cfg))}
 
 
 @pytest.fixture(scope="module")
 def profiles(tiny_onnx):
-    return {k: bench.profile_nodes(tiny_onnx[k], tiny_onnx["feeds"], runs=2, threads=1) for k in ("baseline", "pruned")}
+    return {k: profile.profile_nodes(tiny_onnx[k], tiny_onnx["feeds"], runs=2, threads=1) for k in ("baseline", "pruned")}
 
 
 def test_profile_inserted_nodes(profiles):
@@ -114,18 +113,18 @@ def test_graph_flops_match_formula(tiny_onnx, profiles):
         "baseline": prefill_flops(arch, n_text, [n_sp] * N_LAYERS),
         "pruned": prefill_flops(arch, n_text, SCHEDULE.tokens_per_layer(n_sp)),
     }
-    graph = {k: bench.flops_from_profile(p) for k, p in profiles.items()}
+    graph = {k: profile.flops_from_profile(p) for k, p in profiles.items()}
     for k in ("baseline", "pruned"):
         assert not graph[k]["unparsed"], graph[k]["unparsed"]
         assert "Softmax" in graph[k]["uncounted"]
     # identity: linear + attention + lm_head of the last position only, exactly the formula
-    assert abs(bench.crosscheck(form["baseline"], graph["baseline"])) < 1e-9
+    assert abs(profile.crosscheck(form["baseline"], graph["baseline"])) < 1e-9
     # lm_head: one node with output (1, V) and 2*H*V FLOPs (not computed for all positions)
     lm = [n for n in profiles["baseline"].nodes if n.output_shapes and n.output_shapes[0][1][-1:] == [arch["vocab"]]]
     assert len(lm) == 1 and graph["baseline"]["by_node"][lm[0].name] == 2 * arch["hidden"] * arch["vocab"]
     # pruned: the formula also counts the drop's softmax / head mean / top-k comparisons, which
     # are not matmuls; the inserted matmuls are exactly the scoring rows 2 * n_in * Hq per cut
-    rel = bench.crosscheck(form["pruned"], graph["pruned"])
+    rel = profile.crosscheck(form["pruned"], graph["pruned"])
     assert abs(rel) < 0.01, rel
     hq = arch["heads"] * arch["head_dim"]
     tpl = SCHEDULE.tokens_per_layer(n_sp)
@@ -142,7 +141,7 @@ def test_prefill_bench(tiny_onnx):
         "pruned": prefill_flops(arch, n_pre + n_post, SCHEDULE.tokens_per_layer(n_sp))["total"],
         "baseline": prefill_flops(arch, n_pre + n_post, [n_sp] * N_LAYERS)["total"],
     }
-    r = bench.prefill_bench(tiny_onnx["pruned"], tiny_onnx["baseline"], tiny_onnx["feeds"], repeats=3, warmup=1,
+    r = prefill.prefill_bench(tiny_onnx["pruned"], tiny_onnx["baseline"], tiny_onnx["feeds"], repeats=3, warmup=1,
                             threads=1, profile_runs=1, formula=formula)
     assert set(r["latency_s"]) == {"pruned", "baseline"}
     assert r["latency_ratio"] == pytest.approx(r["latency_s"]["pruned"]["median_s"] / r["latency_s"]["baseline"]["median_s"])
@@ -167,7 +166,7 @@ def test_synthetic_bench_tiny_width(synth):
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(cache) for f in fs if f.endswith(".onnx"))
     assert len(files) == 2
     mtimes = [os.path.getmtime(f) for f in files]
-    r2 = bench.synthetic_7b_width(**{**SYNTH, "repeats": 1, "warmup": 0}, cache_dir=cache)  # cached exports
+    r2 = synthetic.synthetic_7b_width(**{**SYNTH, "repeats": 1, "warmup": 0}, cache_dir=cache)  # cached exports
     assert [os.path.getmtime(f) for f in files] == mtimes
     assert r2["flops_ratio"] == r["flops_ratio"]
 
@@ -190,22 +189,22 @@ def test_plots(tmp_path):
         {"policy": "fastv", "flops_ratio": 0.6, "accuracy": 0.55},
         {"policy": "none", "flops_ratio": 1.0, "accuracy": 0.63},
     ]
-    p = bench.plot_pareto(pts, str(tmp_path / "sub" / "pareto.png"))
+    p = report.plot_pareto(pts, str(tmp_path / "sub" / "pareto.png"))
     assert _is_png(p)
     scheds = {name: peer_schedule(name, 8) for name in ("none", "fastv", "pdrop", "adatoken-decay")}
     scheds["adaptive"] = Schedule(cuts=[Cut(2, 0.6), Cut(5, 0.2)], num_layers=8)
-    assert _is_png(bench.plot_keep_curves(scheds, str(tmp_path / "keep.png")))
-    assert _is_png(bench.plot_keep_curves({"id": identity(8)}, str(tmp_path / "keep_n.png"), n_spatial=1400))
+    assert _is_png(report.plot_keep_curves(scheds, str(tmp_path / "keep.png")))
+    assert _is_png(report.plot_keep_curves({"id": identity(8)}, str(tmp_path / "keep_n.png"), n_spatial=1400))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".plot-")]
 
 
 def test_markdown_table():
     rows = [{"policy": "a|b", "flops_ratio": 0.123456, "acc": None}, {"policy": "c", "flops_ratio": 1, "acc": 0.5}]
-    t = bench.markdown_table(rows, ["policy", ("flops_ratio", "FLOPs ratio"), "acc"])
+    t = report.markdown_table(rows, ["policy", ("flops_ratio", "FLOPs ratio"), "acc"])
     lines = t.strip().split("\n")
     assert len(lines) == 2 + len(rows)
     assert lines[0] == "| policy | FLOPs ratio | acc |"
     assert lines[1] == "|---|---|---|"
     assert lines[2] == "| a\\|b | 0.1235 |  |"
     assert all(line.count("|") - line.count("\\|") == 4 for line in lines)
-    assert bench.markdown_table([("x", 2)], ["k", "v"]).strip().split("\n")[-1] == "| x | 2 |"
+    assert report.markdown_table([("x", 2)], ["k", "v"]).strip().split("\n")[-1] == "| x | 2 |"

@@ -15,10 +15,11 @@ from adatoken_compile.calibration.policies import RANDOM_SCORING, peer_schedule
 from adatoken_compile.calibration.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
 from adatoken_compile.calibration import solver
 from adatoken_compile.calibration.solver import reference_logits
-from adatoken_compile.calibration.stats import FIXED_SCALE, GROUPS, CalibrationStats, merge
+from adatoken_compile.calibration.stats import GROUPS, CalibrationStats, merge
 from adatoken_compile.contract import Segment, collate
 from adatoken_compile.errors import InputError
-from adatoken_compile.flops import arch_from_config, prefill_flops, schedule_flops_ratio
+from adatoken_compile.arch import from_config as arch_of
+from adatoken_compile.flops import prefill_flops, schedule_flops_ratio
 from adatoken_compile.schedule import Cut, Schedule, identity
 
 
@@ -64,7 +65,7 @@ def _fallback_pruned_prefill(decoder, inputs, schedule: Schedule) -> torch.Tenso
                 n = h.shape[1]
                 mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=dev).triu(1)[None, None]
                 pe = base.rotary_emb(h, pos)
-                out = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
+                out = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
                 h = out[0] if isinstance(out, tuple) else out
         hl = base.norm(h[:, -1:])
         outs.append(decoder.lm_head(hl)[:, -1].float().cpu())
@@ -178,7 +179,7 @@ def test_observers_match_brute_force(make):
     model = _sharpen(make("eager"))
     inputs = _batch(model.config.hidden_size, 0)
     answers = [torch.tensor([5, 7, 9]), None]
-    st = CalibrationStats.empty(arch_from_config(model.config), "fp")
+    st = CalibrationStats.empty(arch_of(model.config), "fp")
     AttentionObserver(model, st).observe(inputs, answers)
     acc, hists, retained = _brute(model, inputs, answers, st.ratios, st.num_bins)
     assert st.arrays["answer_rows"].tolist() == [3] * model.config.num_hidden_layers
@@ -203,7 +204,7 @@ def test_sdpa_matches_eager():
     stats = []
     for attn in ("eager", "sdpa"):
         model = _sharpen(_qwen(attn))
-        st = CalibrationStats.empty(arch_from_config(model.config), "fp")
+        st = CalibrationStats.empty(arch_of(model.config), "fp")
         AttentionObserver(model, st).observe(_batch(64, 3), [torch.tensor([4, 2]), torch.tensor([8])])
         stats.append(st)
     a, b = stats
@@ -218,7 +219,7 @@ def test_merge_is_exact_and_roundtrips(tmp_path):
     model = _sharpen(_llama())
     batches = [_batch(64, s) for s in range(4)]
     answers = [[torch.tensor([1, 2]), None]] * 4
-    arch = arch_from_config(model.config)
+    arch = arch_of(model.config)
 
     def run(bs, ans):
         st = CalibrationStats.empty(arch, "fp")
@@ -351,11 +352,9 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
     refusing every cut at layer 1 (and the unpruned model never run: it agrees by construction),
     the fidelity search must find a passing schedule whose first cut is deeper, and the budget
     search must measure more than one first-cut layer and choose a deeper one."""
-    from adatoken_compile.flops import schedule_flops
 
     model = _sharpen(_qwen("sdpa"))
     _, st = calibrate(model, _data(64, answers=True), policy="adaptive", progress=False, fidelity=0.5, holdout=4)
-    N, nt = st.mean_spatial_tokens(), st.mean_text_tokens()
     assert solver.propose(st)[0].cuts[0].layer == 1  # the premise: the proxy's cheapest shape cuts at layer 1
     assert all(c.cuts[0].layer >= 2 for c in solver.propose(st, first_layer=2) if c.cuts)
     runs = []
@@ -536,9 +535,7 @@ def test_invalid_inputs(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    import adatoken_compile.calibration.report as rep
-
-    monkeypatch.setattr(rep, "write_report", boom)
+    monkeypatch.setattr(cal_api, "write_report", boom)
     with pytest.raises(RuntimeError):
         write_calibration(str(tmp_path / "cal"), s, st)
     assert os.listdir(tmp_path) == []

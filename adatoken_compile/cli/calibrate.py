@@ -1,0 +1,58 @@
+"""``calibrate``: attention statistics on the user's questions -> a validated pruning schedule."""
+
+from __future__ import annotations
+
+import click
+
+from adatoken_compile import api
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+
+
+@main.command()
+@model_options
+@click.option("--out", required=True, help="output directory (schedule.json, stats.*, report.md, PNGs)")
+@click.option("--overwrite", is_flag=True, help="replace an earlier calibration output at --out")
+@click.option("--data", default=None, help=f"questions to calibrate on [default: {default(api.calibrate, 'data')}]")
+@click.option("--samples", default=None, type=click.IntRange(1, None),
+              help=f"questions whose attention statistics are mined [default: {default(api.calibrate, 'samples')}]")
+@click.option("--holdout", default=None, type=click.IntRange(0, None),
+              help="other questions (disjoint scenes) that validate the schedule: agreement of the pruned and the "
+                   "unpruned model's next token; a fidelity target needs enough of them (73 for 0.95, 381 for 0.99) "
+                   f"[default: {default(api.calibrate, 'holdout')}]")
+@click.option("--start-scene", default=0, show_default=True, type=click.IntRange(0, None),
+              help="mine from this scene of --data on (one shard of a calibration split across machines; see --merge)")
+@click.option("--policy", default="adaptive", show_default=True, type=click.Choice(POLICIES))
+@click.option("--flops-budget", default=None, type=float, help="adaptive: maximise fidelity under this prefill FLOPs ratio (0,1)")
+@click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1), "
+              "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); when neither this "
+              f"nor --flops-budget is given: {DEFAULT_FIDELITY}")
+@click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
+              "instead of mining new ones; the schedule is validated on --holdout questions")
+@user_errors
+def calibrate(model, vision_tower, attn, out, overwrite, data, samples, holdout, start_scene, policy, flops_budget,
+              fidelity, like, seed, merge_dirs):
+    """Mine attention statistics and derive a static per-layer pruning schedule."""
+    if flops_budget is not None and fidelity is not None:
+        raise click.UsageError("pass either --flops-budget or --fidelity, not both")
+    adapter = load_model(model, vision_tower, attn)
+    cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
+                        like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, **given(data=data, samples=samples, holdout=holdout))
+    schedule = cal.schedule
+    pred = schedule.predicted
+    click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "
+               + (", ".join(f"L{c.layer}:{c.keep:.3g}" for c in schedule.cuts) or "none")
+               + (f", predicted prefill FLOPs ratio {pred['flops_ratio']:.3f}" if "flops_ratio" in pred else ""))
+    fid = schedule.calibration.get("fidelity")
+    if fid:
+        lo, hi = fid.get("ci95", (None, None))
+        click.echo(f"  validated on {fid['rows']} held-back rows: next-token agreement {fid['agreement']:.3f}"
+                   + (f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""))
+        target = schedule.calibration.get("fidelity_target")
+        if target is not None and lo is not None:
+            click.echo(f"  fidelity target {target} met at 95% confidence: the interval's lower end {lo:.3f} >= {target}")
+    stab = schedule.calibration.get("stability")
+    if stab:
+        click.echo(f"  stability: {stab['summary']}")

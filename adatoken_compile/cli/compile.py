@@ -1,0 +1,41 @@
+"""``compile`` and ``diff``: the token-drop pass on the captured graph, exported as an artifact."""
+
+from __future__ import annotations
+
+import click
+
+from adatoken_compile import api
+from adatoken_compile.cli.main import load_model, main, model_options, user_errors
+
+
+@main.command("compile")
+@model_options
+@click.option("--schedule", "-s", "schedule", default=None,
+              help="schedule.json from `calibrate` (default: identity, i.e. unpruned)")
+@click.option("--out", "-o", required=True, help="artifact directory to write")
+@click.option("--overwrite", is_flag=True, help="replace an earlier artifact at --out")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--no-decode", is_flag=True, help="skip the decode graph (the artifact then answers 1 token)")
+@user_errors
+def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode):
+    """Capture, prune (token-drop pass) and export ONNX graphs into an artifact directory."""
+    adapter = load_model(model, vision_tower, attn)
+    man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset)
+    click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")
+    for name, g in man.graphs.items():
+        click.echo(f"  {name:<10} {g['file']:<16} {man.graph_bytes(name) / 1e6:9.2f} MB  opset {g['opset']}")
+    total = sum(f["size"] for f in man.files.values())
+    click.echo(f"  total      {len(man.files)} files      {total / 1e6:9.2f} MB")
+    click.echo(f"  digest     {man.digest}")
+
+
+@main.command()
+@model_options
+@click.option("--schedule", "-s", "schedule", required=True, help="schedule.json")
+@user_errors
+def diff(model, vision_tower, attn, schedule):
+    """Print what the token-drop pass changes in the captured prefill graph, per cut."""
+    from adatoken_compile.compiler.pipeline import diff_text  # torch: not in the runtime install
+
+    adapter = load_model(model, vision_tower, attn)
+    click.echo(diff_text(adapter, api._schedule_for(adapter, schedule)))

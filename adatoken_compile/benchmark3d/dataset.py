@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from adatoken_compile.runtime.sample import Sample
-from adatoken_compile.runtime.scene import Scene
+from adatoken_compile.runtime.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.benchmark3d.questions import KINDS, TEMPLATES, WORDS, Question, all_texts, questions_for  # noqa: F401
 from adatoken_compile.benchmark3d.render import render_scene
 from adatoken_compile.benchmark3d.world import SceneInfo, make_world
@@ -116,8 +116,6 @@ def text_only_baseline(train_scenes: int = 20000, test_scenes: int = 5000) -> di
 
 def scene_stats(num_scenes: int = 200, split: str = "train") -> dict:
     """Render time per scene and voxel-token counts (224 px, patch 14, CLIP mean/std)."""
-    from adatoken_compile.runtime.scene import preprocess_scene, unproject_patches, voxelize
-
     times, tokens = [], []
     for seed in scene_seeds(split)[:num_scenes]:
         t0 = time.perf_counter()

@@ -3,35 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
+from adatoken_compile.plotting import pyplot, save_png
+
 # ----------------------------------------------------------------------------- plots / tables
-
-
-def _atomic_savefig(fig, path: str) -> str:
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _finish(plt, fig, ax, path: str, title: str | None) -> str:
@@ -40,16 +16,13 @@ def _finish(plt, fig, ax, path: str, title: str | None) -> str:
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    try:
-        return _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)
 
 
 def plot_pareto(points: Iterable[Mapping], path: str, *, highlight: str = "adaptive", title: str | None = None) -> str:
     """Accuracy vs prefill FLOPs ratio, one marker per policy; points of the ``highlight`` policy
     (several budgets) are joined by a thick line. points: ``{"policy", "flops_ratio", "accuracy"}``."""
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, list] = {}
     for p in points:
         groups.setdefault(str(p["policy"]), []).append((float(p["flops_ratio"]), float(p["accuracy"])))
@@ -74,7 +47,7 @@ def plot_keep_curves(schedules: Mapping[str, Any], path: str, *, n_spatial: int 
                      title: str | None = None) -> str:
     """Spatial tokens kept at each layer's input per policy: the keep ratio, or the token count
     when ``n_spatial`` is given. schedules: name -> :class:`~adatoken_compile.schedule.Schedule`."""
-    plt = _pyplot()
+    plt = pyplot()
     if not schedules:
         raise ValueError("plot_keep_curves: no schedules")
     fig, ax = plt.subplots(figsize=(6, 4.2))

@@ -17,6 +17,7 @@ import time
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from adatoken_compile.contract import DecoderInputs, Segment, collate
 from adatoken_compile.errors import InputError
@@ -212,8 +213,6 @@ def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: st
 
 
 def _bar(progress, total, desc):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample" if desc == "calibrate" else "candidate", disable=not progress)
 
 

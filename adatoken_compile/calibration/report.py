@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from adatoken_compile.flops import FORMULA, schedule_flops
+from adatoken_compile.plotting import pyplot, save_png
 from adatoken_compile.schedule import Schedule
 from adatoken_compile.calibration.policies import peer_schedule
 from adatoken_compile.calibration.stats import CalibrationStats
@@ -15,17 +16,8 @@ from adatoken_compile.calibration.stats import CalibrationStats
 PEERS = ("fastv", "pdrop", "adatoken-decay")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_share(path, stats):
-    plt = _plt()
+    plt = pyplot()
     L = stats.arch["num_layers"]
     x = np.arange(L)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -45,12 +37,11 @@ def _plot_share(path, stats):
     ax.set_title("Text -> spatial attention share (band: min..max over heads)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _plot_cdf(path, stats):
-    plt = _plt()
+    plt = pyplot()
     L = stats.arch["num_layers"]
     h = stats.hist("last", "flow_mean").astype(np.float64)
     edges = np.arange(1, stats.num_bins + 1) / stats.num_bins
@@ -67,12 +58,11 @@ def _plot_cdf(path, stats):
     ax.set_title("Spatial-token contribution CDF")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _plot_keep(path, schedule, peers):
-    plt = _plt()
+    plt = pyplot()
     x = np.arange(schedule.num_layers + 1)  # layer l spans [l, l+1)
 
     def ys(s):
@@ -89,12 +79,11 @@ def _plot_keep(path, schedule, peers):
     ax.legend(fontsize=7)
     ax.set_title("Keep curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _plot_retained(path, stats):
-    plt = _plt()
+    plt = pyplot()
     L = stats.arch["num_layers"]
     ret = stats.retained("attn")
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -106,8 +95,7 @@ def _plot_retained(path, stats):
     ax.set_title("Top-k retained mass (run-time score of layer i-1, measured at i)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def write_report(out_dir: str, schedule: Schedule, stats: CalibrationStats) -> None:

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from adatoken_compile.compiler.reference import pruned_prefill
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
@@ -63,8 +64,6 @@ def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
 
 def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
     """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs."""
-    from adatoken_compile.compiler.reference import pruned_prefill
-
     return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from adatoken_compile import api
+from adatoken_compile.benchmarking.report import format_bench
 from adatoken_compile.cli.main import (default, echo_json, given, load_model, main, model_options, progress,
                                        provider_option, user_errors)
 from adatoken_compile.errors import InputError
@@ -97,6 +98,4 @@ def bench(model, vision_tower, attn, artifact, baseline, data, repeats, new_toke
     if as_json:
         echo_json(res)
         return
-    from adatoken_compile.benchmarking.report import format_bench
-
     click.echo(format_bench(res))

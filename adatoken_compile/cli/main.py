@@ -8,6 +8,7 @@ import json
 import sys
 
 import click
+from tqdm import tqdm
 
 from adatoken_compile import api
 from adatoken_compile.errors import InputError
@@ -61,8 +62,6 @@ def echo_json(obj) -> None:
 
 
 def progress(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 

@@ -6,7 +6,10 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.cli.main import echo_json, load_model, main, model_options, provider_option, user_errors
+from adatoken_compile.benchmark3d.dataset import make_scene as render, questions_for
+from adatoken_compile.data import load_samples
 from adatoken_compile.errors import InputError
+from adatoken_compile.io import atomic_file, check_output
 from adatoken_compile.runtime.image import load_image
 from adatoken_compile.runtime.sample import Sample
 from adatoken_compile.runtime.scene import load_scene
@@ -22,8 +25,6 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
             if not question:
                 raise InputError("pass --question with --scene")
             return Sample(question=question, scene=load_scene(scene))
-        from adatoken_compile.data import load_samples
-
         s = load_samples("builtin:test", limit=1)[0]
         click.echo(f"(no --scene given: using generated test scene seed {s.meta.get('seed')})", err=True)
         return Sample(question=question or s.question, scene=s.scene, answer=None if question else s.answer)
@@ -99,9 +100,6 @@ def inspect(model, vision_tower, attn, scene, question, as_json):
 @user_errors
 def make_scene(seed, out, overwrite):
     """Render a procedural scene to a scene .npz and print its questions."""
-    from adatoken_compile.benchmark3d.dataset import make_scene as render, questions_for
-    from adatoken_compile.io import atomic_file, check_output
-
     check_output(out, "file", overwrite=overwrite, is_dir=False)
     scene, info = render(seed)
     with atomic_file(out, overwrite=overwrite) as tmp:

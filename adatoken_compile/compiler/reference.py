@@ -22,6 +22,7 @@ import numpy as np
 
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers.masking_utils import create_causal_mask
 
 from adatoken_compile.compiler.capture import RecordingCache, check_decoder
 from adatoken_compile.compiler.decode import DecodeModule
@@ -78,8 +79,6 @@ def _check_inputs(inputs: DecoderInputs, hidden: int) -> None:
 @torch.no_grad()
 def pruned_prefill(decoder_lm, inputs: DecoderInputs, schedule) -> PrefillResult:
     """Prefill ``inputs`` through ``decoder_lm`` dropping spatial tokens at the schedule's cuts."""
-    from transformers.masking_utils import create_causal_mask
-
     check_decoder(decoder_lm)
     cfg = decoder_lm.config
     model = decoder_lm.model

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from adatoken_compile.errors import InputError
 
 
@@ -22,8 +24,6 @@ class TextTokenizer:
 
     @classmethod
     def from_dir(cls, path: str) -> "TextTokenizer":
-        from tokenizers import Tokenizer
-
         tj = os.path.join(path, "tokenizer.json")
         cfg = {}
         tc = os.path.join(path, "tokenizer_config.json")
@@ -37,7 +37,7 @@ class TextTokenizer:
                 raise InputError(f"{tj}: unreadable tokenizer ({e}); re-create or re-download it")
         elif os.path.exists(os.path.join(path, "tokenizer.model")):
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # converts sentencepiece; not in the runtime install
 
                 hf = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
             except Exception as e:
@@ -92,8 +92,6 @@ def build_word_tokenizer(texts, extra_words=(), vocab_size: int = 512):
     Words are split on whitespace/punctuation first, then BPE-merged, so lengths resemble a real
     subword tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # punctuation split off ("ball?" -> "ball", "?"), as subword tokenizers of real LLMs mostly do
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation("isolated")])

@@ -4,7 +4,7 @@ Each scene seed gives one rendered scene (20 posed RGB-D views) and a fixed list
 Splits are disjoint seed ranges (:data:`SPLITS`). ``iter_samples("test", limit=50)`` is the
 fixed sample of the CI accuracy test.
 
-Measure the figures quoted in README_data.md with::
+Measure the benchmark's own figures (docs/benchmark3d.md) with::
 
     python -m adatoken_compile.benchmark3d.dataset stats --scenes 200      # render time, tokens
     python -m adatoken_compile.benchmark3d.dataset baseline                # text-only baseline, chance

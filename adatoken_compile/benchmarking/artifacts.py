@@ -1,6 +1,6 @@
 """Pruned vs unpruned artifact, same inputs, one process: prefill and end-to-end figures.
 
-Definitions (also in the JSON and README):
+Definitions (also in docs/results.md):
 
 * prefill latency: one ``prefill.onnx`` run on prepared feeds (the encoder and voxel pooling are
   identical for both artifacts and excluded); end-to-end: prefill + ``new_tokens`` greedy decode

@@ -27,7 +27,7 @@ from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.schedule import Schedule
 from adatoken_compile.calibration.observers import AttentionObserver, decoder_layers
 from adatoken_compile.calibration.policies import POLICIES, peer_schedule
-from adatoken_compile.calibration.solver import agreement, reference_logits, solve
+from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
 from adatoken_compile.calibration.report import write_report
 from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge
 
@@ -182,7 +182,7 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
         if holdout_batches:
             refs = [reference_logits(decoder, b) for b in holdout_batches]
             sched.calibration["fidelity"] = {"metric": "greedy_next_token_agreement",
-                                             **agreement(decoder, holdout_batches, refs, sched)}
+                                             **public(agreement(decoder, holdout_batches, refs, sched))}
     return sched
 
 

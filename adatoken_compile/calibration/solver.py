@@ -13,14 +13,14 @@
    with the unpruned model: agreement = share of rows whose greedy next token is unchanged.
    A candidate meets a fidelity target T when the lower end of its agreement's 95% Wilson interval
    is >= T (``passes``), not its point estimate: the search picks the cheapest candidate that
-   passes, and with a point estimate it picks the luckiest one (session 11's quickstart on run C
-   chose a schedule at 0.958 on 96 rows that agrees on 0.917 of 480 other rows and changes 11% of
-   500 test answers, measured in session 12).
+   passes, and with a point estimate it picks the luckiest one (on an earlier bundled model, a
+   schedule chosen at 0.958 on 96 rows agreed on 0.917 of 480 other rows and changed 11% of 500
+   test answers).
    Fidelity target: bisection along the frontier for the cheapest candidate meeting it, then
    bisection on the FLOPs budget between it and the failing candidate below it (``fill_budget``
    schedules), while validations remain and the gap exceeds ``REFINE_GAP``; then the same on each
    first-cut layer's own frontier (``propose(first_layer=f)``, f = 2, 3, ...) below the choice so
-   far (the proxy can prefer one shape throughout: session 13's run P). A candidate's run stops
+   far (the proxy can prefer one shape throughout). A candidate's run stops
    once more rows disagree than the target allows (``max_disagreements``); the identity is not run.
    FLOPs budget: one candidate per first-cut layer within the budget, best measured agreement wins.
 """
@@ -76,9 +76,12 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
     same = total = 0
     kl = 0.0
     stopped = False
+    rows: list[bool] = []
     for batch, ref in zip(holdout, refs):
         lg = _run_pruned(decoder, batch, schedule)
-        same += int((lg.argmax(-1) == ref.argmax(-1)).sum())
+        hit = (lg.argmax(-1) == ref.argmax(-1)).tolist()
+        rows += hit
+        same += sum(hit)
         total += lg.shape[0]
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
         kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
@@ -86,10 +89,61 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
             stopped = total < sum(b.batch_size for b in holdout)
             break
     out = {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total, "agreed": same,
-           "ci95": [round(x, 4) for x in wilson_interval(same, total)]}
+           "ci95": [round(x, 4) for x in wilson_interval(same, total)], ROW_KEY: rows}
     if stopped:
         out["stopped"] = True
     return out
+
+
+ROW_KEY = "per_row"  # per held-back row: did the next token agree (kept for the stability check, not written)
+
+
+def public(measured: dict) -> dict:
+    """A measurement as written to schedule.json (without the per-row vector)."""
+    return {k: v for k, v in measured.items() if k != ROW_KEY}
+
+
+def stability(candidates: list, chosen, target: float | None, n_rows: int, resamples: int = 1000,
+              seed: int = 0) -> dict:
+    """How stable the choice is: the search's decision replayed on bootstrap resamples of the
+    held-back rows, over the candidates it measured (per-row agreements). A candidate stopped
+    early is resampled from the rows it ran. With a fidelity ``target`` the replayed choice is the
+    cheapest candidate that passes (the unpruned model always does); without one, the best
+    agreement. Reports how often the actual choice is replayed and the spread of the FLOPs cut."""
+    rng = np.random.default_rng(seed)
+    cands = sorted([c for c in candidates if c.measured is not None and c.measured.get(ROW_KEY) is not None],
+                   key=lambda c: c.flops_ratio)
+    vecs = [np.asarray(c.measured[ROW_KEY], dtype=bool) for c in cands]
+    picks = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n_rows, n_rows)
+        best, best_key = None, None
+        for c, v in zip(cands, vecs):
+            sub = idx[idx < len(v)]
+            k = int(round(v[sub].mean() * n_rows)) if len(sub) else 0
+            if target is not None:
+                if wilson_interval(k, n_rows, Z95)[0] >= target - 1e-12:
+                    best = c
+                    break
+            elif best_key is None or k > best_key:
+                best, best_key = c, k
+        picks.append(best)
+    cuts = [1.0 - (p.flops_ratio if p is not None else 1.0) for p in picks]
+    same = sum(p is not None and p.cuts == chosen.cuts for p in picks) / resamples
+    share: dict = {}
+    for p in picks:
+        key = ", ".join(f"L{c.layer}:{c.keep:.3g}" for c in p.cuts) if p is not None and p.cuts else "none"
+        share[key] = share.get(key, 0) + 1 / resamples
+    lo, hi = np.percentile(cuts, [5, 95])
+    return {
+        "method": f"bootstrap of the {n_rows} held-back rows ({resamples} resamples), replaying the choice among "
+                  f"the {len(cands)} measured candidates",
+        "chosen_share": round(same, 4),
+        "flops_cut_p5_p95": [round(float(lo), 4), round(float(hi), 4)],
+        "choices": {k: round(v, 4) for k, v in sorted(share.items(), key=lambda kv: -kv[1])},
+        "summary": f"replayed in {100 * same:.0f}% of {resamples} bootstrap resamples of the {n_rows} held-back rows; "
+                   f"prefill FLOPs cut {100 * lo:.1f}%-{100 * hi:.1f}% (5th-95th percentile)",
+    }
 
 
 class ValidationCache:
@@ -207,7 +261,7 @@ class Candidate:
     def summary(self) -> dict:
         d = {"cuts": [[c.layer, c.keep] for c in self.cuts], "flops_ratio": round(self.flops_ratio, 5), "proxy_loss": round(self.loss, 6)}
         if self.measured:
-            d.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.measured.items()})
+            d.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in public(self.measured).items()})
         return d
 
 
@@ -388,7 +442,8 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     if fidelity is not None:
         identity = frontier[-1]  # agreement 1 by construction: recorded, not run
         identity.measured = {"agreement": 1.0, "kl": 0.0, "rows": n_rows, "agreed": n_rows,
-                             "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True}
+                             "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True,
+                             ROW_KEY: [True] * n_rows}
 
         def cheapest(cands: list[Candidate], chosen: Candidate) -> Candidate:
             """Bisection over ``cands`` (FLOPs ascending, all cheaper than ``chosen``, which passes)
@@ -425,9 +480,9 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
             return chosen
 
         chosen = refine(cheapest(frontier[:-1], identity), frontier)
-        # the proxy can rank cuts at one layer too well against deeper ones (session 13's run P: the
-        # whole frontier cut at layer 1, and every candidate that passed there cut under 26% of the
-        # FLOPs while L2:0.4, L4:0.2 passes at 63%): search each first-cut layer's own frontier for
+        # the proxy can rank cuts at one layer too well against deeper ones (seen on an earlier bundled
+        # model: the whole frontier cut at layer 1, and every candidate that passed there cut under 26%
+        # of the FLOPs while L2:0.4, L4:0.2 passes at 63%): search each first-cut layer's own frontier for
         # anything cheaper than the choice so far; deeper first cuts cost more, so the first family
         # with nothing cheaper ends the search
         for f in range(2, L):
@@ -473,7 +528,9 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     s.calibration = {
         "samples": stats.samples,
         "holdout_rows": n_rows,
-        "fidelity": {"metric": "greedy_next_token_agreement", **chosen.measured},
+        "fidelity": {"metric": "greedy_next_token_agreement", **public(chosen.measured)},
+        "stability": stability(validated + ([frontier[-1]] if fidelity is not None else []), chosen,
+                               fidelity, n_rows, seed=seed),
         **mode,
         "seed": seed,
         "search": {

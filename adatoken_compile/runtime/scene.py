@@ -58,7 +58,7 @@ class Scene:
 
 def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
     """Check keys, shapes, dtypes and values; raise a one-line InputError naming the key."""
-    fix = "see the scene format in README.md"
+    fix = "see docs/formats.md (scene .npz)"
     for key, (shape, dtypes) in SCENE_KEYS.items():
         if key not in arrays:
             raise InputError(f"{name}: missing key '{key}' (expected {shape} {dtypes[0].__name__}); {fix}")
@@ -99,12 +99,12 @@ def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
 def load_scene(path: str) -> Scene:
     """Load and validate a scene ``.npz``."""
     if not os.path.exists(path):
-        raise InputError(f"{path}: scene file not found; pass an existing .npz (see README: scene format)")
+        raise InputError(f"{path}: scene file not found; pass an existing .npz (see docs/formats.md: scene .npz)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zipfile / format errors
-        raise InputError(f"{path}: not a readable .npz scene ({type(e).__name__}: {e}); see README: scene format")
+        raise InputError(f"{path}: not a readable .npz scene ({type(e).__name__}: {e}); see docs/formats.md: scene .npz")
     return validate_scene(arrays, name=path)
 
 

@@ -347,7 +347,7 @@ def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
 
 
 def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monkeypatch):
-    """Session 13's run P: the whole frontier cut at layer 1, every layer-1 cut that passed kept most
+    """A proxy that prefers one shape: the whole frontier cut at layer 1, every layer-1 cut that passed kept most
     of the FLOPs, and deeper shapes the frontier never offered passed far cheaper. With agreement
     refusing every cut at layer 1 (and the unpruned model never run: it agrees by construction),
     the fidelity search must find a passing schedule whose first cut is deeper, and the budget
@@ -389,7 +389,7 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
 
 
 def test_a_lucky_point_estimate_does_not_pass(monkeypatch):
-    """Session 11: the cheapest candidate agreeing on 92 of 96 held-back rows (0.958 >= 0.95) was
+    """A lucky point estimate: the cheapest candidate agreeing on 92 of 96 held-back rows (0.958 >= 0.95) was
     chosen and changed 11% of the test answers. A candidate now passes only when the lower end of its
     95% interval reaches the target, so with every cheaper candidate at 92/96 and the dearer ones at
     96/96 the search must return a 96/96 one."""
@@ -547,3 +547,25 @@ def test_fallback_matches_pruned_forward():
     b = _batch(64, 7)
     s = Schedule([Cut(1, 0.5), Cut(2, 0.2)], 4)
     assert torch.allclose(pf.pruned_prefill(model, b, s).logits_last, _fallback_pruned_prefill(model, b, s), atol=1e-5)
+
+
+def test_stability_replays_the_choice_on_bootstrap_resamples():
+    """The stability report replays the fidelity search's choice on resampled held-back rows: a
+    cheapest candidate that agrees everywhere is always chosen again; a borderline cheaper one is
+    chosen in some resamples only, and the shares of all choices add up to one."""
+    from adatoken_compile.calibration.solver import ROW_KEY, Candidate, stability
+
+    def cand(layer, keep, flops, agree, n=100):
+        c = Candidate([Cut(layer, keep)] if layer else [], flops, 0.0)
+        c.measured = {ROW_KEY: [True] * agree + [False] * (n - agree)}
+        return c
+
+    sure, unpruned = cand(1, 0.5, 0.5, 100), cand(0, 1.0, 1.0, 100)
+    st = stability([sure, unpruned], sure, 0.9, 100, resamples=200)
+    assert st["chosen_share"] == 1.0 and st["flops_cut_p5_p95"] == [0.5, 0.5]
+    borderline = cand(1, 0.2, 0.3, 95)  # lower Wilson bound 0.888 < 0.9 on the rows as measured
+    st = stability([borderline, sure, unpruned], sure, 0.9, 100, resamples=400, seed=1)
+    assert 0.5 < st["chosen_share"] < 1.0
+    assert 0.0 < st["choices"]["L1:0.2"] < 0.5
+    assert abs(sum(st["choices"].values()) - 1.0) < 1e-9
+    assert st["flops_cut_p5_p95"][0] == 0.5 and st["flops_cut_p5_p95"][1] == 0.7

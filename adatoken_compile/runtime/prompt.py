@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.scene import _resize_crop_params
+from adatoken_compile.runtime.scene import resize_crop_params
 
 IMAGE_TOKEN_INDEX = -200
 BOXES_TOKEN_INDEX = -300
@@ -55,7 +55,7 @@ def preprocess_image(image: np.ndarray, size: int, mean, std) -> np.ndarray:
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise InputError(f"image has shape {img.shape} dtype {img.dtype}, expected (H,W,3) uint8 RGB")
     H, W = img.shape[:2]
-    nh, nw, top, left = _resize_crop_params(H, W, size)
+    nh, nw, top, left = resize_crop_params(H, W, size)
     if (nh, nw) != (H, W):
         img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
     img = img[top : top + size, left : left + size].astype(np.float32) / 255.0

@@ -10,6 +10,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from reference_model.targets import packed_sequence, qa_targets
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """``main(["--threads", N, ...])`` sets torch's process-wide thread count, as the command line
+    should; each test gives it back so that the next one runs as configured."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def test_packed_questions_equal_separate_sequences():
     """Packing k questions behind one copy of the scene with the block mask and per-question
     position ids gives each question exactly the logits of its own unpacked sequence."""
@@ -597,12 +606,10 @@ def test_workers_lend_their_cores_back_after_the_first_epoch(tmp_path, monkeypat
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    before = torch.get_num_threads()
     tr.main(["--out", str(tmp_path / "m"), "--scenes", "3", "--epochs", "2", "--vision-scenes", "2",
              "--vision-steps", "2", "--vision-views", "2", "--threads", "2", "--workers", "1"])
     assert at_step == [2, 2] + [1, 1, 1] + [2, 2, 2], at_step  # stage 1, epoch 1, epoch 2
     assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
 
 
 def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order():

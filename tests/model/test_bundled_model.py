@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 
@@ -28,6 +29,12 @@ def test_bundled_layout_and_provenance(bundled):
     assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "mlp2x_gelu"
     assert cfg["num_hidden_layers"] >= 6
     prov = json.load(open(os.path.join(d, "TRAINING.json")))
+    # the recorded command retrains these weights from the repository root into this folder
+    # (tests/training checks that it parses into the recipe recorded here)
+    argv = shlex.split(prov["command"])
+    assert argv[:3] == ["python", "-m", "reference_model.train"]
+    out = argv[argv.index("--out") + 1]
+    assert out == "adatoken_compile/models/llava3d_tiny" and os.path.abspath(d).replace(os.sep, "/").endswith("/" + out)
     assert isinstance(prov["seed"], int) and prov["data"]["split"] == "train"
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
     assert total < 40 * 2**20

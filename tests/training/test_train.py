@@ -635,3 +635,37 @@ def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order()
 
 def test_negative_workers_is_a_one_line_error(tmp_path, capsys):
     assert "--workers -1" in train_error(tmp_path, capsys, "--workers", "-1")
+
+
+def test_bundled_model_command_reproduces_its_recorded_recipe():
+    """The command in the bundled model's TRAINING.json, parsed by this command line, comes to
+    exactly the settings TRAINING.json records for those weights: run from the repository root, it
+    retrains them into their own folder."""
+    import json
+    import os
+    import shlex
+    from types import SimpleNamespace
+
+    from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL
+    from reference_model.loop import provenance
+    from reference_model.schedule import StepPlan
+    from reference_model.train import command_line, config_from_args, parser
+    from reference_model.vision import stage1_settings
+
+    prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))
+    argv = shlex.split(prov["command"])
+    assert argv[:3] == ["python", "-m", "reference_model.train"] and command_line(argv[3:]) == prov["command"]
+    a = parser().parse_args(argv[3:])
+    assert os.path.abspath(BUNDLED[DEFAULT_MODEL]).replace(os.sep, "/").endswith("/" + a.out)
+    assert (a.threads, a.workers, a.vision_cache) == (2, 1, None)  # the 58.6-minute setting, no cached tower
+    cfg = config_from_args(a)
+    v = cfg.vision
+    settings = stage1_settings(cfg.seed, v.scenes, v.steps, v.object_weight, v.views)
+    stats = {k: prov["vision_pretraining"][k] for k in ("patch_class_acc", "patch_colour_acc")}
+    d = prov["decoder_training"]
+    run = SimpleNamespace(plan=StepPlan.of(cfg), step=d["steps"], metrics=SimpleNamespace(losses=[d["final_loss"]]),
+                          count_w=d["count_balance"], train_lo=0)
+    want = provenance(cfg, run, settings, stats, 0.0, prov["command"])
+    assert d["steps"] == run.plan.total
+    for key in ("command", "seed", "decoder_seed", "data", "vision_pretraining", "decoder_training"):
+        assert json.loads(json.dumps(want[key])) == prov[key], key

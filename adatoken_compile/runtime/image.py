@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from .scene import _resize_crop_params
+from .scene import resize_crop_params
 
 
 def load_image(path: str) -> np.ndarray:
@@ -30,7 +30,7 @@ def preprocess_image(image: np.ndarray, size: int, mean, std) -> np.ndarray:
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise InputError(f"image has shape {img.shape} dtype {img.dtype}, expected (H,W,3) uint8 RGB")
     H, W = img.shape[:2]
-    nh, nw, top, left = _resize_crop_params(H, W, size)
+    nh, nw, top, left = resize_crop_params(H, W, size)
     if (nh, nw) != (H, W):
         img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
     img = img[top : top + size, left : left + size].astype(np.float32) / 255.0

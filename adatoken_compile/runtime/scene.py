@@ -119,7 +119,7 @@ class Preprocessed:
     poses: np.ndarray  # (V, 4, 4) float64
 
 
-def _resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
+def resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
     """Shortest side -> size (as CLIPImageProcessor), then centre crop size x size."""
     if H <= W:
         nh, nw = size, int(round(W * size / H))
@@ -132,7 +132,7 @@ def _resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
 
 def preprocess_scene(scene: Scene, image_size: int, mean, std) -> Preprocessed:
     V, H, W, _ = scene.images.shape
-    nh, nw, top, left = _resize_crop_params(H, W, image_size)
+    nh, nw, top, left = resize_crop_params(H, W, image_size)
     pix = np.empty((V, 3, image_size, image_size), np.float32)
     dep = np.empty((V, image_size, image_size), np.float32)
     mean = np.asarray(mean, np.float32).reshape(3, 1, 1)

@@ -1,10 +1,10 @@
 """Parity of compiled artifacts with the PyTorch reference (the README's bench section).
 
-    OMP_NUM_THREADS=2 python docs/experiments/parity.py runs/quickstart/artifacts/adaptive \
+    OMP_NUM_THREADS=2 python -m reference_model.experiments.parity runs/quickstart/artifacts/adaptive \
         runs/quickstart/artifacts/identity [--n 16] [--batch 4]
 
 For each artifact: the first N test questions of the bundled model in padded batches, last-token
-logits of ``prefill.onnx`` (ONNX Runtime CPU) against ``pruned_forward.pruned_prefill`` with the
+logits of ``prefill.onnx`` (ONNX Runtime CPU) against ``compiler.reference.pruned_prefill`` with the
 artifact's own schedule; prints the max |ORT - PyTorch| and whether the kept indices agree.
 """
 import argparse

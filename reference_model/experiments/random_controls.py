@@ -1,5 +1,8 @@
 """Random control at the peers' token counts (pdrop, adatoken-decay) on the first 500 test questions,
-through the PyTorch reference.  OMP_NUM_THREADS=2 python docs/experiments/random_controls.py"""
+through the PyTorch reference.
+
+    OMP_NUM_THREADS=2 python -m reference_model.experiments.random_controls
+"""
 from adatoken_compile.benchmark3d.dataset import iter_samples
 from adatoken_compile.evaluation.accuracy import evaluate, pruned_answer_fn
 from adatoken_compile.models.registry import DEFAULT_MODEL, load_adapter

@@ -1,6 +1,6 @@
 """Where does a relation question lose its inputs? Ridge probes on a checkpoint's hidden states.
 
-    python docs/experiments/relation_probe.py MODEL_DIR [SCENES] [RIDGE]
+    python -m reference_model.experiments.relation_probe MODEL_DIR [SCENES] [RIDGE]
 
 Runs the checkpoint (through its own adapter) on every relation question ("which is closer to the
 red object, the blue one or the green one?") of validation scenes 1,000,000 .. +SCENES (default
@@ -17,19 +17,19 @@ the rest (R^2 on held-out rows):
   at each colour word (d1 - d2 is not linear in the positions: a linear probe finds it only where
   the model has computed it).
 
-Not part of the package or its tests: a diagnostic whose numbers the README quotes.
+A diagnostic whose numbers MODEL_CARD.md quotes.
 """
 import sys
 
 import numpy as np
 import torch
-from _probe import fit_ridge
 
 from adatoken_compile.benchmark3d.questions import floor_distance, questions_for
 from adatoken_compile.benchmark3d.world import CLASSES, COLOR_NAMES
 from adatoken_compile.models.llava3d import Llava3DAdapter, splice
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX
-from reference_model.train import _render
+from reference_model.experiments.probes import fit_ridge
+from reference_model.scenes import render
 
 torch.set_num_threads(1)
 ad = Llava3DAdapter(sys.argv[1])
@@ -42,7 +42,7 @@ xy = {k: [] for k in WORDS}
 cls = {k: [] for k in WORDS}
 diff, pos3, scene_of = [], [], []
 for si, seed in enumerate(range(1_000_000, 1_000_000 + n_scenes)):
-    info, r = _render(seed)
+    info, r = render(seed)
     rel = [q for q in questions_for(info) if q.kind == "relation"]
     if not rel:
         continue

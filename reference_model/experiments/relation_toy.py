@@ -1,9 +1,9 @@
 """Can llava3d-tiny's decoder learn a distance comparison, and with which supervision? A toy.
 
-    python docs/experiments/relation_toy.py                      # answer at the last token only
-    python docs/experiments/relation_toy.py --dense               # also at the c2 word (as --dense-from key-word)
-    python docs/experiments/relation_toy.py --locate 1            # + each colour word reads its object's xy after layer 2
-    python docs/experiments/relation_toy.py --locate 1 --dist 1   # + c1 / c2 words read their distance to c0 after layer 4
+    python -m reference_model.experiments.relation_toy                      # answer at the last token only
+    python -m reference_model.experiments.relation_toy --dense               # also at the c2 word (as --dense-from key-word)
+    python -m reference_model.experiments.relation_toy --locate 1            # + each colour word reads its object's xy after layer 2
+    python -m reference_model.experiments.relation_toy --locate 1 --dist 1   # + c1 / c2 words read their distance to c0 after layer 4
 
 The same decoder as the bundled model (Llama, 8 layers x 128, 4 heads, FFN 384, text embeddings
 std 0.3, RoPE theta 1e6, mlp2x_gelu projector, AdamW) reads a "scene" of 4-6 objects, each of a
@@ -13,7 +13,7 @@ the position feature is a fixed random linear map of the object's floor position
 ``which c0 c1 c2 ?``. It must answer the colour of whichever of c1 / c2 is closer to c0 (the two
 distances differ by >= 0.5 m; chance 0.5). The read-outs are training-only linear heads, as the
 training options --locate-weight / --distance-weight. Prints the answer accuracy at the last
-token over the last 100 steps. Not part of the package or its tests: a diagnostic the README quotes.
+token over the last 100 steps. A diagnostic whose numbers MODEL_CARD.md quotes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reference_model.train import DECODER
+from reference_model.config import DECODER
 
 COLOURS = 6
 WHICH, QMARK = 20, 21  # token ids; colour c is token c
@@ -68,7 +68,7 @@ def main() -> None:
         q = torch.tensor([WHICH, int(cols[0]), int(cols[1]), int(cols[2]), QMARK])
         return t[torch.randperm(len(t))], q, int(cols[1] if d1 < d2 else cols[2]), xy[:3], torch.stack([d1, d2])
 
-    t0, acc = time.time(), []
+    t_start, acc = time.time(), []
     for step in range(a.steps):
         items = [item() for _ in range(a.batch)]
         L = max(len(t) for t, *_ in items)
@@ -93,7 +93,7 @@ def main() -> None:
         opt.step()
         acc.append((out.logits[:, -1].argmax(-1) == lab[:, -1]).float().mean().item())
         if step % 100 == 99:
-            print(f"step {step + 1} loss {loss.item():.3f} acc {sum(acc[-100:]) / 100:.3f} {time.time() - t0:.0f}s",
+            print(f"step {step + 1} loss {loss.item():.3f} acc {sum(acc[-100:]) / 100:.3f} {time.time() - t_start:.0f}s",
                   flush=True)
 
 

@@ -3,19 +3,19 @@
 adatoken-decay's and the main job's adaptive cuts, on the first 500 test questions, through the
 PyTorch reference with token_drop.score_for / select_tokens patched.
 
-    OMP_NUM_THREADS=2 python docs/experiments/tail_scoring.py
+    OMP_NUM_THREADS=2 python -m reference_model.experiments.tail_scoring
 """
 import math
 
 import torch
-from adatoken_compile.compiler import reference as pf
+
 from adatoken_compile.benchmark3d.dataset import iter_samples
+from adatoken_compile.calibration.policies import peer_schedule
 from adatoken_compile.evaluation.accuracy import evaluate, pruned_answer_fn
 from adatoken_compile.models.registry import DEFAULT_MODEL, load_adapter
-from adatoken_compile.calibration.policies import peer_schedule
+from adatoken_compile.passes import token_drop as td  # the functions the PyTorch reference calls
 from adatoken_compile.schedule import Cut, Schedule
 
-td = pf.td
 orig_score, orig_select = td.score_for, td.select_tokens
 
 

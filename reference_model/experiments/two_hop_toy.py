@@ -1,9 +1,9 @@
 """Why llava3d-tiny's decoder stalls at the text-only prior: a toy of its look-up task.
 
-    python docs/experiments/two_hop_toy.py --label end             # answer at the last prompt token
-    python docs/experiments/two_hop_toy.py --label word            # answer at the class word itself
-    python docs/experiments/two_hop_toy.py --label dense           # both (deep supervision)
-    python docs/experiments/two_hop_toy.py --label dense --same-scene   # one scene per batch
+    python -m reference_model.experiments.two_hop_toy --label end             # answer at the last prompt token
+    python -m reference_model.experiments.two_hop_toy --label word            # answer at the class word itself
+    python -m reference_model.experiments.two_hop_toy --label dense           # both (deep supervision)
+    python -m reference_model.experiments.two_hop_toy --label dense --same-scene   # one scene per batch
 
 The same decoder as the bundled model (Llama, 8 layers x 128, 4 heads, FFN 384, text embeddings
 std 0.3, mlp2x_gelu projector, AdamW 1e-3) reads a "scene" of 3-5 objects, each 20-50 tokens of
@@ -14,7 +14,7 @@ colour (6 colours; chance 0.17; guessing the scene's most frequent colour gives 
 ``--label word`` is a one-hop look-up (the class word's own position queries the scene);
 ``--label end`` needs two hops (the last token must first fetch the class word, then the scene).
 Prints steps, loss and the answer accuracy at the last token over the last 50 steps.
-Not part of the package or its tests: a diagnostic whose numbers the README quotes.
+A diagnostic whose numbers MODEL_CARD.md quotes.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
             ls.append(lab)
         return torch.stack(xs), torch.stack(ls)
 
-    t0, acc = time.time(), []
+    t_start, acc = time.time(), []
     for step in range(a.steps):
         x, lab = batch()
         out = lm(inputs_embeds=x).logits
@@ -93,7 +93,7 @@ def main() -> None:
         pos = -1 if a.label != "word" else -2
         acc.append((out[:, pos].argmax(-1) == lab[:, pos]).float().mean().item())
         if step % 50 == 49:
-            print(f"step {step + 1} loss {loss.item():.3f} acc {sum(acc[-50:]) / 50:.3f} {time.time() - t0:.0f}s",
+            print(f"step {step + 1} loss {loss.item():.3f} acc {sum(acc[-50:]) / 50:.3f} {time.time() - t_start:.0f}s",
                   flush=True)
 
 

@@ -1,6 +1,6 @@
 """Linear probes on a llava3d-tiny checkpoint's voxel tokens: can object class and colour be read?
 
-    python docs/experiments/voxel_probe.py MODEL_DIR
+    python -m reference_model.experiments.voxel_probe MODEL_DIR
 
 Renders training scenes 0..39, pools per-voxel features through the checkpoint's own adapter
 modules at three points (tower features without the 3D position embedding, with it, after the
@@ -8,20 +8,21 @@ projector), labels each voxel with the majority class/colour of its patches (ren
 map), fits a linear probe on 30 scenes and reports accuracy on the other 10, over all voxels and
 over object voxels only; and a ridge regression of each voxel's centre (x, y, z in metres) from
 the same features, R^2 and rms error on the 10 test scenes (how linearly a token says where it
-is, which distance questions need). Not part of the package or its tests: a diagnostic the README quotes.
+is, which distance questions need). A diagnostic whose numbers MODEL_CARD.md quotes.
 """
 import sys, torch, numpy as np
-from _probe import fit_linear_probe, fit_ridge
 from adatoken_compile.models.llava3d import Llava3DAdapter
 from adatoken_compile.runtime.scene import voxelize
-from reference_model.train import ROOM_LABELS, VISION, _patch_labels, _render, voxel_majority
+from reference_model.experiments.probes import fit_linear_probe, fit_ridge
+from reference_model.scenes import ROOM_LABELS, render, render_labels
+from reference_model.targets import voxel_majority
 torch.set_num_threads(2)
 torch.manual_seed(0)  # the probes' initialisation
 ad = Llava3DAdapter(sys.argv[1])
 rows = {"raw": [], "raw+pe": [], "projected": []}; ycls, ycol, norms, centres = [], [], [], []
 for seed in range(0, 40):
-    info, r = _render(seed)
-    c, k, _, _ = _patch_labels(r.instance, info, *r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
+    info, r = render(seed)
+    c, k, _, _ = render_labels(r, info)
     with torch.no_grad():
         feats, xyz = ad.spatial_features(r.scene)  # (V*P, Dv) incl. PE
         pe = ad.pe3d(torch.as_tensor(xyz, dtype=torch.float32).reshape(-1, 3))

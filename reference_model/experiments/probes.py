@@ -1,5 +1,5 @@
-"""The linear probe both diagnostics fit (standardised features, Adam 1e-2, 400 full-batch steps),
-and the ridge regression voxel_probe.py fits for positions."""
+"""The probes the diagnostics fit: a linear classifier (standardised features, Adam 1e-2, 400
+full-batch steps) and a ridge regression."""
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
-"""Training-sequence construction of the bundled model (reference_model.train)."""
+"""Training of the bundled model llava3d-tiny (reference_model): packed sequences, targets, read-outs,
+schedules, the command line, and whole tiny runs through ``python -m reference_model.train``'s ``main``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reference_model.train import packed_sequence, qa_targets
+from reference_model.targets import packed_sequence, qa_targets
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """``main(["--threads", N, ...])`` sets torch's process-wide thread count, as the command line
+    should; each test gives it back so that the next one runs as configured."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def test_packed_questions_equal_separate_sequences():
@@ -49,7 +59,7 @@ def test_dense_targets_start_at_the_last_class_or_colour_word():
     from adatoken_compile.benchmark3d.questions import TEMPLATES, questions_for, text_words
     from adatoken_compile.benchmark3d.world import CLASSES, COLOR_NAMES, PLURALS, make_world
     from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
-    from reference_model.train import key_word_ids, key_word_position, training_tokenizer
+    from reference_model.text import key_word_ids, key_word_position, training_tokenizer
 
     _, dense = qa_targets(8, [40, 2], dense=True, dense_from=5)
     assert dense == [-100] * 5 + [40, 40] + [-100] * 3  # positions 5 and 6; 7 carries the main label
@@ -76,7 +86,7 @@ def test_dense_targets_start_at_the_last_class_or_colour_word():
 
 
 def test_voxel_majority_votes_per_voxel():
-    from reference_model.train import voxel_majority
+    from reference_model.targets import voxel_majority
 
     labels = torch.tensor([3, 3, 0, 5, 5, 4, 1, 2])
     inverse = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])  # patch -> voxel
@@ -85,7 +95,9 @@ def test_voxel_majority_votes_per_voxel():
 
 
 def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsys):
-    from reference_model.train import VISION, data_fingerprint, vision_stage
+    from reference_model.config import VISION
+    from reference_model.scenes import data_fingerprint
+    from reference_model.vision import vision_stage
 
     cache = str(tmp_path / "tower.pt")
     first, settings, _ = vision_stage(0, scenes=1, steps=1, views=2, object_weight=5.0, cache=cache)
@@ -116,7 +128,8 @@ def test_vision_stage_cache_is_reused_only_for_the_same_settings(tmp_path, capsy
 
 
 def test_object_targets_and_class_colour_loss():
-    from reference_model.train import ROOM_LABELS, class_colour_loss, object_targets
+    from reference_model.scenes import ROOM_LABELS
+    from reference_model.targets import class_colour_loss, object_targets
 
     vc = torch.tensor([0, ROOM_LABELS, ROOM_LABELS + 1, ROOM_LABELS + 4, 2])
     vk = torch.tensor([0, 2, 0, 1, 0])  # the second object voxel's colour vote went to "no colour"
@@ -187,7 +200,8 @@ def test_locate_targets_name_the_single_object_of_each_word():
     import numpy as np
 
     from adatoken_compile.benchmark3d.questions import q_closer, q_count
-    from reference_model.train import locate_targets, training_tokenizer, word_of_key_token
+    from reference_model.targets import locate_targets
+    from reference_model.text import training_tokenizer, word_of_key_token
 
     info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 5.0, 3.0), ("box", "green", 3.0, 0.5), ("chair", "green", 2.0, 3.0))
     tok = training_tokenizer()
@@ -209,7 +223,7 @@ def test_count_answer_weights_give_every_answer_the_same_total():
     from collections import Counter
 
     from adatoken_compile.benchmark3d.world import CLASSES, MAX_COUNT, make_world
-    from reference_model.train import count_answer_weights
+    from reference_model.scenes import count_answer_weights
 
     infos = [make_world(s) for s in range(200)]
     w = count_answer_weights(infos)
@@ -222,7 +236,7 @@ def test_count_answer_weights_give_every_answer_the_same_total():
 
 
 def test_weighted_cross_entropy_is_the_plain_mean_at_equal_weights():
-    from reference_model.train import weighted_cross_entropy
+    from reference_model.targets import weighted_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 11, generator=g)
@@ -239,7 +253,7 @@ def test_weighted_cross_entropy_is_the_plain_mean_at_equal_weights():
 
 def test_more_relation_draws_add_relation_questions_only():
     from adatoken_compile.benchmark3d.world import make_world
-    from reference_model.train import training_questions
+    from reference_model.scenes import training_questions
 
     more_total = 0
     for s in range(20):
@@ -254,7 +268,7 @@ def test_more_relation_draws_add_relation_questions_only():
 
 
 def test_template_curriculum_phases_are_cumulative_then_everything(tmp_path, capsys):
-    from reference_model.train import curriculum_templates
+    from reference_model.schedule import curriculum_templates
 
     stages = (("exist", "class_of_color"), ("color_of_class",), ("count",))
     assert curriculum_templates(stages, 10, 0) == curriculum_templates(stages, 10, 9) == {"exist", "class_of_color"}
@@ -273,7 +287,7 @@ def test_recorded_command_can_be_typed_again():
 
     from reference_model.train import command_line
 
-    argv = ["--out", "/tmp/a b", "--template-curriculum", "exist,class_of_color;color_of_class;count", "--seed", "3"]
+    argv = ["--out", "runs/a b", "--template-curriculum", "exist,class_of_color;color_of_class;count", "--seed", "3"]
     cmd = command_line(argv)
     assert cmd.startswith("python -m reference_model.train ")
     assert shlex.split(cmd)[3:] == argv  # a shell splits it back into the same arguments
@@ -325,7 +339,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
 
 
 def test_first_of_instance_marks_the_first_token_of_each_object():
-    from reference_model.train import first_of_instance
+    from reference_model.targets import first_of_instance
 
     assert first_of_instance(torch.tensor([-1, 2, 2, -1, 0, 2, 1, 0, -1])).nonzero().squeeze(1).tolist() == [1, 4, 6]
     assert not first_of_instance(torch.full((4,), -1)).any()
@@ -343,8 +357,9 @@ def test_instance_markers_count_the_objects_of_rendered_scenes():
     from adatoken_compile.benchmark3d.world import CLASSES, make_world
     from adatoken_compile.models.testing import CLIP_MEAN, CLIP_STD
     from adatoken_compile.runtime.scene import preprocess_scene, unproject_patches, voxelize
-    from reference_model.train import (ROOM_LABELS, VISION, _patch_instances, _patch_labels, instance_markers,
-                                        voxel_majority)
+    from reference_model.config import VISION
+    from reference_model.scenes import ROOM_LABELS, patch_instances, patch_labels
+    from reference_model.targets import instance_markers, voxel_majority
 
     agree, pairs = 0, 0
     for seed in range(8):
@@ -354,8 +369,8 @@ def test_instance_markers_count_the_objects_of_rendered_scenes():
         vm = voxelize(unproject_patches(pre.depths, pre.intrinsics, pre.poses, VISION["patch_size"]).reshape(-1, 3))
         inv = torch.from_numpy(vm.inverse)
         hw = (*r.scene.images.shape[1:3], VISION["image_size"], VISION["patch_size"])
-        vc = voxel_majority(torch.from_numpy(_patch_labels(r.instance, info, *hw)[0].reshape(-1)), inv, vm.num_tokens)
-        vi = voxel_majority(_patch_instances(r.instance, *hw), inv, vm.num_tokens) - 1
+        vc = voxel_majority(torch.from_numpy(patch_labels(r.instance, info, *hw)[0].reshape(-1)), inv, vm.num_tokens)
+        vi = voxel_majority(patch_instances(r.instance, *hw), inv, vm.num_tokens) - 1
         on, mark = instance_markers(vc, vi)
         assert int(mark.sum()) == len(set(vi[on].tolist()))  # one marker per object seen
         for i, c in enumerate(CLASSES):
@@ -365,7 +380,7 @@ def test_instance_markers_count_the_objects_of_rendered_scenes():
 
 
 def test_balanced_bce_weighs_the_rare_class_like_the_rest():
-    from reference_model.train import balanced_bce
+    from reference_model.targets import balanced_bce
 
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     target = torch.tensor([True] + [False] * 99)
@@ -381,7 +396,7 @@ def test_balanced_bce_weighs_the_rare_class_like_the_rest():
 def test_lr_factor_cosine_by_default_and_stable_then_decay():
     import math
 
-    from reference_model.train import lr_factor
+    from reference_model.schedule import lr_factor
 
     for p in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):  # the whole-run cosine the recorded commands used
         assert lr_factor(p) == 0.5 * (1 + math.cos(math.pi * p))
@@ -398,7 +413,7 @@ def test_bad_lr_decay_frac_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_position_targets_are_metres_from_the_room_centre_halved():
-    from reference_model.train import position_targets
+    from reference_model.targets import position_targets
 
     room = [4.0, 6.0, 3.0]
     got = position_targets(torch.tensor([[2.0, 3.0, 1.5], [4.0, 6.0, 3.0], [0.0, 1.0, 0.5]]), room)
@@ -413,7 +428,7 @@ def test_bad_position_weight_or_pe_scale_is_a_one_line_error(tmp_path, capsys):
 def _relation_room():
     """A room for the relation read-outs' targets (red at (1, 1), blue (4, 5), green (1, 3), two
     yellow chairs), the training tokenizer and its key-word table."""
-    from reference_model.train import training_tokenizer, word_of_key_token
+    from reference_model.text import training_tokenizer, word_of_key_token
 
     info = _room(("ball", "red", 1.0, 1.0), ("box", "blue", 4.0, 5.0), ("box", "green", 1.0, 3.0),
                  ("chair", "yellow", 2.0, 3.0), ("chair", "yellow", 5.0, 1.0))
@@ -423,7 +438,7 @@ def _relation_room():
 
 def test_distance_targets_are_the_two_compared_floor_distances():
     from adatoken_compile.benchmark3d.questions import q_closer, q_closer_yesno, q_count
-    from reference_model.train import distance_targets
+    from reference_model.targets import distance_targets
 
     info, tok, word_of = _relation_room()
 
@@ -440,7 +455,7 @@ def test_distance_targets_are_the_two_compared_floor_distances():
 
 def test_candidate_distance_targets_sit_at_the_candidate_words():
     from adatoken_compile.benchmark3d.questions import q_closer, q_closer_yesno, q_count, q_farther
-    from reference_model.train import candidate_distance_targets
+    from reference_model.targets import candidate_distance_targets
 
     info, tok, word_of = _relation_room()
     s = _question_suffix(tok, q_closer("red", "blue", "green"))
@@ -460,7 +475,7 @@ def test_candidate_distance_targets_sit_at_the_candidate_words():
 
 def test_compare_target_sits_at_the_second_candidate_and_says_whether_the_first_is_closer():
     from adatoken_compile.benchmark3d.questions import q_closer, q_closer_yesno, q_count, q_farther
-    from reference_model.train import compare_targets
+    from reference_model.targets import compare_targets
 
     info, tok, word_of = _relation_room()
     # red-blue 5 m, red-green 2 m: the first candidate (blue) is not the closer one; read at green's word
@@ -508,13 +523,13 @@ def test_bad_read_out_weight_or_layer_is_a_one_line_error(tmp_path, capsys, flag
 
 
 def test_room_keep_share_phases_in_holds_then_keeps_the_whole_scene():
-    from reference_model.train import room_keep_share
+    from reference_model.schedule import room_keep_share
 
     # --bg-curriculum over 4 steps to 0.2, --bg-hold until step 10, then whole scenes
     assert [room_keep_share(s, 4, 10, 0.2) for s in (0, 2)] == [0.0, 0.1]
     assert [room_keep_share(s, 4, 10, 0.2) for s in (4, 9)] == [0.2, 0.2]
     assert room_keep_share(10, 4, 10, 0.2) is None and room_keep_share(50, 4, 10, 0.2) is None
-    # no hold: the curriculum ends in whole scenes (as before --bg-hold); no curriculum: hold from step 0
+    # no hold: the curriculum ends in whole scenes; no curriculum: hold from step 0
     assert room_keep_share(3, 4, 0, 1.0) == 0.75 and room_keep_share(4, 4, 0, 1.0) is None
     assert room_keep_share(0, 0, 3, 0.3) == 0.3 and room_keep_share(3, 0, 3, 0.3) is None
     assert room_keep_share(0, 0, 0) is None
@@ -558,9 +573,10 @@ def test_workers_render_ahead_and_train_the_same_weights_bit_for_bit(tmp_path, m
     reads the cache the workers filled)."""
     from safetensors.torch import load_file
 
+    import reference_model.loop as loop
     import reference_model.train as tr
 
-    monkeypatch.setattr(tr, "record_eval", lambda out_dir: None)  # the subject is the weights, not the CI sample
+    monkeypatch.setattr(loop, "record_eval", lambda out_dir: None)  # the subject is the weights, not the CI sample
     common = ["--scenes", "3", "--epochs", "2", "--vision-scenes", "3", "--vision-steps", "2", "--vision-views", "2",
               "--threads", "1", "--instance-weight", "0.5", "--locate-weight", "0.5", "--relation-draws", "2"]
     tr.main(["--out", str(tmp_path / "serial"), *common])
@@ -568,7 +584,7 @@ def test_workers_render_ahead_and_train_the_same_weights_bit_for_bit(tmp_path, m
     def not_here(*a):
         raise AssertionError("with --workers the training process renders no stage-2 scene itself")
 
-    monkeypatch.setattr(tr, "scene_entry", not_here)
+    monkeypatch.setattr(loop, "scene_entry", not_here)
     tr.main(["--out", str(tmp_path / "workers"), "--workers", "2", *common])
     for part in ("model.safetensors", "vision_tower/model.safetensors"):
         a, b = (load_file(str(tmp_path / m / part)) for m in ("serial", "workers"))
@@ -579,9 +595,10 @@ def test_workers_render_ahead_and_train_the_same_weights_bit_for_bit(tmp_path, m
 def test_workers_lend_their_cores_back_after_the_first_epoch(tmp_path, monkeypatch):
     """--threads 2 --workers 1 on 2 cores: stage 1 trains on both threads; stage 2's first epoch
     trains on one while the worker renders on the other, and every later step on two again."""
+    import reference_model.loop as loop
     import reference_model.train as tr
 
-    monkeypatch.setattr(tr, "record_eval", lambda out_dir: None)
+    monkeypatch.setattr(loop, "record_eval", lambda out_dir: None)
     at_step, step = [], torch.optim.AdamW.step
 
     def recording_step(self, *a, **k):
@@ -589,17 +606,17 @@ def test_workers_lend_their_cores_back_after_the_first_epoch(tmp_path, monkeypat
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    before = torch.get_num_threads()
     tr.main(["--out", str(tmp_path / "m"), "--scenes", "3", "--epochs", "2", "--vision-scenes", "2",
              "--vision-steps", "2", "--vision-views", "2", "--threads", "2", "--workers", "1"])
     assert at_step == [2, 2] + [1, 1, 1] + [2, 2, 2], at_step  # stage 1, epoch 1, epoch 2
     assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
 
 
 def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order():
     from adatoken_compile.models.testing import CLIP_MEAN, CLIP_STD
-    from reference_model.train import SceneCache, ScenePrefetch, scene_entry, vision_stage
+    from reference_model.prefetch import ScenePrefetch
+    from reference_model.scenes import SceneCache, scene_entry
+    from reference_model.vision import vision_stage
 
     vision, _, _ = vision_stage(0, scenes=1, steps=1, views=2)
     pf = ScenePrefetch(vision, [5, 3, 4], workers=2, relation_draws=1, templates=None, instances=False)
@@ -618,3 +635,37 @@ def test_scene_prefetch_returns_the_entries_in_order_and_rejects_another_order()
 
 def test_negative_workers_is_a_one_line_error(tmp_path, capsys):
     assert "--workers -1" in train_error(tmp_path, capsys, "--workers", "-1")
+
+
+def test_bundled_model_command_reproduces_its_recorded_recipe():
+    """The command in the bundled model's TRAINING.json, parsed by this command line, comes to
+    exactly the settings TRAINING.json records for those weights: run from the repository root, it
+    retrains them into their own folder."""
+    import json
+    import os
+    import shlex
+    from types import SimpleNamespace
+
+    from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL
+    from reference_model.loop import provenance
+    from reference_model.schedule import StepPlan
+    from reference_model.train import command_line, config_from_args, parser
+    from reference_model.vision import stage1_settings
+
+    prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))
+    argv = shlex.split(prov["command"])
+    assert argv[:3] == ["python", "-m", "reference_model.train"] and command_line(argv[3:]) == prov["command"]
+    a = parser().parse_args(argv[3:])
+    assert os.path.abspath(BUNDLED[DEFAULT_MODEL]).replace(os.sep, "/").endswith("/" + a.out)
+    assert (a.threads, a.workers, a.vision_cache) == (2, 1, None)  # the 58.6-minute setting, no cached tower
+    cfg = config_from_args(a)
+    v = cfg.vision
+    settings = stage1_settings(cfg.seed, v.scenes, v.steps, v.object_weight, v.views)
+    stats = {k: prov["vision_pretraining"][k] for k in ("patch_class_acc", "patch_colour_acc")}
+    d = prov["decoder_training"]
+    run = SimpleNamespace(plan=StepPlan.of(cfg), step=d["steps"], metrics=SimpleNamespace(losses=[d["final_loss"]]),
+                          count_w=d["count_balance"], train_lo=0)
+    want = provenance(cfg, run, settings, stats, 0.0, prov["command"])
+    assert d["steps"] == run.plan.total
+    for key in ("command", "seed", "decoder_seed", "data", "vision_pretraining", "decoder_training"):
+        assert json.loads(json.dumps(want[key])) == prov[key], key

@@ -10,7 +10,7 @@ Definitions (also in docs/results.md):
   the 25th/75th percentiles as spread.
 * FLOPs: :mod:`adatoken_compile.flops` (one formula, stated there) for the sample's real token
   counts, cross-checked against MatMul/Gemm FLOPs counted on the executed ORT graph
-  (:func:`adatoken_compile.benchmarking.measure.flops_from_profile`). End-to-end FLOPs add the decode steps:
+  (:func:`adatoken_compile.benchmarking.profile.flops_from_profile`). End-to-end FLOPs add the decode steps:
   per step and layer, linear 2*(H*(Hq+2Hkv) + Hq*H + 3*H*I) + attention 4*Hq*past_i, + lm_head.
 * ``realized_fraction`` = (1 - latency_ratio) / (1 - flops_ratio): how much of the FLOPs-ideal
   time saving the measurement realises.

@@ -26,5 +26,6 @@ def sample_batches(adapter, samples: Iterable, batch_size: int = BATCH_SIZE) -> 
 
 
 def input_batches(adapter, samples: Iterable, batch_size: int = BATCH_SIZE) -> list:
-    """Decoder inputs only (validation batches: agreement needs no answers)."""
-    return [b for b, _ in sample_batches(adapter, samples, batch_size)]
+    """Decoder inputs only (validation batches: agreement needs no answers); none for no samples."""
+    todo = list(samples)
+    return [b for b, _ in sample_batches(adapter, todo, batch_size)] if todo else []

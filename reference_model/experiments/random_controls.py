@@ -4,7 +4,8 @@ through the PyTorch reference.
     OMP_NUM_THREADS=2 python -m reference_model.experiments.random_controls
 """
 from adatoken_compile.benchmark3d.dataset import iter_samples
-from adatoken_compile.evaluation.accuracy import evaluate, pruned_answer_fn
+from adatoken_compile.evaluation.accuracy import evaluate
+from adatoken_compile.evaluation.answers import reference_answer_fn as pruned_answer_fn
 from adatoken_compile.models.registry import DEFAULT_MODEL, load_adapter
 from adatoken_compile.calibration.policies import peer_schedule
 ad = load_adapter(DEFAULT_MODEL)

@@ -11,7 +11,8 @@ import torch
 
 from adatoken_compile.benchmark3d.dataset import iter_samples
 from adatoken_compile.calibration.policies import peer_schedule
-from adatoken_compile.evaluation.accuracy import evaluate, pruned_answer_fn
+from adatoken_compile.evaluation.accuracy import evaluate
+from adatoken_compile.evaluation.answers import reference_answer_fn as pruned_answer_fn
 from adatoken_compile.models.registry import DEFAULT_MODEL, load_adapter
 from adatoken_compile.passes import token_drop as td  # the functions the PyTorch reference calls
 from adatoken_compile.schedule import Cut, Schedule

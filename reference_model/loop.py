@@ -218,10 +218,11 @@ def record_eval(model_dir: str, limit: int = 50) -> dict:
     """Evaluate a saved checkpoint through the real adapter on the fixed CI sample
     (``iter_samples("test", limit=50)``) and record the result in its TRAINING.json."""
     from adatoken_compile.benchmark3d.dataset import iter_samples
-    from adatoken_compile.evaluation.accuracy import evaluate, torch_answer_fn
+    from adatoken_compile.evaluation.accuracy import evaluate
+    from adatoken_compile.evaluation.answers import reference_answer_fn
     from adatoken_compile.models.llava3d import Llava3DAdapter
 
-    res = evaluate(torch_answer_fn(Llava3DAdapter(model_dir)), list(iter_samples("test", limit=limit)))
+    res = evaluate(reference_answer_fn(Llava3DAdapter(model_dir)), list(iter_samples("test", limit=limit)))
     path = os.path.join(model_dir, "TRAINING.json")
     with open(path) as f:
         prov = json.load(f)

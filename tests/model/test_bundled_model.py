@@ -7,10 +7,18 @@ import os
 import shlex
 
 import pytest
+import torch
 
 from adatoken_compile.benchmark3d.dataset import iter_samples
-from adatoken_compile.evaluation.accuracy import evaluate, torch_answer_fn
+from adatoken_compile.calibration.api import calibrate
+from adatoken_compile.calibration.batches import sample_batches
+from adatoken_compile.calibration.policies import peer_schedule
+from adatoken_compile.compiler.pipeline import compile_artifact
+from adatoken_compile.compiler.reference import generate
+from adatoken_compile.evaluation.accuracy import evaluate
+from adatoken_compile.evaluation.answers import reference_answer_fn
 from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL, load_adapter
+from adatoken_compile.runtime.engine import load
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +55,16 @@ def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
     check of weights + adapter). The 90% target is measured on the first 2,000 test questions by
     `adatoken-compile eval --limit 2000` (reference_model/MODEL_CARD.md: 91.25%), too slow for CI."""
     assert len(ci_sample) == 50
-    res = evaluate(torch_answer_fn(bundled), ci_sample)
+    res = evaluate(reference_answer_fn(bundled), ci_sample)
     prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))["ci_sample_eval"]
     assert res["n"] == prov["n"] == 50
     assert abs(res["accuracy"] - prov["accuracy"]) <= 1 / 50, (res["accuracy"], prov["accuracy"])
     assert res["accuracy"] >= 0.85, res["accuracy"]
     assert {k: v["n"] for k, v in res["per_kind"].items()} == {k: v["n"] for k, v in prov["per_kind"].items()}
 
-
 def test_solver_meets_budget_on_bundled(bundled, tmp_path):
-    from adatoken_compile.calibration import calibrate
-    from adatoken_compile.evaluation.accuracy import calibration_batches
-
-    sched, stats = calibrate(bundled.decoder, calibration_batches(bundled, "calibration", 16), policy="adaptive",
+    batches = sample_batches(bundled, iter_samples("calibration", limit=16))
+    sched, stats = calibrate(bundled.decoder, batches, policy="adaptive",
                              flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4)
     assert sched.predicted["flops_ratio"] <= 0.5 + 1e-9
     ratios = [c.keep for c in sched.cuts]
@@ -70,12 +75,7 @@ def test_solver_meets_budget_on_bundled(bundled, tmp_path):
 def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, ci_sample, tmp_path):
     """Greedy answers of the ORT artifact (pruned prefill + per-layer KV-cache decode) equal, token
     for token, the PyTorch reference that prunes and decodes the same way."""
-    import torch
 
-    from adatoken_compile.compiler.pipeline import compile_artifact
-    from adatoken_compile.calibration.policies import peer_schedule
-    from adatoken_compile.compiler.decode import generate_pruned
-    from adatoken_compile.runtime.engine import load
 
     L = bundled.arch()["num_layers"]
     sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint())
@@ -96,7 +96,7 @@ def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, c
                 row.append(int(t[b]))
             ort_ids.append(row)
         with torch.no_grad():
-            ref = generate_pruned(bundled.decoder, bundled.prepare(group), sched, max_new_tokens=6,
+            ref = generate(bundled.decoder, bundled.prepare(group), sched, max_new_tokens=6,
                                   eos_token_id=bundled.eos_token_id)
         assert ort_ids == ref
     # the KV cache holds what the schedule's arithmetic says

@@ -30,6 +30,7 @@ SAMPLES = 64  # questions whose attention statistics are mined
 HOLDOUT = 384  # other questions that validate candidate schedules (agreement with the unpruned model)
 HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
 EVAL_DATA = "builtin:test"
+MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
 
 __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compile", "evaluate", "generate", "load",
            "load_model"]
@@ -174,6 +175,12 @@ def compile(model=None, schedule=None, out: str | None = None, *, decode: bool =
 
     if not out:
         raise InputError("compile: pass out=DIR (--out), the artifact directory to write")
+    if opset is not None:
+        import onnx  # the exporter's own dependency: not in the runtime install
+
+        top = onnx.defs.onnx_opset_version()
+        if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
+            raise InputError(f"--opset {opset!r}: give an ONNX opset from {MIN_OPSET} (the exporter's oldest) to {top}")
     check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model)
     return compile_artifact(adapter, _schedule_for(adapter, schedule), out, opset=opset, progress=progress,

@@ -29,7 +29,7 @@ from adatoken_compile.io import check_output
               "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); when neither this "
               f"nor --flops-budget is given: {DEFAULT_FIDELITY}")
 @click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors

@@ -15,7 +15,8 @@ from adatoken_compile.io import check_output
               help="schedule.json from `calibrate` (default: identity, i.e. unpruned)")
 @click.option("--out", "-o", required=True, help="artifact directory to write")
 @click.option("--overwrite", is_flag=True, help="replace an earlier artifact at --out")
-@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--opset", default=None, type=click.IntRange(api.MIN_OPSET, None),
+              help=f"ONNX opset, >= {api.MIN_OPSET} (default: the exporter's)")
 @click.option("--no-decode", is_flag=True, help="skip the decode graph (the artifact then answers 1 token)")
 @user_errors
 def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode):

@@ -99,7 +99,8 @@ def inspect(model, vision_tower, attn, scene, question, as_json):
 
 
 @main.command("make-scene")
-@click.option("--seed", default=2_000_000, show_default=True, type=int, help="scene seed (test split starts at 2,000,000)")
+@click.option("--seed", default=2_000_000, show_default=True, type=click.IntRange(0, None),
+              help="scene seed (test split starts at 2,000,000)")
 @click.option("--out", required=True, help="output .npz")
 @click.option("--overwrite", is_flag=True, help="replace a scene file an earlier make-scene wrote")
 @user_errors
@@ -120,7 +121,7 @@ def make_scene(seed, out, overwrite):
 @click.option("--decoder", default="llama", type=click.Choice(["llama", "qwen2"]), show_default=True)
 @click.option("--layers", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--overwrite", is_flag=True, help="replace an earlier make-tiny output at --out")
 @user_errors
 def make_tiny(out, decoder, layers, shards, seed, overwrite):

@@ -22,12 +22,12 @@ from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.runtime import load
 from adatoken_compile.schedule import Cut, Schedule, identity
 
-from conftest import simple_scene
+from conftest import TINY_CUTS, simple_scene
 
 torch.set_num_threads(1)
 
 LAYERS = 4
-CUTS = [Cut(1, 0.5), Cut(3, 0.25)]
+CUTS = [Cut(*c) for c in TINY_CUTS]
 Q_SHORT = "what is here?"
 Q_LONG = "how many chairs are next to the big red table by the window in this room?"
 
@@ -52,12 +52,11 @@ def schedule_file(schedule, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pruned_art(tiny3d_dir, schedule_file, tmp_path_factory):
+def pruned_art(tiny_artifact):
     """The pruned artifact, compiled through the CLI (also the CLI `compile` test)."""
-    out = str(tmp_path_factory.mktemp("arts") / "pruned")
-    res = CliRunner().invoke(cli_main, ["compile", "--model", tiny3d_dir, "--schedule", schedule_file, "--out", out])
-    assert res.exit_code == 0, res.output
-    assert "prefill" in res.output and "decode" in res.output and "MB" in res.output
+    out, output = tiny_artifact
+    assert "prefill" in output and "decode" in output and "MB" in output
+    assert f"digest     {load(out).manifest.digest}" in output
     return out
 
 

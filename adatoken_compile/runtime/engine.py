@@ -33,8 +33,8 @@ from .image import preprocess_image
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .sampling import check_sampling, make_rng, next_tokens
-from .scene import (Scene, limits, load_scene, pool_numpy, preprocess_scene, unproject_patches, validate_scene,
-                    voxelize)
+from .scene import (Scene, limit_hint, limits, load_scene, pool_numpy, preprocess_scene, unproject_patches,
+                    validate_scene, voxelize)
 from .session import check_graph_io, choose_providers, open_session
 from .settings import read_settings
 from .tokenizer import TextTokenizer
@@ -65,14 +65,16 @@ class Runtime:
         if self.schedule.num_layers != self.num_layers:
             raise InputError(f"{self.path}: schedule of {self.schedule.num_layers} layers in a {self.num_layers}-layer "
                              f"artifact; {RECOMPILE}")
-        if self.input_kind == "scene" and self.pre["max_tokens"] > limits()["spatial_tokens"]:
-            raise InputError(f"{self.path}/{d['preprocess']}: max_tokens {self.pre['max_tokens']} is over the "
-                             f"spatial-token limit of {limits()['spatial_tokens']}; {RECOMPILE}, or set "
-                             "ADATOKEN_COMPILE_MAX_SPATIAL_TOKENS to raise the limit")
+        # the most spatial tokens one prompt can hold: the voxel cap, or an image's patches
+        most = self.pre["max_tokens"] if self.input_kind == "scene" else \
+            (self.pre["image_size"] // self.pre["patch_size"]) ** 2
+        if most > limits()["spatial_tokens"]:
+            raise InputError(f"{self.path}/{d['preprocess']}: up to {most} spatial tokens a prompt, over the limit of "
+                             f"{limits()['spatial_tokens']}; {RECOMPILE}, or {limit_hint('spatial_tokens')}")
         wanted = choose_providers(providers)
         self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
                          for name, g in d["graphs"].items()}
-        check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path)
+        check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE)
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}

@@ -107,9 +107,10 @@ class CheckedSession:
         return outs
 
 
-# what the runtime feeds each graph and reads back from it (names fixed by the compiler)
-def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: int, art: str) -> None:
-    """Refuse, at load, an artifact whose graphs are not the ones the runtime drives."""
+def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: int, art: str, hint: str) -> None:
+    """Refuse, at load, an artifact whose graphs are not the ones the runtime drives: each graph the
+    input kind needs is present, takes only the feeds the runtime gives it and returns what it
+    reads back (names fixed by the compiler)."""
     need = {"prefill": ({"inputs_embeds", "attention_mask", "position_ids", "spatial_mask"},
                         {"logits", *(f"{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers)),
                          *(f"kept.{c}" for c in range(num_cuts))}),
@@ -122,13 +123,11 @@ def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: i
                           {"logits", *(f"present_{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers))})
     for name, (feeds, outs) in need.items():
         if name not in sessions:
-            raise InputError(f"{art}: the artifact has no '{name}' graph, which a {input_kind} model needs; recompile "
-                             "it with `adatoken-compile compile`")
+            raise InputError(f"{art}: the artifact has no '{name}' graph, which a {input_kind} model needs; {hint}")
         s = sessions[name]
         ins = {i.name for i in s.get_inputs()}
         got = {o.name for o in s.get_outputs()}
         extra, missing = sorted(ins - feeds), sorted(outs - got)
         if extra or missing:
             what = f"takes input '{extra[0]}'" if extra else f"lacks output '{missing[0]}'"
-            raise InputError(f"{s.path}: graph '{name}' {what}, not what this runtime drives; recompile it with "
-                             "`adatoken-compile compile`")
+            raise InputError(f"{s.path}: graph '{name}' {what}, not what this runtime drives; {hint}")

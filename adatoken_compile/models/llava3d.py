@@ -107,9 +107,15 @@ def decoder_classes(cfg: dict, where: str):
     raise InputError(f"{where}: model_type '{mt}' is not a LLaVA-3D decoder (expected llava_llama or llava_qwen)")
 
 
-def _new_module(cls, *args, **kw):
-    with no_init_weights():
-        return cls(*args, **kw)
+def _new_module(cls, config, where: str):
+    """``cls(config)`` without initialising weights; a config value the class cannot build from
+    (an unknown activation, malformed rope settings) is one line naming the config file."""
+    try:
+        with no_init_weights():
+            return cls(config)
+    except Exception as e:  # transformers raises KeyError, ValueError, TypeError... for config values
+        raise InputError(f"{where}: {cls.__name__} cannot be built from this config ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); {FIX_CONFIG}") from None
 
 
 def _local_vision_dir(model_dir: str, cfg: dict, override: str | None, where: str) -> str:
@@ -174,14 +180,14 @@ class Llava3DAdapter:
         dec_cfg = _hf_config(cfg_cls, {k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")},
                              where)
         dec_cfg._attn_implementation = attn_implementation
-        self.decoder = _new_module(lm_cls, dec_cfg).to(dtype).eval()
+        self.decoder = _new_module(lm_cls, dec_cfg, where).to(dtype).eval()
 
         # ------------------------------------------------------------- vision tower (local dir)
         self.vision_dir = _local_vision_dir(model_dir, cfg, vision_tower, where)
         vfiles = weight_files(self.vision_dir)
         vcfg = _vision_config(self.vision_dir, vfiles)
         vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
-        vision = _new_module(CLIPVisionModel, vcfg)
+        vision = _new_module(CLIPVisionModel, vcfg, os.path.join(self.vision_dir, "config.json"))
         vsd = load_state_dict(vfiles)
         if vsd and not next(iter(vsd)).startswith("vision_model."):
             vsd = {k.split("vision_tower.", 1)[-1] if "vision_tower." in k else k: v for k, v in vsd.items()}

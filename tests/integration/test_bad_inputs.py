@@ -81,7 +81,7 @@ def adapter(tiny3d_dir):
 
 CHECKPOINT_FIELDS = [("config.json", k) for k in (
     "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-    "vocab_size", "max_position_embeddings", "eos_token_id", "rms_norm_eps", "model_type", "architectures",
+    "vocab_size", "max_position_embeddings", "eos_token_id", "rms_norm_eps", "hidden_act", "model_type", "architectures",
     "mm_hidden_size", "mm_vision_tower", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type")] + [
     ("vision_tower/config.json", k) for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")] + [
     ("vision_tower/preprocessor_config.json", k) for k in ("crop_size", "image_mean", "image_std")] + [
@@ -118,7 +118,7 @@ def test_malformed_checkpoint_files(tiny3d_dir, tmp_path, rel, raw, msg):
     assert code == 2 and msg in out
 
 
-def test_non_finite_weights_and_huge_configs_refused_at_load(tiny3d_dir, tmp_path):
+def test_non_finite_weights_and_unbuildable_configs_refused_at_load(tiny3d_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     d = str(tmp_path / "nan")
@@ -135,6 +135,11 @@ def test_non_finite_weights_and_huge_configs_refused_at_load(tiny3d_dir, tmp_pat
     json.dump(cfg, open(os.path.join(d2, "config.json"), "w"))
     code, out = cli("inspect", "--model", d2)
     assert code == 2 and "the config does not describe these weights" in out
+    cfg = json.load(open(os.path.join(tiny3d_dir, "config.json")))
+    for key, value in (("hidden_act", "nope"), ("rope_parameters", {"rope_type": "nope"})):
+        json.dump({**cfg, key: value}, open(os.path.join(d2, "config.json"), "w"))
+        code, out = cli("inspect", "--model", d2)
+        assert code == 2 and "LlamaForCausalLM cannot be built from this config" in out, out
 
 
 # ----------------------------------------------------------------------------- artifacts

@@ -30,6 +30,7 @@ SAMPLES = 64  # questions whose attention statistics are mined
 HOLDOUT = 384  # other questions that validate candidate schedules (agreement with the unpruned model)
 HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
 EVAL_DATA = "builtin:test"
+MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
 
 __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compile", "evaluate", "generate", "load",
            "load_model"]
@@ -47,6 +48,11 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
         model = load_model("checkpoints/LLaVA-3D-7B", vision_tower="checkpoints/clip-vit-large-patch14-336")
     """
     if model is not None and not isinstance(model, str):
+        from adatoken_compile.contract import Adapter  # torch: not in the runtime install
+
+        if not isinstance(model, Adapter):
+            raise InputError(f"model: expected a checkpoint directory, a bundled name or a loaded model, got "
+                             f"{type(model).__name__}")
         return model
     from adatoken_compile.models.registry import load_adapter  # torch: not in the runtime install
 
@@ -94,23 +100,39 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     """
     from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
     from adatoken_compile.calibration.batches import input_batches, sample_batches
+    from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+    from adatoken_compile.calibration.solver import require_rows
     from adatoken_compile.data import load_samples
     from adatoken_compile.io import check_output
     from adatoken_compile.schedule import Schedule
 
     if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
         raise InputError(f"--holdout {holdout!r}: give a whole number of held-back questions, e.g. --holdout 384")
+    for name, v, lo in (("--samples", samples, 1), ("--start-scene", start_scene, 0), ("--seed", seed, None)):
+        if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
+            raise InputError(f"{name} {v!r}: give a whole number" + (f" >= {lo}" if lo is not None else ""))
+    for name, v, hi in (("--fidelity", fidelity, "1]"), ("--flops-budget", flops_budget, "1)")):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1
+                              or (v == 1 and hi == "1)")):
+            raise InputError(f"{name} {v!r}: give a ratio in (0, {hi}")
+    if policy not in POLICIES:
+        raise InputError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if isinstance(merge, str) or not all(isinstance(m, str) for m in merge):
+        raise InputError("merge: pass a list of calibration directories (--merge DIR, repeated)")
+    if policy == "adaptive" and flops_budget is None:  # the solver's own check, before any mining
+        require_rows(holdout, DEFAULT_FIDELITY if fidelity is None else fidelity, "calibrate")
     if out is not None:
         check_output(out, "calibration", overwrite=overwrite)
-    adapter = load_model(model)
     like_s = Schedule.load(like) if isinstance(like, str) else like
+    shards = [engine.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
+    adapter = load_model(model)
     stats_samples = load_samples(data, limit=samples, start_scene=start_scene)
     hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
               max_validations=max_validations, cache=cache)
     if merge:
-        schedule, stats = engine.calibrate_from_stats(adapter.decoder, [engine.load_stats(d) for d in merge], hold, **kw)
+        schedule, stats = engine.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
     else:
         schedule, stats = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), holdout_batches=hold,
                                            **kw)
@@ -121,11 +143,19 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
 
 
 def _schedule_for(adapter, schedule):
+    """The schedule ``schedule`` names (None: identity), checked against ``adapter``'s model."""
     from adatoken_compile.schedule import Schedule, identity
 
-    if schedule in (None, "none", "identity"):
+    if schedule is None or (isinstance(schedule, str) and schedule in ("none", "identity")):
         return identity(adapter.arch()["num_layers"], fingerprint=adapter.fingerprint(), family=adapter.family)
-    return Schedule.load(schedule) if isinstance(schedule, str) else schedule
+    if isinstance(schedule, str):
+        s, where = Schedule.load(schedule), schedule
+    elif isinstance(schedule, Schedule):
+        s, where = schedule.validate(), "schedule"
+    else:
+        raise InputError(f"schedule: expected a Schedule, a schedule.json path or None, got {type(schedule).__name__}")
+    s.check_model(adapter.fingerprint(), adapter.arch()["num_layers"], where, family=adapter.family)
+    return s
 
 
 def compile(model=None, schedule=None, out: str | None = None, *, decode: bool = True, overwrite: bool = False,
@@ -141,9 +171,17 @@ def compile(model=None, schedule=None, out: str | None = None, *, decode: bool =
         print(man.digest)
     """
     from adatoken_compile.compiler.pipeline import compile_artifact  # torch: not in the runtime install
+    from adatoken_compile.io import check_output
 
     if not out:
         raise InputError("compile: pass out=DIR (--out), the artifact directory to write")
+    if opset is not None:
+        import onnx  # the exporter's own dependency: not in the runtime install
+
+        top = onnx.defs.onnx_opset_version()
+        if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
+            raise InputError(f"--opset {opset!r}: give an ONNX opset from {MIN_OPSET} (the exporter's oldest) to {top}")
+    check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model)
     return compile_artifact(adapter, _schedule_for(adapter, schedule), out, opset=opset, progress=progress,
                             decode=decode, overwrite=overwrite)
@@ -167,11 +205,17 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
         return model.generate(source, question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed)
     from adatoken_compile.compiler.reference import answers  # torch: not in the runtime install
+    from adatoken_compile.runtime.sampling import check_sampling
     from adatoken_compile.runtime.scene import load_scene
     from adatoken_compile.runtime.sample import Sample
 
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    check_sampling(temperature, top_p, seed)
     adapter = load_model(model)
     single = isinstance(question, str)
+    if not single and not isinstance(question, (list, tuple)):
+        raise InputError(f"generate: question must be a string or a list of strings, got {type(question).__name__}")
     sources = [source] if single else list(source) if isinstance(source, (list, tuple)) else [source] * len(question)
     questions = [question] if single else list(question)
     if len(sources) != len(questions):
@@ -232,13 +276,12 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
         res = bench("runs/art", baseline="runs/art0", threads=1)
         print(res["prefill"]["latency_ratio"], res["prefill"]["flops_ratio"])
     """
-    import tempfile
-
     from adatoken_compile.benchmarking.artifacts import bench_artifacts  # torch-free, but profiles with onnx
     from adatoken_compile.data import load_samples
+    from adatoken_compile.io import scratch_dir
 
     samples = load_samples(data, limit=1)
-    with tempfile.TemporaryDirectory(prefix="adatoken-baseline-") as tmp:
+    with scratch_dir("adatoken-baseline-") as tmp:
         if not baseline:
             adapter = load_model(model)
             if adapter.fingerprint() != load(artifact, "cpu", check_hashes=False).manifest.fingerprint:

@@ -12,6 +12,7 @@ accepts that spelling, so they still load.
 from __future__ import annotations
 
 from .errors import InputError
+from .readers import Fields
 
 KEYS = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
 _ALIASES = {"layers": "num_layers"}
@@ -36,6 +37,32 @@ def from_config(config) -> dict:
         raise InputError(f"config: decoder architecture fields missing or not integers ({type(e).__name__}: {e}); "
                          "check num_hidden_layers, hidden_size, num_attention_heads, intermediate_size, vocab_size")
     return validate(arch)
+
+
+def check_config(cfg: dict, where: str, fix: str) -> dict:
+    """Exact types of a checkpoint's raw decoder fields (``config.json`` or its ``text_config``),
+    before transformers builds anything from them; returns the arch dict they describe."""
+    f = Fields(cfg, where, fix)
+    heads = f.integer("num_attention_heads", lo=1, hi=1 << 12)
+    hidden = f.integer("hidden_size", lo=1, hi=1 << 17)
+    kv = f.integer("num_key_value_heads", lo=1, hi=heads, default=None, null=True) or heads
+    head_dim = f.integer("head_dim", lo=1, hi=1 << 12, default=None, null=True)
+    if head_dim is None and hidden % heads:
+        f.fail("hidden_size", f"a multiple of num_attention_heads ({heads}) when head_dim is not given", hidden)
+    if heads % kv:
+        f.fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})", kv)
+    f.integer("max_position_embeddings", lo=1, default=None, null=True)
+    return validate({"num_layers": f.integer("num_hidden_layers", lo=1, hi=1 << 10), "hidden": hidden, "heads": heads,
+                     "kv_heads": kv, "head_dim": head_dim or hidden // heads,
+                     "intermediate": f.integer("intermediate_size", lo=1, hi=1 << 20),
+                     "vocab": f.integer("vocab_size", lo=1, hi=1 << 24)}, where)
+
+
+def parameter_count(arch: dict) -> int:
+    """Weights a decoder of ``arch`` holds at least (embeddings, attention, MLP; biases and norms left out)."""
+    q, kv = arch["heads"] * arch["head_dim"], arch["kv_heads"] * arch["head_dim"]
+    per_layer = arch["hidden"] * (2 * q + 2 * kv) + 3 * arch["hidden"] * arch["intermediate"]
+    return arch["vocab"] * arch["hidden"] + arch["num_layers"] * per_layer
 
 
 def validate(arch: dict, where: str = "config") -> dict:

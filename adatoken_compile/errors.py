@@ -1,7 +1,12 @@
-"""User-facing errors: one line, naming the file and the fix; the CLI exits non-zero."""
+"""User-facing errors: one line, naming the file and the fix; the CLI exits 2.
+
+The form is ``<file or option>: <what is wrong>; <how to fix it>``. The Python API raises the same
+exception with the same message; it subclasses :class:`ValueError`, so code that already
+catches bad values catches it too.
+"""
 
 
-class InputError(Exception):
+class InputError(ValueError):
     """Bad input a user can act on (file, shape, dtype, value). Printed as one line by the CLI."""
 
 

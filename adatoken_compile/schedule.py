@@ -24,15 +24,16 @@ JSON (schema ``adatoken-compile/schedule``, version 1)::
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 from adatoken_compile.errors import InputError, ScheduleMismatch
+from adatoken_compile.io import write_json
+from adatoken_compile.readers import Fields, read_json
 
 SCHEMA = "adatoken-compile/schedule"
 VERSION = 1
+REGENERATE = "regenerate it with `adatoken-compile calibrate`"
 
 DEFAULT_SCORING = {
     # which query row(s) score the spatial tokens: the last real token of the prompt, i.e. the
@@ -118,17 +119,18 @@ class Schedule:
 
     # ---------------------------------------------------------------- validation / io
     def validate(self, where: str = "schedule") -> "Schedule":
-        if self.num_layers < 1:
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
             raise InputError(f"{where}: model.num_layers must be >= 1, got {self.num_layers}")
         prev_layer, prev_keep = 0, 1.0
         for c in self.cuts:
-            if not isinstance(c.layer, int) or not (0 < c.layer < self.num_layers):
+            if not isinstance(c.layer, int) or isinstance(c.layer, bool) or not (0 < c.layer < self.num_layers):
                 raise InputError(
                     f"{where}: cut layer {c.layer} out of range; cuts sit before layers 1..{self.num_layers - 1}"
                 )
             if c.layer <= prev_layer and prev_layer != 0:
                 raise InputError(f"{where}: cut layers must be strictly increasing (got {c.layer} after {prev_layer})")
-            if not (0.0 < c.keep <= 1.0) or not math.isfinite(c.keep):
+            if not isinstance(c.keep, (int, float)) or isinstance(c.keep, bool) or not math.isfinite(c.keep) \
+                    or not (0.0 < c.keep <= 1.0):
                 raise InputError(f"{where}: keep ratio {c.keep} at layer {c.layer} must be in (0, 1]")
             if c.keep > prev_keep + 1e-12:
                 raise InputError(
@@ -137,11 +139,14 @@ class Schedule:
             prev_layer, prev_keep = c.layer, c.keep
         if self.positions != "original":
             raise InputError(f"{where}: positions rule '{self.positions}' unsupported; only 'original' is implemented")
+        if not isinstance(self.scoring, dict):
+            raise InputError(f"{where}: scoring must be an object, got {type(self.scoring).__name__}; {REGENERATE}")
         ref = RANDOM_SCORING if self.scoring.get("query") == "random" else DEFAULT_SCORING
         for k, v in ref.items():
             if self.scoring.get(k) != v:
                 raise InputError(f"{where}: scoring.{k}={self.scoring.get(k)!r} unsupported; expected {v!r}")
-        if ref is RANDOM_SCORING and not isinstance(self.scoring.get("seed", 0), int):
+        seed = self.scoring.get("seed", 0)
+        if ref is RANDOM_SCORING and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InputError(f"{where}: scoring.seed must be an integer")
         return self
 
@@ -166,59 +171,62 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "schedule") -> "Schedule":
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise InputError(f"{where}: not an adatoken-compile schedule (missing schema '{SCHEMA}')")
-        if d.get("version") != VERSION:
-            raise InputError(f"{where}: schedule version {d.get('version')} unsupported (this build reads {VERSION})")
-        try:
-            model = d["model"]
-            cuts = [Cut(int(c["layer"]), float(c["keep"])) for c in d["cuts"]]
-            s = cls(
-                cuts=cuts,
-                num_layers=int(model["num_layers"]),
-                policy=d.get("policy", "unknown"),
-                fingerprint=model.get("fingerprint"),
-                family=model.get("family"),
-                model_name=model.get("name"),
-                scoring=d.get("scoring", dict(DEFAULT_SCORING)),
-                positions=d.get("positions", "original"),
-                predicted=d.get("predicted", {}),
-                calibration=d.get("calibration", {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{where}: malformed schedule ({type(e).__name__}: {e}); regenerate it with `adatoken-compile calibrate`")
+        """Parse and validate a schedule's JSON object. Types are exact (a layer of 1.7 or a keep of
+        ``true`` is an error, not coerced); the model's fingerprint and family are required."""
+        top = Fields(d, where, REGENERATE)
+        if d.get("schema") != SCHEMA:
+            raise InputError(f"{where}: not an adatoken-compile schedule (missing schema '{SCHEMA}'); {REGENERATE}")
+        if d.get("version") != VERSION or isinstance(d.get("version"), bool):
+            raise InputError(f"{where}: schedule version {d.get('version')!r} unsupported (this build reads {VERSION}); "
+                             f"{REGENERATE}")
+        model = top.obj("model")
+        cuts = []
+        for i, c in enumerate(top.array("cuts")):
+            cut = Fields(c, where, REGENERATE, f"cuts[{i}].")
+            cuts.append(Cut(cut.integer("layer", lo=1), cut.number("keep", lo=0.0, hi=1.0, lo_open=True)))
+        scoring = top.obj("scoring", default={**DEFAULT_SCORING})
+        if "seed" in scoring.data:
+            scoring.integer("seed")
+        s = cls(
+            cuts=cuts,
+            num_layers=model.integer("num_layers", lo=1),
+            policy=top.string("policy", default="unknown"),
+            fingerprint=model.string("fingerprint"),
+            family=model.string("family"),
+            model_name=model.string("name", default=None, null=True),
+            scoring=dict(scoring.data),
+            positions=top.string("positions", default="original"),
+            predicted=dict(top.obj("predicted", default={}).data),
+            calibration=dict(top.obj("calibration", default={}).data),
+        )
         return s.validate(where)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "Schedule":
-        if not os.path.exists(path):
-            raise InputError(f"{path}: schedule not found; create one with `adatoken-compile calibrate --out DIR`")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e}); regenerate it with `adatoken-compile calibrate`")
-        return cls.from_dict(d, where=path)
+        fix = "pass a schedule.json written by `adatoken-compile calibrate --out DIR`"
+        return cls.from_dict(read_json(path, "schedule", fix), where=path)
 
     def check_model(self, fingerprint: str, num_layers: int, where: str = "schedule", family: str | None = None) -> None:
+        """Refuse a schedule made for another model: depth, fingerprint and family must all match
+        (a schedule without a fingerprint or family matches no model)."""
+        if not self.fingerprint or not self.family:
+            missing = "fingerprint" if not self.fingerprint else "family"
+            raise ScheduleMismatch(f"{where}: schedule names no model {missing}, so it cannot be checked against this "
+                                   f"model; calibrate a schedule for this model")
         if self.num_layers != num_layers:
             raise ScheduleMismatch(
                 f"{where}: schedule is for a {self.num_layers}-layer model, this model has {num_layers}; "
                 "calibrate a schedule for this model"
             )
-        if self.fingerprint is not None and self.fingerprint != fingerprint:
+        if self.fingerprint != fingerprint:
             raise ScheduleMismatch(
                 f"{where}: schedule was calibrated on model {self.fingerprint[:12]}, not this one "
                 f"({fingerprint[:12]}); run `adatoken-compile calibrate` on this model"
             )
-        if family is not None and self.family is not None and self.family != family:
+        if family is not None and self.family != family:
             raise ScheduleMismatch(f"{where}: schedule is for a {self.family} model, this model is {family}; "
                                    "calibrate a schedule for this model")
 

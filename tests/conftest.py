@@ -37,6 +37,29 @@ def tiny3d_dir(tmp_path_factory):
     return random_llava3d(str(tmp_path_factory.mktemp("ckpt") / "tiny3d"), layers=4, seed=0)
 
 
+TINY_CUTS = ((1, 0.5), (3, 0.25))  # the pruned tiny artifact's schedule (4 layers)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny3d_dir, tmp_path_factory):
+    """The tiny model pruned by :data:`TINY_CUTS`, compiled once through the CLI: (path, CLI output)."""
+    from click.testing import CliRunner
+
+    from adatoken_compile.cli import main
+    from adatoken_compile.models.registry import load_adapter
+    from adatoken_compile.schedule import Cut, Schedule
+
+    adapter = load_adapter(tiny3d_dir)
+    sched = Schedule(cuts=[Cut(*c) for c in TINY_CUTS], num_layers=4, fingerprint=adapter.fingerprint(),
+                     family=adapter.family)
+    d = tmp_path_factory.mktemp("tiny_artifact")
+    sched.save(str(d / "schedule.json"))
+    res = CliRunner().invoke(main, ["compile", "--model", tiny3d_dir, "--schedule", str(d / "schedule.json"),
+                                    "--out", str(d / "pruned")])
+    assert res.exit_code == 0, res.output
+    return str(d / "pruned"), res.output
+
+
 @pytest.fixture(scope="session")
 def scene_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("scenes") / "scene.npz")

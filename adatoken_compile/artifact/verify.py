@@ -5,11 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from ..errors import InputError
+from ..readers import Fields
+from ..schedule import Schedule
 from .format import FORMAT, MANIFEST, VERSION, Manifest, sha256_file
 
 RECOMPILE = "recompile it with `adatoken-compile compile`"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def inside(root_real: str, rel: str, art: str, what: str) -> str:
@@ -82,6 +87,12 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
     mpath = os.path.join(art, MANIFEST)
     if not os.path.isfile(mpath):
         raise InputError(f"{art_dir}: no {MANIFEST}; not an adatoken-compile artifact ({RECOMPILE})")
+    if expected_digest is not None and (not isinstance(expected_digest, str)
+                                        or not DIGEST.fullmatch(expected_digest.strip())):
+        raise InputError(f"--digest {expected_digest!r}: not an artifact digest; pass the sha256:<64 hex digits> "
+                         "that `adatoken-compile compile` printed")
+    if os.path.isdir(mpath):
+        raise InputError(f"{mpath}: is a directory, not a manifest; {RECOMPILE}")
     data, digest = _read_manifest(art_dir, mpath)
     if expected_digest is not None and digest != expected_digest.strip():
         raise InputError(f"{mpath}: manifest digest {digest} differs from the expected {expected_digest}; "
@@ -89,7 +100,7 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{mpath}: not an adatoken-compile artifact manifest (format {got!r}); {RECOMPILE}")
-    if data.get("version") != VERSION:
+    if data.get("version") != VERSION or isinstance(data.get("version"), bool):
         raise InputError(f"{mpath}: artifact version {data.get('version')!r} unsupported (this runtime reads {VERSION}); {RECOMPILE}")
     for key in ("files", "graphs", "model", "schedule"):
         if not isinstance(data.get(key), dict):
@@ -99,12 +110,19 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
             raise InputError(f"{mpath}: manifest entry '{key}' missing or not a path; {RECOMPILE}")
     if "prefill" not in data["graphs"]:
         raise InputError(f"{mpath}: manifest lists no prefill graph; {RECOMPILE}")
+    model = Fields(data["model"], mpath, RECOMPILE, "model.")
+    model.string("fingerprint")
+    model.string("family")
+    Schedule.from_dict(data["schedule"], where=f"{mpath}: 'schedule'")
     root_real = os.path.realpath(art)
     files = data["files"]
     for rel, info in files.items():
         inside(root_real, rel, art, "file")
-        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
-            raise InputError(f"{mpath}: file entry '{rel}' needs an integer size and a sha256 string; {RECOMPILE}")
+        size, sha = (info.get("size"), info.get("sha256")) if isinstance(info, dict) else (None, None)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(sha, str) \
+                or not _SHA256.fullmatch(sha):
+            raise InputError(f"{mpath}: file entry '{rel}' needs an integer size >= 0 and a sha256 of 64 hex digits; "
+                             f"{RECOMPILE}")
     named = []
     for n, g in data["graphs"].items():
         if not isinstance(g, dict) or not isinstance(g.get("file"), str):
@@ -117,7 +135,7 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
         named += [(os.path.normpath(os.path.join(gdir, e)).replace(os.sep, "/"), f"external data of graph '{n}'") for e in ext]
     named += [(data["embed_tokens"], "embed_tokens"), (data["preprocess"], "preprocess")]
     tok = data["tokenizer"].rstrip("/")
-    named += [(f"{tok}/tokenizer.json", "tokenizer"), (f"{tok}/tokenizer_config.json", "tokenizer config")]
+    named.append((f"{tok}/tokenizer.json", "tokenizer"))  # tokenizer_config.json is read only when listed too
     for rel, what in named:
         inside(root_real, rel, art, what)
         if rel.replace("\\", "/") not in files:

@@ -36,13 +36,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from adatoken_compile.io import scratch_dir
 from adatoken_compile.runtime.session import make_session
 
 # ----------------------------------------------------------------------------- ORT sessions
@@ -220,7 +220,7 @@ def profile_nodes(onnx_path: str, feeds: Mapping[str, np.ndarray], providers: Se
     breakdown. ``optimized_model_filepath`` additionally saves ORT's optimised graph (for
     inspection; for large models this writes a copy of the weights).
     """
-    with tempfile.TemporaryDirectory(prefix="adatoken-prof-") as tmp:
+    with scratch_dir("adatoken-prof-") as tmp:
         sess = make_session(onnx_path, providers, threads=threads, profile_prefix=os.path.join(tmp, "ort"),
                             optimized_model_filepath=optimized_model_filepath)
         f = _feeds_for(sess, feeds)

@@ -166,6 +166,8 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
     (``cache``: a ``solver.ValidationCache`` shared by several derivations on the same rows)."""
     arch = arch_of(decoder.config)
     fp = stats.fingerprint
+    # a bare decoder (no adapter) is its own family: its config's model_type
+    family = family or str(getattr(decoder.config, "model_type", None) or "decoder")
     model = {"fingerprint": fp, "family": family, "model_name": model_name}
     if policy == "adaptive":
         vbar = _bar(progress, max_validations, "validate")

@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adatoken_compile.arch import normalize as normalize_arch
 from adatoken_compile.errors import InputError, ScheduleMismatch
+from adatoken_compile.io import atomic_file
+from adatoken_compile.readers import Fields, read_json, read_npz
 
 SCHEMA = "adatoken-compile/calibration-stats"
 VERSION = 1
@@ -182,38 +185,49 @@ class CalibrationStats:
         head["npz_sha256"] = hashlib.sha256(data).hexdigest()
         npz, js = os.path.join(out_dir, "stats.npz"), os.path.join(out_dir, "stats.json")
         for path, payload in ((npz, data), (js, (json.dumps(head, indent=2) + "\n").encode())):
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with atomic_file(path) as tmp, open(tmp, "wb") as f:
                 f.write(payload)
-            os.replace(tmp, path)
 
     @classmethod
     def load(cls, out_dir: str) -> "CalibrationStats":
+        """Read a calibration directory's statistics; every field is type-checked, the arrays are
+        checked against the header's checksum and their expected shapes before they are used."""
         npz, js = os.path.join(out_dir, "stats.npz"), os.path.join(out_dir, "stats.json")
+        fix = f"re-run `adatoken-compile calibrate --out {out_dir}`"
         for p in (npz, js):
-            if not os.path.exists(p):
-                raise InputError(f"{p}: calibration statistics not found; run `adatoken-compile calibrate --out {out_dir}`")
-        try:
-            with open(js) as f:
-                head = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{js}: not valid JSON ({e}); re-run calibrate")
+            if not os.path.isfile(p):
+                raise InputError(f"{p}: calibration statistics not found; {fix}")
+        head = read_json(js, "statistics header", fix)
+        f = Fields(head, js, fix)
         if head.get("schema") != SCHEMA:
-            raise InputError(f"{js}: not adatoken-compile calibration statistics (schema '{SCHEMA}' missing)")
-        if head.get("version") != VERSION:
-            raise InputError(f"{js}: statistics version {head.get('version')} unsupported (this build reads {VERSION}); re-run calibrate")
-        with open(npz, "rb") as f:
-            data = f.read()
-        if head.get("npz_sha256") and hashlib.sha256(data).hexdigest() != head["npz_sha256"]:
-            raise InputError(f"{npz}: does not match {js} (checksum); re-run calibrate")
-        s = cls(arch=head["arch"], fingerprint=head.get("fingerprint"), ratios=tuple(head["ratios"]),
-                num_bins=int(head["num_bins"]), meta=head.get("meta", {}))
-        with np.load(io.BytesIO(data)) as z:
-            s.arrays = {k: z[k].astype(np.int64) for k in z.files}
+            raise InputError(f"{js}: not adatoken-compile calibration statistics (schema '{SCHEMA}' missing); {fix}")
+        if head.get("version") != VERSION or isinstance(head.get("version"), bool):
+            raise InputError(f"{js}: statistics version {head.get('version')!r} unsupported (this build reads {VERSION}); {fix}")
+        arch = normalize_arch(f.obj("arch").data, f"{js}: 'arch'")
+        ratios = f.array("ratios")
+        if not ratios or len(ratios) > 1000 or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
+            f.fail("ratios", "a list of 1 to 1000 ratios in (0, 1]", ratios)
+        s = cls(arch=arch, fingerprint=f.string("fingerprint"), ratios=tuple(float(r) for r in ratios),
+                num_bins=f.integer("num_bins", lo=1, hi=10_000), meta=dict(f.obj("meta", default={}).data))
         want = s._shapes()
-        bad = [k for k, shp in want.items() if k not in s.arrays or s.arrays[k].shape != shp]
+        if sum(int(np.prod(v)) for v in want.values()) > 1 << 28:
+            raise InputError(f"{js}: statistics of {arch['num_layers']} layers x {len(ratios)} ratios x {s.num_bins} bins "
+                             f"are too large to be real; {fix}")
+        digest = f.string("npz_sha256", default=None, null=True)
+        if digest is not None:
+            with open(npz, "rb") as fh:
+                h = hashlib.sha256()
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                raise InputError(f"{npz}: does not match {js} (checksum); {fix}")
+        arrays = read_npz(npz, {k: int(np.prod(shp)) * 8 for k, shp in want.items()}, fix)
+        bad = [k for k, shp in want.items() if arrays[k] is None or arrays[k].shape != shp
+               or arrays[k].dtype.kind not in "iu" or (arrays[k] < 0).any()]
         if bad:
-            raise InputError(f"{npz}: arrays {bad[:3]} missing or misshaped; re-run calibrate")
+            raise InputError(f"{npz}: arrays {bad[:3]} missing, misshaped, negative or not integers; {fix}")
+        s.arrays = {k: v.astype(np.int64) for k, v in arrays.items()}
         return s
 
 

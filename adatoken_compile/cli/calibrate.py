@@ -7,6 +7,7 @@ import click
 from adatoken_compile import api
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
 from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+from adatoken_compile.io import check_output
 
 
 @main.command()
@@ -28,7 +29,7 @@ from adatoken_compile.cli.main import default, given, load_model, main, model_op
               "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); when neither this "
               f"nor --flops-budget is given: {DEFAULT_FIDELITY}")
 @click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors
@@ -37,6 +38,7 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, samples, holdout,
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     if flops_budget is not None and fidelity is not None:
         raise click.UsageError("pass either --flops-budget or --fidelity, not both")
+    check_output(out, "calibration", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model, vision_tower, attn)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                         like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, **given(data=data, samples=samples, holdout=holdout))

@@ -6,6 +6,7 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.cli.main import load_model, main, model_options, user_errors
+from adatoken_compile.io import check_output
 
 
 @main.command("compile")
@@ -14,11 +15,13 @@ from adatoken_compile.cli.main import load_model, main, model_options, user_erro
               help="schedule.json from `calibrate` (default: identity, i.e. unpruned)")
 @click.option("--out", "-o", required=True, help="artifact directory to write")
 @click.option("--overwrite", is_flag=True, help="replace an earlier artifact at --out")
-@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--opset", default=None, type=click.IntRange(api.MIN_OPSET, None),
+              help=f"ONNX opset, >= {api.MIN_OPSET} (default: the exporter's)")
 @click.option("--no-decode", is_flag=True, help="skip the decode graph (the artifact then answers 1 token)")
 @user_errors
 def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode):
     """Capture, prune (token-drop pass) and export ONNX graphs into an artifact directory."""
+    check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model, vision_tower, attn)
     man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset)
     click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")

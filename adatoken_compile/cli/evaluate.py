@@ -25,13 +25,13 @@ from adatoken_compile.io import check_output, write_json
                    "that the figures are a subset of the full --limit run's")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @click.option("--predictions", default=None, help="also write per-question predictions to this JSON file")
-@click.option("--overwrite", is_flag=True, help="replace an existing --predictions file")
+@click.option("--overwrite", is_flag=True, help="replace a --predictions file an earlier eval wrote")
 @provider_option
 @user_errors
 def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, as_json, predictions, overwrite, provider):
     """Answer accuracy on a question set (overall and per question kind)."""
     if predictions:
-        check_output(predictions, "file", overwrite=overwrite, is_dir=False)
+        check_output(predictions, "predictions", overwrite=overwrite, is_dir=False)
     adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn)
     n = limit or default(api.evaluate, "limit")
     bar = progress(n, "eval")
@@ -42,7 +42,7 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, 
         bar.close()
     preds = res.pop("predictions", None)
     if predictions and preds is not None:
-        write_json(predictions, preds, overwrite=overwrite)
+        write_json(predictions, preds, "predictions", overwrite=overwrite)
     if as_json:
         echo_json(res)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 
 import click
@@ -12,6 +13,9 @@ from tqdm import tqdm
 
 from adatoken_compile import api
 from adatoken_compile.errors import InputError
+from adatoken_compile.io import signals_cleanup
+
+DEBUG_ENV = "ADATOKEN_COMPILE_DEBUG"  # set to 1: unexpected errors show their traceback
 
 MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
 
@@ -34,7 +38,7 @@ def user_errors(fn):
         try:
             return fn(*a, **kw)
         except InputError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -65,12 +69,20 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class OneLineErrors(click.Group):
-    """Usage errors (a bad option value, an unknown command) as one line, exit 2, like every other error."""
+    """Every error as one line on stderr, never a traceback: bad input (usage errors, InputError, a
+    file the system refuses) exits 2; an interrupt removes the command's temporary outputs and
+    exits 128 + the signal; anything unexpected is a bug, reported in one line with exit 1
+    (``ADATOKEN_COMPILE_DEBUG=1`` shows its traceback)."""
 
     def main(self, *args, **kwargs):
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            with signals_cleanup():
+                return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
@@ -79,8 +91,29 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             hint = f"; see `adatoken-compile {e.ctx.command_path.split(' ', 1)[-1]} --help`" \
                 if getattr(e, "ctx", None) is not None and " " in e.ctx.command_path else "; see `adatoken-compile --help`"
-            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
             sys.exit(2)
+        except InputError as e:
+            click.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{_one_line(e.strerror or e)}; check the path, its permissions and free space",
+                       err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; temporary outputs removed", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller input (fewer views, a smaller --limit) or more memory",
+                       err=True)
+            sys.exit(2)
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}); this is a bug, please "
+                       f"report it with the command line (set {DEBUG_ENV}=1 for the traceback)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,8 +9,9 @@ from adatoken_compile.cli.main import echo_json, load_model, main, model_options
 from adatoken_compile.benchmark3d.dataset import make_scene as render, questions_for
 from adatoken_compile.data import load_samples
 from adatoken_compile.errors import InputError
-from adatoken_compile.io import atomic_file, check_output
+from adatoken_compile.io import atomic_file, check_output, mark_scene
 from adatoken_compile.runtime.image import load_image
+from adatoken_compile.runtime.prompt import check_question
 from adatoken_compile.runtime.sample import Sample
 from adatoken_compile.runtime.scene import load_scene
 
@@ -18,6 +19,8 @@ from adatoken_compile.runtime.scene import load_scene
 def sample_from_args(input_kind: str, scene: str | None, image: str | None, question: str | None) -> Sample:
     """The sample a command line asks about. Scene models without --scene: the first built-in test
     scene and (without --question) its first question, with the ground truth."""
+    if question is not None:
+        check_question(question)
     if input_kind == "scene":
         if image:
             raise InputError("this model takes scenes: pass --scene, not --image")
@@ -50,9 +53,11 @@ def run(model, vision_tower, attn, scene, image, question, max_new_tokens, artif
     if artifact:
         rt = api.load(artifact, provider, expected_digest=digest)
         sample = sample_from_args(rt.input_kind, scene, image, question)
+        pieces = rt.stream(sample, max_new_tokens=max_new_tokens)
+        first = next(pieces, "")  # a refused input is refused here, before anything is printed
         click.echo(f"question: {sample.question}")
-        click.echo("answer: ", nl=False)
-        for piece in rt.stream(sample, max_new_tokens=max_new_tokens):
+        click.echo("answer: " + first, nl=False)
+        for piece in pieces:
             click.echo(piece, nl=False)
         click.echo()
     else:
@@ -94,16 +99,18 @@ def inspect(model, vision_tower, attn, scene, question, as_json):
 
 
 @main.command("make-scene")
-@click.option("--seed", default=2_000_000, show_default=True, type=int, help="scene seed (test split starts at 2,000,000)")
+@click.option("--seed", default=2_000_000, show_default=True, type=click.IntRange(0, None),
+              help="scene seed (test split starts at 2,000,000)")
 @click.option("--out", required=True, help="output .npz")
-@click.option("--overwrite", is_flag=True, help="replace an existing file")
+@click.option("--overwrite", is_flag=True, help="replace a scene file an earlier make-scene wrote")
 @user_errors
 def make_scene(seed, out, overwrite):
     """Render a procedural scene to a scene .npz and print its questions."""
-    check_output(out, "file", overwrite=overwrite, is_dir=False)
+    check_output(out, "scene", overwrite=overwrite, is_dir=False)
     scene, info = render(seed)
-    with atomic_file(out, overwrite=overwrite) as tmp:
+    with atomic_file(out, "scene", overwrite=overwrite) as tmp:
         scene.save(tmp)
+        mark_scene(tmp)
     click.echo(f"wrote {out}: {scene.num_views} views {scene.images.shape[1]}x{scene.images.shape[2]}")
     for q in questions_for(info, seed):
         click.echo(f"  [{q.kind}] {q.text} -> {q.answer}")
@@ -114,12 +121,13 @@ def make_scene(seed, out, overwrite):
 @click.option("--decoder", default="llama", type=click.Choice(["llama", "qwen2"]), show_default=True)
 @click.option("--layers", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--overwrite", is_flag=True, help="replace an earlier make-tiny output at --out")
 @user_errors
 def make_tiny(out, decoder, layers, shards, seed, overwrite):
     """Write a tiny RANDOM checkpoint in the released LLaVA-3D layout (offline demos/tests)."""
     from adatoken_compile.models.testing import random_llava3d  # torch: not in the runtime install
 
+    check_output(out, "checkpoint", overwrite=overwrite)
     random_llava3d(out, decoder=decoder, layers=layers, shards=shards, seed=seed, image_size=224, overwrite=overwrite)
     click.echo(f"wrote {out}")

@@ -15,19 +15,19 @@ import torch
 from safetensors import safe_open
 
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import Fields, read_json
+
+FIX_CONFIG = "fix or re-download the checkpoint's config"
 
 
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
+def read_config(model_dir: str, name: str = "config.json") -> dict:
+    """A checkpoint's JSON config (``name``) as an object, with one-line errors."""
+    path = os.path.join(model_dir, name)
     if not os.path.isdir(model_dir):
         raise InputError(f"{model_dir}: model directory not found; pass --model DIR (a checkpoint directory) or a bundled name")
     if not os.path.exists(path):
-        raise InputError(f"{path}: missing; a checkpoint directory needs config.json next to its safetensors")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); fix or re-download the checkpoint's config")
+        raise InputError(f"{path}: missing; a checkpoint directory needs {name} next to its safetensors")
+    return read_json(path, "config", FIX_CONFIG)
 
 
 def weight_files(model_dir: str) -> list[str]:
@@ -35,15 +35,14 @@ def weight_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise InputError(f"{index}: malformed safetensors index ({e}); it needs a 'weight_map'")
+        fix = "it needs a 'weight_map' of tensor names to shard file names; re-download it"
+        wm = Fields(read_json(index, "safetensors index", fix), index, fix).obj("weight_map").data
+        if not wm or not all(isinstance(v, str) and v for v in wm.values()):
+            raise InputError(f"{index}: 'weight_map' must map tensor names to shard file names; {fix}")
         files = sorted(set(wm.values()))
         for fn in files:
             p = os.path.join(model_dir, fn)
-            if os.path.basename(fn) != fn or not os.path.exists(p):
+            if os.path.basename(fn) != fn or fn in (".", "..") or not os.path.isfile(p):
                 raise InputError(f"{index}: shard '{fn}' listed in weight_map is missing from {model_dir}")
         return [os.path.join(model_dir, fn) for fn in files]
     if os.path.exists(single):
@@ -58,6 +57,8 @@ def weight_files(model_dir: str) -> list[str]:
 
 
 def load_state_dict(files: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files``; a tensor holding NaN or inf is refused (it would
+    answer garbage, silently)."""
     sd: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -66,11 +67,29 @@ def load_state_dict(files: Iterable[str]) -> dict[str, torch.Tensor]:
                     if k in sd:
                         raise InputError(f"{path}: tensor '{k}' appears in more than one shard")
                     sd[k] = f.get_tensor(k)
+                    check_finite(sd[k], path, k)
         except InputError:
             raise
         except Exception as e:
             raise InputError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e}); re-download it")
     return sd
+
+
+def check_finite(t: torch.Tensor, where: str, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{where}: tensor '{name}' holds NaN or inf values; the checkpoint is corrupt or was saved "
+                         "after a diverged training step, re-download or re-export it")
+
+
+def check_weight_bytes(n_params: int, files: Iterable[str], where: str) -> None:
+    """Refuse a config that implies far more weights than its safetensors hold, before a module of
+    that size is built (a typo'd hidden_size would otherwise exhaust memory, not fail cleanly).
+    Weights are counted at 2 bytes, the smallest dtype a checkpoint of this tool's families ships."""
+    on_disk = sum(os.path.getsize(p) for p in files)
+    if 2 * n_params > on_disk + (1 << 20):
+        raise InputError(f"{where}: the config implies at least {n_params:,} weights ({2 * n_params / 1e9:.2f} GB at "
+                         f"16 bits), but the safetensors hold {on_disk / 1e9:.2f} GB; the config does not describe these "
+                         f"weights, {FIX_CONFIG}")
 
 
 def files_digest(paths: Iterable[str], extra: bytes = b"") -> str:

@@ -11,7 +11,6 @@ Qwen2ForCausalLM); nothing of transformers is patched.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -22,12 +21,14 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaF
                           Qwen2ForCausalLM)
 from transformers.initialization import no_init_weights
 
-from adatoken_compile.arch import from_config
+from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.prompt import (
     BOXES_TOKEN_INDEX,
     IMAGE_TOKEN_INDEX,
+    check_question,
     llava_v1_prompt,
     tokenize_with_placeholders,
 )
@@ -35,8 +36,9 @@ from adatoken_compile.runtime.scene import (MAX_SPATIAL_TOKENS, VOXEL_SIZE, Scen
                                             voxelize)
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
-from adatoken_compile.models.checkpoint import (assign_exact, config_digest, embed_token_ids, files_digest, load_state_dict,
-                                                read_config, weight_files)
+from adatoken_compile.models.checkpoint import (FIX_CONFIG, assign_exact, check_weight_bytes, config_digest,
+                                                embed_token_ids, files_digest, load_state_dict, read_config,
+                                                weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
@@ -94,7 +96,10 @@ class SpatialEncoder(nn.Module):
 
 def decoder_classes(cfg: dict, where: str):
     mt = str(cfg.get("model_type", "")).lower()
-    arch = " ".join(cfg.get("architectures") or []).lower()
+    names = cfg.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{where}: 'architectures' must be a list of class names; {FIX_CONFIG}")
+    arch = " ".join(names).lower()
     if "qwen" in mt or "qwen" in arch:
         return Qwen2Config, Qwen2ForCausalLM
     if "llama" in mt or "llama" in arch:
@@ -102,15 +107,24 @@ def decoder_classes(cfg: dict, where: str):
     raise InputError(f"{where}: model_type '{mt}' is not a LLaVA-3D decoder (expected llava_llama or llava_qwen)")
 
 
-def _new_module(cls, *args, **kw):
-    with no_init_weights():
-        return cls(*args, **kw)
+def _new_module(cls, config, where: str):
+    """``cls(config)`` without initialising weights; a config value the class cannot build from
+    (an unknown activation, malformed rope settings) is one line naming the config file."""
+    try:
+        with no_init_weights():
+            return cls(config)
+    except Exception as e:  # transformers raises KeyError, ValueError, TypeError... for config values
+        raise InputError(f"{where}: {cls.__name__} cannot be built from this config ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); {FIX_CONFIG}") from None
 
 
 def _local_vision_dir(model_dir: str, cfg: dict, override: str | None, where: str) -> str:
     name = override or cfg.get("mm_vision_tower")
     if not name:
         raise InputError(f"{where}: no mm_vision_tower in config.json; pass --vision-tower DIR")
+    if not isinstance(name, str):
+        raise InputError(f"{where}: 'mm_vision_tower' must be a directory name, got {type(name).__name__}; "
+                         "pass --vision-tower DIR")
     cands = [name] if os.path.isabs(name) else [os.path.join(model_dir, name), name]
     for c in cands:
         if os.path.isdir(c):
@@ -156,20 +170,24 @@ class Llava3DAdapter:
         self.model_dir = model_dir
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
-        if not str(cfg.get("model_type", "")).startswith("llava"):
+        mm = Fields(cfg, where, FIX_CONFIG)
+        if not mm.string("model_type").startswith("llava"):
             raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not a LLaVA-3D checkpoint (llava_llama)")
         self.config = cfg
         cfg_cls, lm_cls = decoder_classes(cfg, where)
-        dec_cfg = cfg_cls(**{k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")})
+        files = weight_files(model_dir)
+        check_weight_bytes(parameter_count(check_config(cfg, where, FIX_CONFIG)), files, where)
+        dec_cfg = _hf_config(cfg_cls, {k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")},
+                             where)
         dec_cfg._attn_implementation = attn_implementation
-        self.decoder = _new_module(lm_cls, dec_cfg).to(dtype).eval()
+        self.decoder = _new_module(lm_cls, dec_cfg, where).to(dtype).eval()
 
         # ------------------------------------------------------------- vision tower (local dir)
         self.vision_dir = _local_vision_dir(model_dir, cfg, vision_tower, where)
-        vcfg = CLIPVisionConfig.from_pretrained(self.vision_dir, local_files_only=True)
-        vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
-        vision = _new_module(CLIPVisionModel, vcfg)
         vfiles = weight_files(self.vision_dir)
+        vcfg = _vision_config(self.vision_dir, vfiles)
+        vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
+        vision = _new_module(CLIPVisionModel, vcfg, os.path.join(self.vision_dir, "config.json"))
         vsd = load_state_dict(vfiles)
         if vsd and not next(iter(vsd)).startswith("vision_model."):
             vsd = {k.split("vision_tower.", 1)[-1] if "vision_tower." in k else k: v for k, v in vsd.items()}
@@ -180,17 +198,20 @@ class Llava3DAdapter:
         self.image_size, self.mean, self.std = _preprocessor(self.vision_dir, vcfg)
         self.patch_size = int(vcfg.patch_size)
 
-        dv = int(cfg.get("mm_hidden_size", vcfg.hidden_size))
+        dv = mm.integer("mm_hidden_size", lo=1, default=int(vcfg.hidden_size))
+        if dv != int(vcfg.hidden_size):
+            mm.fail("mm_hidden_size", f"the vision tower's hidden_size ({vcfg.hidden_size})", dv)
         h = int(dec_cfg.hidden_size)
         self.pe3d = PositionEmbedding3D(3, dv)
-        self.projector = build_projector(cfg.get("mm_projector_type", "mlp2x_gelu"), dv, h, where)
+        self.projector = build_projector(mm.string("mm_projector_type", default="mlp2x_gelu"), dv, h, where)
         self.box_pe = PositionEmbedding3D(3, h)
+        n_states = int(vcfg.num_hidden_layers) + 1  # hidden_states: the embeddings, then every layer
         self.encoder = SpatialEncoder(
-            vision, self.pe3d, int(cfg.get("mm_vision_select_layer", -2)), cfg.get("mm_vision_select_feature", "patch")
+            vision, self.pe3d, mm.integer("mm_vision_select_layer", lo=-n_states, hi=n_states - 1, default=-2),
+            mm.string("mm_vision_select_feature", choices=("patch", "cls_patch"), default="patch"),
         ).to(dtype).eval()
 
         # ------------------------------------------------------------- LLaVA-3D weights
-        files = weight_files(model_dir)
         sd = load_state_dict(files)
         sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
         parts = {"pe": {}, "box": {}, "proj": {}, "dec": {}}
@@ -219,8 +240,9 @@ class Llava3DAdapter:
         self.dtype = dtype
 
         self.tokenizer = TextTokenizer.from_dir(model_dir)
-        self.eos_token_id = int(cfg.get("eos_token_id", self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 2))
-        self.max_positions = int(cfg.get("max_position_embeddings", 4096))
+        eos = mm.integer("eos_token_id", lo=0, hi=int(dec_cfg.vocab_size) - 1, default=None, null=True)
+        self.eos_token_id = eos if eos is not None else (self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 2)
+        self.max_positions = mm.integer("max_position_embeddings", lo=1, default=4096)
         self._fingerprint = "sha256:" + files_digest(
             list(files) + list(vfiles), extra=config_digest(cfg) + config_digest(vcfg.to_dict())
         )
@@ -272,7 +294,7 @@ class Llava3DAdapter:
         return runtime_config(self, "llava_v1", self.input_kind, self.image_size, self.patch_size, self.mean, self.std, voxel_size=VOXEL_SIZE, max_tokens=MAX_SPATIAL_TOKENS)
 
     def prompt_ids(self, question: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(question))
+        return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(check_question(question)))
 
     @torch.no_grad()
     def spatial_features(self, scene: Scene) -> tuple[torch.Tensor, np.ndarray]:
@@ -361,6 +383,36 @@ def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | N
     return Segment(torch.cat(pieces, 0), torch.cat(mask, 0))
 
 
+def _hf_config(cls, fields: dict, where: str):
+    """A transformers config from checkpoint fields; its own validation errors as one line."""
+    try:
+        return cls(**fields)
+    except Exception as e:  # transformers raises TypeError, ValueError and its own validation errors
+        raise InputError(f"{where}: {str(e).strip().splitlines()[-1].strip()[:200]}; {FIX_CONFIG}") from None
+
+
+def _vision_config(vision_dir: str, files: list[str]):
+    """The CLIP tower's config, field types checked before transformers reads it, its size against
+    its weights' before a module is built."""
+    raw = read_config(vision_dir)
+    where = os.path.join(vision_dir, "config.json")
+    f = Fields(raw, where, FIX_CONFIG)
+    hidden, layers = f.integer("hidden_size", lo=1, hi=1 << 15, default=768), f.integer("num_hidden_layers", lo=1, hi=256, default=12)
+    inter = f.integer("intermediate_size", lo=1, hi=1 << 17, default=3072)
+    heads = f.integer("num_attention_heads", lo=1, hi=hidden, default=12)
+    size, patch = f.integer("image_size", lo=1, hi=4096, default=224), f.integer("patch_size", lo=1, hi=4096, default=32)
+    if hidden % heads:
+        f.fail("hidden_size", f"a multiple of num_attention_heads ({heads})", hidden)
+    if patch > size:
+        f.fail("patch_size", f"at most image_size ({size})", patch)
+    check_weight_bytes(layers * (4 * hidden * hidden + 2 * hidden * inter) + ((size // patch) ** 2 + 1) * hidden,
+                       files, where)
+    try:
+        return CLIPVisionConfig.from_pretrained(vision_dir, local_files_only=True)
+    except Exception as e:  # transformers' own validation errors
+        raise InputError(f"{where}: {str(e).strip().splitlines()[-1].strip()[:200]}; {FIX_CONFIG}") from None
+
+
 def _preprocessor(vision_dir: str, vcfg) -> tuple[int, list[float], list[float]]:
     """Image size, mean and std from the vision tower's preprocessor_config.json."""
     path = os.path.join(vision_dir, "preprocessor_config.json")
@@ -368,10 +420,16 @@ def _preprocessor(vision_dir: str, vcfg) -> tuple[int, list[float], list[float]]
     clip_std = [0.26862954, 0.26130258, 0.27577711]
     if not os.path.exists(path):
         return int(vcfg.image_size), clip_mean, clip_std
-    with open(path) as f:
-        p = json.load(f)
+    fix = "fix or re-download the vision tower's preprocessor config"
+    p = read_config(vision_dir, "preprocessor_config.json")
+    f = Fields(p, path, fix)
     crop = p.get("crop_size", vcfg.image_size)
-    size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
-    if int(size) != int(vcfg.image_size):
-        raise InputError(f"{path}: crop size {size} differs from the tower's image_size {vcfg.image_size}")
-    return int(size), list(p.get("image_mean", clip_mean)), list(p.get("image_std", clip_std))
+    if isinstance(crop, dict):
+        c = f.obj("crop_size")
+        size = c.integer("height", lo=1) if "height" in crop else c.integer("shortest_edge", lo=1)
+    else:
+        size = f.integer("crop_size", lo=1, default=int(vcfg.image_size))
+    if size != int(vcfg.image_size):
+        raise InputError(f"{path}: crop size {size} differs from the tower's image_size {vcfg.image_size}; {fix}")
+    return size, f.numbers("image_mean", length=3, default=clip_mean), \
+        f.numbers("image_std", length=3, lo=0.0, lo_open=True, default=clip_std)

@@ -6,7 +6,6 @@ installed ``*ForCausalLM`` class sharing the LLaVA checkpoint's language model a
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -15,13 +14,15 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
-from adatoken_compile.arch import from_config
+from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.errors import InputError
-from adatoken_compile.models.checkpoint import config_digest, embed_token_ids, files_digest, read_config, weight_files
+from adatoken_compile.models.checkpoint import (FIX_CONFIG, check_finite, check_weight_bytes, config_digest,
+                                                embed_token_ids, files_digest, read_config, weight_files)
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
+from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.image import preprocess_image
-from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, llava_hf_prompt, tokenize_with_placeholders
+from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, check_question, llava_hf_prompt, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
 
@@ -50,12 +51,20 @@ class LlavaHFAdapter:
         if cfg.get("model_type") != "llava":
             raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not an HF LLaVA checkpoint ('llava')")
         files = weight_files(model_dir)  # refuses pickle checkpoints before transformers sees them
+        text = Fields(cfg, where, FIX_CONFIG).obj("text_config", default={})
+        # the decoder's size against the weights', before it is built (fields left to transformers' defaults: not checked)
+        if all(k in text.data for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                                         "vocab_size")):
+            check_weight_bytes(parameter_count(check_config(text.data, f"{where}: text_config", FIX_CONFIG)), files, where)
         try:
             llava = LlavaForConditionalGeneration.from_pretrained(
                 model_dir, local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype
             )
         except Exception as e:
-            raise InputError(f"{model_dir}: could not load the LLaVA checkpoint ({type(e).__name__}: {e})")
+            raise InputError(f"{model_dir}: could not load the LLaVA checkpoint ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); {FIX_CONFIG}") from None
+        for name, t in llava.state_dict().items():
+            check_finite(t, model_dir, name)
         llava.eval()
         tcfg = llava.config.text_config
         cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}.get(tcfg.model_type)
@@ -122,7 +131,7 @@ class LlavaHFAdapter:
         return runtime_config(self, "llava_hf", self.input_kind, self.image_size, self.patch_size, self.mean, self.std)
 
     def prompt_ids(self, question: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(question))
+        return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(check_question(question)))
 
     @torch.no_grad()
     def spatial_tokens(self, image: np.ndarray) -> torch.Tensor:
@@ -152,7 +161,7 @@ def _mean_std(model_dir: str):
     mean = [0.48145466, 0.4578275, 0.40821073]
     std = [0.26862954, 0.26130258, 0.27577711]
     if os.path.exists(path):
-        with open(path) as f:
-            p = json.load(f)
-        mean, std = p.get("image_mean", mean), p.get("image_std", std)
+        f = Fields(read_config(model_dir, "preprocessor_config.json"), path, "fix or re-download the preprocessor config")
+        mean, std = f.numbers("image_mean", length=3, default=mean), f.numbers("image_std", length=3, lo=0.0, lo_open=True,
+                                                                                default=std)
     return mean, std

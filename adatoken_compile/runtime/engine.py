@@ -20,7 +20,6 @@ image -> encoder).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator, Sequence
 
@@ -32,14 +31,13 @@ from ..errors import InputError
 from ..schedule import Schedule
 from .image import preprocess_image
 from .sample import Sample
-from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, tokenize_with_placeholders
-from .sampling import make_rng, next_tokens
-from .scene import Scene, load_scene, pool_numpy, preprocess_scene, unproject_patches, validate_scene, voxelize
-from .session import choose_providers, open_session
+from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
+from .sampling import check_sampling, make_rng, next_tokens
+from .scene import (Scene, limit_hint, limits, load_scene, pool_numpy, preprocess_scene, unproject_patches,
+                    validate_scene, voxelize)
+from .session import check_graph_io, choose_providers, open_session
+from .settings import read_settings
 from .tokenizer import TextTokenizer
-
-# artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
-_LEGACY_INPUT = {"llava3d": "scene", "llava-hf": "image"}
 
 
 class Runtime:
@@ -49,21 +47,34 @@ class Runtime:
         self.manifest = manifest
         self.path = manifest.path
         d = manifest.data
-        with open(os.path.join(self.path, d["preprocess"]), encoding="utf-8") as f:
-            self.pre = json.load(f)
+        # only files the manifest lists (and verify hashed) are opened
+        self.pre = read_settings(os.path.join(self.path, d["preprocess"]), RECOMPILE)
         self.family = self.pre["family"]
-        self.input_kind = self.pre.get("input", _LEGACY_INPUT.get(self.family, "image"))
-        self.embed = np.load(os.path.join(self.path, d["embed_tokens"]), allow_pickle=False)
-        self.tokenizer = TextTokenizer.from_dir(os.path.join(self.path, d["tokenizer"]))
+        self.input_kind = self.pre["input"]
         self.eos_id = self.pre.get("eos_id")
         self.max_positions = self.pre.get("max_positions")
         self.arch = normalize_arch(self.pre["arch"], f"{self.path}/{d['preprocess']}")
+        self.embed = _load_embeddings(os.path.join(self.path, d["embed_tokens"]), self.arch["hidden"])
+        tok = d["tokenizer"].rstrip("/")
+        config = f"{tok}/tokenizer_config.json"
+        self.tokenizer = TextTokenizer.from_files(os.path.join(self.path, tok, "tokenizer.json"),
+                                                  os.path.join(self.path, config) if config in d["files"] else None)
         self.num_layers = self.arch["num_layers"]
         self.schedule = Schedule.from_dict(d["schedule"], where=f"{self.path}/manifest.json")
         self.cuts = self.schedule.effective_cuts()
+        if self.schedule.num_layers != self.num_layers:
+            raise InputError(f"{self.path}: schedule of {self.schedule.num_layers} layers in a {self.num_layers}-layer "
+                             f"artifact; {RECOMPILE}")
+        # the most spatial tokens one prompt can hold: the voxel cap, or an image's patches
+        most = self.pre["max_tokens"] if self.input_kind == "scene" else \
+            (self.pre["image_size"] // self.pre["patch_size"]) ** 2
+        if most > limits()["spatial_tokens"]:
+            raise InputError(f"{self.path}/{d['preprocess']}: up to {most} spatial tokens a prompt, over the limit of "
+                             f"{limits()['spatial_tokens']}; {RECOMPILE}, or {limit_hint('spatial_tokens')}")
         wanted = choose_providers(providers)
         self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
                          for name, g in d["graphs"].items()}
+        check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE)
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
@@ -118,8 +129,7 @@ class Runtime:
         return self.sessions["encoder"].run(None, {"pixel_values": pix[None]})[0][0]
 
     def prompt_ids(self, question: str) -> list[int]:
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question must be a non-empty string")
+        check_question(question)
         fmt = self.pre["prompt"]["format"]
         return tokenize_with_placeholders(self.tokenizer, fmt.replace(self.pre["prompt"].get("question_field", "{question}"), question))
 
@@ -234,8 +244,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
     def _check_generation(self, feeds: dict, max_new_tokens: int) -> None:
-        if int(max_new_tokens) < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         if max_new_tokens > 1 and not self.has_decode:
             raise InputError(f"{self.path}: this artifact has no decode graph, so it can answer only 1 token "
                              f"(asked for {max_new_tokens}); {RECOMPILE} with adatoken_compile.compiler.decode available")
@@ -249,6 +259,7 @@ class Runtime:
         """Yield the (B,) token ids of each step (finished rows yield EOS); stops when all rows hit EOS.
         ``ignore_eos`` decodes exactly ``max_new_tokens`` steps (fixed-length benchmarks)."""
         self._check_generation(feeds, max_new_tokens)
+        check_sampling(temperature, top_p, seed)
         out = self.prefill(feeds)
         B = out["logits"].shape[0]
         pos = feeds["attention_mask"].sum(1).astype(np.int64)[:, None]  # ORIGINAL lengths
@@ -330,6 +341,20 @@ class Runtime:
             if len(text) > len(prev) and text.startswith(prev):
                 yield text[len(prev):]
                 prev = text
+
+
+def _load_embeddings(path: str, hidden: int) -> np.ndarray:
+    """The (vocab, hidden) input-embedding table, refused when malformed or not finite."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy array ({type(e).__name__}); {RECOMPILE}") from None
+    if emb.ndim != 2 or emb.dtype.kind != "f" or emb.shape[1] != hidden or emb.shape[0] < 1:
+        raise InputError(f"{path}: embeddings of shape {emb.shape} {emb.dtype}, expected (vocab, {hidden}) floats; "
+                         f"{RECOMPILE}")
+    if not np.isfinite(emb).all():
+        raise InputError(f"{path}: embeddings hold NaN or inf values; {RECOMPILE} from a model with finite weights")
+    return emb
 
 
 def load(art_dir: str, providers: Sequence[str] | str | None = None, *, check_hashes: bool = True,

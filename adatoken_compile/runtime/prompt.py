@@ -7,6 +7,8 @@ sequence from them without importing torch.
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 
 IMAGE_TOKEN_INDEX = -200
 BOXES_TOKEN_INDEX = -300
@@ -26,6 +28,27 @@ def llava_hf_prompt(question: str) -> str:
 
 
 PROMPTS = {"llava_v1": llava_v1_prompt, "llava_hf": llava_hf_prompt}
+MAX_QUESTION_CHARS = 100_000  # far past any model's positions: refused before it is tokenized
+
+
+def check_question(question) -> str:
+    """A question every path accepts alike: a non-blank string of valid Unicode (no lone surrogates,
+    as a non-UTF-8 command-line argument decodes to, no NUL)."""
+    if not isinstance(question, str):
+        raise InputError(f"question: expected text, got {type(question).__name__}; pass --question TEXT")
+    if not question.strip():
+        raise InputError("question: empty; pass a question, e.g. --question 'what color is the chair?'")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"question: {len(question)} characters, more than {MAX_QUESTION_CHARS}; shorten it")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"question: not valid text (undecodable byte at character {e.start}); pass UTF-8 text") from None
+    if "\x00" in question:
+        raise InputError("question: holds a NUL character; remove it")
+    if "<image>" in question:
+        raise InputError("question: holds '<image>', which the prompt reserves for the scene or image; remove it")
+    return question
 
 
 def tokenize_with_placeholders(tokenizer, prompt: str) -> list[int]:

@@ -15,7 +15,24 @@ token:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ..errors import InputError
+
+
+def check_sampling(temperature, top_p, seed) -> None:
+    """Refuse sampling settings that are not numbers in range (NaN would silently pick token 0)."""
+    def num(v):
+        return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not num(temperature) or temperature < 0:
+        raise InputError(f"temperature {temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if not num(top_p) or not (0.0 < top_p <= 1.0):
+        raise InputError(f"top_p {top_p!r}: must be a number in (0, 1]")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise InputError(f"seed {seed!r}: must be a whole number >= 0, or None")
 
 
 def sample_next(logits_row: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
@@ -47,6 +64,12 @@ def make_rng(seed: int | None) -> np.random.Generator:
 
 
 def next_tokens(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> np.ndarray:
-    """(B, V) logits -> (B,) int64 token ids, rows in order (one draw per row when sampling)."""
+    """(B, V) logits -> (B,) int64 token ids, rows in order (one draw per row when sampling).
+
+    NaN or inf logits are refused: argmax would answer token 0, silently (both generation loops,
+    the PyTorch reference and ONNX Runtime, pick every token here)."""
     logits = np.asarray(logits)
+    if not np.isfinite(logits).all():
+        raise InputError("the model's logits came out NaN or inf: its weights or config values (norm epsilon, rope "
+                         "settings) or the input are out of range; check the checkpoint and the scene or image")
     return np.array([sample_next(logits[b], temperature, top_p, rng) for b in range(logits.shape[0])], dtype=np.int64)

@@ -14,6 +14,15 @@ key            shape           dtype      meaning
                                           z forward)
 ``intrinsics`` (V, 4, 4)       float32/64 pinhole K in the top-left 3x3 (pixels)
 =============  ==============  =========  ================================================
+
+:func:`validate_scene` (every reader goes through it: ``.npz`` files, arrays handed to the API,
+the dataset folder readers) refuses what would give NaN or meaningless spatial tokens -- focal
+lengths that are not > 0, camera-to-world rotations that are not rotations, cameras or depth
+readings farther from the origin than :data:`DEFAULT_LIMITS` ``extent_m`` (a pose in
+millimetres, a depth of 1e30; far out, float32 rounding merges the voxels) -- and scenes over
+the resource limits (views, pixels per view). The limits are :func:`limits`, each overridable
+by its environment variable (:data:`LIMIT_ENV`). :func:`load_scene` reads only the four arrays,
+each checked for its declared size before it is decompressed.
 """
 
 from __future__ import annotations
@@ -25,9 +34,47 @@ import numpy as np
 from PIL import Image
 
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import read_npz
 
 VOXEL_SIZE = 0.2
 MAX_SPATIAL_TOKENS = 2560
+
+# Resource and sanity limits of one scene (or image) request, each overridable by its variable.
+DEFAULT_LIMITS = {
+    "views": 64,  # views per scene: each view costs the encoder a full image (LLaVA-3D uses 20)
+    "view_pixels": 2048 * 2048,  # pixels per view (or per image), H x W
+    "spatial_tokens": MAX_SPATIAL_TOKENS,  # spatial tokens one prompt may hold (the voxel cap of LLaVA-3D)
+    "extent_m": 1000,  # every camera and depth reading within this many metres of the origin (float32 keeps mm)
+}
+LIMIT_ENV = {
+    "views": "ADATOKEN_COMPILE_MAX_VIEWS",
+    "view_pixels": "ADATOKEN_COMPILE_MAX_VIEW_PIXELS",
+    "spatial_tokens": "ADATOKEN_COMPILE_MAX_SPATIAL_TOKENS",
+    "extent_m": "ADATOKEN_COMPILE_MAX_SCENE_EXTENT",
+}
+ROTATION_TOL = 1e-2  # |R^T R - I| of a camera-to-world rotation stored in float32 is ~1e-6
+
+
+def limits() -> dict:
+    """The limits in force: :data:`DEFAULT_LIMITS`, each replaced by its environment variable when set."""
+    out = dict(DEFAULT_LIMITS)
+    for key, var in LIMIT_ENV.items():
+        raw = os.environ.get(var)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise InputError(f"{var}={raw!r}: must be a whole number >= 1 (default {DEFAULT_LIMITS[key]}); fix or "
+                             "unset the variable")
+        out[key] = value
+    return out
+
+
+def limit_hint(key: str) -> str:
+    return f"set {LIMIT_ENV[key]} to raise the limit"
 
 SCENE_KEYS = {
     "images": ("(V,H,W,3)", (np.uint8,)),
@@ -59,11 +106,16 @@ class Scene:
 def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
     """Check keys, shapes, dtypes and values; raise a one-line InputError naming the key."""
     fix = "see docs/formats.md (scene .npz)"
+    if not isinstance(arrays, dict):
+        raise InputError(f"{name}: a scene is a dict of arrays (or a Scene, or an .npz path), got {type(arrays).__name__}")
     for key, (shape, dtypes) in SCENE_KEYS.items():
         if key not in arrays:
             raise InputError(f"{name}: missing key '{key}' (expected {shape} {dtypes[0].__name__}); {fix}")
-    images, depths = np.asarray(arrays["images"]), np.asarray(arrays["depths"])
-    poses, intr = np.asarray(arrays["poses"]), np.asarray(arrays["intrinsics"])
+    try:
+        images, depths = np.asarray(arrays["images"]), np.asarray(arrays["depths"])
+        poses, intr = np.asarray(arrays["poses"]), np.asarray(arrays["intrinsics"])
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{name}: scene arrays are not rectangular numeric arrays ({e}); {fix}") from None
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"{name}: key 'images' has shape {images.shape}, expected (V,H,W,3) uint8 RGB")
     V, H, W = images.shape[:3]
@@ -86,6 +138,8 @@ def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
             )
     if V == 0 or H == 0 or W == 0:
         raise InputError(f"{name}: key 'images' is empty (shape {images.shape}); a scene needs at least one view")
+    lim = limits()
+    _check_size(V, H, W, name, lim)
     for key in ("depths", "poses", "intrinsics"):
         if not np.isfinite(expected[key][0]).all():
             raise InputError(f"{name}: key '{key}' contains NaN or inf; expected finite {SCENE_KEYS[key][0]} values")
@@ -93,19 +147,69 @@ def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
         raise InputError(f"{name}: key 'depths' is all zero; expected (V,H,W) float32 depth in metres")
     if (depths < 0).any():
         raise InputError(f"{name}: key 'depths' has negative values; expected (V,H,W) float32 depth in metres >= 0")
-    return Scene(images, depths, poses.astype(np.float64), intr.astype(np.float64), name=name)
+    K, P = intr.astype(np.float64), poses.astype(np.float64)
+    _check_geometry(K, P, depths, name, lim["extent_m"])
+    return Scene(images, depths, P, K, name=name)
+
+
+def _check_size(V: int, H: int | None, W: int | None, name: str, lim: dict) -> None:
+    if V > lim["views"]:
+        raise InputError(f"{name}: {V} views, more than the limit of {lim['views']}; pass fewer views or "
+                         f"{limit_hint('views')}")
+    if H is not None and W is not None and H * W > lim["view_pixels"]:
+        raise InputError(f"{name}: views of {H}x{W} pixels, more than the limit of {lim['view_pixels']} per view; "
+                         f"downscale the views or {limit_hint('view_pixels')}")
+
+
+def _check_geometry(K: np.ndarray, P: np.ndarray, depths: np.ndarray, name: str, extent: float) -> None:
+    """Refuse cameras that unproject to NaN or to a meaningless point cloud (see the module docstring)."""
+    fx, fy = K[:, 0, 0], K[:, 1, 1]
+    bad = np.flatnonzero(~((fx > 0) & (fy > 0)))
+    if bad.size:
+        v = int(bad[0])
+        raise InputError(f"{name}: key 'intrinsics' of view {v} has focal lengths fx={fx[v]:g}, fy={fy[v]:g}; both must "
+                         "be > 0 pixels (a pinhole K in the top-left 3x3)")
+    R = P[:, :3, :3]
+    err = np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max(axis=(1, 2))
+    bad = np.flatnonzero((err > ROTATION_TOL) | (np.linalg.det(R) <= 0))
+    if bad.size:
+        v = int(bad[0])
+        raise InputError(f"{name}: key 'poses' of view {v} is not a rigid camera-to-world transform (its 3x3 part is "
+                         "not a rotation); pass rotation + translation in metres")
+    # every unprojected point lies in the box spanned by each view's image corners at depth 0 and
+    # at that view's largest depth (the unprojection is linear in u, v and depth separately)
+    V, H, W = depths.shape
+    dmax = depths.reshape(V, -1).max(axis=1)
+    u = np.array([0.0, W - 1.0, 0.0, W - 1.0])
+    v = np.array([0.0, 0.0, H - 1.0, H - 1.0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        cam = np.stack([(u[None] - K[:, 0, 2:3]) / fx[:, None], (v[None] - K[:, 1, 2:3]) / fy[:, None],
+                        np.ones((V, 4))], axis=-1) * dmax[:, None, None]  # (V, 4, 3) at the largest depth
+        pts = np.concatenate([np.einsum("vij,vpj->vpi", R, cam), np.zeros((V, 1, 3))], axis=1) + P[:, None, :3, 3]
+        reach = float(np.nan_to_num(np.abs(pts), nan=np.inf).max())
+    if reach > extent:
+        raise InputError(f"{name}: cameras and depths reach {reach:.3g} m from the origin, more than the limit of "
+                         f"{extent} m; check that poses and depths are in metres and the focal lengths in pixels, or "
+                         f"{limit_hint('extent_m')}")
 
 
 def load_scene(path: str) -> Scene:
-    """Load and validate a scene ``.npz``."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: scene file not found; pass an existing .npz (see docs/formats.md: scene .npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile / format errors
-        raise InputError(f"{path}: not a readable .npz scene ({type(e).__name__}: {e}); see docs/formats.md: scene .npz")
-    return validate_scene(arrays, name=path)
+    """Load and validate a scene ``.npz``: only its four arrays are read, each after its declared
+    size is checked against the limits."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{path!r}: a scene path must be a string")
+    fix = "see docs/formats.md (scene .npz) and docs/safety.md (limits)"
+    lim = limits()
+    pixels = lim["views"] * lim["view_pixels"]
+    sizes = {"images": 3 * pixels, "depths": 8 * pixels, "poses": 128 * lim["views"], "intrinsics": 128 * lim["views"]}
+
+    def check_header(key, shape, dtype):  # the clearer refusal, from the .npy header before its data is read
+        H, W = (int(shape[1]), int(shape[2])) if key in ("images", "depths") and len(shape) >= 3 else (None, None)
+        if len(shape) >= 1:
+            _check_size(int(shape[0]), H, W, str(path), lim)
+
+    arrays = read_npz(path, sizes, fix, check_header=check_header)
+    return validate_scene({k: v for k, v in arrays.items() if v is not None}, name=str(path))
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -130,7 +234,16 @@ def resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
     return nh, nw, top, left
 
 
+def check_normalization(mean, std, where: str = "preprocessing") -> None:
+    """Refuse an image normalisation that divides by zero or spreads NaN."""
+    m, s = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
+    if m.shape != (3,) or s.shape != (3,) or not np.isfinite(m).all() or not np.isfinite(s).all() or (s <= 0).any():
+        raise InputError(f"{where}: image mean {m.tolist()} / std {s.tolist()} must be 3 finite numbers each, std > 0; "
+                         "fix image_mean / image_std")
+
+
 def preprocess_scene(scene: Scene, image_size: int, mean, std) -> Preprocessed:
+    check_normalization(mean, std)
     V, H, W, _ = scene.images.shape
     nh, nw, top, left = resize_crop_params(H, W, image_size)
     pix = np.empty((V, 3, image_size, image_size), np.float32)
@@ -196,6 +309,13 @@ def voxelize(xyz: np.ndarray, voxel_size: float = VOXEL_SIZE, max_tokens: int = 
     (in key order) are kept -- deterministic, unlike upstream's random subset.
     """
     pts = xyz.reshape(-1, 3).astype(np.float64)
+    if not np.isfinite(pts).all():
+        raise InputError("scene: unprojected points are NaN or inf; check the scene's intrinsics, poses and depths")
+    span = pts.max(axis=0) - pts.min(axis=0)
+    # the raveled key must fit int64 (an absurd pose would wrap every point into one voxel)
+    if float(np.prod(np.floor(span / voxel_size) + 2)) >= 2.0**62:
+        raise InputError(f"scene: {span.max():.3g} m across is too large for {voxel_size} m voxels; check that poses and "
+                         "depths are in metres")
     q = np.round(pts / voxel_size).astype(np.int64)
     q -= q.min(axis=0, keepdims=True)
     dims = q.max(axis=0) + 1

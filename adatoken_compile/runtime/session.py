@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 from ..errors import InputError
@@ -62,9 +63,71 @@ def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvid
 def open_session(path: str, providers: list[str], recompile_hint: str, threads: int | None = None):
     """A session for one artifact graph; a CUDA session that fails to start falls back to CPU."""
     try:
-        return make_session(path, providers, threads=threads)
+        sess = make_session(path, providers, threads=threads)
     except Exception as e:
-        if providers != PROVIDERS["cpu"]:  # e.g. CUDA libraries missing
-            return make_session(path, threads=threads)
-        raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {str(e)[:200]}); "
-                         f"{recompile_hint}")
+        if providers == PROVIDERS["cpu"]:
+            raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {_first_line(e)}); "
+                             f"{recompile_hint}") from None
+        sess = open_session(path, PROVIDERS["cpu"], recompile_hint, threads)  # e.g. CUDA libraries missing
+    return sess if isinstance(sess, CheckedSession) else CheckedSession(sess, path, recompile_hint)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:200]
+
+
+# encoder outputs that must be finite: NaN spatial tokens answer garbage silently (the logits are
+# checked where every token is picked, adatoken_compile.runtime.sampling.next_tokens)
+_FINITE_OUTPUTS = {"features": "the encoder's features", "tokens": "the spatial tokens"}
+
+
+class CheckedSession:
+    """An ORT session whose failures are one-line InputErrors naming the graph, and whose encoder
+    outputs are checked to be finite (NaN or inf there is refused, never answered)."""
+
+    def __init__(self, session, path: str, recompile_hint: str):
+        self._s, self.path, self.hint = session, path, recompile_hint
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        try:
+            outs = self._s.run(output_names, feeds, *args, **kwargs)
+        except Exception as e:  # onnxruntime's own error types (invalid argument, runtime failure)
+            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {_first_line(e)}); the inputs do not "
+                             f"fit this graph, or {self.hint}") from None
+        names = output_names or [o.name for o in self._s.get_outputs()]
+        for name, value in zip(names, outs):
+            what = _FINITE_OUTPUTS.get(name)
+            if what and isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise InputError(f"{self.path}: {what} came out NaN or inf; the input is out of range for this model "
+                                 "(check the scene's or image's values), or its weights are not finite")
+        return outs
+
+
+def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: int, art: str, hint: str) -> None:
+    """Refuse, at load, an artifact whose graphs are not the ones the runtime drives: each graph the
+    input kind needs is present, takes only the feeds the runtime gives it and returns what it
+    reads back (names fixed by the compiler)."""
+    need = {"prefill": ({"inputs_embeds", "attention_mask", "position_ids", "spatial_mask"},
+                        {"logits", *(f"{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers)),
+                         *(f"kept.{c}" for c in range(num_cuts))}),
+            "encoder": ({"pixel_values", "xyz"} if input_kind == "scene" else {"pixel_values"}, {"features"})}
+    if input_kind == "scene":
+        need["projector"] = ({"features"}, {"tokens"})
+    if "decode" in sessions:
+        past = {f"past_{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers)}
+        need["decode"] = ({"inputs_embeds", "position_ids", *past},
+                          {"logits", *(f"present_{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers))})
+    for name, (feeds, outs) in need.items():
+        if name not in sessions:
+            raise InputError(f"{art}: the artifact has no '{name}' graph, which a {input_kind} model needs; {hint}")
+        s = sessions[name]
+        ins = {i.name for i in s.get_inputs()}
+        got = {o.name for o in s.get_outputs()}
+        extra, missing = sorted(ins - feeds), sorted(outs - got)
+        if extra or missing:
+            what = f"takes input '{extra[0]}'" if extra else f"lacks output '{missing[0]}'"
+            raise InputError(f"{s.path}: graph '{name}' {what}, not what this runtime drives; {hint}")

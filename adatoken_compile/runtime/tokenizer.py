@@ -13,6 +13,9 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import read_json
+
+_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>"}
 
 
 class TextTokenizer:
@@ -24,18 +27,13 @@ class TextTokenizer:
 
     @classmethod
     def from_dir(cls, path: str) -> "TextTokenizer":
+        """The tokenizer of a checkpoint directory: ``tokenizer.json`` (or a sentencepiece
+        ``tokenizer.model``, converted) and ``tokenizer_config.json`` when present."""
         tj = os.path.join(path, "tokenizer.json")
-        cfg = {}
         tc = os.path.join(path, "tokenizer_config.json")
-        if os.path.exists(tc):
-            with open(tc) as f:
-                cfg = json.load(f)
-        if os.path.exists(tj):
-            try:
-                tok = Tokenizer.from_file(tj)
-            except Exception as e:
-                raise InputError(f"{tj}: unreadable tokenizer ({e}); re-create or re-download it")
-        elif os.path.exists(os.path.join(path, "tokenizer.model")):
+        if os.path.isfile(tj):
+            return cls.from_files(tj, tc if os.path.exists(tc) else None)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
             try:
                 from transformers import AutoTokenizer  # converts sentencepiece; not in the runtime install
 
@@ -45,19 +43,35 @@ class TextTokenizer:
                     f"{os.path.join(path, 'tokenizer.model')}: could not convert the sentencepiece tokenizer "
                     f"({type(e).__name__}: {e}); install sentencepiece and protobuf"
                 )
-            tok = hf.backend_tokenizer
-        else:
-            raise InputError(f"{path}: no tokenizer.json or tokenizer.model; the checkpoint directory must ship its tokenizer")
+            return cls._with_config(hf.backend_tokenizer, tc if os.path.exists(tc) else None)
+        raise InputError(f"{path}: no tokenizer.json or tokenizer.model; the checkpoint directory must ship its tokenizer")
 
-        def tid(name: str, default: str):
-            v = cfg.get(name, default)
+    @classmethod
+    def from_files(cls, tokenizer_json: str, config_json: str | None = None) -> "TextTokenizer":
+        """A tokenizer from exactly these files (``config_json``: special-token names, optional)."""
+        if not os.path.isfile(tokenizer_json):
+            raise InputError(f"{tokenizer_json}: tokenizer not found; re-create or re-download it")
+        try:
+            tok = Tokenizer.from_file(tokenizer_json)
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise InputError(f"{tokenizer_json}: unreadable tokenizer ({str(e).splitlines()[0][:200]}); "
+                             "re-create or re-download it") from None
+        return cls._with_config(tok, config_json)
+
+    @classmethod
+    def _with_config(cls, tok, config_json: str | None) -> "TextTokenizer":
+        cfg = read_json(config_json, "tokenizer config", "fix or re-download it") if config_json else {}
+
+        def tid(name: str):
+            v = cfg.get(name, _SPECIALS[name])
             if isinstance(v, dict):
                 v = v.get("content")
+            if v is not None and not isinstance(v, str):
+                raise InputError(f"{config_json}: '{name}' must be a token string, an object with a 'content' string, "
+                                 f"or null, got {json.dumps(v)[:40]}; fix or re-download it")
             return tok.token_to_id(v) if v is not None else None
 
-        bos = tid("bos_token", "<s>")
-        eos = tid("eos_token", "</s>")
-        pad = tid("pad_token", "<unk>")
+        bos, eos, pad = tid("bos_token"), tid("eos_token"), tid("pad_token")
         return cls(tok, bos, eos, pad if pad is not None else 0)
 
     def encode(self, text: str) -> list[int]:

@@ -22,12 +22,12 @@ from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.runtime import load
 from adatoken_compile.schedule import Cut, Schedule, identity
 
-from conftest import simple_scene
+from conftest import TINY_CUTS, simple_scene
 
 torch.set_num_threads(1)
 
 LAYERS = 4
-CUTS = [Cut(1, 0.5), Cut(3, 0.25)]
+CUTS = [Cut(*c) for c in TINY_CUTS]
 Q_SHORT = "what is here?"
 Q_LONG = "how many chairs are next to the big red table by the window in this room?"
 
@@ -52,19 +52,19 @@ def schedule_file(schedule, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pruned_art(tiny3d_dir, schedule_file, tmp_path_factory):
+def pruned_art(tiny_artifact):
     """The pruned artifact, compiled through the CLI (also the CLI `compile` test)."""
-    out = str(tmp_path_factory.mktemp("arts") / "pruned")
-    res = CliRunner().invoke(cli_main, ["compile", "--model", tiny3d_dir, "--schedule", schedule_file, "--out", out])
-    assert res.exit_code == 0, res.output
-    assert "prefill" in res.output and "decode" in res.output and "MB" in res.output
+    out, output = tiny_artifact
+    assert "prefill" in output and "decode" in output and "MB" in output
+    assert f"digest     {load(out).manifest.digest}" in output
     return out
 
 
 @pytest.fixture(scope="module")
 def identity_art(adapter, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("arts") / "identity")
-    compile_artifact(adapter, identity(LAYERS, fingerprint=adapter.fingerprint()), out, progress=False, decode=False)
+    compile_artifact(adapter, identity(LAYERS, fingerprint=adapter.fingerprint(), family="llava3d"), out, progress=False,
+                     decode=False)
     return out
 
 
@@ -345,11 +345,17 @@ def _leftovers(parent):
 
 def test_schedule_for_another_model_refused(adapter, tmp_path):
     out = tmp_path / "art"
-    other = Schedule(cuts=list(CUTS), num_layers=LAYERS, fingerprint="sha256:" + "0" * 64)
+    other = Schedule(cuts=list(CUTS), num_layers=LAYERS, fingerprint="sha256:" + "0" * 64, family="llava3d")
     with pytest.raises(ScheduleMismatch, match="calibrated on model"):
         compile_artifact(adapter, other, str(out), progress=False)
+    same = dict(fingerprint=adapter.fingerprint(), family="llava3d")
     with pytest.raises(ScheduleMismatch, match="6-layer"):
-        compile_artifact(adapter, Schedule(cuts=[], num_layers=6), str(out), progress=False)
+        compile_artifact(adapter, Schedule(cuts=[], num_layers=6, **same), str(out), progress=False)
+    with pytest.raises(ScheduleMismatch, match="llava-hf model, this model is llava3d"):
+        compile_artifact(adapter, Schedule(cuts=[], num_layers=LAYERS, **{**same, "family": "llava-hf"}), str(out),
+                         progress=False)
+    with pytest.raises(ScheduleMismatch, match="names no model fingerprint"):
+        compile_artifact(adapter, Schedule(cuts=[], num_layers=LAYERS, family="llava3d"), str(out), progress=False)
     assert _leftovers(tmp_path) == []
 
 
@@ -364,7 +370,8 @@ def test_failed_compile_leaves_nothing(adapter, tmp_path, monkeypatch):
 
     monkeypatch.setattr(art_mod, "export", failing_export)
     with pytest.raises(RuntimeError, match="exploded"):
-        compile_artifact(adapter, identity(LAYERS), str(tmp_path / "art"), progress=False)
+        compile_artifact(adapter, identity(LAYERS, fingerprint=adapter.fingerprint(), family="llava3d"),
+                         str(tmp_path / "art"), progress=False)
     assert calls and _leftovers(tmp_path) == []
 
 
@@ -436,7 +443,7 @@ def test_hf_llava_artifact_matches_adapter(decoder, kv_heads, tmp_path):
 
     d = random_llava_hf(str(tmp_path / f"hf_{decoder}"), decoder=decoder, layers=2, kv_heads=kv_heads)
     ad = LlavaHFAdapter(d)
-    sch = Schedule(cuts=[Cut(1, 0.5)], num_layers=2, fingerprint=ad.fingerprint())
+    sch = Schedule(cuts=[Cut(1, 0.5)], num_layers=2, fingerprint=ad.fingerprint(), family=ad.family)
     out = str(tmp_path / "art")
     compile_artifact(ad, sch, out, progress=False, decode=False)
     r = load(out)

@@ -24,8 +24,8 @@ def arts(tiny3d_dir, tmp_path_factory):
     a = load_adapter(tiny3d_dir)
     L, fp = a.arch()["num_layers"], a.fingerprint()
     d = tmp_path_factory.mktemp("arts")
-    sched = peer_schedule("pdrop", L, fingerprint=fp)
-    compile_artifact(a, identity(L, fingerprint=fp), str(d / "id"), progress=False)
+    sched = peer_schedule("pdrop", L, fingerprint=fp, family=a.family)
+    compile_artifact(a, identity(L, fingerprint=fp, family=a.family), str(d / "id"), progress=False)
     compile_artifact(a, sched, str(d / "pd"), progress=False)
     return a, sched, str(d / "id"), str(d / "pd")
 

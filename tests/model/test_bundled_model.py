@@ -78,7 +78,7 @@ def test_ort_generation_equals_pytorch_reference_on_20_test_questions(bundled, c
 
 
     L = bundled.arch()["num_layers"]
-    sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint())
+    sched = peer_schedule("pdrop", L, fingerprint=bundled.fingerprint(), family=bundled.family)
     art = str(tmp_path / "art")
     compile_artifact(bundled, sched, art, progress=False)
     rt = load(art)

@@ -1,0 +1,385 @@
+"""Bad input never becomes a traceback, a silent wrong answer or lost data: the strict readers, the
+output rules of adatoken_compile.io, schedule and settings parsing, scene geometry and limits.
+Property tests (hypothesis) generate the inputs; every case ends in an InputError of one line or
+in a value that is exactly what was given."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from adatoken_compile import io as aio
+from adatoken_compile.errors import InputError, ScheduleMismatch
+from adatoken_compile.readers import Fields, read_json, read_npz
+from adatoken_compile.runtime.prompt import check_question
+from adatoken_compile.runtime.sampling import check_sampling
+from adatoken_compile.runtime.scene import (LIMIT_ENV, Scene, load_scene, unproject_patches, validate_scene,
+                                            voxelize)
+from adatoken_compile.runtime.settings import read_settings
+from adatoken_compile.schedule import SCHEMA, Cut, Schedule
+
+from conftest import simple_scene
+
+# fixed examples in CI (derandomize) and no example database written into the checkout
+FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
+                    | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c,
+                                                                                               max_size=3), max_leaves=6)
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e)
+    assert isinstance(e, InputError) and isinstance(e, ValueError), type(e)
+    assert msg and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def leftovers(d) -> list[str]:
+    return sorted(n for n in os.listdir(d) if ".tmp-" in n)
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+
+@FAST
+@given(value=JSON)
+def test_fields_take_exact_types_only(value):
+    f = Fields({"k": value}, "f.json", "fix it")
+    for get, ok in ((lambda: f.integer("k", lo=1), isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                    (lambda: f.number("k", lo=0.0, hi=1.0, lo_open=True),
+                     isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1),
+                    (lambda: f.string("k"), isinstance(value, str) and value != "")):
+        if ok:
+            assert get() == value and type(get()) in (type(value), float)
+        else:
+            with pytest.raises(InputError) as e:
+                get()
+            msg = one_line(e.value)
+            assert msg.startswith("f.json: 'k' must be") and msg.endswith("; fix it")
+
+
+@pytest.mark.parametrize("raw, what", [(None, "not found"), ("DIR", "is a directory"), (b"\xff\xfe{}", "not UTF-8"),
+                                       (b'{"a": NaN}', "not valid JSON"), (b"{", "not valid JSON"),
+                                       (b"[1]", "must be an object"), (b"[" * 100_000, "nested too deeply|not valid")])
+def test_read_json_refuses_each_malformed_file_in_one_line(tmp_path, raw, what):
+    p = tmp_path / "x.json"
+    if raw == "DIR":
+        p.mkdir()
+    elif raw is not None:
+        p.write_bytes(raw)
+    with pytest.raises(InputError, match=what) as e:
+        read_json(str(p), "config", "fix it")
+    assert one_line(e.value).startswith(str(p))
+
+
+def test_read_npz_checks_declared_sizes_and_reads_only_named_members(tmp_path, monkeypatch):
+    p = str(tmp_path / "a.npz")
+    np.savez_compressed(p, small=np.arange(4, dtype=np.int64), bomb=np.zeros(50_000_000, np.uint8),
+                        obj=np.array([{}], dtype=object))
+    assert os.path.getsize(p) < 200_000  # 50 MB of zeros compress to almost nothing
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
+                        or real_open(self, name, *a, **k))
+    got = read_npz(p, {"small": 32, "missing": 8}, "fix")
+    assert got["small"].tolist() == [0, 1, 2, 3] and got["missing"] is None and opened == ["small.npy"]
+    with pytest.raises(InputError, match="'bomb' declares 50000128 bytes, over the limit of 1000000") as e:
+        read_npz(p, {"bomb": 1_000_000}, "fix")
+    one_line(e.value)
+    assert "bomb.npy" not in opened  # refused from the zip directory, never decompressed
+    with pytest.raises(InputError, match="Python objects"):
+        read_npz(p, {"obj": 1000}, "fix")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _own_dir(path, kind="artifact"):
+    os.makedirs(path)
+    name, key, value = aio._OWN_FILES[kind]
+    with open(os.path.join(path, name), "w") as f:
+        json.dump({key: value}, f)
+
+
+def test_output_rules_never_touch_what_the_tool_did_not_write(tmp_path):
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "mine.txt").write_text("keep")
+    (tmp_path / "file.txt").write_text("keep")
+    cases = [(str(user), "artifact", True, "not an adatoken-compile artifact"),
+             (str(tmp_path / "file.txt"), "artifact", True, "not a directory this tool wrote"),
+             (str(tmp_path / "file.txt"), "scene", True, "not an adatoken-compile scene file"),
+             (str(tmp_path / "file.txt" / "sub"), "artifact", True, "parent .* is a file"),
+             (str(user), "predictions", True, "is a directory")]
+    for path, kind, over, msg in cases:
+        with pytest.raises(InputError, match=msg) as e:
+            aio.check_output(path, kind, overwrite=over, is_dir=kind in ("artifact", "calibration"))
+        one_line(e.value)
+    own = str(tmp_path / "art")
+    _own_dir(own)
+    with pytest.raises(InputError, match="pass --overwrite"):
+        aio.check_output(own, "artifact")
+    with pytest.raises(InputError, match="not an adatoken-compile calibration"):  # same tool, other kind
+        aio.check_output(own, "calibration", overwrite=True)
+    assert aio.check_output(own, "artifact", overwrite=True) == own
+    (tmp_path / "empty").mkdir()
+    assert aio.check_output(str(tmp_path / "empty"), "artifact") == str(tmp_path / "empty")
+    assert (user / "mine.txt").read_text() == "keep" and (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_scene_files_are_replaced_only_when_make_scene_wrote_them(tmp_path):
+    p = str(tmp_path / "s.npz")
+    simple_scene(V=1, H=8, W=8).save(p)  # a valid scene, but a user's (no mark)
+    with pytest.raises(InputError, match="not an adatoken-compile scene file"):
+        aio.check_output(p, "scene", overwrite=True, is_dir=False)
+    aio.mark_scene(p)
+    assert load_scene(p).num_views == 1  # the mark leaves the arrays as they were
+    with pytest.raises(InputError, match="pass --overwrite"):
+        aio.check_output(p, "scene", is_dir=False)
+    assert aio.check_output(p, "scene", overwrite=True, is_dir=False)
+
+
+def test_failed_or_refused_writes_keep_the_earlier_output_and_leave_nothing(tmp_path):
+    own = str(tmp_path / "art")
+    _own_dir(own)
+    before = sorted(os.listdir(own))
+    with pytest.raises(InputError, match="No space left on device") as e:
+        with aio.atomic_dir(own, "artifact", overwrite=True) as tmp:
+            open(os.path.join(tmp, "big"), "w").close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert "nothing was changed" in one_line(e.value)
+    with pytest.raises(KeyboardInterrupt):
+        with aio.atomic_dir(own, "artifact", overwrite=True):
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(own)) == before and leftovers(tmp_path) == []
+    # another run filled the (empty) target while this one worked: its output is not replaced
+    os.makedirs(tmp_path / "race")
+    with pytest.raises(InputError, match="written by something else"):
+        with aio.atomic_dir(str(tmp_path / "race"), "artifact"):
+            _own_dir(str(tmp_path / "race" / "inner"))
+            os.replace(tmp_path / "race" / "inner" / "manifest.json", tmp_path / "race" / "manifest.json")
+    assert os.path.exists(tmp_path / "race" / "manifest.json") and leftovers(tmp_path) == []
+    with pytest.raises(InputError, match="No space left"):
+        with aio.atomic_file(str(tmp_path / "p.json"), "predictions") as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / "p.json")
+
+
+def test_interrupt_cleanup_removes_temps_and_restores_an_output_set_aside(tmp_path):
+    own = str(tmp_path / "art")
+    _own_dir(own)
+    aside = str(tmp_path / ".art.tmp-1-ab")
+    os.replace(own, aside)  # what atomic_dir does just before renaming the replacement in
+    tmp = str(tmp_path / ".art.tmp-1-cd")
+    os.makedirs(tmp)
+    aio._live_temps.update({aside: own, tmp: None})
+    aio.remove_live_temps()
+    assert os.listdir(own) == ["manifest.json"] and leftovers(tmp_path) == [] and not aio._live_temps
+
+
+def test_stale_temps_of_dead_runs_are_cleaned_others_kept(tmp_path):
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    final = str(tmp_path / "art")
+    stale = tmp_path / f".art.tmp-{dead}-aa"
+    stale.mkdir()
+    (stale / aio._TEMP_MARKER).write_text("")
+    alive = tmp_path / f".art.tmp-{os.getppid()}-bb"
+    alive.mkdir()
+    (alive / aio._TEMP_MARKER).write_text("")
+    users = tmp_path / f".art.tmp-{dead}-cc"  # a user's folder of that name, without the marker
+    users.mkdir()
+    (users / "mine.txt").write_text("keep")
+    _own_dir(str(tmp_path / f".art.tmp-{dead}-dd"))  # an earlier output set aside by a killed run
+    removed = aio.clean_stale_temps(final)
+    assert sorted(os.path.basename(p) for p in removed) == [stale.name, f".art.tmp-{dead}-dd"]
+    assert os.listdir(final) == ["manifest.json"]  # put back in place: nothing had replaced it
+    assert alive.exists() and (users / "mine.txt").read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _schedule_dict() -> dict:
+    return Schedule([Cut(1, 0.5), Cut(3, 0.25)], 4, policy="adaptive", fingerprint="sha256:" + "a" * 64,
+                    family="llava3d").to_dict()
+
+
+PATHS = [("cuts", 0, "layer"), ("cuts", 0, "keep"), ("cuts", 1), ("cuts",), ("model", "num_layers"),
+         ("model", "fingerprint"), ("model", "family"), ("model",), ("scoring",), ("scoring", "query"), ("positions",),
+         ("version",), ("policy",), ("predicted",), ("calibration",)]
+
+
+@FAST
+@given(path=st.sampled_from(PATHS), value=JSON | st.sampled_from([1.7, True, "0.5", 0, -1, 2, 1e308]),
+       delete=st.booleans())
+def test_schedule_fields_are_exact_or_refused(path, value, delete):
+    d = _schedule_dict()
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    try:
+        s = Schedule.from_dict(d, where="s.json")
+    except InputError as e:
+        assert one_line(e).startswith("s.json")
+        return
+    # accepted: every field is exactly what the file holds (nothing coerced)
+    for c, raw in zip(s.cuts, d["cuts"]):
+        assert type(c.layer) is int and c.layer == raw["layer"] and not isinstance(raw["keep"], bool)
+        assert c.keep == raw["keep"] and 0 < c.keep <= 1
+    assert isinstance(s.fingerprint, str) and isinstance(s.family, str) and s.num_layers == d["model"]["num_layers"]
+
+
+def test_schedule_needs_a_model_to_be_checked_against():
+    s = Schedule([Cut(1, 0.5)], 4, fingerprint="sha256:" + "a" * 64, family="llava3d")
+    s.check_model("sha256:" + "a" * 64, 4, family="llava3d")
+    for kw, msg in (({"fingerprint": None}, "no model fingerprint"), ({"family": None}, "no model family")):
+        with pytest.raises(ScheduleMismatch, match=msg):
+            Schedule([Cut(1, 0.5)], 4, **{"fingerprint": "sha256:" + "a" * 64, "family": "llava3d", **kw}).check_model(
+                "sha256:" + "a" * 64, 4, family="llava3d")
+    with pytest.raises(ScheduleMismatch, match="llava3d model, this model is llava-hf"):
+        s.check_model("sha256:" + "a" * 64, 4, family="llava-hf")
+    assert _schedule_dict()["schema"] == SCHEMA
+
+
+# ----------------------------------------------------------------------------- artifact settings
+
+
+def _settings() -> dict:
+    from adatoken_compile.contract import PROMPTS
+
+    return {"family": "llava3d", "input": "scene", "image_size": 56, "patch_size": 14, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "prompt": {"format": PROMPTS["llava_v1"]("{question}"), "question_field": "{question}"},
+            "bos_id": 1, "eos_id": 2, "max_positions": 4096, "voxel_size": 0.2, "max_tokens": 2560,
+            "arch": {"num_layers": 4, "hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "intermediate": 128,
+                     "vocab": 252}}
+
+
+@FAST
+@given(key=st.sampled_from(["input", "image_size", "patch_size", "mean", "std", "prompt", "eos_id", "max_positions",
+                            "voxel_size", "max_tokens", "arch", "family"]),
+       value=JSON | st.sampled_from([[0, 0, 0], [1, 1, float("inf")], 0, -3, "56", True, 0.0]))
+def test_artifact_settings_exact_or_refused(tmp_path_factory, key, value):
+    d = _settings()
+    d[key] = value
+    p = tmp_path_factory.mktemp("s") / "preprocess.json"
+    p.write_text(json.dumps(d))
+    try:
+        got = read_settings(str(p), "recompile")
+    except InputError as e:
+        assert one_line(e).startswith(str(p))
+        return
+    assert all(s > 0 and math.isfinite(s) for s in got["std"]) and got["image_size"] >= got["patch_size"] >= 1
+    assert got["voxel_size"] > 0 and type(got["max_tokens"]) is int
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def _arrays(**over):
+    s = simple_scene(V=2, H=24, W=32)
+    a = {"images": s.images, "depths": s.depths, "poses": s.poses.copy(), "intrinsics": s.intrinsics.copy()}
+    a.update(over)
+    return a
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -1.0, 1e-300, 1e300, 1e30])
+
+
+@settings(FAST, max_examples=80)
+@given(fx=finite_or_not, fy=finite_or_not, cx=finite_or_not, t=finite_or_not, depth=finite_or_not,
+       rot=st.sampled_from(["ok", "zero", "scale", "mirror"]))
+def test_scene_geometry_gives_finite_separate_voxels_or_one_line_error(fx, fy, cx, t, depth, rot):
+    a = _arrays()
+    K, P = a["intrinsics"], a["poses"]
+    K[0, 0, 0], K[0, 1, 1], K[0, 0, 2], P[1, 0, 3] = fx, fy, cx, t
+    P[0, :3, :3] = {"ok": np.eye(3), "zero": np.zeros((3, 3)), "scale": 2 * np.eye(3), "mirror": np.diag([1, 1, -1])}[rot]
+    with np.errstate(all="ignore"):
+        a["depths"] = (a["depths"] * np.float32(depth if math.isfinite(depth) else 1.0)).astype(np.float32)
+        if not math.isfinite(depth):
+            a["depths"][0, 0, 0] = depth
+    try:
+        scene = validate_scene(a, name="s.npz")
+    except InputError as e:
+        assert one_line(e).startswith("s.npz")
+        return
+    xyz = unproject_patches(scene.depths, scene.intrinsics, scene.poses, 8).reshape(-1, 3)
+    assert np.isfinite(xyz).all()
+    vm = voxelize(xyz)
+    span = xyz.max(0) - xyz.min(0)
+    assert vm.num_tokens >= 1 and (vm.num_tokens > 1 or span.max() < 0.4)  # never everything in one token
+
+
+def test_scene_limits_are_enforced_and_overridable(monkeypatch, tmp_path):
+    with pytest.raises(InputError, match=f"3 views, more than the limit of 2; .*{LIMIT_ENV['views']}"):
+        monkeypatch.setenv(LIMIT_ENV["views"], "2")
+        validate_scene(_arrays(images=np.zeros((3, 24, 32, 3), np.uint8), depths=np.ones((3, 24, 32), np.float32),
+                               poses=np.tile(np.eye(4), (3, 1, 1)), intrinsics=np.tile(np.eye(4), (3, 1, 1)) * 20))
+    monkeypatch.setenv(LIMIT_ENV["view_pixels"], "100")
+    with pytest.raises(InputError, match="views of 24x32 pixels, more than the limit of 100"):
+        validate_scene(_arrays())
+    monkeypatch.setenv(LIMIT_ENV["view_pixels"], "many")
+    with pytest.raises(InputError, match="ADATOKEN_COMPILE_MAX_VIEW_PIXELS='many': must be a whole number"):
+        validate_scene(_arrays())
+    monkeypatch.delenv(LIMIT_ENV["view_pixels"])
+    monkeypatch.delenv(LIMIT_ENV["views"])
+    # 400 one-pixel views: a tiny file, but 400 encoder images; refused by the limit's default
+    p = str(tmp_path / "tiny_views.npz")
+    Scene(np.zeros((400, 1, 1, 3), np.uint8), np.ones((400, 1, 1), np.float32), np.tile(np.eye(4), (400, 1, 1)),
+          np.tile(np.eye(4), (400, 1, 1)) * 20).save(p)
+    assert os.path.getsize(p) < 20_000
+    with pytest.raises(InputError, match="400 views, more than the limit of 64"):
+        load_scene(p)
+
+
+def test_load_scene_ignores_extra_members_and_refuses_oversized_ones(tmp_path):
+    s = simple_scene(V=1, H=8, W=8)
+    p = str(tmp_path / "s.npz")
+    np.savez_compressed(p, images=s.images, depths=s.depths, poses=s.poses, intrinsics=s.intrinsics,
+                        unused=np.zeros(100_000_000, np.uint8))
+    assert load_scene(p).num_views == 1  # the 100 MB member is never decompressed
+    np.savez_compressed(p, images=np.zeros((1, 3000, 3000, 3), np.uint8), depths=s.depths, poses=s.poses,
+                        intrinsics=s.intrinsics)
+    with pytest.raises(InputError, match="views of 3000x3000 pixels, more than the limit"):
+        load_scene(p)  # refused from the member's header
+    with zipfile.ZipFile(p, "w") as z:  # a member whose zip entry declares more than the limits allow
+        with z.open("images.npy", "w", force_zip64=True) as f:
+            f.write(b"\0" * 16)
+        z.getinfo("images.npy").file_size = 1 << 40
+    with pytest.raises(InputError) as e:
+        load_scene(p)
+    assert one_line(e.value).startswith(p)
+
+
+# ----------------------------------------------------------------------------- questions, sampling
+
+
+@FAST
+@given(q=st.text(max_size=40) | st.sampled_from(["", "   ", "a\x00b", "what \udcff?", "x <image> y", 5, None, b"q"]))
+def test_questions_are_valid_text_or_refused(q):
+    try:
+        out = check_question(q)
+    except InputError as e:
+        one_line(e)
+        return
+    assert out == q and q.strip() and "<image>" not in q
+    q.encode("utf-8")
+
+
+@pytest.mark.parametrize("t, p, seed", [(float("nan"), 1.0, None), (-1, 1.0, None), (0.5, 0.0, 0), (0.5, 1.5, 0),
+                                        (True, 1.0, None), (0.5, 1.0, -1), (0.5, 1.0, 1.5), ("0.5", 1.0, None)])
+def test_sampling_settings_refused(t, p, seed):
+    with pytest.raises(InputError) as e:
+        check_sampling(t, p, seed)
+    one_line(e.value)

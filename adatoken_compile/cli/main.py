@@ -6,11 +6,13 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 
 import click
 from tqdm import tqdm
 
 from adatoken_compile import api
+from adatoken_compile.data.scenes import DataWarning
 from adatoken_compile.errors import InputError
 
 MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
@@ -48,6 +50,15 @@ def model_options(fn):
     return fn
 
 
+def data_options(fn):
+    """--scenes and --depth-scale: where a question file's scenes are and how their depth is stored."""
+    fn = click.option("--depth-scale", default=None, type=click.FloatRange(0, None, min_open=True),
+                      help="depth PNG units per metre of scene folders [default: the info file's, else 1000 (mm)]")(fn)
+    fn = click.option("--scenes", default=None, help="where the question file's scene ids resolve: a folder holding "
+                      "<scene_id>/ scene folders (or <scene_id>.npz), or an EmbodiedScan info .json")(fn)
+    return fn
+
+
 def provider_option(fn):
     return click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                         help="ONNX Runtime execution provider (auto: CUDA when available)")(fn)
@@ -65,10 +76,22 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Data warnings (frames skipped, ...) as one ``warning:`` line; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 class OneLineErrors(click.Group):
     """Usage errors (a bad option value, an unknown command) as one line, exit 2, like every other error."""
 
     def main(self, *args, **kwargs):
+        warnings.showwarning = _one_line_warning
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:

@@ -1,41 +1,21 @@
-"""Where samples come from: ``--data`` specifications (torch-free).
+"""Where samples come from (torch-free).
 
-``builtin:<split>`` is the procedural 3D benchmark (:mod:`adatoken_compile.benchmark3d`), split
-``train``, ``validation``, ``test`` or ``calibration``; a bare split name means the same.
+* :mod:`.specs`: ``--data`` specifications (``builtin:<split>`` or a question file) -> samples,
+  in a fixed order; ``iter_samples``, ``load_samples``, ``builtin_split``, ``holdout_start`` and
+  ``scene_key`` are importable from this package too;
+* :mod:`.questions`: question files (JSONL, ScanQA, SQA3D, LLaVA-3D question JSON);
+* :mod:`.scenes`: scene paths (``.npz``, ScanNet export folders, EmbodiedScan info files), frame
+  selection, lazy scene / image references; :mod:`.scannet` and :mod:`.embodiedscan` read them.
 """
 
-from __future__ import annotations
-
-from typing import Iterator
-
-from adatoken_compile.benchmark3d.dataset import iter_samples as builtin_samples
-from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.sample import Sample
-
-BUILTIN_SPLITS = ("train", "validation", "test", "calibration")
+SPECS = ("BUILTIN_SPLITS", "builtin_split", "holdout_start", "iter_samples", "load_samples", "scene_key")
 
 
-def builtin_split(spec: str) -> str | None:
-    """The split of a ``builtin:<split>`` (or bare split) spec, None for anything else."""
-    name = spec[len("builtin:"):] if spec.startswith("builtin:") else spec
-    if name in BUILTIN_SPLITS:
-        return name
-    if spec.startswith("builtin:"):
-        raise InputError(f"--data {spec}: unknown built-in split; choose builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
-    return None
+def __getattr__(name):
+    if name in SPECS:
+        # PEP 562, resolved on use: the runtime imports the scene readers of this package, and the
+        # built-in benchmark that specs imports itself imports the runtime
+        from adatoken_compile.data import specs
 
-
-def iter_samples(spec: str, *, limit: int | None = None, start_scene: int = 0) -> Iterator[Sample]:
-    """Samples of a data spec in a fixed order: scene by scene, each scene's questions consecutive.
-    ``start_scene`` skips that many scenes (a disjoint block for held-back rows)."""
-    split = builtin_split(spec)
-    if split is None:
-        raise InputError(f"--data {spec}: not a built-in split; use builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
-    yield from builtin_samples(split, limit=limit, start_scene=start_scene)
-
-
-def load_samples(spec: str, *, limit: int | None = None, start_scene: int = 0) -> list[Sample]:
-    samples = list(iter_samples(spec, limit=limit, start_scene=start_scene))
-    if not samples:
-        raise InputError(f"--data {spec}: no samples (from scene {start_scene}, limit {limit})")
-    return samples
+        return getattr(specs, name)
+    raise AttributeError(f"module 'adatoken_compile.data' has no attribute {name!r}")

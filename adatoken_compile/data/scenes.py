@@ -84,8 +84,7 @@ def _info_file(p: str) -> str:
     return glob.glob(os.path.join(p, "*.json"))[0] if os.path.isdir(p) else p
 
 
-@functools.lru_cache(maxsize=2)
-def _load(path: str, num_frames: int, depth_scale: float | None) -> Scene:
+def _read(path: str, num_frames: int, depth_scale: float | None) -> Scene:
     fmt = scene_format(path)
     if fmt == "npz":
         return load_scene(path)
@@ -104,11 +103,18 @@ def _load(path: str, num_frames: int, depth_scale: float | None) -> Scene:
 
 def open_scene(path: str, *, num_frames: int | None = None, depth_scale: float | None = None) -> Scene:
     """The :class:`Scene` at ``path`` (any scene format; folders and info files: ``num_frames``
-    selected frames, default 20; ``depth_scale`` depth units per metre, default the file's or 1000).
-    The last two scenes read stay cached, so consecutive questions about one scene decode it once."""
+    selected frames, default 20; ``depth_scale`` depth units per metre, default the file's or 1000),
+    read from disk on every call."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"scene path must be a string, got {type(path).__name__}")
-    return _load(os.fspath(path), int(num_frames or DEFAULT_NUM_FRAMES), float(depth_scale) if depth_scale else None)
+    return _read(os.fspath(path), int(num_frames or DEFAULT_NUM_FRAMES), float(depth_scale) if depth_scale else None)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_ref(ref: "SceneRef", num_frames: int | None) -> Scene:
+    # keyed by the reference object: the samples of one scene share it, so consecutive questions
+    # (and batches) about a scene decode it once; a new reading of the questions reads afresh
+    return open_scene(ref.path, num_frames=num_frames, depth_scale=ref.depth_scale)
 
 
 class SceneRef:
@@ -120,7 +126,8 @@ class SceneRef:
         self.depth_scale = depth_scale
 
     def load(self, num_frames: int | None = None) -> Scene:
-        return open_scene(self.path, num_frames=num_frames, depth_scale=self.depth_scale)
+        """The scene (the last two loaded stay cached)."""
+        return _load_ref(self, num_frames)
 
     @property
     def name(self) -> str:

@@ -39,12 +39,15 @@ def hit(prediction: str, refs) -> int:
     return int(bool(refs) and normalize(prediction) in {normalize(r) for r in refs})
 
 
+def _counts() -> list[int]:
+    return [0, 0, 0, 0]  # accuracy hits, EM hits, refined-EM hits, questions
+
+
 def score(samples: Sequence, predictions: Sequence[str], captions: bool = False) -> dict:
     """Accuracy and EM@1 / refined EM overall, per question kind (type) and (when the samples name
     one in ``meta``) per template, over the questions with reference answers; ``captions``: also
     BLEU-4 and CIDEr (ScanQA's caption metrics)."""
-    zero = lambda: [0, 0, 0, 0]  # noqa: E731  (accuracy hits, EM hits, refined-EM hits, n)
-    tot, per, per_t = zero(), defaultdict(zero), defaultdict(zero)
+    tot, per, per_t = _counts(), defaultdict(_counts), defaultdict(_counts)
     scored_p, scored_r = [], []
     for s, p in zip(samples, predictions):
         refs = references(s)

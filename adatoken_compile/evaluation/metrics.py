@@ -11,7 +11,6 @@ words kept whole. BLEU and CIDEr themselves are pycocoevalcap's (pure Python).
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Sequence
 
 # ScanQA's answer normalisation (LEO's, used by LLaVA-3D's evaluators), step by step.
@@ -89,22 +88,3 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
-
-
-def em_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], kinds: Sequence[str | None]) -> dict:
-    """EM@1 and refined EM overall and per question type, over the questions that have references."""
-    tot = [0, 0, 0]
-    per = defaultdict(lambda: [0, 0, 0])
-    for p, refs, k in zip(predictions, references, kinds):
-        if not refs:
-            continue
-        em, rem = answer_match(clean_answer(p), [clean_answer(r) for r in refs])
-        for t in (tot, per[k]) if k is not None else (tot,):
-            t[0] += em
-            t[1] += rem
-            t[2] += 1
-    out = {"em1": tot[0] / tot[2] if tot[2] else None, "em1_refined": tot[1] / tot[2] if tot[2] else None,
-           "n_with_answers": tot[2]}
-    if per:
-        out["per_type"] = {k: {"em1": e / n, "em1_refined": r / n, "n": n} for k, (e, r, n) in sorted(per.items())}
-    return out

@@ -195,8 +195,7 @@ def chat_prompt(model_dir: str, tokenizer, image_token: str = "<image>") -> Prom
     if found is None:
         return None
     template, where = found
-    tok = tokenizer._tok
-    special = {k: tok.id_to_token(i) for k, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+    special = {k: tokenizer.id_to_token(i) for k, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
                                                    ("pad_token", tokenizer.pad_id)) if i is not None}
     tried = []
     for content in ([{"type": "image"}, {"type": "text", "text": QUESTION_FIELD}], f"<image>\n{QUESTION_FIELD}"):

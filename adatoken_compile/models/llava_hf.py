@@ -83,7 +83,7 @@ class LlavaHFAdapter:
         self.mean, self.std = self.processing.mean, self.processing.std
         self.image_token_id = int(llava.config.image_token_id)
         self.tokenizer = TextTokenizer.from_dir(model_dir)
-        image_token = self.tokenizer._tok.id_to_token(self.image_token_id) or "<image>"
+        image_token = self.tokenizer.id_to_token(self.image_token_id) or "<image>"
         self.prompt = chat_prompt(model_dir, self.tokenizer, image_token) or PromptFormat.builtin("llava_hf")
         self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_id)
         self.max_positions = int(tcfg.max_position_embeddings)

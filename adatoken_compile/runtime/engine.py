@@ -140,7 +140,8 @@ class Runtime:
             elif isinstance(it, (tuple, list)) and len(it) == 2:
                 inp, q = it
                 if scene_kind and isinstance(inp, (np.ndarray, scene_paths.ImageRef)):
-                    raise InputError(f"item {i}: this artifact takes scenes; got an image")
+                    raise InputError(f"item {i}: this artifact takes scenes; got an image "
+                                     + ("array" if isinstance(inp, np.ndarray) else "file"))
                 if not scene_kind and isinstance(inp, (Scene, dict, scene_paths.SceneRef)):
                     raise InputError(f"item {i}: this artifact takes images; got a scene")
                 out.append(Sample(question=q, scene=inp) if scene_kind else Sample(question=q, image=inp))

@@ -70,6 +70,9 @@ class TextTokenizer:
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, i: int):
+        return self._tok.id_to_token(int(i))
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

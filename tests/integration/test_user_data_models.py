@@ -46,6 +46,11 @@ def test_folder_and_npz_give_the_same_answer(tiny3d_dir, tmp_path):
     a, b = _run([*q, "--scene", str(tmp_path / "s.npz")]), _run([*q, "--scene", str(tmp_path / "s")])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert a.output.splitlines()[-1].startswith("answer:") and a.output == b.output
+    (tmp_path / "s" / "pose" / "3.txt").write_text("-inf -inf -inf -inf\n" * 4)  # lost tracking, as ScanNet writes it
+    r = _run(["inspect", "--model", tiny3d_dir, "--scene", str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    warnings = [x for x in r.output.splitlines() if x.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 's'}: skipped 1 frame(s) (1 with an inf/nan pose)"]
 
 
 def test_question_file_calibrates_and_evaluates_as_the_builtin_data(tiny3d_dir, tmp_path, monkeypatch):

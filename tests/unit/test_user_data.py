@@ -17,7 +17,9 @@ from adatoken_compile.data import iter_samples, load_samples, scannet
 from adatoken_compile.data.questions import read_questions
 from adatoken_compile.data.scenes import DataWarning, SceneRef, open_scene, select_frames
 from adatoken_compile.errors import InputError
-from adatoken_compile.evaluation.metrics import answer_match, caption_scores, clean_answer, em_scores, ptb_tokens
+from adatoken_compile.evaluation.accuracy import score
+from adatoken_compile.evaluation.metrics import answer_match, caption_scores, clean_answer, ptb_tokens
+from adatoken_compile.runtime.sample import Sample
 from adatoken_compile.runtime.image import ImageProcessing
 from adatoken_compile.runtime.scene import Scene, load_scene, preprocess_scene
 
@@ -230,10 +232,13 @@ def test_scanqa_normalisation_and_em():
     assert answer_match("brown chair", ["brown chair", "chair"]) == (1, 1)
     assert answer_match("chair", ["brown chair"]) == (0, 1)  # refined: one contains the other
     assert answer_match("table", ["brown chair"]) == (0, 0)
-    res = em_scores(["2", "chair", "table"], [["two"], ["brown chair"], []], ["count", "what", "what"])
-    assert (res["em1"], res["em1_refined"], res["n_with_answers"]) == (0.5, 1.0, 2)
-    assert res["per_type"] == {"count": {"em1": 1.0, "em1_refined": 1.0, "n": 1},
-                               "what": {"em1": 0.0, "em1_refined": 1.0, "n": 1}}
+    samples = [Sample("q", answer="two", kind="count"), Sample("q", kind="what", meta={"answers": ["x", "brown chair"]}),
+               Sample("q", kind="what")]  # no answer: answered, not scored
+    res = score(samples, ["2", "chair", "table"])
+    assert (res["em1"], res["em1_refined"], res["n"], res["questions"]) == (0.5, 1.0, 2, 3)
+    assert res["accuracy"] == 0.0  # the benchmark's first-word measure does not read "2" as "two"
+    assert res["per_kind"] == {"count": {"accuracy": 0.0, "em1": 1.0, "em1_refined": 1.0, "n": 1},
+                               "what": {"accuracy": 0.0, "em1": 0.0, "em1_refined": 1.0, "n": 1}}
 
 
 def test_ptb_tokens_match_the_java_tokenizer():

@@ -68,19 +68,17 @@ def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0
     """``n`` validation questions from scenes the statistics did not use: after the statistics'
     last scene (built-in data: from scene ``HOLDOUT_START_SCENE`` on, if that is later). A question
     file's held-back questions never share a scene with the statistics' questions."""
-    from adatoken_compile.data import holdout_start, load_samples
+    from adatoken_compile.data import holdout_start, iter_samples
 
     if n <= 0:
         return []
     start = holdout_start(data, start_scene, stats_samples, HOLDOUT_START_SCENE)
-    try:
-        return load_samples(data, limit=n, start_scene=start, scenes=scenes, depth_scale=depth_scale)
-    except InputError as e:
-        if "no samples" not in str(e):
-            raise
+    held = list(iter_samples(data, limit=n, start_scene=start, scenes=scenes, depth_scale=depth_scale))
+    if not held:
         raise InputError(f"--data {data}: the statistics' {len(stats_samples)} questions use every scene from scene "
                          f"{start_scene} on, none is left for held-back questions; pass fewer --samples, a file "
-                         "with more scenes, or --holdout 0") from None
+                         "with more scenes, or --holdout 0")
+    return held
 
 
 def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = None, depth_scale: float | None = None,

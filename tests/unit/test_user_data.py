@@ -281,6 +281,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, twins):
         (["calibrate", "--out", str(out), "--data", str(tmp_path / "scanqa.json")], "pass --scenes ROOT"),
         (["calibrate", "--out", str(out), "--data", str(tmp_path / "missing_scene.json"), "--scenes", str(twins / "scans")],
          "scene 'gone' not found under --scenes"),
+        (["calibrate", "--out", str(out), "--data", str(twins / "q.json"), "--scenes", str(twins / "scans")],
+         "none is left for held-back questions"),  # one scene: the statistics take it
         (["eval", "--data", str(tmp_path / "img.jsonl")], "image 'gone.png' not found"),
         (["eval", "--data", str(tmp_path / "nothing.json")], "no such question file or built-in split"),
         (["eval", "--data", "builtin:test", "--scenes", str(twins / "scans")], "--scenes"),

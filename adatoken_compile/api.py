@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import Runtime, load
@@ -69,21 +70,33 @@ class Calibration:
     holdout: list | None = None  # the held-back batches it was validated on (to derive more schedules on them)
 
 
-def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0) -> list:
-    """``n`` validation questions from scenes the statistics did not use: from scene
-    ``HOLDOUT_START_SCENE`` on, or after the statistics' last scene if that is later."""
-    from adatoken_compile.data import load_samples
+def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0, *, scenes: str | None = None,
+                    depth_scale: float | None = None) -> list:
+    """``n`` validation questions from scenes the statistics did not use: after the statistics'
+    last scene (built-in data: from scene ``HOLDOUT_START_SCENE`` on, if that is later). A question
+    file's held-back questions never share a scene with the statistics' questions."""
 
-    used = len({id(s.scene) for s in stats_samples})
-    start = max(HOLDOUT_START_SCENE, start_scene + used)
-    return load_samples(data, limit=n, start_scene=start) if n > 0 else []
+    if n <= 0:
+        return []
+    start = holdout_start(data, start_scene, stats_samples, HOLDOUT_START_SCENE)
+    held = list(iter_samples(data, limit=n, start_scene=start, scenes=scenes, depth_scale=depth_scale))
+    if not held:
+        raise InputError(f"--data {data}: the statistics' {len(stats_samples)} questions use every scene from scene "
+                         f"{start_scene} on, none is left for held-back questions; pass fewer --samples, a file "
+                         "with more scenes, or --holdout 0")
+    return held
 
 
-def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLES, holdout: int = HOLDOUT,
+def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = None, depth_scale: float | None = None,
+              samples: int = SAMPLES, holdout: int = HOLDOUT,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
               progress: bool = True, cache=None, max_validations: int = 16) -> Calibration:
     """Mine attention statistics on ``samples`` questions of ``data`` and derive a schedule.
+
+    ``data``: ``builtin:<split>`` or a question file (JSONL, ScanQA, SQA3D; docs/data.md) whose
+    scene ids resolve under ``scenes``; answers are not needed (the schedule is validated by
+    agreement with the unpruned model). ``depth_scale``: depth units per metre of scene folders.
 
     ``policy``: ``adaptive`` (solved from the statistics: the cheapest schedule whose greedy
     next-token agreement with the unpruned model on ``holdout`` other questions is at least
@@ -102,7 +115,6 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     from adatoken_compile.calibration.batches import input_batches, sample_batches
     from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
     from adatoken_compile.calibration.solver import require_rows
-    from adatoken_compile.data import load_samples
     from adatoken_compile.io import check_output
     from adatoken_compile.schedule import Schedule
 
@@ -126,8 +138,9 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     like_s = Schedule.load(like) if isinstance(like, str) else like
     shards = [engine.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
     adapter = load_model(model)
-    stats_samples = load_samples(data, limit=samples, start_scene=start_scene)
-    hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene))
+    stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale)
+    hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene, scenes=scenes,
+                                                  depth_scale=depth_scale))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
               max_validations=max_validations, cache=cache)
@@ -138,6 +151,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
                                            **kw)
     schedule.calibration.update({"data": data, "start_scene": start_scene, "holdout_questions": holdout,
                                  "environment": environment()})
+    if scenes is not None:
+        schedule.calibration["scenes"] = scenes
     path = engine.write_calibration(out, schedule, stats, overwrite=overwrite) if out is not None else None
     return Calibration(schedule, stats, path, hold)
 
@@ -189,7 +204,8 @@ def compile(model=None, schedule=None, out: str | None = None, *, decode: bool =
 
 def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None):
-    """Answer ``question`` about ``source`` (a scene for 3D models, an image for 2D LLaVA).
+    """Answer ``question`` about ``source`` (a scene for 3D models: a Scene, ``.npz``, ScanNet
+    folder or info file; an image for 2D LLaVA: an array or an image path).
 
     ``model``: a loaded artifact (:class:`~adatoken_compile.runtime.Runtime`, ONNX Runtime) or a
     model / checkpoint name (the PyTorch reference, pruned by ``schedule`` when given). Lists of
@@ -206,7 +222,6 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
                               seed=seed)
     from adatoken_compile.compiler.reference import answers  # torch: not in the runtime install
     from adatoken_compile.runtime.sampling import check_sampling
-    from adatoken_compile.runtime.scene import load_scene
     from adatoken_compile.runtime.sample import Sample
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -220,52 +235,62 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
     questions = [question] if single else list(question)
     if len(sources) != len(questions):
         raise InputError(f"generate: {len(sources)} sources but {len(questions)} questions; pass one per question")
-    samples = [Sample(q, scene=load_scene(s) if isinstance(s, str) else s) if adapter.input_kind == "scene"
-               else Sample(q, image=s) for s, q in zip(sources, questions)]
+    samples = [Sample(q, scene=s) if adapter.input_kind == "scene" else Sample(q, image=s)
+               for s, q in zip(sources, questions)]
     out = answers(adapter, samples, _schedule_for(adapter, schedule), max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed)
     return out[0] if single else out
 
 
 def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = None, data: str = EVAL_DATA,
-             limit: int = 500, kinds=(), schedule=None, max_new_tokens: int = 8, providers=None,
-             progress=None) -> dict:
+             scenes: str | None = None, depth_scale: float | None = None, limit: int = 500, kinds=(), schedule=None,
+             max_new_tokens: int = 8, providers=None, progress=None) -> dict:
     """Answer accuracy on ``limit`` questions of ``data``, overall and per question kind.
 
+    ``data``: ``builtin:<split>`` or a question file (docs/data.md) whose scene ids resolve under
+    ``scenes``. Scores: ``accuracy`` (first word), ``em1`` / ``em1_refined`` (ScanQA's
+    normalisation), and for question files BLEU-4 / CIDEr (with pycocoevalcap installed).
     With ``artifact``: that artifact through ONNX Runtime, next to the unpruned model on the same
     questions (``baseline``, an identity artifact, or the PyTorch ``model`` it was compiled from),
-    with a paired comparison. Without: the PyTorch ``model`` (pruned by ``schedule`` when given).
-    ``kinds``: keep only those question kinds / templates among the first ``limit``.
+    with a paired comparison and the answers' agreement. Without: the PyTorch ``model`` (pruned by
+    ``schedule`` when given; then, for questions without answers, its agreement with the unpruned
+    model). ``kinds``: keep only those question kinds / templates among the first ``limit``.
 
     Example::
 
         res = evaluate(artifact="runs/art", limit=60)
         print(res["accuracy"], res["baseline_accuracy"], res["paired"]["delta_ci95_points"])
     """
-    from adatoken_compile.data import load_samples
-    from adatoken_compile.evaluation.accuracy import evaluate as run_eval  # torch: not in the runtime install
+    from adatoken_compile.evaluation.accuracy import agreement, evaluate as run_eval  # torch: not in the runtime install
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
-    samples = [s for s in load_samples(data, limit=limit)
+    samples = [s for s in load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale)
                if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
     if not samples:
         raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of {data}; raise --limit")
+    captions = builtin_split(data) is None
     if artifact:
         adapter = None if baseline else load_model(model)
         res = eval_artifact(artifact, samples, baseline=baseline, adapter=adapter, progress=progress,
-                            providers=providers)
+                            providers=providers, captions=captions)
     else:
         adapter = load_model(model)
-        res = run_eval(reference_answer_fn(adapter, _schedule_for(adapter, schedule), max_new_tokens), samples,
-                       progress=progress)
+        sched = _schedule_for(adapter, schedule)
+        res = run_eval(reference_answer_fn(adapter, sched, max_new_tokens), samples, progress=progress,
+                       captions=captions)
+        if res["n"] == 0 and sched.cuts:  # no answers to score: how often the pruned model answers as the unpruned
+            ref = run_eval(reference_answer_fn(adapter, None, max_new_tokens), samples)
+            res["agreement"] = agreement(res["predictions"], ref["predictions"])
         res["model"] = adapter.fingerprint()
     res["data"] = data
+    if scenes is not None:
+        res["scenes"] = scenes
     res["environment"] = environment()
     return res
 
 
-def bench(artifact: str, *, baseline: str | None = None, model=None, data: str = EVAL_DATA, repeats: int = 7,
-          new_tokens: int = 16, threads: int | None = None, providers=None, log=None) -> dict:
+def bench(artifact: str, *, baseline: str | None = None, model=None, data: str = EVAL_DATA, scenes: str | None = None,
+          repeats: int = 7, new_tokens: int = 16, threads: int | None = None, providers=None, log=None) -> dict:
     """Pruned vs unpruned artifact on the first question of ``data``: prefill and end-to-end latency
     (interleaved runs, medians), FLOPs (formula and executed graph), realised fraction, inserted-node
     overhead and KV-cache bytes. ``baseline``: an identity artifact of the same model (default:
@@ -277,10 +302,9 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
         print(res["prefill"]["latency_ratio"], res["prefill"]["flops_ratio"])
     """
     from adatoken_compile.benchmarking.artifacts import bench_artifacts  # torch-free, but profiles with onnx
-    from adatoken_compile.data import load_samples
     from adatoken_compile.io import scratch_dir
 
-    samples = load_samples(data, limit=1)
+    samples = load_samples(data, limit=1, scenes=scenes)
     with scratch_dir("adatoken-baseline-") as tmp:
         if not baseline:
             adapter = load_model(model)

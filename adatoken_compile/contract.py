@@ -22,7 +22,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from adatoken_compile.runtime.prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, PROMPTS
+from adatoken_compile.runtime.prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX
 from adatoken_compile.runtime.sample import Sample  # noqa: F401  (part of the contract)
 
 
@@ -149,6 +149,8 @@ class Adapter(Protocol):
     tokenizer: object  # adatoken_compile.runtime.tokenizer.TextTokenizer
     eos_token_id: int
     max_positions: int
+    prompt: object  # adatoken_compile.runtime.prompt.PromptFormat: the checkpoint's chat template or a built-in one
+    processing: object  # adatoken_compile.runtime.image.ImageProcessing: the checkpoint's image processor
 
     def fingerprint(self) -> str:
         """Stable hash of config + weights, recorded in schedules and artifacts."""
@@ -175,18 +177,20 @@ class Adapter(Protocol):
         """What the numpy runtime needs to rebuild the decoder inputs (``preprocess.json``)."""
 
 
-def runtime_config(adapter, template: str, input_kind: str, image_size: int, patch_size: int, mean, std, **extra) -> dict:
+def runtime_config(adapter, input_kind: str, image_size: int, patch_size: int, **extra) -> dict:
     """The ``preprocess.json`` an adapter ships: what the numpy runtime needs to rebuild the
-    decoder inputs exactly as the adapter does (prompt template, image normalisation, special ids)."""
+    decoder inputs exactly as the adapter does (the prompt format, the image processor's settings,
+    special ids). ``mean`` / ``std`` repeat the processor's for readers of older artifacts."""
+    proc = adapter.processing
     return {
         "family": adapter.family,
         "input": input_kind,
         "image_size": int(image_size),
         "patch_size": int(patch_size),
-        "mean": [float(x) for x in mean],
-        "std": [float(x) for x in std],
-        "prompt": {"template": template, "format": PROMPTS[template]("{question}"), "question_field": "{question}",
-                   "bos_once": True},
+        "mean": [float(x) for x in (proc.mean or (0.0, 0.0, 0.0))],
+        "std": [float(x) for x in (proc.std or (1.0, 1.0, 1.0))],
+        "image_processing": proc.to_dict(),
+        "prompt": adapter.prompt.to_dict(),
         "placeholders": {"image": IMAGE_TOKEN_INDEX, "boxes": BOXES_TOKEN_INDEX},
         "bos_id": adapter.tokenizer.bos_id,
         "eos_id": int(adapter.eos_token_id),

@@ -90,12 +90,21 @@ def _is_predictions(path: str) -> bool:
     return isinstance(d, list) and all(isinstance(x, dict) and "prediction" in x and "question" in x for x in d)
 
 
+def _is_made_questions(path: str) -> bool:
+    # make-scene's ScanQA-form questions: ids "<scene>-<i>" and no annotated objects, which a
+    # released ScanQA file (objects annotated on every question) never has
+    d = _read_json(path)
+    return isinstance(d, list) and bool(d) and all(
+        isinstance(x, dict) and x.get("object_ids") == [] and isinstance(x.get("scene_id"), str)
+        and str(x.get("question_id", "")).startswith(x["scene_id"] + "-") for x in d)
+
+
 # Each file kind and how an existing file is recognised as this tool's own output of that kind.
-_OWN_FILE_KINDS = {"scene": _is_tool_scene, "predictions": _is_predictions}
+_OWN_FILE_KINDS = {"scene": _is_tool_scene, "predictions": _is_predictions, "questions": _is_made_questions}
 
 
 def owned_file(path: str, kind: str) -> bool:
-    """Is ``path`` a file this tool wrote as output of ``kind`` (``scene``, ``predictions``)?"""
+    """Is ``path`` a file this tool wrote as output of ``kind`` (``scene``, ``predictions``, ``questions``)?"""
     test = _OWN_FILE_KINDS.get(kind)
     return test is not None and os.path.isfile(path) and not os.path.islink(path) and test(path)
 

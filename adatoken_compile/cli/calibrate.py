@@ -6,7 +6,7 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
-from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, user_errors
 from adatoken_compile.io import check_output
 
 
@@ -14,7 +14,9 @@ from adatoken_compile.io import check_output
 @model_options
 @click.option("--out", required=True, help="output directory (schedule.json, stats.*, report.md, PNGs)")
 @click.option("--overwrite", is_flag=True, help="replace an earlier calibration output at --out")
-@click.option("--data", default=None, help=f"questions to calibrate on [default: {default(api.calibrate, 'data')}]")
+@click.option("--data", default=None, help="questions to calibrate on: builtin:<split> or a question file (JSONL, "
+              "ScanQA / SQA3D JSON; answers not needed) [default: " f"{default(api.calibrate, 'data')}]")
+@data_options
 @click.option("--samples", default=None, type=click.IntRange(1, None),
               help=f"questions whose attention statistics are mined [default: {default(api.calibrate, 'samples')}]")
 @click.option("--holdout", default=None, type=click.IntRange(0, None),
@@ -22,7 +24,7 @@ from adatoken_compile.io import check_output
                    "unpruned model's next token; a fidelity target needs enough of them (73 for 0.95, 381 for 0.99) "
                    f"[default: {default(api.calibrate, 'holdout')}]")
 @click.option("--start-scene", default=0, show_default=True, type=click.IntRange(0, None),
-              help="mine from this scene of --data on (one shard of a calibration split across machines; see --merge)")
+              help="mine from this scene of --data on (scenes counted in the order they first appear) (one shard of a calibration split across machines; see --merge)")
 @click.option("--policy", default="adaptive", show_default=True, type=click.Choice(POLICIES))
 @click.option("--flops-budget", default=None, type=float, help="adaptive: maximise fidelity under this prefill FLOPs ratio (0,1)")
 @click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1), "
@@ -33,15 +35,16 @@ from adatoken_compile.io import check_output
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors
-def calibrate(model, vision_tower, attn, out, overwrite, data, samples, holdout, start_scene, policy, flops_budget,
-              fidelity, like, seed, merge_dirs):
+def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_scale, samples, holdout, start_scene, policy,
+              flops_budget, fidelity, like, seed, merge_dirs):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     if flops_budget is not None and fidelity is not None:
         raise click.UsageError("pass either --flops-budget or --fidelity, not both")
     check_output(out, "calibration", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model, vision_tower, attn)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
-                        like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, **given(data=data, samples=samples, holdout=holdout))
+                        like=like, seed=seed, start_scene=start_scene, merge=merge_dirs,
+                        **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout))
     schedule = cal.schedule
     pred = schedule.predicted
     click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "

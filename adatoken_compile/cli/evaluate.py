@@ -6,8 +6,8 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.benchmarking.report import format_bench
-from adatoken_compile.cli.main import (default, echo_json, given, load_model, main, model_options, progress,
-                                       provider_option, user_errors)
+from adatoken_compile.cli.main import (data_options, default, echo_json, given, load_model, main, model_options,
+                                       progress, provider_option, user_errors)
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output, write_json
 
@@ -17,7 +17,9 @@ from adatoken_compile.io import check_output, write_json
 @click.option("--artifact", default=None, help="evaluate a compiled artifact (ONNX Runtime) next to the unpruned model")
 @click.option("--baseline", default=None, help="with --artifact: identity-schedule artifact used as the unpruned reference "
               "(default: the PyTorch model given by --model)")
-@click.option("--data", default=None, help=f"questions to answer [default: {default(api.evaluate, 'data')}]")
+@click.option("--data", default=None, help="questions to answer: builtin:<split> or a question file (JSONL, ScanQA / "
+              f"SQA3D JSON) [default: {default(api.evaluate, 'data')}]")
+@data_options
 @click.option("--limit", default=None, type=click.IntRange(1, None),
               help=f"number of questions [default: {default(api.evaluate, 'limit')}]")
 @click.option("--kind", "kinds", multiple=True,
@@ -28,7 +30,8 @@ from adatoken_compile.io import check_output, write_json
 @click.option("--overwrite", is_flag=True, help="replace a --predictions file an earlier eval wrote")
 @provider_option
 @user_errors
-def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, as_json, predictions, overwrite, provider):
+def eval_cmd(model, vision_tower, attn, artifact, baseline, data, scenes, depth_scale, limit, kinds, as_json, predictions,
+             overwrite, provider):
     """Answer accuracy on a question set (overall and per question kind)."""
     if predictions:
         check_output(predictions, "predictions", overwrite=overwrite, is_dir=False)
@@ -37,7 +40,7 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, 
     bar = progress(n, "eval")
     try:
         res = api.evaluate(adapter, artifact=artifact, baseline=baseline, kinds=kinds, progress=bar, providers=provider,
-                           **given(data=data, limit=limit))
+                           **given(data=data, scenes=scenes, depth_scale=depth_scale, limit=limit))
     finally:
         bar.close()
     preds = res.pop("predictions", None)
@@ -46,18 +49,36 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, 
     if as_json:
         echo_json(res)
         return
-    click.echo(f"{res['data']}: n={res['n']}  accuracy {res['accuracy']:.4f}"
-               + (f"  (unpruned {res['baseline_accuracy']:.4f})" if "baseline_accuracy" in res else ""))
-    if "paired" in res:
+    click.echo(format_eval(res))
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def format_eval(res: dict) -> str:
+    """The text report of an ``eval`` result (the JSON keys are listed in docs/data.md)."""
+    lines = [f"{res['data']}: {res.get('questions', res['n'])} questions, {res['n']} with answers"]
+    if res["n"]:
+        lines.append(f"  accuracy {_rate(res['accuracy'])}  EM@1 {_rate(res['em1'])}  refined EM {_rate(res['em1_refined'])}"
+                     + "".join(f"  {k} {res[k]:.4f}" for k in ("bleu4", "cider") if k in res)
+                     + (f"  (unpruned: accuracy {_rate(res['baseline_accuracy'])}, EM@1 {_rate(res.get('baseline_em1'))})"
+                        if "baseline_accuracy" in res else ""))
+    if "caption_metrics_unavailable" in res:
+        lines.append(f"  BLEU-4 / CIDEr: {res['caption_metrics_unavailable']}")
+    if "agreement" in res:
+        lines.append(f"  answers identical to the unpruned model's: {res['agreement']:.4f}")
+    if "paired" in res and res["n"]:
         pc = res["paired"]
-        click.echo(f"  vs unpruned, same questions: {pc['changed']} answers changed (+{pc['gained']} right, -{pc['lost']} wrong), "
-                   f"delta {pc['delta_points']:+.1f} pts, paired 95% CI {pc['delta_ci95_points'][0]:+.1f} .. "
-                   f"{pc['delta_ci95_points'][1]:+.1f}")
+        lines.append(f"  vs unpruned, same questions: {pc['changed']} answers changed (+{pc['gained']} right, "
+                     f"-{pc['lost']} wrong), delta {pc['delta_points']:+.1f} pts, paired 95% CI "
+                     f"{pc['delta_ci95_points'][0]:+.1f} .. {pc['delta_ci95_points'][1]:+.1f}")
     for k, v in res["per_kind"].items():
-        click.echo(f"  {k:<10} {v['accuracy']:.4f}  (n={v['n']})")
+        lines.append(f"  {k:<10} accuracy {v['accuracy']:.4f}  EM@1 {v['em1']:.4f}  (n={v['n']})")
     if res.get("per_template"):
-        click.echo("per template: " + "  ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
-                                                for k, v in res["per_template"].items()))
+        lines.append("per template: " + "  ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})"
+                                                  for k, v in res["per_template"].items()))
+    return "\n".join(lines)
 
 
 @main.command()
@@ -66,6 +87,7 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, 
 @click.option("--baseline", default=None, help="identity-schedule artifact of the same model "
               "(default: compiled from --model into a temporary directory)")
 @click.option("--data", default=None, help=f"the question measured is the first of these [default: {default(api.bench, 'data')}]")
+@click.option("--scenes", default=None, help="with a question file as --data: where its scene ids resolve")
 @click.option("--repeats", default=None, type=click.IntRange(1, None), help=f"[default: {default(api.bench, 'repeats')}]")
 @click.option("--new-tokens", default=None, type=click.IntRange(1, 512),
               help=f"end-to-end answer length [default: {default(api.bench, 'new_tokens')}]")
@@ -76,7 +98,7 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, 
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @provider_option
 @user_errors
-def bench(model, vision_tower, attn, artifact, baseline, data, repeats, new_tokens, threads, synthetic, layers, as_json,
+def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, new_tokens, threads, synthetic, layers, as_json,
           provider):
     """Pruned vs unpruned artifact: prefill and end-to-end latency, FLOPs, realised fraction, overhead."""
     if not artifact and not synthetic:
@@ -88,7 +110,7 @@ def bench(model, vision_tower, attn, artifact, baseline, data, repeats, new_toke
         if not baseline:
             log("compiling the identity-schedule baseline ...")
         res = api.bench(artifact, baseline=baseline, model=adapter, threads=threads, providers=provider, log=log,
-                        **given(data=data, repeats=repeats, new_tokens=new_tokens))
+                        **given(data=data, scenes=scenes, repeats=repeats, new_tokens=new_tokens))
     if synthetic:
         from adatoken_compile.benchmarking.synthetic import synthetic_7b_width  # torch: not in the runtime install
 

@@ -7,11 +7,13 @@ import inspect
 import json
 import os
 import sys
+import warnings
 
 import click
 from tqdm import tqdm
 
 from adatoken_compile import api
+from adatoken_compile.runtime.sources import DataWarning
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import signals_cleanup
 
@@ -52,6 +54,15 @@ def model_options(fn):
     return fn
 
 
+def data_options(fn):
+    """--scenes and --depth-scale: where a question file's scenes are and how their depth is stored."""
+    fn = click.option("--depth-scale", default=None, type=click.FloatRange(0, None, min_open=True),
+                      help="depth PNG units per metre of scene folders [default: the info file's, else 1000 (mm)]")(fn)
+    fn = click.option("--scenes", default=None, help="where the question file's scene ids resolve: a folder holding "
+                      "<scene_id>/ scene folders (or <scene_id>.npz), or an EmbodiedScan info .json")(fn)
+    return fn
+
+
 def provider_option(fn):
     return click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                         help="ONNX Runtime execution provider (auto: CUDA when available)")(fn)
@@ -73,6 +84,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Data warnings (frames skipped, ...) as one ``warning:`` line; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 class OneLineErrors(click.Group):
     """Every error as one line on stderr, never a traceback: bad input (usage errors, InputError, a
     file the system refuses) exits 2; an interrupt removes the command's temporary outputs and
@@ -80,6 +102,7 @@ class OneLineErrors(click.Group):
     (``ADATOKEN_COMPILE_DEBUG=1`` shows its traceback)."""
 
     def main(self, *args, **kwargs):
+        warnings.showwarning = _one_line_warning
         try:
             with signals_cleanup():
                 return super().main(*args, standalone_mode=False, **kwargs)

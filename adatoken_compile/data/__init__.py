@@ -1,41 +1,9 @@
-"""Where samples come from: ``--data`` specifications (torch-free).
+"""Where samples come from (torch-free): ``--data`` specifications (``builtin:<split>`` or a
+question file) turned into samples in a fixed order (:mod:`.specs`), and the question files
+themselves (:mod:`.questions`: JSONL, ScanQA, SQA3D, LLaVA-3D question JSON). Scene paths (.npz,
+ScanNet export folders, EmbodiedScan info files) are read by the runtime
+(:mod:`adatoken_compile.runtime.sources`), which serves them too."""
 
-``builtin:<split>`` is the procedural 3D benchmark (:mod:`adatoken_compile.benchmark3d`), split
-``train``, ``validation``, ``test`` or ``calibration``; a bare split name means the same.
-"""
+from .specs import BUILTIN_SPLITS, builtin_split, holdout_start, iter_samples, load_samples, scene_key
 
-from __future__ import annotations
-
-from typing import Iterator
-
-from adatoken_compile.benchmark3d.dataset import iter_samples as builtin_samples
-from adatoken_compile.errors import InputError
-from adatoken_compile.runtime.sample import Sample
-
-BUILTIN_SPLITS = ("train", "validation", "test", "calibration")
-
-
-def builtin_split(spec: str) -> str | None:
-    """The split of a ``builtin:<split>`` (or bare split) spec, None for anything else."""
-    name = spec[len("builtin:"):] if spec.startswith("builtin:") else spec
-    if name in BUILTIN_SPLITS:
-        return name
-    if spec.startswith("builtin:"):
-        raise InputError(f"--data {spec}: unknown built-in split; choose builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
-    return None
-
-
-def iter_samples(spec: str, *, limit: int | None = None, start_scene: int = 0) -> Iterator[Sample]:
-    """Samples of a data spec in a fixed order: scene by scene, each scene's questions consecutive.
-    ``start_scene`` skips that many scenes (a disjoint block for held-back rows)."""
-    split = builtin_split(spec)
-    if split is None:
-        raise InputError(f"--data {spec}: not a built-in split; use builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
-    yield from builtin_samples(split, limit=limit, start_scene=start_scene)
-
-
-def load_samples(spec: str, *, limit: int | None = None, start_scene: int = 0) -> list[Sample]:
-    samples = list(iter_samples(spec, limit=limit, start_scene=start_scene))
-    if not samples:
-        raise InputError(f"--data {spec}: no samples (from scene {start_scene}, limit {limit})")
-    return samples
+__all__ = ["BUILTIN_SPLITS", "builtin_split", "holdout_start", "iter_samples", "load_samples", "scene_key"]

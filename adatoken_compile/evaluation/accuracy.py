@@ -1,4 +1,10 @@
-"""Answer accuracy, overall and per question kind, and paired comparisons of two answer lists."""
+"""Answer accuracy, overall and per question kind, and paired comparisons of two answer lists.
+
+``accuracy`` is the built-in benchmark's measure (the first word of the answer equals the first
+word of a reference answer: its answers are one word); ``em1`` / ``em1_refined`` are the field's
+(:mod:`.metrics`, ScanQA's normalisation) and BLEU-4 / CIDEr are added for question files.
+Questions without reference answers are answered but not scored.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
 from adatoken_compile.errors import InputError
+from adatoken_compile.evaluation.metrics import answer_match, caption_scores, clean_answer
 
 
 def normalize(ans: str) -> str:
@@ -21,24 +28,50 @@ def by_scene(samples: Iterable) -> Iterable[list]:
         yield list(group)
 
 
-def score(samples: Sequence, predictions: Sequence[str]) -> dict:
-    """Accuracy overall, per question kind and (when the samples name one in ``meta``) per template."""
-    per, per_t = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+def references(sample) -> list[str]:
+    """A sample's reference answers (all of them when the data gives several)."""
+    refs = sample.meta.get("answers") if isinstance(sample.meta.get("answers"), list) else None
+    return list(refs) if refs else ([sample.answer] if sample.answer else [])
+
+
+def hit(prediction: str, refs) -> int:
+    """1 when the prediction's first word is a reference answer's first word (``accuracy``)."""
+    return int(bool(refs) and normalize(prediction) in {normalize(r) for r in refs})
+
+
+def _counts() -> list[int]:
+    return [0, 0, 0, 0]  # accuracy hits, EM hits, refined-EM hits, questions
+
+
+def score(samples: Sequence, predictions: Sequence[str], captions: bool = False) -> dict:
+    """Accuracy and EM@1 / refined EM overall, per question kind (type) and (when the samples name
+    one in ``meta``) per template, over the questions with reference answers; ``captions``: also
+    BLEU-4 and CIDEr (ScanQA's caption metrics)."""
+    tot, per, per_t = _counts(), defaultdict(_counts), defaultdict(_counts)
+    scored_p, scored_r = [], []
     for s, p in zip(samples, predictions):
-        hit = int(normalize(p) == normalize(s.answer or ""))
-        for table, key in ((per, s.kind or "all"), (per_t, s.meta.get("template"))):
-            if key is not None:
-                table[key][0] += hit
-                table[key][1] += 1
-    n = sum(v[1] for v in per.values())
-    correct = sum(v[0] for v in per.values())
-    out = {
-        "accuracy": correct / n if n else 0.0,
-        "n": n,
-        "per_kind": {k: {"accuracy": c / t, "n": t} for k, (c, t) in sorted(per.items())},
-    }
+        refs = references(s)
+        if not refs:
+            continue
+        em, rem = answer_match(clean_answer(p), [clean_answer(r) for r in refs])
+        row = (hit(p, refs), em, rem, 1)
+        for table in (tot, per[s.kind or "all"]) + ((per_t[s.meta["template"]],) if s.meta.get("template") else ()):
+            for i, v in enumerate(row):
+                table[i] += v
+        scored_p.append(p)
+        scored_r.append(refs)
+
+    def rates(t):
+        return {"accuracy": t[0] / t[3], "em1": t[1] / t[3], "em1_refined": t[2] / t[3], "n": t[3]}
+
+    n = tot[3]
+    out = {"accuracy": tot[0] / n if n else None, "em1": tot[1] / n if n else None,
+           "em1_refined": tot[2] / n if n else None, "n": n, "questions": len(predictions),
+           "per_kind": {k: rates(t) for k, t in sorted(per.items())}}
     if per_t:
-        out["per_template"] = {k: {"accuracy": c / t, "n": t} for k, (c, t) in sorted(per_t.items())}
+        out["per_template"] = {k: rates(t) for k, t in sorted(per_t.items())}
+    if captions and n:
+        out.update(caption_scores(scored_p, scored_r))
     return out
 
 
@@ -55,11 +88,11 @@ def paired(predictions: Sequence[dict], baseline: Sequence[dict], z: float = 1.9
     for a, b in zip(predictions, baseline):
         if a["question"] != b["question"]:
             raise InputError(f"paired comparison needs the same questions in the same order: {a['question']!r} vs {b['question']!r}")
-        pa, pb, truth = normalize(a["prediction"]), normalize(b["prediction"]), normalize(a["answer"] or "")
-        if pa != pb:
+        refs = a.get("answers") or ([a["answer"]] if a.get("answer") else [])
+        if normalize(a["prediction"]) != normalize(b["prediction"]):
             changed += 1
-            gained += int(pa == truth)
-            lost += int(pb == truth)
+            gained += hit(a["prediction"], refs)
+            lost += hit(b["prediction"], refs)
     n = len(predictions)
     d = (gained - lost) / n if n else 0.0
     half = z * ((max(0.0, (gained + lost) / n - d * d) / n) ** 0.5) if n else 0.0
@@ -67,18 +100,24 @@ def paired(predictions: Sequence[dict], baseline: Sequence[dict], z: float = 1.9
             "delta_ci95_points": [100 * (d - half), 100 * (d + half)]}
 
 
-def evaluate(answer_fn: Callable[[list], list[str]], samples: Iterable, progress=None) -> dict:
-    """Run ``answer_fn`` scene by scene; return accuracy, n, per_kind and the predictions."""
+def agreement(predictions: Sequence[dict], baseline: Sequence[dict]) -> float:
+    """Fraction of questions answered exactly as the baseline answered them."""
+    return sum(a["prediction"] == b["prediction"] for a, b in zip(predictions, baseline)) / max(1, len(predictions))
+
+
+def evaluate(answer_fn: Callable[[list], list[str]], samples: Iterable, progress=None, captions: bool = False) -> dict:
+    """Run ``answer_fn`` scene by scene; return the scores (:func:`score`) and the predictions."""
     done, preds = [], []
     for group in by_scene(samples):
         preds.extend(answer_fn(group))
         done.extend(group)
         if progress is not None:
             progress.update(len(group))
-    out = score(done, preds)
+    out = score(done, preds, captions=captions)
     out["predictions"] = [
         {"question": s.question, "answer": s.answer, "prediction": p, "kind": s.kind,
-         "template": s.meta.get("template"), "seed": s.meta.get("seed")}
+         "template": s.meta.get("template"), "seed": s.meta.get("seed"), "id": s.meta.get("id"),
+         "scene": s.meta.get("scene_id"), "answers": references(s)}
         for s, p in zip(done, preds)
     ]
     return out

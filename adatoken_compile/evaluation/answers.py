@@ -10,7 +10,7 @@ import torch
 
 from adatoken_compile.compiler.reference import answers
 from adatoken_compile.errors import ScheduleMismatch
-from adatoken_compile.evaluation.accuracy import evaluate, paired
+from adatoken_compile.evaluation.accuracy import agreement, evaluate, paired
 from adatoken_compile.runtime import load
 
 
@@ -36,29 +36,29 @@ def runtime_answer_fn(rt, max_new_tokens: int = 8):
 
 
 def eval_artifact(artifact: str, samples: Sequence, *, baseline: str | None = None, adapter=None, progress=None,
-                  providers=None) -> dict:
-    """Accuracy of an artifact next to the unpruned model on the same questions.
+                  providers=None, captions: bool = False) -> dict:
+    """Accuracy of an artifact next to the unpruned model on the same questions, and how often the
+    two answer alike (``agreement``: all that is measured on questions without answers).
 
     The unpruned reference is ``baseline`` (an identity-schedule artifact) when given, else the
     PyTorch ``adapter``, which must be the model the artifact was compiled from.
     """
     rt = load(artifact, providers)
-    res = evaluate(runtime_answer_fn(rt), samples, progress=progress)
+    res = evaluate(runtime_answer_fn(rt), samples, progress=progress, captions=captions)
     if baseline:
         ref_rt = load(baseline, providers)
         if ref_rt.manifest.fingerprint != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{baseline}: baseline artifact was compiled from another model than {artifact}")
-        ref = evaluate(runtime_answer_fn(ref_rt), samples)
+        ref = evaluate(runtime_answer_fn(ref_rt), samples, captions=captions)
     else:
         if adapter is None or adapter.fingerprint() != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{artifact}: compiled from another model than the one given; pass --model DIR of "
                                    "the model it was compiled from, or --baseline ART0")
-        ref = evaluate(reference_answer_fn(adapter), samples)
-    res["baseline_accuracy"] = ref["accuracy"]
-    res["baseline_per_kind"] = ref["per_kind"]
-    if "per_template" in ref:
-        res["baseline_per_template"] = ref["per_template"]
-    res["agreement"] = sum(a["prediction"] == b["prediction"] for a, b in zip(res["predictions"], ref["predictions"])) / max(1, res["n"])
+        ref = evaluate(reference_answer_fn(adapter), samples, captions=captions)
+    for key in ("accuracy", "em1", "em1_refined", "per_kind", "per_template", "bleu4", "cider"):
+        if key in ref:
+            res[f"baseline_{key}"] = ref[key]
+    res["agreement"] = agreement(res["predictions"], ref["predictions"])
     res["paired"] = paired(res["predictions"], ref["predictions"])
     res["artifact"] = artifact
     res["schedule"] = {"policy": rt.schedule.policy, "cuts": [{"layer": c.layer, "keep": c.keep} for c in rt.schedule.cuts]}

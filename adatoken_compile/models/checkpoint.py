@@ -1,4 +1,5 @@
-"""Checkpoint directory reading: config, safetensors (sharded or single), fingerprints.
+"""Checkpoint directory reading: config, safetensors (sharded or single), fingerprints, and the
+checkpoint's own conventions (its chat template, its image processor's settings).
 
 Weights load from safetensors only. A pickle-format checkpoint (``*.bin`` / ``*.pt``) is refused:
 unpickling runs arbitrary code. Convert it once with a trusted tool to safetensors.
@@ -13,11 +14,18 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
+from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from adatoken_compile.errors import InputError
 from adatoken_compile.readers import Fields, read_json
+from adatoken_compile.runtime.image import ImageProcessing
+from adatoken_compile.runtime.prompt import QUESTION_FIELD, PromptFormat
 
 FIX_CONFIG = "fix or re-download the checkpoint's config"
+# transformers' PIL-backend processors (the semantics LLaVA and LLaVA-3D were trained with; the
+# torchvision backend resamples with different arithmetic)
+IMAGE_PROCESSORS = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil}
 
 
 def read_config(model_dir: str, name: str = "config.json") -> dict:
@@ -130,3 +138,98 @@ def embed_token_ids(decoder, ids) -> torch.Tensor:
     """(n, H) input embeddings of token ids through the decoder's own embedding table."""
     with torch.no_grad():
         return decoder.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long))
+
+
+def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:
+    """The settings of ``proc_dir/preprocessor_config.json`` (CLIP's at ``image_size`` when there is
+    none), resolved by transformers' own processor class, defaults included."""
+    path = os.path.join(proc_dir, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return ImageProcessing.clip(image_size)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); fix or re-download the checkpoint's preprocessor config")
+    kind = str(cfg.get("image_processor_type") or "CLIPImageProcessor")
+    cls = IMAGE_PROCESSORS.get(kind.removesuffix("Fast").removesuffix("Pil"))
+    if cls is None:
+        raise InputError(f"{path}: image_processor_type '{kind}' unsupported; the runtime reproduces "
+                         f"{' and '.join(IMAGE_PROCESSORS)} (with or without Fast)")
+    try:
+        p = cls(**{k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")})
+    except Exception as e:
+        raise InputError(f"{path}: transformers cannot build its image processor ({type(e).__name__}: {e})")
+    size = p.size if p.do_resize else None
+    if size is not None and not (size.shortest_edge and not size.longest_edge) and not (size.height and size.width):
+        raise InputError(f"{path}: resize size {dict(cfg.get('size') or {})} unsupported; use shortest_edge or "
+                         "height/width")
+    proc = ImageProcessing(
+        shortest_edge=int(size.shortest_edge) if size is not None and size.shortest_edge else None,
+        resize_hw=(int(size.height), int(size.width)) if size is not None and size.height else None,
+        resample=int(p.resample),
+        crop_hw=(int(p.crop_size.height), int(p.crop_size.width)) if p.do_center_crop and p.crop_size else None,
+        rescale=float(p.rescale_factor) if p.do_rescale else None,
+        mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
+        std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+    if proc.output_hw(image_size, image_size + 1) != (image_size, image_size):
+        raise InputError(f"{path}: makes {proc.output_hw(image_size, image_size + 1)} pixel values from a "
+                         f"{image_size}x{image_size + 1} image; the vision tower takes {image_size}x{image_size}")
+    return proc
+
+
+def chat_template(model_dir: str) -> tuple[str, str] | None:
+    """The checkpoint's chat template and the file it came from: the processor's
+    (``chat_template.jinja`` / ``chat_template.json``), else the tokenizer's
+    (``tokenizer_config.json``); None when it ships none."""
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        path = os.path.join(model_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                t = json.load(f).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise InputError(f"{path}: not a valid JSON object ({e}); fix or re-download it")
+        if isinstance(t, list):  # named templates: the default one
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        if isinstance(t, str) and t.strip():
+            return t, path
+    return None
+
+
+def chat_prompt(model_dir: str, tokenizer, image_token: str = "<image>") -> PromptFormat | None:
+    """The prompt the checkpoint's chat template makes for one user turn holding the image and
+    the question, with the generation prompt, rendered by transformers; None without a template.
+
+    The image goes first, as an image content part (HF LLaVA templates) or as ``<image>`` and a newline
+    before the question text (LLaVA's convention, for text-only templates). A leading BOS text is dropped:
+    the tokenization adds BOS once."""
+    found = chat_template(model_dir)
+    if found is None:
+        return None
+    template, where = found
+    special = {k: tokenizer.id_to_token(i) for k, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+                                                   ("pad_token", tokenizer.pad_id)) if i is not None}
+    tried = []
+    for content in ([{"type": "image"}, {"type": "text", "text": QUESTION_FIELD}], f"<image>\n{QUESTION_FIELD}"):
+        try:
+            text = render_jinja_template([[{"role": "user", "content": content}]], chat_template=template,
+                                         add_generation_prompt=True, **special)[0][0]
+        except Exception as e:  # a template that rejects this message form: try the next
+            tried.append(f"{type(e).__name__}: {e}")
+            continue
+        if image_token != "<image>":
+            text = text.replace(image_token, "<image>")
+        if text.count("<image>") == 1 and text.count(QUESTION_FIELD) == 1:
+            bos = special.get("bos_token")
+            if bos and text.startswith(bos):
+                text = text[len(bos):]
+            return PromptFormat("chat_template", text)
+        tried.append(f"rendered {text[:80]!r}")
+    raise InputError(f"{where}: the chat template does not place one image and the question in a user turn "
+                     f"({'; '.join(tried)}); fix it, or remove 'chat_template' to use the built-in prompt")

@@ -23,22 +23,23 @@ from transformers.initialization import no_init_weights
 
 from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
+from adatoken_compile.runtime.sources import DEFAULT_NUM_FRAMES, resolve_scene
 from adatoken_compile.errors import InputError
 from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.prompt import (
     BOXES_TOKEN_INDEX,
     IMAGE_TOKEN_INDEX,
+    PromptFormat,
     check_question,
-    llava_v1_prompt,
     tokenize_with_placeholders,
 )
 from adatoken_compile.runtime.scene import (MAX_SPATIAL_TOKENS, VOXEL_SIZE, Scene, preprocess_scene, unproject_patches,
                                             voxelize)
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
-from adatoken_compile.models.checkpoint import (FIX_CONFIG, assign_exact, check_weight_bytes, config_digest,
-                                                embed_token_ids, files_digest, load_state_dict, read_config,
-                                                weight_files)
+from adatoken_compile.models.checkpoint import (FIX_CONFIG, assign_exact, chat_prompt, check_weight_bytes, config_digest,
+                                                embed_token_ids, files_digest, image_processing, load_state_dict,
+                                                read_config, weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
 BOX_PREFIX = "model.video_tower.prompt_encoder.pos_emb3d."
@@ -195,8 +196,11 @@ class Llava3DAdapter:
         vsd = {k: v for k, v in vsd.items() if not k.startswith(("visual_projection", "text_projection"))}
         vsd = {k: v for k, v in vsd.items() if not k.endswith("position_ids")}
         assign_exact(vision, vsd, self.vision_dir)
-        self.image_size, self.mean, self.std = _preprocessor(self.vision_dir, vcfg)
+        self.image_size = int(vcfg.image_size)
+        self.processing = image_processing(self.vision_dir, self.image_size)
+        self.mean, self.std = self.processing.mean, self.processing.std
         self.patch_size = int(vcfg.patch_size)
+        self.num_frames = int(cfg.get("num_frames") or DEFAULT_NUM_FRAMES)  # views selected from scan folders
 
         dv = mm.integer("mm_hidden_size", lo=1, default=int(vcfg.hidden_size))
         if dv != int(vcfg.hidden_size):
@@ -240,6 +244,7 @@ class Llava3DAdapter:
         self.dtype = dtype
 
         self.tokenizer = TextTokenizer.from_dir(model_dir)
+        self.prompt = chat_prompt(model_dir, self.tokenizer) or PromptFormat.builtin("llava_v1")
         eos = mm.integer("eos_token_id", lo=0, hi=int(dec_cfg.vocab_size) - 1, default=None, null=True)
         self.eos_token_id = eos if eos is not None else (self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 2)
         self.max_positions = mm.integer("max_position_embeddings", lo=1, default=4096)
@@ -264,7 +269,10 @@ class Llava3DAdapter:
                 "patches_per_view": (self.image_size // self.patch_size) ** 2,
                 "hidden": int(self.encoder.vision.config.hidden_size),
                 "layers": int(self.encoder.vision.config.num_hidden_layers),
+                "image_processing": self.processing.to_dict(),
             },
+            "num_frames": self.num_frames,
+            "prompt": self.prompt.to_dict(),
             "fingerprint": self.fingerprint(),
         }
 
@@ -279,7 +287,7 @@ class Llava3DAdapter:
     def encoder_graphs(self) -> list[EncoderGraph]:
         """encoder: views + patch xyz -> vision-space features; projector: pooled features -> tokens
         (voxel pooling between them is data-dependent and runs in numpy)."""
-        pre = preprocess_scene(example_scene(), self.image_size, self.mean, self.std)
+        pre = preprocess_scene(example_scene(), self.image_size, processing=self.processing)
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, self.patch_size)
         views = torch.export.Dim("views", min=1, max=4096)
         tokens = torch.export.Dim("tokens", min=1, max=1 << 20)
@@ -291,21 +299,24 @@ class Llava3DAdapter:
         ]
 
     def runtime_config(self) -> dict:
-        return runtime_config(self, "llava_v1", self.input_kind, self.image_size, self.patch_size, self.mean, self.std, voxel_size=VOXEL_SIZE, max_tokens=MAX_SPATIAL_TOKENS)
+        return runtime_config(self, self.input_kind, self.image_size, self.patch_size, voxel_size=VOXEL_SIZE,
+                              max_tokens=MAX_SPATIAL_TOKENS, num_frames=self.num_frames)
 
     def prompt_ids(self, question: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, llava_v1_prompt(check_question(question)))
+        return tokenize_with_placeholders(self.tokenizer, self.prompt.text(check_question(question)))
 
     @torch.no_grad()
-    def spatial_features(self, scene: Scene) -> tuple[torch.Tensor, np.ndarray]:
-        """Vision-space features per patch (V*P, Dv) and patch xyz (V*P, 3), before pooling."""
-        pre = preprocess_scene(scene, self.image_size, self.mean, self.std)
+    def spatial_features(self, scene) -> tuple[torch.Tensor, np.ndarray]:
+        """Vision-space features per patch (V*P, Dv) and patch xyz (V*P, 3), before pooling.
+        ``scene``: a Scene, a scene path or folder, or a sample's scene reference."""
+        scene = resolve_scene(scene, self.num_frames)
+        pre = preprocess_scene(scene, self.image_size, processing=self.processing)
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, self.patch_size)
         feats = self.encoder(torch.from_numpy(pre.pixel_values).to(self.dtype), torch.from_numpy(xyz))
         return feats.reshape(-1, feats.shape[-1]), xyz.reshape(-1, 3)
 
     @torch.no_grad()
-    def spatial_tokens(self, scene: Scene) -> torch.Tensor:
+    def spatial_tokens(self, scene) -> torch.Tensor:
         """(N, H) decoder-space spatial tokens of a scene."""
         feats, xyz = self.spatial_features(scene)
         return self.projector(pool_torch(feats, voxelize(xyz)))
@@ -411,25 +422,3 @@ def _vision_config(vision_dir: str, files: list[str]):
         return CLIPVisionConfig.from_pretrained(vision_dir, local_files_only=True)
     except Exception as e:  # transformers' own validation errors
         raise InputError(f"{where}: {str(e).strip().splitlines()[-1].strip()[:200]}; {FIX_CONFIG}") from None
-
-
-def _preprocessor(vision_dir: str, vcfg) -> tuple[int, list[float], list[float]]:
-    """Image size, mean and std from the vision tower's preprocessor_config.json."""
-    path = os.path.join(vision_dir, "preprocessor_config.json")
-    clip_mean = [0.48145466, 0.4578275, 0.40821073]
-    clip_std = [0.26862954, 0.26130258, 0.27577711]
-    if not os.path.exists(path):
-        return int(vcfg.image_size), clip_mean, clip_std
-    fix = "fix or re-download the vision tower's preprocessor config"
-    p = read_config(vision_dir, "preprocessor_config.json")
-    f = Fields(p, path, fix)
-    crop = p.get("crop_size", vcfg.image_size)
-    if isinstance(crop, dict):
-        c = f.obj("crop_size")
-        size = c.integer("height", lo=1) if "height" in crop else c.integer("shortest_edge", lo=1)
-    else:
-        size = f.integer("crop_size", lo=1, default=int(vcfg.image_size))
-    if size != int(vcfg.image_size):
-        raise InputError(f"{path}: crop size {size} differs from the tower's image_size {vcfg.image_size}; {fix}")
-    return size, f.numbers("image_mean", length=3, default=clip_mean), \
-        f.numbers("image_std", length=3, lo=0.0, lo_open=True, default=clip_std)

@@ -16,13 +16,13 @@ from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2F
 
 from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
+from adatoken_compile.runtime.sources import resolve_image
 from adatoken_compile.errors import InputError
-from adatoken_compile.models.checkpoint import (FIX_CONFIG, check_finite, check_weight_bytes, config_digest,
-                                                embed_token_ids, files_digest, read_config, weight_files)
+from adatoken_compile.models.checkpoint import (FIX_CONFIG, chat_prompt, check_finite, check_weight_bytes, config_digest,
+                                                embed_token_ids, files_digest, image_processing, read_config, weight_files)
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
 from adatoken_compile.readers import Fields
-from adatoken_compile.runtime.image import preprocess_image
-from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, check_question, llava_hf_prompt, tokenize_with_placeholders
+from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
 
@@ -88,9 +88,12 @@ class LlavaHFAdapter:
         ).eval()
         self.image_size = int(vcfg.image_size)
         self.patch_size = int(vcfg.patch_size)
-        self.mean, self.std = _mean_std(model_dir)
+        self.processing = image_processing(model_dir, self.image_size)
+        self.mean, self.std = self.processing.mean, self.processing.std
         self.image_token_id = int(llava.config.image_token_id)
         self.tokenizer = TextTokenizer.from_dir(model_dir)
+        image_token = self.tokenizer.id_to_token(self.image_token_id) or "<image>"
+        self.prompt = chat_prompt(model_dir, self.tokenizer, image_token) or PromptFormat.builtin("llava_hf")
         self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_id)
         self.max_positions = int(tcfg.max_position_embeddings)
         self.dtype = dtype
@@ -106,7 +109,9 @@ class LlavaHFAdapter:
             "attn_implementation": self.decoder.config._attn_implementation,
             "decoder_class": type(self.decoder).__name__,
             "max_positions": self.max_positions,
-            "vision": {"image_size": self.image_size, "patch_size": self.patch_size},
+            "vision": {"image_size": self.image_size, "patch_size": self.patch_size,
+                       "image_processing": self.processing.to_dict()},
+            "prompt": self.prompt.to_dict(),
             "fingerprint": self.fingerprint(),
         }
 
@@ -128,14 +133,15 @@ class LlavaHFAdapter:
                              ["features"])]
 
     def runtime_config(self) -> dict:
-        return runtime_config(self, "llava_hf", self.input_kind, self.image_size, self.patch_size, self.mean, self.std)
+        return runtime_config(self, self.input_kind, self.image_size, self.patch_size)
 
     def prompt_ids(self, question: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, llava_hf_prompt(check_question(question)))
+        return tokenize_with_placeholders(self.tokenizer, self.prompt.text(check_question(question)))
 
     @torch.no_grad()
-    def spatial_tokens(self, image: np.ndarray) -> torch.Tensor:
-        pix = preprocess_image(image, self.image_size, self.mean, self.std)
+    def spatial_tokens(self, image) -> torch.Tensor:
+        """(N, H) image tokens of an (H, W, 3) uint8 image (or an image path / a sample's image reference)."""
+        pix = self.processing(resolve_image(image))
         return self.encoder(torch.from_numpy(pix)[None].to(self.dtype))[0]
 
     def embed_ids(self, ids) -> torch.Tensor:
@@ -144,7 +150,8 @@ class LlavaHFAdapter:
     @torch.no_grad()
     def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
         if sample.image is None:
-            raise InputError("HF LLaVA sample without an image: pass --image (H,W,3) uint8")
+            raise InputError("HF LLaVA sample without an image: pass --image IMG, or --data with a question file whose "
+                             "questions name an 'image'")
         ids = self.prompt_ids(sample.question)
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")
@@ -154,14 +161,3 @@ class LlavaHFAdapter:
 
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
         return collate([self.segment(s) for s in samples])
-
-
-def _mean_std(model_dir: str):
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    mean = [0.48145466, 0.4578275, 0.40821073]
-    std = [0.26862954, 0.26130258, 0.27577711]
-    if os.path.exists(path):
-        f = Fields(read_config(model_dir, "preprocessor_config.json"), path, "fix or re-download the preprocessor config")
-        mean, std = f.numbers("image_mean", length=3, default=mean), f.numbers("image_std", length=3, lo=0.0, lo_open=True,
-                                                                                default=std)
-    return mean, std

@@ -11,6 +11,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import processors
 
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM)
@@ -56,26 +57,24 @@ def save_safetensors(sd: dict[str, torch.Tensor], out_dir: str, shards: int = 1)
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def preprocessor_config(image_size: int, kind: str = "clip") -> dict:
+    """A complete ``preprocessor_config.json``: CLIP's (short side to ``image_size``, centre crop) or
+    SigLIP's (resize to ``image_size`` square, mean / std 0.5)."""
+    if kind == "siglip":
+        return {"image_processor_type": "SiglipImageProcessor", "size": {"height": image_size, "width": image_size},
+                "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": image_size, "width": image_size},
+            "size": {"shortest_edge": image_size}, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "resample": 3, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+
+
 def save_vision_tower(vision, out_dir: str, image_size: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
     vision.config.save_pretrained(out_dir)
     save_safetensors(vision.state_dict(), out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "crop_size": {"height": image_size, "width": image_size},
-                "size": {"shortest_edge": image_size},
-                "do_center_crop": True,
-                "do_normalize": True,
-                "do_resize": True,
-                "resample": 3,
-                "image_mean": CLIP_MEAN,
-                "image_std": CLIP_STD,
-            },
-            f,
-            indent=2,
-        )
+        json.dump(preprocessor_config(image_size), f, indent=2)
 
 
 def save_llava3d(
@@ -192,12 +191,40 @@ def random_llava3d(
     return save_llava3d(out_dir, lm, vision, pe, proj, tok, box_pe=box, shards=shards, overwrite=overwrite)
 
 
+# The chat template of llava-hf/llava-1.5-7b-hf (renders "USER: <image>\n{question} ASSISTANT:")
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# A ChatML template as Qwen2 checkpoints ship (system turn, image part before the text)
+CHATML_TEMPLATE = (
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0,
-                    overwrite: bool = False) -> str:
-    """A tiny random HF LLaVA checkpoint (tests)."""
+                    image_processor: str = "clip", chat_template: str | None = None, overwrite: bool = False) -> str:
+    """A tiny random HF LLaVA checkpoint (tests), with what ``LlavaProcessor.from_pretrained`` reads:
+    a full image processor config (``clip`` or ``siglip``), ``processor_config.json`` and, when
+    given, ``chat_template.jinja``. Llama-style checkpoints add BOS when tokenizing (as Llama
+    tokenizers do); Qwen2-style ones have no BOS and ChatML's special tokens."""
     torch.manual_seed(seed)
     tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+    if decoder == "qwen2":
+        tok._tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+        tok.bos_id = None
+    else:
+        tok._tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                special_tokens=[("<s>", tok.bos_id)])
     tc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
               num_key_value_heads=kv_heads or heads, intermediate_size=hidden * 2, vocab_size=tok.vocab_size,
               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
@@ -209,7 +236,19 @@ def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hi
     with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
         tok.save(tmp)
+        with open(os.path.join(tmp, "tokenizer_config.json")) as f:
+            tcfg = json.load(f)
+        tcfg.update({"bos_token": tok._tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None,
+                     "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"})
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(tcfg, f, indent=2)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump({"crop_size": {"height": image_size, "width": image_size}, "image_mean": CLIP_MEAN,
-                       "image_std": CLIP_STD}, f)
+            json.dump(preprocessor_config(image_size, image_processor), f, indent=2)
+        with open(os.path.join(tmp, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "LlavaProcessor", "patch_size": patch_size, "image_token": "<image>",
+                       "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+                       "num_additional_image_tokens": 1}, f, indent=2)
+        if chat_template is not None:
+            with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+                f.write(chat_template)
     return out_dir

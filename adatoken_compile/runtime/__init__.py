@@ -1,5 +1,6 @@
 """The runtime: load a compiled artifact and answer questions with ONNX Runtime, numpy and
-tokenizers. A leaf: it imports only the artifact format, the schedule and the errors (no torch).
+tokenizers. A leaf: it imports only the artifact format, the schedule, the errors and the
+torch-free scene readers of :mod:`adatoken_compile.data` (no torch).
 
 Example::
 

@@ -15,7 +15,10 @@ continues each row at position ``original (unpruned) prompt length + step``.
 
 What the encoder graphs take is declared by the artifact (``preprocess.json`` ``input``):
 ``scene`` (posed RGB-D views -> encoder -> voxel pooling -> projector) or ``image`` (one RGB
-image -> encoder).
+image -> encoder). Scenes may be given as ``.npz`` paths, scan folders or info files
+(:mod:`adatoken_compile.runtime.sources`; ``num_frames`` views are selected as the checkpoint's
+config says), images as arrays or paths; the image processing is the checkpoint's own, as
+``preprocess.json`` ``image_processing`` records it.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ from ..arch import normalize as normalize_arch
 from ..artifact import RECOMPILE, Manifest, verify
 from ..errors import InputError
 from ..schedule import Schedule
-from .image import preprocess_image
+from .image import ImageProcessing
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .sampling import check_sampling, make_rng, next_tokens
-from .scene import (Scene, limit_hint, limits, load_scene, pool_numpy, preprocess_scene, unproject_patches,
+from .scene import (Scene, limit_hint, limits, pool_numpy, preprocess_scene, unproject_patches,
                     validate_scene, voxelize)
 from .session import check_graph_io, choose_providers, open_session
 from .settings import read_settings
 from .tokenizer import TextTokenizer
+# the module, not its names: the readers import runtime modules, so either may be imported first
+from . import sources as scene_paths
 
 
 class Runtime:
@@ -52,6 +57,10 @@ class Runtime:
         self.family = self.pre["family"]
         self.input_kind = self.pre["input"]
         self.eos_id = self.pre.get("eos_id")
+        where = f"{self.path}/{d['preprocess']}"
+        self.processing = (ImageProcessing.from_dict(self.pre["image_processing"], where) if "image_processing" in self.pre
+                           else ImageProcessing.clip(self.pre["image_size"], self.pre["mean"], self.pre["std"]))
+        self.num_frames = self.pre.get("num_frames")
         self.max_positions = self.pre.get("max_positions")
         self.arch = normalize_arch(self.pre["arch"], f"{self.path}/{d['preprocess']}")
         self.embed = _load_embeddings(os.path.join(self.path, d["embed_tokens"]), self.arch["hidden"])
@@ -93,14 +102,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ inputs
     def _check_scene(self, scene, where: str) -> Scene:
-        if isinstance(scene, str):
-            return load_scene(scene)
         if isinstance(scene, Scene):
             return validate_scene({"images": scene.images, "depths": scene.depths, "poses": scene.poses,
                                    "intrinsics": scene.intrinsics}, name=scene.name)
-        if isinstance(scene, dict):
-            return validate_scene(scene, name=where)
-        raise InputError(f"{where}: this artifact takes a scene (Scene, dict of arrays or .npz path), "
+        if isinstance(scene, (scene_paths.SceneRef, str, os.PathLike, dict)):
+            return scene_paths.resolve_scene(scene, self.num_frames, where)
+        raise InputError(f"{where}: this artifact takes a scene (Scene, dict of arrays, .npz path or scene folder), "
                          f"got {type(scene).__name__}")
 
     def encode(self, source) -> np.ndarray:
@@ -113,7 +120,7 @@ class Runtime:
             raise InputError("this artifact takes an image ((H,W,3) uint8), not a scene")
         p = self.pre
         scene = self._check_scene(scene, "scene")
-        pre = preprocess_scene(scene, p["image_size"], p["mean"], p["std"])
+        pre = preprocess_scene(scene, p["image_size"], processing=self.processing)
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, p["patch_size"])
         feats = self.sessions["encoder"].run(None, {"pixel_values": pre.pixel_values, "xyz": xyz})[0]
         vmap = voxelize(xyz, p.get("voxel_size", 0.2), p.get("max_tokens", 2560))
@@ -121,11 +128,12 @@ class Runtime:
         return self.sessions["projector"].run(None, {"features": np.ascontiguousarray(pooled, np.float32)})[0]
 
     def encode_image(self, image) -> np.ndarray:
-        """(N, H) float32 image tokens of one (H, W, 3) uint8 image."""
-        if self.input_kind != "image" or isinstance(image, (Scene, dict, str)):
+        """(N, H) float32 image tokens of one (H, W, 3) uint8 image (or an image path)."""
+        scene_like = (Scene, dict, scene_paths.SceneRef)
+        if self.input_kind != "image" or isinstance(image, scene_like):
             raise InputError(f"this artifact takes a {self.input_kind}, got "
-                             + ("a scene" if isinstance(image, (Scene, dict, str)) else type(image).__name__))
-        pix = preprocess_image(image, self.pre["image_size"], self.pre["mean"], self.pre["std"])
+                             + ("a scene" if isinstance(image, scene_like) else type(image).__name__))
+        pix = self.processing(scene_paths.resolve_image(image))
         return self.sessions["encoder"].run(None, {"pixel_values": pix[None]})[0][0]
 
     def prompt_ids(self, question: str) -> list[int]:
@@ -141,9 +149,10 @@ class Runtime:
                 out.append(it)
             elif isinstance(it, (tuple, list)) and len(it) == 2:
                 inp, q = it
-                if scene_kind and isinstance(inp, np.ndarray):
-                    raise InputError(f"item {i}: this artifact takes scenes; got an image array")
-                if not scene_kind and isinstance(inp, (Scene, dict, str)):
+                if scene_kind and isinstance(inp, (np.ndarray, scene_paths.ImageRef)):
+                    raise InputError(f"item {i}: this artifact takes scenes; got an image "
+                                     + ("array" if isinstance(inp, np.ndarray) else "file"))
+                if not scene_kind and isinstance(inp, (Scene, dict, scene_paths.SceneRef)):
                     raise InputError(f"item {i}: this artifact takes images; got a scene")
                 out.append(Sample(question=q, scene=inp) if scene_kind else Sample(question=q, image=inp))
             else:

@@ -7,6 +7,8 @@ sequence from them without importing torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import InputError
 
 
@@ -49,6 +51,30 @@ def check_question(question) -> str:
     if "<image>" in question:
         raise InputError("question: holds '<image>', which the prompt reserves for the scene or image; remove it")
     return question
+
+
+QUESTION_FIELD = "{question}"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The prompt text around a question: ``format`` with ``field`` replaced by the question, one
+    ``<image>`` placeholder where the spatial tokens go. ``template`` names where it came from
+    (``chat_template``: rendered from the checkpoint's own template; else a built-in name)."""
+
+    template: str
+    format: str
+    field: str = QUESTION_FIELD
+
+    @classmethod
+    def builtin(cls, name: str) -> "PromptFormat":
+        return cls(name, PROMPTS[name](QUESTION_FIELD))
+
+    def text(self, question: str) -> str:
+        return self.format.replace(self.field, question)
+
+    def to_dict(self) -> dict:
+        return {"template": self.template, "format": self.format, "question_field": self.field, "bos_once": True}
 
 
 def tokenize_with_placeholders(tokenizer, prompt: str) -> list[int]:

@@ -9,10 +9,14 @@ Scene file (``.npz``), V views of H x W pixels:
 key            shape           dtype      meaning
 =============  ==============  =========  ================================================
 ``images``     (V, H, W, 3)    uint8      RGB
-``depths``     (V, H, W)       float32    depth in metres (0 = no reading)
+``depths``     (V, Hd, Wd)     float32    depth in metres (0 = no reading); usually Hd, Wd =
+                                          H, W; ScanNet's depth maps are smaller than its
+                                          colour images and registered to them
 ``poses``      (V, 4, 4)       float32/64 camera-to-world (OpenCV camera: x right, y down,
                                           z forward)
-``intrinsics`` (V, 4, 4)       float32/64 pinhole K in the top-left 3x3 (pixels)
+``intrinsics`` (V, 4, 4)       float32/64 pinhole K of the depth map's pixel grid in the
+                                          top-left 3x3 (pixels); as LLaVA-3D uses the depth
+                                          intrinsics for ScanNet
 =============  ==============  =========  ================================================
 
 :func:`validate_scene` (every reader goes through it: ``.npz`` files, arrays handed to the API,
@@ -23,6 +27,9 @@ millimetres, a depth of 1e30; far out, float32 rounding merges the voxels) -- an
 the resource limits (views, pixels per view). The limits are :func:`limits`, each overridable
 by its environment variable (:data:`LIMIT_ENV`). :func:`load_scene` reads only the four arrays,
 each checked for its declared size before it is decompressed.
+
+Scene folders (ScanNet export layout, EmbodiedScan info files) are read into the same
+:class:`Scene` by :mod:`adatoken_compile.runtime.sources`.
 """
 
 from __future__ import annotations
@@ -35,50 +42,16 @@ from PIL import Image
 
 from adatoken_compile.errors import InputError
 from adatoken_compile.readers import read_npz
+from adatoken_compile.runtime.image import ImageProcessing
+from adatoken_compile.runtime.limits import (DEFAULT_LIMITS, LIMIT_ENV, MAX_SPATIAL_TOKENS, limit_hint,  # noqa: F401
+                                            limits)
 
 VOXEL_SIZE = 0.2
-MAX_SPATIAL_TOKENS = 2560
-
-# Resource and sanity limits of one scene (or image) request, each overridable by its variable.
-DEFAULT_LIMITS = {
-    "views": 64,  # views per scene: each view costs the encoder a full image (LLaVA-3D uses 20)
-    "view_pixels": 2048 * 2048,  # pixels per view (or per image), H x W
-    "spatial_tokens": MAX_SPATIAL_TOKENS,  # spatial tokens one prompt may hold (the voxel cap of LLaVA-3D)
-    "extent_m": 1000,  # every camera and depth reading within this many metres of the origin (float32 keeps mm)
-}
-LIMIT_ENV = {
-    "views": "ADATOKEN_COMPILE_MAX_VIEWS",
-    "view_pixels": "ADATOKEN_COMPILE_MAX_VIEW_PIXELS",
-    "spatial_tokens": "ADATOKEN_COMPILE_MAX_SPATIAL_TOKENS",
-    "extent_m": "ADATOKEN_COMPILE_MAX_SCENE_EXTENT",
-}
 ROTATION_TOL = 1e-2  # |R^T R - I| of a camera-to-world rotation stored in float32 is ~1e-6
-
-
-def limits() -> dict:
-    """The limits in force: :data:`DEFAULT_LIMITS`, each replaced by its environment variable when set."""
-    out = dict(DEFAULT_LIMITS)
-    for key, var in LIMIT_ENV.items():
-        raw = os.environ.get(var)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise InputError(f"{var}={raw!r}: must be a whole number >= 1 (default {DEFAULT_LIMITS[key]}); fix or "
-                             "unset the variable")
-        out[key] = value
-    return out
-
-
-def limit_hint(key: str) -> str:
-    return f"set {LIMIT_ENV[key]} to raise the limit"
 
 SCENE_KEYS = {
     "images": ("(V,H,W,3)", (np.uint8,)),
-    "depths": ("(V,H,W)", (np.float32,)),
+    "depths": ("(V,Hd,Wd)", (np.float32,)),
     "poses": ("(V,4,4)", (np.float32, np.float64)),
     "intrinsics": ("(V,4,4)", (np.float32, np.float64)),
 }
@@ -87,7 +60,7 @@ SCENE_KEYS = {
 @dataclass
 class Scene:
     images: np.ndarray  # (V, H, W, 3) uint8
-    depths: np.ndarray  # (V, H, W) float32
+    depths: np.ndarray  # (V, Hd, Wd) float32 (usually Hd, Wd = H, W)
     poses: np.ndarray  # (V, 4, 4)
     intrinsics: np.ndarray  # (V, 4, 4)
     name: str = "<scene>"
@@ -119,9 +92,10 @@ def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"{name}: key 'images' has shape {images.shape}, expected (V,H,W,3) uint8 RGB")
     V, H, W = images.shape[:3]
+    Hd, Wd = depths.shape[1:3] if depths.ndim == 3 else (H, W)
     expected = {
         "images": (images, (V, H, W, 3)),
-        "depths": (depths, (V, H, W)),
+        "depths": (depths, (V, Hd, Wd)),
         "poses": (poses, (V, 4, 4)),
         "intrinsics": (intr, (V, 4, 4)),
     }
@@ -140,6 +114,8 @@ def validate_scene(arrays: dict, name: str = "<scene>") -> Scene:
         raise InputError(f"{name}: key 'images' is empty (shape {images.shape}); a scene needs at least one view")
     lim = limits()
     _check_size(V, H, W, name, lim)
+    if Hd == 0 or Wd == 0:
+        raise InputError(f"{name}: key 'depths' is empty (shape {depths.shape}); expected (V,Hd,Wd) depth maps")
     for key in ("depths", "poses", "intrinsics"):
         if not np.isfinite(expected[key][0]).all():
             raise InputError(f"{name}: key '{key}' contains NaN or inf; expected finite {SCENE_KEYS[key][0]} values")
@@ -224,48 +200,58 @@ class Preprocessed:
 
 
 def resize_crop_params(H: int, W: int, size: int) -> tuple[int, int, int, int]:
-    """Shortest side -> size (as CLIPImageProcessor), then centre crop size x size."""
-    if H <= W:
-        nh, nw = size, int(round(W * size / H))
+    """Shortest side -> size (the long side rounded down), then the centre crop's offsets, as
+    transformers' CLIPImageProcessor computes them: (resized H, resized W, crop top, crop left)."""
+    return ImageProcessing.clip(size).geometry(H, W)
+
+
+def depth_resize_crop(H: int, W: int, processing: ImageProcessing) -> tuple[int, int, tuple[int, int, int, int]]:
+    """LLaVA-3D's depth-map geometry: the short side to the crop height (the long side
+    ``int(long * (crop / short))``), then Pillow's crop of the box ``((w - cw) / 2, (h - ch) / 2,
+    (w + cw) / 2, (h + ch) / 2)``, which Pillow rounds half to even. Processors without a crop
+    resize straight to their size. Returns (resized H, resized W, integer crop box)."""
+    if not processing.crop_hw:
+        nh, nw = processing.output_hw(H, W)
+        return nh, nw, (0, 0, nw, nh)
+    ch, cw = processing.crop_hw
+    if W < H:
+        nw, nh = ch, int(H * (ch / W))
     else:
-        nh, nw = int(round(H * size / W)), size
-    top = (nh - size) // 2
-    left = (nw - size) // 2
-    return nh, nw, top, left
+        nh, nw = ch, int(W * (ch / H))
+    box = ((nw - cw) / 2, (nh - ch) / 2, (nw + cw) / 2, (nh + ch) / 2)
+    return nh, nw, tuple(int(round(x)) for x in box)
 
 
-def check_normalization(mean, std, where: str = "preprocessing") -> None:
-    """Refuse an image normalisation that divides by zero or spreads NaN."""
-    m, s = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
-    if m.shape != (3,) or s.shape != (3,) or not np.isfinite(m).all() or not np.isfinite(s).all() or (s <= 0).any():
-        raise InputError(f"{where}: image mean {m.tolist()} / std {s.tolist()} must be 3 finite numbers each, std > 0; "
-                         "fix image_mean / image_std")
+def preprocess_scene(scene: Scene, image_size: int, mean=None, std=None,
+                     processing: ImageProcessing | None = None) -> Preprocessed:
+    """Views -> the tower's pixel values (the checkpoint's image processor, CLIP's at
+    ``image_size`` by default), depth maps on the same ``image_size`` grid (nearest, LLaVA-3D's
+    depth geometry) and the depth intrinsics moved onto that grid.
 
-
-def preprocess_scene(scene: Scene, image_size: int, mean, std) -> Preprocessed:
-    check_normalization(mean, std)
+    The intrinsics are scaled for the resize as LLaVA-3D scales them and shifted by the crop
+    Pillow actually makes; LLaVA-3D shifts ``cx`` by ``(w - h) / 2`` instead, which is the same
+    pixel count for landscape maps with an even difference (ScanNet's 640 x 480 depth at 336:
+    448 - 336 = 112) and half a pixel off otherwise."""
+    proc = processing or ImageProcessing.clip(image_size, mean, std)
     V, H, W, _ = scene.images.shape
-    nh, nw, top, left = resize_crop_params(H, W, image_size)
+    if proc.output_hw(H, W) != (image_size, image_size):
+        raise InputError(f"{scene.name}: the image processor makes {proc.output_hw(H, W)} pixel values, the vision "
+                         f"tower takes {image_size}x{image_size}; check the checkpoint's preprocessor_config.json")
+    Hd, Wd = scene.depths.shape[1:3]
+    nh, nw, box = depth_resize_crop(Hd, Wd, proc)
     pix = np.empty((V, 3, image_size, image_size), np.float32)
     dep = np.empty((V, image_size, image_size), np.float32)
-    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(std, np.float32).reshape(3, 1, 1)
-    # nearest resize for depth: source index for each destination pixel
-    ri = np.minimum((np.arange(nh) * H / nh).astype(np.int64), H - 1)[top : top + image_size]
-    ci = np.minimum((np.arange(nw) * W / nw).astype(np.int64), W - 1)[left : left + image_size]
     for v in range(V):
-        if (nh, nw) == (H, W):
-            img = scene.images[v]
-        else:
-            img = np.asarray(Image.fromarray(scene.images[v]).resize((nw, nh), Image.BICUBIC))
-        img = img[top : top + image_size, left : left + image_size].astype(np.float32) / 255.0
-        pix[v] = (img.transpose(2, 0, 1) - mean) / std
-        dep[v] = scene.depths[v][np.ix_(ri, ci)]
+        pix[v] = proc(scene.images[v])
+        d = Image.fromarray(np.ascontiguousarray(scene.depths[v], np.float32))  # mode F
+        if (nh, nw) != (Hd, Wd):
+            d = d.resize((nw, nh), Image.NEAREST)
+        dep[v] = np.asarray(d.crop(box), np.float32)
     K = scene.intrinsics.copy()
-    K[:, 0, :] *= nw / W
-    K[:, 1, :] *= nh / H
-    K[:, 0, 2] -= left
-    K[:, 1, 2] -= top
+    K[:, 0] /= Wd / nw
+    K[:, 1] /= Hd / nh
+    K[:, 0, 2] -= box[0]
+    K[:, 1, 2] -= box[1]
     return Preprocessed(pix, dep, K, scene.poses)
 
 

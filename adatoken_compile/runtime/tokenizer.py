@@ -84,6 +84,9 @@ class TextTokenizer:
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, i: int):
+        return self._tok.id_to_token(int(i))
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -91,10 +94,9 @@ class TextTokenizer:
     def save(self, out_dir: str) -> None:
         """Write tokenizer.json + tokenizer_config.json (what the runtime reads)."""
         self._tok.save(os.path.join(out_dir, "tokenizer.json"))
-        names = {}
-        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            if i is not None:
-                names[key] = self._tok.id_to_token(i)
+        # a null entry is kept: a missing bos_token reads back as the "<s>" default
+        names = {key: None if i is None else self._tok.id_to_token(i)
+                 for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(names, f, indent=2)
 

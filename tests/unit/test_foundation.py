@@ -247,10 +247,12 @@ def test_preprocess_resize_crop_adjusts_intrinsics():
     np.testing.assert_allclose(pre.intrinsics[0, 0, 0], 30.0)
     np.testing.assert_allclose(pre.intrinsics[0, 0, 2], 40 * 0.5 - 5)
     np.testing.assert_allclose(pre.intrinsics[0, 1, 2], 30 * 0.5)
-    # a pixel's world point is preserved through resize + crop (nearest depth)
+    # a pixel's world point is preserved through resize + crop (nearest depth, sampled at the
+    # destination pixel's centre as Pillow's NEAREST does)
     xyz_small = unproject_patches(pre.depths, pre.intrinsics, pre.poses, 1)[0].reshape(30, 30, 3)
     r, c = 10, 7
-    src_r, src_c = int(r * 60 / 30), int((c + 5) * 80 / 40)
+    src_r, src_c = int((r + 0.5) * 60 / 30), int((c + 5 + 0.5) * 80 / 40)
+    assert pre.depths[0, r, c] == s.depths[0, src_r, src_c]
     d = s.depths[0, src_r, src_c]
     x = (src_c - 40) * d / 60.0
     assert abs(xyz_small[r, c, 0] - x) < 0.05 * max(1.0, abs(x)) + 0.05
@@ -266,14 +268,15 @@ def _arrays():
 @pytest.mark.parametrize(
     "mutate, pattern",
     [
-        (lambda a: a.pop("depths"), r"missing key 'depths'.*\(V,H,W\)"),
+        (lambda a: a.pop("depths"), r"missing key 'depths'.*\(V,Hd,Wd\)"),
         (lambda a: a.__setitem__("images", a["images"][..., :2]), r"'images' has shape .*\(V,H,W,3\)"),
         (lambda a: a.__setitem__("images", a["images"].astype(np.float32)), r"'images' has dtype float32, expected uint8"),
         (lambda a: a.__setitem__("poses", a["poses"][:2]), r"V mismatch: key 'poses'"),
         (lambda a: a["depths"].__setitem__((0, 0, 0), np.nan), r"'depths' contains NaN or inf"),
         (lambda a: a["intrinsics"].__setitem__((0, 0, 0), np.inf), r"'intrinsics' contains NaN or inf"),
         (lambda a: a["depths"].__setitem__(Ellipsis, 0.0), r"'depths' is all zero"),
-        (lambda a: a.__setitem__("depths", a["depths"][:, :10]), r"'depths' has shape"),
+        (lambda a: a.__setitem__("depths", a["depths"][..., None]), r"'depths' has shape"),
+        (lambda a: a.__setitem__("depths", a["depths"][:, :0]), r"'depths' is empty"),
     ],
 )
 def test_bad_scenes_one_line_errors(mutate, pattern):

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from adatoken_compile import io as aio
 from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.readers import Fields, read_json, read_npz
-from adatoken_compile.runtime.prompt import check_question
+from adatoken_compile.runtime.image import ImageProcessing
+from adatoken_compile.runtime.prompt import PROMPTS, check_question
 from adatoken_compile.runtime.sampling import check_sampling
 from adatoken_compile.runtime.scene import (LIMIT_ENV, Scene, load_scene, unproject_patches, validate_scene,
                                             voxelize)
@@ -257,18 +258,17 @@ def test_schedule_needs_a_model_to_be_checked_against():
 
 
 def _settings() -> dict:
-    from adatoken_compile.contract import PROMPTS
-
     return {"family": "llava3d", "input": "scene", "image_size": 56, "patch_size": 14, "mean": [0.5] * 3,
             "std": [0.25] * 3, "prompt": {"format": PROMPTS["llava_v1"]("{question}"), "question_field": "{question}"},
             "bos_id": 1, "eos_id": 2, "max_positions": 4096, "voxel_size": 0.2, "max_tokens": 2560,
+            "image_processing": ImageProcessing.clip(56, [0.5] * 3, [0.25] * 3).to_dict(), "num_frames": 20,
             "arch": {"num_layers": 4, "hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "intermediate": 128,
                      "vocab": 252}}
 
 
 @FAST
 @given(key=st.sampled_from(["input", "image_size", "patch_size", "mean", "std", "prompt", "eos_id", "max_positions",
-                            "voxel_size", "max_tokens", "arch", "family"]),
+                            "voxel_size", "max_tokens", "arch", "family", "image_processing", "num_frames"]),
        value=JSON | st.sampled_from([[0, 0, 0], [1, 1, float("inf")], 0, -3, "56", True, 0.0]))
 def test_artifact_settings_exact_or_refused(tmp_path_factory, key, value):
     d = _settings()
@@ -282,6 +282,9 @@ def test_artifact_settings_exact_or_refused(tmp_path_factory, key, value):
         return
     assert all(s > 0 and math.isfinite(s) for s in got["std"]) and got["image_size"] >= got["patch_size"] >= 1
     assert got["voxel_size"] > 0 and type(got["max_tokens"]) is int
+    proc = ImageProcessing.from_dict(got["image_processing"])  # what the runtime builds from it
+    assert proc.std is None or all(s > 0 and math.isfinite(s) for s in proc.std)
+    assert got["num_frames"] is None or (type(got["num_frames"]) is int and got["num_frames"] >= 1)
 
 
 # ----------------------------------------------------------------------------- scenes

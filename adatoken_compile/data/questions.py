@@ -1,0 +1,167 @@
+"""Question files -> samples (torch-free).
+
+Accepted forms (see docs/data.md):
+
+* JSONL, one object a line: ``question`` (required), ``id``, ``scene`` (a scene path relative to
+  the file, or a scene id under ``--scenes``), ``scene_id``, ``image`` (a path relative to the
+  file, HF LLaVA), ``answers`` (list) or ``answer``, ``type``;
+* ScanQA v1.0 JSON: a list of ``{"question_id", "scene_id", "question", "answers"?, ...}``;
+* SQA3D: a list (or ``{"questions": [...]}``) of ``{"question_id", "scene_id", "situation",
+  "question", "answers"?, "question_type"?}``; the text asked is ``situation + " " + question``;
+* LLaVA-3D's question files: a list of ``{"question_id", "video": "scannet/<scene_id>", "text"}``.
+
+Answers are a list of strings or of ``{"answer": ...}`` objects; none is needed (calibration only
+needs scenes and questions). Scene ids resolve under ``--scenes`` (:func:`..scenes.find_scene`).
+
+Samples come scene by scene, in the order each scene first appears in the file, each scene's
+questions in file order (so a scene is decoded once, and ``start_scene`` skips whole scenes);
+the order depends on the file alone, so shards can split the list by index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
+from adatoken_compile.errors import InputError
+from adatoken_compile.runtime.sample import Sample
+
+FIX = "see docs/data.md (question files)"
+
+
+def _read_items(path: str) -> list[tuple[str, dict]]:
+    """(where, object) per question of the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; a question file is JSONL or JSON ({FIX})")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})")
+    if path.endswith(".jsonl"):
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: not a JSON object ({e}); JSONL holds one object per line")
+            items.append((f"{path}:{n}", obj))
+        return items
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); pass JSONL (one object a line) or a JSON list ({FIX})")
+    if isinstance(data, dict) and isinstance(data.get("questions"), list):
+        data = data["questions"]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of questions (ScanQA / SQA3D) or {{\"questions\": [...]}}; {FIX}")
+    return [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
+
+
+def _answers(obj: dict, where: str) -> list[str]:
+    raw = obj.get("answers", obj.get("answer"))
+    if raw is None:
+        return []
+    if isinstance(raw, (str, int, float)):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise InputError(f"{where}: 'answers' must be a list of strings; {FIX}")
+    out = []
+    for a in raw:
+        if isinstance(a, dict):
+            a = a.get("answer")
+        if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+            raise InputError(f"{where}: 'answers' must be strings (or {{\"answer\": ...}} objects); {FIX}")
+        out.append(str(a))
+    return out
+
+
+class _Resolver:
+    """Scene and image references, one object per distinct path (samples of one scene share it)."""
+
+    def __init__(self, path: str, scenes: str | None, depth_scale: float | None):
+        self.base = os.path.dirname(os.path.abspath(path))
+        self.scenes = scenes
+        self.depth_scale = depth_scale
+        self.refs: dict[str, object] = {}
+        if scenes is not None and not os.path.exists(scenes):
+            raise InputError(f"--scenes {scenes}: not found; pass the folder holding the scene folders (or an info .json)")
+
+    def scene(self, value: str, by_id: bool, where: str) -> tuple[str, SceneRef]:
+        path = None
+        if not by_id:
+            p = value if os.path.isabs(value) else os.path.join(self.base, value)
+            if os.path.exists(split_key(p)[0]):
+                path = p
+        if path is None:
+            if self.scenes is None:
+                raise InputError(f"{where}: scene '{value}' is not a path next to the question file; pass "
+                                 "--scenes ROOT (the folder holding the scene folders, or an info .json)")
+            path = find_scene(self.scenes, value, where)
+        if path not in self.refs:
+            self.refs[path] = SceneRef(path, self.depth_scale)
+        return path, self.refs[path]
+
+    def image(self, value: str, where: str) -> tuple[str, ImageRef]:
+        p = value if os.path.isabs(value) else os.path.join(self.base, value)
+        if p not in self.refs:
+            if not os.path.isfile(p):
+                raise InputError(f"{where}: image '{value}' not found (paths are relative to the question file)")
+            self.refs[p] = ImageRef(p)
+        return p, self.refs[p]
+
+
+def read_questions(path: str, scenes: str | None = None, depth_scale: float | None = None) -> list[Sample]:
+    """Every question of the file at ``path`` as a :class:`Sample` (scenes and images not yet read)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: question file not found; pass --data FILE (.jsonl, ScanQA/SQA3D .json) or "
+                         "builtin:<split>")
+    res = _Resolver(path, scenes, depth_scale)
+    groups: dict[str, list[Sample]] = {}
+    for index, (where, obj) in enumerate(_read_items(path)):
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object with a 'question'; {FIX}")
+        q = obj.get("question", obj.get("text"))
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"{where}: no 'question' text; every question needs one ({FIX})")
+        if isinstance(obj.get("situation"), str) and obj["situation"].strip():
+            q = f"{obj['situation'].strip()} {q.strip()}"
+        scene_val = obj.get("scene")
+        scene_id = obj.get("scene_id", obj.get("video"))
+        image_val = obj.get("image")
+        if image_val is not None and (scene_val is not None or scene_id is not None):
+            raise InputError(f"{where}: give a scene or an image, not both")
+        scene = image = None
+        if image_val is not None:
+            if not isinstance(image_val, str):
+                raise InputError(f"{where}: 'image' must be a path string")
+            key, image = res.image(image_val, where)
+        elif scene_val is not None or scene_id is not None:
+            val = scene_val if scene_val is not None else scene_id
+            if not isinstance(val, str) or not val.strip():
+                raise InputError(f"{where}: 'scene' / 'scene_id' must be a non-empty string")
+            key, scene = res.scene(val, by_id=scene_val is None, where=where)
+        else:
+            raise InputError(f"{where}: no 'scene', 'scene_id' or 'image'; each question needs what it asks about")
+        answers = _answers(obj, where)
+        kind = obj.get("type", obj.get("kind", obj.get("question_type")))
+        qid = obj.get("id", obj.get("question_id"))
+        meta = {"id": qid if qid is not None else index, "scene_id": scene_id if scene_id is not None else scene_val,
+                "answers": answers, "source": path, "index": index, "scene_key": key}
+        groups.setdefault(key, []).append(Sample(question=q.strip(), scene=scene, image=image,
+                                                 answer=answers[0] if answers else None,
+                                                 kind=None if kind is None else str(kind), meta=meta))
+    if not groups:
+        raise InputError(f"{path}: holds no questions; {FIX}")
+    return [s for g in groups.values() for s in g]
+
+
+def write_scanqa(path: str, rows: list[dict]) -> None:
+    """A ScanQA v1.0-form question file (``question_id``, ``scene_id``, ``question``, ``answers``,
+    ``object_ids``, ``object_names``; ``type`` added when known)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")

@@ -76,13 +76,18 @@ def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0
 def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLES, holdout: int = HOLDOUT,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
-              progress: bool = True, cache=None, max_validations: int = 16) -> Calibration:
+              progress: bool = True, cache=None, max_validations: int = 16, rules=None) -> Calibration:
     """Mine attention statistics on ``samples`` questions of ``data`` and derive a schedule.
 
     ``policy``: ``adaptive`` (solved from the statistics: the cheapest schedule whose greedy
     next-token agreement with the unpruned model on ``holdout`` other questions is at least
     ``fidelity`` (default 0.95) at 95% confidence, or the best agreement under ``flops_budget``),
-    or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``random`` with ``like``, ``none``).
+    or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``, ``divprune``, ``random`` /
+    ``prellm-strided`` / ``prellm-random`` with ``like``, ``none``).
+    ``rules``: selection rules the adaptive solver tries at each chosen cut, keeping per cut the one
+    with the most agreeing held-back rows (None: every cut ranks by the last token's attention;
+    ``"all"`` or names such as ``("last_token", "stratified", "strided")``; each trial is one more
+    held-back run, so it is off by default).
     ``start_scene``: mine from this scene on (shards of one calibration run on several machines).
     ``merge``: calibration directories whose statistics replace the mining (disjoint shards).
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).
@@ -108,7 +113,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
-              max_validations=max_validations, cache=cache)
+              max_validations=max_validations, cache=cache, rules=rules)
     if merge:
         schedule, stats = engine.calibrate_from_stats(adapter.decoder, [engine.load_stats(d) for d in merge], hold, **kw)
     else:
@@ -250,3 +255,4 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
                               providers=providers, log=log)
     res["environment"] = environment()
     return res
+

@@ -20,7 +20,7 @@ from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segme
 from adatoken_compile.errors import InputError
 from adatoken_compile.models.checkpoint import config_digest, embed_token_ids, files_digest, read_config, weight_files
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
-from adatoken_compile.runtime.image import preprocess_image
+from adatoken_compile.runtime.image import patch_coordinates, preprocess_image
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, llava_hf_prompt, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
@@ -132,16 +132,21 @@ class LlavaHFAdapter:
     def embed_ids(self, ids) -> torch.Tensor:
         return embed_token_ids(self.decoder, ids)
 
+    def spatial_tokens_xyz(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) image tokens and their (row, col, 0) patch coordinates (N, 3)."""
+        tokens = self.spatial_tokens(image)
+        return tokens, torch.from_numpy(patch_coordinates(tokens.shape[0]))
+
     @torch.no_grad()
-    def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None, xyz: torch.Tensor | None = None) -> Segment:
         if sample.image is None:
             raise InputError("HF LLaVA sample without an image: pass --image (H,W,3) uint8")
         ids = self.prompt_ids(sample.question)
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")
         if spatial is None:
-            spatial = self.spatial_tokens(sample.image)
-        return splice(ids, self.embed_ids, spatial)
+            spatial, xyz = self.spatial_tokens_xyz(sample.image)
+        return splice(ids, self.embed_ids, spatial, xyz=xyz)
 
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
         return collate([self.segment(s) for s in samples])

@@ -37,3 +37,18 @@ def preprocess_image(image: np.ndarray, size: int, mean, std) -> np.ndarray:
     m = np.asarray(mean, np.float32).reshape(1, 1, 3)
     s = np.asarray(std, np.float32).reshape(1, 1, 3)
     return ((img - m) / s).transpose(2, 0, 1).copy()
+
+
+def patch_coordinates(n_tokens: int) -> np.ndarray:
+    """(n, 3) float32 (row, col, 0) of an image's patch tokens in raster order (what the spatial
+    selection rules read for 2D images); a leading class token of a g*g+1 sequence sits at the centre."""
+    g = int(np.sqrt(n_tokens))
+    cls = n_tokens - g * g
+    if cls not in (0, 1):
+        g = int(np.sqrt(n_tokens - 1))
+        cls = n_tokens - g * g
+    rows, cols = np.divmod(np.arange(g * g), g) if g > 0 else (np.zeros(0), np.zeros(0))
+    grid = np.stack([rows, cols, np.zeros_like(rows)], axis=1).astype(np.float32)
+    centre = np.full((cls, 3), (g - 1) / 2.0, np.float32)
+    centre[:, 2] = 0.0
+    return np.concatenate([centre, grid], axis=0)[:n_tokens]

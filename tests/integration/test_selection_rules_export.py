@@ -121,3 +121,40 @@ def test_artifact_runs_a_coordinate_rule(tiny3d_dir, scene_file, tmp_path):
         np.testing.assert_array_equal(got[f"kept.{c}"], ref.kept_indices[c].numpy())
     assert np.abs(got["logits"] - ref.logits_last.numpy()).max() <= 1e-3
 
+
+def test_comparison_first_token_answers_equal_generation(tiny3d_dir, tmp_path):
+    """The comparison's shared-prefix, first-token answers are the reference's greedy answers, and its
+    outputs (tables, JSON, plots) are written."""
+    import json
+
+    from adatoken_compile.api import load_model
+    from adatoken_compile.compiler.reference import answers
+    from adatoken_compile.evaluation import compare as cmp
+    from adatoken_compile.runtime.sample import Sample
+
+    from conftest import simple_scene
+
+    adapter = load_model(tiny3d_dir)
+    L = adapter.arch()["num_layers"]
+    scenes = [simple_scene(seed=1), simple_scene(V=2, seed=2)]
+    samples = [Sample(q, scene=sc, answer=a, kind="k", meta={"seed": i})
+               for i, sc in enumerate(scenes) for q, a in (("what color is the ball?", "red"), ("is there a table?", "yes"),
+                                                           ("how many chairs are there?", "2"))]
+    scheds = {"a@50": Schedule(cuts=[Cut(1, 0.6), Cut(2, 0.3, Rule.of("stratified"))], num_layers=L),
+              "b@50": Schedule(cuts=[Cut(0, 0.5, Rule.of("strided"))], num_layers=L),
+              "c@50": Schedule(cuts=[Cut(2, 0.4, Rule.of("dedup"))], num_layers=L)}
+    configs = [cmp.Config("unpruned", "unpruned", Schedule(cuts=[], num_layers=L))] + [
+        cmp.Config(n, n[0], s, 0.5, None, 0.5) for n, s in scheds.items()]
+    cmp.answer_all(adapter, samples, configs, batch_size=2)
+    for c in configs:
+        want = answers(adapter, samples, c.schedule, max_new_tokens=1)
+        assert [p["prediction"] for p in c.predictions] == want, c.name
+    n_sp = [int(adapter.prepare([s]).spatial_mask.sum()) for s in samples]
+    assert int(configs[0].kept_x.sum()) == sum(n_sp)
+    assert int(configs[2].kept_x.sum()) == sum(c.schedule.tokens_per_layer(n)[-1] for c in configs[2:3] for n in n_sp)
+    summary = cmp.summarize(configs, samples)
+    assert {r["config"] for r in summary["rows"]} == {"unpruned", *scheds}
+    assert all("vs_best_other" in r for r in summary["rows"] if r["config"] != "unpruned")
+    cmp.write_outputs(str(tmp_path), configs, summary, {"model": "tiny", "data": "x"})
+    assert json.loads((tmp_path / "compare.json").read_text())["n"] == len(samples)
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "kept_x.png").stat().st_size > 0

@@ -29,6 +29,8 @@
 
 from __future__ import annotations
 
+import math
+
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
@@ -94,15 +96,20 @@ def keep_for_flops(arch: dict, num_layers: int, flops_ratio: float, n_spatial: f
                    rule: Rule) -> float:
     """The keep ratio of one cut before layer 0 whose prefill FLOPs ratio is ``flops_ratio`` (bisection
     on the ratio to 1e-4; FLOPs grow with the ratio)."""
+    def ratio(keep):
+        return schedule_flops(arch, Schedule(cuts=[Cut(0, keep, rule)], num_layers=num_layers), n_spatial, n_text)["flops_ratio"]
+
     lo, hi = 1e-4, 1.0
+    if ratio(lo) > flops_ratio + 1e-9:
+        raise InputError(f"FLOPs ratio {flops_ratio:.3f} is out of reach even before layer 0: the text tokens and one "
+                         f"spatial token cost {ratio(lo):.3f} of the unpruned prefill")
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        s = Schedule(cuts=[Cut(0, round(mid, 6), rule)], num_layers=num_layers)
-        if schedule_flops(arch, s, n_spatial, n_text)["flops_ratio"] > flops_ratio:
+        if ratio(round(mid, 6)) > flops_ratio:
             hi = mid
         else:
             lo = mid
-    return round(lo, 4)
+    return math.floor(lo * 1e4) / 1e4
 
 
 def peer_schedule(policy: str, num_layers: int, *, like: Schedule | None = None, seed: int = 0,

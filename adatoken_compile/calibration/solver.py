@@ -29,7 +29,10 @@
    rows; a rule replaces the cut's rule when strictly more rows agree (a trial stops once it has
    as many disagreements as the incumbent). More agreement raises the Wilson lower bound, so a
    schedule that passed the fidelity target still passes. ``debiased`` takes its per-position
-   prior from the statistics.
+   prior from the statistics. Then a single cut before layer 0 (selection before the decoder) at
+   the same prefill FLOPs is tried per rule that can run there, by the same measure: pre-LLM
+   selection competes with the in-LLM schedule, and a FLOPs budget out of the in-LLM cuts' reach
+   (layer 0 alone costs 1/L of the prefill) is met before layer 0.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
 from adatoken_compile.selection import RULES, Rule, at_layer, pre_llm
-from adatoken_compile.calibration.policies import DEFAULT_FIDELITY
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, keep_for_flops
 from adatoken_compile.calibration.stats import CalibrationStats
 
 REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
@@ -398,6 +401,29 @@ def choose_rules(decoder, stats: CalibrationStats, holdout, schedule: Schedule, 
     return best, best_m, trials
 
 
+def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule | None, measured: dict | None, names,
+                   cache: "ValidationCache", flops_ratio: float) -> tuple[Schedule, dict, list]:
+    """One cut before layer 0 at ``flops_ratio`` of the prefill FLOPs, per rule of ``names`` that can
+    run there, against ``schedule`` (None: the first such cut is the incumbent): the most agreeing
+    held-back rows win, ties to the incumbent (see the module docstring, step 4)."""
+    L = stats.arch["num_layers"]
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    best, best_m, trials = schedule, measured, []
+    for rule in rule_candidates(stats, 0, names):
+        keep = keep_for_flops(stats.arch, L, flops_ratio, N, nt, rule)
+        cand = Schedule(cuts=[Cut(0, keep, rule)], num_layers=L, policy="adaptive")
+        stop = None if best is None else best_m["rows"] - best_m["agreed"] - 1
+        m = cache.measure(decoder, holdout, cand, max_disagree=stop)
+        trials.append({"cut": 0, "keep": keep, "rule": rule.label(),
+                       "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5),
+                       **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))})
+        if best is None or (not m.get("stopped") and m["rows"] == best_m["rows"] and m["agreed"] > best_m["agreed"]):
+            best, best_m = cand, m
+    if best is None:
+        raise InputError("calibrate: no rule can cut before layer 0 at this budget; add --rules strided,random")
+    return best, best_m, trials
+
+
 # ---------------------------------------------------------------------- solve
 def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
           flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 16,
@@ -422,6 +448,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         require_rows(n_rows, fidelity)
     t0 = time.time()
     L = stats.arch["num_layers"]
+    names = (tuple(RULES) if rules == "all" else tuple(rules)) if rules else ()
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
     cache = cache if cache is not None else ValidationCache()
     cache.refs_for(decoder, holdout)
@@ -506,10 +533,12 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                 "fidelity_rule": "lower end of the agreement's 95% Wilson interval >= fidelity_target"}
     else:
         feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]
-        if not feasible:
+        pre_names = [r.name for r in rule_candidates(stats, 0, names)] if names else []
+        if not feasible and not pre_names:
             raise InputError(
                 f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
-                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs"
+                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs (a cut before layer 0 can go further: "
+                "add --rules strided,random)"
             )
         # one candidate per first-cut layer: the lowest-loss schedule of that layer's frontier within
         # the budget, filled up to it; validated in order of proxy loss (the proxy ranks schedules of
@@ -525,21 +554,27 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         for c in sorted(reps, key=lambda c: c.loss)[:max_validations]:
             if validate(c) >= 1.0:
                 break
-        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio))
+        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio)) if validated else None
         mode = {"objective": "max_fidelity", "flops_budget": flops_budget}
-    s = chosen.schedule(L).validate("adaptive")
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
-    measured, trials = chosen.measured, None
-    if rules and s.cuts:
-        names = tuple(RULES) if rules == "all" else tuple(rules)
-        if measured.get("stopped") or measured.get("unpruned"):
-            measured = cache.measure(decoder, holdout, s)
-        limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
-        s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
+    s = chosen.schedule(L).validate("adaptive") if chosen is not None else None
+    measured, trials = (chosen.measured if chosen is not None else None), None
+    if names:
+        if s is not None and s.cuts:
+            if measured.get("stopped") or measured.get("unpruned"):
+                measured = cache.measure(decoder, holdout, s)
+            limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
+            s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
+        else:
+            limit, trials = flops_budget, []
+        if s is None or s.cuts:  # the identity (fidelity search found nothing cheaper) has no budget to match
+            s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit)
+            trials += more
         s.validate("adaptive")
     fl = schedule_flops(stats.arch, s, N, nt)
     s.predicted = {"flops_ratio": fl["flops_ratio"], "formula": FORMULA, "spatial_tokens": fl["spatial_tokens"],
-                   "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"], "proxy_loss": chosen.loss}
+                   "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"],
+                   "proxy_loss": chosen.loss if chosen is not None else None}
     s.calibration = {
         "samples": stats.samples,
         "holdout_rows": n_rows,
@@ -555,5 +590,6 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     }
     if trials is not None:
         s.calibration["rules"] = {"considered": list(names), "rule": "per cut, most agreeing held-back rows within "
-                                  f"the chosen FLOPs + {RULE_FLOPS_SLACK}", "trials": trials}
+                                  f"the chosen FLOPs + {RULE_FLOPS_SLACK}; then one cut before layer 0 at the same "
+                                  "FLOPs per rule that can run there", "trials": trials}
     return s

@@ -8,8 +8,10 @@ budget (``calibrate --flops-budget``, ranking by the last token's attention), th
 * ``prellm-<rule>``: one cut before layer 0 (selection on the projected scene tokens, what serving
   engines do) with the keep ratio that costs the same prefill FLOPs, for every rule that can run
   there (``random`` once per seed);
-* ``calibrated``: the solver's choice of a rule per cut on the held-back calibration rows
-  (``calibrate --flops-budget B --rules ...``), when ``search`` is on;
+* ``calibrated``: the solver's choice on the held-back calibration rows (``calibrate
+  --flops-budget B --rules ...``: a rule per cut, then a cut before layer 0 at the same FLOPs if
+  that agrees more), when ``search`` is on; at a budget the in-LLM cuts cannot reach (layer 0
+  alone costs 1/L of the prefill) only the cuts before layer 0 run;
 
 plus the peers at their published settings (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``,
 ``divprune``; their own FLOPs) and the unpruned model. Every configuration answers the same
@@ -105,13 +107,17 @@ def build_configs(decoder, stats, holdout, *, budgets=FLOPS_CUTS, rules=tuple(RU
         if not 0.0 < b < 1.0:
             raise InputError(f"compare: FLOPs cut {b} must be in (0, 1)")
         t0 = time.time()
-        base = solve(decoder, stats, holdout, flops_budget=1.0 - b, max_validations=4, cache=cache)
-        log(f"[compare] {_tag(b)}% FLOPs cut: cuts {', '.join(f'L{c.layer}:{c.keep:g}' for c in base.cuts)} "
-            f"({time.time() - t0:.0f} s)")
         tag = _tag(b)
+        try:
+            base = solve(decoder, stats, holdout, flops_budget=1.0 - b, max_validations=4, cache=cache)
+            log(f"[compare] {tag}% FLOPs cut: cuts {', '.join(f'L{c.layer}:{c.keep:g}' for c in base.cuts)} "
+                f"({time.time() - t0:.0f} s)")
+        except InputError as e:  # out of the in-LLM cuts' reach: only cuts before layer 0 get there
+            base = None
+            log(f"[compare] {tag}% FLOPs cut: no in-LLM schedule ({e}); cuts before layer 0 only")
         for r in rules:
             seeds_r = seeds if r == "random" else (None,)
-            for sd in seeds_r:
+            for sd in seeds_r if base is not None else ():
                 if r == "debiased":
                     s = _debiased(stats, base)
                     if s is None:
@@ -128,7 +134,11 @@ def build_configs(decoder, stats, holdout, *, budgets=FLOPS_CUTS, rules=tuple(RU
                 continue
             for sd in seeds_r:
                 rr = at_layer(r, 0, **({"seed": sd} if sd is not None else {}))
-                keep = keep_for_flops(arch, L, 1.0 - b, N, nt, rr)
+                try:
+                    keep = keep_for_flops(arch, L, 1.0 - b, N, nt, rr)
+                except InputError as e:
+                    log(f"[compare] prellm-{r} at {tag}%: {e}")
+                    continue
                 s = Schedule(cuts=[Cut(0, keep, rr)], num_layers=L, policy=f"prellm-{r}", **model).validate(r)
                 nm = f"prellm-{r}.s{sd}" if sd is not None else f"prellm-{r}"
                 configs.append(Config(f"{nm}@{tag}", f"prellm-{r}", s, b, sd, flops(s)))

@@ -235,3 +235,32 @@ def test_solver_picks_the_rule_a_constructed_case_makes_best():
     assert all(t.get("skipped") for t in trials if t["rule"] == "dedup")
     # a trial stops once it has as many disagreements as the incumbent
     assert fake.calls[0] == (("strided", "last_token"), 19)
+    # then one cut before layer 0 at the same FLOPs per rule that can run there
+    fake.agreed.update({("strided",): 94, ("random",): 97, ("dedup",): 99, ("stratified",): 90, ("diverse",): 50})
+    pre, m2, more = solver.choose_pre_llm(None, st, [], best, m, ["strided", "random", "last_token"], fake, limit)
+    assert [(c.layer, c.rule.name) for c in pre.cuts] == [(0, "random")] and m2["agreed"] == 97
+    assert {t["rule"] for t in more} == {"strided", "random"}  # last_token cannot run before layer 0
+    assert schedule_flops(ARCH, pre, 400, 20)["flops_ratio"] <= limit + 1e-3
+
+
+def test_calibrate_with_rules_keeps_the_most_agreeing_choice():
+    from adatoken_compile.calibration.api import calibrate
+
+    from conftest import make_batch, tiny_decoder
+
+    model = tiny_decoder("qwen2", "sdpa", layers=4)
+    data = [make_batch([(3, 30, 4), (2, 24, 3)], seed=i) for i in range(8)]
+    names = ("last_token", "strided", "random")
+    s, _ = calibrate(model, data, policy="adaptive", flops_budget=0.6, holdout=6, progress=False, rules=names)
+    trials = s.calibration["rules"]["trials"]
+    assert {t["rule"] for t in trials} >= {"strided", "random"} and any(t["cut"] == 0 for t in trials)
+    done = [t for t in trials if "agreed" in t and not t["stopped"]]
+    assert all(s.calibration["fidelity"]["agreed"] >= t["agreed"] for t in done)
+    assert s.predicted["flops_ratio"] <= 0.6 + solver.RULE_FLOPS_SLACK
+    # a budget no in-LLM cut reaches (layer 0 alone is a quarter of it) is met before layer 0
+    s2, _ = calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False, rules=names)
+    assert [c.layer for c in s2.cuts] == [0] and s2.predicted["flops_ratio"] <= 0.3 + 1e-3
+    with pytest.raises(InputError, match="unreachable"):
+        calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False)
+    with pytest.raises(InputError, match="even before layer 0"):  # the text tokens alone cost more
+        calibrate(model, data, policy="adaptive", flops_budget=0.1, holdout=6, progress=False, rules=names)

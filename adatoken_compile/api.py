@@ -17,7 +17,10 @@ runtime install (``pip install adatoken-compile``) has neither, and ``load`` wor
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples
 from adatoken_compile.environment import environment
@@ -33,7 +36,7 @@ HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this s
 EVAL_DATA = "builtin:test"
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
 
-__all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compile", "evaluate", "generate", "load",
+__all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compare", "compile", "evaluate", "generate", "load",
            "load_model"]
 
 
@@ -91,7 +94,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
               samples: int = SAMPLES, holdout: int = HOLDOUT,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
-              progress: bool = True, cache=None, max_validations: int = 16) -> Calibration:
+              progress: bool = True, cache=None, max_validations: int = 16, rules=None) -> Calibration:
     """Mine attention statistics on ``samples`` questions of ``data`` and derive a schedule.
 
     ``data``: ``builtin:<split>`` or a question file (JSONL, ScanQA, SQA3D; docs/data.md) whose
@@ -101,7 +104,12 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     ``policy``: ``adaptive`` (solved from the statistics: the cheapest schedule whose greedy
     next-token agreement with the unpruned model on ``holdout`` other questions is at least
     ``fidelity`` (default 0.95) at 95% confidence, or the best agreement under ``flops_budget``),
-    or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``random`` with ``like``, ``none``).
+    or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``, ``divprune``, ``random`` /
+    ``prellm-strided`` / ``prellm-random`` with ``like``, ``none``).
+    ``rules``: selection rules the adaptive solver tries at each chosen cut, keeping per cut the one
+    with the most agreeing held-back rows (None: every cut ranks by the last token's attention;
+    ``"all"`` or names such as ``("last_token", "stratified", "strided")``; each trial is one more
+    held-back run, so it is off by default).
     ``start_scene``: mine from this scene on (shards of one calibration run on several machines).
     ``merge``: calibration directories whose statistics replace the mining (disjoint shards).
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).
@@ -143,7 +151,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
                                                   depth_scale=depth_scale))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
-              max_validations=max_validations, cache=cache)
+              max_validations=max_validations, cache=cache, rules=rules)
     if merge:
         schedule, stats = engine.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
     else:
@@ -317,3 +325,73 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
                               providers=providers, log=log)
     res["environment"] = environment()
     return res
+
+
+def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
+            seeds=(0, 1, 2), rules=None, peers=("fastv", "pdrop", "adatoken-decay", "dart", "divprune"),
+            search: bool = True, samples: int = SAMPLES, holdout: int = HOLDOUT, stats: str | None = None,
+            batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
+    ``data``: ``out``/compare.md (tables with paired 95% intervals), compare.json, predictions.json,
+    pareto.png (accuracy vs prefill FLOPs) and kept_x.png (where each rule's kept tokens lie).
+
+    ``budgets``: prefill-FLOPs cuts (0.65 = 65% fewer FLOPs); at each, the adaptive solver's cuts with
+    every rule of ``rules`` (default: all), one pre-LLM cut of equal FLOPs per rule that can run
+    before layer 0, ``random`` once per seed of ``seeds``, and (``search``) the solver's own rule
+    choice, validated on ``holdout`` held-back calibration questions. ``peers`` run at their
+    published settings. ``stats``: a calibration directory of this model whose statistics to use
+    instead of mining ``samples`` questions. See :mod:`adatoken_compile.evaluation.compare`.
+
+    Example::
+
+        res = compare(out="runs/compare", limit=500, budgets=(0.65, 0.9))
+        print(res["targets"])
+    """
+    from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
+    from adatoken_compile.calibration.batches import input_batches, sample_batches
+    from adatoken_compile.calibration.solver import ValidationCache, require_rows
+    from adatoken_compile.data import load_samples
+    from adatoken_compile.evaluation import compare as cmp
+    from adatoken_compile.io import atomic_dir, check_output
+    from adatoken_compile.selection import RULES, spec
+
+    names = tuple(RULES) if rules in (None, "all") else tuple(rules)
+    for r in names:
+        spec(r)
+    for p in peers:
+        if p not in cmp.PEERS:
+            raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(cmp.PEERS)}")
+    if not budgets:
+        raise InputError("compare: give at least one FLOPs cut (--budgets 0.5,0.65,0.8,0.9)")
+    require_rows(holdout, 0.5, "compare")
+    check_output(out, "comparison", overwrite=overwrite)
+    t0 = time.time()
+    adapter = load_model(model)
+    stats_samples = load_samples(CALIBRATION_DATA, limit=samples)
+    if stats is not None:
+        st = engine.load_stats(stats)
+        if st.fingerprint != adapter.fingerprint():
+            raise InputError(f"{stats}: statistics of another model ({str(st.fingerprint)[:12]}); calibrate this one")
+    else:
+        _, st = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), policy="none",
+                                 holdout_batches=[], progress=progress, fingerprint=adapter.fingerprint())
+    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, stats_samples))
+    log(f"[compare] statistics of {st.samples} questions, {holdout} held-back questions ({time.time() - t0:.0f} s)")
+    model_kw = dict(fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name)
+    configs = cmp.build_configs(adapter.decoder, st, hold, budgets=tuple(budgets), rules=names, seeds=tuple(seeds),
+                                peers=tuple(peers), search=search, cache=ValidationCache(), log=log, model=model_kw)
+    test = load_samples(data, limit=limit)
+    log(f"[compare] {len(configs)} configurations x {len(test)} questions")
+    bar = tqdm(total=len(test), desc="compare", unit="q", disable=not progress)
+    cmp.answer_all(adapter, test, configs, batch_size=batch_size, progress=bar)
+    bar.close()
+    summary = cmp.summarize(configs, test)
+    meta = {"model": adapter.name or "model", "fingerprint": adapter.fingerprint(), "data": data, "limit": limit,
+            "budgets": list(budgets), "seeds": list(seeds), "rules": list(names), "peers": list(peers),
+            "search": search, "holdout_questions": holdout, "statistics_questions": st.samples,
+            "wall_s": round(time.time() - t0, 1), "environment": environment(),
+            # the last token's attention per bin of the scene order over the bin's token share, per layer
+            "position_prior": {str(i): st.position_prior(i) for i in range(st.arch["num_layers"])}}
+    with atomic_dir(out, "comparison", overwrite=overwrite, marker=True) as tmp:
+        cmp.write_outputs(tmp, configs, summary, meta)
+    return {**meta, **summary}

@@ -13,6 +13,10 @@ Conventions (fixed, relied on by the graph pass and the runtime):
 * ``position_ids`` is ``(B, L)`` int64: ``0..lengths[b]-1`` over the real tokens, 1 on padding
   (the transformers convention), so a row's positions do not depend on the batch it sits in.
 * ``spatial_mask`` is ``(B, L)`` bool, True exactly on spatial (scene / image) tokens.
+* ``spatial_xyz`` is ``(B, L, 3)`` float32 or None: each spatial token's coordinates (voxel centre
+  in metres for scenes, (row, col, 0) of the patch for images), 0 on other tokens. Only selection
+  rules that place tokens in space read it (the prefill graph takes it when a cut's rule does);
+  None reads as all zeros.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class DecoderInputs:
     spatial_mask: torch.Tensor  # (B, L) bool
     # per row: [start, end) of every spatial span, in padded coordinates
     spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    spatial_xyz: torch.Tensor | None = None  # (B, L, 3) float32 token coordinates
 
     @property
     def batch_size(self) -> int:
@@ -51,13 +56,21 @@ class DecoderInputs:
     def lengths(self) -> list[int]:
         return [int(x) for x in self.attention_mask.sum(dim=1).tolist()]
 
+    def xyz(self) -> torch.Tensor:
+        """(B, L, 3) float32 coordinates (zeros when the batch carries none)."""
+        if self.spatial_xyz is None:
+            return torch.zeros(self.batch_size, self.seq_len, 3)
+        return self.spatial_xyz.float()
+
     def to_numpy(self) -> dict:
-        """The four prefill-graph feeds as numpy arrays (what ONNX Runtime takes)."""
+        """The prefill-graph feeds as numpy arrays (what ONNX Runtime takes; a graph reads
+        ``spatial_xyz`` only when a cut's rule needs coordinates)."""
         return {
             "inputs_embeds": self.inputs_embeds.detach().cpu().numpy(),
             "attention_mask": self.attention_mask.to(torch.int64).cpu().numpy(),
             "position_ids": self.position_ids.to(torch.int64).cpu().numpy(),
             "spatial_mask": self.spatial_mask.to(torch.bool).cpu().numpy(),
+            "spatial_xyz": self.xyz().cpu().numpy(),
         }
 
     def row(self, b: int) -> "DecoderInputs":
@@ -71,7 +84,13 @@ class DecoderInputs:
             position_ids=self.position_ids[b : b + 1, off:],
             spatial_mask=self.spatial_mask[b : b + 1, off:],
             spans=[[(s - off, e - off) for s, e in self.spans[b]]] if self.spans else [],
+            spatial_xyz=None if self.spatial_xyz is None else self.spatial_xyz[b : b + 1, off:],
         )
+
+    def segment(self, b: int) -> "Segment":
+        """Row ``b`` as an unpadded :class:`Segment` (to re-collate rows into other batches)."""
+        r = self.row(b)
+        return Segment(r.inputs_embeds[0], r.spatial_mask[0], None if r.spatial_xyz is None else r.spatial_xyz[0])
 
 
 @dataclass
@@ -80,6 +99,7 @@ class Segment:
 
     embeds: torch.Tensor  # (L, H)
     spatial: torch.Tensor  # (L,) bool
+    xyz: torch.Tensor | None = None  # (L, 3) float32 coordinates of the spatial tokens (0 elsewhere)
 
     def spans(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -109,6 +129,7 @@ def collate(rows: Sequence[Segment]) -> DecoderInputs:
     am = torch.zeros(B, L, dtype=torch.int64)
     pos = torch.ones(B, L, dtype=torch.int64)
     sm = torch.zeros(B, L, dtype=torch.bool)
+    xyz = torch.zeros(B, L, 3) if any(r.xyz is not None for r in rows) else None
     spans = []
     for b, r in enumerate(rows):
         n = int(r.embeds.shape[0])
@@ -117,8 +138,10 @@ def collate(rows: Sequence[Segment]) -> DecoderInputs:
         am[b, off:] = 1
         pos[b, off:] = torch.arange(n)
         sm[b, off:] = r.spatial
+        if r.xyz is not None:
+            xyz[b, off:] = r.xyz.float()
         spans.append([(s + off, e + off) for s, e in r.spans()])
-    return DecoderInputs(emb, am, pos, sm, spans)
+    return DecoderInputs(emb, am, pos, sm, spans, xyz)
 
 
 @dataclass

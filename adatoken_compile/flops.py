@@ -28,6 +28,11 @@ Each drop node (a cut before layer i, with n_in = n_text + s_in tokens present a
               + k * log2(k)                   # sorting the k kept indices (original order)
     gather    = 0                             # memory movement, no arithmetic
 
+``score`` above is the default ``last_token`` rule; a cut with another selection rule counts that
+rule's scoring instead (:func:`adatoken_compile.selection.drop_cost`: e.g. ``dedup``'s pairwise
+similarity 2 * s_in^2 * H, ``strided`` / ``random`` almost nothing). A cut before layer 0 is a drop
+node too (on the input embeddings).
+
 Not counted (stated, small): RMSNorms, RoPE, SiLU/elementwise products, residual adds,
 embedding lookups, the attention mask.
 
@@ -42,12 +47,14 @@ import math
 from typing import Sequence
 
 from adatoken_compile.arch import KEYS
+from adatoken_compile.selection import Rule, drop_cost
 
 FORMULA = (
     "per layer (n tokens): linear = 2n(H(Hq+2Hkv) + Hq*H + 3H*I) [q,k,v,o + SwiGLU FFN]; "
     "attention = 4*n^2*Hq [QK^T and AV, full n x n]; plus lm_head 2*H*V for the last position; "
     "plus each drop node: 2*n*Hq + 6*n*heads [one query row vs cached keys, softmax, head mean] + "
-    "s*log2(s) + k*log2(k) comparisons [top-k, sort]; Hq=heads*head_dim, Hkv=kv_heads*head_dim; "
+    "s*log2(s) + k*log2(k) comparisons [top-k, sort] (other selection rules: their own scoring cost); "
+    "Hq=heads*head_dim, Hkv=kv_heads*head_dim; "
     "norms, RoPE, activations, residuals not counted"
 )
 
@@ -70,21 +77,27 @@ def layer_flops(arch: dict, n: int) -> tuple[int, int]:
     return int(linear), int(attention)
 
 
-def drop_flops(arch: dict, n_in: int, s_in: int, k: int) -> float:
-    """FLOPs of one drop node: scoring row + softmax + head mean, plus top-k/sort comparisons."""
+def drop_flops(arch: dict, n_in: int, s_in: int, k: int, rule: Rule | None = None, n_text: int = 0) -> float:
+    """FLOPs of one drop node: the rule's scoring (default: scoring row + softmax + head mean), plus
+    top-k/sort comparisons."""
     heads = arch["heads"]
     hq = heads * arch["head_dim"]
-    score = 2 * n_in * hq + 5 * n_in * heads + n_in * heads
+    if rule is None or rule.name == "last_token":
+        score = 2 * n_in * hq + 5 * n_in * heads + n_in * heads
+    else:
+        score = drop_cost(rule, arch, n_in, s_in, n_text)
     select = (s_in * math.log2(s_in) if s_in > 1 else 0.0) + (k * math.log2(k) if k > 1 else 0.0)
     return float(score + select)
 
 
-def prefill_flops(arch: dict, n_text: int, tokens_per_layer: Sequence[int], *, include_drop: bool = True) -> dict:
+def prefill_flops(arch: dict, n_text: int, tokens_per_layer: Sequence[int], *, include_drop: bool = True,
+                  rules: dict | None = None, n_spatial0: int | None = None) -> dict:
     """Prefill FLOPs of one sequence.
 
-    ``tokens_per_layer[i]`` is the number of SPATIAL tokens entering layer ``i`` (so
-    ``tokens_per_layer[0]`` is the original count); every layer also sees ``n_text`` text tokens.
-    A drop node is counted before every layer whose count is below the previous layer's.
+    ``tokens_per_layer[i]`` is the number of SPATIAL tokens entering layer ``i``; every layer also
+    sees ``n_text`` text tokens. A drop node is counted before every layer whose count is below the
+    previous layer's (before layer 0: below ``n_spatial0``, the original count, when given), scored
+    by ``rules[layer]`` (a :class:`~adatoken_compile.selection.Rule`; default ``last_token``).
     Returns ``{"total", "linear", "attention", "lm_head", "drop", "per_layer", "formula"}``.
     """
     _check_arch(arch)
@@ -93,13 +106,13 @@ def prefill_flops(arch: dict, n_text: int, tokens_per_layer: Sequence[int], *, i
     lin_t = att_t = 0
     drop_t = 0.0
     per_layer = []
-    prev = None
-    for s in tokens_per_layer:
+    prev = n_spatial0
+    for layer, s in enumerate(tokens_per_layer):
         n = int(n_text) + int(s)
         lin, att = layer_flops(arch, n)
         drop = 0.0
         if include_drop and prev is not None and s < prev:
-            drop = drop_flops(arch, int(n_text) + prev, prev, int(s))
+            drop = drop_flops(arch, int(n_text) + prev, prev, int(s), (rules or {}).get(layer), int(n_text))
         per_layer.append({"tokens": n, "linear": lin, "attention": att, "drop": drop})
         lin_t += lin
         att_t += att
@@ -125,7 +138,8 @@ def schedule_flops(arch: dict, schedule, n_spatial: int, n_text: int) -> dict:
     n_spatial = int(round(n_spatial))
     n_text = int(round(n_text))
     tpl = schedule.tokens_per_layer(n_spatial)
-    pruned = prefill_flops(arch, n_text, tpl)
+    rules = {c.layer: c.rule for c in schedule.effective_cuts()}
+    pruned = prefill_flops(arch, n_text, tpl, rules=rules, n_spatial0=n_spatial)
     full = prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])
     return {
         "flops_ratio": pruned["total"] / full["total"],

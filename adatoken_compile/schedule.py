@@ -1,40 +1,50 @@
 """The pruning schedule: static HOW MANY per layer, dynamic WHICH per input.
 
-A schedule is a list of *cuts*. A cut ``{"layer": i, "keep": r}`` sits just before decoder layer
-``i`` (0 < i < num_layers): there, each row keeps ``k = clamp(ceil(r * N0), 1, N_now)`` of its
-spatial tokens, where ``N0`` is the row's original spatial-token count and ``N_now`` the count
-still present. ``r`` is relative to the ORIGINAL count, so ratios are non-increasing with depth.
-Non-spatial tokens (system prompt, question, padding structure) are always kept.
+A schedule is a list of *cuts*. A cut ``{"layer": i, "keep": r, "rule": {...}}`` sits just before
+decoder layer ``i`` (0 <= i < num_layers; a cut before layer 0 selects among the projected scene
+tokens before the decoder runs, as serving engines prune): there, each row keeps
+``k = clamp(ceil(r * N0), 1, N_now)`` of its spatial tokens, where ``N0`` is the row's original
+spatial-token count and ``N_now`` the count still present. ``r`` is relative to the ORIGINAL count,
+so ratios are non-increasing with depth. Non-spatial tokens (system prompt, question, padding
+structure) are always kept.
 
-The tokens kept are chosen at run time by the scoring rule (see :data:`DEFAULT_SCORING`), in
-their original order, keeping their original position ids.
+The tokens kept are chosen at run time by the cut's selection rule (:mod:`adatoken_compile.selection`;
+default ``last_token``, the last prompt token's attention), in their original order, keeping their
+original position ids.
 
-JSON (schema ``adatoken-compile/schedule``, version 1)::
+JSON (schema ``adatoken-compile/schedule``, version 2)::
 
     {
-      "schema": "adatoken-compile/schedule", "version": 1,
+      "schema": "adatoken-compile/schedule", "version": 2,
       "policy": "adaptive",
       "model": {"fingerprint": "...", "family": "llava3d", "num_layers": 8, "name": "..."},
-      "cuts": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.2}],
-      "scoring": {...}, "positions": "original",
+      "cuts": [{"layer": 2, "keep": 0.5, "rule": {"name": "last_token"}},
+               {"layer": 4, "keep": 0.2, "rule": {"name": "stratified", "grid": [4, 4, 1], "rank": "attention"}}],
+      "positions": "original",
       "predicted": {"flops_ratio": 0.41, "formula": "...", "spatial_tokens": 1400, "text_tokens": 60},
       "calibration": {...free-form provenance...}
     }
+
+Version-1 files (one ``scoring`` dict for every cut, cuts before layers 1..L-1) still load: their
+``scoring`` becomes each cut's rule (``last_token``, or ``random`` with its seed).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.io import write_json
 from adatoken_compile.readers import Fields, read_json
+from adatoken_compile.selection import Rule, check_rule
 
 SCHEMA = "adatoken-compile/schedule"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # schema versions this build loads
 REGENERATE = "regenerate it with `adatoken-compile calibrate`"
 
+# version 1's one scoring rule for all cuts (read, translated into per-cut rules, never written)
 DEFAULT_SCORING = {
     # which query row(s) score the spatial tokens: the last real token of the prompt, i.e. the
     # last instruction token ("ASSISTANT:"), at sequence position L-1 under left padding
@@ -50,7 +60,7 @@ DEFAULT_SCORING = {
 }
 
 
-# the `random` peer policy: same counts, tokens chosen by a seeded pseudo-random score
+# version 1's `random` peer policy: same counts, tokens chosen by a seeded pseudo-random score
 RANDOM_SCORING = {"query": "random", "keys": "none", "normalize": "none", "head_reduction": "none"}
 
 
@@ -58,6 +68,10 @@ RANDOM_SCORING = {"query": "random", "keys": "none", "normalize": "none", "head_
 class Cut:
     layer: int
     keep: float
+    rule: Rule = Rule()
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "keep": self.keep, "rule": self.rule.to_dict()}
 
 
 @dataclass
@@ -68,7 +82,6 @@ class Schedule:
     fingerprint: str | None = None
     family: str | None = None
     model_name: str | None = None
-    scoring: dict = field(default_factory=lambda: dict(DEFAULT_SCORING))
     positions: str = "original"
     predicted: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
@@ -85,6 +98,15 @@ class Schedule:
                 out.append(c)
                 prev = c.keep
         return out
+
+    def with_rule(self, rule: Rule | None = None, **changes) -> "Schedule":
+        """A copy with every cut's rule replaced by ``rule`` (when given) and other fields changed."""
+        cuts = [Cut(c.layer, c.keep, rule if rule is not None else c.rule) for c in self.cuts]
+        return replace(self, cuts=cuts, predicted=dict(self.predicted), calibration=dict(self.calibration), **changes)
+
+    def needs(self) -> frozenset:
+        """Cut inputs the effective cuts' rules read (``xyz``: the graph takes token coordinates)."""
+        return frozenset().union(*(c.rule.needs() for c in self.effective_cuts()))
 
     def keep_per_layer(self) -> list[float]:
         """Ratio of the original spatial tokens present at each layer's input."""
@@ -121,13 +143,13 @@ class Schedule:
     def validate(self, where: str = "schedule") -> "Schedule":
         if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
             raise InputError(f"{where}: model.num_layers must be >= 1, got {self.num_layers}")
-        prev_layer, prev_keep = 0, 1.0
+        prev_layer, prev_keep = None, 1.0
         for c in self.cuts:
-            if not isinstance(c.layer, int) or isinstance(c.layer, bool) or not (0 < c.layer < self.num_layers):
+            if not isinstance(c.layer, int) or isinstance(c.layer, bool) or not (0 <= c.layer < self.num_layers):
                 raise InputError(
-                    f"{where}: cut layer {c.layer} out of range; cuts sit before layers 1..{self.num_layers - 1}"
+                    f"{where}: cut layer {c.layer} out of range; cuts sit before layers 0..{self.num_layers - 1}"
                 )
-            if c.layer <= prev_layer and prev_layer != 0:
+            if prev_layer is not None and c.layer <= prev_layer:
                 raise InputError(f"{where}: cut layers must be strictly increasing (got {c.layer} after {prev_layer})")
             if not isinstance(c.keep, (int, float)) or isinstance(c.keep, bool) or not math.isfinite(c.keep) \
                     or not (0.0 < c.keep <= 1.0):
@@ -136,18 +158,12 @@ class Schedule:
                 raise InputError(
                     f"{where}: keep ratios must be non-increasing with depth ({c.keep} at layer {c.layer} > {prev_keep})"
                 )
+            if not isinstance(c.rule, Rule):
+                raise InputError(f"{where}: cut at layer {c.layer} has no selection rule")
+            check_rule(c.rule, c.layer, f"{where}: cut at layer {c.layer}")
             prev_layer, prev_keep = c.layer, c.keep
         if self.positions != "original":
             raise InputError(f"{where}: positions rule '{self.positions}' unsupported; only 'original' is implemented")
-        if not isinstance(self.scoring, dict):
-            raise InputError(f"{where}: scoring must be an object, got {type(self.scoring).__name__}; {REGENERATE}")
-        ref = RANDOM_SCORING if self.scoring.get("query") == "random" else DEFAULT_SCORING
-        for k, v in ref.items():
-            if self.scoring.get(k) != v:
-                raise InputError(f"{where}: scoring.{k}={self.scoring.get(k)!r} unsupported; expected {v!r}")
-        seed = self.scoring.get("seed", 0)
-        if ref is RANDOM_SCORING and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise InputError(f"{where}: scoring.seed must be an integer")
         return self
 
     def to_dict(self) -> dict:
@@ -161,9 +177,8 @@ class Schedule:
                 "num_layers": self.num_layers,
                 "name": self.model_name,
             },
-            "cuts": [{"layer": c.layer, "keep": c.keep} for c in self.cuts],
+            "cuts": [c.to_dict() for c in self.cuts],
             "keep_per_layer": self.keep_per_layer(),
-            "scoring": self.scoring,
             "positions": self.positions,
             "predicted": self.predicted,
             "calibration": self.calibration,
@@ -171,22 +186,22 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "schedule") -> "Schedule":
-        """Parse and validate a schedule's JSON object. Types are exact (a layer of 1.7 or a keep of
-        ``true`` is an error, not coerced); the model's fingerprint and family are required."""
+        """Parse and validate a schedule's JSON object (versions 1 and 2). Types are exact (a layer of
+        1.7 or a keep of ``true`` is an error, not coerced); the model's fingerprint and family are required."""
         top = Fields(d, where, REGENERATE)
         if d.get("schema") != SCHEMA:
             raise InputError(f"{where}: not an adatoken-compile schedule (missing schema '{SCHEMA}'); {REGENERATE}")
-        if d.get("version") != VERSION or isinstance(d.get("version"), bool):
-            raise InputError(f"{where}: schedule version {d.get('version')!r} unsupported (this build reads {VERSION}); "
-                             f"{REGENERATE}")
+        version = d.get("version")
+        if isinstance(version, bool) or version not in READS:
+            raise InputError(f"{where}: schedule version {version!r} unsupported (this build reads "
+                             f"{', '.join(map(str, READS))}); {REGENERATE}")
         model = top.obj("model")
+        v1_rule = _v1_rule(top.obj("scoring", default={**DEFAULT_SCORING}).data, where) if version == 1 else None
         cuts = []
         for i, c in enumerate(top.array("cuts")):
             cut = Fields(c, where, REGENERATE, f"cuts[{i}].")
-            cuts.append(Cut(cut.integer("layer", lo=1), cut.number("keep", lo=0.0, hi=1.0, lo_open=True)))
-        scoring = top.obj("scoring", default={**DEFAULT_SCORING})
-        if "seed" in scoring.data:
-            scoring.integer("seed")
+            rule = v1_rule if version == 1 else Rule.from_dict(cut.obj("rule", default={"name": "last_token"}).data, where)
+            cuts.append(Cut(cut.integer("layer", lo=0), cut.number("keep", lo=0.0, hi=1.0, lo_open=True), rule))
         s = cls(
             cuts=cuts,
             num_layers=model.integer("num_layers", lo=1),
@@ -194,7 +209,6 @@ class Schedule:
             fingerprint=model.string("fingerprint"),
             family=model.string("family"),
             model_name=model.string("name", default=None, null=True),
-            scoring=dict(scoring.data),
             positions=top.string("positions", default="original"),
             predicted=dict(top.obj("predicted", default={}).data),
             calibration=dict(top.obj("calibration", default={}).data),
@@ -229,6 +243,22 @@ class Schedule:
         if family is not None and self.family != family:
             raise ScheduleMismatch(f"{where}: schedule is for a {self.family} model, this model is {family}; "
                                    "calibrate a schedule for this model")
+
+
+def _v1_rule(scoring, where: str) -> Rule:
+    """The per-cut rule of a version-1 file's one ``scoring`` dict."""
+    if not isinstance(scoring, dict):
+        raise InputError(f"{where}: scoring must be an object, got {scoring!r}")
+    ref = RANDOM_SCORING if scoring.get("query") == "random" else DEFAULT_SCORING
+    for k, v in ref.items():
+        if scoring.get(k) != v:
+            raise InputError(f"{where}: scoring.{k}={scoring.get(k)!r} unsupported; expected {v!r}")
+    if ref is RANDOM_SCORING:
+        seed = scoring.get("seed", 0)
+        if not isinstance(seed, int):
+            raise InputError(f"{where}: scoring.seed must be an integer")
+        return Rule.of("random", seed=seed)
+    return Rule()
 
 
 def identity(num_layers: int, **kw) -> Schedule:

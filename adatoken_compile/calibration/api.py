@@ -19,14 +19,14 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from adatoken_compile.contract import DecoderInputs, Segment, collate
+from adatoken_compile.contract import DecoderInputs, collate
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import atomic_dir
 from adatoken_compile.arch import from_config as arch_of
 from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.schedule import Schedule
 from adatoken_compile.calibration.observers import AttentionObserver, decoder_layers
-from adatoken_compile.calibration.policies import POLICIES, peer_schedule
+from adatoken_compile.calibration.policies import LIKE_POLICIES, POLICIES, peer_schedule
 from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
 from adatoken_compile.calibration.report import write_report
 from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge
@@ -65,8 +65,7 @@ def _rows(decoder, batches) -> tuple[list, int]:
             raise InputError(f"calibrate: {len(ans)} answers for a batch of {item.batch_size} rows")
         bs = bs or item.batch_size
         for b in range(item.batch_size):
-            r = item.row(b)
-            out.append((Segment(r.inputs_embeds[0], r.spatial_mask[0]), None if ans is None else ans[b]))
+            out.append((item.segment(b), None if ans is None else ans[b]))
     return out, max(1, bs)
 
 
@@ -83,7 +82,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
               max_validations: int = 16, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
               num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None,
-              cache=None) -> tuple[Schedule, CalibrationStats]:
+              cache=None, rules=None) -> tuple[Schedule, CalibrationStats]:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
 
     ``holdout``: fraction in [0, 1) or a row count held back from the statistics to validate
@@ -92,7 +91,8 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     every row of ``batches`` then goes into the statistics. ``cache``: a ``solver.ValidationCache``
     to reuse in later ``derive_schedule`` calls on the same held-back rows.
     ``prior``: statistics of earlier shards to merge with (same model). ``like``: the schedule
-    whose counts ``random`` copies.
+    whose counts ``random`` copies (and whose FLOPs the ``prellm-*`` policies match). ``rules``:
+    selection rules the adaptive solver considers at each cut (None: ``last_token`` only; "all").
     """
     if policy not in POLICIES:
         raise InputError(f"calibrate: unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
@@ -104,8 +104,8 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
         raise InputError("calibrate: give either a fidelity target or a FLOPs budget, not both")
     if isinstance(holdout, float) and not (0.0 <= holdout < 1.0):
         raise InputError(f"calibrate: holdout fraction {holdout} must be in [0, 1)")
-    if policy == "random" and like is None:
-        raise InputError("calibrate: policy 'random' needs like=<schedule> to copy the token counts from")
+    if policy in LIKE_POLICIES and like is None:
+        raise InputError(f"calibrate: policy '{policy}' needs like=<schedule> to copy the token counts / FLOPs from")
     decoder.eval()
     arch = arch_of(decoder.config)
     if len(decoder_layers(decoder)) != arch["num_layers"]:
@@ -152,7 +152,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
 
     sched = derive_schedule(decoder, stats, holdout_batches, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                             seed=seed, progress=progress, family=family, model_name=model_name, like=like,
-                            max_cuts=max_cuts, max_validations=max_validations, cache=cache)
+                            max_cuts=max_cuts, max_validations=max_validations, cache=cache, rules=rules)
     sched.calibration["observe_seconds"] = stats.meta.get("observe_seconds")
     return sched, stats
 
@@ -161,7 +161,7 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
                     fidelity: float | None = None, flops_budget: float | None = None, seed: int = 0,
                     progress: bool = True, family: str | None = None, model_name: str | None = None,
                     like: Schedule | None = None, max_cuts: int | None = 4, max_validations: int = 16,
-                    cache=None) -> Schedule:
+                    cache=None, rules=None) -> Schedule:
     """Schedule from (possibly merged) statistics; ``holdout_batches`` validate it end to end
     (``cache``: a ``solver.ValidationCache`` shared by several derivations on the same rows)."""
     arch = arch_of(decoder.config)
@@ -172,11 +172,13 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
     if policy == "adaptive":
         vbar = _bar(progress, max_validations, "validate")
         sched = solve(decoder, stats, holdout_batches, fidelity=fidelity, flops_budget=flops_budget, max_cuts=max_cuts,
-                      max_validations=max_validations, seed=seed, progress=lambda c: vbar.update(1), cache=cache)
+                      max_validations=max_validations, seed=seed, progress=lambda c: vbar.update(1), cache=cache,
+                      rules=rules)
         vbar.close()
         sched.fingerprint, sched.family, sched.model_name = fp, family, model_name
     else:
-        sched = peer_schedule(policy, arch["num_layers"], like=like, seed=seed, **model)
+        sched = peer_schedule(policy, arch["num_layers"], like=like, seed=seed, arch=arch,
+                              tokens=(stats.mean_spatial_tokens(), stats.mean_text_tokens()), **model)
         fl = schedule_flops(arch, sched, stats.mean_spatial_tokens(), stats.mean_text_tokens())
         sched.predicted = {k: fl[k] for k in ("flops_ratio", "spatial_tokens", "text_tokens", "tokens_per_layer")}
         sched.predicted["formula"] = FORMULA
@@ -208,7 +210,7 @@ def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: st
                          f"({fingerprint[:12]}); calibrate this model")
     rows, bs = _rows(decoder, holdout)
     batches = [b for b, _, _ in _batches([(r, None) for r, _ in rows], bs)]
-    kw.pop("like", None) if policy != "random" else None
+    kw.pop("like", None) if policy not in LIKE_POLICIES else None
     sched = derive_schedule(decoder, stats, batches, policy=policy, **kw)
     sched.calibration["merged_shards"] = len(shards)
     return sched, stats

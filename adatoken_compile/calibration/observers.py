@@ -325,6 +325,13 @@ class AttentionObserver:
         st.add("retained_attn", out["attn"])
         st.add("retained_flow", out["flow"])
         st.add("retained_rows", [1])
+        # the per-position prior: attention share and token share per bin of the scene order
+        P = st.arrays["prior_frac"].shape[0]
+        bins = (torch.arange(N) * P) // N
+        share = torch.zeros(Lyr, P, dtype=torch.float64).index_add_(1, bins, A / A.sum(-1, keepdim=True).clamp_min(1e-300))
+        st.add("prior_attn", to_fixed(share))
+        st.add("prior_frac", to_fixed(torch.bincount(bins, minlength=P).double() / N))
+        st.add("prior_rows", [1])
         if has_ans:
             st.add("retained_answer", out["answer"])
             st.add("retained_answer_rows", [1])

@@ -23,6 +23,16 @@
    far (the proxy can prefer one shape throughout). A candidate's run stops
    once more rows disagree than the target allows (``max_disagreements``); the identity is not run.
    FLOPs budget: one candidate per first-cut layer within the budget, best measured agreement wins.
+4. Rules (``rules``, off by default: each trial is one more held-back run). At the chosen cuts,
+   cut by cut from the first, every other selection rule that can run there (and whose schedule
+   stays within the chosen FLOPs plus ``RULE_FLOPS_SLACK``) is validated on the same held-back
+   rows; a rule replaces the cut's rule when strictly more rows agree (a trial stops once it has
+   as many disagreements as the incumbent). More agreement raises the Wilson lower bound, so a
+   schedule that passed the fidelity target still passes. ``debiased`` takes its per-position
+   prior from the statistics. Then a single cut before layer 0 (selection before the decoder) at
+   the same prefill FLOPs is tried per rule that can run there, by the same measure: pre-LLM
+   selection competes with the in-LLM schedule, and a FLOPs budget out of the in-LLM cuts' reach
+   (layer 0 alone costs 1/L of the prefill) is met before layer 0.
 """
 
 from __future__ import annotations
@@ -40,10 +50,15 @@ from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
-from adatoken_compile.calibration.policies import DEFAULT_FIDELITY
+from adatoken_compile.selection import RULES, Rule, at_layer, pre_llm
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, keep_for_flops
 from adatoken_compile.calibration.stats import CalibrationStats
 
 REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
+# a rule may cost this much more of the unpruned prefill FLOPs than the schedule it replaces
+# (text_tail's extra query rows: about 0.002 per cut on the bundled model; dedup's pairwise
+# similarity, 0.04 there, is a different budget)
+RULE_FLOPS_SLACK = 0.005
 Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 
 
@@ -165,7 +180,7 @@ class ValidationCache:
     def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
         """Agreement of ``schedule`` (see ``agreement``); a measurement that stopped early answers only
         requests that would have stopped there too (a fidelity search), others measure all rows."""
-        cuts = tuple((c.layer, round(float(c.keep), 9)) for c in schedule.cuts)
+        cuts = tuple((c.layer, round(float(c.keep), 9), c.rule) for c in schedule.cuts)
         have = self.measured.get(cuts)
         if have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree)):
             self.measured[cuts] = agreement(decoder, holdout, self.refs_for(decoder, holdout), schedule, max_disagree)
@@ -393,12 +408,85 @@ def _dp(cost, drop, loss_tab, lam, K, L, R, first_layer: int = 1) -> list[tuple[
     return sorted(cuts)
 
 
+# ---------------------------------------------------------------------- rules
+def rule_candidates(stats: CalibrationStats, layer: int, names) -> list[Rule]:
+    """The rules named in ``names`` that can run at a cut before ``layer``, with their parameters
+    (``debiased``: the prior of layer ``layer-1`` from the statistics; skipped without one)."""
+    out = []
+    for name in names:
+        rule = at_layer(name, layer)
+        if name == "debiased":
+            prior = stats.position_prior(layer - 1) if layer >= 1 else None
+            if prior is None:
+                continue
+            rule = Rule.of("debiased", prior=prior)
+        if layer == 0 and not pre_llm(rule.name, rule.params_dict()):
+            continue
+        out.append(rule)
+    return out
+
+
+def choose_rules(decoder, stats: CalibrationStats, holdout, schedule: Schedule, measured: dict, names,
+                 cache: "ValidationCache", flops_limit: float, progress=None) -> tuple[Schedule, dict, list]:
+    """Per cut (first to last), the rule of ``names`` with the most agreeing held-back rows at the
+    schedule's budget (see the module docstring, step 4). ``measured``: the schedule's own
+    measurement on ``holdout``. Returns (schedule, its measurement, trials)."""
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    best, best_m, trials = schedule, dict(measured), []
+    for j, cut in enumerate(schedule.cuts):
+        for rule in rule_candidates(stats, cut.layer, names):
+            if rule == best.cuts[j].rule:
+                continue
+            cuts = list(best.cuts)
+            cuts[j] = Cut(cut.layer, cut.keep, rule)
+            cand = Schedule(cuts=cuts, num_layers=schedule.num_layers, policy=schedule.policy)
+            fl = schedule_flops(stats.arch, cand, N, nt)["flops_ratio"]
+            trial = {"cut": cut.layer, "rule": rule.label(), "flops_ratio": round(fl, 5)}
+            if fl > flops_limit + RULE_FLOPS_SLACK + 1e-12:
+                trials.append({**trial, "skipped": "over the FLOPs budget"})
+                continue
+            incumbent_dis = best_m["rows"] - best_m["agreed"]
+            m = cache.measure(decoder, holdout, cand, max_disagree=incumbent_dis - 1)
+            trials.append({**trial, **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))})
+            if progress is not None:
+                progress(trials[-1])
+            if not m.get("stopped") and m["rows"] == best_m["rows"] and m["agreed"] > best_m["agreed"]:
+                best, best_m = cand, m
+    return best, best_m, trials
+
+
+def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule | None, measured: dict | None, names,
+                   cache: "ValidationCache", flops_ratio: float) -> tuple[Schedule, dict, list]:
+    """One cut before layer 0 at ``flops_ratio`` of the prefill FLOPs, per rule of ``names`` that can
+    run there, against ``schedule`` (None: the first such cut is the incumbent): the most agreeing
+    held-back rows win, ties to the incumbent (see the module docstring, step 4)."""
+    L = stats.arch["num_layers"]
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    best, best_m, trials = schedule, measured, []
+    for rule in rule_candidates(stats, 0, names):
+        keep = keep_for_flops(stats.arch, L, flops_ratio, N, nt, rule)
+        cand = Schedule(cuts=[Cut(0, keep, rule)], num_layers=L, policy="adaptive")
+        stop = None if best is None else best_m["rows"] - best_m["agreed"] - 1
+        m = cache.measure(decoder, holdout, cand, max_disagree=stop)
+        trials.append({"cut": 0, "keep": keep, "rule": rule.label(),
+                       "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5),
+                       **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))})
+        if best is None or (not m.get("stopped") and m["rows"] == best_m["rows"] and m["agreed"] > best_m["agreed"]):
+            best, best_m = cand, m
+    if best is None:
+        raise InputError("calibrate: no rule can cut before layer 0 at this budget; add --rules strided,random")
+    return best, best_m, trials
+
+
 # ---------------------------------------------------------------------- solve
 def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
           flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 16,
-          proxy: str = "flow", seed: int = 0, progress=None, cache: ValidationCache | None = None) -> Schedule:
+          proxy: str = "flow", seed: int = 0, progress=None, cache: ValidationCache | None = None,
+          rules=None) -> Schedule:
     """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches; ``cache``:
-    share reference logits and measurements with other solves on the same held-back set."""
+    share reference logits and measurements with other solves on the same held-back set.
+    ``rules``: selection-rule names to consider at each chosen cut (None: every cut keeps the
+    default ``last_token``; ``"all"``: every catalogued rule)."""
     if fidelity is not None and flops_budget is not None:
         raise InputError("calibrate: give either a fidelity target or a FLOPs budget, not both")
     if flops_budget is not None and not (0.0 < flops_budget < 1.0):
@@ -414,6 +502,7 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         require_rows(n_rows, fidelity)
     t0 = time.time()
     L = stats.arch["num_layers"]
+    names = (tuple(RULES) if rules == "all" else tuple(rules)) if rules else ()
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
     cache = cache if cache is not None else ValidationCache()
     cache.refs_for(decoder, holdout)
@@ -499,10 +588,12 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
                 "fidelity_rule": "lower end of the agreement's 95% Wilson interval >= fidelity_target"}
     else:
         feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]
-        if not feasible:
+        pre_names = [r.name for r in rule_candidates(stats, 0, names)] if names else []
+        if not feasible and not pre_names:
             raise InputError(
                 f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
-                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs"
+                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs (a cut before layer 0 can go further: "
+                "add --rules strided,random)"
             )
         # one candidate per first-cut layer: the lowest-loss schedule of that layer's frontier within
         # the budget, filled up to it; validated in order of proxy loss (the proxy ranks schedules of
@@ -518,19 +609,34 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         for c in sorted(reps, key=lambda c: c.loss)[:max_validations]:
             if validate(c) >= 1.0:
                 break
-        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio))
+        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio)) if validated else None
         mode = {"objective": "max_fidelity", "flops_budget": flops_budget}
-    s = chosen.schedule(L).validate("adaptive")
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    s = chosen.schedule(L).validate("adaptive") if chosen is not None else None
+    measured, trials = (chosen.measured if chosen is not None else None), None
+    if names:
+        if s is not None and s.cuts:
+            if measured.get("stopped") or measured.get("unpruned"):
+                measured = cache.measure(decoder, holdout, s)
+            limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
+            s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
+        else:
+            limit, trials = flops_budget, []
+        if s is None or s.cuts:  # the identity (fidelity search found nothing cheaper) has no budget to match
+            s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit)
+            trials += more
+        s.validate("adaptive")
     fl = schedule_flops(stats.arch, s, N, nt)
     s.predicted = {"flops_ratio": fl["flops_ratio"], "formula": FORMULA, "spatial_tokens": fl["spatial_tokens"],
-                   "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"], "proxy_loss": chosen.loss}
+                   "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"],
+                   "proxy_loss": chosen.loss if chosen is not None else None}
     s.calibration = {
         "samples": stats.samples,
         "holdout_rows": n_rows,
-        "fidelity": {"metric": "greedy_next_token_agreement", **public(chosen.measured)},
-        "stability": stability(validated + ([frontier[-1]] if fidelity is not None else []), chosen,
-                               fidelity, n_rows, seed=seed),
+        "fidelity": {"metric": "greedy_next_token_agreement", **public(measured)},
+        # the count search's decision replayed on resamples (the rule trials, when asked for, follow it)
+        **({"stability": stability(validated + ([frontier[-1]] if fidelity is not None else []), chosen,
+                                   fidelity, n_rows, seed=seed)} if chosen is not None else {}),
         **mode,
         "seed": seed,
         "search": {
@@ -540,4 +646,8 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
             "seconds": round(time.time() - t0, 2),
         },
     }
+    if trials is not None:
+        s.calibration["rules"] = {"considered": list(names), "rule": "per cut, most agreeing held-back rows within "
+                                  f"the chosen FLOPs + {RULE_FLOPS_SLACK}; then one cut before layer 0 at the same "
+                                  "FLOPs per rule that can run there", "trials": trials}
     return s

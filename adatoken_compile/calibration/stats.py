@@ -23,6 +23,11 @@ tokens)::
                                         score of layer src (src <= dst; src = dst - 1 is the proxy)
     retained_flow       (Lyr, Lyr, R)   same, measured with the head-mean flow at dst
     retained_answer     (Lyr, Lyr, R)   same, measured with the answer rows' mean attention at dst
+    prior_attn          (Lyr, P)        fixed-point sum over rows of the share of the last token's head-mean
+                                        spatial attention on each of P equal bins of the scene order
+    prior_frac          (P,)            fixed-point sum over rows of the share of the row's spatial tokens
+                                        in each bin (their ratio is the debiased rule's per-position prior)
+    prior_rows          (1,)            rows counted in the prior (statistics written before it existed: 0)
     retained_rows, retained_answer_rows, samples, answer_samples, skipped_rows,
     spatial_tokens_sum, text_tokens_sum, answer_tokens_sum (1,)   counts
     spatial_tokens_min / _max (1,)      merged by min / max
@@ -45,6 +50,7 @@ from adatoken_compile.arch import normalize as normalize_arch
 from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.io import atomic_file
 from adatoken_compile.readers import Fields, read_json, read_npz
+from adatoken_compile.selection import PRIOR_BINS
 
 SCHEMA = "adatoken-compile/calibration-stats"
 VERSION = 1
@@ -54,8 +60,10 @@ DEFAULT_RATIOS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.
 DEFAULT_BINS = 100
 _SCALARS = (
     "samples", "answer_samples", "skipped_rows", "spatial_tokens_sum", "text_tokens_sum",
-    "answer_tokens_sum", "retained_rows", "retained_answer_rows",
+    "answer_tokens_sum", "retained_rows", "retained_answer_rows", "prior_rows",
 )
+# arrays added after the first statistics files were written: missing in a file, they read as zeros
+_LATER = ("prior_attn", "prior_frac", "prior_rows")
 
 
 def to_fixed(x) -> np.ndarray:
@@ -95,6 +103,8 @@ class CalibrationStats:
             sh[f"{g}_hist_attn_mean"] = (L, B)
         for k in ("retained_attn", "retained_flow", "retained_answer"):
             sh[k] = (L, L, R)
+        sh["prior_attn"] = (L, PRIOR_BINS)
+        sh["prior_frac"] = (PRIOR_BINS,)
         return sh
 
     def add(self, name: str, value) -> None:
@@ -148,6 +158,18 @@ class CalibrationStats:
         tot = h.sum(axis=-1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(tot > 0, h[..., :nb].sum(axis=-1) / np.maximum(tot, 1), np.nan)
+
+    def position_prior(self, layer: int) -> list[float] | None:
+        """The debiased rule's prior for a cut scored with ``layer``'s attention: per bin of the scene
+        order, the last token's mean attention share there over the bin's mean token share (1 = as
+        much attention as tokens; the order's recency bias shows as values rising to the end).
+        None when no row was counted."""
+        if int(self.arrays["prior_rows"][0]) == 0:
+            return None
+        attn = self.arrays["prior_attn"][layer].astype(np.float64)
+        frac = self.arrays["prior_frac"].astype(np.float64)
+        dens = np.where(frac > 0, attn / np.maximum(frac, 1), 1.0)
+        return [round(float(max(v, 1e-3)), 6) for v in dens]
 
     def retained(self, kind: str = "attn") -> np.ndarray:
         """(Lyr, Lyr, R) mean retained share [src, dst, ratio] (NaN where src > dst or no rows)."""
@@ -223,6 +245,9 @@ class CalibrationStats:
             if h.hexdigest() != digest:
                 raise InputError(f"{npz}: does not match {js} (checksum); {fix}")
         arrays = read_npz(npz, {k: int(np.prod(shp)) * 8 for k, shp in want.items()}, fix)
+        for k in _LATER:  # statistics written before the position prior was mined: zero counts
+            if arrays.get(k) is None:
+                arrays[k] = np.zeros(want[k], np.int64)
         bad = [k for k, shp in want.items() if arrays[k] is None or arrays[k].shape != shp
                or arrays[k].dtype.kind not in "iu" or (arrays[k] < 0).any()]
         if bad:

@@ -4,7 +4,7 @@ Each command parses its options, calls one API function and prints. Defaults are
 (options left out are not passed), so the CLI, the Python API and the main job share one set.
 """
 
-from adatoken_compile.cli import calibrate, compile, evaluate, models, quickstart  # noqa: F401  (register commands)
+from adatoken_compile.cli import calibrate, compare, compile, evaluate, models, quickstart  # noqa: F401  (register commands)
 from adatoken_compile.cli.main import main
 
 __all__ = ["main"]

@@ -8,6 +8,7 @@ from adatoken_compile import api
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
 from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, user_errors
 from adatoken_compile.io import check_output
+from adatoken_compile.selection import spec
 
 
 @main.command()
@@ -30,25 +31,34 @@ from adatoken_compile.io import check_output
 @click.option("--fidelity", default=None, type=float, help="adaptive: minimise FLOPs with answer agreement >= this (0,1), "
               "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); when neither this "
               f"nor --flops-budget is given: {DEFAULT_FIDELITY}")
-@click.option("--like", default=None, help="random policy: copy the cuts of this schedule.json")
+@click.option("--like", default=None, help="random / prellm-* policies: copy the cuts / FLOPs of this schedule.json")
+@click.option("--rules", default=None, help="adaptive: selection rules to try at each chosen cut, comma-separated "
+              "(e.g. last_token,stratified,strided) or 'all'; per cut the rule with the most agreeing held-back "
+              "rows is kept (one more held-back run per rule and cut) [default: last_token only]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors
 def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_scale, samples, holdout, start_scene, policy,
-              flops_budget, fidelity, like, seed, merge_dirs):
+              flops_budget, fidelity, like, rules, seed, merge_dirs):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     if flops_budget is not None and fidelity is not None:
         raise click.UsageError("pass either --flops-budget or --fidelity, not both")
+    rule_names = None if rules is None else ("all" if rules.strip() == "all" else
+                                             tuple(r.strip() for r in rules.split(",") if r.strip()))
+    if rule_names not in (None, "all"):
+        for r in rule_names:
+            spec(r)  # unknown names: one line before any work
     check_output(out, "calibration", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model, vision_tower, attn)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                         like=like, seed=seed, start_scene=start_scene, merge=merge_dirs,
-                        **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout))
+                        **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout,
+                                rules=rule_names))
     schedule = cal.schedule
     pred = schedule.predicted
     click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "
-               + (", ".join(f"L{c.layer}:{c.keep:.3g}" for c in schedule.cuts) or "none")
+               + (", ".join(f"L{c.layer}:{c.keep:.3g} {c.rule.label()}" for c in schedule.cuts) or "none")
                + (f", predicted prefill FLOPs ratio {pred['flops_ratio']:.3f}" if "flops_ratio" in pred else ""))
     fid = schedule.calibration.get("fidelity")
     if fid:

@@ -136,23 +136,26 @@ def describe_decoder(decoder_lm: nn.Module) -> dict:
             "model_type": getattr(cfg, "model_type", None)}
 
 
-def example_args(example: DecoderInputs) -> tuple[torch.Tensor, ...]:
-    """The four inputs; a batch of 1 is repeated to 2 (torch.export specialises size-1 axes)."""
-    args = (
-        example.inputs_embeds,
-        example.attention_mask.to(torch.int64),
-        example.position_ids.to(torch.int64),
-        example.spatial_mask.to(torch.bool),
-    )
+def example_args(example: DecoderInputs, names=INPUT_NAMES) -> tuple[torch.Tensor, ...]:
+    """The graph inputs ``names`` (the four of :data:`INPUT_NAMES`, plus ``spatial_xyz`` when a cut's
+    rule reads coordinates); a batch of 1 is repeated to 2 (torch.export specialises size-1 axes)."""
+    feeds = {
+        "inputs_embeds": example.inputs_embeds,
+        "attention_mask": example.attention_mask.to(torch.int64),
+        "position_ids": example.position_ids.to(torch.int64),
+        "spatial_mask": example.spatial_mask.to(torch.bool),
+        "spatial_xyz": example.xyz(),
+    }
+    args = tuple(feeds[n] for n in names)
     if example.batch_size == 1:
         args = tuple(torch.cat([a, a], dim=0) for a in args)
     return args
 
 
-def dynamic_shapes(max_batch: int = 1024, max_seq: int = 1 << 17):
+def dynamic_shapes(max_batch: int = 1024, max_seq: int = 1 << 17, n_inputs: int = len(INPUT_NAMES)):
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=2, max=max_seq)
-    return tuple({0: batch, 1: seq} for _ in INPUT_NAMES)
+    return tuple({0: batch, 1: seq} for _ in range(n_inputs))
 
 
 def _check_example(example: DecoderInputs) -> None:
@@ -167,7 +170,8 @@ def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: i
                    external_data_threshold: int = 1024, optimize: bool = True, check: bool = True) -> ExportResult:
     """ONNX export of a captured (or pruned) prefill with dynamic batch and sequence axes."""
     layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
-    return export(gm, example_args(example), dynamic_shapes(), path, list(layout.get("inputs", INPUT_NAMES)),
+    names = list(layout.get("inputs", INPUT_NAMES))
+    return export(gm, example_args(example, names), dynamic_shapes(n_inputs=len(names)), path, names,
                   list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
                   optimize=optimize, check=check)
 

@@ -5,7 +5,9 @@ unpruned model).
 Runs the installed transformers decoder layers in a loop, as the model's own forward does
 (``create_causal_mask`` once, ``rotary_emb`` once, then ``decoder_layer(hidden, attention_mask=...,
 position_embeddings=..., position_ids=..., cache=..., use_cache=True)``), and between
-layers applies the SAME pure functions as the graph pass (:mod:`adatoken_compile.passes.token_drop`).
+layers applies the SAME pure functions as the graph pass (:mod:`adatoken_compile.passes.token_drop`),
+including each cut's selection rule on the same inputs (a cut before layer 0 selects on the
+input embeddings).
 
 The scoring query is observed, not recomputed: a :class:`torch.overrides.TorchFunctionMode` active
 during layer ``i-1`` records the first argument of the first attention op (``scaled_dot_product_attention``
@@ -15,6 +17,7 @@ come from the recording cache. No modeling code is patched.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -74,82 +77,126 @@ def _check_inputs(inputs: DecoderInputs, hidden: int) -> None:
         t = getattr(inputs, name)
         if tuple(t.shape) != tuple(e.shape[:2]):
             raise InputError(f"pruned_prefill: {name} must be (B, L)={tuple(e.shape[:2])}, got {tuple(t.shape)}")
+    xyz = inputs.spatial_xyz
+    if xyz is not None and tuple(xyz.shape) != (*e.shape[:2], 3):
+        raise InputError(f"pruned_prefill: spatial_xyz must be (B, L, 3)={(*e.shape[:2], 3)}, got {tuple(xyz.shape)}")
+
+
+class PrefillFlow:
+    """The state of one prefill between decoder layers, advanced layer by layer with cuts between them.
+
+    :func:`pruned_prefill` runs a schedule through it; :meth:`branch` copies the state so that
+    several schedules sharing an unpruned prefix run that prefix once (the comparison command).
+    ``materialize_mask``: build the 4-D mask even for an unpadded batch (a cut gathers it; the
+    identity path leaves it to the model, as the model's own forward does).
+    """
+
+    def __init__(self, decoder_lm, inputs: DecoderInputs, materialize_mask: bool = True):
+        check_decoder(decoder_lm)
+        cfg = decoder_lm.config
+        self.lm = decoder_lm
+        self.n_layers = int(cfg.num_hidden_layers)
+        _check_inputs(inputs, int(cfg.hidden_size))
+        self.hidden = inputs.inputs_embeds
+        attention_mask = inputs.attention_mask.to(torch.int64)
+        self.position_ids = inputs.position_ids.to(torch.int64)
+        self.spatial = inputs.spatial_mask.to(torch.bool)
+        xyz = inputs.spatial_xyz
+        self.xyz = xyz.float() if xyz is not None else torch.zeros(*self.spatial.shape, 3)
+        self.cache = RecordingCache(self.n_layers)
+        self.mask4 = create_causal_mask(config=cfg, inputs_embeds=self.hidden, attention_mask=attention_mask,
+                                        cache=self.cache, position_ids=self.position_ids,
+                                        allow_is_causal_skip=not materialize_mask)
+        self.cos, self.sin = decoder_lm.model.rotary_emb(self.hidden, position_ids=self.position_ids)
+        self.valid = attention_mask != 0
+        self.n0 = self.srank = self.kept = self.query = None
+        self.next_layer = 0
+        self.cuts_done = 0
+        self.res = PrefillResult(None, [], [], [], [], [], [])
+
+    def branch(self) -> "PrefillFlow":
+        """An independent copy of this state (tensors shared, per-layer records copied)."""
+        other = copy.copy(self)
+        other.cache = RecordingCache(self.n_layers)
+        other.cache.keys, other.cache.values = list(self.cache.keys), list(self.cache.values)
+        other.res = PrefillResult(None, [], [], list(self.res.masks), list(self.res.kept_indices),
+                                  list(self.res.cut_layers), list(self.res.positions))
+        return other
+
+    def cut(self, cut) -> None:
+        """Drop spatial tokens before layer ``self.next_layer`` with the cut's keep ratio and rule."""
+        i = self.next_layer
+        if self.cuts_done == 0:
+            self.n0 = td.spatial_count(self.spatial, self.valid)
+            self.srank = td.spatial_rank(self.spatial, self.valid)
+        needs = cut.rule.needs()
+        if "attention" in needs and (self.query is None or self.mask4 is None or i == 0):
+            raise RuntimeError(f"pruned_prefill: no query observed before the cut at layer {i}")
+        if self.mask4 is None:
+            raise RuntimeError("pruned_prefill: no 4-D mask to rebuild at a cut")
+        att = "attention" in needs
+        scores = td.score_cut(cut.rule, self.cuts_done, cut.keep, self.valid, self.spatial, self.n0,
+                              query=self.query if att else None, key=self.cache.keys[i - 1] if att else None,
+                              hidden=self.hidden, xyz=self.xyz, srank=self.srank)
+        idx, new_valid, _ = td.select_tokens(scores, self.valid, self.spatial, self.n0, cut.keep)
+        for name in ("hidden", "cos", "sin", "position_ids", "spatial", "xyz", "srank"):
+            setattr(self, name, td.gather_seq(getattr(self, name), idx, (1,)))
+        self.mask4 = td.rebuild_mask4d(self.mask4, idx, new_valid)
+        self.kept = td.kept_positions(self.kept, idx, new_valid)
+        self.valid = new_valid
+        self.res.kept_indices.append(self.kept)
+        self.res.cut_layers.append(i)
+        self.cuts_done += 1
+
+    def layer(self, observe: bool = False) -> None:
+        """Run decoder layer ``self.next_layer``; ``observe``: record its query (the next cut scores with it)."""
+        i = self.next_layer
+        kwargs = dict(attention_mask=self.mask4, position_embeddings=(self.cos, self.sin),
+                      position_ids=self.position_ids, cache=self.cache, use_cache=True)
+        layer = self.lm.model.layers[i]
+        if observe:
+            observer = QueryObserver()
+            with observer:
+                hidden = layer(self.hidden, **kwargs)
+            self.query = observer.query
+        else:
+            hidden = layer(self.hidden, **kwargs)
+        self.hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers returned tuples
+        self.res.masks.append(self.valid)
+        self.res.positions.append(self.position_ids)
+        self.next_layer += 1
+
+    def run(self, schedule, *, until: int | None = None, observe_all: bool = False) -> "PrefillFlow":
+        """Apply the schedule's cuts and layers from ``self.next_layer`` up to (not including) layer
+        ``until`` (default: every layer); ``observe_all`` records every layer's query."""
+        cuts = {c.layer: c for c in schedule.effective_cuts()}
+        stop = self.n_layers if until is None else until
+        while self.next_layer < stop:
+            if self.next_layer in cuts:
+                self.cut(cuts[self.next_layer])
+            nxt = cuts.get(self.next_layer + 1)
+            self.layer(observe_all or (nxt is not None and "attention" in nxt.rule.needs()))
+        return self
+
+    def logits(self) -> torch.Tensor:
+        """(B, V) next-token logits at the last position (after every layer has run)."""
+        return self.lm.lm_head(self.lm.model.norm(self.hidden)[:, -1])
+
+    def result(self) -> PrefillResult:
+        self.res.logits_last = self.logits()
+        self.res.keys = list(self.cache.keys)
+        self.res.values = list(self.cache.values)
+        return self.res
 
 
 @torch.no_grad()
 def pruned_prefill(decoder_lm, inputs: DecoderInputs, schedule) -> PrefillResult:
     """Prefill ``inputs`` through ``decoder_lm`` dropping spatial tokens at the schedule's cuts."""
-    check_decoder(decoder_lm)
-    cfg = decoder_lm.config
-    model = decoder_lm.model
-    n_layers = int(cfg.num_hidden_layers)
+    n_layers = int(decoder_lm.config.num_hidden_layers)
     if schedule.num_layers != n_layers:
         raise InputError(f"pruned_prefill: schedule is for {schedule.num_layers} layers, decoder has {n_layers}")
-    _check_inputs(inputs, int(cfg.hidden_size))
-    cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
-
-    hidden = inputs.inputs_embeds
-    attention_mask = inputs.attention_mask.to(torch.int64)
-    position_ids = inputs.position_ids.to(torch.int64)
-    spatial = inputs.spatial_mask.to(torch.bool)
-
-    cache = RecordingCache(n_layers)
-    mask4 = create_causal_mask(
-        config=cfg,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        cache=cache,
-        position_ids=position_ids,
-        # with cuts the mask must exist to be gathered (sdpa would otherwise skip it for unpadded
-        # batches and rely on is_causal); the identity path stays exactly the model's forward
-        allow_is_causal_skip=not cuts,
-    )
-    cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
-
-    valid = attention_mask != 0
-    n0 = td.spatial_count(spatial, valid)
-    kept = None
-    res = PrefillResult(None, [], [], [], [], [], [])
-    query = None
-    for i, layer in enumerate(model.layers[:n_layers]):
-        if i in cuts:
-            if mask4 is None or query is None:
-                raise RuntimeError("pruned_prefill: no 4-D mask / query observed before the cut")
-            scores = td.score_for(schedule.scoring, sorted(cuts).index(i), query, cache.keys[i - 1], valid)
-            idx, new_valid, _ = td.select_tokens(scores, valid, spatial, n0, cuts[i])
-            hidden = td.gather_seq(hidden, idx, (1,))
-            cos = td.gather_seq(cos, idx, (1,))
-            sin = td.gather_seq(sin, idx, (1,))
-            position_ids = td.gather_seq(position_ids, idx, (1,))
-            spatial = td.gather_seq(spatial, idx, (1,))
-            mask4 = td.rebuild_mask4d(mask4, idx, new_valid)
-            kept = td.kept_positions(kept, idx, new_valid)
-            valid = new_valid
-            res.kept_indices.append(kept)
-            res.cut_layers.append(i)
-        observer = QueryObserver() if (i + 1) in cuts else None
-        kwargs = dict(
-            attention_mask=mask4,
-            position_embeddings=(cos, sin),
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        if observer is not None:
-            with observer:
-                hidden = layer(hidden, **kwargs)
-            query = observer.query
-        else:
-            hidden = layer(hidden, **kwargs)
-        if isinstance(hidden, tuple):  # older transformers returned tuples
-            hidden = hidden[0]
-        res.masks.append(valid)
-        res.positions.append(position_ids)
-    hidden = model.norm(hidden)
-    res.logits_last = decoder_lm.lm_head(hidden[:, -1])
-    res.keys = list(cache.keys)
-    res.values = list(cache.values)
-    return res
+    flow = PrefillFlow(decoder_lm, inputs, materialize_mask=bool(schedule.effective_cuts()))
+    return flow.run(schedule).result()
 
 
 def max_positions(decoder_lm) -> int | None:

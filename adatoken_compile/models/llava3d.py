@@ -318,20 +318,28 @@ class Llava3DAdapter:
     @torch.no_grad()
     def spatial_tokens(self, scene) -> torch.Tensor:
         """(N, H) decoder-space spatial tokens of a scene."""
+        return self.spatial_tokens_xyz(scene)[0]
+
+    @torch.no_grad()
+    def spatial_tokens_xyz(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) decoder-space spatial tokens of a scene and their voxel centres (N, 3) in metres."""
         feats, xyz = self.spatial_features(scene)
-        return self.projector(pool_torch(feats, voxelize(xyz)))
+        vmap = voxelize(xyz)
+        return self.projector(pool_torch(feats, vmap)), torch.from_numpy(vmap.centers)
 
     def embed_ids(self, ids) -> torch.Tensor:
         return embed_token_ids(self.decoder, ids)
 
     @torch.no_grad()
-    def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None, xyz: torch.Tensor | None = None) -> Segment:
+        """One sample's spliced row; ``spatial`` / ``xyz``: the scene's tokens and voxel centres when
+        already encoded (several questions on one scene encode it once)."""
         if sample.scene is None:
             raise InputError("LLaVA-3D sample without a scene: pass --scene S.npz")
         ids = self.prompt_ids(sample.question)
         if spatial is None:
-            spatial = self.spatial_tokens(sample.scene)
-        return splice(ids, self.embed_ids, spatial, self._box_tokens(sample, ids))
+            spatial, xyz = self.spatial_tokens_xyz(sample.scene)
+        return splice(ids, self.embed_ids, spatial, self._box_tokens(sample, ids), xyz)
 
     def _box_tokens(self, sample: Sample, ids: list[int]) -> torch.Tensor | None:
         nb = ids.count(BOXES_TOKEN_INDEX)
@@ -346,13 +354,13 @@ class Llava3DAdapter:
             return self.box_pe(torch.from_numpy(boxes).to(self.dtype))
 
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[int, tuple] = {}
         rows = []
         for s in samples:
             key = id(s.scene)
             if key not in cache:
-                cache[key] = self.spatial_tokens(s.scene)
-            rows.append(self.segment(s, cache[key]))
+                cache[key] = self.spatial_tokens_xyz(s.scene)
+            rows.append(self.segment(s, *cache[key]))
         return collate(rows)
 
 
@@ -366,16 +374,19 @@ def pool_torch(feats: torch.Tensor, vmap) -> torch.Tensor:
     return out / counts[:, None]
 
 
-def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | None = None) -> Segment:
-    """Replace the image placeholder by the spatial tokens (and <boxes> by box tokens)."""
+def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | None = None,
+           xyz: torch.Tensor | None = None) -> Segment:
+    """Replace the image placeholder by the spatial tokens (and <boxes> by box tokens); ``xyz``:
+    the spatial tokens' coordinates (N, 3), placed on them (0 on every other token)."""
     if ids.count(IMAGE_TOKEN_INDEX) != 1:
         raise InputError(f"prompt must hold exactly one <image> placeholder, found {ids.count(IMAGE_TOKEN_INDEX)}")
-    pieces, mask, text, bi = [], [], [], 0
+    pieces, mask, coords, text, bi = [], [], [], [], 0
 
     def flush():
         if text:
             pieces.append(embed(text))
             mask.append(torch.zeros(len(text), dtype=torch.bool))
+            coords.append(torch.zeros(len(text), 3))
             text.clear()
 
     for t in ids:
@@ -383,15 +394,17 @@ def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | N
             flush()
             pieces.append(spatial.to(pieces[0].dtype if pieces else spatial.dtype))
             mask.append(torch.ones(spatial.shape[0], dtype=torch.bool))
+            coords.append(xyz.float() if xyz is not None else torch.zeros(spatial.shape[0], 3))
         elif t == BOXES_TOKEN_INDEX:
             flush()
             pieces.append(boxes[bi : bi + 1])
             mask.append(torch.zeros(1, dtype=torch.bool))
+            coords.append(torch.zeros(1, 3))
             bi += 1
         else:
             text.append(t)
     flush()
-    return Segment(torch.cat(pieces, 0), torch.cat(mask, 0))
+    return Segment(torch.cat(pieces, 0), torch.cat(mask, 0), torch.cat(coords, 0) if xyz is not None else None)
 
 
 def _hf_config(cls, fields: dict, where: str):

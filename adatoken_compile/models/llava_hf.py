@@ -22,6 +22,7 @@ from adatoken_compile.models.checkpoint import (FIX_CONFIG, chat_prompt, check_f
                                                 embed_token_ids, files_digest, image_processing, read_config, weight_files)
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
 from adatoken_compile.readers import Fields
+from adatoken_compile.runtime.image import patch_coordinates
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
@@ -147,8 +148,13 @@ class LlavaHFAdapter:
     def embed_ids(self, ids) -> torch.Tensor:
         return embed_token_ids(self.decoder, ids)
 
+    def spatial_tokens_xyz(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) image tokens and their (row, col, 0) patch coordinates (N, 3)."""
+        tokens = self.spatial_tokens(image)
+        return tokens, torch.from_numpy(patch_coordinates(tokens.shape[0]))
+
     @torch.no_grad()
-    def segment(self, sample: Sample, spatial: torch.Tensor | None = None) -> Segment:
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None, xyz: torch.Tensor | None = None) -> Segment:
         if sample.image is None:
             raise InputError("HF LLaVA sample without an image: pass --image IMG, or --data with a question file whose "
                              "questions name an 'image'")
@@ -156,8 +162,8 @@ class LlavaHFAdapter:
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")
         if spatial is None:
-            spatial = self.spatial_tokens(sample.image)
-        return splice(ids, self.embed_ids, spatial)
+            spatial, xyz = self.spatial_tokens_xyz(sample.image)
+        return splice(ids, self.embed_ids, spatial, xyz=xyz)
 
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
         return collate([self.segment(s) for s in samples])

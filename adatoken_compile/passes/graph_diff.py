@@ -41,6 +41,7 @@ class CutDiff:
     keep: float | None
     inserted: list[InsertedNode] = field(default_factory=list)
     rewired: list[RewiredUse] = field(default_factory=list)
+    rule: str | None = None  # the cut's selection rule (label)
 
     def roles(self) -> set[str]:
         return {n.meta.get("role") for n in self.inserted}
@@ -50,6 +51,7 @@ class CutDiff:
             "cut": self.cut,
             "layer": self.layer,
             "keep": self.keep,
+            "rule": self.rule,
             "inserted": [n.to_dict() for n in self.inserted],
             "rewired": [r.to_dict() for r in self.rewired],
         }
@@ -106,7 +108,9 @@ def diff_graphs(before: fx.GraphModule, after: fx.GraphModule) -> list[CutDiff]:
 
     for n in new_nodes:
         if n.name in inserted:
-            group(n).inserted.append(InsertedNode(n.name, n.op, _target_str(n), _meta_summary(n)))
+            g = group(n)
+            g.inserted.append(InsertedNode(n.name, n.op, _target_str(n), _meta_summary(n)))
+            g.rule = n.meta.get("adatoken", {}).get("rule", g.rule)
 
     out_names_after = (getattr(after, "meta", {}).get("adatoken_layout") or {}).get("outputs")
     for n in new_nodes:
@@ -131,7 +135,10 @@ def diff_graphs(before: fx.GraphModule, after: fx.GraphModule) -> list[CutDiff]:
 def format_diff(diffs: list[CutDiff]) -> str:
     lines = []
     for d in diffs:
-        lines.append(f"cut {d.cut}: before layer {d.layer}, keep {d.keep}")
+        if d.cut is None:
+            lines.append("outside the cuts (new graph inputs)")
+        else:
+            lines.append(f"cut {d.cut}: before layer {d.layer}, keep {d.keep}, rule {d.rule}")
         for n in d.inserted:
             lines.append(f"  + {n.name:<48} {n.op}:{n.target}  role={n.meta.get('role')} shape={n.meta.get('shape')}")
         for r in d.rewired:

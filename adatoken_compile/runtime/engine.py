@@ -32,7 +32,7 @@ from ..arch import normalize as normalize_arch
 from ..artifact import RECOMPILE, Manifest, verify
 from ..errors import InputError
 from ..schedule import Schedule
-from .image import ImageProcessing
+from .image import ImageProcessing, patch_coordinates
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .sampling import check_sampling, make_rng, next_tokens
@@ -112,10 +112,21 @@ class Runtime:
 
     def encode(self, source) -> np.ndarray:
         """(N, H) float32 spatial tokens of a scene or an image, as the artifact's encoder takes."""
-        return self.encode_scene(source) if self.input_kind == "scene" else self.encode_image(source)
+        return self.encode_with_coordinates(source)[0]
+
+    def encode_with_coordinates(self, source) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H) float32 spatial tokens and their (N, 3) float32 coordinates: voxel centres in metres
+        for a scene, (row, col, 0) of each patch for an image (what spatial selection rules read)."""
+        if self.input_kind == "scene":
+            return self._scene_tokens(source)
+        tokens = self.encode_image(source)
+        return tokens, patch_coordinates(tokens.shape[0])
 
     def encode_scene(self, scene) -> np.ndarray:
         """(N, H) float32 spatial tokens of a scene: encoder, voxel pooling, projector."""
+        return self._scene_tokens(scene)[0]
+
+    def _scene_tokens(self, scene) -> tuple[np.ndarray, np.ndarray]:
         if self.input_kind != "scene":
             raise InputError("this artifact takes an image ((H,W,3) uint8), not a scene")
         p = self.pre
@@ -125,7 +136,8 @@ class Runtime:
         feats = self.sessions["encoder"].run(None, {"pixel_values": pre.pixel_values, "xyz": xyz})[0]
         vmap = voxelize(xyz, p.get("voxel_size", 0.2), p.get("max_tokens", 2560))
         pooled = pool_numpy(feats.reshape(-1, feats.shape[-1]), vmap)
-        return self.sessions["projector"].run(None, {"features": np.ascontiguousarray(pooled, np.float32)})[0]
+        tokens = self.sessions["projector"].run(None, {"features": np.ascontiguousarray(pooled, np.float32)})[0]
+        return tokens, vmap.centers.astype(np.float32)
 
     def encode_image(self, image) -> np.ndarray:
         """(N, H) float32 image tokens of one (H, W, 3) uint8 image (or an image path)."""
@@ -169,15 +181,15 @@ class Runtime:
         reqs = self._as_requests(items)
         if not reqs:
             raise InputError("empty batch: pass at least one (scene, question)")
-        cache: dict[int, np.ndarray] = {}
+        cache: dict[int, tuple] = {}
         rows = []
         V = self.embed.shape[0]
         for i, r in enumerate(reqs):
             src = r.scene if r.scene is not None else r.image
             key = id(src)
             if key not in cache:
-                cache[key] = self.encode(src)
-            spatial = cache[key]
+                cache[key] = self.encode_with_coordinates(src)
+            spatial, coords = cache[key]
             if spatial.shape[0] < 1:
                 raise InputError(f"item {i}: the scene gives 0 spatial tokens; a cut keeps k >= 1 per row")
             ids = self.prompt_ids(r.question)
@@ -193,8 +205,10 @@ class Runtime:
             emb = np.concatenate([self.embed[pre], spatial.astype(np.float32), self.embed[post]], axis=0)
             sm = np.zeros(emb.shape[0], bool)
             sm[len(pre) : len(pre) + spatial.shape[0]] = True
-            rows.append((emb, sm))
-        L = max(e.shape[0] for e, _ in rows)
+            xyz = np.zeros((emb.shape[0], 3), np.float32)
+            xyz[len(pre) : len(pre) + spatial.shape[0]] = coords
+            rows.append((emb, sm, xyz))
+        L = max(e.shape[0] for e, _, _ in rows)
         if self.max_positions and L > self.max_positions:
             raise InputError(f"prompt of {L} tokens exceeds the model's max_position_embeddings={self.max_positions}; "
                              "use fewer spatial tokens or a shorter question")
@@ -204,19 +218,23 @@ class Runtime:
             "attention_mask": np.zeros((B, L), np.int64),
             "position_ids": np.ones((B, L), np.int64),
             "spatial_mask": np.zeros((B, L), bool),
+            "spatial_xyz": np.zeros((B, L, 3), np.float32),
         }
-        for b, (emb, sm) in enumerate(rows):
+        for b, (emb, sm, xyz) in enumerate(rows):
             n = emb.shape[0]
             feeds["inputs_embeds"][b, L - n :] = emb
             feeds["attention_mask"][b, L - n :] = 1
             feeds["position_ids"][b, L - n :] = np.arange(n)
             feeds["spatial_mask"][b, L - n :] = sm
+            feeds["spatial_xyz"][b, L - n :] = xyz
         return feeds
 
     # ------------------------------------------------------------------ graphs
     def _check_feeds(self, feeds: dict) -> None:
         need = {"inputs_embeds": (3, np.float32), "attention_mask": (2, np.int64), "position_ids": (2, np.int64),
                 "spatial_mask": (2, np.bool_)}
+        if "spatial_xyz" in self._inputs["prefill"]:  # the schedule's rules read token coordinates
+            need["spatial_xyz"] = (3, np.float32)
         for k, (nd, dt) in need.items():
             a = feeds.get(k)
             if a is None or np.asarray(a).ndim != nd or np.asarray(a).dtype != dt:

@@ -176,3 +176,18 @@ def preprocess_image(image: np.ndarray, size: int | ImageProcessing, mean=None, 
     or CLIP's at ``size`` with ``mean`` / ``std``."""
     proc = size if isinstance(size, ImageProcessing) else ImageProcessing.clip(size, mean, std)
     return proc(image)
+
+
+def patch_coordinates(n_tokens: int) -> np.ndarray:
+    """(n, 3) float32 (row, col, 0) of an image's patch tokens in raster order (what the spatial
+    selection rules read for 2D images); a leading class token of a g*g+1 sequence sits at the centre."""
+    g = int(np.sqrt(n_tokens))
+    cls = n_tokens - g * g
+    if cls not in (0, 1):
+        g = int(np.sqrt(n_tokens - 1))
+        cls = n_tokens - g * g
+    rows, cols = np.divmod(np.arange(g * g), g) if g > 0 else (np.zeros(0), np.zeros(0))
+    grid = np.stack([rows, cols, np.zeros_like(rows)], axis=1).astype(np.float32)
+    centre = np.full((cls, 3), (g - 1) / 2.0, np.float32)
+    centre[:, 2] = 0.0
+    return np.concatenate([centre, grid], axis=0)[:n_tokens]

@@ -214,7 +214,7 @@ def _schedule_dict() -> dict:
 
 
 PATHS = [("cuts", 0, "layer"), ("cuts", 0, "keep"), ("cuts", 1), ("cuts",), ("model", "num_layers"),
-         ("model", "fingerprint"), ("model", "family"), ("model",), ("scoring",), ("scoring", "query"), ("positions",),
+         ("model", "fingerprint"), ("model", "family"), ("model",), ("cuts", 0, "rule"), ("cuts", 0, "rule", "name"), ("positions",),
          ("version",), ("policy",), ("predicted",), ("calibration",)]
 
 

@@ -4,9 +4,9 @@ Exportable with static shapes: topk / scatter / gather only, no boolean indexing
 no sort. Shared by the FX pass (:mod:`.rewrite`) and the eager reference
 (:mod:`adatoken_compile.compiler.reference`), so both prune exactly alike.
 
-* :func:`last_token_scores` -- attention probability the last position pays to every key, from a
-  layer's post-RoPE queries and keys (GQA aware), softmax over the row's valid keys, mean over
-  query heads. Only the one query row is used; nothing is read from the attention kernel.
+* :func:`score_cut` -- a cut's selection rule (:mod:`.rules`: last-token attention, debiased,
+  stratified, dedup, diverse, strided, random, ...) on what the cut provides. Attention rules use
+  only the layer's post-RoPE queries and keys; nothing is read from the attention kernel.
 * :func:`select_tokens` -- per row keep the non-spatial valid tokens plus the top-k spatial ones,
   ``k = clamp(ceil(keep * N0), 1, N_now)``; returns kept indices ascending with left padding,
   the new valid mask and the new length ``K'`` (max kept count over rows).
@@ -16,54 +16,28 @@ no sort. Shared by the FX pass (:mod:`.rewrite`) and the eager reference
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from adatoken_compile.passes.token_drop.rules import RuleInputs, last_token_scores, random_scores, rule_scores  # noqa: F401
+
 # ----------------------------------------------------------------------------- pure tensor math
 
 
-def last_token_scores(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of the last query position over all keys, mean over query heads.
-
-    query: (B, Hq, Lq, d) post-RoPE queries (only ``[..., -1, :]`` is used);
-    key: (B, Hkv, L, d) post-RoPE keys; query head h uses kv head ``h // (Hq // Hkv)``;
-    valid: (B, L) bool, keys the row may attend to (padding / dropped tokens False).
-    Returns (B, L) float32 (0 on invalid keys).
-    """
-    B, hq, _, d = query.shape
-    hkv = key.shape[1]
-    groups = hq // hkv
-    q = query[:, :, -1, :].reshape(B, hkv, groups, d).float()
-    logits = torch.matmul(q, key.float().transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (B, Hkv, g, L)
-    logits = torch.where(valid[:, None, None, :], logits, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs.mean(dim=(1, 2))
+def score_cut(rule, cut_index: int, keep: float, valid, spatial, n0, *, query=None, key=None, hidden=None, xyz=None,
+              srank=None) -> torch.Tensor:
+    """(B, L) scores of a cut's selection rule (``rule``: a :class:`adatoken_compile.schedule.Rule`)
+    from whatever the cut provides (see :class:`.rules.RuleInputs`)."""
+    k = keep_counts(n0, (valid & spatial).sum(dim=1), keep)
+    inp = RuleInputs(valid=valid, spatial=spatial, n0=n0, k=k, cut_index=int(cut_index), query=query, key=key,
+                     hidden=hidden, xyz=xyz, srank=srank)
+    return rule_scores(rule.name, rule.params_dict(), inp)
 
 
-def random_scores(valid: torch.Tensor, seed: int) -> torch.Tensor:
-    """Seeded pseudo-random scores for the ``random`` peer policy: (B, L) in [0, 1), 0 on invalid keys.
-
-    An integer hash (multiply, xor-shift, multiply, xor-shift; int64 arithmetic mod 2^24, so
-    PyTorch and ONNX Runtime agree exactly) of each token's rank among the row's valid tokens,
-    so a row selects the same tokens whatever left padding it has. Each step is a bijection of
-    [0, 2^24) and every such value is exact in float32, so distinct ranks never tie.
-    """
-    m = 16777216
-    rank = torch.cumsum(valid.to(torch.int64), dim=1) - 1
-    h = (rank * 3635633 + (int(seed) * 2246822519 + 374761393) % m) % m
-    h = torch.bitwise_xor(h, h // 4096)
-    h = (h * 73244475) % m
-    h = torch.bitwise_xor(h, h // 4096)
-    return torch.where(valid, h.to(torch.float32) / float(m), torch.zeros_like(h, dtype=torch.float32))
-
-
-def score_for(scoring: dict, cut_index: int, query, key, valid) -> torch.Tensor:
-    """The schedule's scoring rule at one cut (``scoring.query`` 'last_token' or 'random')."""
-    if scoring.get("query") == "random":
-        return random_scores(valid, int(scoring.get("seed", 0)) * 1000 + cut_index)
-    return last_token_scores(query, key, valid)
+def spatial_rank(spatial: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) int64 rank of each spatial token in the row's original scene order (-1 before the first)."""
+    return torch.cumsum((spatial & valid).to(torch.int64), dim=1) - 1
 
 
 def spatial_count(spatial: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,10 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch import nn
 
-from adatoken_compile.passes.token_drop.steps import GatherSeq, KeptPositions, RebuildMask4d, Score, Select, SpatialCount, ValidMask
+from adatoken_compile.passes.token_drop.steps import (GatherSeq, KeptPositions, RebuildMask4d, Score, Select, SpatialCount,
+                                                      SpatialRank, ValidMask)
+
+XYZ_INPUT = "spatial_xyz"  # (B, L, 3) float32 token coordinates: a graph input only when a cut's rule reads them
 
 # ----------------------------------------------------------------------------- graph helpers
 
@@ -88,6 +91,37 @@ def find_query(graph: fx.Graph, region: dict, layer: int) -> fx.Node:
     raise TokenDropError(f"token_drop: no attention op (sdpa / matmul) found in decoder layer {layer}")
 
 
+def find_hidden(graph: fx.Graph, region: dict, layer: int, seq_expr) -> fx.Node:
+    """The hidden state entering ``layer`` (>= 1): the last (B, L, H) value of layer ``layer-1`` that a
+    node of a later layer reads (the residual output)."""
+    found = None
+    for n in graph.nodes:
+        if region.get(n) != layer - 1 or n.op not in ("call_function", "call_module", "call_method"):
+            continue
+        v = _val(n)
+        if not (isinstance(v, torch.Tensor) and v.dim() == 3 and _same_sym(v.shape[1], seq_expr)):
+            continue
+        if any(u.op != "output" and region.get(u, -1) >= layer for u in n.users):
+            found = n
+    if found is None:
+        raise TokenDropError(f"token_drop: no hidden state found between decoder layers {layer - 1} and {layer}")
+    return found
+
+
+def _add_xyz_input(gm: fx.GraphModule, after: fx.Node, embeds: fx.Node) -> fx.Node:
+    """A ``spatial_xyz`` (B, L, 3) float32 placeholder after ``after``, its fake value on the same
+    symbolic batch and sequence sizes as ``embeds``."""
+    with gm.graph.inserting_after(after):
+        node = gm.graph.placeholder(XYZ_INPUT)
+    ev = _val(embeds)
+    if ev is not None:
+        mode = getattr(ev, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                node.meta["val"] = torch.empty((ev.shape[0], ev.shape[1], 3), dtype=torch.float32)
+    return node
+
+
 def _set_meta(node: fx.Node, cut: int, layer: int, keep: float, role: str, **extra) -> None:
     node.meta["adatoken"] = {"cut": cut, "layer": layer, "keep": keep, "role": role, **extra}
 
@@ -111,7 +145,9 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
     ``gm`` is the output of :func:`adatoken_compile.compiler.capture.capture` (its ``meta["adatoken_layout"]``
     names inputs/outputs). Returns a NEW GraphModule (``gm`` is not modified; weights are shared).
     Outputs gain ``kept.{c}`` (B, K'_c) original positions per effective cut (-1 on padding) and
-    ``mask.{i}`` become the layer's pruned valid mask. The identity schedule returns an unchanged copy.
+    ``mask.{i}`` become the layer's pruned valid mask. When a cut's rule reads token coordinates the
+    graph gains the input ``spatial_xyz`` (B, L, 3) after ``spatial_mask``. A cut before layer 0
+    selects on the input embeddings. The identity schedule returns an unchanged copy.
     """
     layout = gm.meta.get("adatoken_layout")
     if not layout:
@@ -130,7 +166,13 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
         ph = [placeholders[name] for name in layout["inputs"]]
     except KeyError as e:
         raise TokenDropError(f"token_drop: input {e} not among graph placeholders {list(placeholders)}")
-    embeds, attn_mask, _pos_ids, spatial_in = ph
+    embeds, attn_mask, _pos_ids, spatial_in = ph[:4]
+    needs = schedule.needs()
+    inputs = list(layout["inputs"])
+    xyz_in = placeholders.get(XYZ_INPUT)
+    if "xyz" in needs and xyz_in is None:
+        xyz_in = _add_xyz_input(new, spatial_in, embeds)
+        inputs.insert(inputs.index(spatial_in.name) + 1, XYZ_INPUT)
     out_node = next(n for n in g.nodes if n.op == "output")
     outs = list(out_node.args[0])
     out_names = list(layout["outputs"])
@@ -163,26 +205,44 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
     carrier_src: dict[fx.Node, str] = {}
     len_nodes: set[fx.Node] = set()
     cur_valid = cur_spatial = n0 = kept = None
+    cur_xyz, cur_srank = xyz_in, None
     masks_after: list[tuple[int, fx.Node]] = []
     kept_outs: list[fx.Node] = []
 
     for ci, cut in enumerate(cuts):
         i = cut.layer
         pre = f"adatoken_cut{ci}_"
+        rule_needs = cut.rule.needs()
         first_after = next(
             (n for n in g.nodes if n.op not in ("placeholder", "get_attr", "output") and region.get(n, -1) >= i),
             out_node,
         )
-        key_node = outs[out_names.index(f"key.{i - 1}")]
-        query_node = find_query(g, region, i - 1)
+        reads = {}
+        if "attention" in rule_needs:
+            if i == 0:
+                raise TokenDropError(f"token_drop: rule '{cut.rule.name}' needs attention; it cannot cut before layer 0")
+            reads["query"] = find_query(g, region, i - 1)
+            reads["key"] = outs[out_names.index(f"key.{i - 1}")]
+        if "hidden" in rule_needs:
+            reads["hidden"] = embeds if i == 0 else find_hidden(g, region, i, seq_expr)
         with g.inserting_before(first_after):
+            inserted_here = set()
             if ci == 0:
                 cur_valid = add_module(pre + "valid0", ValidMask(), (attn_mask,), ci, cut, "valid0")
                 n0 = add_module(pre + "n0", SpatialCount(), (spatial_in, cur_valid), ci, cut, "n0")
                 cur_spatial = spatial_in
-            score = add_module(pre + "score", Score(getattr(schedule, "scoring", None), ci),
-                               (query_node, key_node, cur_valid), ci, cut, "score",
-                               query=query_node.name, key=key_node.name)
+                inserted_here |= {cur_valid, n0}
+                if "srank" in needs:
+                    cur_srank = add_module(pre + "srank0", SpatialRank(), (spatial_in, cur_valid), ci, cut, "srank0")
+                    inserted_here.add(cur_srank)
+            if "xyz" in rule_needs:
+                reads["xyz"] = cur_xyz
+            if "srank" in rule_needs:
+                reads["srank"] = cur_srank
+            names = ("query", "key", "hidden", "xyz", "srank")
+            score = add_module(pre + "score", Score(cut.rule, ci, cut.keep),
+                               (cur_valid, cur_spatial, n0) + tuple(reads.get(k) for k in names), ci, cut, "score",
+                               rule=cut.rule.label(), **{k: v.name for k, v in reads.items()})
             sel = add_module(pre + "select", Select(cut.keep), (score, cur_valid, cur_spatial, n0), ci, cut, "select")
             idx = add_getitem(sel, 0, pre + "idx", ci, cut, "idx")
             new_valid = add_getitem(sel, 1, pre + "valid", ci, cut, "valid")
@@ -191,9 +251,16 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                                      "gather_spatial", source=spatial_in.name)
             kargs = (idx, new_valid) if kept is None else (idx, new_valid, kept)
             kept = add_module(pre + "kept_positions", KeptPositions(), kargs, ci, cut, "kept_positions")
-        inserted_here = {score, sel, idx, new_valid, new_len, new_spatial, kept}
-        if ci == 0:
-            inserted_here |= {cur_valid, n0}
+            inserted_here |= {score, sel, idx, new_valid, new_len, new_spatial, kept}
+            # per-token values later cuts' rules read travel with the tokens (unused ones are removed below)
+            if cur_xyz is not None:
+                cur_xyz = add_module(pre + "gather_xyz", GatherSeq((1,)), (cur_xyz, idx), ci, cut, "gather_xyz",
+                                     source=XYZ_INPUT)
+                inserted_here.add(cur_xyz)
+            if cur_srank is not None:
+                cur_srank = add_module(pre + "gather_srank", GatherSeq((1,)), (cur_srank, idx), ci, cut,
+                                       "gather_srank", source="srank")
+                inserted_here.add(cur_srank)
 
         # values defined before the cut and used at or after layer i (outputs handled below)
         crossing = []
@@ -260,8 +327,9 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
             if cur is not None:
                 outs[j] = cur
     out_node.args = (tuple(outs) + tuple(kept_outs),)
-    new.meta["adatoken_layout"] = dict(layout, outputs=out_names + [f"kept.{c}" for c in range(len(cuts))])
-    new.meta["adatoken_cuts"] = [{"cut": c, "layer": k.layer, "keep": k.keep} for c, k in enumerate(cuts)]
+    new.meta["adatoken_layout"] = dict(layout, inputs=inputs, outputs=out_names + [f"kept.{c}" for c in range(len(cuts))])
+    new.meta["adatoken_cuts"] = [{"cut": c, "layer": k.layer, "keep": k.keep, "rule": k.rule.to_dict()}
+                                 for c, k in enumerate(cuts)]
     g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (n.op == "call_module" and n.target == "_guards_fn"))
     g.lint()
     new.recompile()

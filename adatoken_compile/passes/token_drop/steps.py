@@ -7,7 +7,9 @@ from typing import Sequence
 
 from torch import nn
 
-from adatoken_compile.passes.token_drop.ops import gather_seq, kept_positions, rebuild_mask4d, score_for, select_tokens, spatial_count
+from adatoken_compile.passes.token_drop.ops import (gather_seq, kept_positions, rebuild_mask4d, score_cut, select_tokens,
+                                                    spatial_count, spatial_rank)
+from adatoken_compile.selection import Rule
 
 class ValidMask(nn.Module):
     def forward(self, attention_mask):
@@ -19,17 +21,24 @@ class SpatialCount(nn.Module):
         return spatial_count(spatial, valid)
 
 
-class Score(nn.Module):
-    def __init__(self, scoring: dict | None = None, cut_index: int = 0):
-        super().__init__()
-        self.scoring = dict(scoring or {"query": "last_token"})
-        self.cut_index = int(cut_index)
+class SpatialRank(nn.Module):
+    def forward(self, spatial, valid):
+        return spatial_rank(spatial, valid)
 
-    def forward(self, query, key, valid):
-        return score_for(self.scoring, self.cut_index, query, key, valid)
+
+class Score(nn.Module):
+    """The cut's selection rule; inputs the rule does not read are passed as None."""
+
+    def __init__(self, rule: Rule, cut_index: int, keep: float):
+        super().__init__()
+        self.rule, self.cut_index, self.keep = rule, int(cut_index), float(keep)
+
+    def forward(self, valid, spatial, n0, query=None, key=None, hidden=None, xyz=None, srank=None):
+        return score_cut(self.rule, self.cut_index, self.keep, valid, spatial, n0, query=query, key=key, hidden=hidden,
+                         xyz=xyz, srank=srank)
 
     def extra_repr(self):
-        return f"query={self.scoring.get('query')}"
+        return f"rule={self.rule.label()}"
 
 
 class Select(nn.Module):

@@ -1,0 +1,268 @@
+"""Selection rules on hand-checked tiny cases, the schedule's rule per cut (version 2, version 1 still
+loading), the per-position prior, rule-aware FLOPs and the solver's rule choice."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adatoken_compile.calibration import solver
+from adatoken_compile.calibration.stats import CalibrationStats
+from adatoken_compile.errors import InputError
+from adatoken_compile.flops import schedule_flops
+from adatoken_compile.passes.token_drop import score_cut, select_tokens, spatial_count, spatial_rank
+from adatoken_compile.schedule import Cut, Schedule
+from adatoken_compile.selection import PRIOR_BINS, Rule, at_layer, check_rule, needs, pre_llm
+
+ARCH = {"num_layers": 4, "hidden": 16, "heads": 2, "kv_heads": 2, "head_dim": 8, "intermediate": 32, "vocab": 11}
+
+FP = "sha256:" + "a" * 64  # a schedule names its model
+
+
+def _row(n_pre: int, n_sp: int, n_post: int, pad: int = 0):
+    """valid / spatial masks of one left-padded row."""
+    L = pad + n_pre + n_sp + n_post
+    valid = torch.zeros(1, L, dtype=torch.bool)
+    valid[:, pad:] = True
+    spatial = torch.zeros(1, L, dtype=torch.bool)
+    spatial[:, pad + n_pre: pad + n_pre + n_sp] = True
+    return valid, spatial
+
+
+def _kept(rule, keep, valid, spatial, **inputs):
+    """Spatial ranks (0-based, scene order) a cut keeps."""
+    n0 = spatial_count(spatial, valid)
+    s = score_cut(rule, 0, keep, valid, spatial, n0, srank=spatial_rank(spatial, valid), **inputs)
+    idx, new_valid, _ = select_tokens(s, valid, spatial, n0, keep)
+    pos = idx[0][new_valid[0]]
+    pos = pos[spatial[0, pos]]
+    return (spatial_rank(spatial, valid)[0, pos]).tolist()
+
+
+def test_strided_keeps_every_kth():
+    valid, spatial = _row(3, 12, 2, pad=2)
+    assert _kept(Rule.of("strided"), 1 / 3, valid, spatial) == [0, 3, 6, 9]
+    assert _kept(Rule.of("strided"), 0.5, valid, spatial) == [0, 2, 4, 6, 8, 10]
+    valid, spatial = _row(1, 10, 1)
+    assert _kept(Rule.of("strided"), 0.3, valid, spatial) == [0, 4, 7]  # k=3 of 10: floor(r*3/10) steps up
+
+
+@pytest.mark.parametrize("counts,keep", [((8, 4, 2, 2), 0.5), ((5, 5, 3, 3), 7 / 16), ((9, 1, 3, 3), 0.25)])
+def test_stratified_keeps_each_cells_quota(counts, keep):
+    n = sum(counts)
+    valid, spatial = _row(2, n, 3)
+    x = torch.cat([torch.full((c,), float(i)) + torch.linspace(0, 0.5, c) for i, c in enumerate(counts)])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # cells interleaved in scene order
+    xyz = torch.zeros(1, spatial.shape[1], 3)
+    xyz[0, spatial[0], 0] = x[order]
+    cell = torch.zeros(spatial.shape[1], dtype=torch.long)
+    cell[spatial[0]] = torch.clamp((x[order] / 3.5 * 4).floor().long(), 0, 3)
+    rule = Rule.of("stratified", grid=[4, 1, 1], rank="random")
+    kept = _kept(rule, keep, valid, spatial, xyz=xyz)
+    k = math.ceil(keep * n - 1e-9)
+    assert len(kept) == k
+    sp_pos = torch.nonzero(spatial[0]).flatten()
+    got = torch.bincount(cell[sp_pos[kept]], minlength=4).tolist()
+    quota = [(k * c) // n for c in counts]
+    assert all(g >= q for g, q in zip(got, quota)), (got, quota)
+    assert sum(got) - sum(quota) == k - sum(quota) < 4  # the remainder: fewer tokens than cells
+    # inside a cell, the quota goes to the best-ranked tokens (here the seeded hash)
+    from adatoken_compile.passes.token_drop.rules import random_scores
+
+    r = random_scores(valid, 7919)[0]
+    for c in range(4):
+        members = [j for j in range(n) if cell[sp_pos[j]] == c]
+        best = sorted(members, key=lambda j: -float(r[sp_pos[j]]))[:quota[c]]
+        assert set(best) <= set(kept)
+
+
+def test_dedup_never_keeps_two_identical_tokens_while_a_distinct_one_is_left():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        distinct = torch.randn(6, 16, generator=gen)
+        which = torch.randint(0, 6, (14,), generator=gen)
+        which[:6] = torch.arange(6)
+        which = which[torch.randperm(14, generator=gen)]
+        valid, spatial = _row(2, 14, 2)
+        hidden = torch.randn(1, 18, 16, generator=gen)
+        hidden[0, 2:16] = distinct[which] * (1 + torch.rand(14, 1, generator=gen))  # same direction, other norms
+        for k in range(1, 15):
+            kept = _kept(Rule.of("dedup", pivots=3), k / 14, valid, spatial, hidden=hidden)
+            ids = which[kept].tolist()
+            if k <= 6:
+                assert len(set(ids)) == len(ids), (trial, k, ids)  # all distinct while distinct ones are left
+            else:
+                assert set(ids) == set(range(6))
+
+
+def test_diverse_covers_clusters_first():
+    valid, spatial = _row(1, 12, 1)
+    centres = torch.eye(3, 8) * 5
+    feats = centres[torch.tensor([0] * 8 + [1] * 2 + [2] * 2)] + 0.01 * torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.zeros(1, 14, 8)
+    hidden[0, 1:13] = feats
+    kept = _kept(Rule.of("diverse", seed="norm", xyz_weight=0.0, steps=3), 3 / 12, valid, spatial, hidden=hidden)
+    assert sorted({0 if j < 8 else (1 if j < 10 else 2) for j in kept}) == [0, 1, 2]
+
+
+def test_text_tail_is_the_mean_attention_of_the_question_rows():
+    gen = torch.Generator().manual_seed(0)
+    valid, spatial = _row(2, 6, 4, pad=2)
+    L = valid.shape[1]
+    q, k = torch.randn(1, 2, L, 4, generator=gen), torch.randn(1, 2, L, 4, generator=gen)
+    n0 = spatial_count(spatial, valid)
+    got = score_cut(Rule.of("text_tail"), 0, 0.5, valid, spatial, n0, query=q, key=k)
+    rows = [p for p in range(L) if valid[0, p] and not spatial[0, p] and p > 2 + 2 + 5]  # after the scene
+    want = torch.zeros(L)
+    for p in rows:
+        logits = (q[0, :, p, None] @ k[0].transpose(-1, -2))[:, 0] / 2.0  # (heads, L)
+        logits[:, ~(valid[0] & (torch.arange(L) <= p))] = -float("inf")
+        want += torch.softmax(logits, -1).mean(0)
+    torch.testing.assert_close(got[0], want / len(rows))
+
+
+def test_debiased_divides_by_the_prior_of_the_token_position():
+    valid, spatial = _row(1, 8, 1)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 10, 4, generator=gen), torch.randn(1, 2, 10, 4, generator=gen)
+    prior = [1.0 + b for b in range(PRIOR_BINS)]
+    n0 = spatial_count(spatial, valid)
+    srank = spatial_rank(spatial, valid)
+    got = score_cut(Rule.of("debiased", prior=prior), 0, 0.5, valid, spatial, n0, query=q, key=k, srank=srank)
+    att = score_cut(Rule.of("last_token"), 0, 0.5, valid, spatial, n0, query=q, key=k)
+    for j, p in enumerate(range(1, 9)):
+        assert float(got[0, p]) == pytest.approx(float(att[0, p]) / prior[(j * PRIOR_BINS) // 8])
+
+
+def test_rule_catalogue_needs_and_layer_zero():
+    assert needs("last_token") == {"attention"} and not pre_llm("last_token")
+    assert pre_llm("strided") and pre_llm("random") and pre_llm("dedup")
+    assert not pre_llm("stratified") and pre_llm("stratified", {"rank": "random"})
+    assert at_layer("stratified", 0).get("rank") == "random" and at_layer("diverse", 0).get("seed") == "norm"
+    assert at_layer("stratified", 2) == Rule.of("stratified")
+    for bad, layer, msg in [(Rule.of("last_token"), 0, "needs attention"), (Rule.of("nope"), 1, "unknown selection rule"),
+                            (Rule.of("dedup", pivot=3), 1, "no parameter 'pivot'"),
+                            (Rule.of("debiased"), 1, "needs 'prior'"), (Rule.of("stratified", grid=[4, 4]), 1, "grid"),
+                            (Rule.of("diverse", seed="x"), 1, "seed='x'")]:
+        with pytest.raises(InputError, match=msg):
+            check_rule(bad, layer)
+
+
+def test_schedule_v2_round_trip_and_v1_still_loads(tmp_path):
+    s = Schedule(cuts=[Cut(0, 0.8, Rule.of("strided")), Cut(2, 0.4, Rule.of("stratified", grid=[2, 2, 1]))],
+                 num_layers=4, policy="x", fingerprint=FP, family="llava3d").validate()
+    d = s.to_dict()
+    assert d["version"] == 2 and d["cuts"][1]["rule"] == {"name": "stratified", "grid": [2, 2, 1]}
+    again = Schedule.from_dict(json.loads(json.dumps(d)))
+    assert again.cuts == s.cuts and again.needs() == {"xyz", "attention"}
+    v1 = {"schema": "adatoken-compile/schedule", "version": 1, "policy": "adaptive",
+          "model": {"fingerprint": FP, "family": "llava3d", "num_layers": 8, "name": None},
+          "cuts": [{"layer": 1, "keep": 0.7}, {"layer": 2, "keep": 0.4}],
+          "scoring": {"query": "last_token", "keys": "prev_layer_rope", "normalize": "softmax_real_keys",
+                      "head_reduction": "mean"}, "positions": "original"}
+    old = Schedule.from_dict(v1)
+    assert [(c.layer, c.keep, c.rule) for c in old.cuts] == [(1, 0.7, Rule()), (2, 0.4, Rule())]
+    v1["scoring"] = {"query": "random", "keys": "none", "normalize": "none", "head_reduction": "none", "seed": 5}
+    assert {c.rule for c in Schedule.from_dict(v1).cuts} == {Rule.of("random", seed=5)}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**d, "cuts": [{"layer": 0, "keep": 0.5, "rule": {"name": "last_token"}}]}))
+    with pytest.raises(InputError, match="needs attention"):
+        Schedule.load(str(path))
+
+
+def test_stats_prior_and_old_stats_files(tmp_path):
+    import hashlib
+
+    st = CalibrationStats.empty(ARCH, "fp")
+    assert st.position_prior(0) is None
+    st.arrays["prior_rows"][0] = 2
+    st.arrays["prior_frac"][:] = 2 * (2**32) // PRIOR_BINS
+    st.arrays["prior_attn"][1, :] = np.linspace(0.5, 1.5, PRIOR_BINS) * 2 * (2**32) / PRIOR_BINS
+    prior = st.position_prior(1)
+    assert prior[0] == pytest.approx(0.5, abs=1e-5) and prior[-1] == pytest.approx(1.5, abs=1e-5)
+    st.save(str(tmp_path))
+    # statistics written before the prior existed read with no prior
+    with np.load(tmp_path / "stats.npz") as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("prior_")}
+    np.savez(tmp_path / "stats.npz", **arrays)
+    head = json.loads((tmp_path / "stats.json").read_text())
+    head["npz_sha256"] = hashlib.sha256((tmp_path / "stats.npz").read_bytes()).hexdigest()
+    (tmp_path / "stats.json").write_text(json.dumps(head))
+    assert CalibrationStats.load(str(tmp_path)).position_prior(1) is None
+
+
+def test_flops_count_the_rule_and_a_cut_before_layer_zero():
+    base = Schedule(cuts=[Cut(1, 0.5)], num_layers=4)
+    f = {r: schedule_flops(ARCH, base.with_rule(Rule.of(r)), 400, 20)["flops_ratio"] for r in ("last_token", "strided", "dedup")}
+    assert f["strided"] < f["last_token"] < f["dedup"]
+    pre = schedule_flops(ARCH, Schedule(cuts=[Cut(0, 0.5, Rule.of("strided"))], num_layers=4), 400, 20)
+    assert pre["tokens_per_layer"] == [200] * 4 and pre["flops_ratio"] < f["strided"]
+
+
+class _Measured:
+    """A held-back 'measurement' constructed per rule: agreeing rows out of 100."""
+
+    def __init__(self, agreed: dict):
+        self.agreed, self.calls = agreed, []
+
+    def measure(self, decoder, holdout, schedule, max_disagree=None):
+        key = tuple(c.rule.name for c in schedule.cuts)
+        self.calls.append((key, max_disagree))
+        a = self.agreed[key]
+        stopped = max_disagree is not None and 100 - a > max_disagree
+        return {"agreement": a / 100, "agreed": a, "rows": 100, **({"stopped": True} if stopped else {})}
+
+
+def test_solver_picks_the_rule_a_constructed_case_makes_best():
+    st = CalibrationStats.empty(ARCH, "fp")
+    st.arrays["samples"][0] = 1
+    st.arrays["spatial_tokens_sum"][0] = 400
+    st.arrays["text_tokens_sum"][0] = 20
+    s = Schedule(cuts=[Cut(1, 0.5), Cut(2, 0.25)], num_layers=4)
+    agreed = {}
+    for a in ("last_token", "strided", "stratified", "random", "dedup"):
+        for b in ("last_token", "strided", "stratified", "random", "dedup"):
+            agreed[(a, b)] = 80 + {"strided": 6, "random": 3}.get(a, 0) + {"stratified": 9, "random": 2}.get(b, 0) \
+                + (15 if "dedup" in (a, b) else 0)
+    fake = _Measured(agreed)
+    limit = schedule_flops(ARCH, s, 400, 20)["flops_ratio"]
+    best, m, trials = solver.choose_rules(None, st, [], s, {"agreed": 80, "rows": 100, "agreement": 0.8},
+                                          ["last_token", "strided", "stratified", "random", "dedup"], fake, limit)
+    assert [c.rule.name for c in best.cuts] == ["strided", "stratified"] and m["agreed"] == 95
+    # dedup would agree most, but its pairwise similarity costs more than the budget allows
+    assert all(t.get("skipped") for t in trials if t["rule"] == "dedup")
+    # a trial stops once it has as many disagreements as the incumbent
+    assert fake.calls[0] == (("strided", "last_token"), 19)
+    # then one cut before layer 0 at the same FLOPs per rule that can run there
+    fake.agreed.update({("strided",): 94, ("random",): 97, ("dedup",): 99, ("stratified",): 90, ("diverse",): 50})
+    pre, m2, more = solver.choose_pre_llm(None, st, [], best, m, ["strided", "random", "last_token"], fake, limit)
+    assert [(c.layer, c.rule.name) for c in pre.cuts] == [(0, "random")] and m2["agreed"] == 97
+    assert {t["rule"] for t in more} == {"strided", "random"}  # last_token cannot run before layer 0
+    assert schedule_flops(ARCH, pre, 400, 20)["flops_ratio"] <= limit + 1e-3
+
+
+def test_calibrate_with_rules_keeps_the_most_agreeing_choice():
+    from adatoken_compile.calibration.api import calibrate
+
+    from conftest import make_batch, tiny_decoder
+
+    model = tiny_decoder("qwen2", "sdpa", layers=4)
+    data = [make_batch([(3, 30, 4), (2, 24, 3)], seed=i) for i in range(8)]
+    names = ("last_token", "strided", "random")
+    s, _ = calibrate(model, data, policy="adaptive", flops_budget=0.6, holdout=6, progress=False, rules=names)
+    trials = s.calibration["rules"]["trials"]
+    assert {t["rule"] for t in trials} >= {"strided", "random"} and any(t["cut"] == 0 for t in trials)
+    done = [t for t in trials if "agreed" in t and not t["stopped"]]
+    assert all(s.calibration["fidelity"]["agreed"] >= t["agreed"] for t in done)
+    assert s.predicted["flops_ratio"] <= 0.6 + solver.RULE_FLOPS_SLACK
+    # a budget no in-LLM cut reaches (layer 0 alone is a quarter of it) is met before layer 0
+    s2, _ = calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False, rules=names)
+    assert [c.layer for c in s2.cuts] == [0] and s2.predicted["flops_ratio"] <= 0.3 + 1e-3
+    with pytest.raises(InputError, match="unreachable"):
+        calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False)
+    with pytest.raises(InputError, match="even before layer 0"):  # the text tokens alone cost more
+        calibrate(model, data, policy="adaptive", flops_budget=0.1, holdout=6, progress=False, rules=names)

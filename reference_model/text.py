@@ -14,7 +14,7 @@ def training_tokenizer():
     """The bundled model's tokenizer: trained on the system prompt and every question and answer
     the generator can emit, inside the real llava_v1 prompt pieces ("\n" included)."""
     from adatoken_compile.benchmark3d import dataset as ds
-    from adatoken_compile.models.llava3d import SYSTEM_PROMPT, llava_v1_prompt
+    from adatoken_compile.runtime.prompt import SYSTEM_PROMPT, llava_v1_prompt
     from adatoken_compile.runtime.tokenizer import build_word_tokenizer
 
     texts = [SYSTEM_PROMPT, "USER: ASSISTANT:"] + list(ds.all_texts())

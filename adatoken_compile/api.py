@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import Runtime, load
+from adatoken_compile.runtime.session import choose_providers
 
 DEFAULT_MODEL = "llava3d-tiny"
 # One set of calibration defaults for the API, the CLI and the main job.
@@ -35,12 +36,16 @@ __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compile", "eva
            "load_model"]
 
 
-def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa"):
+def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa", dtype: str = "float32",
+               lazy: bool = False):
     """Load a checkpoint directory or a bundled name as a model adapter (PyTorch).
 
     ``model``: a directory in the released LLaVA-3D layout (``model_type`` ``llava_llama`` /
     ``llava_qwen``) or an HF ``LlavaForConditionalGeneration`` checkpoint, or a bundled name
     (default ``llava3d-tiny``); an adapter is returned as is. ``attn``: ``sdpa`` or ``eager``.
+    ``dtype``: ``float32``, ``float16`` or ``bfloat16`` (the modules are built in it). ``lazy``:
+    the decoder's weights stay on disk until :func:`compile` writes them, one at a time (what a
+    7B model needs on a 24 GB machine); such a model can only be compiled.
 
     Example::
 
@@ -48,9 +53,11 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
     """
     if model is not None and not isinstance(model, str):
         return model
-    from adatoken_compile.models.registry import load_adapter  # torch: not in the runtime install
+    from adatoken_compile.compiler.weights import torch_dtype  # torch: not in the runtime install
+    from adatoken_compile.models.registry import load_adapter
 
-    return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn)
+    return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
+                        dtype=torch_dtype(dtype), lazy=lazy)
 
 
 @dataclass
@@ -128,25 +135,35 @@ def _schedule_for(adapter, schedule):
     return Schedule.load(schedule) if isinstance(schedule, str) else schedule
 
 
-def compile(model=None, schedule=None, out: str | None = None, *, decode: bool = True, overwrite: bool = False,
-            opset: int | None = None, progress: bool = True):
+def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "float32", quantize: str | None = None,
+            block_size: int = 32, decode: bool = True, overwrite: bool = False, opset: int | None = None,
+            progress: bool = True):
     """Capture the model, insert the schedule's token-drop nodes and write an ONNX artifact to ``out``.
 
     ``schedule``: a Schedule, a schedule.json path, or None for the unpruned (identity) artifact.
-    Returns the manifest; ``manifest.digest`` (``sha256:...``) identifies the artifact.
+    ``dtype``: what the graphs compute in (``float32``, ``float16``, ``bfloat16``; the inserted
+    token-drop nodes score in float32 whatever it is). ``quantize="int4"``: the decoder's linear
+    layers (lm_head included) as onnxruntime ``MatMulNBits`` int4 weights in blocks of
+    ``block_size``. A model given by name or directory is loaded in ``dtype`` with its decoder
+    weights left on disk and written one at a time (a 7B model compiles in a few GB of memory);
+    a loaded model must be in ``dtype`` already. Returns the manifest; ``manifest.digest``
+    (``sha256:...``) identifies the artifact.
 
     Example::
 
-        man = compile(schedule="runs/cal/schedule.json", out="runs/art")
+        man = compile(schedule="runs/cal/schedule.json", out="runs/art", quantize="int4")
         print(man.digest)
     """
     from adatoken_compile.compiler.pipeline import compile_artifact  # torch: not in the runtime install
+    from adatoken_compile.compiler.weights import Quantization, torch_dtype
 
     if not out:
         raise InputError("compile: pass out=DIR (--out), the artifact directory to write")
-    adapter = load_model(model)
+    torch_dtype(dtype)
+    q = Quantization(quantize, int(block_size)).validate() if quantize else None
+    adapter = load_model(model, dtype=dtype, lazy=True)
     return compile_artifact(adapter, _schedule_for(adapter, schedule), out, opset=opset, progress=progress,
-                            decode=decode, overwrite=overwrite)
+                            decode=decode, overwrite=overwrite, dtype=dtype, quantize=q)
 
 
 def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -202,6 +219,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.accuracy import evaluate as run_eval  # torch: not in the runtime install
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
+    choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+
     samples = [s for s in load_samples(data, limit=limit)
                if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
     if not samples:
@@ -237,6 +256,7 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
     from adatoken_compile.benchmarking.artifacts import bench_artifacts  # torch-free, but profiles with onnx
     from adatoken_compile.data import load_samples
 
+    choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded or compiled
     samples = load_samples(data, limit=1)
     with tempfile.TemporaryDirectory(prefix="adatoken-baseline-") as tmp:
         if not baseline:

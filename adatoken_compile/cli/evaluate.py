@@ -6,10 +6,11 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.benchmarking.report import format_bench
-from adatoken_compile.cli.main import (default, echo_json, given, load_model, main, model_options, progress,
-                                       provider_option, user_errors)
+from adatoken_compile.cli.main import (check_provider, default, echo_json, given, load_model, main, model_options,
+                                       progress, provider_option, user_errors)
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output, write_json
+from adatoken_compile.runtime.session import choose_providers
 
 
 @main.command("eval")
@@ -30,6 +31,7 @@ from adatoken_compile.io import check_output, write_json
 @user_errors
 def eval_cmd(model, vision_tower, attn, artifact, baseline, data, limit, kinds, as_json, predictions, overwrite, provider):
     """Answer accuracy on a question set (overall and per question kind)."""
+    check_provider(provider)
     if predictions:
         check_output(predictions, "file", overwrite=overwrite, is_dir=False)
     adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn)
@@ -81,6 +83,7 @@ def bench(model, vision_tower, attn, artifact, baseline, data, repeats, new_toke
     """Pruned vs unpruned artifact: prefill and end-to-end latency, FLOPs, realised fraction, overhead."""
     if not artifact and not synthetic:
         raise InputError("pass --artifact ART (and optionally --baseline ART0), or --synthetic-7b")
+    check_provider(provider)
     log = (lambda m: click.echo(m, err=True))
     res = {}
     if artifact:
@@ -94,7 +97,8 @@ def bench(model, vision_tower, attn, artifact, baseline, data, repeats, new_toke
 
         log(f"synthetic 7B-width decoder, {layers} layers (minutes) ...")
         res["synthetic_7b_width"] = synthetic_7b_width(layers=layers, schedule_keep=[(1, 0.3)],
-                                                       repeats=repeats or default(api.bench, "repeats"), threads=threads)
+                                                       repeats=repeats or default(api.bench, "repeats"), threads=threads,
+                                                       providers=choose_providers(provider))
     if as_json:
         echo_json(res)
         return

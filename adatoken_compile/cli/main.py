@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from adatoken_compile import api
 from adatoken_compile.errors import InputError
+from adatoken_compile.runtime.session import choose_providers
 
 MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
 
@@ -50,7 +51,13 @@ def model_options(fn):
 
 def provider_option(fn):
     return click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-                        help="ONNX Runtime execution provider (auto: CUDA when available)")(fn)
+                        help="ONNX Runtime execution provider (auto: CUDA when available; cuda: an error "
+                             "when it is not)")(fn)
+
+
+def check_provider(provider: str) -> None:
+    """Refuse ``--provider cuda`` without CUDA before any model or artifact is loaded."""
+    choose_providers(provider)
 
 
 def load_model(model, vision_tower, attn):

@@ -11,6 +11,7 @@ Qwen2ForCausalLM); nothing of transformers is patched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Sequence
@@ -35,7 +36,7 @@ from adatoken_compile.runtime.scene import (MAX_SPATIAL_TOKENS, VOXEL_SIZE, Scen
                                             voxelize)
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
-from adatoken_compile.models.checkpoint import (assign_exact, config_digest, embed_token_ids, files_digest, load_state_dict,
+from adatoken_compile.models.checkpoint import (LazyWeights, assign_exact, config_digest, embed_token_ids, files_digest, load_state_dict,
                                                 read_config, weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
@@ -102,8 +103,20 @@ def decoder_classes(cfg: dict, where: str):
     raise InputError(f"{where}: model_type '{mt}' is not a LLaVA-3D decoder (expected llava_llama or llava_qwen)")
 
 
-def _new_module(cls, *args, **kw):
-    with no_init_weights():
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype`` (no float32 copy first: a 7B decoder is 28 GB in float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _new_module(cls, *args, dtype: torch.dtype = torch.float32, **kw):
+    """``cls(*args)`` in ``dtype`` with uninitialised weights (their memory is untouched until written)."""
+    with no_init_weights(), default_dtype(dtype):
         return cls(*args, **kw)
 
 
@@ -152,7 +165,11 @@ class Llava3DAdapter:
         vision_tower: str | None = None,
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
+        lazy: bool = False,
     ):
+        """``dtype``: every module's parameters (built directly in it). ``lazy``: the decoder's
+        weights (but the input embeddings) stay on disk, recorded in :attr:`lazy_weights`, and are
+        read one at a time when ``compile`` writes them; such an adapter can only be compiled."""
         self.model_dir = model_dir
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
@@ -162,13 +179,13 @@ class Llava3DAdapter:
         cfg_cls, lm_cls = decoder_classes(cfg, where)
         dec_cfg = cfg_cls(**{k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")})
         dec_cfg._attn_implementation = attn_implementation
-        self.decoder = _new_module(lm_cls, dec_cfg).to(dtype).eval()
+        self.decoder = _new_module(lm_cls, dec_cfg, dtype=dtype).eval()
 
         # ------------------------------------------------------------- vision tower (local dir)
         self.vision_dir = _local_vision_dir(model_dir, cfg, vision_tower, where)
         vcfg = CLIPVisionConfig.from_pretrained(self.vision_dir, local_files_only=True)
         vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
-        vision = _new_module(CLIPVisionModel, vcfg)
+        vision = _new_module(CLIPVisionModel, vcfg, dtype=dtype)
         vfiles = weight_files(self.vision_dir)
         vsd = load_state_dict(vfiles)
         if vsd and not next(iter(vsd)).startswith("vision_model."):
@@ -191,7 +208,9 @@ class Llava3DAdapter:
 
         # ------------------------------------------------------------- LLaVA-3D weights
         files = weight_files(model_dir)
-        sd = load_state_dict(files)
+        embed_key = "model.embed_tokens.weight"
+        sd = load_state_dict(files, on_disk=(lambda k: k != embed_key and not k.startswith(
+            (PE_PREFIX, BOX_PREFIX, PROJ_PREFIX) + IGNORED_PREFIXES)) if lazy else None)
         sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
         parts = {"pe": {}, "box": {}, "proj": {}, "dec": {}}
         for k, v in sd.items():
@@ -208,7 +227,8 @@ class Llava3DAdapter:
             dsd = self.decoder.state_dict()
             parts["dec"]["lm_head.weight"] = parts["dec"].get("model.embed_tokens.weight", dsd["lm_head.weight"])
         where_w = os.path.join(model_dir, os.path.basename(files[0]) if len(files) == 1 else "model.safetensors.index.json")
-        assign_exact(self.decoder, parts["dec"], where_w)
+        self.lazy_weights = LazyWeights()
+        assign_exact(self.decoder, parts["dec"], where_w, lazy=self.lazy_weights)
         assign_exact(self.pe3d, parts["pe"], where_w, prefix=PE_PREFIX)
         assign_exact(self.projector, parts["proj"], where_w, prefix=PROJ_PREFIX)
         self.has_boxes = bool(parts["box"])

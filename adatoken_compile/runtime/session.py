@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 from ..errors import InputError
@@ -16,6 +17,14 @@ LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def input_dtype(ort_type: str):
+    """The numpy dtype of a floating-point ORT input type string (``tensor(float16)``); None for others."""
+    return _ORT_TYPES.get(ort_type)
 
 
 def cuda_available() -> bool:

@@ -240,11 +240,15 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
 
 
 def bench(artifact: str, *, baseline: str | None = None, model=None, data: str = EVAL_DATA, repeats: int = 7,
-          new_tokens: int = 16, threads: int | None = None, providers=None, log=None) -> dict:
+          new_tokens: int = 16, threads: int | None = None, providers=None, log=None, tokens=None) -> dict:
     """Pruned vs unpruned artifact on the first question of ``data``: prefill and end-to-end latency
     (interleaved runs, medians), FLOPs (formula and executed graph), realised fraction, inserted-node
     overhead and KV-cache bytes. ``baseline``: an identity artifact of the same model (default:
     compiled from ``model`` into a temporary directory).
+
+    ``tokens=(spatial, text)``: the prefill graphs only, on random embeddings at those token counts
+    (e.g. ``(1400, 60)``, LLaVA-3D's), without loading encoders or decode graphs (a 7B artifact
+    on a small machine); needs ``baseline``.
 
     Example::
 
@@ -253,10 +257,18 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
     """
     import tempfile
 
-    from adatoken_compile.benchmarking.artifacts import bench_artifacts  # torch-free, but profiles with onnx
+    from adatoken_compile.benchmarking.artifacts import bench_artifacts, bench_prefill_tokens  # profiles with onnx
     from adatoken_compile.data import load_samples
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded or compiled
+    if tokens is not None:
+        if not baseline:
+            raise InputError("bench --tokens: pass --baseline ART0, an identity artifact of the same model")
+        spatial, text = tokens
+        res = bench_prefill_tokens(artifact, baseline, int(spatial), int(text), repeats=repeats, threads=threads,
+                                   providers=providers, log=log)
+        res["environment"] = environment()
+        return res
     samples = load_samples(data, limit=1)
     with tempfile.TemporaryDirectory(prefix="adatoken-baseline-") as tmp:
         if not baseline:

@@ -30,12 +30,13 @@ QUESTIONS = ["what is in the room?", "how many chairs are next to the big table 
 @pytest.fixture(scope="module")
 def arts(tiny3d_dir, tmp_path_factory):
     """One pruned schedule compiled four ways: float32 in memory, float32 / float16 / int4 with the
-    decoder's weights read from the checkpoint as they are written."""
+    decoder's weights read from the checkpoint as they are written; and the identity artifact."""
     d = tmp_path_factory.mktemp("precision")
     a = load_adapter(tiny3d_dir)
     sched = Schedule([Cut(1, 0.5), Cut(2, 0.25)], a.arch()["num_layers"], fingerprint=a.fingerprint(), family=a.family)
-    out = {name: str(d / name) for name in ("mem32", "f32", "f16", "q4")}
+    out = {name: str(d / name) for name in ("mem32", "f32", "f16", "q4", "id32")}
     compile_artifact(a, sched, out["mem32"], progress=False, decode=False)
+    ac.compile(tiny3d_dir, None, out["id32"], decode=False, progress=False)
     ac.compile(tiny3d_dir, sched, out["f32"], decode=False, progress=False)
     ac.compile(tiny3d_dir, sched, out["f16"], dtype="float16", progress=False)
     ac.compile(tiny3d_dir, sched, out["q4"], quantize="int4", block_size=32, progress=False)
@@ -93,6 +94,18 @@ def test_int4_artifact_quantises_every_linear_layer(arts, scene_file):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95  # the same function, to int4 rounding
     answers = rt.generate([s.scene for s in samples], QUESTIONS, max_new_tokens=4)
     assert len(answers) == 3 and all(isinstance(x, str) for x in answers)
+
+
+def test_bench_prefill_at_given_token_counts(arts):
+    res = ac.bench(arts["mem32"], baseline=arts["id32"], tokens=(40, 12), repeats=1, threads=1)
+    p = res["prefill"]
+    assert p["tokens"] == {"spatial": 40, "text": 12, "spatial_per_layer": [40, 20, 10, 10]}
+    assert p["flops_ratio"] < 0.7 and abs(p["flops_ratio_graph"] - p["flops_ratio"]) < 0.05
+    assert p["latency_ratio"] > 0 and res["precision"]["dtype"] == "float32"
+    with pytest.raises(InputError, match="identity"):
+        ac.bench(arts["id32"], baseline=arts["mem32"], tokens=(40, 12), repeats=1)
+    with pytest.raises(InputError, match="--baseline"):
+        ac.bench(arts["mem32"], tokens=(40, 12))
 
 
 def test_bfloat16_artifact_has_float32_boundary_and_refuses_cpu(tiny3d_dir, tmp_path):

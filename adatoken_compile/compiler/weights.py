@@ -127,6 +127,20 @@ def stream_initializers(model: ir.Model, source: WeightSource | None) -> int:
     return n
 
 
+def _transposed(g: ir.Graph, src: ir.Value, perm: list[int]) -> ir.Value:
+    """A new initializer ``<src>.T``: ``src`` transposed by ``perm`` when it is written."""
+    tensor, name = src.const_value, src.name + ".T"
+    shape = ir.Shape([src.shape[p] for p in perm])
+
+    def value():
+        return ir.Tensor(np.ascontiguousarray(np.asarray(tensor.numpy()).transpose(perm)), name=name)
+
+    new = ir.Value(name=name, shape=shape, type=ir.TensorType(src.dtype),
+                   const_value=ir.LazyTensor(value, dtype=src.dtype, shape=shape, name=name))
+    g.register_initializer(new)
+    return new
+
+
 def fold_weight_transposes(model: ir.Model) -> int:
     """``Transpose(W)`` with ``W`` an initializer used only there -> initializer ``<W>.T``, transposed
     when written. Returns how many."""
@@ -135,26 +149,13 @@ def fold_weight_transposes(model: ir.Model) -> int:
     for node in list(g):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             continue
-        src = node.inputs[0]
-        if src is None or not src.is_initializer() or src.const_value is None or len(src.uses()) != 1:
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or not src.is_initializer() or src.const_value is None or len(src.uses()) != 1 \
+                or out.is_graph_output():
             continue
-        rank = len(src.shape)
         perm_attr = node.attributes.get("perm")
-        perm = list(perm_attr.value) if perm_attr is not None else list(range(rank))[::-1]
-        tensor = src.const_value
-        shape = [src.shape[p] for p in perm]
-
-        def transposed(tensor=tensor, perm=perm, name=src.name + ".T"):
-            return ir.Tensor(np.ascontiguousarray(np.asarray(tensor.numpy()).transpose(perm)), name=name)
-
-        new = ir.Value(name=src.name + ".T", shape=ir.Shape(shape), type=ir.TensorType(src.dtype),
-                       const_value=ir.LazyTensor(transposed, dtype=src.dtype, shape=ir.Shape(shape), name=src.name + ".T"))
-        out = node.outputs[0]
-        was_output = out.is_graph_output()
-        if was_output:  # a weight is never a graph output here, but keep the graph valid if it were
-            continue
-        g.register_initializer(new)
-        out.replace_all_uses_with(new)
+        perm = list(perm_attr.value) if perm_attr is not None else list(range(len(src.shape)))[::-1]
+        out.replace_all_uses_with(_transposed(g, src, perm))
         g.remove(node, safe=True)
         g.initializers.pop(src.name)
         n += 1
@@ -170,16 +171,7 @@ def _gemm_as_matmul(g: ir.Graph, node: ir.Node) -> ir.Node | None:
             or a.get("alpha", 1.0) != 1.0 or w is None or not w.is_initializer() or w.const_value is None \
             or len(w.uses()) != 1:
         return None
-    tensor = w.const_value
-    shape = [w.shape[1], w.shape[0]]
-
-    def transposed(tensor=tensor, name=w.name + ".T"):
-        return ir.Tensor(np.ascontiguousarray(np.asarray(tensor.numpy()).T), name=name)
-
-    wt = ir.Value(name=w.name + ".T", shape=ir.Shape(shape), type=ir.TensorType(w.dtype),
-                  const_value=ir.LazyTensor(transposed, dtype=w.dtype, shape=ir.Shape(shape), name=w.name + ".T"))
-    g.register_initializer(wt)
-    mm = ir.Node("", "MatMul", [node.inputs[0], wt], name=(node.name or "gemm") + "/as_matmul",
+    mm = ir.Node("", "MatMul", [node.inputs[0], _transposed(g, w, [1, 0])], name=(node.name or "gemm") + "/as_matmul",
                  metadata_props=dict(node.metadata_props))
     ir.convenience.replace_nodes_and_values(g, node, [node], [mm], node.outputs, mm.outputs)
     g.initializers.pop(w.name)
@@ -196,7 +188,7 @@ class _Spilled:
         return ir.Tensor(np.load(self.path, allow_pickle=False), name=os.path.basename(self.path)[:-4])
 
 
-def quantize_matmuls(model: ir.Model, q: Quantization, spill_dir: str, log=None) -> int:
+def quantize_matmuls(model: ir.Model, q: Quantization, spill_dir: str) -> int:
     """Replace every ``MatMul`` with a constant 2-D weight (and the lm_head's ``Gemm``) by
     ``com.microsoft.MatMulNBits``. Each weight is quantised by onnxruntime's
     ``DefaultWeightOnlyQuantizer`` on a one-node graph holding only that weight; the quantised
@@ -218,12 +210,10 @@ def quantize_matmuls(model: ir.Model, q: Quantization, spill_dir: str, log=None)
             continue
         if w.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             continue
-        k, nn_ = int(w.shape[0]), int(w.shape[1])
-        if k < q.block_size:
+        if int(w.shape[0]) < q.block_size:
             continue
         arr = np.asarray(w.const_value.numpy())
-        a_name, y_name = "A", "Y"
-        proto = onnx.helper.make_node("MatMul", [a_name, w.name], [y_name], name=node.name or w.name)
+        proto = onnx.helper.make_node("MatMul", ["A", w.name], ["Y"], name=node.name or w.name)
         small = onnx.helper.make_graph([proto], "weight", [], [], initializer=[ir.serde.serialize_tensor(ir.Tensor(arr, name=w.name))])
         del arr
         new_nodes = quantizer.quantize(proto, [small])
@@ -234,8 +224,7 @@ def quantize_matmuls(model: ir.Model, q: Quantization, spill_dir: str, log=None)
         for t in small.initializer:
             if t.name == w.name:
                 continue
-            arr = onnx.numpy_helper.to_array(t) if t.data_type != onnx.TensorProto.BFLOAT16 else \
-                ir.serde.deserialize_tensor(t).numpy()
+            arr = ir.serde.deserialize_tensor(t).numpy()
             path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir)):06d}.npy")
             np.save(path, arr)
             dt = ir.DataType.from_numpy(arr.dtype)
@@ -253,8 +242,6 @@ def quantize_matmuls(model: ir.Model, q: Quantization, spill_dir: str, log=None)
         ir.convenience.replace_nodes_and_values(g, node, [node], [new], node.outputs, new.outputs)
         g.initializers.pop(w.name)
         n += 1
-        if log is not None:
-            log(n, w.name, (k, nn_))
     if n:
         model.opset_imports["com.microsoft"] = 1
     return n

@@ -8,7 +8,8 @@
 # Disk: about 14 GB (checkpoint) + 27 GB (float16 artifact, deleted once measured) + 11 GB (int4).
 # Memory: see docs/deploying.md; the bench holds two int4 prefill sessions.
 set -euo pipefail
-D=${1:?usage: scripts/deploy_7b.sh DIR [THREADS]}
+D=$(realpath -m "${1:?usage: scripts/deploy_7b.sh DIR [THREADS]}")
+cd "$(dirname "$0")/.."  # this checkout's package
 T=${2:-2}
 L=${LAYERS:-32}
 mkdir -p "$D"

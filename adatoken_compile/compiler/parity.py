@@ -45,7 +45,8 @@ def compare_artifacts(candidate: str, reference: str, samples, batch_size: int =
 
     Returns ``n``, the next-token logits' ``logits_max_abs`` / ``logits_mean_abs`` difference
     (float32), ``next_token_agreement`` (same greedy first token), and per cut ``kept_equal`` (the
-    fraction of rows whose kept token positions are identical).
+    fraction of rows whose kept token positions are identical) and ``kept_overlap`` (the mean
+    fraction of the reference's kept positions the candidate keeps too).
     """
     cand, ref = load(candidate, providers), load(reference, providers)
     if cand.manifest.fingerprint != ref.manifest.fingerprint or cand.schedule.to_dict() != ref.schedule.to_dict():
@@ -53,6 +54,7 @@ def compare_artifacts(candidate: str, reference: str, samples, batch_size: int =
     n = agree = 0
     max_abs = sum_abs = 0.0
     kept = [0] * len(ref.cuts)
+    overlap = [0.0] * len(ref.cuts)
     for i in range(0, len(samples), batch_size):
         group = samples[i:i + batch_size]
         oc, orf = cand.prefill(cand.prepare(group)), ref.prefill(ref.prepare(group))
@@ -61,10 +63,12 @@ def compare_artifacts(candidate: str, reference: str, samples, batch_size: int =
         max_abs, sum_abs = max(max_abs, float(d.max())), sum_abs + float(d.mean(axis=1).sum())
         agree += int((lc.argmax(-1) == lr.argmax(-1)).sum())
         for c in range(len(kept)):
-            a, b = oc[f"kept.{c}"], orf[f"kept.{c}"]
-            kept[c] += int((a == b).all(axis=1).sum()) if a.shape == b.shape else \
-                sum(np.array_equal(np.sort(x[x >= 0]), np.sort(y[y >= 0])) for x, y in zip(a, b))
+            for x, y in zip(oc[f"kept.{c}"], orf[f"kept.{c}"]):
+                x, y = set(x[x >= 0].tolist()), set(y[y >= 0].tolist())
+                kept[c] += x == y
+                overlap[c] += len(x & y) / max(len(y), 1)
         n += len(group)
     return {"n": n, "candidate": candidate, "reference": reference, "precision": cand.precision,
             "logits_max_abs": max_abs, "logits_mean_abs": sum_abs / max(n, 1),
-            "next_token_agreement": agree / max(n, 1), "kept_equal": [k / max(n, 1) for k in kept]}
+            "next_token_agreement": agree / max(n, 1), "kept_equal": [k / max(n, 1) for k in kept],
+            "kept_overlap": [o / max(n, 1) for o in overlap]}

@@ -36,6 +36,10 @@ def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_d
     click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")
     for name, g in man.graphs.items():
         click.echo(f"  {name:<10} {g['file']:<16} {man.graph_bytes(name) / 1e6:9.2f} MB  opset {g['opset']}")
+    prec = man.data["precision"]
+    q = prec["quantize"]
+    click.echo(f"  precision  {prec['dtype']}" + (f", int4 weights in blocks of {q['block_size']}" if q else "")
+               + (f" (inputs / outputs {prec['io_dtype']})" if prec["io_dtype"] != prec["dtype"] else ""))
     total = sum(f["size"] for f in man.files.values())
     click.echo(f"  total      {len(man.files)} files      {total / 1e6:9.2f} MB")
     click.echo(f"  digest     {man.digest}")

@@ -3,7 +3,7 @@
 # the random full-size checkpoint, its float16 and int4 compiles (peak RSS, wall time, size), then
 # one int4 prefill pruned against unpruned at LLaVA-3D's token counts (1,400 spatial + 60 text).
 #
-#   scripts/deploy_7b.sh DIR [THREADS]        (LAYERS=2 scripts/deploy_7b.sh DIR: same width, 2 layers, minutes)
+#   scripts/deploy_7b.sh DIR [THREADS]        (LAYERS=4 scripts/deploy_7b.sh DIR: same width, 4 layers, minutes)
 #
 # Disk: about 14 GB (checkpoint) + 27 GB (float16 artifact, deleted once measured) + 11 GB (int4).
 # Memory: see docs/deploying.md; the bench holds two int4 prefill sessions.

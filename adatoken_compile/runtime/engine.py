@@ -38,6 +38,11 @@ from .scene import Scene, load_scene, pool_numpy, preprocess_scene, unproject_pa
 from .session import choose_providers, input_dtype, open_session
 from .tokenizer import TextTokenizer
 
+def first(outputs: dict) -> np.ndarray:
+    """The first output of a graph (an encoder's features, whatever the adapter named them)."""
+    return next(iter(outputs.values()))
+
+
 # artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
 _LEGACY_INPUT = {"llava3d": "scene", "llava-hf": "image"}
 
@@ -121,11 +126,11 @@ class Runtime:
         scene = self._check_scene(scene, "scene")
         pre = preprocess_scene(scene, p["image_size"], p["mean"], p["std"])
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, p["patch_size"])
-        feats = self.run_graph("encoder", {"pixel_values": pre.pixel_values, "xyz": xyz})["features"]
+        feats = first(self.run_graph("encoder", {"pixel_values": pre.pixel_values, "xyz": xyz}))
         vmap = voxelize(xyz, p.get("voxel_size", 0.2), p.get("max_tokens", 2560))
         # pooled in float32 whatever the encoder's precision (a mean of up to hundreds of patches)
         pooled = pool_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32), vmap)
-        return self.run_graph("projector", {"features": np.ascontiguousarray(pooled)})["tokens"]
+        return first(self.run_graph("projector", {"features": np.ascontiguousarray(pooled)}))
 
     def encode_image(self, image) -> np.ndarray:
         """(N, H) float32 image tokens of one (H, W, 3) uint8 image."""
@@ -133,8 +138,7 @@ class Runtime:
             raise InputError(f"this artifact takes a {self.input_kind}, got "
                              + ("a scene" if isinstance(image, (Scene, dict, str)) else type(image).__name__))
         pix = preprocess_image(image, self.pre["image_size"], self.pre["mean"], self.pre["std"])
-        sess = self.sessions["encoder"]
-        return self.run_graph("encoder", {"pixel_values": pix[None]})[sess.get_outputs()[0].name][0]
+        return first(self.run_graph("encoder", {"pixel_values": pix[None]}))[0]
 
     def prompt_ids(self, question: str) -> list[int]:
         if not isinstance(question, str) or not question.strip():

@@ -26,6 +26,7 @@ from adatoken_compile.data import builtin_split, holdout_start, iter_samples, lo
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import Runtime, load
+from adatoken_compile.runtime.session import choose_providers
 
 DEFAULT_MODEL = "llava3d-tiny"
 # One set of calibration defaults for the API, the CLI and the main job.
@@ -40,12 +41,16 @@ __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compare", "com
            "load_model"]
 
 
-def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa"):
+def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa", dtype: str = "float32",
+               lazy: bool = False):
     """Load a checkpoint directory or a bundled name as a model adapter (PyTorch).
 
     ``model``: a directory in the released LLaVA-3D layout (``model_type`` ``llava_llama`` /
     ``llava_qwen``) or an HF ``LlavaForConditionalGeneration`` checkpoint, or a bundled name
     (default ``llava3d-tiny``); an adapter is returned as is. ``attn``: ``sdpa`` or ``eager``.
+    ``dtype``: ``float32``, ``float16`` or ``bfloat16`` (the modules are built in it). ``lazy``:
+    the decoder's weights stay on disk until :func:`compile` writes them, one at a time (what a
+    7B model needs on a 24 GB machine); such a model can only be compiled.
 
     Example::
 
@@ -58,9 +63,11 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
             raise InputError(f"model: expected a checkpoint directory, a bundled name or a loaded model, got "
                              f"{type(model).__name__}")
         return model
-    from adatoken_compile.models.registry import load_adapter  # torch: not in the runtime install
+    from adatoken_compile.compiler.weights import torch_dtype  # torch: not in the runtime install
+    from adatoken_compile.models.registry import load_adapter
 
-    return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn)
+    return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
+                        dtype=torch_dtype(dtype), lazy=lazy)
 
 
 @dataclass
@@ -181,19 +188,27 @@ def _schedule_for(adapter, schedule):
     return s
 
 
-def compile(model=None, schedule=None, out: str | None = None, *, decode: bool = True, overwrite: bool = False,
-            opset: int | None = None, progress: bool = True):
+def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "float32", quantize: str | None = None,
+            block_size: int = 32, decode: bool = True, overwrite: bool = False, opset: int | None = None,
+            progress: bool = True):
     """Capture the model, insert the schedule's token-drop nodes and write an ONNX artifact to ``out``.
 
     ``schedule``: a Schedule, a schedule.json path, or None for the unpruned (identity) artifact.
-    Returns the manifest; ``manifest.digest`` (``sha256:...``) identifies the artifact.
+    ``dtype``: what the graphs compute in (``float32``, ``float16``, ``bfloat16``; the inserted
+    token-drop nodes score in float32 whatever it is). ``quantize="int4"``: the decoder's linear
+    layers (lm_head included) as onnxruntime ``MatMulNBits`` int4 weights in blocks of
+    ``block_size``. A model given by name or directory is loaded in ``dtype`` with its decoder
+    weights left on disk and written one at a time (a 7B model compiles in a few GB of memory);
+    a loaded model must be in ``dtype`` already. Returns the manifest; ``manifest.digest``
+    (``sha256:...``) identifies the artifact.
 
     Example::
 
-        man = compile(schedule="runs/cal/schedule.json", out="runs/art")
+        man = compile(schedule="runs/cal/schedule.json", out="runs/art", quantize="int4")
         print(man.digest)
     """
     from adatoken_compile.compiler.pipeline import compile_artifact  # torch: not in the runtime install
+    from adatoken_compile.compiler.weights import Quantization, torch_dtype
     from adatoken_compile.io import check_output
 
     if not out:
@@ -204,10 +219,12 @@ def compile(model=None, schedule=None, out: str | None = None, *, decode: bool =
         top = onnx.defs.onnx_opset_version()
         if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
             raise InputError(f"--opset {opset!r}: give an ONNX opset from {MIN_OPSET} (the exporter's oldest) to {top}")
+    torch_dtype(dtype)
+    q = Quantization(quantize, int(block_size)).validate() if quantize else None
     check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
-    adapter = load_model(model)
+    adapter = load_model(model, dtype=dtype, lazy=True)
     return compile_artifact(adapter, _schedule_for(adapter, schedule), out, opset=opset, progress=progress,
-                            decode=decode, overwrite=overwrite)
+                            decode=decode, overwrite=overwrite, dtype=dtype, quantize=q)
 
 
 def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -272,6 +289,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.accuracy import agreement, evaluate as run_eval  # torch: not in the runtime install
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
+    choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+
     samples = [s for s in load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale)
                if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
     if not samples:
@@ -298,20 +317,34 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
 
 
 def bench(artifact: str, *, baseline: str | None = None, model=None, data: str = EVAL_DATA, scenes: str | None = None,
-          repeats: int = 7, new_tokens: int = 16, threads: int | None = None, providers=None, log=None) -> dict:
+          repeats: int = 7, new_tokens: int = 16, threads: int | None = None, providers=None, log=None,
+          tokens=None) -> dict:
     """Pruned vs unpruned artifact on the first question of ``data``: prefill and end-to-end latency
     (interleaved runs, medians), FLOPs (formula and executed graph), realised fraction, inserted-node
     overhead and KV-cache bytes. ``baseline``: an identity artifact of the same model (default:
     compiled from ``model`` into a temporary directory).
+
+    ``tokens=(spatial, text)``: the prefill graphs only, on random embeddings at those token counts
+    (e.g. ``(1400, 60)``, LLaVA-3D's), without loading encoders or decode graphs (a 7B artifact
+    on a small machine); needs ``baseline``.
 
     Example::
 
         res = bench("runs/art", baseline="runs/art0", threads=1)
         print(res["prefill"]["latency_ratio"], res["prefill"]["flops_ratio"])
     """
-    from adatoken_compile.benchmarking.artifacts import bench_artifacts  # torch-free, but profiles with onnx
+    from adatoken_compile.benchmarking.artifacts import bench_artifacts, bench_prefill_tokens  # profiles with onnx
     from adatoken_compile.io import scratch_dir
 
+    choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded or compiled
+    if tokens is not None:
+        if not baseline:
+            raise InputError("bench --tokens: pass --baseline ART0, an identity artifact of the same model")
+        spatial, text = tokens
+        res = bench_prefill_tokens(artifact, baseline, int(spatial), int(text), repeats=repeats, threads=threads,
+                                   providers=providers, log=log)
+        res["environment"] = environment()
+        return res
     samples = load_samples(data, limit=1, scenes=scenes)
     with scratch_dir("adatoken-baseline-") as tmp:
         if not baseline:

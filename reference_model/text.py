@@ -51,7 +51,7 @@ def word_of_key_token(tok) -> dict[int, tuple[str, str]]:
 def prompt_ids(tok, question: str) -> tuple[list[int], list[int]]:
     """(prefix, suffix): the token ids of ``question``'s llava_v1 prompt before the scene (BOS,
     system prompt, "USER: ") and after it ("\n{question} ASSISTANT:")."""
-    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.runtime.prompt import llava_v1_prompt, tokenize_with_placeholders
 
     ids = tokenize_with_placeholders(tok, llava_v1_prompt(question))
     k = ids.index(IMAGE_PLACEHOLDER)

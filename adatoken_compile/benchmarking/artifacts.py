@@ -18,15 +18,22 @@ Definitions (also in docs/results.md):
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
+from adatoken_compile.arch import normalize as normalize_arch
+from adatoken_compile.artifact import verify
 from adatoken_compile.benchmarking.prefill import prefill_bench
 from adatoken_compile.benchmarking.timing import realized_fraction
 from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.flops import FORMULA, decode_flops, prefill_flops
 from adatoken_compile.runtime import load
+from adatoken_compile.runtime.session import choose_providers
+from adatoken_compile.schedule import Schedule
+
+PROMPT_PREFIX = 35  # text tokens before the spatial block in the llava_v1 prompt (system prompt + "USER:")
 
 
 def _timed_generation(rt, feeds, new_tokens: int) -> tuple[float, float]:
@@ -41,6 +48,61 @@ def _timed_generation(rt, feeds, new_tokens: int) -> tuple[float, float]:
 def _stat(xs) -> dict:
     return {"median_s": float(np.median(xs)), "p25_s": float(np.percentile(xs, 25)),
             "p75_s": float(np.percentile(xs, 75)), "runs": [float(x) for x in xs]}
+
+
+def formula_flops(arch: dict, sched, n_text: int, n_spatial: int) -> dict:
+    """The formula's prefill FLOPs (:mod:`adatoken_compile.flops`), pruned and unpruned."""
+    return {"pruned": prefill_flops(arch, n_text, sched.tokens_per_layer(n_spatial))["total"],
+            "baseline": prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])["total"]}
+
+
+def with_formula(pre: dict, f: dict, sched, n_text: int, n_spatial: int) -> dict:
+    """Make a :func:`prefill_bench` result's ``flops_ratio`` (the one the realised fraction uses)
+    the formula's ``f``; the executed graph's count stays as ``flops_ratio_graph``, its cross-check."""
+    pre["flops_formula"] = {**f, "ratio": f["pruned"] / f["baseline"], "formula": FORMULA}
+    pre["tokens"] = {"spatial": n_spatial, "text": n_text, "spatial_per_layer": sched.tokens_per_layer(n_spatial)}
+    pre["flops_ratio_graph"] = pre["flops_ratio"]
+    pre["flops_ratio"] = f["pruned"] / f["baseline"]
+    pre["realized_fraction"] = realized_fraction(pre["latency_ratio"], pre["flops_ratio"])
+    return pre
+
+
+def bench_prefill_tokens(pruned_art: str, baseline_art: str, spatial: int, text: int, *, repeats: int = 3,
+                         threads: int | None = None, providers=None, seed: int = 0, log=None) -> dict:
+    """Pruned vs identity prefill of two artifacts on one row of random embeddings with ``spatial``
+    spatial tokens and ``text`` text tokens (35 before the spatial block, as the llava_v1 prompt
+    puts its system prompt, the rest after). Only the two prefill graphs are loaded (no encoder,
+    no decode graph): what a 7B model's artifacts allow on a small machine, and the token counts
+    of a real scene without rendering one. One profiled run and one warm-up per graph, then
+    ``repeats`` interleaved rounds."""
+    if spatial < 1 or text < 2:
+        raise InputError(f"--tokens {spatial},{text}: give at least 1 spatial and 2 text tokens, e.g. 1400,60")
+    say = log or (lambda *a: None)
+    mp, mb = verify(pruned_art), verify(baseline_art)
+    if mp.fingerprint != mb.fingerprint:
+        raise ScheduleMismatch(f"{baseline_art}: baseline was compiled from another model than {pruned_art}")
+    sched, base = Schedule.from_dict(mp.data["schedule"]), Schedule.from_dict(mb.data["schedule"])
+    if base.effective_cuts():
+        raise InputError(f"{baseline_art}: the baseline must be an identity-schedule artifact (compile it without --schedule)")
+    arch = normalize_arch(mp.data["model"]["describe"], f"{pruned_art}/manifest.json")
+    io = np.dtype((mp.data.get("precision") or {}).get("io_dtype", "float32"))
+    prefix = min(PROMPT_PREFIX, text - 1)
+    n = text + spatial
+    rng = np.random.default_rng(seed)
+    sm = np.zeros((1, n), bool)
+    sm[0, prefix:prefix + spatial] = True
+    feeds = {"inputs_embeds": rng.standard_normal((1, n, arch["hidden"]), dtype=np.float32).astype(io),
+             "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
+             "spatial_mask": sm}
+    paths = {k: os.path.join(m.path, m.graphs["prefill"]["file"]) for k, m in (("pruned", mp), ("baseline", mb))}
+    say(f"prefill at {spatial} spatial + {text} text tokens: profiling + interleaved timing")
+    f = formula_flops(arch, sched, text, spatial)
+    pre = prefill_bench(paths["pruned"], paths["baseline"], feeds, repeats=repeats, warmup=1, profile_runs=1,
+                        threads=threads, providers=choose_providers(providers), formula=f, log=say)
+    with_formula(pre, f, sched, text, spatial)
+    return {"pruned_artifact": pruned_art, "baseline_artifact": baseline_art,
+            "schedule": {"policy": sched.policy, "cuts": [{"layer": c.layer, "keep": c.keep} for c in sched.cuts]},
+            "precision": mp.data.get("precision"), "provider": choose_providers(providers)[0], "prefill": pre}
 
 
 def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int = 7, new_tokens: int = 16,
@@ -62,19 +124,13 @@ def bench_artifacts(pruned_art: str, baseline_art: str, samples, *, repeats: int
     n_text = int(feeds["attention_mask"].sum()) - n_spatial
     arch = rt_p.arch
     sched = rt_p.schedule
-    tpl_p = sched.tokens_per_layer(n_spatial)
-    f_p = prefill_flops(arch, n_text, tpl_p)["total"]
-    f_b = prefill_flops(arch, n_text, [n_spatial] * arch["num_layers"])["total"]
+    f = formula_flops(arch, sched, n_text, n_spatial)
+    f_p, f_b = f["pruned"], f["baseline"]
 
     say("prefill: profiling + interleaved timing")
     pre = prefill_bench(rt_p.graph_path("prefill"), rt_b.graph_path("prefill"), feeds, providers=rt_p.providers, repeats=repeats,
-                              threads=threads, formula={"pruned": f_p, "baseline": f_b}, log=say)
-    pre["flops_formula"] = {"pruned": f_p, "baseline": f_b, "ratio": f_p / f_b, "formula": FORMULA}
-    pre["tokens"] = {"spatial": n_spatial, "text": n_text, "spatial_per_layer": tpl_p}
-    # FLOPs ratio used for the realised fraction: the formula's (the graph count is its cross-check)
-    pre["flops_ratio_graph"] = pre["flops_ratio"]
-    pre["flops_ratio"] = f_p / f_b
-    pre["realized_fraction"] = realized_fraction(pre["latency_ratio"], pre["flops_ratio"])
+                              threads=threads, formula=f, log=say)
+    with_formula(pre, f, sched, n_text, n_spatial)
 
     out_p, out_b = rt_p.prefill(feeds), rt_b.prefill(feeds)
     kv_p, kv_b = rt_p.kv_cache_bytes(out_p)[0], rt_b.kv_cache_bytes(out_b)[0]

@@ -93,12 +93,13 @@ def markdown_table(rows: Sequence[Any], columns: Sequence[Any]) -> str:
 def format_bench(res: dict) -> str:
     lines = []
     if "prefill" in res:
-        p, e = res["prefill"], res["end_to_end"]
+        p, e = res["prefill"], res.get("end_to_end", {})
         lines.append(f"schedule {res['schedule']['policy']}: "
                      + (", ".join(f"L{c['layer']}:{c['keep']:.3g}" for c in res["schedule"]["cuts"]) or "identity")
                      + f"  (provider {res['provider']})")
         lines.append(f"prefill   latency {p['latency_s']['pruned']['median_s'] * 1e3:8.1f} ms vs "
-                     f"{p['latency_s']['baseline']['median_s'] * 1e3:8.1f} ms  ratio {p['latency_ratio']:.3f}")
+                     f"{p['latency_s']['baseline']['median_s'] * 1e3:8.1f} ms  ratio {p['latency_ratio']:.3f}"
+                     f"  ({p['tokens']['spatial']} spatial + {p['tokens']['text']} text tokens)")
         lines.append(f"          FLOPs ratio {p['flops_ratio']:.3f} (graph count {p['flops_ratio_graph']:.3f})  "
                      f"realized fraction {p['realized_fraction']:.2f}  overhead fraction {p['overhead_fraction']:.4f}")
         if "latency_ratio" in e:
@@ -108,8 +109,10 @@ def format_bench(res: dict) -> str:
             lines.append(f"          TTFT ratio {e['ttft_ratio']:.3f}  per-token decode "
                          f"{e['pruned']['per_token_decode_s']['median_s'] * 1e3:.2f} ms vs "
                          f"{e['baseline']['per_token_decode_s']['median_s'] * 1e3:.2f} ms")
-        kv = e["kv_cache_bytes"]
-        lines.append(f"KV cache  {kv['pruned'] / 1e6:.2f} MB vs {kv['baseline'] / 1e6:.2f} MB per request (ratio {kv['ratio']:.3f})")
+        if "kv_cache_bytes" in e:
+            kv = e["kv_cache_bytes"]
+            lines.append(f"KV cache  {kv['pruned'] / 1e6:.2f} MB vs {kv['baseline'] / 1e6:.2f} MB per request "
+                         f"(ratio {kv['ratio']:.3f})")
     if "synthetic_7b_width" in res:
         s = res["synthetic_7b_width"]
         lines.append(f"7B-width synthetic: latency ratio {s.get('latency_ratio', float('nan')):.3f}  FLOPs ratio "

@@ -50,7 +50,7 @@ def synthetic_7b_width(layers: int = 2, spatial: int = 1400, prefix: int = 35, s
                        schedule_keep: Sequence[tuple[int, float]] | None = None, *, hidden: int = 4096, heads: int = 32,
                        kv_heads: int = 32, intermediate: int = 11008, vocab: int = 32000, repeats: int = 5,
                        warmup: int = 2, threads: int | None = 2, cache_dir: str | None = None, seed: int = 0,
-                       profile_runs: int = 1) -> dict:
+                       profile_runs: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict:
     """Prefill benchmark of a random ``LlamaForCausalLM`` at LLaVA-3D-7B width (fp32), depth
     reduced to ``layers``, one sequence laid out as ``prefix`` system tokens, ``spatial`` spatial
     tokens, ``suffix`` question tokens.
@@ -113,7 +113,7 @@ def synthetic_7b_width(layers: int = 2, spatial: int = 1400, prefix: int = 35, s
         "baseline": prefill_flops(arch, n_text, [spatial] * layers)["total"],
     }
     res = prefill_bench(paths["pruned"], paths["baseline"], feeds, repeats=repeats, warmup=warmup, threads=threads,
-                        profile_runs=profile_runs, formula=formula, log=_log)
+                        profile_runs=profile_runs, formula=formula, log=_log, providers=providers)
     res["config"] = {**cfg, "prefix": prefix, "spatial": spatial, "suffix": suffix, "batch": 1,
                      "schedule": [(c.layer, c.keep) for c in cuts],
                      "tokens_per_layer": sched.tokens_per_layer(spatial), "cache_dir": cdir, "dtype": "float32"}

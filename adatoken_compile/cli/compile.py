@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from adatoken_compile import api
-from adatoken_compile.cli.main import load_model, main, model_options, user_errors
+from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output
 
 
@@ -18,15 +19,30 @@ from adatoken_compile.io import check_output
 @click.option("--opset", default=None, type=click.IntRange(api.MIN_OPSET, None),
               help=f"ONNX opset, >= {api.MIN_OPSET} (default: the exporter's)")
 @click.option("--no-decode", is_flag=True, help="skip the decode graph (the artifact then answers 1 token)")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help=f"precision the graphs compute in [default: {default(api.compile, 'dtype')}]; "
+                   "bfloat16 runs on CUDA only")
+@click.option("--quantize", default=None, type=click.Choice(["int4"]),
+              help="weight-only int4 of the decoder's linear layers (onnxruntime MatMulNBits)")
+@click.option("--block-size", default=None, type=int,
+              help=f"with --quantize: weights per quantisation block [default: {default(api.compile, 'block_size')}]")
 @user_errors
-def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode):
+def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode, dtype, quantize, block_size):
     """Capture, prune (token-drop pass) and export ONNX graphs into an artifact directory."""
+    if block_size is not None and not quantize:
+        raise InputError("--block-size applies to --quantize int4; add --quantize int4 or drop --block-size")
+    opts = given(dtype=dtype, quantize=quantize, block_size=block_size)
     check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
-    adapter = load_model(model, vision_tower, attn)
-    man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset)
+    # the decoder's weights stay on disk until written: a 7B model compiles in a few GB
+    adapter = api.load_model(model, vision_tower=vision_tower, attn=attn, lazy=True, **given(dtype=dtype))
+    man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset, **opts)
     click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")
     for name, g in man.graphs.items():
         click.echo(f"  {name:<10} {g['file']:<16} {man.graph_bytes(name) / 1e6:9.2f} MB  opset {g['opset']}")
+    prec = man.data["precision"]
+    q = prec["quantize"]
+    click.echo(f"  precision  {prec['dtype']}" + (f", int4 weights in blocks of {q['block_size']}" if q else "")
+               + (f" (inputs / outputs {prec['io_dtype']})" if prec["io_dtype"] != prec["dtype"] else ""))
     total = sum(f["size"] for f in man.files.values())
     click.echo(f"  total      {len(man.files)} files      {total / 1e6:9.2f} MB")
     click.echo(f"  digest     {man.digest}")

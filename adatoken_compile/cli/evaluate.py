@@ -6,10 +6,12 @@ import click
 
 from adatoken_compile import api
 from adatoken_compile.benchmarking.report import format_bench
-from adatoken_compile.cli.main import (data_options, default, echo_json, given, load_model, main, model_options,
+from adatoken_compile.cli.main import (check_provider, data_options, default, echo_json, given, load_model, main,
+                                       model_options,
                                        progress, provider_option, user_errors)
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output, write_json
+from adatoken_compile.runtime.session import choose_providers
 
 
 @main.command("eval")
@@ -33,6 +35,7 @@ from adatoken_compile.io import check_output, write_json
 def eval_cmd(model, vision_tower, attn, artifact, baseline, data, scenes, depth_scale, limit, kinds, as_json, predictions,
              overwrite, provider):
     """Answer accuracy on a question set (overall and per question kind)."""
+    check_provider(provider)
     if predictions:
         check_output(predictions, "predictions", overwrite=overwrite, is_dir=False)
     adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn)
@@ -95,29 +98,46 @@ def format_eval(res: dict) -> str:
 @click.option("--synthetic-7b", "synthetic", is_flag=True,
               help="also measure a random decoder of LLaVA-3D-7B width (hidden 4096, 32 heads, FFN 11008), reduced depth")
 @click.option("--layers", default=2, show_default=True, type=click.IntRange(2, 32), help="depth of the synthetic 7B-width decoder")
+@click.option("--tokens", default=None, metavar="SPATIAL,TEXT",
+              help="prefill graphs only, on random embeddings at these token counts (e.g. 1400,60); needs --baseline")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @provider_option
 @user_errors
-def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, new_tokens, threads, synthetic, layers, as_json,
-          provider):
+def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, new_tokens, threads, synthetic, layers,
+          tokens, as_json, provider):
     """Pruned vs unpruned artifact: prefill and end-to-end latency, FLOPs, realised fraction, overhead."""
     if not artifact and not synthetic:
         raise InputError("pass --artifact ART (and optionally --baseline ART0), or --synthetic-7b")
+    check_provider(provider)
     log = (lambda m: click.echo(m, err=True))
     res = {}
+    if tokens and not baseline:
+        raise InputError("--tokens: pass --baseline ART0, an identity artifact of the same model")
     if artifact:
         adapter = None if baseline else load_model(model, vision_tower, attn)
         if not baseline:
             log("compiling the identity-schedule baseline ...")
         res = api.bench(artifact, baseline=baseline, model=adapter, threads=threads, providers=provider, log=log,
-                        **given(data=data, scenes=scenes, repeats=repeats, new_tokens=new_tokens))
+                        tokens=_token_counts(tokens), **given(data=data, scenes=scenes, repeats=repeats,
+                                                              new_tokens=new_tokens))
     if synthetic:
         from adatoken_compile.benchmarking.synthetic import synthetic_7b_width  # torch: not in the runtime install
 
         log(f"synthetic 7B-width decoder, {layers} layers (minutes) ...")
         res["synthetic_7b_width"] = synthetic_7b_width(layers=layers, schedule_keep=[(1, 0.3)],
-                                                       repeats=repeats or default(api.bench, "repeats"), threads=threads)
+                                                       repeats=repeats or default(api.bench, "repeats"), threads=threads,
+                                                       providers=choose_providers(provider))
     if as_json:
         echo_json(res)
         return
     click.echo(format_bench(res))
+
+
+def _token_counts(tokens: str | None):
+    if tokens is None:
+        return None
+    try:
+        spatial, text = (int(x) for x in tokens.split(","))
+    except ValueError:
+        raise InputError(f"--tokens {tokens!r}: give SPATIAL,TEXT token counts, e.g. --tokens 1400,60")
+    return spatial, text

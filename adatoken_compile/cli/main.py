@@ -16,6 +16,7 @@ from adatoken_compile import api
 from adatoken_compile.runtime.sources import DataWarning
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import signals_cleanup
+from adatoken_compile.runtime.session import choose_providers
 
 DEBUG_ENV = "ADATOKEN_COMPILE_DEBUG"  # set to 1: unexpected errors show their traceback
 
@@ -65,7 +66,13 @@ def data_options(fn):
 
 def provider_option(fn):
     return click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-                        help="ONNX Runtime execution provider (auto: CUDA when available)")(fn)
+                        help="ONNX Runtime execution provider (auto: CUDA when available; cuda: an error "
+                             "when it is not)")(fn)
+
+
+def check_provider(provider: str) -> None:
+    """Refuse ``--provider cuda`` without CUDA before any model or artifact is loaded."""
+    choose_providers(provider)
 
 
 def load_model(model, vision_tower, attn):

@@ -7,7 +7,8 @@ import click
 import os
 
 from adatoken_compile import api
-from adatoken_compile.cli.main import echo_json, load_model, main, model_options, provider_option, user_errors
+from adatoken_compile.cli.main import (check_provider, echo_json, load_model, main, model_options, provider_option,
+                                       user_errors)
 from adatoken_compile.benchmark3d.dataset import SPLITS, make_scene as render, questions_for
 from adatoken_compile.data import load_samples
 from adatoken_compile.runtime import embodiedscan, scannet
@@ -63,6 +64,7 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
 @user_errors
 def run(model, vision_tower, attn, scene, depth_scale, image, question, max_new_tokens, artifact, digest, provider):
     """Answer a question about a scene or image (greedy)."""
+    check_provider(provider)
     if artifact:
         rt = api.load(artifact, provider, expected_digest=digest)
         sample = sample_from_args(rt.input_kind, scene, image, question, depth_scale)
@@ -182,16 +184,28 @@ def make_scene(seed, count, fmt, image_format, out, questions_out, overwrite):
 
 @main.command("make-tiny")
 @click.option("--out", required=True, help="output checkpoint directory (released LLaVA-3D layout)")
+@click.option("--preset", default=None, type=click.Choice(["llava3d-7b"]),
+              help="full-size random checkpoint instead of a tiny one: llava3d-7b = 32 layers x 4096, 32 heads, "
+                   "FFN 11008, vocab 32000, CLIP-L/14-336 tower, float16 shards of 2 GB (13.5 GB on disk; written "
+                   "shard by shard, a few GB of memory)")
 @click.option("--decoder", default="llama", type=click.Choice(["llama", "qwen2"]), show_default=True)
-@click.option("--layers", default=4, show_default=True, type=click.IntRange(1, 64))
-@click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--layers", default=None, type=click.IntRange(1, 64),
+              help="decoder depth [default: 4, or the preset's]")
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 64), help="tiny checkpoints only")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--overwrite", is_flag=True, help="replace an earlier make-tiny output at --out")
 @user_errors
-def make_tiny(out, decoder, layers, shards, seed, overwrite):
-    """Write a tiny RANDOM checkpoint in the released LLaVA-3D layout (offline demos/tests)."""
-    from adatoken_compile.models.testing import random_llava3d  # torch: not in the runtime install
+def make_tiny(out, preset, decoder, layers, shards, seed, overwrite):
+    """Write a RANDOM checkpoint in the released LLaVA-3D layout (offline demos, tests, scale checks)."""
+    from adatoken_compile.models.testing import random_llava3d, random_llava3d_preset  # torch: not in the runtime install
 
     check_output(out, "checkpoint", overwrite=overwrite)
-    random_llava3d(out, decoder=decoder, layers=layers, shards=shards, seed=seed, image_size=224, overwrite=overwrite)
+    if preset:
+        if decoder != "llama" or shards != 1:
+            raise InputError(f"--preset {preset} fixes the decoder and the sharding; drop --decoder / --shards")
+        random_llava3d_preset(out, preset, seed=seed, overwrite=overwrite, log=lambda m: click.echo(m, err=True),
+                              **({"layers": layers} if layers else {}))
+    else:
+        random_llava3d(out, decoder=decoder, layers=layers or 4, shards=shards, seed=seed, image_size=224,
+                       overwrite=overwrite)
     click.echo(f"wrote {out}")

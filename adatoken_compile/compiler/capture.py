@@ -167,13 +167,15 @@ def _check_example(example: DecoderInputs) -> None:
 
 
 def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: int | None = None,
-                   external_data_threshold: int = 1024, optimize: bool = True, check: bool = True) -> ExportResult:
-    """ONNX export of a captured (or pruned) prefill with dynamic batch and sequence axes."""
+                   external_data_threshold: int = 1024, optimize: bool = True, check: bool = True, weights=None,
+                   quantize=None) -> ExportResult:
+    """ONNX export of a captured (or pruned) prefill with dynamic batch and sequence axes
+    (``weights`` / ``quantize``: see :func:`adatoken_compile.compiler.export.export`)."""
     layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
     names = list(layout.get("inputs", INPUT_NAMES))
     return export(gm, example_args(example, names), dynamic_shapes(n_inputs=len(names)), path, names,
                   list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
-                  optimize=optimize, check=check)
+                  optimize=optimize, check=check, weights=weights, quantize=quantize)
 
 
 def plain_codegen(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

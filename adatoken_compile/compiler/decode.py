@@ -134,13 +134,14 @@ def example_decode_feeds(decoder_lm, batch: int = 2, past_lengths: Sequence[int]
     n = a["num_layers"]
     past_lengths = list(past_lengths or [batch + 3 + 2 * i for i in range(n)])
     g = torch.Generator().manual_seed(seed)
+    dt = decoder_lm.dtype  # the past and the new embedding in the precision the decoder runs in
     feeds = {
-        "inputs_embeds": torch.randn(batch, 1, a["hidden"], generator=g),
+        "inputs_embeds": torch.randn(batch, 1, a["hidden"], generator=g).to(dt),
         "position_ids": torch.full((batch, 1), max(past_lengths), dtype=torch.int64),
     }
     for i, p in enumerate(past_lengths):
-        feeds[f"past_key.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g)
-        feeds[f"past_value.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g)
+        feeds[f"past_key.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g).to(dt)
+        feeds[f"past_value.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g).to(dt)
         m = torch.ones(batch, p, dtype=torch.bool)
         m[0, 0] = False
         feeds[f"past_mask.{i}"] = m
@@ -200,9 +201,11 @@ def _name_dims(model, n: int) -> None:
 
 
 def export_decode(decoder_lm, path: str, example_feeds: dict | None = None, *, opset: int | None = None,
-                  external_data_threshold: int = 1024, optimize: bool = True, check: bool = True) -> ExportResult:
+                  external_data_threshold: int = 1024, optimize: bool = True, check: bool = True, weights=None,
+                  quantize=None) -> ExportResult:
     """Export :class:`DecodeModule` to ``path`` (.onnx, weights in ``<name>.onnx.data``) with dynamic batch
-    and one dynamic past length per layer (named ``past_{i}`` in the ONNX file)."""
+    and one dynamic past length per layer (named ``past_{i}`` in the ONNX file); ``weights`` /
+    ``quantize``: see :func:`adatoken_compile.compiler.export.export`."""
     decoder_lm.eval()
     mod = DecodeModule(decoder_lm).eval()
     n = mod.num_layers
@@ -218,7 +221,8 @@ def export_decode(decoder_lm, path: str, example_feeds: dict | None = None, *, o
         past_spec += [{0: batch, 2: past_dims[i]}, {0: batch, 2: past_dims[i]}, {0: batch, 1: past_dims[i]}]
     dyn = ({0: batch}, {0: batch}, tuple(past_spec))  # *past is one varargs entry
     res = export(mod, args, dyn, path, in_names, out_names, opset=opset, external_data_threshold=external_data_threshold,
-                 optimize=optimize, check=check, postprocess=lambda model: _name_dims(model, n))
+                 optimize=optimize, check=check, postprocess=lambda model: _name_dims(model, n), weights=weights,
+                 quantize=quantize)
     if res.input_names != in_names or res.output_names != out_names:
         raise RuntimeError(f"export_decode: unexpected graph I/O names {res.input_names} / {res.output_names}")
     return res

@@ -10,7 +10,15 @@ Post-processing, for every graph:
   identifiable in the ONNX graph and in ORT profiles (the scope also stays in metadata_props);
 * every ``TopK`` gets ``sorted=1`` (ORT's CUDA TopK wants it; the exporter already emits it);
 * an optional graph-specific step (e.g. naming the decode graph's symbolic dims);
-* weights above ``external_data_threshold`` bytes go to ``<name>.onnx.data`` next to the model.
+* the weights (:mod:`adatoken_compile.compiler.weights`): read from disk when written (``weights``),
+  transposed lazily, optionally quantised to int4 (``quantize``), a bfloat16 graph given float32
+  inputs and outputs;
+* weights above ``external_data_threshold`` bytes go to ``<name>.onnx.data`` next to the model,
+  written one tensor at a time.
+
+Precision: the graph computes in the dtype the module was traced in (load the model in float16 /
+bfloat16 to export half precision); the inserted token-drop nodes score and softmax in float32
+(:func:`adatoken_compile.passes.token_drop.ops.last_token_scores`).
 
 The pruned prefill's new sequence length K' is data-dependent: torch.export sees an unbacked
 SymInt, ONNX gets a dynamic dim fed by ``TopK``'s ``K`` input, so one file serves any batch and
@@ -31,6 +39,9 @@ from typing import Callable, Sequence
 import onnx
 import onnx_ir as ir
 import torch
+
+from adatoken_compile.compiler.weights import (Quantization, float32_boundary, fold_weight_transposes,
+                                               quantize_matmuls, stream_initializers)
 
 
 class _NoTorchvisionNoise(logging.Filter):
@@ -54,6 +65,8 @@ class ExportResult:
     topk_nodes: int
     topk_sorted_fixed: int
     adatoken_nodes: dict[str, int] = field(default_factory=dict)  # step scope -> ONNX node count
+    streamed_weights: int = 0  # initializers read from disk when written
+    quantized_matmuls: int = 0  # MatMul / Gemm weights turned into MatMulNBits
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -92,15 +105,27 @@ def _postprocess(model) -> tuple[int, int, dict[str, int]]:
     return topk, fixed, counts
 
 
-def save_model(model, path: str, external_data_threshold: int, check: bool = True) -> str | None:
+def _rename(values, names: Sequence[str]) -> None:
+    """Name graph inputs / outputs by position (after the optimizer, which may rename outputs it
+    merged); through temporary names, since the new names may be taken by other positions."""
+    values = list(values)
+    if len(names) != len(values) or len(set(names)) != len(names):
+        raise RuntimeError(f"export: {len(values)} graph values, names {list(names)}")
+    for i, v in enumerate(values):
+        v.name = f"__adatoken_io_{i}"
+    for v, name in zip(values, names):
+        v.name = name
+
+
+def save_model(model, path: str, external_data_threshold: int, check: bool = True, tmp: str | None = None) -> str | None:
     """Save an ONNX IR model (weights over the threshold in ``<name>.data`` next to it) through a
-    temporary directory beside it, checker first, then rename into place. Returns the data file's
-    name, or None when every weight stayed inline."""
+    temporary directory beside it (``tmp``, else a new one), checker first, then rename into place.
+    Returns the data file's name, or None when every weight stayed inline."""
     final_dir = os.path.dirname(path)
     os.makedirs(final_dir, exist_ok=True)
     base = os.path.basename(path)
     data_name = base + ".data"
-    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
+    tmp = tmp or tempfile.mkdtemp(prefix=".onnx-export-", dir=final_dir)
     try:
         tmp_path = os.path.join(tmp, base)
         ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=external_data_threshold)
@@ -118,25 +143,42 @@ def save_model(model, path: str, external_data_threshold: int, check: bool = Tru
 def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes, path: str,
            input_names: Sequence[str], output_names: Sequence[str] | None = None, *, opset: int | None = None,
            external_data_threshold: int = 1024, optimize: bool = True, check: bool = True,
-           postprocess: Callable | None = None) -> ExportResult:
+           postprocess: Callable | None = None, weights=None,
+           quantize: Quantization | None = None) -> ExportResult:
     """Export ``module`` called on ``args`` to ``path`` (.onnx, weights in ``path.data``).
 
     ``dynamic_shapes`` as torch.export takes them; ``postprocess(model)`` may edit the ONNX IR
-    model before it is saved (after the common steps in the module docstring).
+    model before it is saved (after the common steps in the module docstring). ``weights``: the
+    module's parameters whose values stay on disk until written
+    (:class:`adatoken_compile.models.checkpoint.LazyWeights` of a model loaded lazily);
+    ``quantize``: int4 weight-only quantisation of the constant-weight MatMul / Gemm nodes.
     """
     t0 = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
         kw = {} if opset is None else {"opset_version": opset}
-        prog = torch.onnx.export(ep, tuple(args), dynamo=True, input_names=list(input_names),
-                                 output_names=list(output_names) if output_names else None, optimize=optimize,
-                                 verbose=False, **kw)
+        # optimised here, after the weight passes: the optimizer would fold every weight's transpose in memory
+        prog = torch.onnx.export(ep, tuple(args), dynamo=True, optimize=False, verbose=False, **kw)
+    streamed = stream_initializers(prog.model, weights.for_module(module) if weights else None)
+    fold_weight_transposes(prog.model)
+    if optimize:
+        prog.optimize()
     model = prog.model
+    _rename(model.graph.inputs, input_names)
+    if output_names:
+        _rename(model.graph.outputs, output_names)
     topk, fixed, counts = _postprocess(model)
     if postprocess is not None:
         postprocess(model)
     path = os.path.abspath(path)
-    data = save_model(model, path, external_data_threshold, check)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".onnx-export-", dir=os.path.dirname(path))
+    try:  # the quantised weights wait in tmp until the model is written there
+        nq = quantize_matmuls(model, quantize, tmp) if quantize is not None else 0
+        float32_boundary(model)
+        data = save_model(model, path, external_data_threshold, check, tmp=tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(
         path=path,
         opset=int(model.opset_imports.get("", 0)),
@@ -147,6 +189,8 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
         topk_nodes=topk,
         topk_sorted_fixed=fixed,
         adatoken_nodes=counts,
+        streamed_weights=streamed,
+        quantized_matmuls=nq,
     )
 
 

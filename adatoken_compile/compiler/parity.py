@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from adatoken_compile.contract import DecoderInputs
+from adatoken_compile.runtime import load
 from adatoken_compile.runtime.session import make_session
 
 
@@ -36,3 +37,38 @@ def max_abs_diff_valid(outputs_a: dict, outputs_b: dict, num_layers: int) -> dic
                 kv = max(kv, float(d[m].max()))
     res["kv_valid"] = kv
     return res
+
+
+def compare_artifacts(candidate: str, reference: str, samples, batch_size: int = 8, providers=None) -> dict:
+    """A candidate artifact (another precision of the same model and schedule) against a reference
+    one on the same questions, each through its own encoder and prefill (ONNX Runtime).
+
+    Returns ``n``, the next-token logits' ``logits_max_abs`` / ``logits_mean_abs`` difference
+    (float32), ``next_token_agreement`` (same greedy first token), and per cut ``kept_equal`` (the
+    fraction of rows whose kept token positions are identical) and ``kept_overlap`` (the mean
+    fraction of the reference's kept positions the candidate keeps too).
+    """
+    cand, ref = load(candidate, providers), load(reference, providers)
+    if cand.manifest.fingerprint != ref.manifest.fingerprint or cand.schedule.to_dict() != ref.schedule.to_dict():
+        raise ValueError(f"{candidate} and {reference}: compiled from different models or schedules")
+    n = agree = 0
+    max_abs = sum_abs = 0.0
+    kept = [0] * len(ref.cuts)
+    overlap = [0.0] * len(ref.cuts)
+    for i in range(0, len(samples), batch_size):
+        group = samples[i:i + batch_size]
+        oc, orf = cand.prefill(cand.prepare(group)), ref.prefill(ref.prepare(group))
+        lc, lr = oc["logits"].astype(np.float32), orf["logits"].astype(np.float32)
+        d = np.abs(lc - lr)
+        max_abs, sum_abs = max(max_abs, float(d.max())), sum_abs + float(d.mean(axis=1).sum())
+        agree += int((lc.argmax(-1) == lr.argmax(-1)).sum())
+        for c in range(len(kept)):
+            for x, y in zip(oc[f"kept.{c}"], orf[f"kept.{c}"]):
+                x, y = set(x[x >= 0].tolist()), set(y[y >= 0].tolist())
+                kept[c] += x == y
+                overlap[c] += len(x & y) / max(len(y), 1)
+        n += len(group)
+    return {"n": n, "candidate": candidate, "reference": reference, "precision": cand.precision,
+            "logits_max_abs": max_abs, "logits_mean_abs": sum_abs / max(n, 1),
+            "next_token_agreement": agree / max(n, 1), "kept_equal": [k / max(n, 1) for k in kept],
+            "kept_overlap": [o / max(n, 1) for o in overlap]}

@@ -17,14 +17,15 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from adatoken_compile.artifact import (EMBED_FILE, FORMAT, MANIFEST, PREPROCESS_FILE, SCHEDULE_FILE, TOKENIZER_DIR,
                                        VERSION, Manifest, file_digest, file_table)
 from adatoken_compile.compiler.capture import capture, export_prefill
 from adatoken_compile.compiler.decode import example_decode_feeds, export_decode
 from adatoken_compile.compiler.export import export, graph_io
+from adatoken_compile.compiler.weights import DTYPES, Quantization, torch_dtype
 from adatoken_compile.environment import environment
+from adatoken_compile.errors import InputError
 from adatoken_compile.io import atomic_dir, check_output
 from adatoken_compile.passes.graph_diff import diff_graphs, format_diff
 from adatoken_compile.passes.token_drop import apply_token_drop
@@ -39,8 +40,10 @@ def example_batch(adapter):
     return adapter.prepare(adapter.example_samples())
 
 
-def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: bool) -> dict:
-    """Every ONNX graph of the artifact into ``tmp``; returns name -> extra manifest fields."""
+def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: bool, quantize) -> dict:
+    """Every ONNX graph of the artifact into ``tmp``; returns name -> extra manifest fields.
+    The decoder's graphs read lazily loaded weights from disk and are quantised when asked."""
+    lazy = getattr(adapter, "lazy_weights", None) or None
     graphs = {}
     for g in adapter.encoder_graphs():
         res = export(g.module, g.example_args, g.dynamic_shapes, os.path.join(tmp, f"{g.name}.onnx"), g.input_names,
@@ -51,39 +54,62 @@ def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: b
     t0 = time.perf_counter()
     pruned = apply_token_drop(capture(adapter.decoder, example), schedule)
     _log(progress, f"prefill captured + token-drop pass ({len(schedule.effective_cuts())} cuts, {time.perf_counter() - t0:.1f}s)")
-    res = export_prefill(pruned, example, os.path.join(tmp, "prefill.onnx"), opset=opset)
+    res = export_prefill(pruned, example, os.path.join(tmp, "prefill.onnx"), opset=opset, weights=lazy,
+                         quantize=quantize)
     graphs["prefill"] = {"external_data": [res.external_data] if res.external_data else [],
-                         "adatoken_nodes": res.adatoken_nodes, "topk_nodes": res.topk_nodes}
-    _log(progress, f"prefill.onnx exported ({res.export_s:.1f}s, {res.topk_nodes} TopK)")
+                         "adatoken_nodes": res.adatoken_nodes, "topk_nodes": res.topk_nodes,
+                         "quantized_matmuls": res.quantized_matmuls}
+    _log(progress, f"prefill.onnx exported ({res.export_s:.1f}s, {res.topk_nodes} TopK"
+         + (f", {res.quantized_matmuls} MatMulNBits" if quantize else "") + ")")
+    del pruned
     if decode:
         res = export_decode(adapter.decoder, os.path.join(tmp, "decode.onnx"), example_decode_feeds(adapter.decoder),
-                            opset=opset)
-        graphs["decode"] = {"external_data": [res.external_data] if res.external_data else []}
+                            opset=opset, weights=lazy, quantize=quantize)
+        graphs["decode"] = {"external_data": [res.external_data] if res.external_data else [],
+                            "quantized_matmuls": res.quantized_matmuls}
         _log(progress, f"decode.onnx exported ({res.export_s:.1f}s)")
     else:
         _log(progress, "decode graph skipped: the artifact answers 1 token")
     return graphs
 
 
+def precision_of(adapter, dtype: str | None, quantize) -> dict:
+    """The artifact's precision record: the dtype the graphs compute in, the dtype they exchange
+    with the caller (float32 for bfloat16, which numpy lacks) and the weight quantisation."""
+    have = next(k for k, v in DTYPES.items() if v == adapter.dtype)
+    if dtype is not None and torch_dtype(dtype) != adapter.dtype:
+        raise InputError(f"compile --dtype {dtype}: the model was loaded in {have}; load it with dtype='{dtype}' "
+                         "(or pass the checkpoint name or directory and let compile load it)")
+    return {"dtype": have, "io_dtype": "float32" if have == "bfloat16" else have,
+            "quantize": quantize.validate().to_dict() if quantize is not None else None}
+
+
 def compile_artifact(adapter, schedule, out_dir: str, *, opset: int | None = None, progress: bool = True,
-                     decode: bool = True, overwrite: bool = False) -> Manifest:
+                     decode: bool = True, overwrite: bool = False, dtype: str | None = None,
+                     quantize: Quantization | None = None) -> Manifest:
     """Compile ``adapter`` pruned by ``schedule`` into the artifact directory ``out_dir``.
 
     Refuses a schedule made for another model (:class:`~adatoken_compile.errors.ScheduleMismatch`)
     and an ``out_dir`` that exists and is not an earlier artifact (an earlier artifact only with
     ``overwrite``), both before any work. ``decode=False`` skips the decode graph (the artifact then
-    answers one token). The returned manifest's ``digest`` identifies the artifact.
+    answers one token). ``dtype``: the precision the graphs compute in, which is the adapter's (it
+    is checked: load the model in it); ``quantize``: int4 weights for the decoder's linear layers.
+    An adapter loaded with ``lazy=True`` has its decoder weights read from the checkpoint one at a
+    time while the graphs are written. The returned manifest's ``digest`` identifies the artifact.
     """
     layers = adapter.arch()["num_layers"]
+    precision = precision_of(adapter, dtype, quantize)
     schedule.validate()
     schedule.check_model(adapter.fingerprint(), layers, family=adapter.family)
     check_output(out_dir, "artifact", overwrite=overwrite)
     t_start = time.perf_counter()
     with atomic_dir(out_dir, "artifact", overwrite=overwrite) as tmp:
-        _log(progress, f"compiling {adapter.family} ({layers} layers) with schedule "
+        _log(progress, f"compiling {adapter.family} ({layers} layers, {precision['dtype']}"
+             + (f", int4 weights in blocks of {quantize.block_size}" if quantize else "") + ") with schedule "
              + (", ".join(f"L{c.layer}:{c.keep:.3g}" for c in schedule.cuts) or "identity") + f" -> {out_dir}")
-        extra = _export_graphs(adapter, schedule, tmp, opset, progress, decode)
-        emb = adapter.decoder.get_input_embeddings().weight.detach().to(torch.float32).cpu().numpy()
+        extra = _export_graphs(adapter, schedule, tmp, opset, progress, decode, quantize)
+        # the table the runtime embeds text with, in the dtype the prefill graph takes
+        emb = adapter.decoder.get_input_embeddings().weight.detach().to(DTYPES[precision["io_dtype"]]).cpu().numpy()
         np.save(os.path.join(tmp, EMBED_FILE), np.ascontiguousarray(emb))
         os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
         adapter.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
@@ -99,6 +125,7 @@ def compile_artifact(adapter, schedule, out_dir: str, *, opset: int | None = Non
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"fingerprint": adapter.fingerprint(), "family": adapter.family, "describe": adapter.describe()},
             "schedule": schedule.to_dict(),
+            "precision": precision,
             "graphs": graphs,
             "tokenizer": TOKENIZER_DIR,
             "embed_tokens": EMBED_FILE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -64,18 +64,60 @@ def weight_files(model_dir: str) -> list[str]:
     raise InputError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
 
 
-def load_state_dict(files: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors ``files``; a tensor holding NaN or inf is refused (it would
-    answer garbage, silently)."""
-    sd: dict[str, torch.Tensor] = {}
+class LazyWeights:
+    """Parameters of a model whose values stay on disk: each placeholder tensor (by its storage
+    address, which survives torch.export's re-wrapping of parameters) -> a function reading the
+    real value."""
+
+    def __init__(self):
+        self._by_ptr: dict[int, Callable[[], torch.Tensor]] = {}
+
+    def add(self, tensor: torch.Tensor, load: Callable[[], torch.Tensor]) -> None:
+        if tensor.numel():
+            self._by_ptr[tensor.data_ptr()] = load
+
+    def __len__(self) -> int:
+        return len(self._by_ptr)
+
+    def for_module(self, module: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+        """``{parameter / buffer name in module: loader}`` (the names the exporter gives initializers)."""
+        named = dict(module.named_parameters(remove_duplicate=False))
+        named.update(module.named_buffers(remove_duplicate=False))
+        return {name: self._by_ptr[t.data_ptr()] for name, t in named.items()
+                if t.numel() and t.data_ptr() in self._by_ptr}
+
+
+class OnDisk:
+    """A checkpoint tensor not read yet: file, name, shape and dtype from the safetensors header.
+    ``load()`` reads that one tensor."""
+
+    def __init__(self, path: str, key: str, shape, dtype: str):
+        self.path, self.key, self.shape, self.dtype = path, key, tuple(int(d) for d in shape), dtype
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            t = f.get_tensor(self.key)
+        check_finite(t, self.path, self.key)
+        return t
+
+
+def load_state_dict(files: Iterable[str], on_disk=None) -> dict:
+    """Every tensor of the safetensors ``files``; those whose name satisfies ``on_disk(name)`` are
+    left on disk as :class:`OnDisk` (only the header is read). A tensor holding NaN or inf is
+    refused when it is read (it would answer garbage, silently)."""
+    sd: dict = {}
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():
                     if k in sd:
                         raise InputError(f"{path}: tensor '{k}' appears in more than one shard")
-                    sd[k] = f.get_tensor(k)
-                    check_finite(sd[k], path, k)
+                    if on_disk is not None and on_disk(k):
+                        sl = f.get_slice(k)
+                        sd[k] = OnDisk(path, k, sl.get_shape(), sl.get_dtype())
+                    else:
+                        sd[k] = f.get_tensor(k)
+                        check_finite(sd[k], path, k)
         except InputError:
             raise
         except Exception as e:
@@ -115,9 +157,11 @@ def config_digest(cfg: dict) -> bytes:
     return json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
 
 
-def assign_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, prefix: str = "") -> None:
-    """Load ``sd`` into ``module``; a missing or unexpected key is an error naming the key."""
-    own = module.state_dict()
+def assign_exact(module: torch.nn.Module, sd: dict, where: str, prefix: str = "", lazy=None) -> None:
+    """Load ``sd`` into ``module``; a missing or unexpected key is an error naming the key.
+    :class:`OnDisk` entries are not read: the module keeps its placeholder tensor and ``lazy``
+    (:class:`LazyWeights`) records where the value is."""
+    own = module.state_dict(keep_vars=True)
     expected = {k for k in own}
     given = set(sd)
     missing = sorted(expected - given)
@@ -131,7 +175,12 @@ def assign_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: st
             raise InputError(
                 f"{where}: tensor '{prefix}{k}' has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}"
             )
-    module.load_state_dict(sd, strict=True)
+    later = {k: v for k, v in sd.items() if isinstance(v, OnDisk)}
+    if later and lazy is None:
+        raise ValueError("assign_exact: tensors left on disk need a LazyWeights to record them")
+    for k, v in later.items():
+        lazy.add(own[k], v.load)
+    module.load_state_dict({k: v for k, v in sd.items() if k not in later}, strict=not later)
 
 
 def embed_token_ids(decoder, ids) -> torch.Tensor:

@@ -11,6 +11,7 @@ Qwen2ForCausalLM); nothing of transformers is patched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -37,8 +38,8 @@ from adatoken_compile.runtime.scene import (MAX_SPATIAL_TOKENS, VOXEL_SIZE, Scen
                                             voxelize)
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
-from adatoken_compile.models.checkpoint import (FIX_CONFIG, assign_exact, chat_prompt, check_weight_bytes, config_digest,
-                                                embed_token_ids, files_digest, image_processing, load_state_dict,
+from adatoken_compile.models.checkpoint import (FIX_CONFIG, LazyWeights, assign_exact, chat_prompt, check_weight_bytes,
+                                                config_digest, embed_token_ids, files_digest, image_processing, load_state_dict,
                                                 read_config, weight_files)
 
 PE_PREFIX = "model.video_tower.video_tower.positional_embedding."
@@ -108,11 +109,23 @@ def decoder_classes(cfg: dict, where: str):
     raise InputError(f"{where}: model_type '{mt}' is not a LLaVA-3D decoder (expected llava_llama or llava_qwen)")
 
 
-def _new_module(cls, config, where: str):
-    """``cls(config)`` without initialising weights; a config value the class cannot build from
-    (an unknown activation, malformed rope settings) is one line naming the config file."""
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype`` (no float32 copy first: a 7B decoder is 28 GB in float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
-        with no_init_weights():
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _new_module(cls, config, where: str, dtype: torch.dtype = torch.float32):
+    """``cls(config)`` in ``dtype`` with uninitialised weights (their memory is untouched until
+    written); a config value the class cannot build from (an unknown activation, malformed rope
+    settings) is one line naming the config file."""
+    try:
+        with no_init_weights(), default_dtype(dtype):
             return cls(config)
     except Exception as e:  # transformers raises KeyError, ValueError, TypeError... for config values
         raise InputError(f"{where}: {cls.__name__} cannot be built from this config ({type(e).__name__}: "
@@ -167,7 +180,11 @@ class Llava3DAdapter:
         vision_tower: str | None = None,
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
+        lazy: bool = False,
     ):
+        """``dtype``: every module's parameters (built directly in it). ``lazy``: the decoder's
+        weights (but the input embeddings) stay on disk, recorded in :attr:`lazy_weights`, and are
+        read one at a time when ``compile`` writes them; such an adapter can only be compiled."""
         self.model_dir = model_dir
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
@@ -181,14 +198,14 @@ class Llava3DAdapter:
         dec_cfg = _hf_config(cfg_cls, {k: v for k, v in cfg.items() if k not in LLAVA3D_ONLY_KEYS and not k.startswith("mm_")},
                              where)
         dec_cfg._attn_implementation = attn_implementation
-        self.decoder = _new_module(lm_cls, dec_cfg, where).to(dtype).eval()
+        self.decoder = _new_module(lm_cls, dec_cfg, where, dtype=dtype).eval()
 
         # ------------------------------------------------------------- vision tower (local dir)
         self.vision_dir = _local_vision_dir(model_dir, cfg, vision_tower, where)
         vfiles = weight_files(self.vision_dir)
         vcfg = _vision_config(self.vision_dir, vfiles)
         vcfg._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
-        vision = _new_module(CLIPVisionModel, vcfg, os.path.join(self.vision_dir, "config.json"))
+        vision = _new_module(CLIPVisionModel, vcfg, os.path.join(self.vision_dir, "config.json"), dtype=dtype)
         vsd = load_state_dict(vfiles)
         if vsd and not next(iter(vsd)).startswith("vision_model."):
             vsd = {k.split("vision_tower.", 1)[-1] if "vision_tower." in k else k: v for k, v in vsd.items()}
@@ -216,7 +233,9 @@ class Llava3DAdapter:
         ).to(dtype).eval()
 
         # ------------------------------------------------------------- LLaVA-3D weights
-        sd = load_state_dict(files)
+        embed_key = "model.embed_tokens.weight"
+        sd = load_state_dict(files, on_disk=(lambda k: k != embed_key and not k.startswith(
+            (PE_PREFIX, BOX_PREFIX, PROJ_PREFIX) + IGNORED_PREFIXES)) if lazy else None)
         sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
         parts = {"pe": {}, "box": {}, "proj": {}, "dec": {}}
         for k, v in sd.items():
@@ -233,7 +252,8 @@ class Llava3DAdapter:
             dsd = self.decoder.state_dict()
             parts["dec"]["lm_head.weight"] = parts["dec"].get("model.embed_tokens.weight", dsd["lm_head.weight"])
         where_w = os.path.join(model_dir, os.path.basename(files[0]) if len(files) == 1 else "model.safetensors.index.json")
-        assign_exact(self.decoder, parts["dec"], where_w)
+        self.lazy_weights = LazyWeights()
+        assign_exact(self.decoder, parts["dec"], where_w, lazy=self.lazy_weights)
         assign_exact(self.pe3d, parts["pe"], where_w, prefix=PE_PREFIX)
         assign_exact(self.projector, parts["proj"], where_w, prefix=PROJ_PREFIX)
         self.has_boxes = bool(parts["box"])

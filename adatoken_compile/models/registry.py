@@ -33,8 +33,10 @@ def resolve_model_dir(model: str | None) -> str:
 
 
 def load_adapter(model: str | None = None, *, vision_tower: str | None = None, attn_implementation: str = "sdpa",
-                 dtype: torch.dtype = torch.float32):
-    """An adapter for a LLaVA-3D-layout (``llava_llama``/``llava_qwen``) or HF LLaVA (``llava``) checkpoint."""
+                 dtype: torch.dtype = torch.float32, lazy: bool = False):
+    """An adapter for a LLaVA-3D-layout (``llava_llama``/``llava_qwen``) or HF LLaVA (``llava``) checkpoint.
+    ``lazy``: leave the decoder weights on disk until compile writes them (LLaVA-3D layout; HF LLaVA
+    checkpoints load in memory)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise InputError(f"--attn {attn_implementation!r} unsupported: use 'sdpa' or 'eager' (both are exportable)")
     path = resolve_model_dir(model)
@@ -44,7 +46,8 @@ def load_adapter(model: str | None = None, *, vision_tower: str | None = None, a
             raise InputError(f"{path}: --vision-tower applies to LLaVA-3D checkpoints only; HF LLaVA ships its tower")
         adapter = LlavaHFAdapter(path, attn_implementation=attn_implementation, dtype=dtype)
     elif mt.startswith("llava_"):
-        adapter = Llava3DAdapter(path, vision_tower=vision_tower, attn_implementation=attn_implementation, dtype=dtype)
+        adapter = Llava3DAdapter(path, vision_tower=vision_tower, attn_implementation=attn_implementation, dtype=dtype,
+                                 lazy=lazy)
     else:
         raise InputError(
             f"{os.path.join(path, 'config.json')}: model_type '{mt}' unsupported; expected llava_llama / llava_qwen "

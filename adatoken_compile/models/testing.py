@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import processors
@@ -73,8 +74,44 @@ def save_vision_tower(vision, out_dir: str, image_size: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
     vision.config.save_pretrained(out_dir)
     save_safetensors(vision.state_dict(), out_dir)
+    save_preprocessor(out_dir, image_size)
+
+
+def save_preprocessor(out_dir: str, image_size: int) -> None:
+    """The CLIP tower's preprocessor_config.json (crop size, CLIP mean / std)."""
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor_config(image_size), f, indent=2)
+
+
+def llava3d_config(decoder_config, mm_hidden: int, projector_type: str, tokenizer: TextTokenizer,
+                   vision_subdir: str = "vision_tower", extra: dict | None = None) -> dict:
+    """config.json of the released LLaVA-3D layout: the decoder's config plus the ``mm_*`` keys."""
+    dcfg = decoder_config.to_dict()
+    is_qwen = "qwen" in decoder_config.model_type
+    cfg = {k: v for k, v in dcfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    cfg.update(
+        {
+            "model_type": "llava_qwen" if is_qwen else "llava_llama",
+            "architectures": ["LlavaQwenForCausalLM" if is_qwen else "LlavaLlamaForCausalLM"],
+            "mm_hidden_size": int(mm_hidden),
+            "mm_vision_tower": vision_subdir,
+            "mm_video_tower": "SpatialAwareModule",
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_projector_type": projector_type,
+            "mm_patch_merge_type": "flat",
+            "num_frames": 20,
+            "num_sample_tokens": 1152,
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "tokenizer_model_max_length": int(dcfg.get("max_position_embeddings", 4096)),
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+    )
+    cfg.update(extra or {})
+    return cfg
 
 
 def save_llava3d(
@@ -93,31 +130,8 @@ def save_llava3d(
     """Write a checkpoint directory in the released LLaVA-3D layout, atomically (an existing
     ``out_dir`` only when it is an earlier checkpoint this tool wrote and ``overwrite`` is given)."""
     with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
-        dcfg = decoder.config.to_dict()
-        is_qwen = "qwen" in decoder.config.model_type
-        cfg = {k: v for k, v in dcfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-        cfg.update(
-            {
-                "model_type": "llava_qwen" if is_qwen else "llava_llama",
-                "architectures": ["LlavaQwenForCausalLM" if is_qwen else "LlavaLlamaForCausalLM"],
-                "mm_hidden_size": int(vision.config.hidden_size),
-                "mm_vision_tower": vision_subdir,
-                "mm_video_tower": "SpatialAwareModule",
-                "mm_vision_select_layer": -2,
-                "mm_vision_select_feature": "patch",
-                "mm_projector_type": "mlp2x_gelu" if len(projector) == 3 else "linear",
-                "mm_patch_merge_type": "flat",
-                "num_frames": 20,
-                "num_sample_tokens": 1152,
-                "mm_use_im_start_end": False,
-                "mm_use_im_patch_token": False,
-                "tokenizer_model_max_length": int(dcfg.get("max_position_embeddings", 4096)),
-                "bos_token_id": tokenizer.bos_id,
-                "eos_token_id": tokenizer.eos_id,
-                "pad_token_id": tokenizer.pad_id,
-            }
-        )
-        cfg.update(extra or {})
+        cfg = llava3d_config(decoder.config, int(vision.config.hidden_size), "mlp2x_gelu" if len(projector) == 3 else "linear",
+                             tokenizer, vision_subdir, extra)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, default=str)
         sd = dict(decoder.state_dict())
@@ -251,4 +265,111 @@ def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hi
         if chat_template is not None:
             with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
                 f.write(chat_template)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- full-size presets
+
+# LLaVA-3D-7B as released: a Llama-2-7B decoder (vocab 32000), CLIP ViT-L/14 at 336 px, an
+# mlp2x_gelu projector, 3D position embeddings for patches (vision width) and boxes (decoder width)
+PRESETS = {
+    "llava3d-7b": dict(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000,
+                       max_positions=4096, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                       vision_intermediate=4096, image_size=336, patch_size=14),
+}
+SHARD_BYTES = 2 * 1024**3
+
+
+def preset_configs(spec: dict):
+    """(LlamaConfig, CLIPVisionConfig) of a preset spec (``PRESETS`` entry, overrides applied)."""
+    dec = LlamaConfig(hidden_size=spec["hidden"], num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                      num_key_value_heads=spec["kv_heads"], intermediate_size=spec["intermediate"],
+                      vocab_size=spec["vocab"], max_position_embeddings=spec["max_positions"], rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vis = CLIPVisionConfig(hidden_size=spec["vision_hidden"], intermediate_size=spec["vision_intermediate"],
+                           num_hidden_layers=spec["vision_layers"], num_attention_heads=spec["vision_heads"],
+                           image_size=spec["image_size"], patch_size=spec["patch_size"], projection_dim=768)
+    return dec, vis
+
+
+def preset_plan(spec: dict) -> tuple[dict, dict]:
+    """Tensor names and shapes of a preset checkpoint, without allocating a weight:
+    ``({name: shape} of the LLaVA-3D weights, {name: shape} of the vision tower)``."""
+    dec_cfg, vis_cfg = preset_configs(spec)
+    with torch.device("meta"):
+        parts = {
+            "": LlamaForCausalLM(dec_cfg),
+            PE_PREFIX: PositionEmbedding3D(3, spec["vision_hidden"]),
+            PROJ_PREFIX: build_projector("mlp2x_gelu", spec["vision_hidden"], spec["hidden"], "preset"),
+            BOX_PREFIX: PositionEmbedding3D(3, spec["hidden"]),
+        }
+        vision = CLIPVisionModel(vis_cfg)
+    main = {prefix + k: tuple(v.shape) for prefix, m in parts.items() for k, v in m.state_dict().items()}
+    return main, {k: tuple(v.shape) for k, v in vision.state_dict().items() if not k.endswith("position_ids")}
+
+
+def _random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """float16 values a trained model's tensor of that kind could hold: norms 1, biases 0, weights N(0, 0.02)."""
+    base = name.rsplit(".", 1)[-1]
+    if base == "bias":
+        return torch.zeros(shape, dtype=torch.float16)
+    if base == "weight" and len(shape) == 1:  # RMSNorm / LayerNorm scales (linear and conv weights are 2-D+)
+        return torch.ones(shape, dtype=torch.float16)
+    return (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
+
+
+def write_shards(plan: dict, out_dir: str, seed: int, max_bytes: int = SHARD_BYTES, log=None) -> None:
+    """Random float16 tensors of ``plan`` ({name: shape}) as safetensors shards of at most
+    ``max_bytes`` (``model-0000i-of-0000n.safetensors`` + index; one ``model.safetensors`` when
+    it fits), generated and written one shard at a time."""
+    shards, size = [[]], 0
+    for name, shape in plan.items():
+        nbytes = 2 * int(np.prod(shape))
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for fname, keys in zip(names, shards):
+        part = {k: _random_tensor(k, plan[k], gen) for k in keys}
+        save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for k, v in part.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+        del part
+        if log is not None:
+            log(f"wrote {fname} ({len(keys)} tensors)")
+    if n > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def random_llava3d_preset(out_dir: str, preset: str = "llava3d-7b", *, seed: int = 0, overwrite: bool = False,
+                          max_shard_bytes: int = SHARD_BYTES, log=None, **overrides) -> str:
+    """A RANDOM checkpoint of a full-size preset (``PRESETS``) in the released LLaVA-3D layout,
+    float16, sharded, written shard by shard (a 7B checkpoint never sits in memory). ``overrides``
+    replace preset fields (e.g. ``layers=2`` for a shallow one of the same width)."""
+    unknown = set(overrides) - set(PRESETS[preset])
+    if unknown:
+        raise ValueError(f"random_llava3d_preset: unknown fields {sorted(unknown)}")
+    spec = {**PRESETS[preset], **overrides}
+    dec_cfg, vis_cfg = preset_configs(spec)
+    main, vision = preset_plan(spec)
+    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+    with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
+        cfg = llava3d_config(dec_cfg, spec["vision_hidden"], "mlp2x_gelu", tok,
+                             extra={"torch_dtype": "float16", "preset": preset, "random_weights": True})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
+        tok.save(tmp)
+        write_shards(main, tmp, seed, max_shard_bytes, log)
+        vdir = os.path.join(tmp, "vision_tower")
+        os.makedirs(vdir)
+        vis_cfg.save_pretrained(vdir)
+        write_shards(vision, vdir, seed + 1, max_shard_bytes, log)
+        save_preprocessor(vdir, spec["image_size"])
     return out_dir

@@ -38,11 +38,16 @@ from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokeni
 from .sampling import check_sampling, make_rng, next_tokens
 from .scene import (Scene, limit_hint, limits, pool_numpy, preprocess_scene, unproject_patches,
                     validate_scene, voxelize)
-from .session import check_graph_io, choose_providers, open_session
+from .session import check_graph_io, choose_providers, input_dtype, open_session
 from .settings import read_settings
 from .tokenizer import TextTokenizer
 # the module, not its names: the readers import runtime modules, so either may be imported first
 from . import sources as scene_paths
+
+
+def first(outputs: dict) -> np.ndarray:
+    """The first output of a graph (an encoder's features, whatever the adapter named them)."""
+    return next(iter(outputs.values()))
 
 
 class Runtime:
@@ -80,13 +85,21 @@ class Runtime:
         if most > limits()["spatial_tokens"]:
             raise InputError(f"{self.path}/{d['preprocess']}: up to {most} spatial tokens a prompt, over the limit of "
                              f"{limits()['spatial_tokens']}; {RECOMPILE}, or {limit_hint('spatial_tokens')}")
+        # artifacts compiled before precision was recorded are float32
+        self.precision = d.get("precision") or {"dtype": "float32", "io_dtype": "float32", "quantize": None}
         wanted = choose_providers(providers)
+        if self.precision.get("dtype") == "bfloat16" and "CUDAExecutionProvider" not in wanted:
+            raise InputError(f"{self.path}: this artifact computes in bfloat16, which ONNX Runtime's CPU provider "
+                             "cannot run; run it with --provider cuda (onnxruntime-gpu), or compile --dtype float16 "
+                             "for CPU")
         self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
                          for name, g in d["graphs"].items()}
         check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE)
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        # what each graph input takes (float16 in a float16 artifact): feeds are cast to it
+        self._types = {n: {i.name: input_dtype(i.type) for i in s.get_inputs()} for n, s in self.sessions.items()}
         self.last_kept: list[np.ndarray] = []
         self._last: dict | None = None
 
@@ -99,6 +112,15 @@ class Runtime:
     @property
     def has_decode(self) -> bool:
         return "decode" in self.sessions
+
+    def run_graph(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
+        """Run one graph on the feeds it takes, floating-point arrays cast to its input dtypes."""
+        sess, types = self.sessions[name], self._types[name]
+        args = {}
+        for k in self._inputs[name]:
+            a = np.asarray(feeds[k])
+            args[k] = a.astype(types[k]) if types[k] is not None and a.dtype.kind == "f" and a.dtype != types[k] else a
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, args)))
 
     # ------------------------------------------------------------------ inputs
     def _check_scene(self, scene, where: str) -> Scene:
@@ -133,10 +155,11 @@ class Runtime:
         scene = self._check_scene(scene, "scene")
         pre = preprocess_scene(scene, p["image_size"], processing=self.processing)
         xyz = unproject_patches(pre.depths, pre.intrinsics, pre.poses, p["patch_size"])
-        feats = self.sessions["encoder"].run(None, {"pixel_values": pre.pixel_values, "xyz": xyz})[0]
+        feats = first(self.run_graph("encoder", {"pixel_values": pre.pixel_values, "xyz": xyz}))
         vmap = voxelize(xyz, p.get("voxel_size", 0.2), p.get("max_tokens", 2560))
-        pooled = pool_numpy(feats.reshape(-1, feats.shape[-1]), vmap)
-        tokens = self.sessions["projector"].run(None, {"features": np.ascontiguousarray(pooled, np.float32)})[0]
+        # pooled in float32 whatever the encoder's precision (a mean of up to hundreds of patches)
+        pooled = pool_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32), vmap)
+        tokens = first(self.run_graph("projector", {"features": np.ascontiguousarray(pooled)}))
         return tokens, vmap.centers.astype(np.float32)
 
     def encode_image(self, image) -> np.ndarray:
@@ -146,7 +169,7 @@ class Runtime:
             raise InputError(f"this artifact takes a {self.input_kind}, got "
                              + ("a scene" if isinstance(image, scene_like) else type(image).__name__))
         pix = self.processing(scene_paths.resolve_image(image))
-        return self.sessions["encoder"].run(None, {"pixel_values": pix[None]})[0][0]
+        return first(self.run_graph("encoder", {"pixel_values": pix[None]}))[0]
 
     def prompt_ids(self, question: str) -> list[int]:
         check_question(question)
@@ -202,7 +225,7 @@ class Runtime:
                 raise InputError(f"item {i}: token id {bad[0]} outside the embedding table ({V}); {RECOMPILE}")
             k = ids.index(IMAGE_TOKEN_INDEX)
             pre, post = ids[:k], ids[k + 1 :]
-            emb = np.concatenate([self.embed[pre], spatial.astype(np.float32), self.embed[post]], axis=0)
+            emb = np.concatenate([self.embed[pre], spatial.astype(self.embed.dtype), self.embed[post]], axis=0)
             sm = np.zeros(emb.shape[0], bool)
             sm[len(pre) : len(pre) + spatial.shape[0]] = True
             xyz = np.zeros((emb.shape[0], 3), np.float32)
@@ -214,7 +237,7 @@ class Runtime:
                              "use fewer spatial tokens or a shorter question")
         B, H = len(rows), rows[0][0].shape[1]
         feeds = {
-            "inputs_embeds": np.zeros((B, L, H), np.float32),
+            "inputs_embeds": np.zeros((B, L, H), self.embed.dtype),
             "attention_mask": np.zeros((B, L), np.int64),
             "position_ids": np.ones((B, L), np.int64),
             "spatial_mask": np.zeros((B, L), bool),
@@ -231,14 +254,17 @@ class Runtime:
 
     # ------------------------------------------------------------------ graphs
     def _check_feeds(self, feeds: dict) -> None:
-        need = {"inputs_embeds": (3, np.float32), "attention_mask": (2, np.int64), "position_ids": (2, np.int64),
+        need = {"inputs_embeds": (3, "f"), "attention_mask": (2, np.int64), "position_ids": (2, np.int64),
                 "spatial_mask": (2, np.bool_)}
         if "spatial_xyz" in self._inputs["prefill"]:  # the schedule's rules read token coordinates
             need["spatial_xyz"] = (3, np.float32)
         for k, (nd, dt) in need.items():
             a = feeds.get(k)
-            if a is None or np.asarray(a).ndim != nd or np.asarray(a).dtype != dt:
-                raise InputError(f"prefill feeds: '{k}' must be a {nd}-D {np.dtype(dt).name} array (use Runtime.prepare)")
+            ok = a is not None and np.asarray(a).ndim == nd and (
+                np.asarray(a).dtype.kind == "f" if dt == "f" else np.asarray(a).dtype == dt)
+            if not ok:
+                what = "floating-point" if dt == "f" else np.dtype(dt).name
+                raise InputError(f"prefill feeds: '{k}' must be a {nd}-D {what} array (use Runtime.prepare)")
         if self.cuts:
             n0 = (feeds["spatial_mask"] & feeds["attention_mask"].astype(bool)).sum(1)
             if (n0 < 1).any():
@@ -247,9 +273,7 @@ class Runtime:
     def prefill(self, feeds: dict) -> dict[str, np.ndarray]:
         """Run the (pruned) prefill graph; records :attr:`last_kept`."""
         self._check_feeds(feeds)
-        sess = self.sessions["prefill"]
-        names = [o.name for o in sess.get_outputs()]
-        out = dict(zip(names, sess.run(None, {k: feeds[k] for k in self._inputs["prefill"]})))
+        out = self.run_graph("prefill", feeds)
         self.last_kept = [out[f"kept.{c}"] for c in range(len(self.cuts))]
         self._last = out
         return out
@@ -308,10 +332,8 @@ class Runtime:
                 done |= toks == eos
             if done.all() or t == max_new_tokens - 1:
                 break
-            sess = self.sessions["decode"]
             feed = {"inputs_embeds": self.embed[toks][:, None, :], "position_ids": pos, **past}
-            names = [o.name for o in sess.get_outputs()]
-            res = dict(zip(names, sess.run(None, {k: feed[k] for k in self._inputs["decode"]})))
+            res = self.run_graph("decode", feed)
             logits = res["logits"]
             past = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
             pos = pos + 1

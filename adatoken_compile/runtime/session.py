@@ -19,6 +19,14 @@ LEVELS = {
 }
 
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def input_dtype(ort_type: str):
+    """The numpy dtype of a floating-point ORT input type string (``tensor(float16)``); None for others."""
+    return _ORT_TYPES.get(ort_type)
+
+
 def cuda_available() -> bool:
     """onnxruntime-gpu installed and a GPU not hidden by CUDA_VISIBLE_DEVICES."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() not in ("", "-1")

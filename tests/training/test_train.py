@@ -58,7 +58,7 @@ def test_dense_targets_start_at_the_last_class_or_colour_word():
     asked, e.g. not at "which is closer to the red object, the blue one or the" (one candidate)."""
     from adatoken_compile.benchmark3d.questions import TEMPLATES, questions_for, text_words
     from adatoken_compile.benchmark3d.world import CLASSES, COLOR_NAMES, PLURALS, make_world
-    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.runtime.prompt import llava_v1_prompt, tokenize_with_placeholders
     from reference_model.text import key_word_ids, key_word_position, training_tokenizer
 
     _, dense = qa_targets(8, [40, 2], dense=True, dense_from=5)
@@ -190,7 +190,7 @@ def _room(*objects):
 
 def _question_suffix(tok, text):
     """Token ids after the scene placeholder of ``text``'s prompt (what training reads targets from)."""
-    from adatoken_compile.models.llava3d import llava_v1_prompt, tokenize_with_placeholders
+    from adatoken_compile.runtime.prompt import llava_v1_prompt, tokenize_with_placeholders
 
     ids = tokenize_with_placeholders(tok, llava_v1_prompt(text))
     return ids[ids.index(-200) + 1 :]

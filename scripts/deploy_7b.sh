@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A LLaVA-3D-7B-shaped model end to end on a CPU machine (docs/deploying.md, "A 7B model on 24 GB"):
+# the random full-size checkpoint, its float16 and int4 compiles (peak RSS, wall time, size), then
+# one int4 prefill pruned against unpruned at LLaVA-3D's token counts (1,400 spatial + 60 text).
+#
+#   scripts/deploy_7b.sh DIR [THREADS [STEP ...]]
+#
+# STEPs (default: all, in this order): checkpoint compile-float16 compile-int4 compile-int4-pruned bench.
+# LAYERS=4 scripts/deploy_7b.sh DIR: the same width at depth 4 (minutes; a rehearsal).
+# Disk: about 14 GB (checkpoint) + 27 GB (float16 artifact, deleted once measured) + 11 GB (int4).
+# Figures accumulate in DIR/summary.txt; each step's log and /usr/bin/time -v report beside it.
+set -euo pipefail
+D=$(realpath -m "${1:?usage: scripts/deploy_7b.sh DIR [THREADS [STEP ...]]}")
+T=${2:-2}
+shift $(( $# < 2 ? $# : 2 ))
+STEPS=("$@")
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(checkpoint compile-float16 compile-int4 compile-int4-pruned bench)
+L=${LAYERS:-32}
+cd "$(dirname "$0")/.."  # this checkout's package
+mkdir -p "$D"
+AC=(python -m adatoken_compile)
+
+timed() {  # timed NAME CMD...: run CMD under /usr/bin/time -v, keep its log, print peak RSS and wall time
+    local name=$1; shift
+    /usr/bin/time -v -o "$D/$name.time" "$@" > "$D/$name.log" 2>&1
+    echo "$name: $(grep -E 'Maximum resident' "$D/$name.time" | awk '{printf "peak RSS %.2f GB", $NF / 1048576}'),\
+ $(grep -E 'Elapsed' "$D/$name.time" | awk '{print "wall " $NF}')" | tee -a "$D/summary.txt"
+}
+size() { echo "$1: $(du -sb "$2" | awk '{printf "%.2f GB", $1 / 1e9}')" | tee -a "$D/summary.txt"; }
+
+for step in "${STEPS[@]}"; do
+    case $step in
+    checkpoint)
+        timed make-tiny "${AC[@]}" make-tiny --preset llava3d-7b --layers "$L" --out "$D/ckpt" --overwrite
+        size checkpoint "$D/ckpt" ;;
+    compile-float16)
+        timed compile-float16 "${AC[@]}" compile --model "$D/ckpt" --dtype float16 --out "$D/float16" --overwrite
+        size artifact-float16 "$D/float16"
+        rm -rf "$D/float16" ;;  # 27 GB; not run here (the CPU provider would hold it as float32)
+    compile-int4)
+        timed compile-int4 "${AC[@]}" compile --model "$D/ckpt" --quantize int4 --out "$D/int4" --overwrite
+        size artifact-int4 "$D/int4" ;;
+    compile-int4-pruned)
+        # the bundled model's calibrated default cuts (L1:0.7, L2:0.4), for an L-layer model
+        python -c "from adatoken_compile.schedule import Cut, Schedule; \
+Schedule([Cut(1, 0.7), Cut(2, 0.4)], $L, policy='adaptive-default').save('$D/schedule.json')"
+        timed compile-int4-pruned "${AC[@]}" compile --model "$D/ckpt" --quantize int4 --schedule "$D/schedule.json" \
+            --no-decode --out "$D/int4-pruned" --overwrite
+        size artifact-int4-pruned "$D/int4-pruned" ;;
+    bench)
+        timed bench "${AC[@]}" bench --artifact "$D/int4-pruned" --baseline "$D/int4" --tokens 1400,60 --threads "$T" \
+            --repeats 3 --json
+        python - "$D" <<'EOF' | tee -a "$D/summary.txt"
+import json, sys
+log = open(f"{sys.argv[1]}/bench.log").read()
+p = json.loads(log[log.index("{"):])["prefill"]
+print(f"int4 prefill, 1400 spatial + 60 text tokens: pruned {p['latency_s']['pruned']['median_s']:.1f} s vs "
+      f"{p['latency_s']['baseline']['median_s']:.1f} s, latency ratio {p['latency_ratio']:.3f}, FLOPs ratio "
+      f"{p['flops_ratio']:.3f} (graph {p['flops_ratio_graph']:.3f}), realized fraction {p['realized_fraction']:.2f}, "
+      f"overhead fraction {p['overhead_fraction']:.4f}")
+EOF
+        ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done

@@ -1,0 +1,269 @@
+"""The CUDA figures, in one run on a machine with an NVIDIA GPU (docs/deploying.md, "GPU check").
+
+    python scripts/gpu_check.py --out runs/gpu [--budget-s 780] [--layers 4]
+
+1. names the device (nvidia-smi), the ONNX Runtime providers and torch's CUDA;
+2. with onnxruntime-gpu (``CUDAExecutionProvider``): compiles the bundled model's identity and
+   pruned artifacts (the default cuts L1:0.7, L2:0.4) in float32 and float16, and benches each
+   pruned artifact against the identity of its precision with ``--provider cuda`` (prefill and
+   16-token end-to-end latency, FLOPs ratio, realised fraction); checks a bfloat16 artifact loads
+   and answers on CUDA; then a LLaVA-3D-7B-width random checkpoint (``make-tiny --preset
+   llava3d-7b --layers N``: full width, depth N, so that it fits the time) compiled in float16 and
+   int4, prefill pruned vs identity at 1,400 spatial + 60 text tokens on CUDA;
+3. without it (or if a CUDA session cannot start): times the pruned PyTorch prefill against the
+   unpruned one on CUDA (float16, 7B width, depth N) and records why ONNX Runtime could not run.
+
+Every step is skipped once ``--budget-s`` is spent; results.json records what ran, with timings.
+Nothing here is needed on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CUTS = [(1, 0.7), (2, 0.4)]  # the bundled model's calibrated default schedule
+
+
+def sh(cmd: list[str], log) -> str:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    log(f"$ {' '.join(cmd)}  ({time.perf_counter() - t0:.0f} s, rc {r.returncode})")
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-1500:]}")
+    return r.stdout
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "adatoken_compile", *map(str, args)]
+
+
+def device_info() -> dict:
+    info = {"python": sys.version.split()[0]}
+    try:
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError as e:
+        info["nvidia_smi"] = f"unavailable ({e})"
+    import onnxruntime as ort
+
+    info["onnxruntime"] = ort.__version__
+    info["ort_providers"] = ort.get_available_providers()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name(0)
+    except ImportError as e:
+        info["torch"] = f"unavailable ({e})"
+    return info
+
+
+def ort_cuda_works() -> tuple[bool, str]:
+    """Whether a CUDA session starts and runs (a provider listed is not enough: libraries may be missing)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu in place of onnxruntime)"
+    g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    try:
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
+        s.run(None, {"x": np.ones(2, np.float32)})
+        if s.get_providers()[0] != "CUDAExecutionProvider":
+            return False, f"a CUDA session fell back to {s.get_providers()}"
+    except Exception as e:  # the reason is the finding
+        return False, f"{type(e).__name__}: {str(e)[:500]}"
+    return True, "ok"
+
+
+def schedule_file(path: str, layers: int, fingerprint: str | None = None) -> str:
+    from adatoken_compile.schedule import Cut, Schedule
+
+    Schedule([Cut(l, k) for l, k in CUTS], layers, fingerprint=fingerprint, policy="adaptive-default").save(path)
+    return path
+
+
+def bundled_on_cuda(out: str, log, res: dict, budget) -> None:
+    from adatoken_compile.runtime import load
+
+    arts = {}
+    for dtype in ("float32", "float16"):
+        for kind in ("identity", "pruned"):
+            budget()
+            path = os.path.join(out, f"bundled-{dtype}-{kind}")
+            args = ["compile", "--dtype", dtype, "--out", path, "--overwrite"]
+            if kind == "pruned":
+                fp = load(arts[(dtype, "identity")], "cpu", check_hashes=False).manifest.fingerprint
+                args += ["--schedule", schedule_file(os.path.join(out, "bundled-schedule.json"), 8, fp)]
+            sh(cli(*args), log)
+            arts[(dtype, kind)] = path
+        budget()
+        js = sh(cli("bench", "--artifact", arts[(dtype, "pruned")], "--baseline", arts[(dtype, "identity")],
+                    "--provider", "cuda", "--repeats", 7, "--json"), log)
+        res[f"bundled_{dtype}"] = json.loads(js[js.index("{"):])
+        p = res[f"bundled_{dtype}"]["prefill"]
+        log(f"bundled {dtype}: prefill ratio {p['latency_ratio']:.3f}, FLOPs ratio {p['flops_ratio']:.3f}, "
+            f"realized {p['realized_fraction']:.2f}, provider {res[f'bundled_{dtype}']['provider']}")
+    budget()
+    path = os.path.join(out, "bundled-bfloat16-identity")
+    sh(cli("compile", "--dtype", "bfloat16", "--out", path, "--overwrite"), log)
+    res["bundled_bfloat16_answer"] = sh(cli("run", "--artifact", path, "--provider", "cuda"), log).strip()
+    for dtype in ("float16", "bfloat16"):
+        budget()
+        ref = arts[("float32", "identity")]
+        cand = arts[("float16", "identity")] if dtype == "float16" else path
+        js = sh([sys.executable, os.path.join(ROOT, "scripts", "precision_report.py"), "--reference", ref,
+                 "--candidate", f"{dtype}={cand}", "--limit", "60", "--out", os.path.join(out, f"parity-{dtype}.json")],
+                log)
+        del js
+        with open(os.path.join(out, f"parity-{dtype}.json")) as f:
+            res[f"bundled_{dtype}_parity_cpu_vs_cuda"] = json.load(f)["results"][dtype]
+
+
+def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None:
+    ckpt = os.path.join(out, f"llava3d-7b-L{layers}")
+    budget()
+    sh(cli("make-tiny", "--preset", "llava3d-7b", "--layers", layers, "--out", ckpt, "--overwrite"), log)
+    sched = schedule_file(os.path.join(out, f"7b-schedule-L{layers}.json"), layers)
+    for tag, extra in (("float16", ["--dtype", "float16"]), ("int4", ["--quantize", "int4"])):
+        paths = {}
+        for kind in ("identity", "pruned"):
+            budget()
+            paths[kind] = os.path.join(out, f"7b-{tag}-{kind}")
+            sh(cli("compile", "--model", ckpt, *extra, "--no-decode", "--out", paths[kind], "--overwrite",
+                   *(["--schedule", sched] if kind == "pruned" else [])), log)
+        budget()
+        js = sh(cli("bench", "--artifact", paths["pruned"], "--baseline", paths["identity"], "--tokens", "1400,60",
+                    "--provider", "cuda", "--repeats", 5, "--json"), log)
+        res[f"7b_width_L{layers}_{tag}"] = json.loads(js[js.index("{"):])
+        p = res[f"7b_width_L{layers}_{tag}"]["prefill"]
+        log(f"7B width, {layers} layers, {tag}: prefill {p['latency_s']['pruned']['median_s'] * 1e3:.1f} ms vs "
+            f"{p['latency_s']['baseline']['median_s'] * 1e3:.1f} ms, ratio {p['latency_ratio']:.3f}, "
+            f"FLOPs ratio {p['flops_ratio']:.3f}, realized {p['realized_fraction']:.2f}")
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def torch_on_cuda(log, res: dict, budget, layers: int, device: str = "cuda", hidden: int = 4096) -> None:
+    """Fallback: the pruned PyTorch prefill (the reference the artifacts are parity-tested against)
+    against the unpruned one, float16, 7B width, on CUDA (``device``/``hidden`` only to rehearse
+    the step on a CPU)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adatoken_compile.benchmarking.synthetic import synthetic_inputs
+    from adatoken_compile.compiler.reference import pruned_prefill
+    from adatoken_compile.contract import DecoderInputs
+    from adatoken_compile.flops import prefill_flops
+    from adatoken_compile.arch import from_config
+    from adatoken_compile.schedule import Cut, Schedule, identity
+
+    budget()
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008 * hidden // 4096, vocab_size=32000, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dt).eval()
+    inputs = synthetic_inputs(hidden, [(35, 1400, 25)], seed=1)
+    inputs = DecoderInputs(inputs.inputs_embeds.to(device, dt), inputs.attention_mask.to(device),
+                           inputs.position_ids.to(device), inputs.spatial_mask.to(device), inputs.spans)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sched = Schedule([Cut(l, k) for l, k in CUTS], layers)
+    scheds = {"pruned": sched, "baseline": identity(layers)}
+    times = {k: [] for k in scheds}
+    with torch.no_grad():
+        for name, s in scheds.items():  # warm-up
+            pruned_prefill(model, inputs, s)
+        for _ in range(10 if device == "cuda" else 2):
+            for name, s in scheds.items():
+                sync()
+                t0 = time.perf_counter()
+                pruned_prefill(model, inputs, s)
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    arch = from_config(cfg)
+    fr = prefill_flops(arch, 60, sched.tokens_per_layer(1400))["total"] / prefill_flops(arch, 60, [1400] * layers)["total"]
+    lr = med["pruned"] / med["baseline"]
+    res[f"torch_{device}_h{hidden}_L{layers}_{str(dt)[6:]}"] = {"median_s": med, "latency_ratio": lr, "flops_ratio": fr,
+                                                                 "realized_fraction": (1 - lr) / (1 - fr), "runs": times}
+    log(f"PyTorch {device} {str(dt)[6:]}, hidden {hidden}, {layers} layers: ratio {lr:.3f}, FLOPs ratio {fr:.3f}, "
+        f"realized {(1 - lr) / (1 - fr):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=780.0, help="skip the steps left once this is spent")
+    ap.add_argument("--layers", type=int, default=4, help="depth of the 7B-width checkpoint")
+    ap.add_argument("--rehearse-torch-on-cpu", action="store_true",
+                    help="run only the PyTorch fallback step, on the CPU at a small width (checks the script)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    res: dict = {"steps": [], "errors": []}
+
+    def log(msg: str) -> None:
+        line = f"[gpu_check {time.perf_counter() - t_start:5.0f}s] {msg}"
+        print(line, flush=True)
+        res["steps"].append(line)
+
+    class OutOfTime(Exception):
+        pass
+
+    def budget() -> None:
+        if time.perf_counter() - t_start > args.budget_s:
+            raise OutOfTime()
+
+    def save() -> None:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+    if args.rehearse_torch_on_cpu:
+        torch_on_cuda(log, res, budget, 3, device="cpu", hidden=256)
+        save()
+        return
+    res["device"] = device_info()
+    log(f"device: {res['device']}")
+    ok, why = ort_cuda_works()
+    res["ort_cuda"] = {"works": ok, "why": why}
+    log(f"ONNX Runtime CUDA: {why}")
+    steps = ([("bundled", lambda: bundled_on_cuda(args.out, log, res, budget)),
+              ("7b_width", lambda: seven_b_width_on_cuda(args.out, log, res, budget, args.layers))] if ok else
+             [("torch_cuda", lambda: torch_on_cuda(log, res, budget, args.layers))])
+    for name, step in steps:
+        try:
+            step()
+        except OutOfTime:
+            log(f"{name}: skipped, the budget of {args.budget_s:.0f} s is spent")
+        except Exception as e:  # record and go on: every figure that can be measured is
+            res["errors"].append({"step": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+            log(f"{name}: failed ({type(e).__name__}: {str(e)[:300]})")
+        save()
+    res["wall_s"] = time.perf_counter() - t_start
+    save()
+    log(f"done in {res['wall_s']:.0f} s -> {os.path.join(args.out, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()

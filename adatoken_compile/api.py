@@ -13,12 +13,17 @@ Example (the main job, step by step)::
 
 Heavy stages (torch, transformers) are imported inside the functions that need them: the
 runtime install (``pip install adatoken-compile``) has neither, and ``load`` works there.
+
+``calibrate`` and ``evaluate`` scale out under torchrun (``torchrun --nproc-per-node N script.py``,
+every process calling them alike): each process takes its share of the questions and every
+process returns what one process would (:mod:`adatoken_compile.distributed`); rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adatoken_compile import distributed
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import Runtime, load
@@ -63,16 +68,17 @@ class Calibration:
     holdout: list | None = None  # the held-back batches it was validated on (to derive more schedules on them)
 
 
-def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0) -> list:
-    """``n`` validation questions from scenes the statistics did not use: from scene
-    ``HOLDOUT_START_SCENE`` on, or after the statistics' last scene if that is later."""
+def holdout_samples(data: str, n: int, stats_scenes: int, start_scene: int = 0, keep=None) -> list:
+    """``n`` validation questions from scenes the statistics (``stats_scenes`` scenes from
+    ``start_scene`` on) did not use: from scene ``HOLDOUT_START_SCENE`` on, or after the statistics'
+    last scene if that is later. ``keep``: this process's share (see ``data.load_samples``)."""
     from adatoken_compile.data import load_samples
 
-    used = len({id(s.scene) for s in stats_samples})
-    start = max(HOLDOUT_START_SCENE, start_scene + used)
-    return load_samples(data, limit=n, start_scene=start) if n > 0 else []
+    start = max(HOLDOUT_START_SCENE, start_scene + stats_scenes)
+    return load_samples(data, limit=n, start_scene=start, keep=keep) if n > 0 else []
 
 
+@distributed.collective
 def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLES, holdout: int = HOLDOUT,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
@@ -86,6 +92,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     ``start_scene``: mine from this scene on (shards of one calibration run on several machines).
     ``merge``: calibration directories whose statistics replace the mining (disjoint shards).
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).
+    Under torchrun: each process mines and validates its share, every process returns the same
+    result, and rank 0 writes ``out``.
 
     Example::
 
@@ -93,7 +101,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
         print(cal.schedule.cuts, cal.schedule.predicted["flops_ratio"])
     """
     from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
-    from adatoken_compile.calibration.batches import input_batches, sample_batches
+    from adatoken_compile.calibration.batches import BATCH_SIZE, input_batches, sample_batches
     from adatoken_compile.data import load_samples
     from adatoken_compile.io import check_output
     from adatoken_compile.schedule import Schedule
@@ -101,11 +109,13 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
     if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
         raise InputError(f"--holdout {holdout!r}: give a whole number of held-back questions, e.g. --holdout 384")
     if out is not None:
-        check_output(out, "calibration", overwrite=overwrite)
+        distributed.on_main(check_output, out, "calibration", overwrite=overwrite)
     adapter = load_model(model)
     like_s = Schedule.load(like) if isinstance(like, str) else like
-    stats_samples = load_samples(data, limit=samples, start_scene=start_scene)
-    hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene))
+    share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
+    stats_samples = load_samples(data, limit=samples, start_scene=start_scene, keep=share)
+    hold = input_batches(adapter, holdout_samples(data, holdout, share.scenes, start_scene,
+                                                  keep=distributed.Share(block=BATCH_SIZE)))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
               max_validations=max_validations, cache=cache)
@@ -116,7 +126,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, samples: int = SAMPLE
                                            **kw)
     schedule.calibration.update({"data": data, "start_scene": start_scene, "holdout_questions": holdout,
                                  "environment": environment()})
-    path = engine.write_calibration(out, schedule, stats, overwrite=overwrite) if out is not None else None
+    path = distributed.on_main(engine.write_calibration, out, schedule, stats, overwrite=overwrite) if out else None
     return Calibration(schedule, stats, path, hold)
 
 
@@ -183,6 +193,7 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
     return out[0] if single else out
 
 
+@distributed.collective
 def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = None, data: str = EVAL_DATA,
              limit: int = 500, kinds=(), schedule=None, max_new_tokens: int = 8, providers=None,
              progress=None) -> dict:
@@ -192,6 +203,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     questions (``baseline``, an identity artifact, or the PyTorch ``model`` it was compiled from),
     with a paired comparison. Without: the PyTorch ``model`` (pruned by ``schedule`` when given).
     ``kinds``: keep only those question kinds / templates among the first ``limit``.
+    Under torchrun each process answers its share of the scenes and every process returns the
+    result of all of them.
 
     Example::
 
@@ -202,18 +215,20 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.accuracy import evaluate as run_eval  # torch: not in the runtime install
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
-    samples = [s for s in load_samples(data, limit=limit)
-               if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
-    if not samples:
+    share = distributed.Share(by_scene=True)  # a scene's questions are answered together
+    picked = [(s, i) for s, i in zip(load_samples(data, limit=limit, keep=share), share.positions)
+              if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
+    samples, positions = [s for s, _ in picked], [i for _, i in picked]
+    if not distributed.total(len(samples)):
         raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of {data}; raise --limit")
     if artifact:
         adapter = None if baseline else load_model(model)
         res = eval_artifact(artifact, samples, baseline=baseline, adapter=adapter, progress=progress,
-                            providers=providers)
+                            providers=providers, positions=positions)
     else:
         adapter = load_model(model)
         res = run_eval(reference_answer_fn(adapter, _schedule_for(adapter, schedule), max_new_tokens), samples,
-                       progress=progress)
+                       progress=progress, positions=positions)
         res["model"] = adapter.fingerprint()
     res["data"] = data
     res["environment"] = environment()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from adatoken_compile import api
+from adatoken_compile import api, distributed
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
-from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+from adatoken_compile.cli.main import default, given, load_model, main, model_options, scales_out, user_errors
 
 
 @main.command()
@@ -32,6 +32,7 @@ from adatoken_compile.cli.main import default, given, load_model, main, model_op
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors
+@scales_out
 def calibrate(model, vision_tower, attn, out, overwrite, data, samples, holdout, start_scene, policy, flops_budget,
               fidelity, like, seed, merge_dirs):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
@@ -40,6 +41,8 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, samples, holdout,
     adapter = load_model(model, vision_tower, attn)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                         like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, **given(data=data, samples=samples, holdout=holdout))
+    if not distributed.is_main():
+        return
     schedule = cal.schedule
     pred = schedule.predicted
     click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "

@@ -10,7 +10,7 @@ import sys
 import click
 from tqdm import tqdm
 
-from adatoken_compile import api
+from adatoken_compile import api, distributed
 from adatoken_compile.errors import InputError
 
 MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
@@ -26,16 +26,33 @@ def given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def scales_out(fn):
+    """Mark a command that shares its work among torchrun's processes (the others refuse a launch
+    of several)."""
+    fn.scales_out = True
+    return fn
+
+
 def user_errors(fn):
-    """InputError -> one line on stderr, exit 2 (no traceback)."""
+    """InputError -> one line on stderr, exit 2 (no traceback). Under torchrun the command runs on
+    every rank as one session: an error on any rank ends every rank with exit 2, and rank 0 prints
+    that rank's line."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
-            return fn(*a, **kw)
+            with distributed.session():
+                if distributed.active() and not getattr(fn, "scales_out", False):
+                    raise InputError(f"{fn.__name__.removesuffix('_cmd')}: runs as one process; start it without "
+                                     "torchrun (calibrate and eval scale out)")
+                out = fn(*a, **kw)
         except InputError as e:
-            click.echo(f"error: {e}", err=True)
+            if distributed.is_main():
+                click.echo(f"error: {e}", err=True)
+            distributed.close()
             sys.exit(2)
+        distributed.close()
+        return out
 
     return wrapper
 
@@ -62,7 +79,8 @@ def echo_json(obj) -> None:
 
 
 def progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not distributed.is_main())
 
 
 class OneLineErrors(click.Group):

@@ -36,24 +36,25 @@ def runtime_answer_fn(rt, max_new_tokens: int = 8):
 
 
 def eval_artifact(artifact: str, samples: Sequence, *, baseline: str | None = None, adapter=None, progress=None,
-                  providers=None) -> dict:
+                  providers=None, positions: Sequence[int] | None = None) -> dict:
     """Accuracy of an artifact next to the unpruned model on the same questions.
 
     The unpruned reference is ``baseline`` (an identity-schedule artifact) when given, else the
-    PyTorch ``adapter``, which must be the model the artifact was compiled from.
+    PyTorch ``adapter``, which must be the model the artifact was compiled from. ``positions``:
+    see :func:`adatoken_compile.evaluation.accuracy.evaluate`.
     """
     rt = load(artifact, providers)
-    res = evaluate(runtime_answer_fn(rt), samples, progress=progress)
+    res = evaluate(runtime_answer_fn(rt), samples, progress=progress, positions=positions)
     if baseline:
         ref_rt = load(baseline, providers)
         if ref_rt.manifest.fingerprint != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{baseline}: baseline artifact was compiled from another model than {artifact}")
-        ref = evaluate(runtime_answer_fn(ref_rt), samples)
+        ref = evaluate(runtime_answer_fn(ref_rt), samples, positions=positions)
     else:
         if adapter is None or adapter.fingerprint() != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{artifact}: compiled from another model than the one given; pass --model DIR of "
                                    "the model it was compiled from, or --baseline ART0")
-        ref = evaluate(reference_answer_fn(adapter), samples)
+        ref = evaluate(reference_answer_fn(adapter), samples, positions=positions)
     res["baseline_accuracy"] = ref["accuracy"]
     res["baseline_per_kind"] = ref["per_kind"]
     if "per_template" in ref:

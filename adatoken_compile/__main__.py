@@ -3,4 +3,4 @@
 from adatoken_compile.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="adatoken-compile")  # the command's name in messages, however it was started

@@ -83,7 +83,10 @@ def world() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0: the one process that writes outputs and shows progress."""
+    """Rank 0: the one process that writes outputs, prints and shows progress (torchrun's ``RANK``
+    says so before the group is joined, e.g. for a usage error every rank meets alike)."""
+    if not active() and launched():
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 
@@ -104,8 +107,8 @@ def _leave() -> None:
 
 # ---------------------------------------------------------------------- failures
 def _check(error: BaseException | None = None) -> None:
-    """The status exchange: every rank says whether it failed; if any did, every rank raises the
-    error of the lowest failing rank (that rank its own exception)."""
+    """The status exchange: every rank says whether it failed; if any did, every rank raises: a
+    rank that failed its own exception, the others the lowest failing rank's error."""
     dist = _dist()
     torch = _torch()
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
@@ -116,9 +119,9 @@ def _check(error: BaseException | None = None) -> None:
     mine = None if error is None else (isinstance(error, InputError), type(error).__name__, str(error))
     got = [None] * world()
     dist.all_gather_object(got, mine)
-    who = next(r for r, g in enumerate(got) if g is not None)
-    if who == rank():
+    if error is not None:
         raise error
+    who = next(r for r, g in enumerate(got) if g is not None)
     user, name, text = got[who]
     raise (InputError(text) if user else RuntimeError(f"rank {who} failed with {name}: {text}"))
 

@@ -97,7 +97,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             hint = f"; see `adatoken-compile {e.ctx.command_path.split(' ', 1)[-1]} --help`" \
                 if getattr(e, "ctx", None) is not None and " " in e.ctx.command_path else "; see `adatoken-compile --help`"
-            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            if distributed.is_main():  # under torchrun every rank meets the same usage error
+                click.echo(f"error: {e.format_message()}{hint}", err=True)
             sys.exit(2)
 
 

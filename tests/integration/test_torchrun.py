@@ -17,12 +17,25 @@ FAILING_RANK = os.path.join(ROOT, "tests", "integration", "torchrun_failing_rank
 CALIBRATE = ["calibrate", "--samples", "10", "--holdout", "26", "--fidelity", "0.6"]
 
 
-def _run(args, *, ranks: int = 1, program=("-m", "adatoken_compile"), env=None):
+def _start(args, *, ranks: int = 1, program=("-m", "adatoken_compile"), env=None) -> subprocess.Popen:
     # one thread per process both ways: the comparison is of the sharding, not of thread counts
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
         if ranks > 1 else [sys.executable]
-    return subprocess.run([*launch, *program, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([*launch, *program, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait(*procs) -> list:
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    return _wait(_start(args, **kw))[0]
 
 
 def _load(path):
@@ -32,8 +45,8 @@ def _load(path):
 
 def test_torchrun_calibrate_writes_what_one_process_writes(tiny3d_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = _run([*CALIBRATE, "--model", tiny3d_dir, "--out", str(one)])
-    r2 = _run([*CALIBRATE, "--model", tiny3d_dir, "--out", str(two)], ranks=2)
+    r1, r2 = _wait(_start([*CALIBRATE, "--model", tiny3d_dir, "--out", str(one)]),  # side by side: less waiting
+                   _start([*CALIBRATE, "--model", tiny3d_dir, "--out", str(two)], ranks=2))
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.count("wrote ") == 1 and r2.stdout == r1.stdout.replace(str(one), str(two))  # rank 0 speaks
@@ -56,8 +69,8 @@ def test_torchrun_calibrate_writes_what_one_process_writes(tiny3d_dir, tmp_path)
 
 def test_torchrun_eval_scores_what_one_process_scores(tiny3d_dir, tmp_path):
     args = ["eval", "--model", tiny3d_dir, "--limit", "20", "--json"]
-    r1 = _run([*args, "--predictions", str(tmp_path / "one.json")])
-    r2 = _run([*args, "--predictions", str(tmp_path / "two.json")], ranks=2)
+    r1, r2 = _wait(_start([*args, "--predictions", str(tmp_path / "one.json")]),
+                   _start([*args, "--predictions", str(tmp_path / "two.json")], ranks=2))
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     a, b = (json.loads(r.stdout[r.stdout.index("{"):]) for r in (r1, r2))  # rank 0 alone prints: one object

@@ -21,7 +21,7 @@ def run():
         signal.signal(sig, _interrupted)
     from adatoken_compile.cli import main  # after the handlers: starting up takes a while
 
-    main()
+    main(prog_name="adatoken-compile")  # the command's name in messages, however it was started
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Example (the main job, step by step)::
 
 Heavy stages (torch, transformers) are imported inside the functions that need them: the
 runtime install (``pip install adatoken-compile``) has neither, and ``load`` works there.
+
+``calibrate`` and ``evaluate`` scale out under torchrun (``torchrun --nproc-per-node N script.py``,
+every process calling them alike): each process takes its share of the questions and every
+process returns what one process would (:mod:`adatoken_compile.distributed`); rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from adatoken_compile import distributed
 from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
@@ -80,23 +85,32 @@ class Calibration:
     holdout: list | None = None  # the held-back batches it was validated on (to derive more schedules on them)
 
 
-def holdout_samples(data: str, n: int, stats_samples: list, start_scene: int = 0, *, scenes: str | None = None,
-                    depth_scale: float | None = None) -> list:
-    """``n`` validation questions from scenes the statistics did not use: after the statistics'
-    last scene (built-in data: from scene ``HOLDOUT_START_SCENE`` on, if that is later). A question
-    file's held-back questions never share a scene with the statistics' questions."""
-
+def holdout_samples(data: str, n: int, stats_scenes: int, start_scene: int = 0, *, scenes: str | None = None,
+                    depth_scale: float | None = None, keep=None) -> list:
+    """``n`` validation questions from scenes the statistics (``stats_scenes`` scenes from
+    ``start_scene`` on) did not use: after the statistics' last scene (built-in data: from scene
+    ``HOLDOUT_START_SCENE`` on, if that is later). A question file's held-back questions never
+    share a scene with the statistics' questions. ``keep``: this process's share (see
+    ``data.iter_samples``)."""
     if n <= 0:
         return []
-    start = holdout_start(data, start_scene, stats_samples, HOLDOUT_START_SCENE)
-    held = list(iter_samples(data, limit=n, start_scene=start, scenes=scenes, depth_scale=depth_scale))
-    if not held:
-        raise InputError(f"--data {data}: the statistics' {len(stats_samples)} questions use every scene from scene "
-                         f"{start_scene} on, none is left for held-back questions; pass fewer --samples, a file "
-                         "with more scenes, or --holdout 0")
+    start = holdout_start(data, start_scene, stats_scenes, HOLDOUT_START_SCENE)
+    listed = 0
+
+    def counted(i: int, j: int) -> bool:
+        nonlocal listed
+        listed += 1
+        return keep is None or keep(i, j)
+
+    held = list(iter_samples(data, limit=n, start_scene=start, scenes=scenes, depth_scale=depth_scale, keep=counted))
+    if not listed:
+        raise InputError(f"--data {data}: the statistics' questions use every scene from scene {start_scene} on "
+                         f"({stats_scenes} scenes), none is left for held-back questions; pass fewer --samples, a "
+                         "file with more scenes, or --holdout 0")
     return held
 
 
+@distributed.collective
 def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = None, depth_scale: float | None = None,
               samples: int = SAMPLES, holdout: int = HOLDOUT,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
@@ -120,6 +134,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     ``start_scene``: mine from this scene on (shards of one calibration run on several machines).
     ``merge``: calibration directories whose statistics replace the mining (disjoint shards).
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).
+    Under torchrun: each process mines and validates its share, every process returns the same
+    result, and rank 0 writes ``out``.
 
     Example::
 
@@ -127,7 +143,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
         print(cal.schedule.cuts, cal.schedule.predicted["flops_ratio"])
     """
     from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
-    from adatoken_compile.calibration.batches import input_batches, sample_batches
+    from adatoken_compile.calibration.batches import BATCH_SIZE, input_batches, sample_batches
     from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
     from adatoken_compile.calibration.solver import require_rows
     from adatoken_compile.io import check_output
@@ -149,13 +165,15 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     if policy == "adaptive" and flops_budget is None:  # the solver's own check, before any mining
         require_rows(holdout, DEFAULT_FIDELITY if fidelity is None else fidelity, "calibrate")
     if out is not None:
-        check_output(out, "calibration", overwrite=overwrite)
+        distributed.on_main(check_output, out, "calibration", overwrite=overwrite)
     like_s = Schedule.load(like) if isinstance(like, str) else like
     shards = [engine.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
     adapter = load_model(model)
-    stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale)
-    hold = input_batches(adapter, holdout_samples(data, holdout, stats_samples, start_scene, scenes=scenes,
-                                                  depth_scale=depth_scale))
+    share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
+    stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale,
+                                 keep=share)
+    hold = input_batches(adapter, holdout_samples(data, holdout, share.scenes, start_scene, scenes=scenes,
+                                                  depth_scale=depth_scale, keep=distributed.Share(block=BATCH_SIZE)))
     kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
               max_validations=max_validations, cache=cache, rules=rules)
@@ -168,7 +186,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
                                  "environment": environment()})
     if scenes is not None:
         schedule.calibration["scenes"] = scenes
-    path = engine.write_calibration(out, schedule, stats, overwrite=overwrite) if out is not None else None
+    path = distributed.on_main(engine.write_calibration, out, schedule, stats, overwrite=overwrite) if out else None
     return Calibration(schedule, stats, path, hold)
 
 
@@ -267,6 +285,7 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
     return out[0] if single else out
 
 
+@distributed.collective
 def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = None, data: str = EVAL_DATA,
              scenes: str | None = None, depth_scale: float | None = None, limit: int = 500, kinds=(), schedule=None,
              max_new_tokens: int = 8, providers=None, progress=None) -> dict:
@@ -280,6 +299,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     with a paired comparison and the answers' agreement. Without: the PyTorch ``model`` (pruned by
     ``schedule`` when given; then, for questions without answers, its agreement with the unpruned
     model). ``kinds``: keep only those question kinds / templates among the first ``limit``.
+    Under torchrun each process answers its share of the scenes and every process returns the
+    result of all of them.
 
     Example::
 
@@ -291,22 +312,25 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
 
-    samples = [s for s in load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale)
-               if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
-    if not samples:
+    share = distributed.Share(by_scene=True)  # a scene's questions are answered together
+    loaded = load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale, keep=share)
+    picked = [(s, i) for s, i in zip(loaded, share.positions)
+              if not kinds or s.kind in kinds or s.meta.get("template") in kinds]
+    samples, positions = [s for s, _ in picked], [i for _, i in picked]
+    if not distributed.total(len(samples)):
         raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of {data}; raise --limit")
     captions = builtin_split(data) is None
     if artifact:
         adapter = None if baseline else load_model(model)
         res = eval_artifact(artifact, samples, baseline=baseline, adapter=adapter, progress=progress,
-                            providers=providers, captions=captions)
+                            providers=providers, captions=captions, positions=positions)
     else:
         adapter = load_model(model)
         sched = _schedule_for(adapter, schedule)
         res = run_eval(reference_answer_fn(adapter, sched, max_new_tokens), samples, progress=progress,
-                       captions=captions)
+                       captions=captions, positions=positions)
         if res["n"] == 0 and sched.cuts:  # no answers to score: how often the pruned model answers as the unpruned
-            ref = run_eval(reference_answer_fn(adapter, None, max_new_tokens), samples)
+            ref = run_eval(reference_answer_fn(adapter, None, max_new_tokens), samples, positions=positions)
             res["agreement"] = agreement(res["predictions"], ref["predictions"])
         res["model"] = adapter.fingerprint()
     res["data"] = data

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 
-from adatoken_compile import __version__
+from adatoken_compile import __version__, distributed
 
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -40,4 +40,5 @@ def thread_settings() -> dict:
 
 
 def environment() -> dict:
-    return {"versions": library_versions(), "threads": thread_settings()}
+    """Versions, thread settings, and the number of processes that shared the work (torchrun)."""
+    return {"versions": library_versions(), "threads": thread_settings(), "world_size": distributed.world()}

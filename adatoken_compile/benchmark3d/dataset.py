@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter, defaultdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,16 +56,20 @@ def iter_questions(split: str, num_scenes: int, start: int = 0) -> Iterator[tupl
             yield seed, info, q
 
 
-def iter_samples(split: str, limit: int | None = None, start_scene: int = 0) -> Iterator[Sample]:
+def iter_samples(split: str, limit: int | None = None, start_scene: int = 0,
+                 keep: Callable[[int, int], bool] | None = None) -> Iterator[Sample]:
     """Samples of ``split`` in a fixed order: scene seeds ascending from the split start (+
     ``start_scene``), each scene rendered once, its questions consecutive. ``limit`` counts
-    samples (questions)."""
+    samples (questions). ``keep(i, j)``: called for every sample with its position and its scene's
+    (from 0); only the samples it accepts are yielded, and a scene none of whose samples it accepts
+    is not rendered (one process's share of a data-parallel run)."""
     n = 0
-    for seed in scene_seeds(split)[start_scene:]:
-        scene, info = make_scene(seed)
-        for i, q in enumerate(questions_for(info)):
-            if limit is not None and n >= limit:
-                return
+    for j, seed in enumerate(scene_seeds(split)[start_scene:]):
+        info = make_world(seed)
+        qs = questions_for(info)[: None if limit is None else max(0, limit - n)]
+        kept = [(i, q) for i, q in enumerate(qs) if keep is None or keep(n + i, j)]
+        scene = render_scene(info).scene if kept else None
+        for i, q in kept:
             yield Sample(
                 question=q.text,
                 scene=scene,
@@ -73,7 +77,7 @@ def iter_samples(split: str, limit: int | None = None, start_scene: int = 0) -> 
                 kind=q.kind,
                 meta={"seed": seed, "split": split, "index": i, "template": q.template},
             )
-            n += 1
+        n += len(qs)
         if limit is not None and n >= limit:
             return
 

@@ -6,6 +6,11 @@
 ``batches`` yields :class:`DecoderInputs`, or ``(DecoderInputs, answers)`` pairs where
 ``answers[b]`` is None, a 1-D LongTensor of answer token ids, or an (A, H) embedding tensor
 (appended after the prompt with teacher forcing for the answer-side statistics).
+
+Under torchrun each process passes its share of the batches, and of the held-back batches
+(batch ``g`` on rank ``g % world``, see :mod:`adatoken_compile.distributed`): the statistics are
+summed over the ranks and the agreement counts gathered in order, so every rank derives the schedule
+one process derives from all the batches.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from adatoken_compile import distributed
 from adatoken_compile.contract import DecoderInputs, collate
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import atomic_dir
@@ -29,7 +35,7 @@ from adatoken_compile.calibration.observers import AttentionObserver, decoder_la
 from adatoken_compile.calibration.policies import LIKE_POLICIES, POLICIES, peer_schedule
 from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
 from adatoken_compile.calibration.report import write_report
-from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge
+from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge, reduce_op
 
 def decoder_fingerprint(decoder) -> str:
     """Hash of the config and of every parameter's name, shape, dtype and a strided sample of its values."""
@@ -112,12 +118,15 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
         raise InputError("calibrate: decoder layer count disagrees with its config")
     fp = fingerprint or decoder_fingerprint(decoder)
     rows, bs = _rows(decoder, batches)
-    bs = batch_size or bs
-    if not rows:
+    bs = batch_size or distributed.first(bs)  # one process's: the first batch's, which is rank 0's
+    if not distributed.total(len(rows)):
         raise InputError("calibrate: no calibration samples (the batch iterable was empty)")
     n = len(rows)
     if holdout_batches is not None:
         cal_rows, hold_rows = rows, _rows(decoder, holdout_batches)[0]
+    elif distributed.active() and holdout:
+        raise InputError("calibrate: under torchrun pass each rank's share of the held-back rows as holdout_batches; "
+                         "a holdout split of each rank's own rows is not the split one process makes")
     else:
         if isinstance(holdout, int) and holdout >= n:
             raise InputError(f"calibrate: holdout {holdout} rows leaves none of the {n} samples for the statistics; "
@@ -136,7 +145,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     holdout_batches = [b for b, _, _ in _batches([(s, None) for s, _ in hold_rows], bs)]
 
     stats = CalibrationStats.empty(arch, fp, ratios=ratios, num_bins=num_bins)
-    stats.meta = {"seed": seed, "holdout_rows": len(hold_rows), "policy": policy}
+    stats.meta = {"seed": seed, "holdout_rows": distributed.total(len(hold_rows)), "policy": policy}
     obs = AttentionObserver(decoder, stats)
     t0 = time.time()
     bar = _bar(progress, len(cal_rows), "calibrate")
@@ -144,6 +153,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
         obs.observe(batch, ans)
         bar.update(k)
     bar.close()
+    stats.arrays = distributed.all_reduce_int64(stats.arrays, reduce_op)
     stats.meta["observe_seconds"] = round(time.time() - t0, 2)
     if prior is not None:
         stats = merge(prior, stats)
@@ -182,8 +192,9 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
         fl = schedule_flops(arch, sched, stats.mean_spatial_tokens(), stats.mean_text_tokens())
         sched.predicted = {k: fl[k] for k in ("flops_ratio", "spatial_tokens", "text_tokens", "tokens_per_layer")}
         sched.predicted["formula"] = FORMULA
-        sched.calibration = {"samples": stats.samples, "holdout_rows": sum(b.batch_size for b in holdout_batches), "seed": seed}
-        if holdout_batches:
+        n_rows = distributed.total(sum(b.batch_size for b in holdout_batches))
+        sched.calibration = {"samples": stats.samples, "holdout_rows": n_rows, "seed": seed}
+        if n_rows:
             refs = [reference_logits(decoder, b) for b in holdout_batches]
             sched.calibration["fidelity"] = {"metric": "greedy_next_token_agreement",
                                              **public(agreement(decoder, holdout_batches, refs, sched))}
@@ -209,7 +220,7 @@ def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: st
         raise InputError(f"calibrate --merge: statistics are for model {stats.fingerprint[:12]}, not this one "
                          f"({fingerprint[:12]}); calibrate this model")
     rows, bs = _rows(decoder, holdout)
-    batches = [b for b, _, _ in _batches([(r, None) for r, _ in rows], bs)]
+    batches = [b for b, _, _ in _batches([(r, None) for r, _ in rows], distributed.first(bs))]
     kw.pop("like", None) if policy not in LIKE_POLICIES else None
     sched = derive_schedule(decoder, stats, batches, policy=policy, **kw)
     sched.calibration["merged_shards"] = len(shards)
@@ -217,7 +228,8 @@ def calibrate_from_stats(decoder, shards: list, holdout: Iterable, *, policy: st
 
 
 def _bar(progress, total, desc):
-    return tqdm(total=total, desc=desc, unit="sample" if desc == "calibrate" else "candidate", disable=not progress)
+    return tqdm(total=total, desc=desc, unit="sample" if desc == "calibrate" else "candidate",
+                disable=not progress or not distributed.is_main())
 
 
 def write_calibration(out_dir: str, schedule: Schedule, stats: CalibrationStats, report: bool = True,

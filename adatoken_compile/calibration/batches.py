@@ -7,17 +7,15 @@ from typing import Iterable, Iterator
 
 import torch
 
-from adatoken_compile.errors import InputError
 
 BATCH_SIZE = 4
 
 
 def sample_batches(adapter, samples: Iterable, batch_size: int = BATCH_SIZE) -> Iterator[tuple]:
     """``(DecoderInputs, answers)`` per ``batch_size`` samples; ``answers[b]`` is the answer's token ids
-    followed by EOS, or None for a sample without an answer."""
+    followed by EOS, or None for a sample without an answer. No samples, no batches (no held-back
+    questions, or a torchrun rank's empty share): the calibration says what it lacks."""
     todo = list(samples)
-    if not todo:
-        raise InputError("calibration: no samples to calibrate on")
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         answers = [None if not s.answer else

@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from adatoken_compile import distributed
 from adatoken_compile.compiler.reference import pruned_prefill
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
@@ -82,26 +83,32 @@ def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Ten
     return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
 
 
+def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor) -> tuple[list, float]:
+    """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
+    lg = _run_pruned(decoder, batch, schedule)
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
+    return (lg.argmax(-1) == ref.argmax(-1)).tolist(), float((lp.exp() * (lp - lq)).sum(-1).sum())
+
+
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
               max_disagree: int | None = None) -> dict:
     """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
     ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
     failed a fidelity target whatever the rest do); the result then says ``stopped`` and counts
-    only the rows run."""
+    only the rows run. Under torchrun ``holdout`` is this rank's share, and the batches' counts are
+    taken in one process's order, so every rank stops at the same batch with the same numbers."""
     same = total = 0
     kl = 0.0
     stopped = False
     rows: list[bool] = []
-    for batch, ref in zip(holdout, refs):
-        lg = _run_pruned(decoder, batch, schedule)
-        hit = (lg.argmax(-1) == ref.argmax(-1)).tolist()
+    n_rows = distributed.total(sum(b.batch_size for b in holdout))
+    for hit, kl_batch in distributed.in_order(list(zip(holdout, refs)), lambda p: _compare(decoder, schedule, *p)):
         rows += hit
         same += sum(hit)
-        total += lg.shape[0]
-        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
-        kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
+        total += len(hit)
+        kl += kl_batch
         if max_disagree is not None and total - same > max_disagree:
-            stopped = total < sum(b.batch_size for b in holdout)
+            stopped = total < n_rows
             break
     out = {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total, "agreed": same,
            "ci95": [round(x, 4) for x in wilson_interval(same, total)], ROW_KEY: rows}
@@ -173,7 +180,7 @@ class ValidationCache:
     def refs_for(self, decoder, holdout: Sequence[DecoderInputs]) -> list:
         key = (id(decoder),) + tuple((tuple(b.inputs_embeds.shape), float(b.inputs_embeds.double().sum()),
                                       int(b.attention_mask.sum()), int(b.spatial_mask.sum())) for b in holdout)
-        if key != self.key:
+        if distributed.any_true(key != self.key):  # every rank forgets its measurements alike
             self.key, self.refs, self.measured = key, [reference_logits(decoder, b) for b in holdout], {}
         return self.refs
 
@@ -495,9 +502,9 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         fidelity = DEFAULT_FIDELITY
     if fidelity is not None and not (0.0 < fidelity <= 1.0):
         raise InputError(f"calibrate: fidelity target {fidelity} must be in (0, 1]")
-    if not holdout:
+    n_rows = distributed.total(sum(b.batch_size for b in holdout))
+    if not n_rows:
         raise InputError("calibrate: policy 'adaptive' needs held-back samples to validate on; use holdout > 0 with at least 2 samples")
-    n_rows = sum(b.batch_size for b in holdout)
     if fidelity is not None:
         require_rows(n_rows, fidelity)
     t0 = time.time()

@@ -256,16 +256,19 @@ class CalibrationStats:
         return s
 
 
+def reduce_op(name: str) -> str:
+    """How shards of array ``name`` combine: ``"min"``, ``"max"`` or ``"sum"`` (everything else)."""
+    return "min" if name.endswith("_min") else "max" if name.endswith("_max") else "sum"
+
+
+_COMBINE = {"min": np.minimum, "max": np.maximum, "sum": np.add}
+
+
 def merge(a: CalibrationStats, b: CalibrationStats) -> CalibrationStats:
     """Exact merge of two shards (same model, ratio grid and bins)."""
     a.compatible(b, where="merge")
     out = CalibrationStats(arch=dict(a.arch), fingerprint=a.fingerprint, ratios=a.ratios, num_bins=a.num_bins,
                            meta={"merged": [a.meta, b.meta]})
     for k, v in a.arrays.items():
-        if k.endswith("_min"):
-            out.arrays[k] = np.minimum(v, b.arrays[k])
-        elif k.endswith("_max"):
-            out.arrays[k] = np.maximum(v, b.arrays[k])
-        else:
-            out.arrays[k] = v + b.arrays[k]
+        out.arrays[k] = _COMBINE[reduce_op(k)](v, b.arrays[k])
     return out

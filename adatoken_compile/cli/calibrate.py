@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from adatoken_compile import api
+from adatoken_compile import api, distributed
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
-from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, user_errors
+from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, scales_out, user_errors
 from adatoken_compile.io import check_output
 from adatoken_compile.selection import spec
 
@@ -39,6 +39,7 @@ from adatoken_compile.selection import spec
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
 @user_errors
+@scales_out
 def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_scale, samples, holdout, start_scene, policy,
               flops_budget, fidelity, like, rules, seed, merge_dirs):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
@@ -55,6 +56,8 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_sca
                         like=like, seed=seed, start_scene=start_scene, merge=merge_dirs,
                         **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout,
                                 rules=rule_names))
+    if not distributed.is_main():
+        return
     schedule = cal.schedule
     pred = schedule.predicted
     click.echo(f"wrote {out}/schedule.json: policy {schedule.policy}, cuts "

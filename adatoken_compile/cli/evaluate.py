@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from adatoken_compile import api
+from adatoken_compile import api, distributed
 from adatoken_compile.benchmarking.report import format_bench
 from adatoken_compile.cli.main import (check_provider, data_options, default, echo_json, given, load_model, main,
-                                       model_options,
-                                       progress, provider_option, user_errors)
+                                       model_options, progress, provider_option, scales_out, user_errors)
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output, write_json
 from adatoken_compile.runtime.session import choose_providers
@@ -32,12 +31,13 @@ from adatoken_compile.runtime.session import choose_providers
 @click.option("--overwrite", is_flag=True, help="replace a --predictions file an earlier eval wrote")
 @provider_option
 @user_errors
+@scales_out
 def eval_cmd(model, vision_tower, attn, artifact, baseline, data, scenes, depth_scale, limit, kinds, as_json, predictions,
              overwrite, provider):
     """Answer accuracy on a question set (overall and per question kind)."""
     check_provider(provider)
     if predictions:
-        check_output(predictions, "predictions", overwrite=overwrite, is_dir=False)
+        distributed.on_main(check_output, predictions, "predictions", overwrite=overwrite, is_dir=False)
     adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn)
     n = limit or default(api.evaluate, "limit")
     bar = progress(n, "eval")
@@ -48,7 +48,9 @@ def eval_cmd(model, vision_tower, attn, artifact, baseline, data, scenes, depth_
         bar.close()
     preds = res.pop("predictions", None)
     if predictions and preds is not None:
-        write_json(predictions, preds, "predictions", overwrite=overwrite)
+        distributed.on_main(write_json, predictions, preds, "predictions", overwrite=overwrite)
+    if not distributed.is_main():
+        return
     if as_json:
         echo_json(res)
         return

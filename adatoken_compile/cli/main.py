@@ -12,7 +12,7 @@ import warnings
 import click
 from tqdm import tqdm
 
-from adatoken_compile import api
+from adatoken_compile import api, distributed
 from adatoken_compile.runtime.sources import DataWarning
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import signals_cleanup
@@ -33,16 +33,33 @@ def given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def scales_out(fn):
+    """Mark a command that shares its work among torchrun's processes (the others refuse a launch
+    of several)."""
+    fn.scales_out = True
+    return fn
+
+
 def user_errors(fn):
-    """InputError -> one line on stderr, exit 2 (no traceback)."""
+    """InputError -> one line on stderr, exit 2 (no traceback). Under torchrun the command runs on
+    every rank as one session: an error on any rank ends every rank with exit 2, and rank 0 prints
+    that rank's line."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
-            return fn(*a, **kw)
+            with distributed.session():
+                if distributed.active() and not getattr(fn, "scales_out", False):
+                    raise InputError(f"{fn.__name__.removesuffix('_cmd')}: runs as one process; start it without "
+                                     "torchrun (calibrate and eval scale out)")
+                out = fn(*a, **kw)
         except InputError as e:
-            click.echo(f"error: {_one_line(e)}", err=True)
+            if distributed.is_main():
+                click.echo(f"error: {_one_line(e)}", err=True)
+            distributed.close()
             sys.exit(2)
+        distributed.close()
+        return out
 
     return wrapper
 
@@ -84,7 +101,8 @@ def echo_json(obj) -> None:
 
 
 def progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not distributed.is_main())
 
 
 def _one_line(text: str) -> str:
@@ -121,7 +139,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             hint = f"; see `adatoken-compile {e.ctx.command_path.split(' ', 1)[-1]} --help`" \
                 if getattr(e, "ctx", None) is not None and " " in e.ctx.command_path else "; see `adatoken-compile --help`"
-            click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
+            if distributed.is_main():  # under torchrun every rank meets the same usage error
+                click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
             sys.exit(2)
         except InputError as e:
             click.echo(f"error: {_one_line(e)}", err=True)

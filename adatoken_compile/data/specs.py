@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from adatoken_compile.benchmark3d import dataset as benchmark
 from adatoken_compile.data.questions import read_questions
@@ -43,37 +43,55 @@ def scene_key(sample: Sample):
 
 
 def iter_samples(spec: str, *, limit: int | None = None, start_scene: int = 0, scenes: str | None = None,
-                 depth_scale: float | None = None) -> Iterator[Sample]:
+                 depth_scale: float | None = None, keep: Callable[[int, int], bool] | None = None) -> Iterator[Sample]:
     """Samples of a data spec in a fixed order (see the module docstring). ``scenes``: where a
-    question file's scene ids resolve; ``depth_scale``: depth units per metre of its scene folders."""
+    question file's scene ids resolve; ``depth_scale``: depth units per metre of its scene folders.
+    ``keep(i, j)``: called for every sample in order with its position ``i`` and its scene's
+    position ``j`` (from 0); only the samples it accepts are yielded, and scenes none of them use
+    are not loaded (one process's share of a torchrun launch: :class:`adatoken_compile.distributed.Share`)."""
     if not isinstance(spec, str) or not spec:
         raise InputError(f"--data {spec!r}: pass a question file or builtin:<split>")
     split = builtin_split(spec)
     if split is not None:
         if scenes is not None:
             raise InputError(f"--scenes {scenes}: applies to question files; builtin:{split} renders its own scenes")
-        yield from benchmark.iter_samples(split, limit=limit, start_scene=start_scene)
+        yield from benchmark.iter_samples(split, limit=limit, start_scene=start_scene, keep=keep)
         return
     if not os.path.isfile(spec):
         raise InputError(f"--data {spec}: no such question file or built-in split; pass a .jsonl / ScanQA / SQA3D "
                          f"question file, or builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
     samples = read_questions(spec, scenes=scenes, depth_scale=depth_scale)
     groups = itertools.groupby(samples, key=scene_key)
-    kept = (s for _, g in itertools.islice(groups, start_scene, None) for s in g)
-    yield from itertools.islice(kept, limit)
+    i = 0
+    for j, (_, group) in enumerate(itertools.islice(groups, start_scene, None)):
+        for s in group:  # scenes are references, read when a model asks: skipping one costs nothing
+            if limit is not None and i >= limit:
+                return
+            if keep is None or keep(i, j):
+                yield s
+            i += 1
 
 
 def load_samples(spec: str, *, limit: int | None = None, start_scene: int = 0, scenes: str | None = None,
-                 depth_scale: float | None = None) -> list[Sample]:
-    samples = list(iter_samples(spec, limit=limit, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale))
-    if not samples:
+                 depth_scale: float | None = None, keep: Callable[[int, int], bool] | None = None) -> list[Sample]:
+    """:func:`iter_samples` as a list; none at all is an error (a process's share may be empty)."""
+    listed = 0
+
+    def counted(i: int, j: int) -> bool:
+        nonlocal listed
+        listed += 1
+        return keep is None or keep(i, j)
+
+    samples = list(iter_samples(spec, limit=limit, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale,
+                                keep=counted))
+    if not listed:
         raise InputError(f"--data {spec}: no samples (from scene {start_scene}, limit {limit})")
     return samples
 
 
-def holdout_start(spec: str, start_scene: int, stats_samples: list, builtin_start: int) -> int:
-    """The first scene of the held-back questions: after every scene the statistics' questions
-    came from, and for the built-in data not before ``builtin_start`` (a fixed disjoint block)."""
-    used = len({scene_key(s) for s in stats_samples})
-    after = start_scene + used
+def holdout_start(spec: str, start_scene: int, stats_scenes: int, builtin_start: int) -> int:
+    """The first scene of the held-back questions: after the ``stats_scenes`` scenes the
+    statistics' questions came from, and for the built-in data not before ``builtin_start`` (a
+    fixed disjoint block)."""
+    after = start_scene + stats_scenes
     return max(builtin_start, after) if builtin_split(spec) is not None else after

@@ -12,6 +12,7 @@ import itertools
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
+from adatoken_compile import distributed
 from adatoken_compile.errors import InputError
 from adatoken_compile.evaluation.metrics import answer_match, caption_scores, clean_answer
 
@@ -105,14 +106,22 @@ def agreement(predictions: Sequence[dict], baseline: Sequence[dict]) -> float:
     return sum(a["prediction"] == b["prediction"] for a, b in zip(predictions, baseline)) / max(1, len(predictions))
 
 
-def evaluate(answer_fn: Callable[[list], list[str]], samples: Iterable, progress=None, captions: bool = False) -> dict:
-    """Run ``answer_fn`` scene by scene; return the scores (:func:`score`) and the predictions."""
+def evaluate(answer_fn: Callable[[list], list[str]], samples: Iterable, progress=None, captions: bool = False,
+             positions: Sequence[int] | None = None) -> dict:
+    """Run ``answer_fn`` scene by scene; return the scores (:func:`score`) and the predictions.
+    ``positions``: the samples are this process's share of a torchrun launch, at these positions
+    of the whole; every process then scores the whole, in order."""
+    samples = list(samples)
+    if progress is not None and positions is not None and distributed.active():
+        progress.reset(total=len(samples))  # rank 0 shows its own share
     done, preds = [], []
     for group in by_scene(samples):
         preds.extend(answer_fn(group))
         done.extend(group)
         if progress is not None:
             progress.update(len(group))
+    if positions is not None:
+        done, preds = distributed.gather_ordered(positions, distributed.portable(done), preds)
     out = score(done, preds, captions=captions)
     out["predictions"] = [
         {"question": s.question, "answer": s.answer, "prediction": p, "kind": s.kind,

@@ -36,25 +36,26 @@ def runtime_answer_fn(rt, max_new_tokens: int = 8):
 
 
 def eval_artifact(artifact: str, samples: Sequence, *, baseline: str | None = None, adapter=None, progress=None,
-                  providers=None, captions: bool = False) -> dict:
+                  providers=None, captions: bool = False, positions: Sequence[int] | None = None) -> dict:
     """Accuracy of an artifact next to the unpruned model on the same questions, and how often the
     two answer alike (``agreement``: all that is measured on questions without answers).
 
     The unpruned reference is ``baseline`` (an identity-schedule artifact) when given, else the
-    PyTorch ``adapter``, which must be the model the artifact was compiled from.
+    PyTorch ``adapter``, which must be the model the artifact was compiled from. ``positions``:
+    see :func:`adatoken_compile.evaluation.accuracy.evaluate`.
     """
     rt = load(artifact, providers)
-    res = evaluate(runtime_answer_fn(rt), samples, progress=progress, captions=captions)
+    res = evaluate(runtime_answer_fn(rt), samples, progress=progress, captions=captions, positions=positions)
     if baseline:
         ref_rt = load(baseline, providers)
         if ref_rt.manifest.fingerprint != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{baseline}: baseline artifact was compiled from another model than {artifact}")
-        ref = evaluate(runtime_answer_fn(ref_rt), samples, captions=captions)
+        ref = evaluate(runtime_answer_fn(ref_rt), samples, captions=captions, positions=positions)
     else:
         if adapter is None or adapter.fingerprint() != rt.manifest.fingerprint:
             raise ScheduleMismatch(f"{artifact}: compiled from another model than the one given; pass --model DIR of "
                                    "the model it was compiled from, or --baseline ART0")
-        ref = evaluate(reference_answer_fn(adapter), samples, captions=captions)
+        ref = evaluate(reference_answer_fn(adapter), samples, captions=captions, positions=positions)
     for key in ("accuracy", "em1", "em1_refined", "per_kind", "per_template", "bleu4", "cider"):
         if key in ref:
             res[f"baseline_{key}"] = ref[key]

@@ -51,6 +51,14 @@ def choose_providers(providers: Sequence[str] | str | None = None) -> list[str]:
     return list(providers)
 
 
+def on_local_device(providers: Sequence) -> list:
+    """Under torchrun (``LOCAL_RANK`` set) the CUDA provider runs on the process's own GPU of its node."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return list(providers)
+    return [(p, {"device_id": int(local)}) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int | None = None,
                  profile_prefix: str | None = None, optimized_model_filepath: str | None = None, level: str = "all"):
     """An ORT session (ORT_ENABLE_ALL by default); ``threads`` sets intra-op threads (inter-op 1)."""
@@ -65,7 +73,7 @@ def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvid
     if optimized_model_filepath is not None:
         so.optimized_model_filepath = optimized_model_filepath
     so.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), so, providers=list(providers))
+    return ort.InferenceSession(str(onnx_path), so, providers=on_local_device(providers))
 
 
 def open_session(path: str, providers: list[str], recompile_hint: str, threads: int | None = None):

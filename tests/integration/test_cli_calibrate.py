@@ -158,7 +158,7 @@ def test_cli_api_and_main_job_share_one_calibration_path(tiny3d_dir, tmp_path):
     from adatoken_compile.data import load_samples
 
     stats = load_samples(api.CALIBRATION_DATA, limit=6)
-    hold = api.holdout_samples(api.CALIBRATION_DATA, 80, stats)
+    hold = api.holdout_samples(api.CALIBRATION_DATA, 80, len({id(s.scene) for s in stats}))
     stats_scenes = {s.meta["seed"] for s in stats}
     assert len(hold) == 80 and not stats_scenes & {s.meta["seed"] for s in hold}
 

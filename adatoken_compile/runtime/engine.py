@@ -94,7 +94,8 @@ class Runtime:
                              "for CPU")
         self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
                          for name, g in d["graphs"].items()}
-        check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE)
+        check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE,
+                       coords="xyz" in self.schedule.needs())
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}

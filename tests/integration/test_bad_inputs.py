@@ -265,7 +265,7 @@ def test_scene_files_of_each_bad_kind(art, tmp_path):
         code, out = cli("run", "--artifact", art, "--scene", p, "-q", "what?")
         assert code == 2 and p in out, (name, out)
     code, out = cli("run", "--artifact", art, "--scene", str(tmp_path), "-q", "what?")
-    assert code == 2 and "is a directory" in out
+    assert code == 2 and "a folder without color/" in out  # a folder is read as a scan, and this is none
 
 
 # ----------------------------------------------------------------------------- questions: both paths alike

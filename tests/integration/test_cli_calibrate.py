@@ -91,7 +91,7 @@ def test_score_per_kind():
     assert r["n"] == 4 and abs(r["accuracy"] - 2 / 4) < 1e-12
     assert r["per_kind"]["counting"]["accuracy"] == 0.0 and r["per_kind"]["attribute"]["accuracy"] == 0.5
     assert r["per_template"]["color_of_class"] == {"accuracy": 1.0, "em1": 1.0, "em1_refined": 1.0, "n": 1}
-    assert r["per_template"]["class_of_color"] == {"accuracy": 0.0, "n": 1}
+    assert r["per_template"]["class_of_color"] == {"accuracy": 0.0, "em1": 0.0, "em1_refined": 0.0, "n": 1}
     assert "per_template" not in score([Sample("q", answer="x", kind="k")], ["x"])  # no templates named: no table
     assert normalize("  Blue  box") == "blue"
 

@@ -27,15 +27,16 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-def _quantised(make_scene):
+def _quantised(render_scene):
     """The built-in renders with depth in whole millimetres, as a ScanNet depth PNG stores it."""
 
-    def make(seed):
-        scene, info = make_scene(seed)
+    def render(*args, **kwargs):
+        out = render_scene(*args, **kwargs)
+        scene = out.scene
         scene.depths = np.round(scene.depths.astype(np.float64) * 1000).astype(np.uint16).astype(np.float32) / np.float32(1000)
-        return scene, info
+        return out
 
-    return make
+    return render
 
 
 def test_folder_and_npz_give_the_same_answer(tiny3d_dir, tmp_path):
@@ -57,7 +58,7 @@ def test_question_file_calibrates_and_evaluates_as_the_builtin_data(tiny3d_dir, 
     """The first calibration scene for the statistics and scenes 200-201 (where the built-in data's
     held-back questions start), written as ScanNet folders with a ScanQA file: the same schedule,
     the same validation and the same answers."""
-    monkeypatch.setattr(dataset, "make_scene", _quantised(dataset.make_scene))
+    monkeypatch.setattr(dataset, "render_scene", _quantised(dataset.render_scene))
     rows = []
     for off in (0, 200, 201):
         sid = f"scene{CAL0 + off}_00"

@@ -58,7 +58,8 @@ def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
     res = evaluate(reference_answer_fn(bundled), ci_sample)
     prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))["ci_sample_eval"]
     assert res["n"] == prov["n"] == 50
-    assert abs(res["accuracy"] - prov["accuracy"]) <= 1 / 50, (res["accuracy"], prov["accuracy"])
+    # at most one question answered differently (the image processing now rounds as transformers does)
+    assert abs(round(res["accuracy"] * 50) - round(prov["accuracy"] * 50)) <= 1, (res["accuracy"], prov["accuracy"])
     assert res["accuracy"] >= 0.85, res["accuracy"]
     assert {k: v["n"] for k, v in res["per_kind"].items()} == {k: v["n"] for k, v in prov["per_kind"].items()}
 

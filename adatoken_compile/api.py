@@ -208,7 +208,7 @@ def _schedule_for(adapter, schedule):
 
 def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "float32", quantize: str | None = None,
             block_size: int = 32, decode: bool = True, overwrite: bool = False, opset: int | None = None,
-            progress: bool = True):
+            progress: bool = True, reuse: str | None = None):
     """Capture the model, insert the schedule's token-drop nodes and write an ONNX artifact to ``out``.
 
     ``schedule``: a Schedule, a schedule.json path, or None for the unpruned (identity) artifact.
@@ -217,8 +217,9 @@ def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "
     layers (lm_head included) as onnxruntime ``MatMulNBits`` int4 weights in blocks of
     ``block_size``. A model given by name or directory is loaded in ``dtype`` with its decoder
     weights left on disk and written one at a time (a 7B model compiles in a few GB of memory);
-    a loaded model must be in ``dtype`` already. Returns the manifest; ``manifest.digest``
-    (``sha256:...``) identifies the artifact.
+    a loaded model must be in ``dtype`` already. ``reuse``: an earlier artifact of the same model
+    and precision whose encoder and decode graphs (which no schedule changes) are copied instead of
+    exported. Returns the manifest; ``manifest.digest`` (``sha256:...``) identifies the artifact.
 
     Example::
 
@@ -242,7 +243,7 @@ def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "
     check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
     adapter = load_model(model, dtype=dtype, lazy=True)
     return compile_artifact(adapter, _schedule_for(adapter, schedule), out, opset=opset, progress=progress,
-                            decode=decode, overwrite=overwrite, dtype=dtype, quantize=q)
+                            decode=decode, overwrite=overwrite, dtype=dtype, quantize=q, reuse=reuse)
 
 
 def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -26,8 +26,12 @@ from adatoken_compile.io import check_output
               help="weight-only int4 of the decoder's linear layers (onnxruntime MatMulNBits)")
 @click.option("--block-size", default=None, type=int,
               help=f"with --quantize: weights per quantisation block [default: {default(api.compile, 'block_size')}]")
+@click.option("--reuse", default=None, metavar="ART",
+              help="copy the encoder and decode graphs of this earlier artifact of the same model and precision "
+                   "instead of exporting them (they do not depend on the schedule)")
 @user_errors
-def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode, dtype, quantize, block_size):
+def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_decode, dtype, quantize, block_size,
+                reuse):
     """Capture, prune (token-drop pass) and export ONNX graphs into an artifact directory."""
     if block_size is not None and not quantize:
         raise InputError("--block-size applies to --quantize int4; add --quantize int4 or drop --block-size")
@@ -35,7 +39,8 @@ def compile_cmd(model, vision_tower, attn, schedule, out, overwrite, opset, no_d
     check_output(out, "artifact", overwrite=overwrite)  # before the model is loaded
     # the decoder's weights stay on disk until written: a 7B model compiles in a few GB
     adapter = api.load_model(model, vision_tower=vision_tower, attn=attn, lazy=True, **given(dtype=dtype))
-    man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset, **opts)
+    man = api.compile(adapter, schedule, out, decode=not no_decode, overwrite=overwrite, opset=opset, reuse=reuse,
+                      **opts)
     click.echo(f"wrote {man.path} in {man.data['compile_s']:.1f}s")
     for name, g in man.graphs.items():
         click.echo(f"  {name:<10} {g['file']:<16} {man.graph_bytes(name) / 1e6:9.2f} MB  opset {g['opset']}")

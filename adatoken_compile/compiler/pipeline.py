@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
 from adatoken_compile.artifact import (EMBED_FILE, FORMAT, MANIFEST, PREPROCESS_FILE, SCHEDULE_FILE, TOKENIZER_DIR,
-                                       VERSION, Manifest, file_digest, file_table)
+                                       VERSION, Manifest, file_digest, file_table, verify)
 from adatoken_compile.compiler.capture import capture, export_prefill
 from adatoken_compile.compiler.decode import example_decode_feeds, export_decode
 from adatoken_compile.compiler.export import export, graph_io
@@ -40,12 +41,38 @@ def example_batch(adapter):
     return adapter.prepare(adapter.example_samples())
 
 
-def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: bool, quantize) -> dict:
+def reusable(reuse: str, adapter, precision: dict, opset: int | None) -> Manifest:
+    """The verified manifest of ``reuse``, an artifact whose schedule-independent graphs (encoders,
+    decode) this compile copies instead of exporting again; refused unless it was compiled from the
+    same model, in the same precision and (when given) opset."""
+    man = verify(reuse)
+    if man.fingerprint != adapter.fingerprint() or man.data.get("precision") != precision:
+        raise InputError(f"{reuse}: compiled from another model or in another precision than this compile; "
+                         "pass an artifact of the same model and --dtype / --quantize, or drop --reuse")
+    if opset is not None and any(g.get("opset") != opset for g in man.graphs.values()):
+        raise InputError(f"{reuse}: its graphs are not opset {opset}; drop --reuse or --opset")
+    return man
+
+
+def _copy_graph(man: Manifest, name: str, tmp: str, progress: bool) -> dict:
+    g = man.graphs[name]
+    for rel in [g["file"], *g.get("external_data", [])]:
+        shutil.copyfile(os.path.join(man.path, rel), os.path.join(tmp, rel))
+    _log(progress, f"{g['file']} copied from {man.path}")
+    return {k: g[k] for k in ("external_data", "quantized_matmuls") if k in g}
+
+
+def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: bool, quantize,
+                   reuse: Manifest | None = None) -> dict:
     """Every ONNX graph of the artifact into ``tmp``; returns name -> extra manifest fields.
-    The decoder's graphs read lazily loaded weights from disk and are quantised when asked."""
+    The decoder's graphs read lazily loaded weights from disk and are quantised when asked.
+    ``reuse``: an artifact whose encoder and decode graphs are copied rather than exported."""
     lazy = getattr(adapter, "lazy_weights", None) or None
     graphs = {}
     for g in adapter.encoder_graphs():
+        if reuse is not None and g.name in reuse.graphs:
+            graphs[g.name] = _copy_graph(reuse, g.name, tmp, progress)
+            continue
         res = export(g.module, g.example_args, g.dynamic_shapes, os.path.join(tmp, f"{g.name}.onnx"), g.input_names,
                      g.output_names, opset=opset)
         graphs[g.name] = {"external_data": [res.external_data] if res.external_data else []}
@@ -62,7 +89,9 @@ def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: b
     _log(progress, f"prefill.onnx exported ({res.export_s:.1f}s, {res.topk_nodes} TopK"
          + (f", {res.quantized_matmuls} MatMulNBits" if quantize else "") + ")")
     del pruned
-    if decode:
+    if decode and reuse is not None and "decode" in reuse.graphs:
+        graphs["decode"] = _copy_graph(reuse, "decode", tmp, progress)
+    elif decode:
         res = export_decode(adapter.decoder, os.path.join(tmp, "decode.onnx"), example_decode_feeds(adapter.decoder),
                             opset=opset, weights=lazy, quantize=quantize)
         graphs["decode"] = {"external_data": [res.external_data] if res.external_data else [],
@@ -86,7 +115,7 @@ def precision_of(adapter, dtype: str | None, quantize) -> dict:
 
 def compile_artifact(adapter, schedule, out_dir: str, *, opset: int | None = None, progress: bool = True,
                      decode: bool = True, overwrite: bool = False, dtype: str | None = None,
-                     quantize: Quantization | None = None) -> Manifest:
+                     quantize: Quantization | None = None, reuse: str | None = None) -> Manifest:
     """Compile ``adapter`` pruned by ``schedule`` into the artifact directory ``out_dir``.
 
     Refuses a schedule made for another model (:class:`~adatoken_compile.errors.ScheduleMismatch`)
@@ -95,19 +124,23 @@ def compile_artifact(adapter, schedule, out_dir: str, *, opset: int | None = Non
     answers one token). ``dtype``: the precision the graphs compute in, which is the adapter's (it
     is checked: load the model in it); ``quantize``: int4 weights for the decoder's linear layers.
     An adapter loaded with ``lazy=True`` has its decoder weights read from the checkpoint one at a
-    time while the graphs are written. The returned manifest's ``digest`` identifies the artifact.
+    time while the graphs are written. ``reuse``: an earlier artifact of the same model and
+    precision whose encoder and decode graphs, which no schedule changes, are copied instead of
+    exported (several schedules of one model compile faster). The returned manifest's ``digest``
+    identifies the artifact.
     """
     layers = adapter.arch()["num_layers"]
     precision = precision_of(adapter, dtype, quantize)
     schedule.validate()
     schedule.check_model(adapter.fingerprint(), layers, family=adapter.family)
     check_output(out_dir, "artifact", overwrite=overwrite)
+    lender = reusable(reuse, adapter, precision, opset) if reuse else None
     t_start = time.perf_counter()
     with atomic_dir(out_dir, "artifact", overwrite=overwrite) as tmp:
         _log(progress, f"compiling {adapter.family} ({layers} layers, {precision['dtype']}"
              + (f", int4 weights in blocks of {quantize.block_size}" if quantize else "") + ") with schedule "
              + (", ".join(f"L{c.layer}:{c.keep:.3g}" for c in schedule.cuts) or "identity") + f" -> {out_dir}")
-        extra = _export_graphs(adapter, schedule, tmp, opset, progress, decode, quantize)
+        extra = _export_graphs(adapter, schedule, tmp, opset, progress, decode, quantize, lender)
         # the table the runtime embeds text with, in the dtype the prefill graph takes
         emb = adapter.decoder.get_input_embeddings().weight.detach().to(DTYPES[precision["io_dtype"]]).cpu().numpy()
         np.save(os.path.join(tmp, EMBED_FILE), np.ascontiguousarray(emb))

@@ -282,10 +282,11 @@ def generate(
 
 
 def answers(adapter, samples: Sequence, schedule=None, *, max_new_tokens: int = 8, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None) -> list[str]:
-    """Answer text per sample through the PyTorch reference (``schedule`` None: unpruned)."""
+            top_p: float = 1.0, seed: int | None = None, batch: DecoderInputs | None = None) -> list[str]:
+    """Answer text per sample through the PyTorch reference (``schedule`` None: unpruned).
+    ``batch``: the samples' decoder inputs when already prepared (several schedules, one encoding)."""
     sched = schedule or identity(adapter.arch()["num_layers"])
-    batch = adapter.prepare(samples)
+    batch = adapter.prepare(samples) if batch is None else batch
     ids = generate(adapter.decoder, batch, sched, max_new_tokens=max_new_tokens, eos_token_id=adapter.eos_token_id,
                    temperature=temperature, top_p=top_p, seed=seed)
     return [adapter.tokenizer.decode(row).strip() for row in ids]

@@ -14,13 +14,16 @@ from adatoken_compile.evaluation.accuracy import agreement, evaluate, paired
 from adatoken_compile.runtime import load
 
 
-def reference_answer_fn(adapter, schedule=None, max_new_tokens: int = 8):
+def reference_answer_fn(adapter, schedule=None, max_new_tokens: int = 8, prepare=None):
     """Answers of the PyTorch reference: the pruned prefill and per-layer KV-cache decoding of
-    ``schedule`` (None: unpruned), parity-tested against the compiled artifact."""
+    ``schedule`` (None: unpruned), parity-tested against the compiled artifact. ``prepare``: what
+    turns a group of samples into decoder inputs (default ``adapter.prepare``; a memo of it lets
+    several schedules share one encoding of each scene)."""
 
     def fn(group: list) -> list[str]:
         with torch.no_grad():
-            return answers(adapter, group, schedule, max_new_tokens=max_new_tokens)
+            return answers(adapter, group, schedule, max_new_tokens=max_new_tokens,
+                           batch=prepare(group) if prepare is not None else None)
 
     return fn
 

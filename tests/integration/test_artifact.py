@@ -459,3 +459,25 @@ def test_hf_llava_artifact_matches_adapter(decoder, kv_heads, tmp_path):
     np.testing.assert_array_equal(got["kept.0"], ref.kept_indices[0].numpy())
     with pytest.raises(InputError, match="takes images|takes an image"):
         r.prepare([(SCENES["a"], Q_SHORT)])
+
+
+def test_reuse_copies_the_schedule_free_graphs(adapter, schedule, identity_art, pruned_art, tmp_path):
+    """A compile that borrows the identity artifact's encoder and decode graphs writes those files
+    byte for byte and prefills exactly as the artifact compiled from scratch."""
+    out = str(tmp_path / "reused")
+    man = compile_artifact(adapter, schedule, out, progress=False, reuse=identity_art)
+    ident = load(identity_art).manifest
+    assert "decode" in man.graphs and "decode" not in ident.graphs  # what the lender lacks is exported
+    for name in ("encoder", "projector"):
+        f = man.graphs[name]["file"]
+        assert sha256_file(os.path.join(out, f)) == sha256_file(os.path.join(identity_art, ident.graphs[name]["file"]))
+    feeds = load(pruned_art).prepare([(simple_scene(), "what color is the box?")])
+    a, b = load(out).prefill(feeds), load(pruned_art).prefill(feeds)
+    np.testing.assert_array_equal(a["kept.0"], b["kept.0"])
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
+    other = str(tmp_path / "other-model")
+    shutil.copytree(identity_art, other)
+    _edit_manifest(other, lambda m: m["model"].update(fingerprint="sha256:" + "0" * 64))
+    with pytest.raises(InputError, match="another model"):
+        compile_artifact(adapter, schedule, str(tmp_path / "refused"), progress=False, reuse=other)
+    assert not os.path.exists(tmp_path / "refused")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from adatoken_compile import distributed
-from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples
+from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples, scene_key
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import Runtime, load
@@ -433,7 +433,7 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     else:
         _, st = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), policy="none",
                                  holdout_batches=[], progress=progress, fingerprint=adapter.fingerprint())
-    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, stats_samples))
+    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, len({scene_key(x) for x in stats_samples})))
     log(f"[compare] statistics of {st.samples} questions, {holdout} held-back questions ({time.time() - t0:.0f} s)")
     model_kw = dict(fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name)
     configs = cmp.build_configs(adapter.decoder, st, hold, budgets=tuple(budgets), rules=names, seeds=tuple(seeds),

@@ -317,8 +317,10 @@ def markdown(summary: dict, meta: dict) -> str:
     if summary["targets"]:
         lines += ["## targets: calibrated choice against random's mean, strided and the peers near its FLOPs", ""]
         for t in summary["targets"]:
-            lines.append(f"- {_tag(t['budget'])}%: calibrated {t['calibrated']:.4f} ({100 * t['share_of_unpruned']:.1f}% "
-                         f"of unpruned); " + ("met" if t["met"] else "NOT met") + "; points ahead: "
+            share = t["share_of_unpruned"]  # None: the unpruned model answers nothing right
+            lines.append(f"- {_tag(t['budget'])}%: calibrated {t['calibrated']:.4f} ("
+                         + (f"{100 * share:.1f}% of unpruned" if share is not None else "unpruned accuracy 0")
+                         + "); " + ("met" if t["met"] else "NOT met") + "; points ahead: "
                          + ", ".join(f"{k} {v:+.1f}" for k, v in sorted(t["calibrated_vs"].items(), key=lambda kv: kv[1])))
         lines.append("")
     return "\n".join(lines) + "\n"

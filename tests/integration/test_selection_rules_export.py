@@ -157,3 +157,23 @@ def test_comparison_first_token_answers_equal_generation(tiny3d_dir, tmp_path):
     cmp.write_outputs(str(tmp_path), configs, summary, {"model": "tiny", "data": "x"})
     assert json.loads((tmp_path / "compare.json").read_text())["n"] == len(samples)
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "kept_x.png").stat().st_size > 0
+
+
+def test_compare_command_end_to_end(tiny3d_dir, tmp_path):
+    """`compare` from the command line: statistics, held-back questions after the statistics'
+    scenes, the calibrated rule choice and the peers, written as tables and JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from adatoken_compile.cli import main
+
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compare", "--model", tiny3d_dir, "--out", str(out), "--limit", "6", "--budgets", "0.65",
+                                  "--samples", "4", "--holdout", "4", "--seeds", "0", "--rules", "last_token,strided",
+                                  "--peers", "fastv"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "compare.json").read_text())
+    names = {c["name"] for c in res["configs"]}
+    assert "fastv" in names and any(n.startswith("strided") for n in names), names
+    assert (out / "compare.md").read_text().count("|") > 10

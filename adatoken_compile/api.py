@@ -27,11 +27,23 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from adatoken_compile import distributed
-from adatoken_compile.data import builtin_split, holdout_start, iter_samples, load_samples, scene_key
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+from adatoken_compile.data import (
+    builtin_split,
+    holdout_start,
+    iter_samples,
+    load_samples,
+    scene_key,
+)
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
+from adatoken_compile.io import atomic_dir, check_output, scratch_dir
 from adatoken_compile.runtime import Runtime, load
+from adatoken_compile.runtime.sample import Sample
+from adatoken_compile.runtime.sampling import check_sampling
 from adatoken_compile.runtime.session import choose_providers
+from adatoken_compile.schedule import Schedule, identity
+from adatoken_compile.selection import RULES, spec
 
 DEFAULT_MODEL = "llava3d-tiny"
 # One set of calibration defaults for the API, the CLI and the main job.
@@ -62,13 +74,17 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
         model = load_model("checkpoints/LLaVA-3D-7B", vision_tower="checkpoints/clip-vit-large-patch14-336")
     """
     if model is not None and not isinstance(model, str):
-        from adatoken_compile.contract import Adapter  # torch: not in the runtime install
+        from adatoken_compile.contract import (
+            Adapter,  # torch: not in the runtime install
+        )
 
         if not isinstance(model, Adapter):
             raise InputError(f"model: expected a checkpoint directory, a bundled name or a loaded model, got "
                              f"{type(model).__name__}")
         return model
-    from adatoken_compile.compiler.weights import torch_dtype  # torch: not in the runtime install
+    from adatoken_compile.compiler.weights import (
+        torch_dtype,  # torch: not in the runtime install
+    )
     from adatoken_compile.models.registry import load_adapter
 
     return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
@@ -142,12 +158,15 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
         cal = calibrate(out="runs/cal")              # bundled model, built-in calibration questions
         print(cal.schedule.cuts, cal.schedule.predicted["flops_ratio"])
     """
-    from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
-    from adatoken_compile.calibration.batches import BATCH_SIZE, input_batches, sample_batches
-    from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+    from adatoken_compile.calibration import (
+        api as engine,  # torch: not in the runtime install
+    )
+    from adatoken_compile.calibration.batches import (
+        BATCH_SIZE,
+        input_batches,
+        sample_batches,
+    )
     from adatoken_compile.calibration.solver import require_rows
-    from adatoken_compile.io import check_output
-    from adatoken_compile.schedule import Schedule
 
     if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
         raise InputError(f"--holdout {holdout!r}: give a whole number of held-back questions, e.g. --holdout 384")
@@ -192,7 +211,6 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
 
 def _schedule_for(adapter, schedule):
     """The schedule ``schedule`` names (None: identity), checked against ``adapter``'s model."""
-    from adatoken_compile.schedule import Schedule, identity
 
     if schedule is None or (isinstance(schedule, str) and schedule in ("none", "identity")):
         return identity(adapter.arch()["num_layers"], fingerprint=adapter.fingerprint(), family=adapter.family)
@@ -226,9 +244,10 @@ def compile(model=None, schedule=None, out: str | None = None, *, dtype: str = "
         man = compile(schedule="runs/cal/schedule.json", out="runs/art", quantize="int4")
         print(man.digest)
     """
-    from adatoken_compile.compiler.pipeline import compile_artifact  # torch: not in the runtime install
+    from adatoken_compile.compiler.pipeline import (
+        compile_artifact,  # torch: not in the runtime install
+    )
     from adatoken_compile.compiler.weights import Quantization, torch_dtype
-    from adatoken_compile.io import check_output
 
     if not out:
         raise InputError("compile: pass out=DIR (--out), the artifact directory to write")
@@ -264,9 +283,9 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
             raise InputError("generate: an artifact runs the schedule it was compiled with; do not pass schedule=")
         return model.generate(source, question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed)
-    from adatoken_compile.compiler.reference import answers  # torch: not in the runtime install
-    from adatoken_compile.runtime.sampling import check_sampling
-    from adatoken_compile.runtime.sample import Sample
+    from adatoken_compile.compiler.reference import (
+        answers,  # torch: not in the runtime install
+    )
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -308,7 +327,10 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
         res = evaluate(artifact="runs/art", limit=60)
         print(res["accuracy"], res["baseline_accuracy"], res["paired"]["delta_ci95_points"])
     """
-    from adatoken_compile.evaluation.accuracy import agreement, evaluate as run_eval  # torch: not in the runtime install
+    from adatoken_compile.evaluation.accuracy import (  # torch: not in the runtime install
+        agreement,
+    )
+    from adatoken_compile.evaluation.accuracy import evaluate as run_eval
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
@@ -358,8 +380,10 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
         res = bench("runs/art", baseline="runs/art0", threads=1)
         print(res["prefill"]["latency_ratio"], res["prefill"]["flops_ratio"])
     """
-    from adatoken_compile.benchmarking.artifacts import bench_artifacts, bench_prefill_tokens  # profiles with onnx
-    from adatoken_compile.io import scratch_dir
+    from adatoken_compile.benchmarking.artifacts import (  # profiles with onnx
+        bench_artifacts,
+        bench_prefill_tokens,
+    )
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded or compiled
     if tokens is not None:
@@ -405,13 +429,12 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
         res = compare(out="runs/compare", limit=500, budgets=(0.65, 0.9))
         print(res["targets"])
     """
-    from adatoken_compile.calibration import api as engine  # torch: not in the runtime install
+    from adatoken_compile.calibration import (
+        api as engine,  # torch: not in the runtime install
+    )
     from adatoken_compile.calibration.batches import input_batches, sample_batches
     from adatoken_compile.calibration.solver import ValidationCache, require_rows
-    from adatoken_compile.data import load_samples
     from adatoken_compile.evaluation import compare as cmp
-    from adatoken_compile.io import atomic_dir, check_output
-    from adatoken_compile.selection import RULES, spec
 
     names = tuple(RULES) if rules in (None, "all") else tuple(rules)
     for r in names:

@@ -142,9 +142,10 @@ def _run(tmp, out, t0, *, limit, samples, holdout, repeats, all_artifacts, model
     stages.next("compile", "compile: identity and adaptive artifacts (prefill + decode)")
     arts = {}
     for name in ("none", "adaptive"):
-        arts[name] = os.path.join(tmp, "artifacts", "identity" if name == "none" else name)
-        # the encoder and decode graphs do not depend on the schedule: exported once
-        compile_artifact(adapter, schedules[name], arts[name], progress=False, reuse=arts["none"] if arts else None)
+        path = os.path.join(tmp, "artifacts", "identity" if name == "none" else name)
+        # the encoder and decode graphs do not depend on the schedule: exported once, for the identity
+        compile_artifact(adapter, schedules[name], path, progress=False, reuse=arts.get("none"))
+        arts[name] = path
     # peers always get a (prefill-only) artifact for their latency; the adaptive schedules solved at
     # each peer's FLOPs only with --all-artifacts (their accuracy comes from the parity-tested
     # PyTorch reference either way)

@@ -23,9 +23,12 @@ the other policies through the PyTorch reference of the same pruned prefill + KV
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
+import torch
 from tqdm import tqdm
 
 from adatoken_compile import api
@@ -43,9 +46,45 @@ from adatoken_compile.evaluation.answers import reference_answer_fn, runtime_ans
 from adatoken_compile.flops import schedule_flops
 from adatoken_compile.io import atomic_dir, check_output
 from adatoken_compile.runtime import load
-from adatoken_compile.schedule import identity
+from adatoken_compile.schedule import Schedule, identity
 
 PEERS = ("fastv", "pdrop", "adatoken-decay", "random")
+# exporting a graph is mostly single-threaded Python: the peers' artifacts compile side by side, in
+# processes that each hold a copy of the model (only for models this small)
+PARALLEL_COMPILE_MAX_PARAMS = 200_000_000
+
+_worker_adapter = None
+
+
+def _start_worker(model) -> None:
+    global _worker_adapter
+    torch.set_num_threads(1)
+    _worker_adapter = api.load_model(model)
+
+
+def _compile_in_worker(schedule: dict, path: str, decode: bool, reuse: str) -> str:
+    compile_artifact(_worker_adapter, Schedule.from_dict(schedule), path, progress=False, decode=decode, reuse=reuse)
+    return path
+
+
+def compile_side_by_side(model, adapter, jobs: list[tuple[Schedule, str]], *, decode: bool, reuse: str,
+                         workers: int = 2) -> None:
+    """Compile ``(schedule, path)`` jobs: in ``workers`` processes when the machine has the cores
+    and the model is small, else one after the other in this process."""
+    small = sum(p.numel() for p in adapter.decoder.parameters()) <= PARALLEL_COMPILE_MAX_PARAMS
+    workers = min(workers, len(jobs), os.cpu_count() or 1)
+    bar = tqdm(total=len(jobs), desc="compile", unit="artifact")
+    if workers < 2 or not small:
+        for sched, path in jobs:
+            compile_artifact(adapter, sched, path, progress=False, decode=decode, reuse=reuse)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                 initargs=(model,)) as pool:
+            for done in as_completed([pool.submit(_compile_in_worker, s.to_dict(), p, decode, reuse) for s, p in jobs]):
+                done.result()
+                bar.update()
+    bar.close()
 
 
 def _fmt_cuts(s) -> str:
@@ -85,7 +124,7 @@ class _Stages:
 
 
 def run_quickstart(out: str, *, limit: int = 60, samples: int | None = None, holdout: int | None = None,
-                   repeats: int = 5, all_artifacts: bool = False, model: str | None = None,
+                   repeats: int = 3, all_artifacts: bool = False, model: str | None = None,
                    fidelity: float | None = None, overwrite: bool = False, log=print) -> str:
     """The main job; see the module docstring for what lands in ``out``. Returns the summary text."""
     samples = api.SAMPLES if samples is None else samples
@@ -151,9 +190,9 @@ def _run(tmp, out, t0, *, limit, samples, holdout, repeats, all_artifacts, model
     # PyTorch reference either way)
     others = [n for n in schedules if n not in arts and (all_artifacts or not n.startswith("adaptive@"))]
     log(f"      prefill-only artifacts for {len(others)} other policies" + (" (+ decode)" if all_artifacts else ""))
-    for name in tqdm(others, desc="compile", unit="artifact"):
+    for name in others:
         arts[name] = os.path.join(tmp, "artifacts", name.replace("@", "_at_"))
-        compile_artifact(adapter, schedules[name], arts[name], progress=False, decode=all_artifacts,
+    compile_side_by_side(model, adapter, [(schedules[n], arts[n]) for n in others], decode=all_artifacts,
                          reuse=arts["none"])
 
     # ------------------------------------------------------------------ 3. eval

@@ -18,7 +18,8 @@ from adatoken_compile.cli.main import main, user_errors
                    "enough of them: 73 for 0.95, 381 for 0.99)")
 @click.option("--fidelity", default=None, type=float,
               help="adaptive's agreement target, passed when the lower end of its 95% interval reaches it; default 0.95")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, None))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, None),
+              help="interleaved timing rounds per artifact (bench itself defaults to 7)")
 @click.option("--all-artifacts", is_flag=True, help="compile every policy's artifact and measure its accuracy with ORT "
               "(default: ORT for adaptive + identity; peers through the parity-tested PyTorch reference)")
 @click.option("--model", default=None, help="checkpoint directory or short name (default: the bundled llava3d-tiny)")

@@ -19,7 +19,8 @@ def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     for f in ("results.json", "summary.md", "predictions.json", "pareto.png", "keep_curves.png",
-              "calibration/schedule.json", "artifacts/identity/manifest.json", "artifacts/adaptive/manifest.json"):
+              "calibration/schedule.json", "artifacts/identity/manifest.json", "artifacts/adaptive/manifest.json",
+              "artifacts/fastv/manifest.json", "artifacts/random/manifest.json"):  # the peers compiled side by side
         assert os.path.exists(os.path.join(out, f)), f
     assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]  # no half-written output left
     res = json.load(open(os.path.join(out, "results.json")))

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from adatoken_compile import distributed
-from adatoken_compile.compiler.reference import pruned_prefill
+from adatoken_compile.compiler.reference import PrefillFlow, pruned_prefill
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
@@ -55,6 +55,10 @@ from adatoken_compile.selection import RULES, Rule, at_layer, pre_llm
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, keep_for_flops
 from adatoken_compile.calibration.stats import CalibrationStats
 
+# Memory for the held-back rows' states after layer 0: every candidate that cuts at layer 1 or
+# later starts there, so layer 0 runs once per row instead of once per candidate (about a quarter
+# of a validation on the bundled model). Rows beyond it run from the start, with the same results.
+PREFIX_CACHE_BYTES = 3 << 30
 REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refining
 # a rule may cost this much more of the unpruned prefill FLOPs than the schedule it replaces
 # (text_tail's extra query rows: about 0.002 per cut on the bundled model; dedup's pairwise
@@ -78,31 +82,72 @@ def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
     return out.logits[:, -1].float().cpu()
 
 
-def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule) -> torch.Tensor:
-    """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs."""
+def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: PrefillFlow | None = None) -> torch.Tensor:
+    """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs.
+    ``start``: the batch's unpruned state after layer 0, for a schedule whose first cut is later."""
+    if start is not None:
+        return _run_from(start, schedule)
     return pruned_prefill(decoder, inputs, schedule).logits_last.float().cpu()
 
 
-def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor) -> tuple[list, float]:
+class LayerZeroStates:
+    """The held-back batches' unpruned states after layer 0, computed on first use and kept while
+    they fit in ``budget`` bytes (the rest are not kept)."""
+
+    def __init__(self, n_batches: int, budget: int = PREFIX_CACHE_BYTES):
+        self.flows: list = [None] * n_batches
+        self.full = False
+        self.used, self.budget = 0, budget
+
+    @torch.no_grad()
+    def get(self, i: int, decoder, batch: DecoderInputs) -> PrefillFlow | None:
+        if self.flows[i] is None and not self.full:
+            flow = PrefillFlow(decoder, batch, materialize_mask=True)
+            flow.layer(observe=True)  # the query too: a cut at layer 1 may rank by attention
+            flow = flow.stored()
+            size = flow.nbytes()
+            if self.used + size > self.budget:
+                self.full = True
+                return None
+            self.flows[i], self.used = flow, self.used + size
+        return self.flows[i]
+
+
+@torch.no_grad()
+def _run_from(flow: PrefillFlow, schedule: Schedule) -> torch.Tensor:
+    return flow.resume().run(schedule).result().logits_last.float().cpu()
+
+
+def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor,
+             start: PrefillFlow | None = None) -> tuple[list, float]:
     """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
-    lg = _run_pruned(decoder, batch, schedule)
+    lg = _run_pruned(decoder, batch, schedule, start)
     lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
     return (lg.argmax(-1) == ref.argmax(-1)).tolist(), float((lp.exp() * (lp - lq)).sum(-1).sum())
 
 
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
-              max_disagree: int | None = None) -> dict:
+              max_disagree: int | None = None, states: LayerZeroStates | None = None) -> dict:
     """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
     ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
     failed a fidelity target whatever the rest do); the result then says ``stopped`` and counts
     only the rows run. Under torchrun ``holdout`` is this rank's share, and the batches' counts are
-    taken in one process's order, so every rank stops at the same batch with the same numbers."""
+    taken in one process's order, so every rank stops at the same batch with the same numbers.
+    ``states``: the batches' :class:`LayerZeroStates`, from which a schedule whose first cut is at
+    layer 1 or later starts (same numbers, one layer fewer per batch)."""
     same = total = 0
     kl = 0.0
     stopped = False
     rows: list[bool] = []
     n_rows = distributed.total(sum(b.batch_size for b in holdout))
-    for hit, kl_batch in distributed.in_order(list(zip(holdout, refs)), lambda p: _compare(decoder, schedule, *p)):
+    cuts = schedule.effective_cuts()
+    from_layer_1 = states is not None and bool(cuts) and min(c.layer for c in cuts) >= 1
+
+    def compare(item):
+        i, batch, ref = item
+        return _compare(decoder, schedule, batch, ref, states.get(i, decoder, batch) if from_layer_1 else None)
+
+    for hit, kl_batch in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
         rows += hit
         same += sum(hit)
         total += len(hit)
@@ -174,14 +219,16 @@ class ValidationCache:
     and measuring each schedule once saves most of the validation time). Keyed by the decoder and
     the held-back batches' contents, so a different set or model starts afresh."""
 
-    def __init__(self):
-        self.key, self.refs, self.measured = None, None, {}
+    def __init__(self, prefix_bytes: int = PREFIX_CACHE_BYTES):
+        self.key, self.refs, self.measured, self.states = None, None, {}, None
+        self.prefix_bytes = prefix_bytes
 
     def refs_for(self, decoder, holdout: Sequence[DecoderInputs]) -> list:
         key = (id(decoder),) + tuple((tuple(b.inputs_embeds.shape), float(b.inputs_embeds.double().sum()),
                                       int(b.attention_mask.sum()), int(b.spatial_mask.sum())) for b in holdout)
         if distributed.any_true(key != self.key):  # every rank forgets its measurements alike
             self.key, self.refs, self.measured = key, [reference_logits(decoder, b) for b in holdout], {}
+            self.states = LayerZeroStates(len(holdout), self.prefix_bytes)
         return self.refs
 
     def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
@@ -190,7 +237,8 @@ class ValidationCache:
         cuts = tuple((c.layer, round(float(c.keep), 9), c.rule) for c in schedule.cuts)
         have = self.measured.get(cuts)
         if have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree)):
-            self.measured[cuts] = agreement(decoder, holdout, self.refs_for(decoder, holdout), schedule, max_disagree)
+            refs = self.refs_for(decoder, holdout)
+            self.measured[cuts] = agreement(decoder, holdout, refs, schedule, max_disagree, self.states)
         return dict(self.measured[cuts])
 
 

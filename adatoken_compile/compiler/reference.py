@@ -104,15 +104,46 @@ class PrefillFlow:
         xyz = inputs.spatial_xyz
         self.xyz = xyz.float() if xyz is not None else torch.zeros(*self.spatial.shape, 3)
         self.cache = RecordingCache(self.n_layers)
-        self.mask4 = create_causal_mask(config=cfg, inputs_embeds=self.hidden, attention_mask=attention_mask,
-                                        cache=self.cache, position_ids=self.position_ids,
-                                        allow_is_causal_skip=not materialize_mask)
+        self.attention_mask, self.materialize_mask = attention_mask, materialize_mask
+        self.mask4 = self._causal_mask()
         self.cos, self.sin = decoder_lm.model.rotary_emb(self.hidden, position_ids=self.position_ids)
         self.valid = attention_mask != 0
         self.n0 = self.srank = self.kept = self.query = None
         self.next_layer = 0
         self.cuts_done = 0
         self.res = PrefillResult(None, [], [], [], [], [], [])
+
+    def _causal_mask(self):
+        return create_causal_mask(config=self.lm.config, inputs_embeds=self.hidden, attention_mask=self.attention_mask,
+                                  cache=RecordingCache(self.n_layers), position_ids=self.position_ids,
+                                  allow_is_causal_skip=not self.materialize_mask)
+
+    def stored(self) -> "PrefillFlow":
+        """A copy of this unpruned state without its 4-D mask, to keep many in memory: the mask is
+        (B, 1, T, T), at scene lengths larger than the rest of the state. :meth:`resume` rebuilds it."""
+        if self.cuts_done:
+            raise RuntimeError("PrefillFlow.stored: only an unpruned state can rebuild its mask")
+        other = self.branch()
+        other.mask4 = None
+        return other
+
+    def resume(self) -> "PrefillFlow":
+        """An independent copy of a :meth:`stored` state (or any state), ready to run on."""
+        other = self.branch()
+        if other.mask4 is None:
+            other.mask4 = other._causal_mask()
+        return other
+
+    def nbytes(self) -> int:
+        """Bytes held by this state's tensors (shared tensors counted once)."""
+        seen, total = set(), 0
+        ts = [self.hidden, self.cos, self.sin, self.position_ids, self.spatial, self.xyz, self.valid,
+              self.attention_mask, self.query, self.mask4, *self.cache.keys, *self.cache.values]
+        for t in ts:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total
 
     def branch(self) -> "PrefillFlow":
         """An independent copy of this state (tensors shared, per-layer records copied)."""

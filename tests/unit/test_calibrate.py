@@ -476,7 +476,7 @@ def test_a_failing_candidate_stops_early_and_is_measured_in_full_when_ranked(mon
     refs = [solver.reference_logits(model, b) for b in hold]
     runs = []
 
-    def fake_pruned(decoder, batch, schedule):
+    def fake_pruned(decoder, batch, schedule, start=None):
         i = next(j for j, b in enumerate(hold) if b is batch)
         runs.append(i)
         return -refs[i] if i in (1, 3, 5) else refs[i]
@@ -570,3 +570,30 @@ def test_stability_replays_the_choice_on_bootstrap_resamples():
     assert 0.0 < st["choices"]["L1:0.2"] < 0.5
     assert abs(sum(st["choices"].values()) - 1.0) < 1e-9
     assert st["flops_cut_p5_p95"][0] == 0.5 and st["flops_cut_p5_p95"][1] == 0.7
+
+
+def test_validation_from_the_layer_zero_states_equals_running_every_layer():
+    """Candidates that cut at layer 1 or later start from the held-back batches' states after layer
+    0: the same agreement, KL and per-row answers as running every layer, for attention, similarity
+    and spatial rules; a cut before layer 0 runs in full; a memory budget too small for every batch
+    keeps the first batches and runs the others in full, with the same numbers."""
+    from adatoken_compile.selection import Rule
+
+    model = _sharpen(_qwen("sdpa"))
+    hold = _data(64, n=8)  # 4 batches of 2 rows
+    refs = [solver.reference_logits(model, b) for b in hold]
+    schedules = [
+        Schedule([Cut(1, 0.5)], 4),
+        Schedule([Cut(1, 0.6, Rule("text_tail")), Cut(2, 0.3, Rule("dedup"))], 4),
+        Schedule([Cut(2, 0.4, Rule("stratified"))], 4),
+        Schedule([Cut(0, 0.5, Rule("strided"))], 4),
+    ]
+    plain = [solver.agreement(model, hold, refs, s) for s in schedules]
+    assert len({m["kl"] for m in plain}) == len(plain)  # the schedules differ, so equality below means something
+    roomy = solver.LayerZeroStates(len(hold))
+    assert [solver.agreement(model, hold, refs, s, states=roomy) for s in schedules] == plain
+    assert all(f is not None for f in roomy.flows) and roomy.flows[0].mask4 is None  # kept without the 4-D mask
+    sizes = [f.nbytes() for f in roomy.flows]
+    tight = solver.LayerZeroStates(len(hold), budget=sizes[0] + sizes[1])
+    assert [solver.agreement(model, hold, refs, s, states=tight) for s in schedules] == plain
+    assert [f is not None for f in tight.flows] == [True, True, False, False] and tight.used == tight.budget

@@ -177,3 +177,37 @@ def test_compare_command_end_to_end(tiny3d_dir, tmp_path):
     names = {c["name"] for c in res["configs"]}
     assert "fastv" in names and any(n.startswith("strided") for n in names), names
     assert (out / "compare.md").read_text().count("|") > 10
+
+
+def test_compare_targets_need_every_point_estimate_ahead_and_the_interval_against_the_strongest():
+    """A calibrated choice ahead of every alternative on points but within noise of the strongest
+    fails the bar; a clear lead meets it; at a 90% cut the share of the unpruned accuracy counts."""
+    from adatoken_compile.evaluation import compare as cmp
+    from adatoken_compile.runtime.sample import Sample
+
+    n = 400
+    samples = [Sample(f"q{i}", answer="yes") for i in range(n)]
+
+    def config(name, family, n_right, budget=0.65, seed=None, flops_ratio=0.35, first=0):
+        """Right on questions first .. first + n_right - 1."""
+        c = cmp.Config(name, family, Schedule(cuts=[], num_layers=2), budget, seed, flops_ratio)
+        c.predictions = [{"question": f"q{i}", "answer": "yes",
+                          "prediction": "yes" if first <= i < first + n_right else "no"} for i in range(n)]
+        return c
+
+    def bar(cal_right, strided_right, budget=0.65):
+        configs = [config("unpruned", "unpruned", 360, None, flops_ratio=1.0),
+                   config("calibrated", "calibrated", cal_right, budget),
+                   config("strided", "strided", strided_right, budget, first=10),
+                   config("random.s0", "random", strided_right - 4, budget, seed=0),
+                   config("fastv", "fastv", 300, None, flops_ratio=1 - budget)]
+        [t] = cmp.summarize(configs, samples)["targets"]
+        return t
+
+    close = bar(352, 350)  # 10 gained, 8 lost of 400: +0.5 points, ahead, but the interval reaches below -0.5
+    assert close["calibrated_vs"]["strided"] == 0.5 and close["strongest"]["config"] == "strided"
+    assert close["strongest"]["delta_ci95_points"][0] < -0.5 and not close["met"]
+    clear = bar(352, 330)  # 22 gained, none lost
+    assert clear["strongest"]["delta_ci95_points"][0] > 0 and clear["met"]
+    assert not bar(200, 100, budget=0.9)["met"]  # far ahead of the others, but 56% of the unpruned accuracy
+    assert bar(352, 330, budget=0.9)["met"]  # 97.8%

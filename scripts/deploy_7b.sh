@@ -41,9 +41,23 @@ for step in "${STEPS[@]}"; do
         timed compile-int4 "${AC[@]}" compile --model "$D/ckpt" --quantize int4 --out "$D/int4" --overwrite
         size artifact-int4 "$D/int4" ;;
     compile-int4-pruned)
-        # the bundled model's calibrated default cuts (L1:0.7, L2:0.4), for an L-layer model
-        python -c "from adatoken_compile.schedule import Cut, Schedule; \
-Schedule([Cut(1, 0.7), Cut(2, 0.4)], $L, policy='adaptive-default').save('$D/schedule.json')"
+        # the bundled model's calibrated default cuts (L1:0.7, L2:0.4), for an L-layer model; a schedule
+        # names the model it is for: the fingerprint from the int4 artifact's manifest, else from the checkpoint
+        python - "$D" "$L" <<'PY'
+import json, os, sys
+from adatoken_compile.schedule import Cut, Schedule
+d, layers = sys.argv[1], int(sys.argv[2])
+manifest = os.path.join(d, "int4", "manifest.json")
+if os.path.exists(manifest):
+    model = json.load(open(manifest))["model"]
+    fingerprint, family = model["fingerprint"], model["family"]
+else:
+    from adatoken_compile import load_model
+    m = load_model(os.path.join(d, "ckpt"), lazy=True)
+    fingerprint, family = m.fingerprint(), m.family
+Schedule([Cut(1, 0.7), Cut(2, 0.4)], layers, policy="adaptive-default", fingerprint=fingerprint,
+         family=family).save(os.path.join(d, "schedule.json"))
+PY
         timed compile-int4-pruned "${AC[@]}" compile --model "$D/ckpt" --quantize int4 --schedule "$D/schedule.json" \
             --no-decode --out "$D/int4-pruned" --overwrite
         size artifact-int4-pruned "$D/int4-pruned" ;;

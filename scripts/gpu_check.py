@@ -142,12 +142,15 @@ def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None
     ckpt = os.path.join(out, f"llava3d-7b-L{layers}")
     budget()
     sh(cli("make-tiny", "--preset", "llava3d-7b", "--layers", layers, "--out", ckpt, "--overwrite"), log)
-    sched = schedule_file(os.path.join(out, f"7b-schedule-L{layers}.json"), layers)
     for tag, extra in (("float16", ["--dtype", "float16"]), ("int4", ["--quantize", "int4"])):
         paths = {}
         for kind in ("identity", "pruned"):
             budget()
             paths[kind] = os.path.join(out, f"7b-{tag}-{kind}")
+            if kind == "pruned":  # a schedule names its model: the fingerprint the identity compile recorded
+                with open(os.path.join(paths["identity"], "manifest.json")) as f:
+                    fp = json.load(f)["model"]["fingerprint"]
+                sched = schedule_file(os.path.join(out, f"7b-schedule-L{layers}.json"), layers, fp)
             sh(cli("compile", "--model", ckpt, *extra, "--no-decode", "--out", paths[kind], "--overwrite",
                    *(["--schedule", sched] if kind == "pruned" else [])), log)
         budget()

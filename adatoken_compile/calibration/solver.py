@@ -92,7 +92,7 @@ def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: Prefi
 
 class LayerZeroStates:
     """The held-back batches' unpruned states after layer 0, computed on first use and kept while
-    they fit in ``budget`` bytes (the rest are not kept)."""
+    they fit in ``budget`` bytes; the first that does not fit is used once, later ones not computed."""
 
     def __init__(self, n_batches: int, budget: int = PREFIX_CACHE_BYTES):
         self.flows: list = [None] * n_batches
@@ -108,7 +108,7 @@ class LayerZeroStates:
             size = flow.nbytes()
             if self.used + size > self.budget:
                 self.full = True
-                return None
+                return flow  # computed already: this run starts from it, none after
             self.flows[i], self.used = flow, self.used + size
         return self.flows[i]
 

@@ -33,7 +33,6 @@ from adatoken_compile.data import (
     holdout_start,
     iter_samples,
     load_samples,
-    scene_key,
 )
 from adatoken_compile.environment import environment
 from adatoken_compile.errors import InputError
@@ -409,6 +408,7 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
     return res
 
 
+@distributed.collective
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
             seeds=(0, 1, 2), rules=None, peers=("fastv", "pdrop", "adatoken-decay", "dart", "divprune"),
             search: bool = True, samples: int = SAMPLES, holdout: int = HOLDOUT, stats: str | None = None,
@@ -423,6 +423,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     choice, validated on ``holdout`` held-back calibration questions. ``peers`` run at their
     published settings. ``stats``: a calibration directory of this model whose statistics to use
     instead of mining ``samples`` questions. See :mod:`adatoken_compile.evaluation.compare`.
+    Under torchrun each process mines and validates its share of the calibration questions and
+    answers its share of the scenes; rank 0 writes ``out``, which holds what one process writes.
 
     Example::
 
@@ -432,7 +434,7 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     from adatoken_compile.calibration import (
         api as engine,  # torch: not in the runtime install
     )
-    from adatoken_compile.calibration.batches import input_batches, sample_batches
+    from adatoken_compile.calibration.batches import BATCH_SIZE, input_batches, sample_batches
     from adatoken_compile.calibration.solver import ValidationCache, require_rows
     from adatoken_compile.evaluation import compare as cmp
 
@@ -445,10 +447,13 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     if not budgets:
         raise InputError("compare: give at least one FLOPs cut (--budgets 0.5,0.65,0.8,0.9)")
     require_rows(holdout, 0.5, "compare")
-    check_output(out, "comparison", overwrite=overwrite)
+    distributed.on_main(check_output, out, "comparison", overwrite=overwrite)
+    if not distributed.is_main():
+        log = _quiet  # rank 0 alone reports
     t0 = time.time()
     adapter = load_model(model)
-    stats_samples = load_samples(CALIBRATION_DATA, limit=samples)
+    share = distributed.Share(block=BATCH_SIZE)  # whole batches, as calibrate shares them
+    stats_samples = load_samples(CALIBRATION_DATA, limit=samples, keep=share)
     if stats is not None:
         st = engine.load_stats(stats)
         if st.fingerprint != adapter.fingerprint():
@@ -456,16 +461,20 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     else:
         _, st = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), policy="none",
                                  holdout_batches=[], progress=progress, fingerprint=adapter.fingerprint())
-    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, len({scene_key(x) for x in stats_samples})))
+    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, share.scenes,
+                                                  keep=distributed.Share(block=BATCH_SIZE)))
     log(f"[compare] statistics of {st.samples} questions, {holdout} held-back questions ({time.time() - t0:.0f} s)")
     model_kw = dict(fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name)
     configs = cmp.build_configs(adapter.decoder, st, hold, budgets=tuple(budgets), rules=names, seeds=tuple(seeds),
                                 peers=tuple(peers), search=search, cache=ValidationCache(), log=log, model=model_kw)
-    test = load_samples(data, limit=limit)
-    log(f"[compare] {len(configs)} configurations x {len(test)} questions")
-    bar = tqdm(total=len(test), desc="compare", unit="q", disable=not progress)
+    tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
+    test = load_samples(data, limit=limit, keep=tshare)
+    n_test = distributed.total(len(test))
+    log(f"[compare] {len(configs)} configurations x {n_test} questions")
+    bar = tqdm(total=n_test, desc="compare", unit="q", disable=not progress or not distributed.is_main())
     cmp.answer_all(adapter, test, configs, batch_size=batch_size, progress=bar)
     bar.close()
+    test = cmp.gather(configs, test, tshare.positions)
     summary = cmp.summarize(configs, test)
     meta = {"model": adapter.name or "model", "fingerprint": adapter.fingerprint(), "data": data, "limit": limit,
             "budgets": list(budgets), "seeds": list(seeds), "rules": list(names), "peers": list(peers),
@@ -473,6 +482,16 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
             "wall_s": round(time.time() - t0, 1), "environment": environment(),
             # the last token's attention per bin of the scene order over the bin's token share, per layer
             "position_prior": {str(i): st.position_prior(i) for i in range(st.arch["num_layers"])}}
+    distributed.on_main(_write_comparison, out, configs, summary, meta, overwrite)
+    return {**meta, **summary}
+
+
+def _quiet(*_a, **_kw) -> None:
+    pass
+
+
+def _write_comparison(out, configs, summary, meta, overwrite):
+    from adatoken_compile.evaluation import compare as cmp  # torch: not in the runtime install
+
     with atomic_dir(out, "comparison", overwrite=overwrite, marker=True) as tmp:
         cmp.write_outputs(tmp, configs, summary, meta)
-    return {**meta, **summary}

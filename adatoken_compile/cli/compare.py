@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from adatoken_compile import api
-from adatoken_compile.cli.main import default, given, load_model, main, model_options, user_errors
+from adatoken_compile import api, distributed
+from adatoken_compile.cli.main import default, given, load_model, main, model_options, scales_out, user_errors
 from adatoken_compile.errors import InputError
 
 
@@ -45,6 +45,7 @@ def _names(text: str | None):
 @click.option("--batch-size", default=None, type=click.IntRange(1, None),
               help=f"questions per forward [default: {default(api.compare, 'batch_size')}]")
 @user_errors
+@scales_out
 def compare(model, vision_tower, attn, out, overwrite, data, limit, budgets, seeds, rules, peers, no_search, stats, samples,
             holdout, batch_size):
     """Selection rules and peers at matched prefill FLOPs: tables, paired 95% intervals, plots."""
@@ -55,6 +56,8 @@ def compare(model, vision_tower, attn, out, overwrite, data, limit, budgets, see
                       **given(data=data, limit=limit, budgets=b, seeds=None if sd is None else tuple(int(x) for x in sd),
                               rules=_names(rules), peers=_names(peers), samples=samples, holdout=holdout,
                               batch_size=batch_size))
+    if not distributed.is_main():
+        return
     for t in res["targets"]:
         click.echo(f"{round(100 * t['budget'])}% FLOPs cut: calibrated {t['calibrated']:.4f} "
                    f"({'met' if t['met'] else 'not met'}: " + ", ".join(f"{k} {v:+.1f}" for k, v in sorted(t["calibrated_vs"].items())) + ")")

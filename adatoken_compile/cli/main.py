@@ -51,7 +51,7 @@ def user_errors(fn):
             with distributed.session():
                 if distributed.active() and not getattr(fn, "scales_out", False):
                     raise InputError(f"{fn.__name__.removesuffix('_cmd')}: runs as one process; start it without "
-                                     "torchrun (calibrate and eval scale out)")
+                                     "torchrun (calibrate, eval and compare scale out)")
                 out = fn(*a, **kw)
         except InputError as e:
             if distributed.is_main():

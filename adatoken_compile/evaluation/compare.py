@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adatoken_compile import distributed
 from adatoken_compile.benchmarking.report import markdown_table
 from adatoken_compile.benchmarking.report import plot_pareto as draw_pareto
 from adatoken_compile.calibration.policies import keep_for_flops, peer_schedule
@@ -192,6 +193,19 @@ def answer_all(adapter, samples, configs: list[Config], *, batch_size: int = 8, 
                 c.kept_x += _x_histogram(batch, kept)
             if progress is not None:
                 progress.update(len(chunk))
+
+
+def gather(configs: list[Config], samples, positions) -> list:
+    """Under torchrun: every rank's answers and kept-token histograms merged into each configuration
+    in question order, and the questions themselves (without scenes) in that order; one process:
+    ``samples`` as they are."""
+    if not distributed.active():
+        return samples
+    merged = distributed.gather_ordered(positions, distributed.portable(samples), *[c.predictions for c in configs])
+    hists = distributed.all_reduce_int64({str(i): c.kept_x for i, c in enumerate(configs)}, lambda _: "sum")
+    for i, c in enumerate(configs):
+        c.predictions, c.kept_x = merged[i + 1], hists[str(i)]
+    return merged[0]
 
 
 def _x_histogram(batch, kept) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""calibrate and eval launched by torchrun (2 processes, gloo on CPU) against the same command in
+"""calibrate, eval and compare launched by torchrun (2 processes, gloo on CPU) against the same command in
 one process: the same bytes, apart from recorded timings and the world size; a bad input on one
 rank ends every rank with its one-line error and writes nothing."""
 
@@ -78,6 +78,29 @@ def test_torchrun_eval_scores_what_one_process_scores(tiny3d_dir, tmp_path):
     assert a == b and a["n"] == 20
     preds = (tmp_path / "one.json").read_bytes()
     assert preds == (tmp_path / "two.json").read_bytes() and len(json.loads(preds)) == 20
+
+
+def test_torchrun_compare_writes_what_one_process_writes(tiny3d_dir, tmp_path):
+    """The statistics, the solver's count and rule search on the held-back rows and the answers,
+    each sharded: the same tables, schedules, answers and kept-token histograms as one process."""
+    args = ["compare", "--model", tiny3d_dir, "--limit", "10", "--budgets", "0.65", "--samples", "10", "--holdout", "26",
+            "--seeds", "0", "--rules", "last_token,strided,dedup", "--peers", "fastv"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = _wait(_start([*args, "--out", str(one)]), _start([*args, "--out", str(two)], ranks=2))
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.count("wrote ") == 1 and r2.stdout == r1.stdout.replace(str(one), str(two))  # rank 0 speaks
+    for name in ("compare.md", "predictions.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    a, b = _load(one / "compare.json"), _load(two / "compare.json")
+    assert (a["environment"].pop("world_size"), b["environment"].pop("world_size")) == (1, 2)
+    assert a.pop("wall_s") >= 0 and b.pop("wall_s") >= 0
+    for doc in (a, b):
+        for c in doc["configs"]:
+            c["schedule"].get("calibration", {}).get("search", {}).pop("seconds", None)
+    assert a == b and a["n"] == 10  # scenes of 7 and 3 questions: uneven shares
+    assert sum(a["configs"][0]["kept_x_hist"]) > 0  # every rank's scenes counted once
+    assert any(c["name"].startswith("calibrated") for c in a["configs"])
 
 
 def test_a_bad_input_on_one_rank_ends_every_rank_with_its_line(tiny3d_dir, tmp_path):

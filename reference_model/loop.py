@@ -24,7 +24,7 @@ from reference_model.progress import Metrics, log
 from reference_model.scenes import VISION_SEED_OFFSET, SceneCache, count_answer_weights, scene_entry
 from reference_model.schedule import StepPlan, curriculum_templates, learning_rate
 from reference_model.text import Vocabulary, training_tokenizer
-from reference_model.vision import vision_stage
+from reference_model.vision import lent_tower_provenance, stage1_settings, vision_stage
 
 LOG_EVERY = 25  # optimizer steps
 
@@ -191,12 +191,14 @@ def train(out_dir: str, cfg: TrainConfig, command: str | None = None) -> dict:
     from reference_model.train import command_line
 
     cfg.validate()
+    v = cfg.vision
+    if v.cache and os.path.isdir(v.cache):  # a model folder's tower: refused before any work if it does not fit
+        lent_tower_provenance(v.cache, stage1_settings(cfg.seed, v.scenes, v.steps, v.object_weight, v.views))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t_start = time.time()
     tok = training_tokenizer()
     log(f"tokenizer: {tok.vocab_size} tokens")
-    v = cfg.vision
     vision, vision_settings, vision_stats = vision_stage(cfg.seed, v.scenes, v.steps, v.object_weight, v.views, v.cache,
                                                          cfg.workers)
     m = build_stage2(tok, cfg)

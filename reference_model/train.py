@@ -72,7 +72,8 @@ def _add_vision_args(p: argparse.ArgumentParser) -> None:
                    help="stage 1 uses this many random views of each of --vision-scenes scenes (default: all 20)")
     g.add_argument("--vision-cache", default=None,
                    help="reuse the stage-1 vision tower saved here by a run with the same seed and vision settings, "
-                        "else train and save it")
+                        "else train and save it; a trained model folder (e.g. adatoken_compile/models/llava3d_tiny) "
+                        "lends its tower read-only when its TRAINING.json records the same settings")
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:

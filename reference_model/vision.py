@@ -110,9 +110,46 @@ def frozen_tower(state_dict: dict):
     return vision.eval().requires_grad_(False)
 
 
+def lent_tower_provenance(model_dir: str, settings: dict) -> dict:
+    """The stage-1 record of a trained model folder (``vision_tower/`` and ``TRAINING.json``) whose
+    tower a run borrows, read only: a stage 2 on a tower that is already shipped (e.g. another recipe
+    on the bundled model's tower, so that only the decoder's training differs). Refused in one line
+    when the folder is not a model or its stage 1 had other settings (checked before any work)."""
+    import json
+
+    from adatoken_compile.errors import InputError
+
+    prov_path = os.path.join(model_dir, "TRAINING.json")
+    if not (os.path.isfile(prov_path) and os.path.isdir(os.path.join(model_dir, "vision_tower"))):
+        raise InputError(f"{model_dir}: --vision-cache folder holds no TRAINING.json and vision_tower/ ; pass a model "
+                         "folder written by reference_model.train or a cache file")
+    with open(prov_path) as f:
+        prov = json.load(f).get("vision_pretraining", {})
+    theirs = {k: prov.get(k) for k in settings}
+    if theirs != settings:
+        raise InputError(f"{prov_path}: its vision tower was trained with {theirs}, not {settings} ; pass the same "
+                         "--seed and --vision-* settings or another --vision-cache")
+    return prov
+
+
+def _model_tower(model_dir: str, settings: dict):
+    """(tower, stats) of a model folder's tower (:func:`lent_tower_provenance`); the folder is never
+    retrained into or written."""
+    from transformers import CLIPVisionModel
+
+    prov = lent_tower_provenance(model_dir, settings)
+    tower_dir = os.path.join(model_dir, "vision_tower")
+    log(f"vision tower from {tower_dir} (its TRAINING.json records the same stage-1 settings {settings})")
+    state = CLIPVisionModel.from_pretrained(tower_dir).state_dict()
+    return frozen_tower(state), {k: float(prov[k]) for k in ("patch_class_acc", "patch_colour_acc")}
+
+
 def _cached_tower(cache: str | None, settings: dict, data: str):
     """(tower, stats) from ``cache`` when it holds a tower of ``settings`` trained on renders of
-    the scene code ``data``; otherwise None, saying why when the file exists."""
+    the scene code ``data`` (or is a model folder with such a tower: :func:`_model_tower`);
+    otherwise None, saying why when the file exists."""
+    if cache and os.path.isdir(cache):
+        return _model_tower(cache, settings)
     blob = torch.load(cache, weights_only=True) if cache and os.path.exists(cache) else None
     if blob is None:
         return None

@@ -669,3 +669,32 @@ def test_bundled_model_command_reproduces_its_recorded_recipe():
     assert d["steps"] == run.plan.total
     for key in ("command", "seed", "decoder_seed", "data", "vision_pretraining", "decoder_training"):
         assert json.loads(json.dumps(want[key])) == prov[key], key
+
+
+def test_a_model_folder_lends_its_tower_read_only_when_its_stage_1_settings_match(tmp_path, capsys):
+    """--vision-cache MODEL_DIR: the bundled model's stage-1 tower, weight for weight, when the stage-1
+    settings are those its TRAINING.json records (how llava3d-tiny-nodrop shares llava3d-tiny's tower);
+    other settings are refused in one line; the folder is never written."""
+    import json
+    import os
+
+    import torch
+    from transformers import CLIPVisionModel
+
+    from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL
+    from reference_model.vision import _cached_tower, stage1_settings
+
+    d = BUNDLED[DEFAULT_MODEL]
+    prov = json.load(open(os.path.join(d, "TRAINING.json")))["vision_pretraining"]
+    before = {f: os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(d) for f in fs}
+    settings = stage1_settings(prov["seed"], prov["scenes"], prov["steps"], prov["object_weight"], prov["views_per_scene"])
+    tower, stats = _cached_tower(d, settings, "any scene code")
+    want = CLIPVisionModel.from_pretrained(os.path.join(d, "vision_tower")).state_dict()
+    got = tower.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert stats == {k: prov[k] for k in ("patch_class_acc", "patch_colour_acc")}
+    capsys.readouterr()  # the loading's log line
+    err = train_error(tmp_path, capsys, "--vision-cache", d, "--vision-scenes", "1", "--vision-steps", "1")
+    assert err.startswith("error: ") and "TRAINING.json" in err and "'scenes': 1" in err
+    assert before == {f: os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(d) for f in fs}

@@ -13,7 +13,10 @@ from adatoken_compile.models.llava3d import Llava3DAdapter
 from adatoken_compile.models.llava_hf import LlavaHFAdapter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED = {"llava3d-tiny": os.path.join(HERE, "llava3d_tiny")}
+# llava3d-tiny-nodrop: the same recipe and vision tower, trained without random background-voxel
+# dropping (the reference for whether a selection rule's lead rests on that training trick)
+BUNDLED = {"llava3d-tiny": os.path.join(HERE, "llava3d_tiny"),
+           "llava3d-tiny-nodrop": os.path.join(HERE, "llava3d_tiny_nodrop")}
 DEFAULT_MODEL = "llava3d-tiny"
 
 

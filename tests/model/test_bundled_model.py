@@ -1,4 +1,5 @@
-"""The committed reference model llava3d-tiny: loads like any checkpoint, answers, calibrates."""
+"""The committed reference models (llava3d-tiny, and llava3d-tiny-nodrop trained without random
+voxel dropping): load like any checkpoint, answer, calibrate."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def ci_sample():
     return list(iter_samples("test", limit=50))
 
 
-def test_bundled_layout_and_provenance(bundled):
-    d = BUNDLED[DEFAULT_MODEL]
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_layout_and_provenance(name):
+    d = BUNDLED[name]
+    adapter = load_adapter(name)
     cfg = json.load(open(os.path.join(d, "config.json")))
     assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "mlp2x_gelu"
     assert cfg["num_hidden_layers"] >= 6
@@ -42,21 +45,45 @@ def test_bundled_layout_and_provenance(bundled):
     argv = shlex.split(prov["command"])
     assert argv[:3] == ["python", "-m", "reference_model.train"]
     out = argv[argv.index("--out") + 1]
-    assert out == "adatoken_compile/models/llava3d_tiny" and os.path.abspath(d).replace(os.sep, "/").endswith("/" + out)
+    assert out == "adatoken_compile/models/" + os.path.basename(d) and os.path.abspath(d).replace(os.sep, "/").endswith("/" + out)
     assert isinstance(prov["seed"], int) and prov["data"]["split"] == "train"
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
     assert total < 40 * 2**20
-    assert bundled.arch()["num_layers"] == cfg["num_hidden_layers"]
+    assert adapter.arch()["num_layers"] == cfg["num_hidden_layers"]
 
 
-def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
-    """The bundled model reaches 85% on the fixed 50-question test sample, and the weights
+def test_the_two_bundled_models_differ_in_the_decoder_training_alone():
+    """llava3d-tiny-nodrop: llava3d-tiny's recipe without --bg-keep-max/--bg-hold, on its very
+    vision tower (borrowed through --vision-cache), so a rule's lead on one and not the other is the
+    voxel dropping's doing."""
+    a, b = (json.load(open(os.path.join(BUNDLED[n], "TRAINING.json"))) for n in ("llava3d-tiny", "llava3d-tiny-nodrop"))
+    da, db = a["decoder_training"], b["decoder_training"]
+    assert (da["bg_keep_max"], da["bg_hold_steps"]) == (0.1, 7200) and db["bg_hold_steps"] in (None, 0)
+    assert db["bg_keep_max"] in (None, 1.0) and db["bg_curriculum_steps"] == da["bg_curriculum_steps"]
+    same = {k for k in da if k not in ("bg_keep_max", "bg_hold_steps", "final_loss")}
+    assert {k: da[k] for k in same} == {k: db[k] for k in same}
+    assert a["vision_pretraining"] == b["vision_pretraining"]
+    oa, ob = ({k: v for k, v in zip(argv[3::2], argv[4::2])} for argv in (shlex.split(x["command"]) for x in (a, b)))
+    assert {k: oa.pop(k) for k in ("--bg-keep-max", "--bg-hold")} == {"--bg-keep-max": "0.1", "--bg-hold": "0.9"}
+    assert ob.pop("--vision-cache") == oa.pop("--out") == "adatoken_compile/models/llava3d_tiny"
+    assert ob.pop("--out") == "adatoken_compile/models/llava3d_tiny_nodrop" and oa == ob
+    from transformers import CLIPVisionModel
+
+    ta, tb = (CLIPVisionModel.from_pretrained(os.path.join(BUNDLED[n], "vision_tower")).state_dict()
+              for n in ("llava3d-tiny", "llava3d-tiny-nodrop"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_accuracy_on_fixed_test_sample(name, bundled, ci_sample):
+    """Each bundled model reaches 85% on the fixed 50-question test sample, and the weights
     reproduce, through the adapter, the accuracy their training run recorded on it (a regression
     check of weights + adapter). The 90% target is measured on the first 2,000 test questions by
     `adatoken-compile eval --limit 2000` (reference_model/MODEL_CARD.md: 91.25%), too slow for CI."""
     assert len(ci_sample) == 50
-    res = evaluate(reference_answer_fn(bundled), ci_sample)
-    prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))["ci_sample_eval"]
+    model = bundled if name == DEFAULT_MODEL else load_adapter(name)
+    res = evaluate(reference_answer_fn(model), ci_sample)
+    prov = json.load(open(os.path.join(BUNDLED[name], "TRAINING.json")))["ci_sample_eval"]
     assert res["n"] == prov["n"] == 50
     # at most one question answered differently (the image processing now rounds as transformers does)
     assert abs(round(res["accuracy"] * 50) - round(prov["accuracy"] * 50)) <= 1, (res["accuracy"], prov["accuracy"])

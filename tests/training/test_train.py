@@ -637,27 +637,29 @@ def test_negative_workers_is_a_one_line_error(tmp_path, capsys):
     assert "--workers -1" in train_error(tmp_path, capsys, "--workers", "-1")
 
 
-def test_bundled_model_command_reproduces_its_recorded_recipe():
-    """The command in the bundled model's TRAINING.json, parsed by this command line, comes to
+@pytest.mark.parametrize("name,tower", [("llava3d-tiny", None),
+                                        ("llava3d-tiny-nodrop", "adatoken_compile/models/llava3d_tiny")])
+def test_bundled_model_command_reproduces_its_recorded_recipe(name, tower):
+    """The command in each bundled model's TRAINING.json, parsed by this command line, comes to
     exactly the settings TRAINING.json records for those weights: run from the repository root, it
-    retrains them into their own folder."""
+    retrains them into their own folder (llava3d-tiny-nodrop on llava3d-tiny's stage-1 tower)."""
     import json
     import os
     import shlex
     from types import SimpleNamespace
 
-    from adatoken_compile.models.registry import BUNDLED, DEFAULT_MODEL
+    from adatoken_compile.models.registry import BUNDLED
     from reference_model.loop import provenance
     from reference_model.schedule import StepPlan
     from reference_model.train import command_line, config_from_args, parser
     from reference_model.vision import stage1_settings
 
-    prov = json.load(open(os.path.join(BUNDLED[DEFAULT_MODEL], "TRAINING.json")))
+    prov = json.load(open(os.path.join(BUNDLED[name], "TRAINING.json")))
     argv = shlex.split(prov["command"])
     assert argv[:3] == ["python", "-m", "reference_model.train"] and command_line(argv[3:]) == prov["command"]
     a = parser().parse_args(argv[3:])
-    assert os.path.abspath(BUNDLED[DEFAULT_MODEL]).replace(os.sep, "/").endswith("/" + a.out)
-    assert (a.threads, a.workers, a.vision_cache) == (2, 1, None)  # the 58.6-minute setting, no cached tower
+    assert os.path.abspath(BUNDLED[name]).replace(os.sep, "/").endswith("/" + a.out)
+    assert (a.threads, a.workers, a.vision_cache) == (2, 1, tower)  # the setting the recorded minutes are of
     cfg = config_from_args(a)
     v = cfg.vision
     settings = stage1_settings(cfg.seed, v.scenes, v.steps, v.object_weight, v.views)

@@ -471,7 +471,9 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     test = load_samples(data, limit=limit, keep=tshare)
     n_test = distributed.total(len(test))
     log(f"[compare] {len(configs)} configurations x {n_test} questions")
-    bar = tqdm(total=n_test, desc="compare", unit="q", disable=not progress or not distributed.is_main())
+    # rank 0 shows its own share's progress (the others' is not exchanged while they answer)
+    bar = tqdm(total=len(test), desc="compare" + (" (rank 0's share)" if distributed.active() else ""), unit="q",
+               disable=not progress or not distributed.is_main())
     cmp.answer_all(adapter, test, configs, batch_size=batch_size, progress=bar)
     bar.close()
     test = cmp.gather(configs, test, tshare.positions)

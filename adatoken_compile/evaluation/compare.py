@@ -48,7 +48,7 @@ from adatoken_compile.evaluation.accuracy import by_scene, paired, score
 from adatoken_compile.flops import schedule_flops
 from adatoken_compile.plotting import pyplot, save_png
 from adatoken_compile.schedule import Cut, Schedule, identity
-from adatoken_compile.selection import RULES, at_layer, pre_llm
+from adatoken_compile.selection import RULES, at_layer, params_for, pre_llm
 
 FLOPS_CUTS = (0.5, 0.65, 0.8, 0.9)
 PEERS = ("fastv", "pdrop", "adatoken-decay", "dart", "divprune")
@@ -277,6 +277,13 @@ def summarize(configs: list[Config], samples) -> dict:
             "targets": _targets(configs, acc, spread, budgets, cal)}
 
 
+def _cuts_key(schedule: Schedule) -> list:
+    """What a schedule does: its cuts with every rule parameter spelt out (a default left out and
+    the same value written down are one schedule)."""
+    return [(c.layer, c.keep, c.rule.name, sorted(params_for(c.rule.name, c.rule.params_dict()).items()))
+            for c in schedule.effective_cuts()]
+
+
 TARGET_MARGIN_POINTS = -0.5  # the paired interval against the strongest alternative may not reach below this
 TARGET_SHARE_AT_90 = 0.97  # accuracy kept, as a share of the unpruned model's, with >= 90% of the FLOPs cut
 
@@ -300,9 +307,14 @@ def _targets(configs, acc, spread, budgets, cal) -> list[dict]:
             if o.budget is None and o.name != "unpruned" and budgets and \
                     min(budgets, key=lambda x: abs((1.0 - o.flops_ratio) - x)) == b:
                 single.append(o)
+        # an alternative with the calibrated schedule itself (calibration chose a seeded random
+        # subset, say) is no yardstick: a paired interval against itself is [0, 0]
+        same = [o.name for o in single if _cuts_key(o.schedule) == _cuts_key(c.schedule)]
+        single = [o for o in single if o.name not in same]
         comp.update({o.name: acc[o.name]["accuracy"] for o in single if o.family not in ("random", "prellm-random")})
         ahead = {k: round(100 * (a - v), 2) for k, v in comp.items()}
-        t = {"budget": b, "calibrated": a, "calibrated_vs": ahead, "share_of_unpruned": a / base if base else None}
+        t = {"budget": b, "calibrated": a, "calibrated_vs": ahead, "share_of_unpruned": a / base if base else None,
+             "same_schedule_as": same}
         if single:
             best = max(single, key=lambda o: (acc[o.name]["accuracy"], o.name))
             pb = paired(c.predictions, best.predictions)
@@ -357,7 +369,9 @@ def markdown(summary: dict, meta: dict) -> str:
                          + ", ".join(f"{k} {v:+.1f}" for k, v in sorted(t["calibrated_vs"].items(), key=lambda kv: kv[1]))
                          + ("; against the strongest, {}: {:+.1f} [{:+.1f}, {:+.1f}]".format(
                              t["strongest"]["config"], t["strongest"]["delta_points"], *t["strongest"]["delta_ci95_points"])
-                            if "strongest" in t else ""))
+                            if "strongest" in t else "")
+                         + ("; the calibrated choice is the schedule of " + ", ".join(t["same_schedule_as"])
+                            if t.get("same_schedule_as") else ""))
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -184,20 +184,26 @@ def test_compare_targets_need_every_point_estimate_ahead_and_the_interval_agains
     fails the bar; a clear lead meets it; at a 90% cut the share of the unpruned accuracy counts."""
     from adatoken_compile.evaluation import compare as cmp
     from adatoken_compile.runtime.sample import Sample
+    from adatoken_compile.selection import at_layer
 
     n = 400
     samples = [Sample(f"q{i}", answer="yes") for i in range(n)]
 
-    def config(name, family, n_right, budget=0.65, seed=None, flops_ratio=0.35, first=0):
-        """Right on questions first .. first + n_right - 1."""
-        c = cmp.Config(name, family, Schedule(cuts=[], num_layers=2), budget, seed, flops_ratio)
+    def config(name, family, n_right, budget=0.65, seed=None, flops_ratio=0.35, first=0, rule=None):
+        """Right on questions first .. first + n_right - 1; a cut at layer 1 ranked by ``rule`` (default:
+        the family's, seeded as ``seed``), none for the unpruned model."""
+        fam = rule or ("last_token" if family in ("calibrated", "fastv") else family)
+        # the calibrated random cut spells out seed 0, random.s0's leaves it at its default
+        params = {"seed": seed} if seed else {"seed": 0} if rule == "random" else {}
+        cuts = [] if name == "unpruned" else [Cut(1, 0.3, at_layer(fam, 1, **params))]
+        c = cmp.Config(name, family, Schedule(cuts=cuts, num_layers=2), budget, seed, flops_ratio)
         c.predictions = [{"question": f"q{i}", "answer": "yes",
                           "prediction": "yes" if first <= i < first + n_right else "no"} for i in range(n)]
         return c
 
-    def bar(cal_right, strided_right, budget=0.65):
+    def bar(cal_right, strided_right, budget=0.65, cal_rule=None):
         configs = [config("unpruned", "unpruned", 360, None, flops_ratio=1.0),
-                   config("calibrated", "calibrated", cal_right, budget),
+                   config("calibrated", "calibrated", cal_right, budget, rule=cal_rule),
                    config("strided", "strided", strided_right, budget, first=10),
                    config("random.s0", "random", strided_right - 4, budget, seed=0),
                    config("fastv", "fastv", 300, None, flops_ratio=1 - budget)]
@@ -211,3 +217,7 @@ def test_compare_targets_need_every_point_estimate_ahead_and_the_interval_agains
     assert clear["strongest"]["delta_ci95_points"][0] > 0 and clear["met"]
     assert not bar(200, 100, budget=0.9)["met"]  # far ahead of the others, but 56% of the unpruned accuracy
     assert bar(352, 330, budget=0.9)["met"]  # 97.8%
+    # calibration chose random seed 0's very schedule: that configuration is no yardstick, the next is
+    chose_random = bar(326, 330, cal_rule="random")
+    assert chose_random["same_schedule_as"] == ["random.s0"] and chose_random["strongest"]["config"] == "strided"
+    assert "random.s0" not in chose_random["calibrated_vs"] and not chose_random["met"]

@@ -115,7 +115,8 @@ def format_bench(res: dict) -> str:
                          f"(ratio {kv['ratio']:.3f})")
     if "synthetic_7b_width" in res:
         s = res["synthetic_7b_width"]
-        lines.append(f"7B-width synthetic: latency ratio {s.get('latency_ratio', float('nan')):.3f}  FLOPs ratio "
-                     f"{s.get('flops_ratio', float('nan')):.3f}  realized {s.get('realized_fraction', float('nan')):.2f}  "
-                     f"overhead {s.get('overhead_fraction', float('nan')):.4f}")
+        for rule, r in (s.get("rules") or {s.get("config", {}).get("rule", "last_token"): s}).items():
+            lines.append(f"7B-width synthetic, {rule}: latency ratio {r.get('latency_ratio', float('nan')):.3f}  FLOPs "
+                         f"ratio {r.get('flops_ratio', float('nan')):.3f}  realized "
+                         f"{r.get('realized_fraction', float('nan')):.2f}  overhead {r.get('overhead_fraction', float('nan')):.4f}")
     return "\n".join(lines)

@@ -100,13 +100,18 @@ def format_eval(res: dict) -> str:
 @click.option("--synthetic-7b", "synthetic", is_flag=True,
               help="also measure a random decoder of LLaVA-3D-7B width (hidden 4096, 32 heads, FFN 11008), reduced depth")
 @click.option("--layers", default=2, show_default=True, type=click.IntRange(2, 32), help="depth of the synthetic 7B-width decoder")
+@click.option("--cuts", "synthetic_cuts", default="1:0.3", show_default=True, metavar="LAYER:KEEP,...",
+              help="the synthetic decoder's cuts: keep this fraction of the spatial tokens before these layers")
+@click.option("--rules", "synthetic_rules", default="last_token", show_default=True,
+              help="the synthetic decoder's selection rules, comma-separated or 'all' (those that can run at every "
+                   "cut): each is measured at every cut against the same unpruned export")
 @click.option("--tokens", default=None, metavar="SPATIAL,TEXT",
               help="prefill graphs only, on random embeddings at these token counts (e.g. 1400,60); needs --baseline")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @provider_option
 @user_errors
 def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, new_tokens, threads, synthetic, layers,
-          tokens, as_json, provider):
+          synthetic_cuts, synthetic_rules, tokens, as_json, provider):
     """Pruned vs unpruned artifact: prefill and end-to-end latency, FLOPs, realised fraction, overhead."""
     if not artifact and not synthetic:
         raise InputError("pass --artifact ART (and optionally --baseline ART0), or --synthetic-7b")
@@ -115,6 +120,8 @@ def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, 
     res = {}
     if tokens and not baseline:
         raise InputError("--tokens: pass --baseline ART0, an identity artifact of the same model")
+    if synthetic:
+        cuts, rules = _synthetic_plan(synthetic_cuts, synthetic_rules, layers)  # bad options: before any work
     if artifact:
         adapter = None if baseline else load_model(model, vision_tower, attn)
         if not baseline:
@@ -125,14 +132,37 @@ def bench(model, vision_tower, attn, artifact, baseline, data, scenes, repeats, 
     if synthetic:
         from adatoken_compile.benchmarking.synthetic import synthetic_7b_width  # torch: not in the runtime install
 
-        log(f"synthetic 7B-width decoder, {layers} layers (minutes) ...")
-        res["synthetic_7b_width"] = synthetic_7b_width(layers=layers, schedule_keep=[(1, 0.3)],
+        log(f"synthetic 7B-width decoder, {layers} layers, {len(rules)} rule(s) (minutes each) ...")
+        res["synthetic_7b_width"] = synthetic_7b_width(layers=layers, schedule_keep=cuts, rules=rules,
                                                        repeats=repeats or default(api.bench, "repeats"), threads=threads,
                                                        providers=choose_providers(provider))
     if as_json:
         echo_json(res)
         return
     click.echo(format_bench(res))
+
+
+def _synthetic_plan(cuts: str, rules: str, layers: int):
+    """``--cuts``/``--rules`` of the synthetic decoder: [(layer, keep), ...] and the rule names."""
+    from adatoken_compile.benchmarking.synthetic import rule_schedule
+    from adatoken_compile.selection import RULES, at_layer, pre_llm, spec
+
+    try:
+        plan = [(int(a), float(b)) for a, b in (c.split(":") for c in cuts.split(",") if c.strip())]
+    except ValueError:
+        raise InputError(f"--cuts {cuts!r}: give LAYER:KEEP pairs, e.g. --cuts 1:0.8,2:0.3")
+    if not plan:
+        raise InputError("--cuts: give at least one LAYER:KEEP pair, e.g. --cuts 1:0.3")
+    if rules.strip() == "all":
+        before_llm = any(layer == 0 for layer, _ in plan)
+        names = [r for r in RULES if not before_llm or pre_llm(r, at_layer(r, 0).params_dict())]
+    else:
+        names = [spec(r.strip()).name for r in rules.split(",") if r.strip()]
+    if not names:
+        raise InputError("--rules: name at least one selection rule, or 'all'")
+    for r in names:
+        rule_schedule(plan, layers, r, where=f"--cuts {cuts} --rules {r}")  # one line for a cut past --layers or a rule that cannot run there
+    return plan, names
 
 
 def _token_counts(tokens: str | None):

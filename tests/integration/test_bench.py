@@ -171,6 +171,55 @@ def test_synthetic_bench_tiny_width(synth):
     assert r2["flops_ratio"] == r["flops_ratio"]
 
 
+def test_synthetic_bench_measures_each_rule_against_one_baseline(tmp_path):
+    """Several rules in one call: one identity export serves them all, each rule gets its own pruned
+    graph (coordinates fed to the rules that read them), and its inserted nodes are what the
+    profile attributes to the cuts."""
+    cache = str(tmp_path)
+    rules = ["strided", "stratified", "dedup"]
+    cuts = [(0, 0.5), (2, 0.5)]
+    r = synthetic.synthetic_7b_width(**{**SYNTH, "schedule_keep": cuts, "repeats": 1, "warmup": 0}, rules=rules,
+                                     cache_dir=cache)
+    assert list(r["rules"]) == rules and r["config"]["rule"] == "strided"
+    files = sorted(f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".onnx"))
+    assert len(files) == 1 + len(rules) and "baseline.onnx" in files
+    import onnx
+
+    for name, res in r["rules"].items():
+        assert res["config"]["rule"] == name and res["config"]["schedule"] == cuts
+        assert 0 < res["overhead_fraction"] < 1 and 0 < res["flops_ratio"] < 1
+    inputs = [{i.name for i in onnx.load(os.path.join(r["config"]["cache_dir"], f), load_external_data=False).graph.input}
+              for f in files]
+    assert sum("spatial_xyz" in names for names in inputs) == 1  # stratified alone reads coordinates
+    # the similarity rule's quadratic scoring costs more than the stride's counting
+    assert r["rules"]["dedup"]["flops"]["pruned"] > r["rules"]["strided"]["flops"]["pruned"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--cuts", "1-0.3"], "--cuts '1-0.3': give LAYER:KEEP pairs"),
+    (["--layers", "3", "--cuts", "1:0.5,3:0.2"], "cut layer 3 out of range"),
+    (["--cuts", "0:0.5", "--rules", "text_tail"], "rule 'text_tail' needs attention"),
+    (["--rules", "nearest"], "unknown selection rule 'nearest'"),
+])
+def test_synthetic_bench_bad_cuts_or_rules_are_one_line_before_any_work(argv, says):
+    from click.testing import CliRunner
+
+    from adatoken_compile.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--synthetic-7b", *argv])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and says in r.output and r.output.count("\n") == 1
+
+
+def test_synthetic_bench_all_rules_are_those_that_run_at_every_cut():
+    from adatoken_compile.cli.evaluate import _synthetic_plan
+    from adatoken_compile.selection import RULES
+
+    assert _synthetic_plan("1:0.8,2:0.3", "all", 4) == ([(1, 0.8), (2, 0.3)], list(RULES))
+    plan, names = _synthetic_plan("0:0.5,2:0.3", "all", 4)
+    assert plan == [(0, 0.5), (2, 0.3)]
+    assert set(names) == {"stratified", "dedup", "diverse", "strided", "random"}
+
+
 # ----------------------------------------------------------------------------- plots / tables
 
 

@@ -115,8 +115,8 @@ def synthetic_7b_width(layers: int = 2, spatial: int = 1400, prefix: int = 35, s
     ``cache_dir/<key>/`` (reused when present), then runs :func:`prefill_bench` (pruned against the
     identity, interleaved) on a batch of one full-size sequence per rule. Memory: ~0.8 GB per layer
     + 1 GB embeddings/lm_head in fp32; export and two ORT sessions take a few times that. Returns the
-    first rule's bench dict plus ``config``, ``formula`` figures and ``wall_s``; with more than one
-    rule, ``rules`` maps each to its own bench dict.
+    first rule's bench dict plus ``config``, ``formula`` figures, ``onnx`` (the two graphs' paths) and ``wall_s``;
+    with more than one rule, ``rules`` maps each to its own bench dict.
     """
     t_start = time.perf_counter()
     if threads is not None:
@@ -158,6 +158,7 @@ def synthetic_7b_width(layers: int = 2, spatial: int = 1400, prefix: int = 35, s
         res["config"] = {**cfg, "prefix": prefix, "spatial": spatial, "suffix": suffix, "batch": 1, "rule": r,
                          "schedule": [(c.layer, c.keep) for c in sched.cuts],
                          "tokens_per_layer": sched.tokens_per_layer(spatial), "cache_dir": cdir, "dtype": "float32"}
+        res["onnx"] = {"pruned": paths[r], "baseline": paths["baseline"]}
         _log(f"rule {r}: latency ratio {res['latency_ratio']:.3f}, flops ratio {res['flops_ratio']:.3f}, realized "
              f"{res['realized_fraction']:.2f}, overhead {res['overhead_fraction']:.4f}")
         per_rule[r] = res

@@ -160,8 +160,8 @@ def _synthetic_plan(cuts: str, rules: str, layers: int):
         names = [spec(r.strip()).name for r in rules.split(",") if r.strip()]
     if not names:
         raise InputError("--rules: name at least one selection rule, or 'all'")
-    for r in names:
-        rule_schedule(plan, layers, r, where=f"--cuts {cuts} --rules {r}")  # one line for a cut past --layers or a rule that cannot run there
+    for r in names:  # one line for a cut past --layers, a bad keep, or a rule that cannot run at a cut
+        rule_schedule(plan, layers, r, where=f"--cuts {cuts} --rules {r}")
     return plan, names
 
 

@@ -13,7 +13,10 @@ from adatoken_compile.plotting import pyplot, save_png
 def _finish(plt, fig, ax, path: str, title: str | None) -> str:
     """Grid, legend, optional title, atomic PNG write, figure closed."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[1]) > 8:  # a long legend goes beside the axes, off the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return save_png(fig, path)

@@ -146,13 +146,12 @@ def synthetic_7b_width(layers: int = 2, spatial: int = 1400, prefix: int = 35, s
     arch = arch_of(LlamaConfig(**cfg))
     n_text = prefix + suffix
     feeds = synthetic_inputs(hidden, [(prefix, spatial, suffix)], seed=seed + 1, xyz=True).to_numpy()
+    baseline_flops = prefill_flops(arch, n_text, [spatial] * layers)["total"]
     per_rule = {}
     for r, sched in scheds.items():
         _log(f"rule {r}: {', '.join(f'L{c.layer}:{c.keep:g}' for c in sched.cuts)}")
-        formula = {
-            "pruned": prefill_flops(arch, n_text, sched.tokens_per_layer(spatial))["total"],
-            "baseline": prefill_flops(arch, n_text, [spatial] * layers)["total"],
-        }
+        formula = {"pruned": prefill_flops(arch, n_text, sched.tokens_per_layer(spatial))["total"],
+                   "baseline": baseline_flops}
         res = prefill_bench(paths[r], paths["baseline"], feeds, repeats=repeats, warmup=warmup, threads=threads,
                             profile_runs=profile_runs, formula=formula, log=_log, providers=providers)
         res["config"] = {**cfg, "prefix": prefix, "spatial": spatial, "suffix": suffix, "batch": 1, "rule": r,

@@ -49,6 +49,16 @@ DEFAULT_MODEL = "llava3d-tiny"
 CALIBRATION_DATA = "builtin:calibration"
 SAMPLES = 64  # questions whose attention statistics are mined
 HOLDOUT = 384  # other questions that validate candidate schedules (agreement with the unpruned model)
+# with a rule search: rules at the same counts differ by 1-2 points of agreement, which the ~2-point
+# 95% interval of 384 rows cannot resolve (llava3d-tiny at an 80% cut: 384 rows chose a rule 1.7
+# test points behind the one that 1,536 rows chose)
+RULES_HOLDOUT = 1536
+
+
+def default_holdout(searching_rules) -> int:
+    """Held-back questions when none are given: ``RULES_HOLDOUT`` while a rule search runs, else
+    ``HOLDOUT``. A question file with fewer questions past the statistics' scenes gives what it has."""
+    return RULES_HOLDOUT if searching_rules else HOLDOUT
 HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
 EVAL_DATA = "builtin:test"
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
@@ -127,7 +137,7 @@ def holdout_samples(data: str, n: int, stats_scenes: int, start_scene: int = 0, 
 
 @distributed.collective
 def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = None, depth_scale: float | None = None,
-              samples: int = SAMPLES, holdout: int = HOLDOUT,
+              samples: int = SAMPLES, holdout: int | None = None,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
               progress: bool = True, cache=None, max_validations: int = 16, rules=None) -> Calibration:
@@ -138,7 +148,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     agreement with the unpruned model). ``depth_scale``: depth units per metre of scene folders.
 
     ``policy``: ``adaptive`` (solved from the statistics: the cheapest schedule whose greedy
-    next-token agreement with the unpruned model on ``holdout`` other questions is at least
+    next-token agreement with the unpruned model on ``holdout`` other questions (default 384, or
+    1,536 with ``rules``: see :func:`default_holdout`) is at least
     ``fidelity`` (default 0.95) at 95% confidence, or the best agreement under ``flops_budget``),
     or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``, ``divprune``, ``random`` /
     ``prellm-strided`` / ``prellm-random`` with ``like``, ``none``).
@@ -167,6 +178,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     )
     from adatoken_compile.calibration.solver import require_rows
 
+    if holdout is None:
+        holdout = default_holdout(rules)
     if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
         raise InputError(f"--holdout {holdout!r}: give a whole number of held-back questions, e.g. --holdout 384")
     for name, v, lo in (("--samples", samples, 1), ("--start-scene", start_scene, 0), ("--seed", seed, None)):
@@ -411,7 +424,7 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
 @distributed.collective
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
             seeds=(0, 1, 2), rules=None, peers=("fastv", "pdrop", "adatoken-decay", "dart", "divprune"),
-            search: bool = True, samples: int = SAMPLES, holdout: int = HOLDOUT, stats: str | None = None,
+            search: bool = True, samples: int = SAMPLES, holdout: int | None = None, stats: str | None = None,
             batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
     ``data``: ``out``/compare.md (tables with paired 95% intervals), compare.json, predictions.json,
@@ -420,7 +433,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     ``budgets``: prefill-FLOPs cuts (0.65 = 65% fewer FLOPs); at each, the adaptive solver's cuts with
     every rule of ``rules`` (default: all), one pre-LLM cut of equal FLOPs per rule that can run
     before layer 0, ``random`` once per seed of ``seeds``, and (``search``) the solver's own rule
-    choice, validated on ``holdout`` held-back calibration questions. ``peers`` run at their
+    choice, validated on ``holdout`` held-back calibration questions (default 1,536 with ``search``,
+    else 384: :func:`default_holdout`). ``peers`` run at their
     published settings. ``stats``: a calibration directory of this model whose statistics to use
     instead of mining ``samples`` questions. See :mod:`adatoken_compile.evaluation.compare`.
     Under torchrun each process mines and validates its share of the calibration questions and
@@ -446,6 +460,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
             raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(cmp.PEERS)}")
     if not budgets:
         raise InputError("compare: give at least one FLOPs cut (--budgets 0.5,0.65,0.8,0.9)")
+    if holdout is None:
+        holdout = default_holdout(search)
     require_rows(holdout, 0.5, "compare")
     distributed.on_main(check_output, out, "comparison", overwrite=overwrite)
     if not distributed.is_main():

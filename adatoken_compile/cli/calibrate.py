@@ -23,7 +23,8 @@ from adatoken_compile.selection import spec
 @click.option("--holdout", default=None, type=click.IntRange(0, None),
               help="other questions (disjoint scenes) that validate the schedule: agreement of the pruned and the "
                    "unpruned model's next token; a fidelity target needs enough of them (73 for 0.95, 381 for 0.99) "
-                   f"[default: {default(api.calibrate, 'holdout')}]")
+                   f"[default: {api.HOLDOUT}; {api.RULES_HOLDOUT} with --rules, whose rules differ by less than "
+                   f"{api.HOLDOUT} can resolve]")
 @click.option("--start-scene", default=0, show_default=True, type=click.IntRange(0, None),
               help="mine from this scene of --data on (scenes counted in the order they first appear) (one shard of a calibration split across machines; see --merge)")
 @click.option("--policy", default="adaptive", show_default=True, type=click.Choice(POLICIES))

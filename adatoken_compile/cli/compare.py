@@ -41,7 +41,7 @@ def _names(text: str | None):
 @click.option("--samples", default=None, type=click.IntRange(1, None), help="questions whose statistics are mined "
               f"[default: {default(api.compare, 'samples')}]")
 @click.option("--holdout", default=None, type=click.IntRange(1, None), help="held-back calibration questions the "
-              f"solver validates on [default: {default(api.compare, 'holdout')}]")
+              f"solver validates on [default: {api.RULES_HOLDOUT}; with --no-search {api.HOLDOUT}]")
 @click.option("--batch-size", default=None, type=click.IntRange(1, None),
               help=f"questions per forward [default: {default(api.compare, 'batch_size')}]")
 @user_errors

@@ -139,6 +139,25 @@ def test_hf_llava_reference_matches_transformers_generate(hf_dirs, decoder):
     assert ours == _hf_generate(hf_dirs[decoder], _images(), q)
 
 
+def test_a_rule_search_holds_back_more_questions_and_a_small_file_gives_what_it_has(hf_dirs, tmp_path):
+    """Without --holdout, calibrate asks for api.RULES_HOLDOUT held-back questions when --rules
+    searches (rules differ by less than api.HOLDOUT questions resolve) and api.HOLDOUT otherwise; a
+    question file with fewer questions past the statistics' scenes validates on all of them."""
+    from PIL import Image
+
+    for i, im in enumerate(_images()):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    lines = [{"image": f"{i}.png", "question": q} for i in range(len(SIZES)) for q in ("what is it?", "how many?")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for out, rules, asked in (("plain", [], api.HOLDOUT), ("rules", ["--rules", "strided,random"], api.RULES_HOLDOUT)):
+        r = _run(["calibrate", "--model", hf_dirs["llama"], "--out", str(tmp_path / out), "--data",
+                  str(tmp_path / "q.jsonl"), "--samples", "4", "--flops-budget", "0.9", *rules])
+        assert r.exit_code == 0, r.output
+        cal = Schedule.load(str(tmp_path / out / "schedule.json")).calibration
+        assert cal["holdout_questions"] == asked and cal["holdout_rows"] == len(lines) - 4, (out, cal)
+    assert api.RULES_HOLDOUT > api.HOLDOUT and "trials" in cal["rules"]
+
+
 def test_hf_llava_on_a_jsonl_of_images_calibrate_artifact_eval(hf_dirs, tmp_path):
     """Label-free calibration on a JSONL of images, the unpruned artifact answering as transformers
     does (Qwen2, GQA), and `eval --artifact` on the same file."""

@@ -53,15 +53,16 @@ HOLDOUT = 384  # other questions that validate candidate schedules (agreement wi
 # 95% interval of 384 rows cannot resolve (llava3d-tiny at an 80% cut: 384 rows chose a rule 1.7
 # test points behind the one that 1,536 rows chose)
 RULES_HOLDOUT = 1536
+HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
+EVAL_DATA = "builtin:test"
+MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
 
 
 def default_holdout(searching_rules) -> int:
     """Held-back questions when none are given: ``RULES_HOLDOUT`` while a rule search runs, else
     ``HOLDOUT``. A question file with fewer questions past the statistics' scenes gives what it has."""
     return RULES_HOLDOUT if searching_rules else HOLDOUT
-HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
-EVAL_DATA = "builtin:test"
-MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
+
 
 __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compare", "compile", "evaluate", "generate", "load",
            "load_model"]

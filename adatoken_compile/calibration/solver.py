@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from adatoken_compile import distributed
-from adatoken_compile.compiler.reference import PrefillFlow, pruned_prefill
+from adatoken_compile.compiler.executor import PrefillExecutor, full_logits, pruned_prefill
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
@@ -68,21 +68,12 @@ Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 
 
 # ---------------------------------------------------------------------- forwards
-@torch.no_grad()
 def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
     """Unpruned next-token logits (B, vocab) at the last position."""
-    dev = next(decoder.parameters()).device
-    out = decoder(
-        inputs_embeds=inputs.inputs_embeds.to(dev),
-        attention_mask=inputs.attention_mask.to(dev),
-        position_ids=inputs.position_ids.to(dev),
-        use_cache=False,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1].float().cpu()
+    return full_logits(decoder, inputs)
 
 
-def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: PrefillFlow | None = None) -> torch.Tensor:
+def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: PrefillExecutor | None = None) -> torch.Tensor:
     """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs.
     ``start``: the batch's unpruned state after layer 0, for a schedule whose first cut is later."""
     if start is not None:
@@ -100,9 +91,9 @@ class LayerZeroStates:
         self.used, self.budget = 0, budget
 
     @torch.no_grad()
-    def get(self, i: int, decoder, batch: DecoderInputs) -> PrefillFlow | None:
+    def get(self, i: int, decoder, batch: DecoderInputs) -> PrefillExecutor | None:
         if self.flows[i] is None and not self.full:
-            flow = PrefillFlow(decoder, batch, materialize_mask=True)
+            flow = PrefillExecutor(decoder, batch, materialize_mask=True)
             flow.layer(observe=True)  # the query too: a cut at layer 1 may rank by attention
             flow = flow.stored()
             size = flow.nbytes()
@@ -114,12 +105,12 @@ class LayerZeroStates:
 
 
 @torch.no_grad()
-def _run_from(flow: PrefillFlow, schedule: Schedule) -> torch.Tensor:
+def _run_from(flow: PrefillExecutor, schedule: Schedule) -> torch.Tensor:
     return flow.resume().run(schedule).result().logits_last.float().cpu()
 
 
 def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor,
-             start: PrefillFlow | None = None) -> tuple[list, float]:
+             start: PrefillExecutor | None = None) -> tuple[list, float]:
     """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
     lg = _run_pruned(decoder, batch, schedule, start)
     lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)

@@ -11,7 +11,6 @@ cos/sin, ...); SymInt uses of the sequence length become the new length. Inserte
 from __future__ import annotations
 
 import operator
-import re
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch import nn
 
+from adatoken_compile.models.spec import BASE, DecoderSpec, spec_for_type
 from adatoken_compile.passes.token_drop.steps import (GatherSeq, KeptPositions, RebuildMask4d, Score, Select, SpatialCount,
                                                       SpatialRank, ValidMask)
 
@@ -26,37 +26,29 @@ XYZ_INPUT = "spatial_xyz"  # (B, L, 3) float32 token coordinates: a graph input 
 
 # ----------------------------------------------------------------------------- graph helpers
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-_ATTN_TARGETS = {
-    torch.ops.aten.scaled_dot_product_attention.default,
-    torch.ops.aten.matmul.default,
-    torch.nn.functional.scaled_dot_product_attention,
-    torch.matmul,
-}
-
-
 class TokenDropError(RuntimeError):
     """The graph does not have the structure the pass needs (named in the message)."""
 
 
-def layer_of(node: fx.Node) -> int | None:
-    """Decoder layer index owning ``node`` (from nn_module_stack), or None."""
+def layer_of(node: fx.Node, spec: DecoderSpec = BASE) -> int | None:
+    """Decoder layer index owning ``node`` (its innermost module path in nn_module_stack that the
+    family's spec places in a layer), or None."""
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
-        m = _LAYER_RE.search(str(path))
-        if m:
-            return int(m.group(1))
+        i = spec.layer_of_path(str(path))
+        if i is not None:
+            return i
     return None
 
 
-def node_regions(graph: fx.Graph) -> dict[fx.Node, float]:
+def node_regions(graph: fx.Graph, spec: DecoderSpec = BASE) -> dict[fx.Node, float]:
     """Layer index per node; nodes outside a layer take the max region of their inputs (-1 = before
     the first layer)."""
     region: dict[fx.Node, float] = {}
     for n in graph.nodes:
         if n.op == "output":
             continue
-        li = layer_of(n) if n.op in ("call_function", "call_module", "call_method") else None
+        li = layer_of(n, spec) if n.op in ("call_function", "call_module", "call_method") else None
         if li is not None:
             region[n] = float(li)
         else:
@@ -79,11 +71,11 @@ def seq_dims(node: fx.Node, seq_expr) -> tuple[int, ...]:
     return tuple(i for i, d in enumerate(v.shape) if _same_sym(d, seq_expr))
 
 
-def find_query(graph: fx.Graph, region: dict, layer: int) -> fx.Node:
-    """Post-RoPE query of ``layer``: first input of the first attention op (sdpa, or the QK^T
-    matmul of eager attention) in that layer."""
+def find_query(graph: fx.Graph, region: dict, layer: int, spec: DecoderSpec = BASE) -> fx.Node:
+    """Post-RoPE query of ``layer``: first input of the first attention op the spec names (sdpa, or
+    the QK^T matmul of eager attention) in that layer."""
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in _ATTN_TARGETS and region.get(n) == layer:
+        if n.op == "call_function" and spec.is_attention_op(n.target) and region.get(n) == layer:
             q = n.args[0] if n.args else n.kwargs.get("query")
             v = _val(q)
             if isinstance(v, torch.Tensor) and v.dim() == 4:
@@ -182,8 +174,11 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
     if not isinstance(seq_expr_v, torch.SymInt):
         raise TokenDropError("token_drop: the captured sequence axis is static; capture with a dynamic sequence dim")
     seq_expr = seq_expr_v.node.expr
+    batch_v = _val(embeds).shape[0]
+    batch_expr = batch_v.node.expr if isinstance(batch_v, torch.SymInt) else None
 
-    region = node_regions(g)
+    spec = spec_for_type(layout.get("model_type"))
+    region = node_regions(g, spec)
     counter = {}
 
     def add_module(name: str, mod: nn.Module, args, cut_i, cut, role, **extra) -> fx.Node:
@@ -203,6 +198,7 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
     carrier_dims: dict[fx.Node, tuple[int, ...]] = {}
     carrier_role: dict[fx.Node, str] = {}
     carrier_src: dict[fx.Node, str] = {}
+    carrier_batch: dict[fx.Node, int] = {}
     len_nodes: set[fx.Node] = set()
     cur_valid = cur_spatial = n0 = kept = None
     cur_xyz, cur_srank = xyz_in, None
@@ -221,7 +217,7 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
         if "attention" in rule_needs:
             if i == 0:
                 raise TokenDropError(f"token_drop: rule '{cut.rule.name}' needs attention; it cannot cut before layer 0")
-            reads["query"] = find_query(g, region, i - 1)
+            reads["query"] = find_query(g, region, i - 1, spec)
             reads["key"] = outs[out_names.index(f"key.{i - 1}")]
         if "hidden" in rule_needs:
             reads["hidden"] = embeds if i == 0 else find_hidden(g, region, i, seq_expr)
@@ -277,15 +273,18 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                 repl = new_len
             else:
                 if v in carrier_dims:
-                    dims, role, src = carrier_dims[v], carrier_role[v], carrier_src[v]
+                    dims, role, src, bdim = carrier_dims[v], carrier_role[v], carrier_src[v], carrier_batch[v]
                 else:
                     dims = seq_dims(v, seq_expr)
                     if not dims:
                         if isinstance(vv, torch.SymInt) and seq_expr in vv.node.expr.free_symbols:
                             raise TokenDropError(f"token_drop: '{v.name}' ({vv}) derives from the sequence length; unsupported")
                         continue  # no sequence axis (weights, batch size, ...)
-                    if 0 in dims:
-                        raise TokenDropError(f"token_drop: '{v.name}' has the sequence on axis 0; expected batch first")
+                    # the batch axis: the one sized like the inputs' batch (a family's position
+                    # values may put it after a leading axis); batch first when none is
+                    bdim = next((a for a, d in enumerate(vv.shape) if batch_expr is not None and _same_sym(d, batch_expr)), 0)
+                    if bdim in dims:
+                        raise TokenDropError(f"token_drop: '{v.name}' has the sequence on its batch axis {bdim}")
                     if len(dims) >= 2:
                         role = "rebuild_mask"
                     elif region.get(v, -1) == i - 1 and len(vv.shape) == 3:
@@ -306,8 +305,8 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
                             raise TokenDropError(f"token_drop: mask '{v.name}' has sequence axes {dims}, expected (2, 3)")
                         repl = add_module(name, RebuildMask4d(), (v, idx, new_valid), ci, cut, role, source=src)
                     else:
-                        repl = add_module(name, GatherSeq(dims), (v, idx), ci, cut, role, source=src)
-                carrier_dims[repl], carrier_role[repl], carrier_src[repl] = dims, role, src
+                        repl = add_module(name, GatherSeq(dims, bdim), (v, idx), ci, cut, role, source=src)
+                carrier_dims[repl], carrier_role[repl], carrier_src[repl], carrier_batch[repl] = dims, role, src, bdim
                 order = {n: k for k, n in enumerate(g.nodes)}
             for u in users:
                 u.replace_input_with(v, repl)

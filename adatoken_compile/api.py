@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from adatoken_compile import distributed
-from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, PEERS, POLICIES
 from adatoken_compile.data import (
     builtin_split,
     holdout_start,
@@ -424,7 +424,7 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
 
 @distributed.collective
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
-            seeds=(0, 1, 2), rules=None, peers=("fastv", "pdrop", "adatoken-decay", "dart", "divprune"),
+            seeds=(0, 1, 2), rules=None, peers=PEERS,
             search: bool = True, samples: int = SAMPLES, holdout: int | None = None, stats: str | None = None,
             batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
@@ -457,8 +457,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     for r in names:
         spec(r)
     for p in peers:
-        if p not in cmp.PEERS:
-            raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(cmp.PEERS)}")
+        if p not in PEERS:
+            raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(PEERS)}")
     if not budgets:
         raise InputError("compare: give at least one FLOPs cut (--budgets 0.5,0.65,0.8,0.9)")
     if holdout is None:

@@ -99,6 +99,7 @@ class LlavaHFAdapter:
         self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_id)
         self.max_positions = int(tcfg.max_position_embeddings)
         self.dtype = dtype
+        self.lazy_weights = None  # HF LLaVA checkpoints load in memory
         self.spec = spec_for(self.decoder)
         self._fingerprint = "sha256:" + files_digest(files, extra=config_digest(cfg))
 

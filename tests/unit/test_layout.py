@@ -65,7 +65,7 @@ def test_the_runtime_is_a_leaf():
 
 def test_public_api_is_declared_and_documented_with_examples():
     names = adatoken_compile.__all__
-    for n in ("load_model", "calibrate", "compile", "load", "generate", "evaluate", "bench"):
+    for n in ("load_model", "calibrate", "compile", "load", "generate", "evaluate", "bench", "compare"):
         assert n in names
         doc = getattr(adatoken_compile, n).__doc__ or ""
         assert "Example" in doc or ">>>" in doc, n

@@ -1,4 +1,4 @@
-"""The prefill executor: the one code path that runs decoder layers in PyTorch.
+"""The prefill executor: the one code path that runs a prefill's decoder layers eagerly in PyTorch.
 
 :class:`PrefillExecutor` holds the state of one batch's prefill between decoder layers and advances
 it layer by layer, through the family's :class:`adatoken_compile.models.spec.DecoderSpec` (mask

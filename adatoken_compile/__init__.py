@@ -9,13 +9,14 @@ The public API (each with a docstring and an example)::
     generate     answer questions with an artifact or the PyTorch reference
     evaluate     accuracy on a question set, paired against the unpruned model
     bench        pruned vs unpruned latency, FLOPs, realised fraction, KV cache
+    compare      every selection rule and peer at matched prefill FLOPs, paired intervals
 
 Attributes load on first use, so ``import adatoken_compile`` needs neither torch nor
 transformers (the runtime install has neither).
 """
 
 __version__ = "0.2.0"
-__all__ = ["bench", "calibrate", "compile", "evaluate", "generate", "load", "load_model"]
+__all__ = ["bench", "calibrate", "compare", "compile", "evaluate", "generate", "load", "load_model"]
 
 
 def __getattr__(name):

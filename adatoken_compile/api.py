@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from adatoken_compile import distributed
-from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, PEERS, POLICIES
 from adatoken_compile.data import (
     builtin_split,
     holdout_start,
@@ -424,7 +424,7 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
 
 @distributed.collective
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
-            seeds=(0, 1, 2), rules=None, peers=("fastv", "pdrop", "adatoken-decay", "dart", "divprune"),
+            seeds=(0, 1, 2), rules=None, peers=PEERS,
             search: bool = True, samples: int = SAMPLES, holdout: int | None = None, stats: str | None = None,
             batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
@@ -437,7 +437,10 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     choice, validated on ``holdout`` held-back calibration questions (default 1,536 with ``search``,
     else 384: :func:`default_holdout`). ``peers`` run at their
     published settings. ``stats``: a calibration directory of this model whose statistics to use
-    instead of mining ``samples`` questions. See :mod:`adatoken_compile.evaluation.compare`.
+    instead of mining ``samples`` questions. The statistics and held-back questions come from the
+    built-in calibration split for built-in ``data``, and from ``data`` itself for a question file
+    (scenes or images, whichever the model reads), from the scenes after those the answered
+    questions use. See :mod:`adatoken_compile.evaluation.compare`.
     Under torchrun each process mines and validates its share of the calibration questions and
     answers its share of the scenes; rank 0 writes ``out``, which holds what one process writes.
 
@@ -457,8 +460,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     for r in names:
         spec(r)
     for p in peers:
-        if p not in cmp.PEERS:
-            raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(cmp.PEERS)}")
+        if p not in PEERS:
+            raise InputError(f"compare: unknown peer '{p}'; choose from {', '.join(PEERS)}")
     if not budgets:
         raise InputError("compare: give at least one FLOPs cut (--budgets 0.5,0.65,0.8,0.9)")
     if holdout is None:
@@ -469,8 +472,11 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
         log = _quiet  # rank 0 alone reports
     t0 = time.time()
     adapter = load_model(model)
+    tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
+    test = load_samples(data, limit=limit, keep=tshare)
+    cal_data, cal_start = _calibration_source(data, tshare.scenes)
     share = distributed.Share(block=BATCH_SIZE)  # whole batches, as calibrate shares them
-    stats_samples = load_samples(CALIBRATION_DATA, limit=samples, keep=share)
+    stats_samples = _compare_samples(cal_data, samples, cal_start, share, limit)
     if stats is not None:
         st = engine.load_stats(stats)
         if st.fingerprint != adapter.fingerprint():
@@ -478,14 +484,12 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     else:
         _, st = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), policy="none",
                                  holdout_batches=[], progress=progress, fingerprint=adapter.fingerprint())
-    hold = input_batches(adapter, holdout_samples(CALIBRATION_DATA, holdout, share.scenes,
+    hold = input_batches(adapter, holdout_samples(cal_data, holdout, share.scenes, cal_start,
                                                   keep=distributed.Share(block=BATCH_SIZE)))
     log(f"[compare] statistics of {st.samples} questions, {holdout} held-back questions ({time.time() - t0:.0f} s)")
     model_kw = dict(fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name)
     configs = cmp.build_configs(adapter.decoder, st, hold, budgets=tuple(budgets), rules=names, seeds=tuple(seeds),
                                 peers=tuple(peers), search=search, cache=ValidationCache(), log=log, model=model_kw)
-    tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
-    test = load_samples(data, limit=limit, keep=tshare)
     n_test = distributed.total(len(test))
     log(f"[compare] {len(configs)} configurations x {n_test} questions")
     # rank 0 shows its own share's progress (the others' is not exchanged while they answer)
@@ -496,6 +500,7 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     test = cmp.gather(configs, test, tshare.positions)
     summary = cmp.summarize(configs, test)
     meta = {"model": adapter.name or "model", "fingerprint": adapter.fingerprint(), "data": data, "limit": limit,
+            "calibration_data": cal_data,
             "budgets": list(budgets), "seeds": list(seeds), "rules": list(names), "peers": list(peers),
             "search": search, "holdout_questions": holdout, "statistics_questions": st.samples,
             "wall_s": round(time.time() - t0, 1), "environment": environment(),
@@ -503,6 +508,25 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
             "position_prior": {str(i): st.position_prior(i) for i in range(st.arch["num_layers"])}}
     distributed.on_main(_write_comparison, out, configs, summary, meta, overwrite)
     return {**meta, **summary}
+
+
+def _calibration_source(data: str, answered_scenes: int) -> tuple[str, int]:
+    """Where compare mines statistics and held-back questions: the built-in calibration split for
+    built-in data; otherwise the question file itself, from the first scene its answered questions
+    do not use (so no scene is both calibrated on and answered)."""
+    if builtin_split(data) is not None:
+        return CALIBRATION_DATA, 0
+    return data, answered_scenes
+
+
+def _compare_samples(cal_data: str, n: int, start_scene: int, keep, limit: int) -> list:
+    try:
+        return load_samples(cal_data, limit=n, start_scene=start_scene, keep=keep)
+    except InputError:
+        if start_scene == 0:
+            raise
+        raise InputError(f"--data {cal_data}: its first {limit} questions use all of its {start_scene} scenes, none "
+                         "is left to calibrate on; pass a smaller --limit or a file with more scenes") from None
 
 
 def _quiet(*_a, **_kw) -> None:

@@ -174,6 +174,9 @@ class Adapter(Protocol):
     max_positions: int
     prompt: object  # adatoken_compile.runtime.prompt.PromptFormat: the checkpoint's chat template or a built-in one
     processing: object  # adatoken_compile.runtime.image.ImageProcessing: the checkpoint's image processor
+    dtype: torch.dtype  # the precision the decoder and encoders were loaded in
+    lazy_weights: object | None  # adatoken_compile.models.checkpoint.LazyWeights: decoder weights left on disk, or None
+    spec: object  # adatoken_compile.models.spec.DecoderSpec: how the decoder runs, is captured and decodes
 
     def fingerprint(self) -> str:
         """Stable hash of config + weights, recorded in schedules and artifacts."""
@@ -184,8 +187,14 @@ class Adapter(Protocol):
     def arch(self) -> dict:
         """The decoder's normalized architecture (:func:`adatoken_compile.arch.from_config`)."""
 
-    def segment(self, sample: Sample) -> Segment:
-        """Encode one sample into a spliced embedding row with its spatial-token mask."""
+    def spatial_tokens_xyz(self, source) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) decoder-space spatial tokens of one scene or image (:func:`spatial_source`) and
+        their (N, 3) coordinates."""
+
+    def segment(self, sample: Sample, spatial: torch.Tensor | None = None, xyz: torch.Tensor | None = None) -> Segment:
+        """Encode one sample into a spliced embedding row with its spatial-token mask; ``spatial`` /
+        ``xyz``: its scene's or image's tokens when already encoded (questions on one scene encode
+        it once)."""
 
     def prepare(self, samples: Sequence[Sample]) -> DecoderInputs:
         """Encode and left-pad a batch."""
@@ -198,6 +207,11 @@ class Adapter(Protocol):
 
     def runtime_config(self) -> dict:
         """What the numpy runtime needs to rebuild the decoder inputs (``preprocess.json``)."""
+
+
+def spatial_source(adapter, sample: Sample):
+    """What one sample's spatial tokens come from, for this adapter: its scene or its image."""
+    return sample.scene if adapter.input_kind == "scene" else sample.image
 
 
 def runtime_config(adapter, input_kind: str, image_size: int, patch_size: int, **extra) -> dict:

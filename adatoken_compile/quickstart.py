@@ -35,7 +35,7 @@ from adatoken_compile import api
 from adatoken_compile.benchmarking.artifacts import bench_artifacts
 from adatoken_compile.benchmarking.report import markdown_table, plot_keep_curves, plot_pareto
 from adatoken_compile.calibration.api import derive_schedule
-from adatoken_compile.calibration.policies import peer_schedule
+from adatoken_compile.calibration.policies import DECODER_PEERS, peer_schedule
 from adatoken_compile.calibration.solver import DEFAULT_FIDELITY, ValidationCache, require_rows
 from adatoken_compile.compiler.pipeline import compile_artifact
 from adatoken_compile.data import load_samples
@@ -48,7 +48,8 @@ from adatoken_compile.io import atomic_dir, check_output
 from adatoken_compile.runtime import load
 from adatoken_compile.schedule import Schedule, identity
 
-PEERS = ("fastv", "pdrop", "adatoken-decay", "random")
+# the main job's peers: the decoder peers, and a random choice at the adaptive schedule's cuts
+PEERS = (*DECODER_PEERS, "random")
 # exporting a graph is mostly single-threaded Python: the peers' artifacts compile side by side, in
 # processes that each hold a copy of the model (only for models this small)
 PARALLEL_COMPILE_MAX_PARAMS = 200_000_000
@@ -163,7 +164,7 @@ def _run(tmp, out, t0, *, limit, samples, holdout, repeats, all_artifacts, model
     schedules = {"none": identity(L, **model_kw), "adaptive": sched_a}
     for p in PEERS:
         schedules[p] = peer_schedule(p, L, like=sched_a if p == "random" else None, seed=0, **model_kw)
-    for p in ("fastv", "pdrop", "adatoken-decay"):
+    for p in DECODER_PEERS:
         budget = schedule_flops(arch, schedules[p], n_sp, n_tx)["flops_ratio"]
         log(f"      adaptive at {p}'s prefill FLOPs ratio {budget:.3f}")
         s = derive_schedule(adapter.decoder, stats, cal.holdout, policy="adaptive", flops_budget=budget, seed=0,

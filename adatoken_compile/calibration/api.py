@@ -30,8 +30,9 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.io import atomic_dir
 from adatoken_compile.arch import from_config as arch_of
 from adatoken_compile.flops import FORMULA, schedule_flops
+from adatoken_compile.models.spec import spec_for
 from adatoken_compile.schedule import Schedule
-from adatoken_compile.calibration.observers import AttentionObserver, decoder_layers
+from adatoken_compile.calibration.observers import AttentionObserver
 from adatoken_compile.calibration.policies import LIKE_POLICIES, POLICIES, peer_schedule
 from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
 from adatoken_compile.calibration.report import write_report
@@ -114,7 +115,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
         raise InputError(f"calibrate: policy '{policy}' needs like=<schedule> to copy the token counts / FLOPs from")
     decoder.eval()
     arch = arch_of(decoder.config)
-    if len(decoder_layers(decoder)) != arch["num_layers"]:
+    if len(spec_for(decoder).layers(decoder)) != arch["num_layers"]:
         raise InputError("calibrate: decoder layer count disagrees with its config")
     fp = fingerprint or decoder_fingerprint(decoder)
     rows, bs = _rows(decoder, batches)

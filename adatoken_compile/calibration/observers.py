@@ -1,15 +1,12 @@
 """Attention observers: mine text -> spatial attention layer by layer, reducing on the fly.
 
-No attention weights are read from the attention kernel (SDPA and eager both work). During one
-ordinary forward of the installed decoder:
-
-* a forward pre-hook on every layer's ``self_attn`` records its input (``input_layernorm(h)``)
-  and the rotary ``(cos, sin)`` the model computed for every position;
-* a capture cache passed as ``cache`` (a :class:`transformers.DynamicCache` whose
-  ``update`` stores nothing) receives the post-RoPE keys and values exactly as the kernel sees
-  them; at that moment the observer recomputes the query rows it needs
-  (``q_proj -> [q_norm] -> heads -> RoPE`` at those rows' positions), forms their softmax rows
-  against the row's real causal keys, reduces them into :class:`CalibrationStats` and drops them.
+No attention weights are read from the attention kernel (SDPA and eager both work). The observer
+is a per-layer callback on the prefill executor (:class:`adatoken_compile.compiler.executor.PrefillExecutor`,
+unpruned): after each layer it receives the attention's input, the rotary tables and the post-RoPE
+keys and values exactly as the kernel saw them, recomputes the query rows it needs through the
+family's spec (:meth:`adatoken_compile.models.spec.DecoderSpec.query_rows` at those rows'
+positions), forms their softmax rows against the row's real causal keys, reduces them into
+:class:`CalibrationStats` and drops them; the executor keeps no layer's cache.
 
 Memory: per layer only ``(heads, m, n)`` for the ``m`` observed query rows of one batch row (text
 rows, never all ``n`` rows), plus one ``(layers, N_spatial)`` head-mean vector per row for the
@@ -23,54 +20,17 @@ tokens. Rows without spatial tokens are skipped (counted in ``skipped_rows``).
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
+from adatoken_compile.compiler.executor import LayerEvent, PrefillExecutor
 from adatoken_compile.contract import DecoderInputs, Segment, collate
 from adatoken_compile.errors import InputError
+from adatoken_compile.models.spec import spec_for
 from adatoken_compile.schedule import Schedule
 from adatoken_compile.calibration.stats import GROUPS, CalibrationStats, to_fixed
-
-
-# ---------------------------------------------------------------------- model plumbing
-def decoder_layers(decoder) -> Sequence[torch.nn.Module]:
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise InputError(f"{type(decoder).__name__}: no decoder layers found (expected model.layers); this model family is not supported")
-    return layers
-
-
-def base_model(decoder):
-    return decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-
-
-def _rope_fn(attn: torch.nn.Module):
-    mod = sys.modules.get(type(attn).__module__)
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise InputError(f"{type(attn).__name__}: no apply_rotary_pos_emb in {type(attn).__module__}; this attention class is not supported")
-    return fn
-
-
-def query_rows(attn: torch.nn.Module, h_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE queries for some rows of one sequence.
-
-    ``h_norm`` (m, H) is the attention input (after input_layernorm) at those rows, ``cos``/``sin``
-    (m, d) the model's rotary tables at their position ids. Returns (heads, m, d) float32.
-    """
-    d = attn.head_dim
-    q = attn.q_proj(h_norm).view(h_norm.shape[0], -1, d)  # (m, heads, d)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head q norm
-        q = attn.q_norm(q)
-    q = q.transpose(0, 1).unsqueeze(0)  # (1, heads, m, d)
-    q, _ = _rope_fn(attn)(q, q, cos.unsqueeze(0), sin.unsqueeze(0))
-    return q[0].float()
 
 
 def softmax_rows(attn: torch.nn.Module, q: torch.Tensor, keys: torch.Tensor, q_local: torch.Tensor) -> torch.Tensor:
@@ -91,48 +51,6 @@ def softmax_rows(attn: torch.nn.Module, q: torch.Tensor, keys: torch.Tensor, q_l
 
 def _bin(rel: torch.Tensor, nb: int) -> torch.Tensor:
     return (rel * nb).floor().clamp_(0, nb - 1).long()
-
-
-class _CaptureCache(DynamicCache):
-    """Receives each layer's post-RoPE keys/values; stores nothing (prefill behaves as no cache)."""
-
-    def __init__(self, config, on_update):
-        super().__init__(config=config)
-        self._on_update = on_update
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self._on_update(layer_idx, key_states, value_states)
-        return key_states, value_states
-
-
-@contextmanager
-def capture(decoder, on_layer):
-    """Context: yields a cache to pass as ``cache``; for every layer ``i`` it calls
-    ``on_layer(i, attn_module, h_norm (B,T,H), (cos, sin), keys (B,kvh,T,d), values)``."""
-    layers = decoder_layers(decoder)
-    cur: dict = {}
-    handles = []
-
-    def make_hook(i):
-        def hook(mod, args, kwargs):
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-            cur[i] = (mod, h, pe)
-        return hook
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-
-    def on_update(layer_idx, k, v):
-        mod, h, pe = cur.pop(layer_idx)
-        on_layer(layer_idx, mod, h, pe, k, v)
-
-    try:
-        yield _CaptureCache(decoder.config, on_update)
-    finally:
-        for hd in handles:
-            hd.remove()
-        cur.clear()
 
 
 # ---------------------------------------------------------------------- answers
@@ -184,12 +102,18 @@ def extend_with_answers(decoder, inputs: DecoderInputs, answers) -> tuple[Decode
 
 # ---------------------------------------------------------------------- the observer
 class AttentionObserver:
-    """Accumulates :class:`CalibrationStats` over batches: ``obs.observe(batch, answers)``."""
+    """Accumulates :class:`CalibrationStats` over batches: ``obs.observe(batch, answers)``.
+
+    :meth:`observe` is :meth:`plan` (which query rows of which batch row to read), an unpruned
+    prefill with :meth:`on_layer` as its per-layer callback, then :meth:`finish` (the retained-mass
+    tables, which need every layer); a driver that runs the layers itself calls the three.
+    """
 
     def __init__(self, decoder, stats: CalibrationStats):
         self.decoder = decoder
         self.stats = stats
-        self.layers = decoder_layers(decoder)
+        self.spec = spec_for(decoder)
+        self.layers = self.spec.layers(decoder)
         self._gram: dict[int, torch.Tensor] = {}
         L = len(self.layers)
         if stats.arch["num_layers"] != L:
@@ -208,14 +132,21 @@ class AttentionObserver:
 
     @torch.no_grad()
     def observe(self, inputs: DecoderInputs, answers=None) -> None:
+        ext, plan = self.plan(inputs, answers)
+        PrefillExecutor(self.decoder, ext, materialize_mask=False, spec=self.spec, keep_kv=False).run(
+            on_layer=lambda ev: self.on_layer(plan, ev))
+        self.finish(plan)
+
+    def plan(self, inputs: DecoderInputs, answers=None) -> tuple[DecoderInputs, list]:
+        """The batch with answers appended, and per row None (no spatial tokens: skipped) or the
+        positions to observe; counts the rows' tokens into the statistics."""
         ext, prompt_end, alens = extend_with_answers(self.decoder, inputs, answers)
         B, T = ext.batch_size, ext.seq_len
         lengths = ext.lengths()
         sm = ext.spatial_mask
         st = self.stats
-        nb = st.num_bins
         Lyr = len(self.layers)
-        plan = []  # per row: None (skipped) or dict of positions
+        plan = []
         for b in range(B):
             off = T - lengths[b]
             sp = torch.nonzero(sm[b, off:prompt_end[b]]).flatten() + off
@@ -246,58 +177,53 @@ class AttentionObserver:
             if alens[b]:
                 st.add("answer_samples", [1])
                 st.add("answer_tokens_sum", [alens[b]])
+        return ext, plan
 
-        def on_layer(i, attn, h, pe, keys, values):
-            cos, sin = pe
-            G = self._gram_for(i, attn)
-            heads = G.shape[0]
-            for b, pl in enumerate(plan):
-                if pl is None:
+    def on_layer(self, plan: list, ev: LayerEvent) -> None:
+        """Reduce one layer's attention of the planned query rows into the statistics."""
+        i, attn, h = ev.index, ev.attention, ev.attention_input
+        st = self.stats
+        nb = st.num_bins
+        G = self._gram_for(i, attn)
+        heads = G.shape[0]
+        for b, pl in enumerate(plan):
+            if pl is None:
+                continue
+            off, sp, qpos = pl["off"], pl["sp"], pl["qpos"]
+            cb, sb = ev.spec.rotary_rows(ev.position_embeddings, b, qpos)
+            q = ev.spec.query_rows(attn, h[b, qpos], cb, sb)
+            K = ev.key[b, :, off:]
+            V = ev.value[b, :, off:].float()
+            p = softmax_rows(attn, q, K, qpos - off)  # (heads, m, n)
+            kvh = V.shape[0]
+            Vr = V.repeat_interleave(heads // kvh, dim=0)  # (heads, n, d), head h -> kv head h // g
+            u = ((Vr @ G) * Vr).sum(-1).clamp_min(0).sqrt()  # (heads, n)
+            f = p * u[:, None, :]
+            f = f / f.sum(-1, keepdim=True).clamp_min(1e-30)
+            for g in GROUPS:
+                rows = pl["groups"][g]
+                if rows.numel() == 0:
                     continue
-                off, sp, qpos = pl["off"], pl["sp"], pl["qpos"]
-                cb = cos[b] if cos.shape[0] == B else cos[0]
-                sb = sin[b] if sin.shape[0] == B else sin[0]
-                q = query_rows(attn, h[b, qpos], cb[qpos], sb[qpos])
-                K = keys[b, :, off:]
-                V = values[b, :, off:].float()
-                p = softmax_rows(attn, q, K, qpos - off)  # (heads, m, n)
-                kvh = V.shape[0]
-                Vr = V.repeat_interleave(heads // kvh, dim=0)  # (heads, n, d), head h -> kv head h // g
-                u = ((Vr @ G) * Vr).sum(-1).clamp_min(0).sqrt()  # (heads, n)
-                f = p * u[:, None, :]
-                f = f / f.sum(-1, keepdim=True).clamp_min(1e-30)
-                for g in GROUPS:
-                    rows = pl["groups"][g]
-                    if rows.numel() == 0:
-                        continue
-                    pg = p[:, rows][:, :, sp]  # (heads, m_g, N)
-                    fg = f[:, rows][:, :, sp]
-                    st.arrays[f"{g}_rows"][i] += rows.numel()
-                    st.add(f"{g}_attn_spatial", _row_sum_fixed(pg.sum(-1), i, st.arrays[f"{g}_attn_spatial"].shape))
-                    st.add(f"{g}_flow_spatial", _row_sum_fixed(fg.sum(-1), i, st.arrays[f"{g}_flow_spatial"].shape))
-                    rel = fg / fg.amax(-1, keepdim=True).clamp_min(1e-30)
-                    bins = _bin(rel, nb) + (torch.arange(heads) * nb)[:, None, None]
-                    st.arrays[f"{g}_hist_flow"][i] += torch.bincount(bins.flatten(), minlength=heads * nb).view(heads, nb).numpy()
-                    fm = fg.mean(0)
-                    st.arrays[f"{g}_hist_flow_mean"][i] += torch.bincount(_bin(fm / fm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
-                    pm = pg.mean(0)
-                    st.arrays[f"{g}_hist_attn_mean"][i] += torch.bincount(_bin(pm / pm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
-                    if g == "last":
-                        pl["a_last"][i] = pm[0].double()
-                        pl["f_last"][i] = fm[0].double()
-                    elif g == "answer":
-                        pl["a_ans"][i] = pm.mean(0).double()
+                pg = p[:, rows][:, :, sp]  # (heads, m_g, N)
+                fg = f[:, rows][:, :, sp]
+                st.arrays[f"{g}_rows"][i] += rows.numel()
+                st.add(f"{g}_attn_spatial", _row_sum_fixed(pg.sum(-1), i, st.arrays[f"{g}_attn_spatial"].shape))
+                st.add(f"{g}_flow_spatial", _row_sum_fixed(fg.sum(-1), i, st.arrays[f"{g}_flow_spatial"].shape))
+                rel = fg / fg.amax(-1, keepdim=True).clamp_min(1e-30)
+                bins = _bin(rel, nb) + (torch.arange(heads) * nb)[:, None, None]
+                st.arrays[f"{g}_hist_flow"][i] += torch.bincount(bins.flatten(), minlength=heads * nb).view(heads, nb).numpy()
+                fm = fg.mean(0)
+                st.arrays[f"{g}_hist_flow_mean"][i] += torch.bincount(_bin(fm / fm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
+                pm = pg.mean(0)
+                st.arrays[f"{g}_hist_attn_mean"][i] += torch.bincount(_bin(pm / pm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
+                if g == "last":
+                    pl["a_last"][i] = pm[0].double()
+                    pl["f_last"][i] = fm[0].double()
+                elif g == "answer":
+                    pl["a_ans"][i] = pm.mean(0).double()
 
-        base = base_model(self.decoder)
-        dev = next(base.parameters()).device
-        with capture(self.decoder, on_layer) as cache:
-            base(
-                inputs_embeds=ext.inputs_embeds.to(dev),
-                attention_mask=ext.attention_mask.to(dev),
-                position_ids=ext.position_ids.to(dev),
-                cache=cache,
-                use_cache=True,
-            )
+    def finish(self, plan: list) -> None:
+        """The retained-mass tables of every observed row (after all layers)."""
         for pl in plan:
             if pl is not None:
                 self._retained(pl)

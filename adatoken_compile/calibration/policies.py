@@ -36,10 +36,14 @@ from adatoken_compile.flops import schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
 from adatoken_compile.selection import Rule
 
+# the peer methods at their published settings, in the order tables list them
+PEERS = ("fastv", "pdrop", "adatoken-decay", "dart", "divprune")
+# the peers that rank by attention at depth-scaled cuts inside the decoder: the calibration report
+# draws them and the main job matches their FLOPs
+DECODER_PEERS = PEERS[:3]
 # every policy calibrate knows, in the order the CLI lists them; "adaptive" is solved from the
 # statistics (solver), the others are fixed rules scaled to the model's depth (this module)
-POLICIES = ("adaptive", "fastv", "pdrop", "adatoken-decay", "dart", "divprune", "random", "prellm-strided",
-            "prellm-random", "none")
+POLICIES = ("adaptive", *PEERS, "random", "prellm-strided", "prellm-random", "none")
 PEER_POLICIES = tuple(p for p in POLICIES if p != "adaptive")
 # policies that copy another schedule (its cuts, or its FLOPs): they need ``like``
 LIKE_POLICIES = ("random", "prellm-strided", "prellm-random")

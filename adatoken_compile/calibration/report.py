@@ -10,10 +10,9 @@ import numpy as np
 from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.plotting import pyplot, save_png
 from adatoken_compile.schedule import Schedule
-from adatoken_compile.calibration.policies import peer_schedule
+from adatoken_compile.calibration.policies import DECODER_PEERS, peer_schedule
 from adatoken_compile.calibration.stats import CalibrationStats
 
-PEERS = ("fastv", "pdrop", "adatoken-decay")
 
 
 def _plot_share(path, stats):
@@ -102,7 +101,7 @@ def write_report(out_dir: str, schedule: Schedule, stats: CalibrationStats) -> N
     """Write report.md, report.json and the PNG plots into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     L = schedule.num_layers
-    peers = {p: peer_schedule(p, L) for p in PEERS}
+    peers = {p: peer_schedule(p, L) for p in DECODER_PEERS}
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
     rows = []
     for name, s in [("chosen: " + schedule.policy, schedule), *peers.items(), ("none", peer_schedule("none", L))]:

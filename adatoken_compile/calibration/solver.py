@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from adatoken_compile import distributed
-from adatoken_compile.compiler.reference import PrefillFlow, pruned_prefill
+from adatoken_compile.compiler.executor import PrefillExecutor, full_logits, pruned_prefill
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
@@ -68,21 +68,12 @@ Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 
 
 # ---------------------------------------------------------------------- forwards
-@torch.no_grad()
 def reference_logits(decoder, inputs: DecoderInputs) -> torch.Tensor:
     """Unpruned next-token logits (B, vocab) at the last position."""
-    dev = next(decoder.parameters()).device
-    out = decoder(
-        inputs_embeds=inputs.inputs_embeds.to(dev),
-        attention_mask=inputs.attention_mask.to(dev),
-        position_ids=inputs.position_ids.to(dev),
-        use_cache=False,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1].float().cpu()
+    return full_logits(decoder, inputs)
 
 
-def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: PrefillFlow | None = None) -> torch.Tensor:
+def _run_pruned(decoder, inputs: DecoderInputs, schedule: Schedule, start: PrefillExecutor | None = None) -> torch.Tensor:
     """Pruned prefill next-token logits (B, vocab): the same pruning the compiled graph performs.
     ``start``: the batch's unpruned state after layer 0, for a schedule whose first cut is later."""
     if start is not None:
@@ -100,9 +91,9 @@ class LayerZeroStates:
         self.used, self.budget = 0, budget
 
     @torch.no_grad()
-    def get(self, i: int, decoder, batch: DecoderInputs) -> PrefillFlow | None:
+    def get(self, i: int, decoder, batch: DecoderInputs) -> PrefillExecutor | None:
         if self.flows[i] is None and not self.full:
-            flow = PrefillFlow(decoder, batch, materialize_mask=True)
+            flow = PrefillExecutor(decoder, batch, materialize_mask=True)
             flow.layer(observe=True)  # the query too: a cut at layer 1 may rank by attention
             flow = flow.stored()
             size = flow.nbytes()
@@ -114,12 +105,12 @@ class LayerZeroStates:
 
 
 @torch.no_grad()
-def _run_from(flow: PrefillFlow, schedule: Schedule) -> torch.Tensor:
+def _run_from(flow: PrefillExecutor, schedule: Schedule) -> torch.Tensor:
     return flow.resume().run(schedule).result().logits_last.float().cpu()
 
 
 def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor,
-             start: PrefillFlow | None = None) -> tuple[list, float]:
+             start: PrefillExecutor | None = None) -> tuple[list, float]:
     """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
     lg = _run_pruned(decoder, batch, schedule, start)
     lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
@@ -534,14 +525,125 @@ def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule
 
 
 # ---------------------------------------------------------------------- solve
-def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
-          flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 16,
-          proxy: str = "flow", seed: int = 0, progress=None, cache: ValidationCache | None = None,
-          rules=None) -> Schedule:
-    """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches; ``cache``:
-    share reference logits and measurements with other solves on the same held-back set.
-    ``rules``: selection-rule names to consider at each chosen cut (None: every cut keeps the
-    default ``last_token``; ``"all"``: every catalogued rule)."""
+class _Search:
+    """The validated candidates of one solve and the moves of its count search over them."""
+
+    def __init__(self, decoder, stats: CalibrationStats, holdout, cache: ValidationCache, *, max_cuts, proxy,
+                 max_validations: int, stop_at: int | None, progress):
+        self.decoder, self.stats, self.holdout, self.cache = decoder, stats, holdout, cache
+        self.max_cuts, self.proxy, self.max_validations, self.stop_at = max_cuts, proxy, max_validations, stop_at
+        self.progress = progress
+        self.L = stats.arch["num_layers"]
+        self.validated: list[Candidate] = []
+
+    def exhausted(self) -> bool:
+        return len(self.validated) >= self.max_validations
+
+    def validate(self, c: Candidate) -> float:
+        if c.measured is None:
+            c.measured = self.cache.measure(self.decoder, self.holdout, c.schedule(self.L), self.stop_at)
+            self.validated.append(c)
+            if self.progress is not None:
+                self.progress(c)
+        return c.measured["agreement"]
+
+    def known(self, c: Candidate) -> Candidate:
+        """The validated candidate with ``c``'s cuts if there is one (no second run or count), else ``c``."""
+        return next((v for v in self.validated if v.cuts == c.cuts), c)
+
+    def family(self, f: int) -> list[Candidate]:
+        """Frontier of schedules whose first cut is at layer ``f`` or deeper (identity left out)."""
+        return [self.known(c) for c in propose(self.stats, max_cuts=self.max_cuts, proxy=self.proxy, first_layer=f)[:-1]]
+
+    # ------------------------------------------------------------------ fidelity target
+    def cheapest(self, cands: list[Candidate], chosen: Candidate, fidelity: float) -> Candidate:
+        """Bisection over ``cands`` (FLOPs ascending, all cheaper than ``chosen``, which passes)
+        for the cheapest passing one, assuming agreement grows with FLOPs along a frontier."""
+        lo, hi = 0, len(cands)
+        while lo < hi and not self.exhausted():
+            mid = (lo + hi) // 2
+            self.validate(cands[mid])
+            if passes(cands[mid].measured, fidelity):
+                hi = mid
+            else:
+                lo = mid + 1
+        return cands[hi] if hi < len(cands) else chosen  # cands[hi] was validated and passed
+
+    def refine(self, chosen: Candidate, pool: list[Candidate], fidelity: float) -> Candidate:
+        # the frontier holds only the convex-hull points of the FLOPs/loss trade-off, so the cheapest
+        # passing point can sit far above the failing one below it (e.g. 0.29 -> 0.63 of the FLOPs);
+        # bisect that gap with budget-filled schedules grown from the failing one (of ``pool``: the
+        # same search's candidates, so a deeper first cut is not refined from a layer-1 schedule)
+        failed = [c for c in pool if c.measured is not None and not passes(c.measured, fidelity)
+                  and c.flops_ratio < chosen.flops_ratio]
+        if not failed:
+            return chosen
+        start = max(failed, key=lambda c: c.flops_ratio)
+        lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
+        while not self.exhausted() and hi_f - lo_f > REFINE_GAP:
+            mid = 0.5 * (lo_f + hi_f)
+            c = self.known(fill_budget(self.stats, start, mid, self.proxy))
+            self.validate(c)
+            if passes(c.measured, fidelity) and c.flops_ratio < hi_f:
+                chosen, hi_f = c, c.flops_ratio
+            else:
+                lo_f = mid  # nothing cheaper passes at this budget (the gap halves either way)
+        return chosen
+
+    def for_fidelity(self, frontier: list[Candidate], fidelity: float, n_rows: int) -> Candidate:
+        """The cheapest candidate found whose agreement passes ``fidelity`` (the identity if none)."""
+        identity = frontier[-1]  # agreement 1 by construction: recorded, not run
+        identity.measured = {"agreement": 1.0, "kl": 0.0, "rows": n_rows, "agreed": n_rows,
+                             "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True,
+                             ROW_KEY: [True] * n_rows}
+        chosen = self.refine(self.cheapest(frontier[:-1], identity, fidelity), frontier, fidelity)
+        # the proxy can rank cuts at one layer too well against deeper ones (seen on an earlier bundled
+        # model: the whole frontier cut at layer 1, and every candidate that passed there cut under 26%
+        # of the FLOPs while L2:0.4, L4:0.2 passes at 63%): search each first-cut layer's own frontier for
+        # anything cheaper than the choice so far; deeper first cuts cost more, so the first family
+        # with nothing cheaper ends the search
+        for f in range(2, self.L):
+            cheaper = [c for c in self.family(f) if c.flops_ratio < chosen.flops_ratio - REFINE_GAP]
+            if not cheaper or self.exhausted():
+                break
+            cands = [c for c in cheaper if c.measured is None]
+            if not cands:
+                continue
+            found = self.cheapest(cands, chosen, fidelity)
+            if found is not chosen:
+                chosen = self.refine(found, cheaper, fidelity)
+        return chosen
+
+    # ------------------------------------------------------------------ FLOPs budget
+    def for_budget(self, frontier: list[Candidate], flops_budget: float, names) -> Candidate | None:
+        """The most agreeing of one candidate per first-cut layer within ``flops_budget``."""
+        feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]
+        pre_names = [r.name for r in rule_candidates(self.stats, 0, names)] if names else []
+        if not feasible and not pre_names:
+            raise InputError(
+                f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
+                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs (a cut before layer 0 can go further: "
+                "add --rules strided,random)"
+            )
+        # one candidate per first-cut layer: the lowest-loss schedule of that layer's frontier within
+        # the budget, filled up to it; validated in order of proxy loss (the proxy ranks schedules of
+        # one shape well and different shapes less well, so the shapes are measured, not ranked)
+        reps = []
+        for f in range(1, self.L):
+            fam = [c for c in (frontier if f == 1 else self.family(f)) if c.cuts and c.flops_ratio <= flops_budget + 1e-12]
+            if not fam:
+                break
+            rep = fill_budget(self.stats, max(fam, key=lambda c: c.flops_ratio), flops_budget, self.proxy)
+            if all(rep.cuts != r.cuts for r in reps):
+                reps.append(rep)
+        for c in sorted(reps, key=lambda c: c.loss)[:self.max_validations]:
+            if self.validate(c) >= 1.0:
+                break
+        return max(self.validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio)) if self.validated else None
+
+
+def _targets(fidelity: float | None, flops_budget: float | None) -> float | None:
+    """The fidelity target to search for (None: a FLOPs budget's search); InputError on bad values."""
     if fidelity is not None and flops_budget is not None:
         raise InputError("calibrate: give either a fidelity target or a FLOPs budget, not both")
     if flops_budget is not None and not (0.0 < flops_budget < 1.0):
@@ -550,6 +652,35 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         fidelity = DEFAULT_FIDELITY
     if fidelity is not None and not (0.0 < fidelity <= 1.0):
         raise InputError(f"calibrate: fidelity target {fidelity} must be in (0, 1]")
+    return fidelity
+
+
+def _with_rules(decoder, stats, holdout, s: Schedule | None, measured, names, cache, flops_budget):
+    """The rule stage: per cut the most agreeing rule, then a cut before layer 0 at the same FLOPs."""
+    if s is not None and s.cuts:
+        if measured.get("stopped") or measured.get("unpruned"):
+            measured = cache.measure(decoder, holdout, s)
+        N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+        limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
+        s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
+    else:
+        limit, trials = flops_budget, []
+    if s is None or s.cuts:  # the identity (fidelity search found nothing cheaper) has no budget to match
+        s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit)
+        trials += more
+    s.validate("adaptive")
+    return s, measured, trials
+
+
+def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *, fidelity: float | None = None,
+          flops_budget: float | None = None, max_cuts: int | None = 4, max_validations: int = 16,
+          proxy: str = "flow", seed: int = 0, progress=None, cache: ValidationCache | None = None,
+          rules=None) -> Schedule:
+    """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches; ``cache``:
+    share reference logits and measurements with other solves on the same held-back set.
+    ``rules``: selection-rule names to consider at each chosen cut (None: every cut keeps the
+    default ``last_token``; ``"all"``: every catalogued rule)."""
+    fidelity = _targets(fidelity, flops_budget)
     n_rows = distributed.total(sum(b.batch_size for b in holdout))
     if not n_rows:
         raise InputError("calibrate: policy 'adaptive' needs held-back samples to validate on; use holdout > 0 with at least 2 samples")
@@ -561,126 +692,23 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
     cache = cache if cache is not None else ValidationCache()
     cache.refs_for(decoder, holdout)
-    validated: list[Candidate] = []
-
     # a fidelity search stops a candidate's run once it has failed (most failing candidates are
     # settled within the first half of the rows); a budget search ranks full measurements
-    stop_at = None if fidelity is None else max_disagreements(n_rows, fidelity)
-
-    def validate(c: Candidate) -> float:
-        if c.measured is None:
-            c.measured = cache.measure(decoder, holdout, c.schedule(L), stop_at)
-            validated.append(c)
-            if progress is not None:
-                progress(c)
-        return c.measured["agreement"]
-
-    def known(c: Candidate) -> Candidate:
-        """The validated candidate with ``c``'s cuts if there is one (no second run or count), else ``c``."""
-        return next((v for v in validated if v.cuts == c.cuts), c)
-
-    def family(f: int) -> list[Candidate]:
-        """Frontier of schedules whose first cut is at layer ``f`` or deeper (identity left out)."""
-        return [known(c) for c in propose(stats, max_cuts=max_cuts, proxy=proxy, first_layer=f)[:-1]]
-
+    search = _Search(decoder, stats, holdout, cache, max_cuts=max_cuts, proxy=proxy, max_validations=max_validations,
+                     stop_at=None if fidelity is None else max_disagreements(n_rows, fidelity), progress=progress)
     if fidelity is not None:
-        identity = frontier[-1]  # agreement 1 by construction: recorded, not run
-        identity.measured = {"agreement": 1.0, "kl": 0.0, "rows": n_rows, "agreed": n_rows,
-                             "ci95": [round(x, 4) for x in wilson_interval(n_rows, n_rows)], "unpruned": True,
-                             ROW_KEY: [True] * n_rows}
-
-        def cheapest(cands: list[Candidate], chosen: Candidate) -> Candidate:
-            """Bisection over ``cands`` (FLOPs ascending, all cheaper than ``chosen``, which passes)
-            for the cheapest passing one, assuming agreement grows with FLOPs along a frontier."""
-            lo, hi = 0, len(cands)
-            while lo < hi and len(validated) < max_validations:
-                mid = (lo + hi) // 2
-                validate(cands[mid])
-                if passes(cands[mid].measured, fidelity):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return cands[hi] if hi < len(cands) else chosen  # cands[hi] was validated and passed
-
-        def refine(chosen: Candidate, pool: list[Candidate]) -> Candidate:
-            # the frontier holds only the convex-hull points of the FLOPs/loss trade-off, so the cheapest
-            # passing point can sit far above the failing one below it (e.g. 0.29 -> 0.63 of the FLOPs);
-            # bisect that gap with budget-filled schedules grown from the failing one (of ``pool``: the
-            # same search's candidates, so a deeper first cut is not refined from a layer-1 schedule)
-            failed = [c for c in pool if c.measured is not None and not passes(c.measured, fidelity)
-                      and c.flops_ratio < chosen.flops_ratio]
-            if not failed:
-                return chosen
-            start = max(failed, key=lambda c: c.flops_ratio)
-            lo_f, hi_f = start.flops_ratio, chosen.flops_ratio
-            while len(validated) < max_validations and hi_f - lo_f > REFINE_GAP:
-                mid = 0.5 * (lo_f + hi_f)
-                c = known(fill_budget(stats, start, mid, proxy))
-                validate(c)
-                if passes(c.measured, fidelity) and c.flops_ratio < hi_f:
-                    chosen, hi_f = c, c.flops_ratio
-                else:
-                    lo_f = mid  # nothing cheaper passes at this budget (the gap halves either way)
-            return chosen
-
-        chosen = refine(cheapest(frontier[:-1], identity), frontier)
-        # the proxy can rank cuts at one layer too well against deeper ones (seen on an earlier bundled
-        # model: the whole frontier cut at layer 1, and every candidate that passed there cut under 26%
-        # of the FLOPs while L2:0.4, L4:0.2 passes at 63%): search each first-cut layer's own frontier for
-        # anything cheaper than the choice so far; deeper first cuts cost more, so the first family
-        # with nothing cheaper ends the search
-        for f in range(2, L):
-            cheaper = [c for c in family(f) if c.flops_ratio < chosen.flops_ratio - REFINE_GAP]
-            if not cheaper or len(validated) >= max_validations:
-                break
-            cands = [c for c in cheaper if c.measured is None]
-            if not cands:
-                continue
-            found = cheapest(cands, chosen)
-            if found is not chosen:
-                chosen = refine(found, cheaper)
+        chosen = search.for_fidelity(frontier, fidelity, n_rows)
         mode = {"objective": "min_flops", "fidelity_target": fidelity,
                 "fidelity_rule": "lower end of the agreement's 95% Wilson interval >= fidelity_target"}
     else:
-        feasible = [c for c in frontier if c.flops_ratio <= flops_budget + 1e-12]
-        pre_names = [r.name for r in rule_candidates(stats, 0, names)] if names else []
-        if not feasible and not pre_names:
-            raise InputError(
-                f"calibrate: FLOPs budget {flops_budget} is unreachable; the most aggressive schedule on the ratio grid "
-                f"needs {frontier[0].flops_ratio:.3f} of the unpruned FLOPs (a cut before layer 0 can go further: "
-                "add --rules strided,random)"
-            )
-        # one candidate per first-cut layer: the lowest-loss schedule of that layer's frontier within
-        # the budget, filled up to it; validated in order of proxy loss (the proxy ranks schedules of
-        # one shape well and different shapes less well, so the shapes are measured, not ranked)
-        reps = []
-        for f in range(1, L):
-            fam = [c for c in (frontier if f == 1 else family(f)) if c.cuts and c.flops_ratio <= flops_budget + 1e-12]
-            if not fam:
-                break
-            rep = fill_budget(stats, max(fam, key=lambda c: c.flops_ratio), flops_budget, proxy)
-            if all(rep.cuts != r.cuts for r in reps):
-                reps.append(rep)
-        for c in sorted(reps, key=lambda c: c.loss)[:max_validations]:
-            if validate(c) >= 1.0:
-                break
-        chosen = max(validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio)) if validated else None
+        chosen = search.for_budget(frontier, flops_budget, names)
         mode = {"objective": "max_fidelity", "flops_budget": flops_budget}
-    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    validated = search.validated
     s = chosen.schedule(L).validate("adaptive") if chosen is not None else None
     measured, trials = (chosen.measured if chosen is not None else None), None
     if names:
-        if s is not None and s.cuts:
-            if measured.get("stopped") or measured.get("unpruned"):
-                measured = cache.measure(decoder, holdout, s)
-            limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
-            s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
-        else:
-            limit, trials = flops_budget, []
-        if s is None or s.cuts:  # the identity (fidelity search found nothing cheaper) has no budget to match
-            s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit)
-            trials += more
-        s.validate("adaptive")
+        s, measured, trials = _with_rules(decoder, stats, holdout, s, measured, names, cache, flops_budget)
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
     fl = schedule_flops(stats.arch, s, N, nt)
     s.predicted = {"flops_ratio": fl["flops_ratio"], "formula": FORMULA, "spatial_tokens": fl["spatial_tokens"],
                    "text_tokens": fl["text_tokens"], "tokens_per_layer": fl["tokens_per_layer"],

@@ -26,7 +26,8 @@ def _names(text: str | None):
 @model_options
 @click.option("--out", required=True, help="output directory (compare.md, compare.json, predictions.json, pareto.png, kept_x.png)")
 @click.option("--overwrite", is_flag=True, help="replace an earlier comparison at --out")
-@click.option("--data", default=None, help=f"questions to answer [default: {default(api.compare, 'data')}]")
+@click.option("--data", default=None, help="questions to answer; a question file is calibrated on too, from the scenes "
+              f"after the answered ones [default: {default(api.compare, 'data')}]")
 @click.option("--limit", default=None, type=click.IntRange(1, None),
               help=f"first N questions [default: {default(api.compare, 'limit')}]")
 @click.option("--budgets", default=None, help="prefill-FLOPs cuts, comma-separated "

@@ -46,6 +46,7 @@ from adatoken_compile.arch import from_config
 from adatoken_compile.compiler.export import ExportResult, export
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
+from adatoken_compile.models.spec import DecoderSpec, spec_for, spec_for_type
 
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids", "spatial_mask")
 
@@ -136,26 +137,32 @@ def describe_decoder(decoder_lm: nn.Module) -> dict:
             "model_type": getattr(cfg, "model_type", None)}
 
 
-def example_args(example: DecoderInputs, names=INPUT_NAMES) -> tuple[torch.Tensor, ...]:
+def example_args(example: DecoderInputs, names=INPUT_NAMES, spec: DecoderSpec | None = None) -> tuple[torch.Tensor, ...]:
     """The graph inputs ``names`` (the four of :data:`INPUT_NAMES`, plus ``spatial_xyz`` when a cut's
-    rule reads coordinates); a batch of 1 is repeated to 2 (torch.export specialises size-1 axes)."""
+    rule reads coordinates), positions in the family's layout (``spec``, default the base one); a
+    batch of 1 is repeated to 2 (torch.export specialises size-1 axes)."""
+    spec = spec or spec_for_type(None)
     feeds = {
         "inputs_embeds": example.inputs_embeds,
         "attention_mask": example.attention_mask.to(torch.int64),
-        "position_ids": example.position_ids.to(torch.int64),
+        "position_ids": spec.positions(example),
         "spatial_mask": example.spatial_mask.to(torch.bool),
         "spatial_xyz": example.xyz(),
     }
     args = tuple(feeds[n] for n in names)
     if example.batch_size == 1:
-        args = tuple(torch.cat([a, a], dim=0) for a in args)
+        args = tuple(torch.cat([a, a], dim=spec.position_axes(n)[0]) for a, n in zip(args, names))
     return args
 
 
-def dynamic_shapes(max_batch: int = 1024, max_seq: int = 1 << 17, n_inputs: int = len(INPUT_NAMES)):
+def dynamic_shapes(max_batch: int = 1024, max_seq: int = 1 << 17, n_inputs: int = len(INPUT_NAMES), axes=None):
+    """torch.export dynamic shapes of the prefill inputs; ``axes``: per input {axis: "batch" | "seq"}
+    (:meth:`adatoken_compile.models.spec.DecoderSpec.prefill_dynamic_axes`), default batch first."""
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=2, max=max_seq)
-    return tuple({0: batch, 1: seq} for _ in range(n_inputs))
+    dims = {"batch": batch, "seq": seq}
+    axes = axes or tuple({0: "batch", 1: "seq"} for _ in range(n_inputs))
+    return tuple({a: dims[k] for a, k in ax.items()} for ax in axes)
 
 
 def _check_example(example: DecoderInputs) -> None:
@@ -173,7 +180,8 @@ def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: i
     (``weights`` / ``quantize``: see :func:`adatoken_compile.compiler.export.export`)."""
     layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
     names = list(layout.get("inputs", INPUT_NAMES))
-    return export(gm, example_args(example, names), dynamic_shapes(n_inputs=len(names)), path, names,
+    spec = spec_for_type(layout.get("model_type"))
+    return export(gm, example_args(example, names, spec), dynamic_shapes(axes=spec.prefill_dynamic_axes(names)), path, names,
                   list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
                   optimize=optimize, check=check, weights=weights, quantize=quantize)
 
@@ -195,9 +203,11 @@ def capture(decoder_lm: nn.Module, example: DecoderInputs) -> torch.fx.GraphModu
     _check_example(example)
     decoder_lm.eval()
     mod = PrefillModule(decoder_lm).eval()
+    spec = spec_for(decoder_lm)
     t0 = time.perf_counter()
     with torch.no_grad():
-        ep = torch.export.export(mod, example_args(example), dynamic_shapes=dynamic_shapes(), strict=False)
+        ep = torch.export.export(mod, example_args(example, spec=spec),
+                                 dynamic_shapes=dynamic_shapes(axes=spec.prefill_dynamic_axes(INPUT_NAMES)), strict=False)
     gm = plain_codegen(ep.module())
     gm.meta["adatoken_layout"] = {
         "inputs": list(INPUT_NAMES),

@@ -35,6 +35,7 @@ from adatoken_compile.arch import from_config
 from adatoken_compile.compiler.capture import check_decoder
 from adatoken_compile.compiler.export import ExportResult, export
 from adatoken_compile.errors import InputError
+from adatoken_compile.models.spec import spec_for
 
 KINDS = ("key", "value", "mask")
 
@@ -137,7 +138,7 @@ def example_decode_feeds(decoder_lm, batch: int = 2, past_lengths: Sequence[int]
     dt = decoder_lm.dtype  # the past and the new embedding in the precision the decoder runs in
     feeds = {
         "inputs_embeds": torch.randn(batch, 1, a["hidden"], generator=g).to(dt),
-        "position_ids": torch.full((batch, 1), max(past_lengths), dtype=torch.int64),
+        "position_ids": spec_for(decoder_lm).example_decode_positions(batch, max(past_lengths)),
     }
     for i, p in enumerate(past_lengths):
         feeds[f"past_key.{i}"] = torch.randn(batch, a["kv_heads"], p, a["head_dim"], generator=g).to(dt)
@@ -219,7 +220,8 @@ def export_decode(decoder_lm, path: str, example_feeds: dict | None = None, *, o
     past_spec = []
     for i in range(n):
         past_spec += [{0: batch, 2: past_dims[i]}, {0: batch, 2: past_dims[i]}, {0: batch, 1: past_dims[i]}]
-    dyn = ({0: batch}, {0: batch}, tuple(past_spec))  # *past is one varargs entry
+    pos_batch_axis = spec_for(decoder_lm).position_axes("decode_position_ids")[0]
+    dyn = ({0: batch}, {pos_batch_axis: batch}, tuple(past_spec))  # *past is one varargs entry
     res = export(mod, args, dyn, path, in_names, out_names, opset=opset, external_data_threshold=external_data_threshold,
                  optimize=optimize, check=check, postprocess=lambda model: _name_dims(model, n), weights=weights,
                  quantize=quantize)

@@ -67,7 +67,7 @@ def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: b
     """Every ONNX graph of the artifact into ``tmp``; returns name -> extra manifest fields.
     The decoder's graphs read lazily loaded weights from disk and are quantised when asked.
     ``reuse``: an artifact whose encoder and decode graphs are copied rather than exported."""
-    lazy = getattr(adapter, "lazy_weights", None) or None
+    lazy = adapter.lazy_weights or None
     graphs = {}
     for g in adapter.encoder_graphs():
         if reuse is not None and g.name in reuse.graphs:

@@ -20,7 +20,7 @@ other configuration at the same budget (peers: against ``calibrated`` at the nea
 
 Cost: each scene is encoded once for all its questions and configurations; each batch's unpruned
 layers before a configuration's first cut run once for all configurations that share them
-(:class:`adatoken_compile.compiler.reference.PrefillFlow` branches), and the answer is the greedy
+(:class:`adatoken_compile.compiler.executor.PrefillExecutor` branches), and the answer is the greedy
 first token of the pruned prefill (the command checks that every answer of the question set is
 one token, so the first token decides the normalised answer exactly).
 """
@@ -39,10 +39,10 @@ import torch
 from adatoken_compile import distributed
 from adatoken_compile.benchmarking.report import markdown_table
 from adatoken_compile.benchmarking.report import plot_pareto as draw_pareto
-from adatoken_compile.calibration.policies import keep_for_flops, peer_schedule
+from adatoken_compile.calibration.policies import PEERS, keep_for_flops, peer_schedule
 from adatoken_compile.calibration.solver import rule_candidates, solve
-from adatoken_compile.compiler.reference import PrefillFlow
-from adatoken_compile.contract import collate
+from adatoken_compile.compiler.executor import PrefillExecutor
+from adatoken_compile.contract import collate, spatial_source
 from adatoken_compile.errors import InputError
 from adatoken_compile.evaluation.accuracy import by_scene, paired, score
 from adatoken_compile.flops import schedule_flops
@@ -51,7 +51,6 @@ from adatoken_compile.schedule import Cut, Schedule, identity
 from adatoken_compile.selection import RULES, at_layer, params_for, pre_llm
 
 FLOPS_CUTS = (0.5, 0.65, 0.8, 0.9)
-PEERS = ("fastv", "pdrop", "adatoken-decay", "dart", "divprune")
 SEEDS = (0, 1, 2)
 X_BINS = 20  # histogram of kept tokens' x coordinate (relative to the scene's extent)
 
@@ -169,12 +168,12 @@ def answer_all(adapter, samples, configs: list[Config], *, batch_size: int = 8, 
     L = int(dec.config.num_hidden_layers)
     firsts = sorted({c.first_layer for c in configs if c.first_layer < L})
     for group in by_scene(samples):
-        tokens, xyz = adapter.spatial_tokens_xyz(group[0].scene)
+        tokens, xyz = adapter.spatial_tokens_xyz(spatial_source(adapter, group[0]))
         segs = [adapter.segment(s, tokens, xyz) for s in group]
         for i in range(0, len(segs), batch_size):
             chunk = group[i:i + batch_size]
             batch = collate(segs[i:i + batch_size])
-            base = PrefillFlow(dec, batch, materialize_mask=True)
+            base = PrefillExecutor(dec, batch, materialize_mask=True)
             snaps = {}
             for layer in range(L):
                 if layer in firsts:

@@ -26,6 +26,7 @@ from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.runtime.sources import DEFAULT_NUM_FRAMES, resolve_scene
 from adatoken_compile.errors import InputError
+from adatoken_compile.models.spec import spec_for
 from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.prompt import (
     BOXES_TOKEN_INDEX,
@@ -262,6 +263,7 @@ class Llava3DAdapter:
         for m in (self.pe3d, self.projector, self.box_pe):
             m.to(dtype).eval()
         self.dtype = dtype
+        self.spec = spec_for(self.decoder)
 
         self.tokenizer = TextTokenizer.from_dir(model_dir)
         self.prompt = chat_prompt(model_dir, self.tokenizer) or PromptFormat.builtin("llava_v1")

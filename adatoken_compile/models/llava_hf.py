@@ -21,6 +21,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.models.checkpoint import (FIX_CONFIG, chat_prompt, check_finite, check_weight_bytes, config_digest,
                                                 embed_token_ids, files_digest, image_processing, read_config, weight_files)
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
+from adatoken_compile.models.spec import spec_for
 from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.image import patch_coordinates
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
@@ -98,6 +99,8 @@ class LlavaHFAdapter:
         self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_id)
         self.max_positions = int(tcfg.max_position_embeddings)
         self.dtype = dtype
+        self.lazy_weights = None  # HF LLaVA checkpoints load in memory
+        self.spec = spec_for(self.decoder)
         self._fingerprint = "sha256:" + files_digest(files, extra=config_digest(cfg))
 
     def fingerprint(self) -> str:

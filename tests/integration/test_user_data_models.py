@@ -195,3 +195,31 @@ def test_hf_llava_on_a_jsonl_of_images_calibrate_artifact_eval(hf_dirs, tmp_path
     res = json.loads(r.output[r.output.index("{"):])
     assert res["n"] == 0 and res["questions"] == 2 and res["accuracy"] is None
     assert os.path.exists(art) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_compare_on_a_jsonl_of_images_calibrates_on_the_file(hf_dirs, tmp_path):
+    """compare with an image model and a question file: the statistics and held-back questions come
+    from the file's images after those answered (no built-in scenes are needed), and a file whose
+    answered questions use every image is a one-line error."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    n_img = 10
+    for i in range(n_img):
+        Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lines = [{"image": f"{i}.png", "question": q, "answers": [a]}
+             for i in range(n_img) for q, a in (("what color is it?", "red"), ("is it there?", "yes"))]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = api.compare(hf_dirs["llama"], out=str(tmp_path / "cmp"), data=str(tmp_path / "q.jsonl"), limit=4,
+                      budgets=(0.5,), seeds=(0,), rules=("strided",), peers=("fastv",), search=False, samples=4,
+                      holdout=8, progress=False, log=lambda *a: None)
+    assert res["calibration_data"] == str(tmp_path / "q.jsonl")
+    assert res["statistics_questions"] == 4 and res["holdout_questions"] == 8
+    preds = json.load(open(tmp_path / "cmp" / "predictions.json"))
+    assert {"unpruned", "fastv"} <= set(preds) and all(len(p) == 4 for p in preds.values()), preds
+    # the answered questions use images 0-1; the statistics images 2-3; the held-back ones 4-7
+    r = _run(["compare", "--model", hf_dirs["llama"], "--out", str(tmp_path / "all"), "--data",
+              str(tmp_path / "q.jsonl"), "--limit", str(len(lines)), "--budgets", "0.5", "--rules", "strided",
+              "--peers", "fastv", "--no-search", "--samples", "4", "--holdout", "8"])
+    last = r.output.strip().splitlines()[-1]  # (transformers' weight-loading bar may come before)
+    assert r.exit_code == 2 and last.startswith("error: ") and "none is left to calibrate on" in last, r.output

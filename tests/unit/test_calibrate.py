@@ -2,17 +2,19 @@
 
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from adatoken_compile.calibration import api as cal_api
 from adatoken_compile.calibration.api import calibrate, write_calibration
 from adatoken_compile.calibration.observers import AttentionObserver, extend_with_answers
 from adatoken_compile.calibration.policies import peer_schedule
-from adatoken_compile.calibration.observers import base_model, capture, decoder_layers, query_rows, softmax_rows
+from adatoken_compile.calibration.observers import softmax_rows
+from adatoken_compile.models.spec import spec_for
 from adatoken_compile.calibration import solver
 from adatoken_compile.calibration.solver import reference_logits
 from adatoken_compile.calibration.stats import GROUPS, CalibrationStats, merge
@@ -24,6 +26,38 @@ from adatoken_compile.schedule import Cut, Schedule, identity
 
 
 
+class _CaptureCache(DynamicCache):
+    """Hands each layer's post-RoPE keys/values to ``on_update``; stores nothing."""
+
+    def __init__(self, config, on_update):
+        super().__init__(config=config)
+        self._on_update = on_update
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._on_update(layer_idx, key_states, value_states)
+        return key_states, value_states
+
+
+@contextmanager
+def _capture(decoder, on_layer):
+    """The oracle's own view of each layer, apart from the executor's callbacks: a pre-hook on every
+    ``self_attn`` and a cache that sees the keys; calls ``on_layer(i, attn, h_norm, (cos, sin), k, v)``."""
+    cur, handles = {}, []
+
+    def make_hook(i):
+        def hook(mod, args, kwargs):
+            cur[i] = (mod, kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings"))
+        return hook
+
+    for i, layer in enumerate(decoder.model.layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    try:
+        yield _CaptureCache(decoder.config, lambda i, k, v: on_layer(i, *cur.pop(i), k, v))
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
 @torch.no_grad()
 def _fallback_pruned_prefill(decoder, inputs, schedule: Schedule) -> torch.Tensor:
     """Eager reference of the pruned prefill, one row at a time (no padding).
@@ -33,8 +67,9 @@ def _fallback_pruned_prefill(decoder, inputs, schedule: Schedule) -> torch.Tenso
     ``Schedule.keep_count`` in original order with original position ids. An independent,
     row-by-row oracle for ``pruned_forward.pruned_prefill`` (default scoring only).
     """
-    base = base_model(decoder)
-    layers = decoder_layers(decoder)
+    spec = spec_for(decoder)
+    base = spec.body(decoder)
+    layers = spec.layers(decoder)
     dev = next(decoder.parameters()).device
     cuts = {c.layer: c.keep for c in schedule.effective_cuts()}
     outs = []
@@ -49,13 +84,13 @@ def _fallback_pruned_prefill(decoder, inputs, schedule: Schedule) -> torch.Tenso
         def on_layer(i, attn, hn, pe, k, v):
             last["attn"], last["h"], last["cos"], last["sin"], last["k"] = attn, hn[0, -1:], pe[0][0, -1:], pe[1][0, -1:], k[0]
 
-        with capture(decoder, on_layer) as cache:
+        with _capture(decoder, on_layer) as cache:
             for i, layer in enumerate(layers):
                 if i in cuts and n0 > 0:
                     n_now = int(sp.sum())
                     k = Schedule.keep_count(cuts[i], n0, n_now)
                     sp_idx = torch.nonzero(sp).flatten()
-                    q = query_rows(last["attn"], last["h"], last["cos"], last["sin"])
+                    q = spec.query_rows(last["attn"], last["h"], last["cos"], last["sin"])
                     n = last["k"].shape[1]
                     p = softmax_rows(last["attn"], q, last["k"], torch.tensor([n - 1]))
                     score = p.mean(0)[0].cpu()[sp_idx]

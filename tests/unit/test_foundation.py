@@ -344,3 +344,24 @@ def test_cli_bad_input_one_line_exit_2(tiny3d_dir, tmp_path):
     assert r.output.strip().count("\n") == 0 and "missing key 'depths'" in r.output
     r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such model directory" in r.output
+
+
+def test_both_adapters_provide_the_declared_contract(tiny3d_dir, tmp_path):
+    """Every member the Adapter protocol declares (what callers use: dtype, lazy_weights, spec,
+    spatial_tokens_xyz, the 3-argument segment) is there on both families; a segment built from
+    tokens encoded once equals the one that encodes them itself."""
+    from adatoken_compile.contract import Adapter, spatial_source
+    from adatoken_compile.models.spec import spec_for
+    from adatoken_compile.models.testing import random_llava_hf
+
+    hf = load_adapter(random_llava_hf(str(tmp_path / "hf")))
+    for a in (load_adapter(tiny3d_dir), load_adapter(tiny3d_dir, lazy=True), hf):
+        assert isinstance(a, Adapter), type(a).__name__
+        assert a.dtype == torch.float32 and a.spec is spec_for(a.decoder)
+        s = a.example_samples()[0]
+        assert spatial_source(a, s) is (s.scene if a.input_kind == "scene" else s.image)
+        tokens, xyz = a.spatial_tokens_xyz(spatial_source(a, s))
+        once, own = a.segment(s, tokens, xyz), a.segment(s)
+        assert torch.equal(once.embeds, own.embeds) and torch.equal(once.spatial, own.spatial)
+    assert hf.lazy_weights is None and hf.input_kind == "image"
+    assert not load_adapter(tiny3d_dir).lazy_weights and load_adapter(tiny3d_dir, lazy=True).lazy_weights

@@ -87,8 +87,12 @@ def select_tokens(
     return idx, new_valid, new_len
 
 
-def gather_seq(x: torch.Tensor, idx: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Gather ``x`` (batch on dim 0, size B or 1) with per-row indices idx (B, K') on each of ``dims``."""
+def gather_seq(x: torch.Tensor, idx: torch.Tensor, dims: Sequence[int], batch_dim: int = 0) -> torch.Tensor:
+    """Gather ``x`` (batch on ``batch_dim``, size B or 1) with per-row indices idx (B, K') on each of
+    ``dims`` (a family's position ids may hold the batch on another axis, as M-RoPE's (3, B, L))."""
+    if batch_dim != 0:
+        moved = [d + (d < batch_dim) for d in dims]  # each dim's axis once the batch is moved to 0
+        return torch.movedim(gather_seq(torch.movedim(x, batch_dim, 0), idx, moved), 0, batch_dim)
     B, K = idx.shape
     x = x.expand(B, *x.shape[1:])
     for d in dims:

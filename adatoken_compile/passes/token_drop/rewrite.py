@@ -11,7 +11,6 @@ cos/sin, ...); SymInt uses of the sequence length become the new length. Inserte
 from __future__ import annotations
 
 import operator
-import re
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch import nn
 
+from adatoken_compile.models.spec import BASE, DecoderSpec, spec_for_type
 from adatoken_compile.passes.token_drop.steps import (GatherSeq, KeptPositions, RebuildMask4d, Score, Select, SpatialCount,
                                                       SpatialRank, ValidMask)
 
@@ -26,37 +26,29 @@ XYZ_INPUT = "spatial_xyz"  # (B, L, 3) float32 token coordinates: a graph input 
 
 # ----------------------------------------------------------------------------- graph helpers
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-_ATTN_TARGETS = {
-    torch.ops.aten.scaled_dot_product_attention.default,
-    torch.ops.aten.matmul.default,
-    torch.nn.functional.scaled_dot_product_attention,
-    torch.matmul,
-}
-
-
 class TokenDropError(RuntimeError):
     """The graph does not have the structure the pass needs (named in the message)."""
 
 
-def layer_of(node: fx.Node) -> int | None:
-    """Decoder layer index owning ``node`` (from nn_module_stack), or None."""
+def layer_of(node: fx.Node, spec: DecoderSpec = BASE) -> int | None:
+    """Decoder layer index owning ``node`` (its innermost module path in nn_module_stack that the
+    family's spec places in a layer), or None."""
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
-        m = _LAYER_RE.search(str(path))
-        if m:
-            return int(m.group(1))
+        i = spec.layer_of_path(str(path))
+        if i is not None:
+            return i
     return None
 
 
-def node_regions(graph: fx.Graph) -> dict[fx.Node, float]:
+def node_regions(graph: fx.Graph, spec: DecoderSpec = BASE) -> dict[fx.Node, float]:
     """Layer index per node; nodes outside a layer take the max region of their inputs (-1 = before
     the first layer)."""
     region: dict[fx.Node, float] = {}
     for n in graph.nodes:
         if n.op == "output":
             continue
-        li = layer_of(n) if n.op in ("call_function", "call_module", "call_method") else None
+        li = layer_of(n, spec) if n.op in ("call_function", "call_module", "call_method") else None
         if li is not None:
             region[n] = float(li)
         else:
@@ -79,11 +71,11 @@ def seq_dims(node: fx.Node, seq_expr) -> tuple[int, ...]:
     return tuple(i for i, d in enumerate(v.shape) if _same_sym(d, seq_expr))
 
 
-def find_query(graph: fx.Graph, region: dict, layer: int) -> fx.Node:
-    """Post-RoPE query of ``layer``: first input of the first attention op (sdpa, or the QK^T
-    matmul of eager attention) in that layer."""
+def find_query(graph: fx.Graph, region: dict, layer: int, spec: DecoderSpec = BASE) -> fx.Node:
+    """Post-RoPE query of ``layer``: first input of the first attention op the spec names (sdpa, or
+    the QK^T matmul of eager attention) in that layer."""
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in _ATTN_TARGETS and region.get(n) == layer:
+        if n.op == "call_function" and spec.is_attention_op(n.target) and region.get(n) == layer:
             q = n.args[0] if n.args else n.kwargs.get("query")
             v = _val(q)
             if isinstance(v, torch.Tensor) and v.dim() == 4:
@@ -159,110 +151,161 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
     cuts = list(schedule.effective_cuts())
     if not cuts:
         return new
-
-    g = new.graph
-    placeholders = {n.name: n for n in g.nodes if n.op == "placeholder"}
-    try:
-        ph = [placeholders[name] for name in layout["inputs"]]
-    except KeyError as e:
-        raise TokenDropError(f"token_drop: input {e} not among graph placeholders {list(placeholders)}")
-    embeds, attn_mask, _pos_ids, spatial_in = ph[:4]
-    needs = schedule.needs()
-    inputs = list(layout["inputs"])
-    xyz_in = placeholders.get(XYZ_INPUT)
-    if "xyz" in needs and xyz_in is None:
-        xyz_in = _add_xyz_input(new, spatial_in, embeds)
-        inputs.insert(inputs.index(spatial_in.name) + 1, XYZ_INPUT)
-    out_node = next(n for n in g.nodes if n.op == "output")
-    outs = list(out_node.args[0])
-    out_names = list(layout["outputs"])
-    if len(outs) != len(out_names):
-        raise TokenDropError(f"token_drop: graph has {len(outs)} outputs, layout names {len(out_names)}")
-    seq_expr_v = _val(embeds).shape[1] if _val(embeds) is not None else None
-    if not isinstance(seq_expr_v, torch.SymInt):
-        raise TokenDropError("token_drop: the captured sequence axis is static; capture with a dynamic sequence dim")
-    seq_expr = seq_expr_v.node.expr
-
-    region = node_regions(g)
-    counter = {}
-
-    def add_module(name: str, mod: nn.Module, args, cut_i, cut, role, **extra) -> fx.Node:
-        new.add_submodule(name, mod)
-        node = g.create_node("call_module", name, tuple(args), name=name)
-        _set_meta(node, cut_i, cut.layer, cut.keep, role, **extra)
-        region[node] = cut.layer - 0.5
-        return node
-
-    def add_getitem(src: fx.Node, i: int, name: str, cut_i, cut, role) -> fx.Node:
-        node = g.create_node("call_function", operator.getitem, (src, i), name=name)
-        _set_meta(node, cut_i, cut.layer, cut.keep, role)
-        region[node] = cut.layer - 0.5
-        return node
-
-    # per-node tracking across cuts: current seq dims of inserted carriers and their roles
-    carrier_dims: dict[fx.Node, tuple[int, ...]] = {}
-    carrier_role: dict[fx.Node, str] = {}
-    carrier_src: dict[fx.Node, str] = {}
-    len_nodes: set[fx.Node] = set()
-    cur_valid = cur_spatial = n0 = kept = None
-    cur_xyz, cur_srank = xyz_in, None
-    masks_after: list[tuple[int, fx.Node]] = []
-    kept_outs: list[fx.Node] = []
-
+    rw = _Rewrite(new, layout, schedule.needs())
     for ci, cut in enumerate(cuts):
-        i = cut.layer
+        rw.rewire(*rw.insert_cut(ci, cut))
+    rw.finish(cuts)
+    g = new.graph
+    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (n.op == "call_module" and n.target == "_guards_fn"))
+    g.lint()
+    new.recompile()
+    if propagate_meta:
+        _propagate_meta(new)
+    return new
+
+
+class _Rewrite:
+    """One pass over a copied graph: the cuts' steps (:meth:`insert_cut`), the values that cross each
+    cut moved into the new layout (:meth:`rewire`), then the outputs (:meth:`finish`)."""
+
+    def __init__(self, new: fx.GraphModule, layout: dict, needs):
+        self.new, self.layout, self.needs = new, layout, needs
+        g = self.g = new.graph
+        placeholders = {n.name: n for n in g.nodes if n.op == "placeholder"}
+        try:
+            ph = [placeholders[name] for name in layout["inputs"]]
+        except KeyError as e:
+            raise TokenDropError(f"token_drop: input {e} not among graph placeholders {list(placeholders)}")
+        self.embeds, self.attn_mask, _pos_ids, self.spatial_in = ph[:4]
+        self.inputs = list(layout["inputs"])
+        xyz_in = placeholders.get(XYZ_INPUT)
+        if "xyz" in needs and xyz_in is None:
+            xyz_in = _add_xyz_input(new, self.spatial_in, self.embeds)
+            self.inputs.insert(self.inputs.index(self.spatial_in.name) + 1, XYZ_INPUT)
+        self.out_node = next(n for n in g.nodes if n.op == "output")
+        self.outs = list(self.out_node.args[0])
+        self.out_names = list(layout["outputs"])
+        if len(self.outs) != len(self.out_names):
+            raise TokenDropError(f"token_drop: graph has {len(self.outs)} outputs, layout names {len(self.out_names)}")
+        ev = _val(self.embeds)
+        seq_expr_v = ev.shape[1] if ev is not None else None
+        if not isinstance(seq_expr_v, torch.SymInt):
+            raise TokenDropError("token_drop: the captured sequence axis is static; capture with a dynamic sequence dim")
+        self.seq_expr = seq_expr_v.node.expr
+        batch_v = ev.shape[0]
+        self.batch_expr = batch_v.node.expr if isinstance(batch_v, torch.SymInt) else None
+        self.spec = spec_for_type(layout.get("model_type"))
+        self.region = node_regions(g, self.spec)
+        self.counter: dict[str, int] = {}
+        # per inserted carrier across cuts: its sequence dims, role, source and batch axis
+        self.carriers: dict[fx.Node, tuple] = {}
+        self.len_nodes: set[fx.Node] = set()
+        self.cur_valid = self.cur_spatial = self.n0 = self.kept = None
+        self.cur_xyz, self.cur_srank = xyz_in, None
+        self.masks_after: list[tuple[int, fx.Node]] = []
+        self.kept_outs: list[fx.Node] = []
+
+    def add_module(self, name: str, mod: nn.Module, args, cut_i, cut, role, **extra) -> fx.Node:
+        self.new.add_submodule(name, mod)
+        node = self.g.create_node("call_module", name, tuple(args), name=name)
+        _set_meta(node, cut_i, cut.layer, cut.keep, role, **extra)
+        self.region[node] = cut.layer - 0.5
+        return node
+
+    def add_getitem(self, src: fx.Node, i: int, name: str, cut_i, cut, role) -> fx.Node:
+        node = self.g.create_node("call_function", operator.getitem, (src, i), name=name)
+        _set_meta(node, cut_i, cut.layer, cut.keep, role)
+        self.region[node] = cut.layer - 0.5
+        return node
+
+    def insert_cut(self, ci: int, cut):
+        """The cut's own steps before layer ``cut.layer``: score, select, the new valid / spatial masks
+        and kept positions, and the per-token values later rules read."""
+        g, region, i = self.g, self.region, cut.layer
         pre = f"adatoken_cut{ci}_"
         rule_needs = cut.rule.needs()
         first_after = next(
             (n for n in g.nodes if n.op not in ("placeholder", "get_attr", "output") and region.get(n, -1) >= i),
-            out_node,
+            self.out_node,
         )
         reads = {}
         if "attention" in rule_needs:
             if i == 0:
                 raise TokenDropError(f"token_drop: rule '{cut.rule.name}' needs attention; it cannot cut before layer 0")
-            reads["query"] = find_query(g, region, i - 1)
-            reads["key"] = outs[out_names.index(f"key.{i - 1}")]
+            reads["query"] = find_query(g, region, i - 1, self.spec)
+            reads["key"] = self.outs[self.out_names.index(f"key.{i - 1}")]
         if "hidden" in rule_needs:
-            reads["hidden"] = embeds if i == 0 else find_hidden(g, region, i, seq_expr)
+            reads["hidden"] = self.embeds if i == 0 else find_hidden(g, region, i, self.seq_expr)
+        add = self.add_module
         with g.inserting_before(first_after):
             inserted_here = set()
             if ci == 0:
-                cur_valid = add_module(pre + "valid0", ValidMask(), (attn_mask,), ci, cut, "valid0")
-                n0 = add_module(pre + "n0", SpatialCount(), (spatial_in, cur_valid), ci, cut, "n0")
-                cur_spatial = spatial_in
-                inserted_here |= {cur_valid, n0}
-                if "srank" in needs:
-                    cur_srank = add_module(pre + "srank0", SpatialRank(), (spatial_in, cur_valid), ci, cut, "srank0")
-                    inserted_here.add(cur_srank)
+                self.cur_valid = add(pre + "valid0", ValidMask(), (self.attn_mask,), ci, cut, "valid0")
+                self.n0 = add(pre + "n0", SpatialCount(), (self.spatial_in, self.cur_valid), ci, cut, "n0")
+                self.cur_spatial = self.spatial_in
+                inserted_here |= {self.cur_valid, self.n0}
+                if "srank" in self.needs:
+                    self.cur_srank = add(pre + "srank0", SpatialRank(), (self.spatial_in, self.cur_valid), ci, cut, "srank0")
+                    inserted_here.add(self.cur_srank)
             if "xyz" in rule_needs:
-                reads["xyz"] = cur_xyz
+                reads["xyz"] = self.cur_xyz
             if "srank" in rule_needs:
-                reads["srank"] = cur_srank
+                reads["srank"] = self.cur_srank
             names = ("query", "key", "hidden", "xyz", "srank")
-            score = add_module(pre + "score", Score(cut.rule, ci, cut.keep),
-                               (cur_valid, cur_spatial, n0) + tuple(reads.get(k) for k in names), ci, cut, "score",
-                               rule=cut.rule.label(), **{k: v.name for k, v in reads.items()})
-            sel = add_module(pre + "select", Select(cut.keep), (score, cur_valid, cur_spatial, n0), ci, cut, "select")
-            idx = add_getitem(sel, 0, pre + "idx", ci, cut, "idx")
-            new_valid = add_getitem(sel, 1, pre + "valid", ci, cut, "valid")
-            new_len = add_getitem(sel, 2, pre + "len", ci, cut, "len")
-            new_spatial = add_module(pre + "gather_spatial", GatherSeq((1,)), (cur_spatial, idx), ci, cut,
-                                     "gather_spatial", source=spatial_in.name)
-            kargs = (idx, new_valid) if kept is None else (idx, new_valid, kept)
-            kept = add_module(pre + "kept_positions", KeptPositions(), kargs, ci, cut, "kept_positions")
-            inserted_here |= {score, sel, idx, new_valid, new_len, new_spatial, kept}
+            valid, spatial, n0 = self.cur_valid, self.cur_spatial, self.n0
+            score = add(pre + "score", Score(cut.rule, ci, cut.keep),
+                        (valid, spatial, n0) + tuple(reads.get(k) for k in names), ci, cut, "score",
+                        rule=cut.rule.label(), **{k: v.name for k, v in reads.items()})
+            sel = add(pre + "select", Select(cut.keep), (score, valid, spatial, n0), ci, cut, "select")
+            idx = self.add_getitem(sel, 0, pre + "idx", ci, cut, "idx")
+            new_valid = self.add_getitem(sel, 1, pre + "valid", ci, cut, "valid")
+            new_len = self.add_getitem(sel, 2, pre + "len", ci, cut, "len")
+            new_spatial = add(pre + "gather_spatial", GatherSeq((1,)), (spatial, idx), ci, cut,
+                              "gather_spatial", source=self.spatial_in.name)
+            kargs = (idx, new_valid) if self.kept is None else (idx, new_valid, self.kept)
+            self.kept = add(pre + "kept_positions", KeptPositions(), kargs, ci, cut, "kept_positions")
+            inserted_here |= {score, sel, idx, new_valid, new_len, new_spatial, self.kept}
             # per-token values later cuts' rules read travel with the tokens (unused ones are removed below)
-            if cur_xyz is not None:
-                cur_xyz = add_module(pre + "gather_xyz", GatherSeq((1,)), (cur_xyz, idx), ci, cut, "gather_xyz",
-                                     source=XYZ_INPUT)
-                inserted_here.add(cur_xyz)
-            if cur_srank is not None:
-                cur_srank = add_module(pre + "gather_srank", GatherSeq((1,)), (cur_srank, idx), ci, cut,
-                                       "gather_srank", source="srank")
-                inserted_here.add(cur_srank)
+            if self.cur_xyz is not None:
+                self.cur_xyz = add(pre + "gather_xyz", GatherSeq((1,)), (self.cur_xyz, idx), ci, cut, "gather_xyz",
+                                   source=XYZ_INPUT)
+                inserted_here.add(self.cur_xyz)
+            if self.cur_srank is not None:
+                self.cur_srank = add(pre + "gather_srank", GatherSeq((1,)), (self.cur_srank, idx), ci, cut,
+                                     "gather_srank", source="srank")
+                inserted_here.add(self.cur_srank)
+        return ci, cut, first_after, inserted_here, idx, new_valid, new_len, new_spatial
 
-        # values defined before the cut and used at or after layer i (outputs handled below)
+    def _carrier(self, v: fx.Node, i: int):
+        """(sequence dims, role, source, batch axis) of a value crossing the cut before layer ``i``,
+        or None when it has no sequence axis."""
+        if v in self.carriers:
+            return self.carriers[v]
+        vv = _val(v)
+        dims = seq_dims(v, self.seq_expr)
+        if not dims:
+            if isinstance(vv, torch.SymInt) and self.seq_expr in vv.node.expr.free_symbols:
+                raise TokenDropError(f"token_drop: '{v.name}' ({vv}) derives from the sequence length; unsupported")
+            return None  # no sequence axis (weights, batch size, ...)
+        # the batch axis: the one sized like the inputs' batch (a family's position values may put it
+        # after a leading axis); batch first when none is
+        bdim = next((a for a, d in enumerate(vv.shape) if self.batch_expr is not None and _same_sym(d, self.batch_expr)), 0)
+        if bdim in dims:
+            raise TokenDropError(f"token_drop: '{v.name}' has the sequence on its batch axis {bdim}")
+        if len(dims) >= 2:
+            role = "rebuild_mask"
+        elif self.region.get(v, -1) == i - 1 and len(vv.shape) == 3:
+            role = "gather_hidden"
+        else:
+            role = "gather_seq"
+        return dims, role, v.name, bdim
+
+    def rewire(self, ci: int, cut, first_after, inserted_here, idx, new_valid, new_len, new_spatial) -> None:
+        """Every value defined before the cut and used at or after its layer (outputs are
+        :meth:`finish`'s) moves to the new layout: lengths become ``new_len``, sequence values are
+        gathered, the 4-D mask is rebuilt."""
+        g, region, i = self.g, self.region, cut.layer
+        pre = f"adatoken_cut{ci}_"
         crossing = []
         for v in list(g.nodes):
             if v.op == "output" or v in inserted_here or region.get(v, -1) >= i:
@@ -273,69 +316,53 @@ def apply_token_drop(gm: fx.GraphModule, schedule, *, propagate_meta: bool = Tru
         order = {n: k for k, n in enumerate(g.nodes)}
         for v, users in crossing:
             vv = _val(v)
-            if v in len_nodes or (isinstance(vv, torch.SymInt) and vv.node.expr == seq_expr):
+            if v in self.len_nodes or (isinstance(vv, torch.SymInt) and vv.node.expr == self.seq_expr):
                 repl = new_len
             else:
-                if v in carrier_dims:
-                    dims, role, src = carrier_dims[v], carrier_role[v], carrier_src[v]
-                else:
-                    dims = seq_dims(v, seq_expr)
-                    if not dims:
-                        if isinstance(vv, torch.SymInt) and seq_expr in vv.node.expr.free_symbols:
-                            raise TokenDropError(f"token_drop: '{v.name}' ({vv}) derives from the sequence length; unsupported")
-                        continue  # no sequence axis (weights, batch size, ...)
-                    if 0 in dims:
-                        raise TokenDropError(f"token_drop: '{v.name}' has the sequence on axis 0; expected batch first")
-                    if len(dims) >= 2:
-                        role = "rebuild_mask"
-                    elif region.get(v, -1) == i - 1 and len(vv.shape) == 3:
-                        role = "gather_hidden"
-                    else:
-                        role = "gather_seq"
-                    src = v.name
+                carrier = self._carrier(v, i)
+                if carrier is None:
+                    continue
+                dims, role, src, bdim = carrier
                 name = pre + role if role in ("rebuild_mask", "gather_hidden") else f"{pre}gather_{src}"
-                if name in counter:
-                    counter[name] += 1
-                    name = f"{name}_{counter[name]}"
+                if name in self.counter:
+                    self.counter[name] += 1
+                    name = f"{name}_{self.counter[name]}"
                 else:
-                    counter[name] = 0
+                    self.counter[name] = 0
                 anchor = first_after if order[v] < order[first_after] else v.next
                 with g.inserting_before(anchor):
                     if role == "rebuild_mask":
                         if tuple(dims) != (2, 3):
                             raise TokenDropError(f"token_drop: mask '{v.name}' has sequence axes {dims}, expected (2, 3)")
-                        repl = add_module(name, RebuildMask4d(), (v, idx, new_valid), ci, cut, role, source=src)
+                        repl = self.add_module(name, RebuildMask4d(), (v, idx, new_valid), ci, cut, role, source=src)
                     else:
-                        repl = add_module(name, GatherSeq(dims), (v, idx), ci, cut, role, source=src)
-                carrier_dims[repl], carrier_role[repl], carrier_src[repl] = dims, role, src
+                        repl = self.add_module(name, GatherSeq(dims, bdim), (v, idx), ci, cut, role, source=src)
+                self.carriers[repl] = (dims, role, src, bdim)
                 order = {n: k for k, n in enumerate(g.nodes)}
             for u in users:
                 u.replace_input_with(v, repl)
-        len_nodes.add(new_len)
-        cur_valid, cur_spatial = new_valid, new_spatial
-        masks_after.append((i, new_valid))
-        kept_outs.append(kept)
+        self.len_nodes.add(new_len)
+        self.cur_valid, self.cur_spatial = new_valid, new_spatial
+        self.masks_after.append((i, new_valid))
+        self.kept_outs.append(self.kept)
 
-    # outputs: per-layer valid masks at the layer's length, plus kept positions per cut
-    for j, name in enumerate(out_names):
-        if name.startswith("mask."):
-            layer = int(name.split(".")[1])
-            cur = None
-            for li, nv in masks_after:
-                if li <= layer:
-                    cur = nv
-            if cur is not None:
-                outs[j] = cur
-    out_node.args = (tuple(outs) + tuple(kept_outs),)
-    new.meta["adatoken_layout"] = dict(layout, inputs=inputs, outputs=out_names + [f"kept.{c}" for c in range(len(cuts))])
-    new.meta["adatoken_cuts"] = [{"cut": c, "layer": k.layer, "keep": k.keep, "rule": k.rule.to_dict()}
-                                 for c, k in enumerate(cuts)]
-    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (n.op == "call_module" and n.target == "_guards_fn"))
-    g.lint()
-    new.recompile()
-    if propagate_meta:
-        _propagate_meta(new)
-    return new
+    def finish(self, cuts) -> None:
+        """Outputs: per-layer valid masks at the layer's length, plus kept positions per cut."""
+        outs, out_names = self.outs, self.out_names
+        for j, name in enumerate(out_names):
+            if name.startswith("mask."):
+                layer = int(name.split(".")[1])
+                cur = None
+                for li, nv in self.masks_after:
+                    if li <= layer:
+                        cur = nv
+                if cur is not None:
+                    outs[j] = cur
+        self.out_node.args = (tuple(outs) + tuple(self.kept_outs),)
+        self.new.meta["adatoken_layout"] = dict(self.layout, inputs=self.inputs,
+                                                outputs=out_names + [f"kept.{c}" for c in range(len(cuts))])
+        self.new.meta["adatoken_cuts"] = [{"cut": c, "layer": k.layer, "keep": k.keep, "rule": k.rule.to_dict()}
+                                          for c, k in enumerate(cuts)]
 
 
 def _propagate_meta(gm: fx.GraphModule) -> None:

@@ -54,15 +54,16 @@ class Select(nn.Module):
 
 
 class GatherSeq(nn.Module):
-    def __init__(self, dims: Sequence[int]):
+    def __init__(self, dims: Sequence[int], batch_dim: int = 0):
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
+        self.batch_dim = int(batch_dim)
 
     def forward(self, x, idx):
-        return gather_seq(x, idx, self.dims)
+        return gather_seq(x, idx, self.dims, self.batch_dim)
 
     def extra_repr(self):
-        return f"dims={self.dims}"
+        return f"dims={self.dims}" + (f", batch_dim={self.batch_dim}" if self.batch_dim else "")
 
 
 class RebuildMask4d(nn.Module):

@@ -1,0 +1,92 @@
+"""A family with 3-axis position ids (tests/toy3axis.py, nothing of it in the package) through every
+seam: the executor, the token-drop pass on its captured graph, the ONNX prefill and decode graphs, and
+greedy generation token-exact against its own eager reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adatoken_compile.compiler.capture import capture, example_args, export_prefill
+from adatoken_compile.compiler.decode import decode_input_names, export_decode
+from adatoken_compile.compiler.executor import pruned_prefill
+from adatoken_compile.compiler.parity import ort_session
+from adatoken_compile.compiler.reference import generate
+from adatoken_compile.models.spec import spec_for
+from adatoken_compile.passes.token_drop import apply_token_drop
+from adatoken_compile.schedule import Cut, Schedule
+
+from conftest import make_batch
+from toy3axis import SPEC, toy_decoder
+
+ROWS = [(3, 20, 4), (2, 13, 6), (4, 9, 3)]
+SCHEDULE = Schedule(cuts=[Cut(1, 0.5), Cut(3, 0.25)], num_layers=4)
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_decoder()
+
+
+def test_the_family_is_found_by_its_spec_and_its_positions_matter(toy):
+    batch = make_batch(ROWS)
+    assert spec_for(toy) is SPEC
+    pos = SPEC.positions(batch)
+    assert tuple(pos.shape) == (3, *batch.attention_mask.shape)
+    # decoding continues from the largest prefill position, not from the row's length
+    nxt = SPEC.decode_positions(batch)[0, :, 0].tolist()
+    assert nxt != batch.lengths() and all(n < length for n, length in zip(nxt, batch.lengths()))
+    # the same layers run with one position per token (all three axes equal) answer differently
+    with torch.no_grad():
+        flat = batch.position_ids[None].expand(3, -1, -1)
+        want = toy(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=pos).logits[:, -1]
+        other = toy(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=flat).logits[:, -1]
+    assert (want - other).abs().max() > 1e-5  # a random tiny model's logits are small: float noise is ~1e-7
+    # and the executor's unpruned run is the model's own forward
+    got = pruned_prefill(toy, batch, Schedule(cuts=[], num_layers=4)).logits_last
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_pruned_graph_matches_the_eager_reference(toy):
+    batch = make_batch(ROWS)
+    gm = apply_token_drop(capture(toy, batch), SCHEDULE)
+    names = gm.meta["adatoken_layout"]["inputs"]
+    with torch.no_grad():
+        out = dict(zip(gm.meta["adatoken_layout"]["outputs"], gm(*example_args(batch, names, SPEC))))
+    ref = pruned_prefill(toy, batch, SCHEDULE)
+    assert torch.allclose(out["logits"], ref.logits_last, atol=1e-5)
+    for c in range(len(SCHEDULE.cuts)):
+        assert torch.equal(out[f"kept.{c}"], ref.kept_indices[c])
+
+
+def test_onnx_generation_is_token_exact_against_the_eager_reference(toy, tmp_path):
+    batch = make_batch(ROWS, seed=2)
+    want = generate(toy, batch, SCHEDULE, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    pre = export_prefill(apply_token_drop(capture(toy, batch), SCHEDULE), batch, str(tmp_path / "prefill.onnx"))
+    dec = export_decode(toy, str(tmp_path / "decode.onnx"))
+    pre_s, dec_s = ort_session(pre.path), ort_session(dec.path)
+    feeds = {"inputs_embeds": batch.inputs_embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),
+             "position_ids": SPEC.positions(batch).numpy(), "spatial_mask": batch.spatial_mask.numpy()}
+    shapes = {i.name: len(i.shape) for i in pre_s.get_inputs()}
+    assert shapes["position_ids"] == 3
+    out = dict(zip([o.name for o in pre_s.get_outputs()], pre_s.run(None, feeds)))
+    past = []
+    for i in range(4):
+        past += [out[f"key.{i}"], out[f"value.{i}"], out[f"mask.{i}"]]
+    logits = out["logits"]
+    embed = toy.get_input_embeddings()
+    got = [[] for _ in ROWS]
+    for t in range(NEW_TOKENS):
+        tok = logits.argmax(-1)
+        for b, x in enumerate(tok.tolist()):
+            got[b].append(int(x))
+        if t == NEW_TOKENS - 1:
+            break
+        with torch.no_grad():
+            x = embed(torch.from_numpy(tok.astype(np.int64))[:, None]).numpy()
+        step = [x, SPEC.decode_positions(batch, t).numpy()] + past
+        res = dec_s.run(None, dict(zip(decode_input_names(4), step)))
+        logits, past = res[0], list(res[1:])
+    assert got == want

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from adatoken_compile import api
+from adatoken_compile import api, io as aio
 from adatoken_compile.cli import main
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import load
@@ -311,11 +311,12 @@ def no_work(monkeypatch):
 
 
 def _own(path, kind):
-    os.makedirs(path)
-    if kind == "artifact":
-        json.dump({"format": "adatoken-compile/artifact"}, open(os.path.join(path, "manifest.json"), "w"))
-    else:
-        json.dump({"schema": "adatoken-compile/schedule"}, open(os.path.join(path, "schedule.json"), "w"))
+    """A genuine earlier output of ``kind``: its record lists every file it holds."""
+    with aio.atomic_dir(path, kind) as tmp:
+        open(os.path.join(tmp, "w.bin"), "wb").write(b"x")
+        if kind == "artifact":
+            json.dump({"format": "adatoken-compile/artifact", "files": aio.file_record(tmp)},
+                      open(os.path.join(tmp, "manifest.json"), "w"))
 
 
 COMMANDS = {"compile": ["compile", "--out"], "calibrate": ["calibrate", "--samples", "8", "--policy", "pdrop", "--out"],
@@ -340,10 +341,7 @@ def test_outputs_refused_before_any_work_and_nothing_touched(tmp_path, no_work, 
     elif state == "other_kind":
         _own(target, "calibration" if command == "compile" else "artifact")
     else:
-        _own(target, "artifact" if command == "compile" else "calibration")
-        if command not in ("compile", "calibrate"):
-            json.dump({"tool": "adatoken-compile", "kind": {"make-tiny": "checkpoint"}.get(command, command)},
-                      open(os.path.join(target, ".adatoken-compile-output.json"), "w"))
+        _own(target, {"compile": "artifact", "calibrate": "calibration", "make-tiny": "checkpoint"}.get(command, command))
     before = tree_digest(tmp_path)
     code, out = cli(*COMMANDS[command], target)
     assert code == 2 and target in out

@@ -103,11 +103,29 @@ def test_read_npz_checks_declared_sizes_and_reads_only_named_members(tmp_path, m
 # ----------------------------------------------------------------------------- outputs
 
 
-def _own_dir(path, kind="artifact"):
-    os.makedirs(path)
-    name, key, value = aio._OWN_FILES[kind]
-    with open(os.path.join(path, name), "w") as f:
-        json.dump({key: value}, f)
+def _own_dir(path, kind="artifact", files=None):
+    """A genuine output of ``kind`` written through atomic_dir (an artifact's manifest lists its files)."""
+    files = {"schedule.json": b"{}", "sub/w.bin": b"\x00\x01"} if files is None else files
+    with aio.atomic_dir(path, kind, overwrite=True) as tmp:
+        for rel, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write(data)
+        if kind == "artifact":
+            table = aio.file_record(tmp)
+            table.pop(aio._TEMP_MARKER, None)
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump({"format": "adatoken-compile/artifact", "files": table}, f)
+
+
+def _snapshot(d) -> dict:
+    out = {}
+    for dp, dns, fns in os.walk(d):
+        for n in fns + [x for x in dns if os.path.islink(os.path.join(dp, x))]:
+            full = os.path.join(dp, n)
+            out[os.path.relpath(full, d)] = (os.readlink(full) if os.path.islink(full) else
+                                             open(full, "rb").read() if os.path.isfile(full) else "special")
+    return out
 
 
 def test_output_rules_never_touch_what_the_tool_did_not_write(tmp_path):
@@ -143,6 +161,9 @@ def test_scene_files_are_replaced_only_when_make_scene_wrote_them(tmp_path):
         aio.check_output(p, "scene", overwrite=True, is_dir=False)
     aio.mark_scene(p)
     assert load_scene(p).num_views == 1  # the mark leaves the arrays as they were
+    with pytest.raises(InputError, match="no record of one"):  # a zip comment anyone can copy is no proof
+        aio.check_output(p, "scene", overwrite=True, is_dir=False)
+    aio.write_file_record(p, "scene")
     with pytest.raises(InputError, match="pass --overwrite"):
         aio.check_output(p, "scene", is_dir=False)
     assert aio.check_output(p, "scene", overwrite=True, is_dir=False)
@@ -183,7 +204,8 @@ def test_interrupt_cleanup_removes_temps_and_restores_an_output_set_aside(tmp_pa
     os.makedirs(tmp)
     aio._live_temps.update({aside: own, tmp: None})
     aio.remove_live_temps()
-    assert os.listdir(own) == ["manifest.json"] and leftovers(tmp_path) == [] and not aio._live_temps
+    assert "manifest.json" in os.listdir(own) and aio.owned_by_tool(own, "artifact")
+    assert leftovers(tmp_path) == [] and not aio._live_temps
 
 
 def test_stale_temps_of_dead_runs_are_cleaned_others_kept(tmp_path):
@@ -191,18 +213,125 @@ def test_stale_temps_of_dead_runs_are_cleaned_others_kept(tmp_path):
     final = str(tmp_path / "art")
     stale = tmp_path / f".art.tmp-{dead}-aa"
     stale.mkdir()
-    (stale / aio._TEMP_MARKER).write_text("")
+    (stale / aio._TEMP_MARKER).write_text(aio._temp_record(stale.name))
     alive = tmp_path / f".art.tmp-{os.getppid()}-bb"
     alive.mkdir()
-    (alive / aio._TEMP_MARKER).write_text("")
+    (alive / aio._TEMP_MARKER).write_text(aio._temp_record(alive.name))
+    copied = tmp_path / f".art.tmp-{dead}-ee"  # a marker copied from another temporary path is no proof
+    copied.mkdir()
+    (copied / aio._TEMP_MARKER).write_text(aio._temp_record(stale.name))
+    (tmp_path / f".art.tmp-{dead}-ff").write_text("a user's file named like a temporary")
     users = tmp_path / f".art.tmp-{dead}-cc"  # a user's folder of that name, without the marker
     users.mkdir()
     (users / "mine.txt").write_text("keep")
     _own_dir(str(tmp_path / f".art.tmp-{dead}-dd"))  # an earlier output set aside by a killed run
     removed = aio.clean_stale_temps(final)
     assert sorted(os.path.basename(p) for p in removed) == [stale.name, f".art.tmp-{dead}-dd"]
-    assert os.listdir(final) == ["manifest.json"]  # put back in place: nothing had replaced it
-    assert alive.exists() and (users / "mine.txt").read_text() == "keep"
+    assert aio.owned_by_tool(final, "artifact")  # put back in place: nothing had replaced it
+    assert alive.exists() and (users / "mine.txt").read_text() == "keep" and copied.exists()
+    assert (tmp_path / f".art.tmp-{dead}-ff").exists()
+
+
+# Ownership by proof: whatever a user's folder holds (a copied manifest, schedule or marker among
+# their own files), and however an earlier output was changed after the tool wrote it, --overwrite
+# replaces only an untouched output of the same kind; everything else is one line and left as it was.
+DIR_KINDS = ("artifact", "calibration", "checkpoint", "quickstart", "scenes", "comparison")
+NAMES = st.text(st.sampled_from("abcxyz._-"), min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
+CONTENT = st.binary(max_size=16)
+
+
+def _copied_record(kind: str) -> tuple[str, bytes]:
+    if kind == "artifact":
+        return "manifest.json", json.dumps({"format": "adatoken-compile/artifact", "files": {}}).encode()
+    if kind == "calibration-schedule":
+        return "schedule.json", json.dumps({"schema": SCHEMA}).encode()
+    return aio.MARKER, json.dumps({"tool": aio.TOOL, "kind": kind}).encode()
+
+
+@settings(FAST, max_examples=40)
+@given(user=st.dictionaries(NAMES, CONTENT, min_size=1, max_size=4),
+       record=st.sampled_from(DIR_KINDS + ("calibration-schedule", None)), kind=st.sampled_from(DIR_KINDS))
+def test_a_users_folder_with_a_copied_record_is_never_replaced(tmp_path_factory, user, record, kind):
+    d = tmp_path_factory.mktemp("user") / "project"
+    d.mkdir()
+    for n, data in user.items():
+        (d / n).write_bytes(data)
+    if record is not None:
+        name, data = _copied_record(record)
+        (d / name).write_bytes(data)
+    before = _snapshot(d)
+    with pytest.raises(InputError, match="nothing was changed") as e:
+        with aio.atomic_dir(str(d), kind, overwrite=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").close()
+    one_line(e.value)
+    assert _snapshot(d) == before and leftovers(d.parent) == []
+
+
+MUTATIONS = ("add", "add_nested", "edit", "delete", "symlink", "fifo", "other_kind", "none")
+
+
+@settings(FAST, max_examples=40)
+@given(kind=st.sampled_from(DIR_KINDS), mutation=st.sampled_from(MUTATIONS), name=NAMES, data=CONTENT)
+def test_an_earlier_output_is_replaced_only_untouched_and_of_the_same_kind(tmp_path_factory, kind, mutation, name, data):
+    d = tmp_path_factory.mktemp("out") / "o"
+    _own_dir(str(d), kind)
+    target_kind = kind
+    if mutation == "add":
+        (d / f"user-{name}").write_bytes(data)
+    elif mutation == "add_nested":
+        (d / "sub" / f"user-{name}").write_bytes(data)
+    elif mutation == "edit":
+        (d / "sub" / "w.bin").write_bytes(b"edited:" + data)
+    elif mutation == "delete":
+        os.remove(d / "sub" / "w.bin")
+    elif mutation == "symlink":
+        os.symlink("/etc", d / f"user-{name}")
+    elif mutation == "fifo":
+        os.mkfifo(d / f"user-{name}")
+    elif mutation == "other_kind":
+        target_kind = next(k for k in DIR_KINDS if k != kind)
+    before = _snapshot(d)
+    if mutation == "none":
+        assert aio.owned_by_tool(str(d), kind)
+        with aio.atomic_dir(str(d), kind, overwrite=True) as tmp:
+            open(os.path.join(tmp, "fresh"), "w").close()
+        assert "fresh" in os.listdir(d) and aio.owned_by_tool(str(d), kind)
+        return
+    with pytest.raises(InputError, match="nothing was changed") as e:
+        aio.check_output(str(d), target_kind, overwrite=True)
+    msg = one_line(e.value)
+    assert ("user-" in msg) if mutation.startswith("add") or mutation in ("symlink", "fifo") else True
+    assert _snapshot(d) == before and leftovers(d.parent) == []
+
+
+@settings(FAST, max_examples=30)
+@given(kind=st.sampled_from(aio.FILE_KINDS), other=st.sampled_from(aio.FILE_KINDS),
+       text=st.sampled_from(['[{"question": "q", "prediction": "p"}]', '[]', 'mine']),
+       edit=st.booleans())
+def test_an_output_file_is_replaced_only_with_its_own_record(tmp_path_factory, kind, other, text, edit):
+    d = tmp_path_factory.mktemp("files")
+    p = str(d / "out.json")
+    with open(p, "w") as f:  # a user's file, however much it looks like this tool's output
+        f.write(text)
+    with pytest.raises(InputError, match="no record of one") as e:
+        aio.check_output(p, kind, overwrite=True, is_dir=False)
+    one_line(e.value)
+    with pytest.raises(InputError, match="nothing was changed"):  # the user's file is in the way
+        aio.write_json(p, [{"question": "q", "prediction": "p"}], kind, overwrite=True)
+    assert open(p).read() == text
+    os.remove(p)
+    aio.write_json(p, [{"question": "q", "prediction": "p"}], kind)
+    if edit:
+        with open(p, "a") as f:
+            f.write(" ")
+    if edit or other != kind:
+        with pytest.raises(InputError, match="nothing was changed"):
+            aio.write_json(p, [], other, overwrite=True)
+        assert json.load(open(p)) == [{"question": "q", "prediction": "p"}]
+    else:
+        aio.write_json(p, [], other, overwrite=True)
+        assert json.load(open(p)) == [] and aio.owned_file(p, kind)
+    assert leftovers(d) == []
 
 
 # ----------------------------------------------------------------------------- schedules

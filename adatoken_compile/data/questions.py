@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
@@ -79,6 +80,21 @@ def _answers(obj: dict, where: str) -> list[str]:
     return out
 
 
+def _inside(value: str, where: str, what: str) -> None:
+    """A question file names what it asks about inside the folders the user gave (the file's own
+    folder, --scenes): an absolute path, a drive, a home folder or a '..' component would read
+    elsewhere, so each is refused rather than followed."""
+    parts = re.split(r"[\\/]", value)
+    if "\x00" in value:
+        raise InputError(f"{where}: {what} {value!r} holds a NUL character; {FIX}")
+    if os.path.isabs(value) or value.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", value):
+        raise InputError(f"{where}: {what} '{value}' is an absolute path; name it relative to the question file or "
+                         f"as an id under --scenes ({FIX})")
+    if ".." in parts:
+        raise InputError(f"{where}: {what} '{value}' holds a '..' component, which leads outside the question file's "
+                         f"folder and --scenes; name it inside them ({FIX})")
+
+
 class _Resolver:
     """Scene and image references, one object per distinct path (samples of one scene share it)."""
 
@@ -91,9 +107,10 @@ class _Resolver:
             raise InputError(f"--scenes {scenes}: not found; pass the folder holding the scene folders (or an info .json)")
 
     def scene(self, value: str, by_id: bool, where: str) -> tuple[str, SceneRef]:
+        _inside(value, where, "scene")
         path = None
         if not by_id:
-            p = value if os.path.isabs(value) else os.path.join(self.base, value)
+            p = os.path.join(self.base, value)
             if os.path.exists(split_key(p)[0]):
                 path = p
         if path is None:
@@ -106,7 +123,8 @@ class _Resolver:
         return path, self.refs[path]
 
     def image(self, value: str, where: str) -> tuple[str, ImageRef]:
-        p = value if os.path.isabs(value) else os.path.join(self.base, value)
+        _inside(value, where, "image")
+        p = os.path.join(self.base, value)
         if p not in self.refs:
             if not os.path.isfile(p):
                 raise InputError(f"{where}: image '{value}' not found (paths are relative to the question file)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
 import warnings
 
 import numpy as np
@@ -182,10 +183,13 @@ def find_scene(root: str, scene_id: str, where: str) -> str:
     if root.endswith(".json") and os.path.isfile(root):
         key = embodiedscan.match_key(embodiedscan.load_info(root), scene_id, root)
         return f"{root}#{key}"
-    cands = [scene_id, os.path.basename(scene_id.rstrip("/"))]
-    for c in dict.fromkeys(cands):
-        for p in (os.path.join(root, c), os.path.join(root, c + ".npz")):
-            if os.path.exists(p):
-                return p
-    raise InputError(f"{where}: scene '{scene_id}' not found under --scenes {root} (looked for {root}/{cands[-1]}/ "
-                     f"and {root}/{cands[-1]}.npz); pass the folder that holds the scene folders")
+    # the id's last component names the scene (docs/data.md): a dataset prefix is dropped, and the
+    # scene is looked for directly under ROOT, never elsewhere
+    name = re.split(r"[\\/]", scene_id.rstrip("/\\"))[-1]
+    if name in ("", ".", "..") or "\x00" in name:
+        raise InputError(f"{where}: scene id '{scene_id}' names no scene; give the scene folder's name")
+    for p in (os.path.join(root, name), os.path.join(root, name + ".npz")):
+        if os.path.exists(p):
+            return p
+    raise InputError(f"{where}: scene '{scene_id}' not found under --scenes {root} (looked for {root}/{name}/ "
+                     f"and {root}/{name}.npz); pass the folder that holds the scene folders")

@@ -515,3 +515,43 @@ def test_sampling_settings_refused(t, p, seed):
     with pytest.raises(InputError) as e:
         check_sampling(t, p, seed)
     one_line(e.value)
+
+
+# ----------------------------------------------------------------------------- question files stay inside
+
+
+PART = st.sampled_from(["..", ".", "room", "scannet", "outside", "secret", "x y", ""])
+PREFIX = st.sampled_from(["", "/", "~/", "C:/", "\\\\", "./"])
+
+
+@settings(FAST, max_examples=80)
+@given(prefix=PREFIX, parts=st.lists(PART, min_size=1, max_size=4), key=st.sampled_from(["scene_id", "scene", "video",
+                                                                                          "image"]))
+def test_question_files_read_only_inside_the_given_folders(tmp_path_factory, prefix, parts, key):
+    """Whatever a question file names, what it reads lies under --scenes or the file's own folder;
+    everything else is one line."""
+    from adatoken_compile.data.questions import read_questions
+
+    top = tmp_path_factory.mktemp("paths")
+    here, scans = top / "here", top / "here" / "scans"
+    scans.mkdir(parents=True)
+    for d in (scans, here, top):  # a scene of every name at every level, so a lookup outside would succeed
+        for name in ("room", "outside", "secret", "scannet", "x y"):
+            simple_scene(V=1, H=8, W=8).save(str(d / f"{name}.npz"))
+            (d / name).mkdir(exist_ok=True)
+            (d / name / "room.npz").write_bytes((d / f"{name}.npz").read_bytes())
+    value = prefix + "/".join(parts)
+    qf = here / "q.jsonl"
+    qf.write_text(json.dumps({"question": "q", key: value}) + "\n")
+    try:
+        samples = read_questions(str(qf), scenes=str(scans))
+    except InputError as e:
+        one_line(e)
+        return
+    ref = samples[0].scene or samples[0].image
+    real = os.path.abspath(ref.path)
+    allowed = [str(scans)] if key in ("scene_id", "video") else [str(here)]
+    assert any(os.path.commonpath([real, a]) == a for a in allowed + [str(scans)]), (value, real)
+    assert ".." not in value.replace("\\", "/").split("/") and not os.path.isabs(value)
+    if key in ("scene_id", "video"):  # an id: its last component, directly under --scenes (docs/data.md)
+        assert os.path.dirname(real) == str(scans)

@@ -26,35 +26,32 @@ import re
 
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import parse_json_text, read_bytes
 from adatoken_compile.runtime.sample import Sample
 
 FIX = "see docs/data.md (question files)"
+MAX_QUESTION_BYTES = 256 << 20  # ScanQA's and SQA3D's largest files are tens of MB
 
 
 def _read_items(path: str) -> list[tuple[str, dict]]:
     """(where, object) per question of the file."""
+    raw = read_bytes(path, "question file", FIX, MAX_QUESTION_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text; a question file is JSONL or JSON ({FIX})")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})")
+        raise InputError(f"{path}: not UTF-8 text; a question file is JSONL or JSON ({FIX})") from None
     if path.endswith(".jsonl"):
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: not a JSON object ({e}); JSONL holds one object per line")
+                obj = parse_json_text(line, f"{path}:{n}", "question", "JSONL holds one object per line")
+            except InputError as e:
+                raise InputError(str(e).replace(": not valid JSON", ": not a JSON object", 1)) from None
             items.append((f"{path}:{n}", obj))
         return items
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); pass JSONL (one object a line) or a JSON list ({FIX})")
+    data = parse_json_text(text, path, "question file", f"pass JSONL (one object a line) or a JSON list ({FIX})")
     if isinstance(data, dict) and isinstance(data.get("questions"), list):
         data = data["questions"]
     if not isinstance(data, list):

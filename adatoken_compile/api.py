@@ -83,6 +83,9 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
 
         model = load_model("checkpoints/LLaVA-3D-7B", vision_tower="checkpoints/clip-vit-large-patch14-336")
     """
+    if isinstance(model, str) and not model.strip():  # never the bundled model in place of what was meant
+        raise InputError("--model '': empty; pass a checkpoint directory or a bundled name, or leave --model out "
+                         f"for {DEFAULT_MODEL}")
     if model is not None and not isinstance(model, str):
         from adatoken_compile.contract import (
             Adapter,  # torch: not in the runtime install

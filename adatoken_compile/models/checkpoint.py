@@ -175,6 +175,13 @@ def assign_exact(module: torch.nn.Module, sd: dict, where: str, prefix: str = ""
             raise InputError(
                 f"{where}: tensor '{prefix}{k}' has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}"
             )
+        # an integer or boolean tensor where the module holds floats would be cast silently and
+        # answer nothing; only floating weights load into floating parameters
+        dt = v.dtype if isinstance(v, torch.Tensor) else str(v.dtype)
+        floating = dt.is_floating_point if isinstance(dt, torch.dtype) else dt.upper().startswith(("F", "BF"))
+        if own[k].is_floating_point() and not floating:
+            raise InputError(f"{where}: tensor '{prefix}{k}' is stored as {dt}, not a floating type; the weights "
+                             "are not a float checkpoint (re-export them as float16/bfloat16/float32)")
     later = {k: v for k, v in sd.items() if isinstance(v, OnDisk)}
     if later and lazy is None:
         raise ValueError("assign_exact: tensors left on disk need a LazyWeights to record them")
@@ -195,11 +202,7 @@ def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:
     path = os.path.join(proc_dir, "preprocessor_config.json")
     if not os.path.exists(path):
         return ImageProcessing.clip(image_size)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); fix or re-download the checkpoint's preprocessor config")
+    cfg = read_json(path, "preprocessor config", "fix or re-download the checkpoint's preprocessor config")
     kind = str(cfg.get("image_processor_type") or "CLIPImageProcessor")
     cls = IMAGE_PROCESSORS.get(kind.removesuffix("Fast").removesuffix("Pil"))
     if cls is None:
@@ -213,14 +216,21 @@ def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:
     if size is not None and not (size.shortest_edge and not size.longest_edge) and not (size.height and size.width):
         raise InputError(f"{path}: resize size {dict(cfg.get('size') or {})} unsupported; use shortest_edge or "
                          "height/width")
-    proc = ImageProcessing(
-        shortest_edge=int(size.shortest_edge) if size is not None and size.shortest_edge else None,
-        resize_hw=(int(size.height), int(size.width)) if size is not None and size.height else None,
-        resample=int(p.resample),
-        crop_hw=(int(p.crop_size.height), int(p.crop_size.width)) if p.do_center_crop and p.crop_size else None,
-        rescale=float(p.rescale_factor) if p.do_rescale else None,
-        mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
-        std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+    try:  # a value of the wrong type ('', a list) fails the conversions: the file's fault, one line
+        proc = ImageProcessing(
+            shortest_edge=int(size.shortest_edge) if size is not None and size.shortest_edge else None,
+            resize_hw=(int(size.height), int(size.width)) if size is not None and size.height else None,
+            resample=int(p.resample),
+            crop_hw=(int(p.crop_size.height), int(p.crop_size.width)) if p.do_center_crop and p.crop_size else None,
+            rescale=float(p.rescale_factor) if p.do_rescale else None,
+            mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
+            std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise InputError(f"{path}: a resize, crop or normalisation value is malformed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); fix or re-download the checkpoint's "
+                         "preprocessor config") from None
     if proc.output_hw(image_size, image_size + 1) != (image_size, image_size):
         raise InputError(f"{path}: makes {proc.output_hw(image_size, image_size + 1)} pixel values from a "
                          f"{image_size}x{image_size + 1} image; the vision tower takes {image_size}x{image_size}")

@@ -453,3 +453,24 @@ def test_interrupts_remove_temporary_outputs(tiny3d_dir, tmp_path):
                     str(dirs["kill"] / "art"))
     assert code == 2 and "schedule not found" in out
     assert os.listdir(dirs["kill"]) == []  # the dead run's temp path is gone
+
+
+# ----------------------------------------------------------------------------- the runtime-only install
+
+# what the base install lacks: each package of the [compile] extra made unimportable in turn
+HIDE = ("import sys\nfor m in {mods}: sys.modules[m] = None\n"
+        "from adatoken_compile.cli import main\nmain(sys.argv[1:])")
+
+
+@pytest.mark.parametrize("command, missing", [
+    (["make-tiny", "--out", "tiny"], ("torch",)),
+    (["compile", "--out", "art"], ("onnx", "onnxscript", "onnx_ir")),
+    (["eval", "--limit", "1"], ("transformers",)),
+    (["calibrate", "--out", "cal"], ("safetensors", "torch")),
+])
+def test_a_missing_compile_extra_is_one_line_exit_2_not_a_bug(tmp_path, command, missing):
+    r = subprocess.run([sys.executable, "-c", HIDE.format(mods=repr(missing)), *command], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "[compile] extra" in lines[0] and "internal error" not in lines[0] and os.listdir(tmp_path) == []

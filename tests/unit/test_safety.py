@@ -555,3 +555,371 @@ def test_question_files_read_only_inside_the_given_folders(tmp_path_factory, pre
     assert ".." not in value.replace("\\", "/").split("/") and not os.path.isabs(value)
     if key in ("scene_id", "video"):  # an id: its last component, directly under --scenes (docs/data.md)
         assert os.path.dirname(real) == str(scans)
+
+
+# ----------------------------------------------------------------------------- bounds before work
+
+
+def _special(kind: str, where) -> str:
+    """A path that is not a regular file of the expected size: a device, a FIFO, a directory,
+    a symlink to either, or (``big``) a regular file over the reader's limit."""
+    p = str(where / f"special-{kind}")
+    if kind == "dev_zero_link":
+        os.symlink("/dev/zero", p)
+    elif kind == "dev_null":
+        return "/dev/null"
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "fifo_link":
+        os.mkfifo(p + ".target")
+        os.symlink(p + ".target", p)
+    elif kind == "dir":
+        os.mkdir(p)
+    elif kind == "dangling":
+        os.symlink(p + ".nowhere", p)
+    return p
+
+
+def _readers():
+    from adatoken_compile.data.questions import read_questions
+    from adatoken_compile.runtime import embodiedscan, scannet
+    from adatoken_compile.runtime.image import load_image, open_image
+
+    return {
+        "json": lambda p: read_json(p, "config", "fix"),
+        "npz": lambda p: read_npz(p, {"a": 100}, "fix"),
+        "schedule": lambda p: Schedule.load(p),
+        "questions": lambda p: read_questions(p),
+        "matrix": lambda p: scannet.read_matrix(p),
+        "image": lambda p: load_image(p),
+        "frame": lambda p: open_image(p, "colour image"),
+        "info": lambda p: embodiedscan.load_info(p),
+        "scene": lambda p: load_scene(p),
+    }
+
+
+@settings(FAST, max_examples=40)
+@given(kind=st.sampled_from(["dev_zero_link", "dev_null", "fifo", "fifo_link", "dir", "dangling"]),
+       reader=st.sampled_from(sorted(_readers())))
+def test_every_reader_refuses_what_is_not_a_regular_file_before_reading(tmp_path_factory, kind, reader):
+    import signal
+
+    p = _special(kind, tmp_path_factory.mktemp("special"))
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail(f"{reader} blocked or read without end on {kind}"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(InputError) as e:
+            _readers()[reader](p)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    one_line(e.value)
+
+
+@settings(FAST, max_examples=20)
+@given(extra=st.integers(1, 5000), reader=st.sampled_from(["json", "matrix"]))
+def test_a_file_over_its_readers_limit_is_refused_from_its_size(tmp_path_factory, monkeypatch_module, extra, reader):
+    from adatoken_compile import readers
+    from adatoken_compile.runtime import scannet
+
+    monkeypatch_module.setattr(readers, "MAX_JSON_BYTES", 64)
+    monkeypatch_module.setattr(scannet, "MAX_MATRIX_BYTES", 64)
+    p = tmp_path_factory.mktemp("big") / "f"
+    p.write_text(" " * (64 + extra))
+    read = {"json": lambda: read_json(str(p), "config", "fix", max_bytes=readers.MAX_JSON_BYTES),
+            "matrix": lambda: scannet.read_matrix(str(p))}[reader]
+    with pytest.raises(InputError, match="too large") as e:
+        read()
+    one_line(e.value)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@settings(FAST, max_examples=30)
+@given(H=st.integers(1, 40), W=st.integers(1, 40), depth_too=st.booleans())
+def test_scene_frames_over_the_pixel_limit_are_refused_from_their_header(tmp_path_factory, H, W, depth_too):
+    """No pixel of an over-limit frame is decoded: the header's size is checked first."""
+    from PIL import ImageFile
+
+    from adatoken_compile.runtime import scannet
+    from adatoken_compile.runtime.sources import open_scene
+
+    d = tmp_path_factory.mktemp("frames") / "scan"
+    scannet.write(simple_scene(V=2, H=H, W=W), str(d), "scan")
+    limit = 200
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(LIMIT_ENV["view_pixels"], str(limit))
+    mp.setattr(ImageFile.ImageFile, "load", load)
+    try:
+        if H * W > limit:
+            with pytest.raises(InputError, match="more than the limit") as e:
+                open_scene(str(d), num_frames=2)
+            one_line(e.value)
+            assert decoded == []
+        else:
+            assert open_scene(str(d), num_frames=2).images.shape[1:3] == (H, W)
+    finally:
+        mp.undo()
+
+
+@settings(FAST, max_examples=40)
+@given(short=st.integers(1, 4), long=st.integers(1, 3000), edge=st.integers(4, 64), tall=st.booleans())
+def test_a_resize_target_over_the_limit_is_refused_before_resizing(short, long, edge, tall):
+    """A sliver whose short side goes to the tower's size would ask for a resize of long * edge / short
+    pixels: refused from the numbers, never allocated."""
+    H, W = (long, short) if tall else (short, long)
+    proc = ImageProcessing(shortest_edge=edge, crop_hw=(edge, edge))
+    nh, nw = proc.resized_hw(H, W)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(LIMIT_ENV["view_pixels"], "20000")
+    try:
+        if H * W > 20000:
+            pytest.raises(InputError, proc, np.zeros((H, W, 3), np.uint8))
+        elif nh * nw > 20000:
+            with pytest.raises(InputError, match="resizes to") as e:
+                proc(np.zeros((H, W, 3), np.uint8))
+            one_line(e.value)
+        else:
+            assert proc(np.zeros((H, W, 3), np.uint8)).shape == (3, edge, edge)
+    finally:
+        mp.undo()
+
+
+@settings(FAST, max_examples=40)
+@given(value=st.one_of(st.integers(-10**400, 10**400), st.integers(-5, 100), st.floats(), st.booleans(), st.text(max_size=3),
+                       st.none()))
+def test_num_frames_is_checked_against_the_views_limit_before_a_frame_is_read(tmp_path_factory, value):
+    from adatoken_compile.runtime.sources import check_num_frames, open_scene
+
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64
+    if ok:
+        assert check_num_frames(value, "config.json") == value
+        return
+    with pytest.raises(InputError, match="num_frames") as e:
+        check_num_frames(value, "config.json")
+    assert len(one_line(e.value)) < 400
+    if value is not None:
+        with pytest.raises(InputError, match="num_frames"):
+            open_scene(str(tmp_path_factory.mktemp("nf") / "missing"), num_frames=value)
+
+
+# ----------------------------------------------------------------------------- no silent acceptance
+
+
+@settings(FAST, max_examples=20)
+@given(dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "bool"]), which=st.sampled_from(["weight", "bias"]),
+       on_disk=st.booleans())
+def test_integer_weights_are_refused_not_cast(dtype, which, on_disk):
+    import torch
+
+    from adatoken_compile.models.checkpoint import OnDisk, assign_exact
+
+    m = torch.nn.Linear(3, 2)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    bad = torch.ones(sd[which].shape, dtype=getattr(torch, dtype))
+    sd[which] = OnDisk("w.safetensors", which, bad.shape, {"bool": "BOOL"}.get(dtype, dtype.upper().replace("INT", "I")
+                                                                                 .replace("UI", "U"))) if on_disk else bad
+    with pytest.raises(InputError, match="not a floating type") as e:
+        assign_exact(m, sd, "ckpt", lazy=object())
+    one_line(e.value)
+
+
+def _frame_files(d, depth: np.ndarray):
+    from PIL import Image
+
+    c, p = str(d / "c.png"), str(d / "d.tiff")
+    Image.fromarray(np.zeros(depth.shape + (3,), np.uint8)).save(c)
+    Image.fromarray(depth).save(p)
+    return c, p
+
+
+@settings(FAST, max_examples=25)
+@given(metres=st.floats(0.1, 8.0), scale=st.sampled_from([1.0, 1000.0, 5000.0]), floating=st.booleans())
+def test_float_depth_maps_are_metres_integer_maps_are_units(tmp_path_factory, metres, scale, floating):
+    from collections import Counter
+
+    from adatoken_compile.runtime.scannet import decode_frames
+
+    d = tmp_path_factory.mktemp("depth")
+    raw = np.full((4, 5), metres if floating else round(metres * scale), np.float32 if floating else np.int32)
+    c, p = _frame_files(d, raw)
+    arrays, _ = decode_frames([(c, p, np.eye(4))], [0], scale, "scene", Counter())
+    want = np.float32(metres) if floating else np.float32(round(metres * scale)) / np.float32(scale)
+    assert arrays["depths"].dtype == np.float32 and np.allclose(arrays["depths"], want)
+
+
+@settings(FAST, max_examples=30)
+@given(value=st.one_of(st.sampled_from([0, 0.0, -1, -1000.0, math.nan, math.inf, -math.inf, True, "1000"]),
+                       st.floats(max_value=0.0), st.integers(max_value=0)))
+def test_a_non_positive_or_non_finite_depth_scale_is_refused(tmp_path_factory, value):
+    from adatoken_compile.runtime import embodiedscan
+    from adatoken_compile.runtime.sources import check_depth_scale, open_scene
+
+    with pytest.raises(InputError, match="depth_scale") as e:
+        check_depth_scale(value, "depth_scale")
+    one_line(e.value)
+    d = tmp_path_factory.mktemp("es")
+    embodiedscan.write([("scene0", simple_scene(V=1, H=8, W=8))], str(d))
+    info = json.load(open(d / "embodiedscan_infos.json"))
+    next(iter(info.values()))["depth_scale"] = value
+    (d / "embodiedscan_infos.json").write_text(json.dumps(info))
+    # the info file's own scale, never "0 means 1000" (NaN and Infinity are not JSON at all)
+    with pytest.raises(InputError, match="depth_scale|NaN|Infinity") as e:
+        open_scene(str(d / "embodiedscan_infos.json"), num_frames=1)
+    one_line(e.value)
+    if not isinstance(value, str):
+        with pytest.raises(InputError, match="depth_scale"):
+            open_scene(str(d / "embodiedscan_infos.json"), num_frames=1, depth_scale=value)
+
+
+@settings(FAST, max_examples=10)
+@given(name=st.text(" \t\n", max_size=3))
+def test_an_empty_model_name_is_refused_not_the_bundled_model(name):
+    from adatoken_compile import api
+
+    with pytest.raises(InputError, match="empty") as e:
+        api.load_model(name)
+    one_line(e.value)
+
+
+@settings(FAST, max_examples=15)
+@given(name=st.sampled_from(["vision_tower", "clip", "towers/clip-336"]), in_cwd=st.booleans())
+def test_a_vision_tower_is_looked_for_only_where_the_config_says(tmp_path_factory, name, in_cwd):
+    from adatoken_compile.models.llava3d import _local_vision_dir
+
+    top = tmp_path_factory.mktemp("vt")
+    model_dir, cwd = top / "ckpt", top / "work"
+    model_dir.mkdir()
+    cwd.mkdir()
+    (cwd / name).mkdir(parents=True)  # a tower of that name in the current directory: never taken
+    if not in_cwd:
+        (model_dir / name).mkdir(parents=True)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(cwd)
+    try:
+        if in_cwd:
+            with pytest.raises(InputError, match="not a local directory") as e:
+                _local_vision_dir(str(model_dir), {"mm_vision_tower": name}, None, "config.json")
+            assert str(model_dir / name) in one_line(e.value)
+        else:
+            assert _local_vision_dir(str(model_dir), {"mm_vision_tower": name}, None, "config.json") == str(model_dir / name)
+        assert _local_vision_dir(str(model_dir), {"mm_vision_tower": "x"}, name, "config.json") == name  # the user's own path
+    finally:
+        mp.undo()
+
+
+# ----------------------------------------------------------------------------- one line, whatever the input
+
+
+@settings(FAST, max_examples=40)
+@given(offset=st.integers(0, 10**6), byte=st.integers(0, 255), count=st.integers(1, 4))
+def test_a_corrupted_scene_npz_is_one_line_or_a_valid_scene(tmp_path_factory, offset, byte, count):
+    d = tmp_path_factory.mktemp("npz")
+    p = str(d / "s.npz")
+    simple_scene(V=1, H=8, W=8).save(p)
+    raw = bytearray(open(p, "rb").read())
+    for k in range(count):  # corrupt deflate streams, headers and the zip directory alike
+        raw[(offset + 97 * k) % len(raw)] = byte
+    open(p, "wb").write(bytes(raw))
+    try:
+        assert load_scene(p).num_views == 1
+    except InputError as e:
+        one_line(e)
+
+
+@settings(FAST, max_examples=20)
+@given(depth=st.integers(500, 200_000), opener=st.sampled_from(["[", '{"a":']),
+       reader=st.sampled_from(["json", "schedule", "questions", "questions_jsonl", "info"]))
+def test_deeply_nested_json_is_one_line_in_every_reader(tmp_path_factory, depth, opener, reader):
+    from adatoken_compile.data.questions import read_questions
+    from adatoken_compile.runtime import embodiedscan
+
+    closer = "]" if opener == "[" else "}"
+    d = tmp_path_factory.mktemp("deep")
+    p = d / ("q.jsonl" if reader == "questions_jsonl" else "f.json")
+    p.write_text(opener * depth + "1" + closer * depth + "\n")
+    read = {"json": lambda: read_json(str(p), "config", "fix"), "schedule": lambda: Schedule.load(str(p)),
+            "questions": lambda: read_questions(str(p)), "questions_jsonl": lambda: read_questions(str(p)),
+            "info": lambda: embodiedscan.load_info(str(p))}[reader]
+    try:
+        read()
+    except InputError as e:
+        one_line(e)
+    else:  # a nesting the parser handles is valid JSON; only a reader without a shape to check takes it
+        assert reader == "json" and opener != "[" and depth < 1000
+
+
+SCHEDULE_NUMBERS = [("version",), ("model", "num_layers"), ("cuts", 0, "layer"), ("cuts", 0, "keep"),
+                    ("cuts", 1, "layer"), ("cuts", 1, "keep")]
+
+
+@settings(FAST, max_examples=40)
+@given(where=st.sampled_from(SCHEDULE_NUMBERS), digits=st.integers(20, 4000), sign=st.sampled_from([1, -1]),
+       as_float=st.booleans())
+def test_huge_numbers_in_a_schedule_are_one_line(tmp_path_factory, where, digits, sign, as_float):
+    d = _schedule_dict()
+    obj = d
+    for k in where[:-1]:
+        obj = obj[k]
+    obj[where[-1]] = sign * int("9" * digits)
+    text = json.dumps(d)
+    if as_float:
+        text = text.replace("9" * digits, "9" * digits + ".5", 1)
+    p = tmp_path_factory.mktemp("huge") / "schedule.json"
+    p.write_text(text)
+    with pytest.raises(InputError) as e:
+        Schedule.load(str(p))
+    assert len(one_line(e.value)) < 600
+
+
+PREPROCESSOR = st.one_of(
+    st.just([]), st.just([1, 2]), st.just("clip"), st.just(None),
+    st.fixed_dictionaries({}, optional={
+        "resample": st.one_of(st.integers(-3, 120), st.floats(allow_nan=False), st.text(max_size=3), st.booleans()),
+        "crop_size": st.one_of(st.integers(-2, 10**7), st.dictionaries(st.sampled_from(["height", "width"]),
+                                                                     st.integers(-2, 10**6))),
+        "size": st.one_of(st.integers(-2, 10**7), st.dictionaries(st.sampled_from(["shortest_edge", "height", "width"]),
+                                                                st.integers(-2, 10**6))),
+        "image_mean": st.lists(st.floats(allow_nan=False), max_size=4),
+        "do_resize": st.booleans(),
+    }))
+
+
+@settings(FAST, max_examples=40)
+@given(cfg=PREPROCESSOR)
+def test_a_bad_preprocessor_config_is_one_line(tmp_path_factory, cfg):
+    from adatoken_compile.models.checkpoint import image_processing
+
+    d = tmp_path_factory.mktemp("pre")
+    (d / "preprocessor_config.json").write_text(json.dumps(cfg))
+    try:
+        proc = image_processing(str(d), 56)
+    except InputError as e:
+        one_line(e)
+        return
+    out = proc(np.zeros((30, 40, 3), np.uint8))  # what it accepts, it applies
+    assert out.shape == (3, 56, 56) and np.isfinite(out).all()
+
+
+@settings(FAST, max_examples=20)
+@given(questions=st.one_of(st.integers(), st.floats(), st.none().map(lambda _: object()), st.binary(max_size=4),
+                           st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=2)))
+def test_the_runtime_api_refuses_wrong_argument_types_with_input_error(questions):
+    from adatoken_compile.runtime.engine import Runtime
+
+    rt = Runtime.__new__(Runtime)  # _pairs reads nothing of the loaded artifact
+    with pytest.raises(InputError, match="questions") as e:
+        rt._pairs(simple_scene(V=1, H=8, W=8), questions)
+    one_line(e.value)

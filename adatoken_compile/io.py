@@ -20,6 +20,7 @@ one, never half of one, and never deletes what the tool did not create:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -422,6 +423,25 @@ def _write_error(path: str, e: OSError) -> InputError:
                       "nothing was changed")
 
 
+_DISK_FULL = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("StorageFull", errno.ENOSPC),
+              ("Disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT))
+
+
+def _disk_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, or what a writer that wraps it reports (safetensors raises
+    ``SafetensorError: ... IoError(Os { code: 28, kind: StorageFull ...})``, torch a RuntimeError),
+    so a full disk is one line whichever library was writing."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, (InputError, KeyboardInterrupt, SystemExit)):
+        return None
+    text = str(e)
+    for needle, code in _DISK_FULL:
+        if needle in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
 def _umask_mode(mode: int) -> int:
     um = os.umask(0)
     os.umask(um)
@@ -471,11 +491,11 @@ def atomic_dir(path: str, kind: str, *, overwrite: bool = False, marker: bool = 
                 os.replace(final, old)
         os.replace(tmp, final)
         _live_temps.pop(tmp, None)
-    except OSError as e:
+    except BaseException as e:
         _undo(tmp, old, final)
-        raise _write_error(path, e) from e
-    except BaseException:
-        _undo(tmp, old, final)
+        disk = _disk_error(e)
+        if disk is not None:
+            raise _write_error(path, disk) from e
         raise
     if old is not None:
         _live_temps.pop(old, None)
@@ -518,8 +538,11 @@ def atomic_file(path: str, kind: str | None = None, *, overwrite: bool = False) 
         os.replace(tmp, final)
         if kind:
             write_file_record(final, kind)
-    except OSError as e:
-        raise _write_error(path, e) from e
+    except Exception as e:
+        disk = _disk_error(e)
+        if disk is not None:
+            raise _write_error(path, disk) from e
+        raise
     finally:
         if tdir is not None:
             _remove(tdir)

@@ -923,3 +923,42 @@ def test_the_runtime_api_refuses_wrong_argument_types_with_input_error(questions
     with pytest.raises(InputError, match="questions") as e:
         rt._pairs(simple_scene(V=1, H=8, W=8), questions)
     one_line(e.value)
+
+
+def _disk_full_errors():
+    from safetensors import SafetensorError
+
+    return [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+            SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                            'left on device" })'),
+            RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos; PytorchStreamWriter failed "
+                         "writing file data/0: file write failed (No space left on device)"),
+            OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))]
+
+
+@settings(FAST, max_examples=20)
+@given(which=st.integers(0, 3), kind=st.sampled_from(["checkpoint", "calibration"]), earlier=st.booleans(),
+       as_file=st.booleans())
+def test_a_full_disk_is_one_line_whichever_library_was_writing(tmp_path_factory, which, kind, earlier, as_file):
+    """make-tiny writes with safetensors and torch, calibrate with numpy and json: each wraps ENOSPC
+    its own way, and each is the same one line, with the earlier output kept and no temporary left."""
+    d = tmp_path_factory.mktemp("full")
+    out = str(d / ("p.json" if as_file else "o"))
+    if earlier and not as_file:
+        _own_dir(out, kind)
+    before = _snapshot(d)
+    err = _disk_full_errors()[which]
+    with pytest.raises(InputError, match="free some space|could not write") as e:
+        if as_file:
+            with aio.atomic_file(out, "predictions") as tmp:
+                open(tmp, "w").write("partial")
+                raise err
+        else:
+            with aio.atomic_dir(out, kind, overwrite=True) as tmp:
+                open(os.path.join(tmp, "partial"), "w").write("x")
+                raise err
+    one_line(e.value)
+    assert _snapshot(d) == before and leftovers(d) == []
+    with pytest.raises(ValueError, match="a bug"):  # what is not a write failure stays what it is
+        with aio.atomic_dir(str(d / "other"), kind) as tmp:
+            raise ValueError("a bug")

@@ -182,13 +182,20 @@ class ImageProcessing:
         nh, nw = self.resized_hw(H, W)
         if (nh, nw) == (H, W):
             return img
+        self.resize_target_ok(H, W, "image", (nh, nw))
+        return np.asarray(Image.fromarray(img).resize((nw, nh), resample=self.resample))
+
+    def resize_target_ok(self, H: int, W: int, where: str = "image", target: tuple[int, int] | None = None) -> bool:
+        """Refuse an (H, W) input whose resize target exceeds the per-view limit: a sliver
+        (1 x 1,000,000) whose short side goes to the tower's size would ask for a resize of
+        billions of pixels. ``target``: the (height, width) it resizes to, when not this
+        processor's own resize."""
+        nh, nw = target or self.resized_hw(H, W)
         if nh * nw > max(limits()["view_pixels"], H * W):
-            # a sliver (1 x 1,000,000) whose short side goes to the tower's size would ask for a
-            # resize of billions of pixels
-            raise InputError(f"image of {W}x{H} pixels resizes to {nw}x{nh}, more than the limit of "
+            raise InputError(f"{where}: {W}x{H} pixels resizes to {nw}x{nh}, more than the limit of "
                              f"{limits()['view_pixels']} pixels; crop it to a less extreme aspect ratio or "
                              f"{limit_hint('view_pixels')}")
-        return np.asarray(Image.fromarray(img).resize((nw, nh), resample=self.resample))
+        return True
 
     def crop(self, arr: np.ndarray) -> np.ndarray:
         """Centre crop of an (h, w, ...) array, zero-padded where the crop is larger."""

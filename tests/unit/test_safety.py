@@ -962,3 +962,31 @@ def test_a_full_disk_is_one_line_whichever_library_was_writing(tmp_path_factory,
     with pytest.raises(ValueError, match="a bug"):  # what is not a write failure stays what it is
         with aio.atomic_dir(str(d / "other"), kind) as tmp:
             raise ValueError("a bug")
+
+
+@settings(FAST, max_examples=25)
+@given(short=st.integers(1, 3), long=st.integers(20, 400), tall=st.booleans())
+def test_a_scene_of_slivers_is_refused_before_any_view_is_resized(short, long, tall):
+    from PIL import Image
+
+    from adatoken_compile.runtime.scene import preprocess_scene
+
+    H, W = (long, short) if tall else (short, long)
+    scene = simple_scene(V=2, H=H, W=W)
+    proc = ImageProcessing.clip(28)
+    nh, nw = proc.resized_hw(H, W)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(LIMIT_ENV["view_pixels"], "20000")
+    resized = []
+    real = Image.Image.resize
+    mp.setattr(Image.Image, "resize", lambda self, *a, **k: resized.append(self.size) or real(self, *a, **k))
+    try:
+        if nh * nw > 20000:
+            with pytest.raises(InputError, match="resizes to") as e:
+                preprocess_scene(scene, 28, processing=proc)
+            one_line(e.value)
+            assert resized == []
+        else:
+            assert preprocess_scene(scene, 28, processing=proc).pixel_values.shape == (2, 3, 28, 28)
+    finally:
+        mp.undo()

@@ -416,6 +416,28 @@ def test_artifact_settings_exact_or_refused(tmp_path_factory, key, value):
     assert got["num_frames"] is None or (type(got["num_frames"]) is int and got["num_frames"] >= 1)
 
 
+@settings(FAST, max_examples=40)
+@given(key=st.sampled_from(["max_positions", "arch.num_layers", "arch.hidden", "arch.heads", "arch.kv_heads",
+                            "arch.head_dim", "arch.intermediate", "arch.vocab", "image_processing.resample",
+                            "image_processing.shortest_edge"]),
+       value=st.integers((1 << 24) + 1, 10**400) | st.integers(-10**400, 0))
+def test_artifact_numbers_that_size_work_are_bounded(tmp_path_factory, key, value):
+    """A stored description may not size KV buffers, loops or a resize beyond any model's: every
+    such number outside its limit is one line when the artifact is read, not an allocation."""
+    d = _settings()
+    where = d
+    *path, last = key.split(".")
+    for k in path:
+        where = where[k]
+    where[last] = value
+    p = tmp_path_factory.mktemp("s") / "preprocess.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        got = read_settings(str(p), "recompile")
+        ImageProcessing.from_dict(got["image_processing"])
+    assert len(one_line(e.value)) < 600
+
+
 # ----------------------------------------------------------------------------- scenes
 
 

@@ -18,7 +18,7 @@ from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import Fields, read_json
+from adatoken_compile.readers import MAX_JSON_BYTES, Fields, read_bytes, read_json
 from adatoken_compile.runtime.image import ImageProcessing
 from adatoken_compile.runtime.prompt import QUESTION_FIELD, PromptFormat
 
@@ -243,17 +243,16 @@ def chat_template(model_dir: str) -> tuple[str, str] | None:
     (``tokenizer_config.json``); None when it ships none."""
     jinja = os.path.join(model_dir, "chat_template.jinja")
     if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read(), jinja
+        raw = read_bytes(jinja, "chat template", "fix or re-download it", MAX_JSON_BYTES)
+        try:
+            return raw.decode("utf-8"), jinja
+        except UnicodeDecodeError:
+            raise InputError(f"{jinja}: not UTF-8 text; fix or re-download it") from None
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                t = json.load(f).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise InputError(f"{path}: not a valid JSON object ({e}); fix or re-download it")
+        t = read_json(path, "config", "fix or re-download it").get("chat_template")
         if isinstance(t, list):  # named templates: the default one
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         if isinstance(t, str) and t.strip():

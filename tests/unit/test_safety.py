@@ -588,8 +588,8 @@ def _special(kind: str, where) -> str:
     p = str(where / f"special-{kind}")
     if kind == "dev_zero_link":
         os.symlink("/dev/zero", p)
-    elif kind == "dev_null":
-        return "/dev/null"
+    elif kind == "dev_null_link":
+        os.symlink("/dev/null", p)
     elif kind == "fifo":
         os.mkfifo(p)
     elif kind == "fifo_link":
@@ -617,11 +617,24 @@ def _readers():
         "frame": lambda p: open_image(p, "colour image"),
         "info": lambda p: embodiedscan.load_info(p),
         "scene": lambda p: load_scene(p),
+        "tokenizer": lambda p: __import__("adatoken_compile.runtime.tokenizer", fromlist=["x"]).TextTokenizer.from_files(p),
+        "chat_template": _chat_template_at,
     }
 
 
+def _chat_template_at(p):
+    """The checkpoint reader's chat template, with ``p`` in the place of chat_template.jinja."""
+    from adatoken_compile.models.checkpoint import chat_template
+
+    d = os.path.join(os.path.dirname(p), "ckpt-" + os.path.basename(p))
+    os.makedirs(d)
+    os.symlink(os.path.abspath(p), os.path.join(d, "chat_template.jinja"))
+    if chat_template(d) is None:  # a dangling link is no template: nothing was read, nothing to refuse
+        raise InputError(f"{p}: no chat template")
+
+
 @settings(FAST, max_examples=40)
-@given(kind=st.sampled_from(["dev_zero_link", "dev_null", "fifo", "fifo_link", "dir", "dangling"]),
+@given(kind=st.sampled_from(["dev_zero_link", "dev_null_link", "fifo", "fifo_link", "dir", "dangling"]),
        reader=st.sampled_from(sorted(_readers())))
 def test_every_reader_refuses_what_is_not_a_regular_file_before_reading(tmp_path_factory, kind, reader):
     import signal

@@ -1025,3 +1025,42 @@ def test_a_scene_of_slivers_is_refused_before_any_view_is_resized(short, long, t
             assert preprocess_scene(scene, 28, processing=proc).pixel_values.shape == (2, 3, 28, 28)
     finally:
         mp.undo()
+
+
+@settings(FAST, max_examples=30)
+@given(prefix=PREFIX, parts=st.lists(st.sampled_from(["..", ".", "frames", "outside"]), min_size=0, max_size=3),
+       which=st.sampled_from(["img_path", "depth_path"]))
+def test_info_file_frames_are_read_only_beside_the_info_file(tmp_path_factory, prefix, parts, which):
+    """An EmbodiedScan info file names its frames relative to its own folder: an absolute path or a
+    '..' is one line, never a read elsewhere."""
+    from adatoken_compile.runtime import embodiedscan
+    from adatoken_compile.runtime.sources import open_scene
+
+    top = tmp_path_factory.mktemp("es")
+    d = top / "data"
+    embodiedscan.write([("scene0", simple_scene(V=1, H=8, W=8))], str(d))
+    info_path = d / "embodiedscan_infos.json"
+    info = json.load(open(info_path))
+    entry = next(iter(info.values()))
+    frame = entry["images"][0] if "images" in entry else next(v for v in entry.values() if isinstance(v, dict))
+    key = which if "images" in entry else ("depth" if which == "depth_path" else None)
+    if key is None:  # frames keyed by their image path: move the key
+        (old, val), = [(k, v) for k, v in entry.items() if isinstance(v, dict) and "pose" in v]
+        original = old
+    else:
+        original = frame[key]
+    target = prefix + "/".join([*parts, os.path.basename(original)])
+    for where in (top, top.parent):  # a copy outside the info file's folder, so a read there would succeed
+        (where / os.path.basename(original)).write_bytes((d / original).read_bytes())
+    if key is None:
+        entry[target] = entry.pop(old)
+    else:
+        frame[key] = target
+    info_path.write_text(json.dumps(info))
+    try:
+        open_scene(str(info_path), num_frames=1)
+    except InputError as e:
+        one_line(e)
+        return
+    norm = os.path.normpath(os.path.join(str(d), target))
+    assert os.path.commonpath([norm, str(d)]) == str(d) and not os.path.isabs(target), target

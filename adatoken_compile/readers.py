@@ -25,6 +25,25 @@ import numpy as np
 from .errors import InputError
 
 MAX_JSON_BYTES = 64 << 20  # configs, manifests, schedules and statistics headers are kilobytes
+# JSON that is data (question files, EmbodiedScan info files, tokenizer.json) may be larger; its
+# limit keeps the parse under about 2 GB of memory (64 MB of "{}," is 1.6 GB of Python objects)
+# and is raised by the user who has a larger file and the memory for it
+MAX_DATA_JSON_ENV = "ADATOKEN_COMPILE_MAX_JSON_MB"
+
+
+def max_data_json_bytes() -> int:
+    """The size limit of a JSON data file: 64 MB, or ``ADATOKEN_COMPILE_MAX_JSON_MB`` megabytes."""
+    raw = os.environ.get(MAX_DATA_JSON_ENV)
+    if raw is None or not raw.strip():
+        return MAX_JSON_BYTES
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if not 1 <= mb <= 1 << 20:
+        raise InputError(f"{MAX_DATA_JSON_ENV}={raw!r}: must be a whole number of megabytes in [1, {1 << 20}] "
+                         "(default 64); fix or unset the variable")
+    return mb << 20
 _NPY_HEADER = 1 << 16  # room for an .npy member's header on top of its data (numpy writes 128 bytes)
 _MISSING = object()
 

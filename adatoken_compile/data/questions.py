@@ -26,16 +26,15 @@ import re
 
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import parse_json_text, read_bytes
+from adatoken_compile.readers import MAX_DATA_JSON_ENV, max_data_json_bytes, parse_json_text, read_bytes
 from adatoken_compile.runtime.sample import Sample
 
 FIX = "see docs/data.md (question files)"
-MAX_QUESTION_BYTES = 256 << 20  # ScanQA's and SQA3D's largest files are tens of MB
 
 
 def _read_items(path: str) -> list[tuple[str, dict]]:
     """(where, object) per question of the file."""
-    raw = read_bytes(path, "question file", FIX, MAX_QUESTION_BYTES)
+    raw = read_bytes(path, "question file", f"{FIX}, or set {MAX_DATA_JSON_ENV} (megabytes) to raise the limit", max_data_json_bytes())
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

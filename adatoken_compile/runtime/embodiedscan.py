@@ -28,16 +28,15 @@ import numpy as np
 
 from adatoken_compile.runtime.scannet import decode_frames, save_color, save_depth
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import read_json, regular_file
+from adatoken_compile.readers import max_data_json_bytes, read_json, regular_file
 
 FIX = "see docs/data.md (EmbodiedScan info files)"
-MAX_INFO_BYTES = 256 << 20  # an info file for all of ScanNet's 1,513 scans is about 150 MB
 INTRINSIC_KEYS = ("depth_intrinsic", "depth_cam2img", "intrinsic", "cam2img")
 
 
 @functools.lru_cache(maxsize=2)
 def _load_info(path: str, mtime: float) -> dict:
-    info = read_json(path, "info file", FIX, max_bytes=MAX_INFO_BYTES, expect=object)
+    info = read_json(path, "info file", FIX, max_bytes=max_data_json_bytes(), expect=object)
     if not isinstance(info, dict) or not info or not all(isinstance(v, dict) for v in info.values()):
         raise InputError(f"{path}: expected an object mapping scene keys to scene objects; {FIX}")
     return info
@@ -45,7 +44,7 @@ def _load_info(path: str, mtime: float) -> dict:
 
 def load_info(path: str) -> dict:
     """The parsed info file (the last two are kept: one file usually serves every question)."""
-    regular_file(path, "info file", FIX, MAX_INFO_BYTES)
+    regular_file(path, "info file", FIX, max_data_json_bytes())
     return _load_info(path, os.path.getmtime(path))
 
 

@@ -13,9 +13,7 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import read_json, regular_file
-
-MAX_TOKENIZER_BYTES = 256 << 20  # a 256k-token vocabulary's tokenizer.json is about 20 MB
+from adatoken_compile.readers import max_data_json_bytes, read_json, regular_file
 
 _SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>"}
 
@@ -54,7 +52,7 @@ class TextTokenizer:
         if not os.path.lexists(tokenizer_json):
             raise InputError(f"{tokenizer_json}: tokenizer not found; re-create or re-download it")
         # a regular file of bounded size before the tokenizers library reads all of it
-        regular_file(tokenizer_json, "tokenizer", "re-create or re-download it", MAX_TOKENIZER_BYTES)
+        regular_file(tokenizer_json, "tokenizer", "re-create or re-download it", max_data_json_bytes())
         try:
             tok = Tokenizer.from_file(tokenizer_json)
         except Exception as e:  # the tokenizers library raises plain Exceptions

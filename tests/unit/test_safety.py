@@ -1064,3 +1064,25 @@ def test_info_file_frames_are_read_only_beside_the_info_file(tmp_path_factory, p
         return
     norm = os.path.normpath(os.path.join(str(d), target))
     assert os.path.commonpath([norm, str(d)]) == str(d) and not os.path.isabs(target), target
+
+
+@settings(FAST, max_examples=20)
+@given(mb=st.integers(1, 3), extra=st.integers(1, 1000), reader=st.sampled_from(["questions", "info", "tokenizer"]),
+       raw=st.sampled_from([None, "0", "-1", "x", "1e3", str(1 << 30)]))
+def test_json_data_files_are_bounded_by_their_own_overridable_limit(tmp_path_factory, mb, extra, reader, raw):
+    """Question files, info files and tokenizer.json: refused from their size over the limit (a parse of
+    64 MB of "{}," takes 1.6 GB), raised by ADATOKEN_COMPILE_MAX_JSON_MB, whose bad values are one line."""
+    from adatoken_compile.readers import MAX_DATA_JSON_ENV
+
+    p = tmp_path_factory.mktemp("big") / ("q.json" if reader == "questions" else "f.json")
+    p.write_text("[" + " " * ((mb << 20) + extra) + "]")
+    read = _readers()[reader]
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv(MAX_DATA_JSON_ENV, raw if raw is not None else str(mb))
+        with pytest.raises(InputError) as e:
+            read(str(p))
+        msg = one_line(e.value)
+        assert ("too large" in msg) if raw is None else (MAX_DATA_JSON_ENV in msg)
+    finally:
+        mp.undo()

@@ -18,7 +18,7 @@ from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import MAX_JSON_BYTES, Fields, read_bytes, read_json
+from adatoken_compile.readers import MAX_JSON_BYTES, Fields, read_bytes, read_json, regular_file
 from adatoken_compile.runtime.image import ImageProcessing
 from adatoken_compile.runtime.prompt import QUESTION_FIELD, PromptFormat
 
@@ -107,6 +107,7 @@ def load_state_dict(files: Iterable[str], on_disk=None) -> dict:
     refused when it is read (it would answer garbage, silently)."""
     sd: dict = {}
     for path in files:
+        regular_file(path, "safetensors file", "re-download it")  # not a device or FIFO mapped into memory
         try:
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():

@@ -91,18 +91,36 @@ CHECKPOINT_FIELDS = [("config.json", k) for k in (
 @settings(max_examples=12, **FUZZ)
 @given(field=st.sampled_from(CHECKPOINT_FIELDS), value=VALUES | st.sampled_from([[0, 0, 0], -1e-5, 0.0, 99]))
 def test_checkpoint_fields_answer_or_one_line_error(tiny3d_dir, scene_file, tmp_path_factory, field, value):
-    d = str(tmp_path_factory.mktemp("ckpt") / "m")
+    code, out = _run_with_field(tiny3d_dir, str(tmp_path_factory.mktemp("ckpt") / "m"), field, value, scene_file)
+    assert code == 2 or "answer:" in out
+
+
+def _run_with_field(tiny3d_dir, d, field, value, scene_file):
+    """`run` on a copy of the tiny checkpoint at ``d`` whose JSON file ``field[0]`` holds ``value`` at ``field[1]``."""
     shutil.copytree(tiny3d_dir, d)
     path = os.path.join(d, field[0])
     cfg = json.load(open(path))
     cfg[field[1]] = value
     json.dump(cfg, open(path, "w"))
-    code, out = cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
-    assert code == 2 or "answer:" in out
+    return cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    (("config.json", "mm_vision_select_feature"), "cls_patch", "no 3D position"),
+    (("config.json", "num_frames"), -5, "num_frames must be a whole number in"),
+    (("config.json", "num_frames"), 10**6, "num_frames must be a whole number in"),
+    (("config.json", "num_frames"), 1.5, "num_frames must be a whole number in"),
+    (("vision_tower/preprocessor_config.json", "resample"), 99, "not a Pillow filter"),
+    (("vision_tower/preprocessor_config.json", "resample"), "", "malformed"),
+])
+def test_documented_config_faults_are_one_line_before_any_scene(tiny3d_dir, scene_file, tmp_path, field, value, msg):
+    code, out = _run_with_field(tiny3d_dir, str(tmp_path / "m"), field, value, scene_file)
+    assert code == 2 and msg in out, out
 
 
 @pytest.mark.parametrize("rel, raw, msg", [
     ("config.json", b"\xff{", "not UTF-8"), ("config.json", b"[]", "must be an object"),
+    ("vision_tower/preprocessor_config.json", b"[1, 2]", "must be an object"),
     ("config.json", "DIR", "is a directory"), ("model.safetensors.index.json", b'{"weight_map": [1]}', "weight_map"),
     ("tokenizer.json", b"{}", "unreadable tokenizer"), ("model.safetensors", b"junk", "unreadable safetensors")])
 def test_malformed_checkpoint_files(tiny3d_dir, tmp_path, rel, raw, msg):

@@ -26,7 +26,7 @@ import re
 
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import MAX_DATA_JSON_ENV, max_data_json_bytes, parse_json_text, read_bytes
+from adatoken_compile.readers import MAX_DATA_JSON_ENV, max_data_json_bytes, parse_json_text, read_bytes, regular_file
 from adatoken_compile.runtime.sample import Sample
 
 FIX = "see docs/data.md (question files)"
@@ -130,6 +130,8 @@ class _Resolver:
 
 def read_questions(path: str, scenes: str | None = None, depth_scale: float | None = None) -> list[Sample]:
     """Every question of the file at ``path`` as a :class:`Sample` (scenes and images not yet read)."""
+    if os.path.lexists(path):
+        regular_file(path, "question file", FIX)  # a device, FIFO or folder: said as such, not "not found"
     if not os.path.isfile(path):
         raise InputError(f"{path}: question file not found; pass --data FILE (.jsonl, ScanQA/SQA3D .json) or "
                          "builtin:<split>")

@@ -350,6 +350,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InputError(f"--limit {limit!r}: give a whole number of questions >= 1")
 
     share = distributed.Share(by_scene=True)  # a scene's questions are answered together
     loaded = load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale, keep=share)

@@ -302,7 +302,9 @@ def check_output(path: str, kind: str, *, overwrite: bool = False, is_dir: bool 
     Temporary paths an interrupted earlier run left beside ``path`` are removed
     (:func:`clean_stale_temps`).
     """
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{path!r}: an output path must be a string, got {type(path).__name__}; pass --out PATH")
+    if not str(path).strip():
         raise InputError(f"{path!r}: empty output path; pass --out PATH")
     path = os.fspath(path)
     if "\x00" in path:

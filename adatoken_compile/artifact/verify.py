@@ -82,6 +82,8 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
     ``expected_digest`` (``sha256:<hex>`` as ``compile`` prints it): refuse an artifact whose
     manifest differs, e.g. one rewritten and re-hashed after compilation.
     """
+    if not isinstance(art_dir, (str, os.PathLike)):
+        raise InputError(f"artifact: expected an artifact directory path, got {type(art_dir).__name__}")
     art = os.path.abspath(art_dir)
     if not os.path.isdir(art):
         raise InputError(f"{art_dir}: artifact directory not found; create one with `adatoken-compile compile --out DIR`")

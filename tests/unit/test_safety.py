@@ -692,26 +692,23 @@ def test_every_reader_refuses_a_link_to_dev_zero_in_a_memory_capped_child(tmp_pa
 
 @settings(FAST, max_examples=20)
 @given(extra=st.integers(1, 5000), reader=st.sampled_from(["json", "matrix"]))
-def test_a_file_over_its_readers_limit_is_refused_from_its_size(tmp_path_factory, monkeypatch_module, extra, reader):
+def test_a_file_over_its_readers_limit_is_refused_from_its_size(tmp_path_factory, extra, reader):
     from adatoken_compile import readers
     from adatoken_compile.runtime import scannet
 
-    monkeypatch_module.setattr(readers, "MAX_JSON_BYTES", 64)
-    monkeypatch_module.setattr(scannet, "MAX_MATRIX_BYTES", 64)
-    p = tmp_path_factory.mktemp("big") / "f"
-    p.write_text(" " * (64 + extra))
-    read = {"json": lambda: read_json(str(p), "config", "fix", max_bytes=readers.MAX_JSON_BYTES),
-            "matrix": lambda: scannet.read_matrix(str(p))}[reader]
-    with pytest.raises(InputError, match="too large") as e:
-        read()
-    one_line(e.value)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    mp = pytest.MonkeyPatch()  # undone at once: the limits are module constants other tests read
+    try:
+        mp.setattr(readers, "MAX_JSON_BYTES", 64)
+        mp.setattr(scannet, "MAX_MATRIX_BYTES", 64)
+        p = tmp_path_factory.mktemp("big") / "f"
+        p.write_text(" " * (64 + extra))
+        read = {"json": lambda: read_json(str(p), "config", "fix", max_bytes=readers.MAX_JSON_BYTES),
+                "matrix": lambda: scannet.read_matrix(str(p))}[reader]
+        with pytest.raises(InputError, match="too large") as e:
+            read()
+        one_line(e.value)
+    finally:
+        mp.undo()
 
 
 @settings(FAST, max_examples=30)
@@ -1125,3 +1122,19 @@ def test_json_data_files_are_bounded_by_their_own_overridable_limit(tmp_path_fac
         assert ("too large" in msg) if raw is None else (MAX_DATA_JSON_ENV in msg)
     finally:
         mp.undo()
+
+
+@settings(FAST, max_examples=25)
+@given(value=st.one_of(st.integers(-3, 0), st.floats(), st.text(max_size=3), st.booleans(), st.lists(st.integers(), max_size=2)),
+       call=st.sampled_from(["evaluate_limit", "load", "calibrate_out", "compile_out"]))
+def test_api_arguments_of_the_wrong_type_are_input_errors(tmp_path_factory, value, call):
+    from adatoken_compile import api
+    from adatoken_compile.runtime import load
+
+    if call != "evaluate_limit" and isinstance(value, str):
+        value = 5  # a string is a path to these: the wrong type is anything else
+    run = {"evaluate_limit": lambda: api.evaluate(limit=value), "load": lambda: load(value),
+           "calibrate_out": lambda: api.calibrate(out=value), "compile_out": lambda: api.compile(out=value)}[call]
+    with pytest.raises(InputError) as e:
+        run()
+    one_line(e.value)

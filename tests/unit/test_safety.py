@@ -1138,3 +1138,29 @@ def test_api_arguments_of_the_wrong_type_are_input_errors(tmp_path_factory, valu
     with pytest.raises(InputError) as e:
         run()
     one_line(e.value)
+
+
+@settings(FAST, max_examples=10)
+@given(kind=st.sampled_from(["dev_null_link", "fifo", "fifo_link", "dir", "big"]))
+def test_merged_statistics_archive_is_a_bounded_regular_file_before_it_is_hashed(tmp_path_factory, kind):
+    import signal
+
+    from adatoken_compile.calibration.stats import CalibrationStats
+
+    d = tmp_path_factory.mktemp("stats")
+    arch = {"num_layers": 2, "hidden": 8, "heads": 2, "kv_heads": 2, "head_dim": 4, "intermediate": 16, "vocab": 32}
+    CalibrationStats.empty(arch, "fp").save(str(d))
+    os.remove(d / "stats.npz")
+    if kind == "big":
+        (d / "stats.npz").write_bytes(b"\0" * (4 << 20))
+    else:
+        os.replace(_special(kind, d), d / "stats.npz")
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail(f"the statistics read blocked on {kind}"))
+    signal.alarm(30)
+    try:
+        with pytest.raises(InputError) as e:
+            CalibrationStats.load(str(d))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    one_line(e.value)

@@ -492,3 +492,19 @@ def test_a_missing_compile_extra_is_one_line_exit_2_not_a_bug(tmp_path, command,
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "[compile] extra" in lines[0] and "internal error" not in lines[0] and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_integer_weights_are_one_line_not_an_empty_answer(tiny3d_dir, scene_file, tmp_path, dtype):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = str(tmp_path / "m")
+    shutil.copytree(tiny3d_dir, d)
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+    name = next(k for k in sorted(sd) if k.endswith("mlp.down_proj.weight"))
+    sd[name] = sd[name].to(getattr(torch, dtype))
+    save_file(sd, path, metadata={"format": "pt"})
+    code, out = cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
+    assert code == 2 and "not a floating type" in out and name in out, out

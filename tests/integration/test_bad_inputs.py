@@ -508,3 +508,11 @@ def test_integer_weights_are_one_line_not_an_empty_answer(tiny3d_dir, scene_file
     save_file(sd, path, metadata={"format": "pt"})
     code, out = cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
     assert code == 2 and "not a floating type" in out and name in out, out
+
+
+@pytest.mark.parametrize("command", [["run", "-q", "what?"], ["eval", "--limit", "1"], ["compile", "--out", "art"]])
+def test_an_empty_model_is_refused_not_the_bundled_model(scene_file, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--scene", scene_file] if command[0] == "run" else []
+    code, out = cli(*command, *extra, "--model", "")
+    assert code == 2 and "--model '': empty" in out and os.listdir(tmp_path) == []

@@ -83,6 +83,9 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
 
         model = load_model("checkpoints/LLaVA-3D-7B", vision_tower="checkpoints/clip-vit-large-patch14-336")
     """
+    if isinstance(model, str) and not model.strip():  # never the bundled model in place of what was meant
+        raise InputError("--model '': empty; pass a checkpoint directory or a bundled name, or leave --model out "
+                         f"for {DEFAULT_MODEL}")
     if model is not None and not isinstance(model, str):
         from adatoken_compile.contract import (
             Adapter,  # torch: not in the runtime install
@@ -347,6 +350,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InputError(f"--limit {limit!r}: give a whole number of questions >= 1")
 
     share = distributed.Share(by_scene=True)  # a scene's questions are answered together
     loaded = load_samples(data, limit=limit, scenes=scenes, depth_scale=depth_scale, keep=share)

@@ -65,10 +65,20 @@ def parameter_count(arch: dict) -> int:
     return arch["vocab"] * arch["hidden"] + arch["num_layers"] * per_layer
 
 
+# the most each field may be: what a checkpoint config may hold (check_config), so that an artifact's
+# stored description cannot size KV buffers or loops beyond what any model it was compiled from had
+MAX = {"num_layers": 1 << 10, "hidden": 1 << 17, "heads": 1 << 12, "kv_heads": 1 << 12, "head_dim": 1 << 12,
+       "intermediate": 1 << 20, "vocab": 1 << 24}
+
+
 def validate(arch: dict, where: str = "config") -> dict:
     bad = [k for k in KEYS if not isinstance(arch.get(k), int) or isinstance(arch.get(k), bool) or arch[k] < 1]
     if bad:
-        raise InputError(f"{where}: architecture field {bad[0]}={arch.get(bad[0])!r} must be a positive integer")
+        raise InputError(f"{where}: architecture field {bad[0]}={str(arch.get(bad[0]))[:40]} must be a positive integer")
+    big = [k for k in KEYS if arch[k] > MAX.get(k, arch[k])]
+    if big:
+        raise InputError(f"{where}: architecture field {big[0]}={str(arch[big[0]])[:40]} is over the limit of "
+                         f"{MAX[big[0]]}; not a model this tool compiles")
     if arch["heads"] % arch["kv_heads"]:
         raise InputError(f"{where}: {arch['heads']} attention heads are not a multiple of {arch['kv_heads']} KV heads")
     return arch

@@ -16,13 +16,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import zipfile
+import zlib
 
 import numpy as np
 
 from .errors import InputError
 
 MAX_JSON_BYTES = 64 << 20  # configs, manifests, schedules and statistics headers are kilobytes
+# JSON that is data (question files, EmbodiedScan info files, tokenizer.json) may be larger; its
+# limit keeps the parse under about 2 GB of memory (64 MB of "{}," is 1.6 GB of Python objects)
+# and is raised by the user who has a larger file and the memory for it
+MAX_DATA_JSON_ENV = "ADATOKEN_COMPILE_MAX_JSON_MB"
+
+
+def max_data_json_bytes() -> int:
+    """The size limit of a JSON data file: 64 MB, or ``ADATOKEN_COMPILE_MAX_JSON_MB`` megabytes."""
+    raw = os.environ.get(MAX_DATA_JSON_ENV)
+    if raw is None or not raw.strip():
+        return MAX_JSON_BYTES
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if not 1 <= mb <= 1 << 20:
+        raise InputError(f"{MAX_DATA_JSON_ENV}={raw!r}: must be a whole number of megabytes in [1, {1 << 20}] "
+                         "(default 64); fix or unset the variable")
+    return mb << 20
 _NPY_HEADER = 1 << 16  # room for an .npy member's header on top of its data (numpy writes 128 bytes)
 _MISSING = object()
 
@@ -45,36 +66,77 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _finite(v) -> bool:
+    # an integer of hundreds of digits is no float: math.isfinite would raise OverflowError
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(path: str, what: str, fix: str, *, expect: type | tuple = dict):
-    """Parse the JSON file ``path`` (a ``what``: "schedule", "config", ...); ``fix`` ends every error."""
+def regular_file(path, what: str, fix: str, max_bytes: int | None = None) -> int:
+    """The size of ``path`` once it is known to be a regular file (symlinks resolved first) of at most
+    ``max_bytes``; a device, a FIFO or a socket (``/dev/zero``, a named pipe) would be read without
+    end or block, so each is refused here, before any byte is read."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"{path!r}: a {what} path must be a string; {fix}")
-    if not os.path.exists(path):
-        raise InputError(f"{path}: {what} not found; {fix}")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a {what} file; {fix}")
+    if "\x00" in os.fspath(path):
+        raise InputError(f"{os.fspath(path)!r}: a path cannot hold a NUL character; {fix}")
     try:
-        size = os.path.getsize(path)
-        if size > MAX_JSON_BYTES:
-            raise InputError(f"{path}: {size} bytes is too large for a {what} (at most {MAX_JSON_BYTES}); {fix}")
-        with open(path, "rb") as f:
-            raw = f.read()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found; {fix}") from None
     except OSError as e:
-        raise InputError(f"{path}: cannot read the {what} ({e.strerror}); {fix}") from e
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror}); {fix}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory, not a {what} file; {fix}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise InputError(f"{path}: is {kind}, not a {what} file; {fix}")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise InputError(f"{path}: {st.st_size} bytes is too large for a {what} (at most {max_bytes}); {fix}")
+    return st.st_size
+
+
+def read_bytes(path, what: str, fix: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`regular_file`), never more than ``max_bytes``
+    even when it grows while it is read."""
+    regular_file(path, what, fix, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror}); {fix}") from None
+    if len(raw) > max_bytes:
+        raise InputError(f"{path}: more than {max_bytes} bytes is too large for a {what}; {fix}")
+    return raw
+
+
+def parse_json_text(text: str, path, what: str, fix: str):
+    """``json.loads`` with every way it fails on a user's text as one line: invalid JSON, ``NaN``,
+    nesting too deep for the parser, an integer of thousands of digits."""
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a {what}; {fix}") from None
+    except ValueError as e:  # includes the interpreter's limit on integer digits
+        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]}); {fix}") from None
+
+
+def read_json(path: str, what: str, fix: str, *, expect: type | tuple = dict, max_bytes: int = MAX_JSON_BYTES):
+    """Parse the JSON file ``path`` (a ``what``: "schedule", "config", ...); ``fix`` ends every error."""
+    raw = read_bytes(path, what, fix, max_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
-    try:
-        data = json.loads(text, parse_constant=_no_constants)
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply to be a {what}; {fix}") from None
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    data = parse_json_text(text, path, what, fix)
     if not isinstance(data, expect):
         want = "an object" if expect is dict else "a list" if expect is list else "JSON"
         raise InputError(f"{path}: a {what} must be {want} at the top level, got {_json_type(data)}; {fix}")
@@ -132,7 +194,7 @@ class Fields:
         v, done = self._get(key, want, default, null)
         if done:
             return v
-        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not _finite(v)
                 or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)):
             self.fail(key, want, v)
         return float(v)
@@ -171,7 +233,7 @@ class Fields:
         if done:
             return v
         ok = isinstance(v, list) and len(v) == length and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x)
             and (lo is None or (x > lo if lo_open else x >= lo)) for x in v)
         if not ok:
             self.fail(key, want, v)
@@ -186,10 +248,7 @@ def read_npz(path: str, members: dict, fix: str, *, optional: tuple = (), check_
     read; ``optional`` keys may be absent. Pickled (object) arrays are refused. ``check_header(key,
     shape, dtype)``, when given, may refuse a member from its header, before its data is read.
     """
-    if not os.path.exists(path):
-        raise InputError(f"{path}: not found; {fix}")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not an .npz file; {fix}")
+    regular_file(path, ".npz", fix)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -227,7 +286,7 @@ def read_npz(path: str, members: dict, fix: str, *, optional: tuple = (), check_
                 arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
             except InputError:
                 raise
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, zlib.error, NotImplementedError) as e:
                 raise InputError(f"{path}: member '{key}' is not a readable .npy array ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
             out[key] = arr.copy()  # writable, owned

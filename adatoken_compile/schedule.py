@@ -42,6 +42,7 @@ from adatoken_compile.selection import Rule, check_rule
 SCHEMA = "adatoken-compile/schedule"
 VERSION = 2
 READS = (1, 2)  # schema versions this build loads
+MAX_LAYERS = 1024  # decoder depth a schedule may name: every layer costs a loop and an entry (7B models have 32)
 REGENERATE = "regenerate it with `adatoken-compile calibrate`"
 
 # version 1's one scoring rule for all cuts (read, translated into per-cut rules, never written)
@@ -141,8 +142,9 @@ class Schedule:
 
     # ---------------------------------------------------------------- validation / io
     def validate(self, where: str = "schedule") -> "Schedule":
-        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
-            raise InputError(f"{where}: model.num_layers must be >= 1, got {self.num_layers}")
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) \
+                or not 1 <= self.num_layers <= MAX_LAYERS:
+            raise InputError(f"{where}: model.num_layers must be in [1, {MAX_LAYERS}], got {str(self.num_layers)[:40]}")
         prev_layer, prev_keep = None, 1.0
         for c in self.cuts:
             if not isinstance(c.layer, int) or isinstance(c.layer, bool) or not (0 <= c.layer < self.num_layers):
@@ -193,7 +195,7 @@ class Schedule:
             raise InputError(f"{where}: not an adatoken-compile schedule (missing schema '{SCHEMA}'); {REGENERATE}")
         version = d.get("version")
         if isinstance(version, bool) or version not in READS:
-            raise InputError(f"{where}: schedule version {version!r} unsupported (this build reads "
+            raise InputError(f"{where}: schedule version {str(version)[:40]} unsupported (this build reads "
                              f"{', '.join(map(str, READS))}); {REGENERATE}")
         model = top.obj("model")
         v1_rule = _v1_rule(top.obj("scoring", default={**DEFAULT_SCORING}).data, where) if version == 1 else None
@@ -201,10 +203,10 @@ class Schedule:
         for i, c in enumerate(top.array("cuts")):
             cut = Fields(c, where, REGENERATE, f"cuts[{i}].")
             rule = v1_rule if version == 1 else Rule.from_dict(cut.obj("rule", default={"name": "last_token"}).data, where)
-            cuts.append(Cut(cut.integer("layer", lo=0), cut.number("keep", lo=0.0, hi=1.0, lo_open=True), rule))
+            cuts.append(Cut(cut.integer("layer", lo=0, hi=MAX_LAYERS - 1), cut.number("keep", lo=0.0, hi=1.0, lo_open=True), rule))
         s = cls(
             cuts=cuts,
-            num_layers=model.integer("num_layers", lo=1),
+            num_layers=model.integer("num_layers", lo=1, hi=MAX_LAYERS),
             policy=top.string("policy", default="unknown"),
             fingerprint=model.string("fingerprint"),
             family=model.string("family"),

@@ -8,7 +8,7 @@ import os
 import re
 
 from ..errors import InputError
-from ..readers import Fields
+from ..readers import MAX_JSON_BYTES, Fields, read_bytes
 from ..schedule import Schedule
 from .format import FORMAT, MANIFEST, VERSION, Manifest, sha256_file
 
@@ -34,10 +34,11 @@ def inside(root_real: str, rel: str, art: str, what: str) -> str:
 
 
 def _read_manifest(art_dir: str, mpath: str) -> tuple[dict, str]:
+    raw = read_bytes(mpath, "manifest", RECOMPILE, MAX_JSON_BYTES)  # a regular file of bounded size, first
     try:
-        with open(mpath, "rb") as f:
-            raw = f.read()
         data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise InputError(f"{mpath}: manifest JSON nested too deeply; {RECOMPILE}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{mpath}: unreadable manifest ({type(e).__name__}); {RECOMPILE}")
     except OSError as e:
@@ -81,6 +82,8 @@ def verify(art_dir: str, *, check_hashes: bool = True, expected_digest: str | No
     ``expected_digest`` (``sha256:<hex>`` as ``compile`` prints it): refuse an artifact whose
     manifest differs, e.g. one rewritten and re-hashed after compilation.
     """
+    if not isinstance(art_dir, (str, os.PathLike)):
+        raise InputError(f"artifact: expected an artifact directory path, got {type(art_dir).__name__}")
     art = os.path.abspath(art_dir)
     if not os.path.isdir(art):
         raise InputError(f"{art_dir}: artifact directory not found; create one with `adatoken-compile compile --out DIR`")

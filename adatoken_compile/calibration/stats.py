@@ -49,7 +49,7 @@ import numpy as np
 from adatoken_compile.arch import normalize as normalize_arch
 from adatoken_compile.errors import InputError, ScheduleMismatch
 from adatoken_compile.io import atomic_file
-from adatoken_compile.readers import Fields, read_json, read_npz
+from adatoken_compile.readers import Fields, read_json, read_npz, regular_file
 from adatoken_compile.selection import PRIOR_BINS
 
 SCHEMA = "adatoken-compile/calibration-stats"
@@ -238,6 +238,9 @@ class CalibrationStats:
                              f"are too large to be real; {fix}")
         digest = f.string("npz_sha256", default=None, null=True)
         if digest is not None:
+            # a regular file no larger than the arrays it must hold, before all of it is hashed
+            regular_file(npz, "statistics archive", fix, sum(int(np.prod(v)) * 8 + (1 << 16) for v in want.values())
+                         + (1 << 20))
             with open(npz, "rb") as fh:
                 h = hashlib.sha256()
                 for chunk in iter(lambda: fh.read(1 << 22), b""):

@@ -120,6 +120,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 _show_warning = warnings.showwarning
 
 
+# the packages of the [compile] extra (pyproject.toml), by import name
+COMPILE_EXTRA = {"torch", "transformers", "jinja2", "safetensors", "onnx", "onnxscript", "onnx_ir", "matplotlib"}
+
+
 class OneLineErrors(click.Group):
     """Every error as one line on stderr, never a traceback: bad input (usage errors, InputError, a
     file the system refuses) exits 2; an interrupt removes the command's temporary outputs and
@@ -153,16 +157,29 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; temporary outputs removed", err=True)
             sys.exit(130)
+        except ImportError as e:
+            top = (getattr(e, "name", None) or "").split(".")[0]
+            if top not in COMPILE_EXTRA:
+                _internal_error(e)
+            # the runtime install lacks what calibrate, compile, eval and make-tiny need: the user's
+            # install to complete, not a bug to report
+            click.echo(f"error: this command needs the [compile] extra ({top} is not installed); install it with "
+                       "pip install 'adatoken-compile[compile]', or use `run --artifact` (runtime only)", err=True)
+            sys.exit(2)
         except MemoryError:
             click.echo("error: out of memory; use a smaller input (fewer views, a smaller --limit) or more memory",
                        err=True)
             sys.exit(2)
         except Exception as e:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}); this is a bug, please "
-                       f"report it with the command line (set {DEBUG_ENV}=1 for the traceback)", err=True)
-            sys.exit(1)
+            _internal_error(e)
+
+
+def _internal_error(e: Exception):
+    if os.environ.get(DEBUG_ENV):
+        raise e
+    click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}); this is a bug, please "
+               f"report it with the command line (set {DEBUG_ENV}=1 for the traceback)", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import MAX_DATA_JSON_ENV, max_data_json_bytes, parse_json_text, read_bytes, regular_file
 from adatoken_compile.runtime.sample import Sample
 
 FIX = "see docs/data.md (question files)"
@@ -32,28 +34,23 @@ FIX = "see docs/data.md (question files)"
 
 def _read_items(path: str) -> list[tuple[str, dict]]:
     """(where, object) per question of the file."""
+    raw = read_bytes(path, "question file", f"{FIX}, or set {MAX_DATA_JSON_ENV} (megabytes) to raise the limit", max_data_json_bytes())
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text; a question file is JSONL or JSON ({FIX})")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})")
+        raise InputError(f"{path}: not UTF-8 text; a question file is JSONL or JSON ({FIX})") from None
     if path.endswith(".jsonl"):
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: not a JSON object ({e}); JSONL holds one object per line")
+                obj = parse_json_text(line, f"{path}:{n}", "question", "JSONL holds one object per line")
+            except InputError as e:
+                raise InputError(str(e).replace(": not valid JSON", ": not a JSON object", 1)) from None
             items.append((f"{path}:{n}", obj))
         return items
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); pass JSONL (one object a line) or a JSON list ({FIX})")
+    data = parse_json_text(text, path, "question file", f"pass JSONL (one object a line) or a JSON list ({FIX})")
     if isinstance(data, dict) and isinstance(data.get("questions"), list):
         data = data["questions"]
     if not isinstance(data, list):
@@ -79,6 +76,21 @@ def _answers(obj: dict, where: str) -> list[str]:
     return out
 
 
+def _inside(value: str, where: str, what: str) -> None:
+    """A question file names what it asks about inside the folders the user gave (the file's own
+    folder, --scenes): an absolute path, a drive, a home folder or a '..' component would read
+    elsewhere, so each is refused rather than followed."""
+    parts = re.split(r"[\\/]", value)
+    if "\x00" in value:
+        raise InputError(f"{where}: {what} {value!r} holds a NUL character; {FIX}")
+    if os.path.isabs(value) or value.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", value):
+        raise InputError(f"{where}: {what} '{value}' is an absolute path; name it relative to the question file or "
+                         f"as an id under --scenes ({FIX})")
+    if ".." in parts:
+        raise InputError(f"{where}: {what} '{value}' holds a '..' component, which leads outside the question file's "
+                         f"folder and --scenes; name it inside them ({FIX})")
+
+
 class _Resolver:
     """Scene and image references, one object per distinct path (samples of one scene share it)."""
 
@@ -91,9 +103,10 @@ class _Resolver:
             raise InputError(f"--scenes {scenes}: not found; pass the folder holding the scene folders (or an info .json)")
 
     def scene(self, value: str, by_id: bool, where: str) -> tuple[str, SceneRef]:
+        _inside(value, where, "scene")
         path = None
         if not by_id:
-            p = value if os.path.isabs(value) else os.path.join(self.base, value)
+            p = os.path.join(self.base, value)
             if os.path.exists(split_key(p)[0]):
                 path = p
         if path is None:
@@ -106,7 +119,8 @@ class _Resolver:
         return path, self.refs[path]
 
     def image(self, value: str, where: str) -> tuple[str, ImageRef]:
-        p = value if os.path.isabs(value) else os.path.join(self.base, value)
+        _inside(value, where, "image")
+        p = os.path.join(self.base, value)
         if p not in self.refs:
             if not os.path.isfile(p):
                 raise InputError(f"{where}: image '{value}' not found (paths are relative to the question file)")
@@ -116,6 +130,8 @@ class _Resolver:
 
 def read_questions(path: str, scenes: str | None = None, depth_scale: float | None = None) -> list[Sample]:
     """Every question of the file at ``path`` as a :class:`Sample` (scenes and images not yet read)."""
+    if os.path.lexists(path):
+        regular_file(path, "question file", FIX)  # a device, FIFO or folder: said as such, not "not found"
     if not os.path.isfile(path):
         raise InputError(f"{path}: question file not found; pass --data FILE (.jsonl, ScanQA/SQA3D .json) or "
                          "builtin:<split>")

@@ -57,7 +57,7 @@ def iter_samples(spec: str, *, limit: int | None = None, start_scene: int = 0, s
             raise InputError(f"--scenes {scenes}: applies to question files; builtin:{split} renders its own scenes")
         yield from benchmark.iter_samples(split, limit=limit, start_scene=start_scene, keep=keep)
         return
-    if not os.path.isfile(spec):
+    if not os.path.lexists(spec):  # what exists but is no regular file is named as such by read_questions
         raise InputError(f"--data {spec}: no such question file or built-in split; pass a .jsonl / ScanQA / SQA3D "
                          f"question file, or builtin:{', builtin:'.join(BUILTIN_SPLITS)}")
     samples = read_questions(spec, scenes=scenes, depth_scale=depth_scale)

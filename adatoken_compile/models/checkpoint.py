@@ -18,7 +18,7 @@ from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import Fields, read_json
+from adatoken_compile.readers import MAX_JSON_BYTES, Fields, read_bytes, read_json, regular_file
 from adatoken_compile.runtime.image import ImageProcessing
 from adatoken_compile.runtime.prompt import QUESTION_FIELD, PromptFormat
 
@@ -107,6 +107,7 @@ def load_state_dict(files: Iterable[str], on_disk=None) -> dict:
     refused when it is read (it would answer garbage, silently)."""
     sd: dict = {}
     for path in files:
+        regular_file(path, "safetensors file", "re-download it")  # not a device or FIFO mapped into memory
         try:
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():
@@ -175,6 +176,13 @@ def assign_exact(module: torch.nn.Module, sd: dict, where: str, prefix: str = ""
             raise InputError(
                 f"{where}: tensor '{prefix}{k}' has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}"
             )
+        # an integer or boolean tensor where the module holds floats would be cast silently and
+        # answer nothing; only floating weights load into floating parameters
+        dt = v.dtype if isinstance(v, torch.Tensor) else str(v.dtype)
+        floating = dt.is_floating_point if isinstance(dt, torch.dtype) else dt.upper().startswith(("F", "BF"))
+        if own[k].is_floating_point() and not floating:
+            raise InputError(f"{where}: tensor '{prefix}{k}' is stored as {dt}, not a floating type; the weights "
+                             "are not a float checkpoint (re-export them as float16/bfloat16/float32)")
     later = {k: v for k, v in sd.items() if isinstance(v, OnDisk)}
     if later and lazy is None:
         raise ValueError("assign_exact: tensors left on disk need a LazyWeights to record them")
@@ -195,11 +203,7 @@ def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:
     path = os.path.join(proc_dir, "preprocessor_config.json")
     if not os.path.exists(path):
         return ImageProcessing.clip(image_size)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); fix or re-download the checkpoint's preprocessor config")
+    cfg = read_json(path, "preprocessor config", "fix or re-download the checkpoint's preprocessor config")
     kind = str(cfg.get("image_processor_type") or "CLIPImageProcessor")
     cls = IMAGE_PROCESSORS.get(kind.removesuffix("Fast").removesuffix("Pil"))
     if cls is None:
@@ -213,14 +217,21 @@ def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:
     if size is not None and not (size.shortest_edge and not size.longest_edge) and not (size.height and size.width):
         raise InputError(f"{path}: resize size {dict(cfg.get('size') or {})} unsupported; use shortest_edge or "
                          "height/width")
-    proc = ImageProcessing(
-        shortest_edge=int(size.shortest_edge) if size is not None and size.shortest_edge else None,
-        resize_hw=(int(size.height), int(size.width)) if size is not None and size.height else None,
-        resample=int(p.resample),
-        crop_hw=(int(p.crop_size.height), int(p.crop_size.width)) if p.do_center_crop and p.crop_size else None,
-        rescale=float(p.rescale_factor) if p.do_rescale else None,
-        mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
-        std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+    try:  # a value of the wrong type ('', a list) fails the conversions: the file's fault, one line
+        proc = ImageProcessing(
+            shortest_edge=int(size.shortest_edge) if size is not None and size.shortest_edge else None,
+            resize_hw=(int(size.height), int(size.width)) if size is not None and size.height else None,
+            resample=int(p.resample),
+            crop_hw=(int(p.crop_size.height), int(p.crop_size.width)) if p.do_center_crop and p.crop_size else None,
+            rescale=float(p.rescale_factor) if p.do_rescale else None,
+            mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
+            std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise InputError(f"{path}: a resize, crop or normalisation value is malformed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); fix or re-download the checkpoint's "
+                         "preprocessor config") from None
     if proc.output_hw(image_size, image_size + 1) != (image_size, image_size):
         raise InputError(f"{path}: makes {proc.output_hw(image_size, image_size + 1)} pixel values from a "
                          f"{image_size}x{image_size + 1} image; the vision tower takes {image_size}x{image_size}")
@@ -233,17 +244,16 @@ def chat_template(model_dir: str) -> tuple[str, str] | None:
     (``tokenizer_config.json``); None when it ships none."""
     jinja = os.path.join(model_dir, "chat_template.jinja")
     if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read(), jinja
+        raw = read_bytes(jinja, "chat template", "fix or re-download it", MAX_JSON_BYTES)
+        try:
+            return raw.decode("utf-8"), jinja
+        except UnicodeDecodeError:
+            raise InputError(f"{jinja}: not UTF-8 text; fix or re-download it") from None
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                t = json.load(f).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise InputError(f"{path}: not a valid JSON object ({e}); fix or re-download it")
+        t = read_json(path, "config", "fix or re-download it").get("chat_template")
         if isinstance(t, list):  # named templates: the default one
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         if isinstance(t, str) and t.strip():

@@ -24,7 +24,7 @@ from transformers.initialization import no_init_weights
 
 from adatoken_compile.arch import check_config, from_config, parameter_count
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
-from adatoken_compile.runtime.sources import DEFAULT_NUM_FRAMES, resolve_scene
+from adatoken_compile.runtime.sources import DEFAULT_NUM_FRAMES, check_num_frames, resolve_scene
 from adatoken_compile.errors import InputError
 from adatoken_compile.models.spec import spec_for
 from adatoken_compile.readers import Fields
@@ -140,12 +140,14 @@ def _local_vision_dir(model_dir: str, cfg: dict, override: str | None, where: st
     if not isinstance(name, str):
         raise InputError(f"{where}: 'mm_vision_tower' must be a directory name, got {type(name).__name__}; "
                          "pass --vision-tower DIR")
-    cands = [name] if os.path.isabs(name) else [os.path.join(model_dir, name), name]
+    # the config's name is relative to the checkpoint, never to the current directory (where an
+    # unrelated ./vision_tower would load silently); --vision-tower is the user's own path
+    cands = [name] if override or os.path.isabs(name) else [os.path.join(model_dir, name)]
     for c in cands:
         if os.path.isdir(c):
             return c
     raise InputError(
-        f"{where}: vision tower '{name}' is not a local directory (nothing is downloaded); "
+        f"{where}: vision tower '{name}' is not a local directory (looked for {cands[0]}; nothing is downloaded); "
         "pass --vision-tower DIR pointing at a local CLIP vision checkpoint"
     )
 
@@ -189,6 +191,7 @@ class Llava3DAdapter:
         self.model_dir = model_dir
         cfg = read_config(model_dir)
         where = os.path.join(model_dir, "config.json")
+        num_frames = check_num_frames(DEFAULT_NUM_FRAMES if cfg.get("num_frames") is None else cfg["num_frames"], where)
         mm = Fields(cfg, where, FIX_CONFIG)
         if not mm.string("model_type").startswith("llava"):
             raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not a LLaVA-3D checkpoint (llava_llama)")
@@ -218,7 +221,7 @@ class Llava3DAdapter:
         self.processing = image_processing(self.vision_dir, self.image_size)
         self.mean, self.std = self.processing.mean, self.processing.std
         self.patch_size = int(vcfg.patch_size)
-        self.num_frames = int(cfg.get("num_frames") or DEFAULT_NUM_FRAMES)  # views selected from scan folders
+        self.num_frames = num_frames  # views selected from scan folders
 
         dv = mm.integer("mm_hidden_size", lo=1, default=int(vcfg.hidden_size))
         if dv != int(vcfg.hidden_size):
@@ -228,9 +231,13 @@ class Llava3DAdapter:
         self.projector = build_projector(mm.string("mm_projector_type", default="mlp2x_gelu"), dv, h, where)
         self.box_pe = PositionEmbedding3D(3, h)
         n_states = int(vcfg.num_hidden_layers) + 1  # hidden_states: the embeddings, then every layer
+        feature = mm.string("mm_vision_select_feature", choices=("patch", "cls_patch"), default="patch")
+        if feature == "cls_patch":  # every spatial token needs a 3D position; the CLS token has none
+            mm.fail("mm_vision_select_feature", "'patch' (cls_patch adds a CLS token that has no 3D position, which "
+                    "LLaVA-3D's spatial tokens need)", feature)
         self.encoder = SpatialEncoder(
             vision, self.pe3d, mm.integer("mm_vision_select_layer", lo=-n_states, hi=n_states - 1, default=-2),
-            mm.string("mm_vision_select_feature", choices=("patch", "cls_patch"), default="patch"),
+            feature,
         ).to(dtype).eval()
 
         # ------------------------------------------------------------- LLaVA-3D weights

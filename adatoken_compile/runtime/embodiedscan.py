@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 from collections import Counter
 
 import numpy as np
 
 from adatoken_compile.runtime.scannet import decode_frames, save_color, save_depth
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import max_data_json_bytes, read_json, regular_file
 
 FIX = "see docs/data.md (EmbodiedScan info files)"
 INTRINSIC_KEYS = ("depth_intrinsic", "depth_cam2img", "intrinsic", "cam2img")
@@ -33,13 +36,7 @@ INTRINSIC_KEYS = ("depth_intrinsic", "depth_cam2img", "intrinsic", "cam2img")
 
 @functools.lru_cache(maxsize=2)
 def _load_info(path: str, mtime: float) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); {FIX}")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror}); {FIX}")
+    info = read_json(path, "info file", FIX, max_bytes=max_data_json_bytes(), expect=object)
     if not isinstance(info, dict) or not info or not all(isinstance(v, dict) for v in info.values()):
         raise InputError(f"{path}: expected an object mapping scene keys to scene objects; {FIX}")
     return info
@@ -47,8 +44,7 @@ def _load_info(path: str, mtime: float) -> dict:
 
 def load_info(path: str) -> dict:
     """The parsed info file (the last two are kept: one file usually serves every question)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: info file not found; {FIX}")
+    regular_file(path, "info file", FIX, max_data_json_bytes())
     return _load_info(path, os.path.getmtime(path))
 
 
@@ -65,6 +61,18 @@ def match_key(info: dict, scene_id: str, path: str) -> str:
         raise InputError(f"{path}: no scene '{scene_id}' among its {len(info)} scenes; check the scene id")
     raise InputError(f"{path}: scene id '{scene_id}' matches {len(hits)} scenes ({', '.join(hits[:3])}); "
                      "use the full key, e.g. --scene INFO.json#scannet/scene0000_00")
+
+
+def _inside_root(rel, where: str) -> None:
+    # frame paths are relative to the info file's folder: an absolute path or a '..' would read
+    # wherever the file points
+    if rel is None:
+        return
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise InputError(f"{where}: frame path {str(rel)[:40]!r} must be a non-empty string; {FIX}")
+    if os.path.isabs(rel) or rel.startswith(("~", "\\")) or ".." in re.split(r"[\\/]", rel):
+        raise InputError(f"{where}: frame path '{rel[:80]}' leaves the info file's folder (absolute, or '..'); "
+                         f"name frames relative to it; {FIX}")
 
 
 def _matrix(v, where: str) -> np.ndarray:
@@ -112,13 +120,20 @@ def read(path: str, key: str | None, num_frames: int, depth_scale: float | None,
     scene_K = next((entry[k] for k in INTRINSIC_KEYS if k in entry), None)
     scene_K = _matrix(scene_K, f"{where}: intrinsic") if scene_K is not None else None
     align = _matrix(entry["axis_align_matrix"], f"{where}: axis_align_matrix") if "axis_align_matrix" in entry else np.eye(4)
-    scale = float(depth_scale or entry.get("depth_scale") or default_scale)
+    own = entry.get("depth_scale")
+    if own is not None and (not isinstance(own, (int, float)) or isinstance(own, bool) or not math.isfinite(own)
+                            or own <= 0):
+        raise InputError(f"{where}: 'depth_scale' must be a finite number > 0 (depth units per metre), got "
+                         f"{str(own)[:40]}; fix it or pass --depth-scale")
+    scale = float(depth_scale or own or default_scale)
     listed = frames_of(entry, where)
     if not listed:
         raise InputError(f"{where}: no frames (entries with a 'pose', or an 'images' list); {FIX}")
     skipped: Counter = Counter()
     frames, intrinsics = [], []
     for img, dep, pose, K in listed:
+        for rel in (img, dep):
+            _inside_root(rel, where)
         if dep is None or not os.path.isfile(os.path.join(root, dep)):
             skipped["without a depth map"] += 1
             continue

@@ -346,6 +346,9 @@ class Runtime:
             raise InputError("pass a question (or a list of questions) with the scene(s)")
         if isinstance(questions, str):
             return self._as_requests([(scenes, questions)]), True
+        if isinstance(questions, (bytes, dict)) or not hasattr(questions, "__iter__"):
+            raise InputError(f"questions: expected a question (text) or a list of questions, got "
+                             f"{type(questions).__name__}")
         qs = list(questions)
         if isinstance(scenes, (list, tuple)):
             if len(scenes) != len(qs):

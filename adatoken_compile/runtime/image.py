@@ -25,24 +25,59 @@ from .limits import limit_hint, limits
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+PIL_FILTERS = {0, 1, 2, 3, 4, 5}  # nearest, lanczos, bilinear, bicubic, box, hamming
+MAX_SIDE = 4096  # a tower's input side; CLIP towers use 224-448
+
+
+class UnreadableImage(InputError):
+    """A file Pillow cannot open as an image (scene readers skip such frames and count them)."""
+
+
+def check_pixels(where, H: int, W: int) -> None:
+    """Refuse an image of ``H`` x ``W`` pixels before any of it is decoded or resized: each side at
+    least one pixel, the product within the per-view limit."""
+    max_pixels = limits()["view_pixels"]
+    if H < 1 or W < 1:
+        raise InputError(f"{where}: {W}x{H} pixels; an image needs at least one pixel")
+    if H * W > max_pixels:
+        raise InputError(f"{where}: {W}x{H} pixels, more than the limit of {max_pixels}; downscale it or "
+                         f"{limit_hint('view_pixels')}")
+
+
+def open_image(path, what: str = "image"):
+    """A lazily opened Pillow image of the regular file ``path`` whose header size passed
+    :func:`check_pixels`; no pixel is decoded yet. The caller closes it."""
+    from adatoken_compile.readers import regular_file
+
+    regular_file(path, what, "pass an image file (PNG, JPEG, ...)")
+    try:
+        im = Image.open(path)
+    except Exception as e:  # Pillow raises many types for a file that is not an image
+        raise UnreadableImage(f"{path}: unreadable {what} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    try:
+        check_pixels(path, im.size[1], im.size[0])
+    except InputError:
+        im.close()
+        raise
+    return im
 
 
 def load_image(path: str) -> np.ndarray:
     """An RGB image (any format Pillow reads, or a (H,W,3) uint8 .npy) as a uint8 array; its
     pixels are counted against the per-view limit before it is decoded."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.path.lexists(path):
         raise InputError(f"{path}: image not found")
     max_pixels = limits()["view_pixels"]
     try:
         if str(path).endswith(".npy"):
-            if os.path.getsize(path) > 3 * max_pixels + (1 << 16):
+            from adatoken_compile.readers import regular_file
+
+            if regular_file(path, "image", "pass an image file") > 3 * max_pixels + (1 << 16):
                 raise InputError(f"{path}: larger than an image of {max_pixels} pixels; downscale it or "
                                  f"{limit_hint('view_pixels')}")
             return np.load(path, allow_pickle=False)
-        with Image.open(path) as im:
-            if im.size[0] * im.size[1] > max_pixels:
-                raise InputError(f"{path}: {im.size[0]}x{im.size[1]} pixels, more than the limit of {max_pixels}; "
-                                 f"downscale it or {limit_hint('view_pixels')}")
+        with open_image(path) as im:
             return np.asarray(im.convert("RGB"))
     except InputError:
         raise
@@ -79,6 +114,16 @@ class ImageProcessing:
     std: tuple[float, ...] | None = CLIP_STD
 
     def __post_init__(self):
+        # every number that sizes or steers the resize is checked here, before an image meets it
+        if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample not in PIL_FILTERS:
+            raise InputError(f"preprocessing: resample {str(self.resample)[:20]} is not a Pillow filter (one of "
+                             f"{sorted(PIL_FILTERS)}: 0 nearest, 2 bilinear, 3 bicubic, ...); fix 'resample'")
+        for name, hw in (("resize", self.resize_hw), ("crop", self.crop_hw)):
+            if hw is not None:
+                check_pixels(f"preprocessing: {name} size", hw[0], hw[1])
+        if self.shortest_edge is not None and not 1 <= self.shortest_edge <= MAX_SIDE:
+            raise InputError(f"preprocessing: shortest_edge {self.shortest_edge} must be in [1, {MAX_SIDE}]; fix the "
+                             "resize size")
         if self.mean is not None or self.std is not None:
             check_normalization(self.mean, self.std)
 
@@ -137,7 +182,20 @@ class ImageProcessing:
         nh, nw = self.resized_hw(H, W)
         if (nh, nw) == (H, W):
             return img
+        self.resize_target_ok(H, W, "image", (nh, nw))
         return np.asarray(Image.fromarray(img).resize((nw, nh), resample=self.resample))
+
+    def resize_target_ok(self, H: int, W: int, where: str = "image", target: tuple[int, int] | None = None) -> bool:
+        """Refuse an (H, W) input whose resize target exceeds the per-view limit: a sliver
+        (1 x 1,000,000) whose short side goes to the tower's size would ask for a resize of
+        billions of pixels. ``target``: the (height, width) it resizes to, when not this
+        processor's own resize."""
+        nh, nw = target or self.resized_hw(H, W)
+        if nh * nw > max(limits()["view_pixels"], H * W):
+            raise InputError(f"{where}: {W}x{H} pixels resizes to {nw}x{nh}, more than the limit of "
+                             f"{limits()['view_pixels']} pixels; crop it to a less extreme aspect ratio or "
+                             f"{limit_hint('view_pixels')}")
+        return True
 
     def crop(self, arr: np.ndarray) -> np.ndarray:
         """Centre crop of an (h, w, ...) array, zero-padded where the crop is larger."""
@@ -160,9 +218,7 @@ class ImageProcessing:
         if 0 in img.shape:
             raise InputError(f"image has shape {img.shape}; it needs at least one pixel")
         H, W = img.shape[:2]
-        if H * W > limits()["view_pixels"]:
-            raise InputError(f"image of {H}x{W} pixels, more than the limit of {limits()['view_pixels']}; downscale it or "
-                             f"{limit_hint('view_pixels')}")
+        check_pixels("image", H, W)
         out = self.crop(self.resize(img))
         x = out.astype(np.float64) * self.rescale if self.rescale is not None else out
         x = x.astype(np.float32)

@@ -22,20 +22,23 @@ import numpy as np
 from PIL import Image
 
 from adatoken_compile.errors import InputError
+from adatoken_compile.readers import read_bytes
+from adatoken_compile.runtime.image import UnreadableImage, open_image
 
 COLOR_EXTS = (".jpg", ".jpeg", ".png")
 FIX = "see docs/data.md (ScanNet export layout)"
+MAX_MATRIX_BYTES = 64 << 10  # a 4x4 matrix is a few hundred bytes
+MAX_META_BYTES = 16 << 20  # <scene>.txt holds a few lines of metadata
 
 
 def read_matrix(path: str, what: str = "4x4 matrix") -> np.ndarray:
     """A whitespace-separated 4x4 matrix (inf / nan allowed: the caller decides)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            vals = f.read().split()
-        m = np.array(vals, dtype=np.float64)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise InputError(f"{path}: missing; {FIX}")
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+    raw = read_bytes(path, what, FIX, MAX_MATRIX_BYTES)
+    try:
+        m = np.array(raw.decode("utf-8").split(), dtype=np.float64)
+    except (ValueError, UnicodeDecodeError, OverflowError) as e:
         raise InputError(f"{path}: not a {what} of numbers ({type(e).__name__}); {FIX}")
     if m.size != 16:
         raise InputError(f"{path}: holds {m.size} numbers, expected a {what} (16); {FIX}")
@@ -46,16 +49,15 @@ def axis_alignment(folder: str) -> np.ndarray:
     """The scene's axis-align matrix (identity when the folder has none)."""
     meta = os.path.join(folder, os.path.basename(os.path.normpath(folder)) + ".txt")
     if os.path.isfile(meta):
-        with open(meta, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip().startswith("axisAlignment"):
-                    try:
-                        m = np.array(line.split("=", 1)[1].split(), dtype=np.float64)
-                    except (ValueError, IndexError):
-                        m = np.zeros(0)
-                    if m.size != 16 or not np.isfinite(m).all():
-                        raise InputError(f"{meta}: the axisAlignment line does not hold 16 finite numbers; {FIX}")
-                    return m.reshape(4, 4)
+        for line in read_bytes(meta, "scene meta file", FIX, MAX_META_BYTES).decode("utf-8", "replace").splitlines():
+            if line.strip().startswith("axisAlignment"):
+                try:
+                    m = np.array(line.split("=", 1)[1].split(), dtype=np.float64)
+                except (ValueError, IndexError):
+                    m = np.zeros(0)
+                if m.size != 16 or not np.isfinite(m).all():
+                    raise InputError(f"{meta}: the axisAlignment line does not hold 16 finite numbers; {FIX}")
+                return m.reshape(4, 4)
     legacy = os.path.join(folder, "axis_align_matrix.txt")
     if os.path.isfile(legacy):
         m = read_matrix(legacy, "4x4 axis-align matrix")
@@ -74,16 +76,42 @@ def frame_stems(color_dir: str) -> list[tuple[str, str]]:
 
 
 def decode_depth(path: str) -> np.ndarray:
-    with Image.open(path) as im:
+    with open_image(path, "depth map") as im:  # the header's size is checked before any pixel is decoded
         d = np.asarray(im)
     if d.ndim != 2:
         raise ValueError(f"depth map has shape {d.shape}, expected a single-channel 16-bit PNG")
     return d
 
 
+def depth_metres(d: np.ndarray, depth_scale: float) -> np.ndarray:
+    """A decoded depth map in metres (float32). Integer maps (ScanNet's 16-bit PNG) hold
+    ``depth_scale`` units per metre; a floating map (32-bit float TIFF) already holds metres, as
+    depth sensors' SDKs write it, and is never divided (a float map in millimetres reads as
+    kilometres and is refused by the scene extent limit, not silently shrunk)."""
+    if d.dtype.kind == "f":
+        return d.astype(np.float32)
+    return d.astype(np.float32) / np.float32(depth_scale)
+
+
 def decode_color(path: str) -> np.ndarray:
-    with Image.open(path) as im:
+    with open_image(path, "colour image") as im:
         return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+
+
+def _decoded(decode, path: str, why: str, skipped: Counter):
+    """``decode(path)``, or None (counted under ``why``) for a file that is not a readable image. A
+    frame over the pixel limit, or not a regular file, stops the read instead: skipping it would
+    decode the next one, and the next."""
+    try:
+        return decode(path)
+    except UnreadableImage:
+        pass
+    except InputError:
+        raise
+    except Exception:  # a truncated or corrupt file: Pillow raises many types
+        pass
+    skipped[why] += 1
+    return None
 
 
 def decode_frames(frames: list[tuple[str, str, np.ndarray]], picks: list[int], depth_scale: float, where: str,
@@ -93,15 +121,9 @@ def decode_frames(frames: list[tuple[str, str, np.ndarray]], picks: list[int], d
     decoded: dict[int, tuple] = {}
     for i in dict.fromkeys(picks):
         cpath, dpath, pose = frames[i]
-        try:
-            rgb = decode_color(cpath)
-        except Exception:
-            skipped["unreadable colour image"] += 1
-            continue
-        try:
-            dep = decode_depth(dpath)
-        except Exception:
-            skipped["unreadable depth map"] += 1
+        rgb = _decoded(decode_color, cpath, "unreadable colour image", skipped)
+        dep = None if rgb is None else _decoded(decode_depth, dpath, "unreadable depth map", skipped)
+        if dep is None:
             continue
         decoded[i] = (rgb, dep, pose)
     keep = [i for i in picks if i in decoded]
@@ -113,7 +135,7 @@ def decode_frames(frames: list[tuple[str, str, np.ndarray]], picks: list[int], d
         if len(shapes[k]) > 1:
             raise InputError(f"{where}: the selected {what} differ in size ({sorted(shapes[k])}); a scene needs one size")
     return {"images": np.stack([decoded[i][0] for i in keep]),
-            "depths": (np.stack([decoded[i][1] for i in keep]).astype(np.float32) / np.float32(depth_scale)),
+            "depths": np.stack([depth_metres(decoded[i][1], depth_scale) for i in keep]),
             "poses": np.stack([decoded[i][2] for i in keep])}, keep
 
 

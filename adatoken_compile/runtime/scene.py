@@ -239,6 +239,8 @@ def preprocess_scene(scene: Scene, image_size: int, mean=None, std=None,
                          f"tower takes {image_size}x{image_size}; check the checkpoint's preprocessor_config.json")
     Hd, Wd = scene.depths.shape[1:3]
     nh, nw, box = depth_resize_crop(Hd, Wd, proc)
+    proc.resize_target_ok(H, W, f"{scene.name}: views")  # both checked before any view is resized
+    proc.resize_target_ok(Hd, Wd, f"{scene.name}: depth maps", (nh, nw))
     pix = np.empty((V, 3, image_size, image_size), np.float32)
     dep = np.empty((V, image_size, image_size), np.float32)
     for v in range(V):

@@ -10,6 +10,10 @@ import onnxruntime as ort
 
 from ..errors import InputError
 
+# ONNX Runtime's own log lines (warnings about a graph or its external data) would follow the tool's
+# one-line error; only its errors are shown, as the sessions' log_severity_level does per session
+ort.set_default_logger_severity(3)
+
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

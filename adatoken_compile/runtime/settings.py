@@ -12,6 +12,7 @@ from .image import ImageProcessing
 
 # artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
 _LEGACY_INPUT = {"llava3d": "scene", "llava-hf": "image"}
+MAX_POSITIONS = 1 << 22  # positions a prompt and its answer may reach: sizes the runtime's KV buffers
 MAX_IMAGE_SIZE = 4096  # the encoder's input side; CLIP towers use 224-448
 MAX_VOXEL_M = 10.0  # LLaVA-3D pools 0.2 m voxels; a 1e308 m voxel would pool a whole scene into one token
 
@@ -38,7 +39,7 @@ def read_settings(path: str, fix: str) -> dict:
     out["prompt"] = {**prompt.data, "format": fmt, "question_field": field}
     for key in ("bos_id", "eos_id"):
         out[key] = f.integer(key, lo=0, default=None, null=True)
-    out["max_positions"] = f.integer("max_positions", lo=1, default=None, null=True)
+    out["max_positions"] = f.integer("max_positions", lo=1, hi=MAX_POSITIONS, default=None, null=True)
     out["arch"] = normalize_arch(f.obj("arch").data, f"{path}: 'arch'")
     if out["input"] == "scene":
         out["voxel_size"] = f.number("voxel_size", lo=0.0, hi=MAX_VOXEL_M, lo_open=True, default=0.2)

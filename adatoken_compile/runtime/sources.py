@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import glob
+import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -24,6 +26,7 @@ import numpy as np
 from adatoken_compile.runtime import embodiedscan, scannet
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime.image import load_image
+from adatoken_compile.runtime.limits import limit_hint, limits
 from adatoken_compile.runtime.scene import Scene, load_scene, validate_scene
 
 DEFAULT_NUM_FRAMES = 20  # LLaVA-3D's num_frames when the checkpoint config names none
@@ -107,7 +110,30 @@ def open_scene(path: str, *, num_frames: int | None = None, depth_scale: float |
     read from disk on every call."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"scene path must be a string, got {type(path).__name__}")
-    return _read(os.fspath(path), int(num_frames or DEFAULT_NUM_FRAMES), float(depth_scale) if depth_scale else None)
+    frames = check_num_frames(DEFAULT_NUM_FRAMES if num_frames is None else num_frames, "num_frames")
+    return _read(os.fspath(path), frames, check_depth_scale(depth_scale, "depth_scale"))
+
+
+def check_num_frames(value, where: str) -> int:
+    """``num_frames`` (a checkpoint config's, or a caller's) as the views it will cost: a whole
+    number in [1, the views limit], checked before a frame is selected or decoded."""
+    top = limits()["views"]
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 1 <= value <= top:
+        raise InputError(f"{where}: num_frames must be a whole number in [1, {top}] (the views limit), got "
+                         f"{str(value)[:40]}; fix num_frames or {limit_hint('views')}")
+    return int(value)
+
+
+def check_depth_scale(value, where: str) -> float | None:
+    """A depth scale (depth PNG units per metre): None (the file's or the default), or a finite
+    number > 0; 0 or a negative scale would silently mean the default or flip the scene."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value <= 0:
+        raise InputError(f"{where}: depth_scale must be a finite number > 0 (depth units per metre, 1000 for "
+                         f"millimetres), got {str(value)[:40]}; fix the depth scale")
+    return float(value)
 
 
 @functools.lru_cache(maxsize=2)
@@ -182,10 +208,13 @@ def find_scene(root: str, scene_id: str, where: str) -> str:
     if root.endswith(".json") and os.path.isfile(root):
         key = embodiedscan.match_key(embodiedscan.load_info(root), scene_id, root)
         return f"{root}#{key}"
-    cands = [scene_id, os.path.basename(scene_id.rstrip("/"))]
-    for c in dict.fromkeys(cands):
-        for p in (os.path.join(root, c), os.path.join(root, c + ".npz")):
-            if os.path.exists(p):
-                return p
-    raise InputError(f"{where}: scene '{scene_id}' not found under --scenes {root} (looked for {root}/{cands[-1]}/ "
-                     f"and {root}/{cands[-1]}.npz); pass the folder that holds the scene folders")
+    # the id's last component names the scene (docs/data.md): a dataset prefix is dropped, and the
+    # scene is looked for directly under ROOT, never elsewhere
+    name = re.split(r"[\\/]", scene_id.rstrip("/\\"))[-1]
+    if name in ("", ".", "..") or "\x00" in name:
+        raise InputError(f"{where}: scene id '{scene_id}' names no scene; give the scene folder's name")
+    for p in (os.path.join(root, name), os.path.join(root, name + ".npz")):
+        if os.path.exists(p):
+            return p
+    raise InputError(f"{where}: scene '{scene_id}' not found under --scenes {root} (looked for {root}/{name}/ "
+                     f"and {root}/{name}.npz); pass the folder that holds the scene folders")

@@ -13,7 +13,7 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from adatoken_compile.errors import InputError
-from adatoken_compile.readers import read_json
+from adatoken_compile.readers import max_data_json_bytes, read_json, regular_file
 
 _SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>"}
 
@@ -49,8 +49,10 @@ class TextTokenizer:
     @classmethod
     def from_files(cls, tokenizer_json: str, config_json: str | None = None) -> "TextTokenizer":
         """A tokenizer from exactly these files (``config_json``: special-token names, optional)."""
-        if not os.path.isfile(tokenizer_json):
+        if not os.path.lexists(tokenizer_json):
             raise InputError(f"{tokenizer_json}: tokenizer not found; re-create or re-download it")
+        # a regular file of bounded size before the tokenizers library reads all of it
+        regular_file(tokenizer_json, "tokenizer", "re-create or re-download it", max_data_json_bytes())
         try:
             tok = Tokenizer.from_file(tokenizer_json)
         except Exception as e:  # the tokenizers library raises plain Exceptions

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from adatoken_compile import api
+from adatoken_compile import api, io as aio
 from adatoken_compile.cli import main
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime import load
@@ -91,18 +91,36 @@ CHECKPOINT_FIELDS = [("config.json", k) for k in (
 @settings(max_examples=12, **FUZZ)
 @given(field=st.sampled_from(CHECKPOINT_FIELDS), value=VALUES | st.sampled_from([[0, 0, 0], -1e-5, 0.0, 99]))
 def test_checkpoint_fields_answer_or_one_line_error(tiny3d_dir, scene_file, tmp_path_factory, field, value):
-    d = str(tmp_path_factory.mktemp("ckpt") / "m")
+    code, out = _run_with_field(tiny3d_dir, str(tmp_path_factory.mktemp("ckpt") / "m"), field, value, scene_file)
+    assert code == 2 or "answer:" in out
+
+
+def _run_with_field(tiny3d_dir, d, field, value, scene_file):
+    """`run` on a copy of the tiny checkpoint at ``d`` whose JSON file ``field[0]`` holds ``value`` at ``field[1]``."""
     shutil.copytree(tiny3d_dir, d)
     path = os.path.join(d, field[0])
     cfg = json.load(open(path))
     cfg[field[1]] = value
     json.dump(cfg, open(path, "w"))
-    code, out = cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
-    assert code == 2 or "answer:" in out
+    return cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    (("config.json", "mm_vision_select_feature"), "cls_patch", "no 3D position"),
+    (("config.json", "num_frames"), -5, "num_frames must be a whole number in"),
+    (("config.json", "num_frames"), 10**6, "num_frames must be a whole number in"),
+    (("config.json", "num_frames"), 1.5, "num_frames must be a whole number in"),
+    (("vision_tower/preprocessor_config.json", "resample"), 99, "not a Pillow filter"),
+    (("vision_tower/preprocessor_config.json", "resample"), "", "malformed"),
+])
+def test_documented_config_faults_are_one_line_before_any_scene(tiny3d_dir, scene_file, tmp_path, field, value, msg):
+    code, out = _run_with_field(tiny3d_dir, str(tmp_path / "m"), field, value, scene_file)
+    assert code == 2 and msg in out, out
 
 
 @pytest.mark.parametrize("rel, raw, msg", [
     ("config.json", b"\xff{", "not UTF-8"), ("config.json", b"[]", "must be an object"),
+    ("vision_tower/preprocessor_config.json", b"[1, 2]", "must be an object"),
     ("config.json", "DIR", "is a directory"), ("model.safetensors.index.json", b'{"weight_map": [1]}', "weight_map"),
     ("tokenizer.json", b"{}", "unreadable tokenizer"), ("model.safetensors", b"junk", "unreadable safetensors")])
 def test_malformed_checkpoint_files(tiny3d_dir, tmp_path, rel, raw, msg):
@@ -311,11 +329,12 @@ def no_work(monkeypatch):
 
 
 def _own(path, kind):
-    os.makedirs(path)
-    if kind == "artifact":
-        json.dump({"format": "adatoken-compile/artifact"}, open(os.path.join(path, "manifest.json"), "w"))
-    else:
-        json.dump({"schema": "adatoken-compile/schedule"}, open(os.path.join(path, "schedule.json"), "w"))
+    """A genuine earlier output of ``kind``: its record lists every file it holds."""
+    with aio.atomic_dir(path, kind) as tmp:
+        open(os.path.join(tmp, "w.bin"), "wb").write(b"x")
+        if kind == "artifact":
+            json.dump({"format": "adatoken-compile/artifact", "files": aio.file_record(tmp)},
+                      open(os.path.join(tmp, "manifest.json"), "w"))
 
 
 COMMANDS = {"compile": ["compile", "--out"], "calibrate": ["calibrate", "--samples", "8", "--policy", "pdrop", "--out"],
@@ -340,10 +359,7 @@ def test_outputs_refused_before_any_work_and_nothing_touched(tmp_path, no_work, 
     elif state == "other_kind":
         _own(target, "calibration" if command == "compile" else "artifact")
     else:
-        _own(target, "artifact" if command == "compile" else "calibration")
-        if command not in ("compile", "calibrate"):
-            json.dump({"tool": "adatoken-compile", "kind": {"make-tiny": "checkpoint"}.get(command, command)},
-                      open(os.path.join(target, ".adatoken-compile-output.json"), "w"))
+        _own(target, {"compile": "artifact", "calibrate": "calibration", "make-tiny": "checkpoint"}.get(command, command))
     before = tree_digest(tmp_path)
     code, out = cli(*COMMANDS[command], target)
     assert code == 2 and target in out
@@ -455,3 +471,48 @@ def test_interrupts_remove_temporary_outputs(tiny3d_dir, tmp_path):
                     str(dirs["kill"] / "art"))
     assert code == 2 and "schedule not found" in out
     assert os.listdir(dirs["kill"]) == []  # the dead run's temp path is gone
+
+
+# ----------------------------------------------------------------------------- the runtime-only install
+
+# what the base install lacks: each package of the [compile] extra made unimportable in turn
+HIDE = ("import sys\nfor m in {mods}: sys.modules[m] = None\n"
+        "from adatoken_compile.cli import main\nmain(sys.argv[1:])")
+
+
+@pytest.mark.parametrize("command, missing", [
+    (["make-tiny", "--out", "tiny"], ("torch",)),
+    (["compile", "--out", "art"], ("onnx", "onnxscript", "onnx_ir")),
+    (["eval", "--limit", "1"], ("transformers",)),
+    (["calibrate", "--out", "cal"], ("safetensors", "torch")),
+])
+def test_a_missing_compile_extra_is_one_line_exit_2_not_a_bug(tmp_path, command, missing):
+    r = subprocess.run([sys.executable, "-c", HIDE.format(mods=repr(missing)), *command], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "[compile] extra" in lines[0] and "internal error" not in lines[0] and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_integer_weights_are_one_line_not_an_empty_answer(tiny3d_dir, scene_file, tmp_path, dtype):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = str(tmp_path / "m")
+    shutil.copytree(tiny3d_dir, d)
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+    name = next(k for k in sorted(sd) if k.endswith("mlp.down_proj.weight"))
+    sd[name] = sd[name].to(getattr(torch, dtype))
+    save_file(sd, path, metadata={"format": "pt"})
+    code, out = cli("run", "--model", d, "--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "2")
+    assert code == 2 and "not a floating type" in out and name in out, out
+
+
+@pytest.mark.parametrize("command", [["run", "-q", "what?"], ["eval", "--limit", "1"], ["compile", "--out", "art"]])
+def test_an_empty_model_is_refused_not_the_bundled_model(scene_file, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--scene", scene_file] if command[0] == "run" else []
+    code, out = cli(*command, *extra, "--model", "")
+    assert code == 2 and "--model '': empty" in out and os.listdir(tmp_path) == []

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAILING_RANK = os.path.join(ROOT, "tests", "integration", "torchrun_failing_rank.py")
 # 10 samples and 26 held-back rows: batches of 4 split 2 + 1 and 4 + 3 between the ranks (uneven
@@ -119,4 +121,20 @@ def test_a_bad_input_on_one_rank_ends_every_rank_with_its_line(tiny3d_dir, tmp_p
     assert r.stderr.count("Traceback (most recent call last)") <= 1 and "ChildFailedError" in r.stderr  # torchrun's
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
     assert "2" in codes and set(codes) <= {"2", "-15"}  # each rank exits 2 (or torchrun stopped it just after)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fail_rank", ["0", "1"])
+def test_the_launcher_ends_a_failed_launch_with_the_line_and_exit_2(tiny3d_dir, tmp_path, fail_rank):
+    """python -m adatoken_compile.launch takes torchrun's arguments: the user sees the tool's one
+    line and the launch exits 2, without torchrun's failure summary."""
+    out = tmp_path / "cal"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAIL_RANK=fail_rank)
+    r = subprocess.run([sys.executable, "-m", "adatoken_compile.launch", "--standalone", "--nproc-per-node", "2",
+                        FAILING_RANK, *CALIBRATE, "--model", tiny3d_dir, "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, r.stderr
+    assert lines == ["error: scenes/scene3000000/depth/0.png: unreadable depth image ; re-export the scene"] or (
+        fail_rank == "0" and len(lines) == 1 and lines[0].startswith("error: ")), r.stderr
     assert not out.exists() and os.listdir(tmp_path) == []

@@ -350,7 +350,8 @@ def test_solver_meets_target(kw, tmp_path):
     assert s.fingerprint == st.fingerprint and s.calibration["search"]["validated"]
     out = write_calibration(str(tmp_path / "cal"), s, st)
     assert sorted(os.listdir(out)) == sorted(["schedule.json", "stats.npz", "stats.json", "report.md", "report.json",
-                                              "spatial_share.png", "contribution_cdf.png", "keep_curves.png", "retained_mass.png"])
+                                              "spatial_share.png", "contribution_cdf.png", "keep_curves.png", "retained_mass.png",
+                                              ".adatoken-compile-output.json"])  # the record listing them all
     assert Schedule.load(os.path.join(out, "schedule.json")).cuts == s.cuts
     assert [p for p in os.listdir(tmp_path) if p != "cal"] == []
 

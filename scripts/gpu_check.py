@@ -10,8 +10,15 @@
    and answers on CUDA; then a LLaVA-3D-7B-width random checkpoint (``make-tiny --preset
    llava3d-7b --layers N``: full width, depth N, so that it fits the time) compiled in float16 and
    int4, prefill pruned vs identity at 1,400 spatial + 60 text tokens on CUDA;
+   then decode per token on CUDA with the KV buffers bound on the device (IO binding) against the
+   same decode graph fed and fetched as numpy every step, at 1,460 and 3,000 tokens of context, on
+   the 7B-width float16 identity artifact, with the KV and logits bytes each moved per step
+   (ONNX Runtime GenAI on CUDA is not run here: its package and model builder need a network);
 3. without it (or if a CUDA session cannot start): times the pruned PyTorch prefill against the
    unpruned one on CUDA (float16, 7B width, depth N) and records why ONNX Runtime could not run.
+
+``--rehearse-decode-on-cpu ART`` runs only the decode comparison, on the CPU, on a compiled
+artifact (checks the step without a GPU).
 
 Every step is skipped once ``--budget-s`` is spent; results.json records what ran, with timings.
 Nothing here is needed on a machine without a GPU.
@@ -138,6 +145,27 @@ def bundled_on_cuda(out: str, log, res: dict, budget) -> None:
             res[f"bundled_{dtype}_parity_cpu_vs_cuda"] = json.load(f)["results"][dtype]
 
 
+DECODE_CONTEXTS = [(1400, 60), (2940, 60)]
+
+
+def decode_on_device(art: str, log, res: dict, budget, provider: str = "cuda", contexts=DECODE_CONTEXTS,
+                     steps: int = 16, rounds: int = 3, key: str | None = None) -> dict:
+    """Decode per token of one artifact with its KV buffers bound on the session's device vs the
+    same graph fed and fetched as numpy every step, interleaved rounds."""
+    from adatoken_compile.benchmarking.decode import bench_decode
+
+    budget()
+    r = bench_decode({"bound": (art, "a", True), "numpy": (art, "a", False)}, list(contexts), steps=steps,
+                     rounds=rounds, providers=provider, log=log)
+    for c, v in r["contexts"].items():
+        log(f"decode on {provider} at {c} tokens: bound {v['bound']['ms_per_token']:.2f} ms "
+            f"({v['bound']['kv_bytes_per_step']:.0f} KV B/step), numpy {v['numpy']['ms_per_token']:.2f} ms "
+            f"({v['numpy']['kv_bytes_per_step'] / 1e6:.1f} MB KV/step), ratio "
+            f"{v['bound']['ms_per_token'] / v['numpy']['ms_per_token']:.3f}")
+    res[key or f"decode_{provider}"] = r
+    return r
+
+
 def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None:
     ckpt = os.path.join(out, f"llava3d-7b-L{layers}")
     budget()
@@ -151,8 +179,10 @@ def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None
                 with open(os.path.join(paths["identity"], "manifest.json")) as f:
                     fp = json.load(f)["model"]["fingerprint"]
                 sched = schedule_file(os.path.join(out, f"7b-schedule-L{layers}.json"), layers, fp)
-            sh(cli("compile", "--model", ckpt, *extra, "--no-decode", "--out", paths[kind], "--overwrite",
-                   *(["--schedule", sched] if kind == "pruned" else [])), log)
+            # the float16 identity keeps its decode graph: the decode-on-device step runs on it
+            keep_decode = tag == "float16" and kind == "identity"
+            sh(cli("compile", "--model", ckpt, *extra, *([] if keep_decode else ["--no-decode"]), "--out", paths[kind],
+                   "--overwrite", *(["--schedule", sched] if kind == "pruned" else [])), log)
         budget()
         js = sh(cli("bench", "--artifact", paths["pruned"], "--baseline", paths["identity"], "--tokens", "1400,60",
                     "--provider", "cuda", "--repeats", 5, "--json"), log)
@@ -161,6 +191,13 @@ def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None
         log(f"7B width, {layers} layers, {tag}: prefill {p['latency_s']['pruned']['median_s'] * 1e3:.1f} ms vs "
             f"{p['latency_s']['baseline']['median_s'] * 1e3:.1f} ms, ratio {p['latency_ratio']:.3f}, "
             f"FLOPs ratio {p['flops_ratio']:.3f}, realized {p['realized_fraction']:.2f}")
+        if tag == "float16":
+            try:
+                decode_on_device(paths["identity"], log, res, budget, key=f"7b_width_L{layers}_float16_decode_cuda")
+            except Exception as e:  # the prefill figures stand without it
+                res["errors"].append({"step": "decode_cuda", "error": f"{type(e).__name__}: {e}",
+                                      "trace": traceback.format_exc()})
+                log(f"decode on cuda: failed ({type(e).__name__}: {str(e)[:300]})")
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
 
@@ -221,6 +258,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="depth of the 7B-width checkpoint")
     ap.add_argument("--rehearse-torch-on-cpu", action="store_true",
                     help="run only the PyTorch fallback step, on the CPU at a small width (checks the script)")
+    ap.add_argument("--rehearse-decode-on-cpu", metavar="ART", default=None,
+                    help="run only the decode bound-vs-numpy step, on the CPU, on this artifact (checks the script)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -242,6 +281,11 @@ def main() -> None:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
 
+    if args.rehearse_decode_on_cpu:
+        decode_on_device(args.rehearse_decode_on_cpu, log, res, budget, provider="cpu", contexts=[(40, 20), (80, 20)],
+                         steps=4, rounds=2)
+        save()
+        return
     if args.rehearse_torch_on_cpu:
         torch_on_cuda(log, res, budget, 3, device="cpu", hidden=256)
         save()

@@ -144,19 +144,22 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
            input_names: Sequence[str], output_names: Sequence[str] | None = None, *, opset: int | None = None,
            external_data_threshold: int = 1024, optimize: bool = True, check: bool = True,
            postprocess: Callable | None = None, weights=None,
-           quantize: Quantization | None = None) -> ExportResult:
+           quantize: Quantization | None = None, translations: dict | None = None) -> ExportResult:
     """Export ``module`` called on ``args`` to ``path`` (.onnx, weights in ``path.data``).
 
     ``dynamic_shapes`` as torch.export takes them; ``postprocess(model)`` may edit the ONNX IR
     model before it is saved (after the common steps in the module docstring). ``weights``: the
     module's parameters whose values stay on disk until written
     (:class:`adatoken_compile.models.checkpoint.LazyWeights` of a model loaded lazily);
-    ``quantize``: int4 weight-only quantisation of the constant-weight MatMul / Gemm nodes.
+    ``quantize``: int4 weight-only quantisation of the constant-weight MatMul / Gemm nodes;
+    ``translations``: ONNX translations of custom torch ops (``{op overload: onnxscript function}``).
     """
     t0 = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
         kw = {} if opset is None else {"opset_version": opset}
+        if translations:
+            kw["custom_translation_table"] = dict(translations)
         # optimised here, after the weight passes: the optimizer would fold every weight's transpose in memory
         prog = torch.onnx.export(ep, tuple(args), dynamo=True, optimize=False, verbose=False, **kw)
     streamed = stream_initializers(prog.model, weights.for_module(module) if weights else None)

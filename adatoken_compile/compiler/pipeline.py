@@ -22,7 +22,7 @@ import numpy as np
 from adatoken_compile.artifact import (EMBED_FILE, FORMAT, MANIFEST, PREPROCESS_FILE, SCHEDULE_FILE, TOKENIZER_DIR,
                                        VERSION, Manifest, file_digest, file_table, verify)
 from adatoken_compile.compiler.capture import capture, export_prefill
-from adatoken_compile.compiler.decode import example_decode_feeds, export_decode
+from adatoken_compile.compiler.decode import export_decode
 from adatoken_compile.compiler.export import export, graph_io
 from adatoken_compile.compiler.weights import DTYPES, Quantization, torch_dtype
 from adatoken_compile.environment import environment
@@ -92,10 +92,11 @@ def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: b
     if decode and reuse is not None and "decode" in reuse.graphs:
         graphs["decode"] = _copy_graph(reuse, "decode", tmp, progress)
     elif decode:
-        res = export_decode(adapter.decoder, os.path.join(tmp, "decode.onnx"), example_decode_feeds(adapter.decoder),
-                            opset=opset, weights=lazy, quantize=quantize)
+        res = export_decode(adapter.decoder, os.path.join(tmp, "decode.onnx"), opset=opset, weights=lazy,
+                            quantize=quantize)
         graphs["decode"] = {"external_data": [res.external_data] if res.external_data else [],
-                            "quantized_matmuls": res.quantized_matmuls}
+                            "quantized_matmuls": res.quantized_matmuls,
+                            "kv": "concat" if "present_mask.0" in res.output_names else "buffers"}
         _log(progress, f"decode.onnx exported ({res.export_s:.1f}s)")
     else:
         _log(progress, "decode graph skipped: the artifact answers 1 token")

@@ -35,6 +35,7 @@ from ..schedule import Schedule
 from .image import ImageProcessing, patch_coordinates
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
+from .decoding import BufferedSteps, ConcatSteps, is_buffered
 from .sampling import check_sampling, make_rng, next_tokens
 from .scene import (Scene, limit_hint, limits, pool_numpy, preprocess_scene, unproject_patches,
                     validate_scene, voxelize)
@@ -103,6 +104,11 @@ class Runtime:
         self._types = {n: {i.name: input_dtype(i.type) for i in s.get_inputs()} for n, s in self.sessions.items()}
         self.last_kept: list[np.ndarray] = []
         self._last: dict | None = None
+        # a decode graph with in-place buffers keeps them bound on the session's device; False feeds
+        # and fetches them as numpy every step instead (to measure what the binding saves)
+        self.bind_kv = True
+        # bytes the last generation's decode steps moved across the session boundary, per step
+        self.last_transfer: dict = {"kv_bytes_per_step": 0.0, "logits_bytes_per_step": 0.0, "steps": 0, "kv": None}
 
     def graph_path(self, name: str) -> str:
         """Path of one of the artifact's ONNX graphs (``encoder``, ``projector``, ``prefill``, ``decode``)."""
@@ -296,15 +302,18 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
     def _check_generation(self, feeds: dict, max_new_tokens: int) -> None:
+        self._check_new_tokens(max_new_tokens)
+        n = int(feeds["attention_mask"].sum(1).max())
+        if self.max_positions and n + max_new_tokens > self.max_positions:
+            raise InputError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
+                             f"{self.max_positions}; use max_new_tokens <= {self.max_positions - n}")
+
+    def _check_new_tokens(self, max_new_tokens: int) -> None:
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         if max_new_tokens > 1 and not self.has_decode:
             raise InputError(f"{self.path}: this artifact has no decode graph, so it can answer only 1 token "
                              f"(asked for {max_new_tokens}); {RECOMPILE} with adatoken_compile.compiler.decode available")
-        n = int(feeds["attention_mask"].sum(1).max())
-        if self.max_positions and n + max_new_tokens > self.max_positions:
-            raise InputError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
-                             f"{self.max_positions}; use max_new_tokens <= {self.max_positions - n}")
 
     def generate_ids(self, feeds: dict, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int | None = None, ignore_eos: bool = False) -> Iterator[np.ndarray]:
@@ -313,31 +322,48 @@ class Runtime:
         self._check_generation(feeds, max_new_tokens)
         check_sampling(temperature, top_p, seed)
         out = self.prefill(feeds)
-        B = out["logits"].shape[0]
         pos = feeds["attention_mask"].sum(1).astype(np.int64)[:, None]  # ORIGINAL lengths
-        past = {}
-        for i in range(self.num_layers):
-            past[f"past_key.{i}"] = out[f"key.{i}"]
-            past[f"past_value.{i}"] = out[f"value.{i}"]
-            past[f"past_mask.{i}"] = out[f"mask.{i}"].astype(bool)
+        yield from self.continue_ids(out, pos, max_new_tokens, temperature, top_p, seed, ignore_eos)
+
+    def continue_ids(self, prefill_out: dict, positions: np.ndarray, max_new_tokens: int = 32,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                     ignore_eos: bool = False) -> Iterator[np.ndarray]:
+        """The generation after a prefill: ``prefill_out`` its outputs, ``positions`` (B, 1) each
+        row's ORIGINAL (unpruned) prompt length. Records :attr:`last_transfer` when done."""
+        self._check_new_tokens(max_new_tokens)
+        check_sampling(temperature, top_p, seed)
+        out = prefill_out
+        B = out["logits"].shape[0]
+        pos = np.asarray(positions, np.int64).reshape(B, 1)
+        steps = None
+        if max_new_tokens > 1:
+            dec = self.sessions["decode"]
+            steps = (BufferedSteps(dec, out, self.num_layers, max_new_tokens - 1, bind=self.bind_kv)
+                     if is_buffered(dec) else ConcatSteps(dec, out, self.num_layers))
         rng = make_rng(seed) if temperature > 0 else None
         eos = self.eos_id
         fill = 0 if eos is None else int(eos)
         done = np.zeros(B, bool)
         logits = out["logits"]
-        for t in range(max_new_tokens):
-            toks = next_tokens(logits, temperature, top_p, rng)
-            toks = np.where(done, fill, toks)
-            yield toks
-            if eos is not None and not ignore_eos:
-                done |= toks == eos
-            if done.all() or t == max_new_tokens - 1:
-                break
-            feed = {"inputs_embeds": self.embed[toks][:, None, :], "position_ids": pos, **past}
-            res = self.run_graph("decode", feed)
-            logits = res["logits"]
-            past = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
-            pos = pos + 1
+        emb_type = self._types["decode"]["inputs_embeds"] if self.has_decode else None
+        try:
+            for t in range(max_new_tokens):
+                toks = next_tokens(logits, temperature, top_p, rng)
+                toks = np.where(done, fill, toks)
+                yield toks
+                if eos is not None and not ignore_eos:
+                    done |= toks == eos
+                if done.all() or t == max_new_tokens - 1:
+                    break
+                emb = self.embed[toks][:, None, :]
+                logits = steps.step(emb.astype(emb_type, copy=False) if emb_type is not None else emb, pos)
+                pos = pos + 1
+        finally:
+            n = max(steps.steps, 1) if steps is not None else 1
+            self.last_transfer = {"kv_bytes_per_step": float(steps.kv_bytes / n) if steps else 0.0,
+                                  "logits_bytes_per_step": float(steps.logits_bytes / n) if steps else 0.0,
+                                  "steps": steps.steps if steps else 0,
+                                  "kv": _kv_form(steps)}
 
     def _pairs(self, scenes, questions) -> tuple[list[Sample], bool]:
         if isinstance(scenes, Sample):
@@ -394,6 +420,14 @@ class Runtime:
             if len(text) > len(prev) and text.startswith(prev):
                 yield text[len(prev):]
                 prev = text
+
+
+def _kv_form(steps) -> str | None:
+    if steps is None:
+        return None
+    if isinstance(steps, BufferedSteps):
+        return "buffers" if steps.bind else "buffers-numpy"
+    return "concat"
 
 
 def _load_embeddings(path: str, hidden: int) -> np.ndarray:

@@ -126,6 +126,21 @@ class CheckedSession:
                                  "(check the scene's or image's values), or its weights are not finite")
         return outs
 
+    def run_with_iobinding(self, binding, *args, **kwargs):
+        try:
+            return self._s.run_with_iobinding(binding, *args, **kwargs)
+        except Exception as e:  # as run: the graph's failure, in one line
+            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {_first_line(e)}); the inputs do not "
+                             f"fit this graph, or {self.hint}") from None
+
+
+def device_of(session) -> tuple[str, int]:
+    """Where a session computes: ``("cuda", device id)`` on the CUDA provider, else ``("cpu", 0)``."""
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        opts = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(opts.get("device_id", 0))
+    return "cpu", 0
+
 
 def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: int, art: str, hint: str,
                    coords: bool = False) -> None:
@@ -141,9 +156,13 @@ def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: i
     if input_kind == "scene":
         need["projector"] = ({"features"}, {"tokens"})
     if "decode" in sessions:
-        past = {f"past_{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers)}
+        # two forms: caches concatenated per step (past/present key, value, mask), or in-place
+        # buffers (past key, value, length in; present key, value out)
+        buffered = "past_length.0" in {i.name for i in sessions["decode"].get_inputs()}
+        kinds = ("key", "value", "length") if buffered else ("key", "value", "mask")
+        past = {f"past_{k}.{i}" for k in kinds for i in range(num_layers)}
         need["decode"] = ({"inputs_embeds", "position_ids", *past},
-                          {"logits", *(f"present_{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers))})
+                          {"logits", *(f"present_{k}.{i}" for k in kinds[:2 if buffered else 3] for i in range(num_layers))})
     for name, (feeds, outs) in need.items():
         if name not in sessions:
             raise InputError(f"{art}: the artifact has no '{name}' graph, which a {input_kind} model needs; {hint}")

@@ -136,7 +136,8 @@ def test_manifest(pruned_art, schedule, adapter):
     assert pre["inputs"][0]["shape"][2] == adapter.describe()["hidden"]
     assert pre["external_data"] == ["prefill.onnx.data"] and pre["opset"] >= 18
     dec = [i["name"] for i in m["graphs"]["decode"]["inputs"]]
-    assert dec[:2] == ["inputs_embeds", "position_ids"] and "past_mask.3" in dec
+    assert dec[:2] == ["inputs_embeds", "position_ids"] and "past_length.3" in dec and "past_mask.3" not in dec
+    assert m["graphs"]["decode"]["kv"] == "buffers"
     with open(os.path.join(pruned_art, "preprocess.json")) as f:
         p = json.load(f)
     assert p["voxel_size"] == 0.2 and p["max_tokens"] == 2560 and p["placeholders"]["image"] == -200

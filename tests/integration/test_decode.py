@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from adatoken_compile.compiler.capture import capture, describe_decoder
-from adatoken_compile.compiler.decode import DecodeModule, decode_input_names, decode_output_names, export_decode
+from adatoken_compile.compiler.decode import (BufferedDecodeModule, DecodeModule, buffered_input_names,
+                                              buffered_output_names, decode_input_names, decode_output_names,
+                                              export_decode)
 from adatoken_compile.compiler.reference import generate as generate_pruned
 from adatoken_compile.flops import kv_cache_bytes
 from adatoken_compile.errors import InputError
@@ -142,7 +144,7 @@ def onnx_graphs(tmp_path_factory):
     model = model_of("llama", "sdpa")
     ex = make_batch(ROWS)
     d = tmp_path_factory.mktemp("decode_onnx")
-    dec = export_decode(model, str(d / "decode.onnx"))
+    dec = export_decode(model, str(d / "decode.onnx"), buffered=False)
     pre = export_onnx(apply_token_drop(capture(model, ex), SCHEDULE), ex, str(d / "prefill.onnx"))
     return dec, ort_session(dec.path, level="all"), ort_session(pre.path, level="all")
 
@@ -216,6 +218,121 @@ def test_ort_greedy_loop_matches_generate_pruned(onnx_graphs):
             res = dec_sess.run(None, dict(zip(decode_input_names(N_LAYERS), [emb[tok][:, None], pos] + past)))
             logits, past, pos = res[0], res[1:], pos + 1
         assert got == want
+
+
+# ----------------------------------------------------------------------------- in-place buffers, fused attention
+
+
+def compact(pre, steps: int):
+    """The pruned prefill's caches compacted per row to the front of per-layer buffers of
+    ``max kept + steps`` slots (what the runtime does once after the prefill)."""
+    past = []
+    for k, v, m in zip(pre.keys, pre.values, pre.masks):
+        n = m.sum(1)
+        cap = int(n.max()) + steps
+        bk = torch.zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+        bv = torch.zeros_like(bk)
+        for b in range(k.shape[0]):
+            bk[b, :, : n[b]] = k[b][:, m[b]]
+            bv[b, :, : n[b]] = v[b][:, m[b]]
+        past += [bk, bv, n.to(torch.int32)]
+    return past
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_buffered_step_matches_concat_step(family, attn):
+    """Several steps over compacted in-place buffers == the concatenating step over padded, masked
+    caches: same logits, and each step writes the new key/value at slot past_length (rotary at the
+    ORIGINAL position: keys compare equal to the concat step's appended ones)."""
+    model = model_of(family, attn)
+    ex = make_batch(ROWS)
+    pre, x, pos = first_step(model, ex, SCHEDULE)
+    buf = compact(pre, steps=3)
+    cat = flat_past(pre)
+    fused, plain = BufferedDecodeModule(model), DecodeModule(model)
+    with torch.no_grad():
+        for _ in range(3):
+            a, b = fused(x, pos, *buf), plain(x, pos, *cat)
+            assert (a[0] - b[0]).abs().max() <= 1e-5
+            for i in range(N_LAYERS):
+                n = buf[3 * i + 2]
+                for r in range(ex.batch_size):
+                    for j in (0, 1):  # key, value: the new position at slot n[r], the kept ones untouched
+                        got = a[1 + 2 * i + j][r, :, : n[r] + 1]
+                        want = b[1 + 3 * i + j][r][:, b[3 + 3 * i][r]]
+                        assert (got - want).abs().max() <= 1e-5
+                buf[3 * i : 3 * i + 3] = [a[1 + 2 * i], a[2 + 2 * i], n + 1]
+            cat = list(b[1:])
+            x, pos = embed_ids(model, a[0].argmax(-1)).detach(), pos + 1
+
+
+@pytest.fixture(scope="module")
+def buffered_graph(tmp_path_factory):
+    model = model_of("qwen2", "eager")  # GQA 4 / 2
+    d = tmp_path_factory.mktemp("decode_buffered")
+    res = export_decode(model, str(d / "decode.onnx"))  # the default form
+    return res, ort_session(res.path, level="all")
+
+
+def test_buffered_onnx_in_place_matches_module(buffered_graph):
+    """The exported step: GroupQueryAttention (no Concat of a cache), dims capacity_{i}; run with
+    each layer's buffer bound as both past and present it updates the buffer in place and gives the
+    module's logits, over several steps of a batch with different per-layer, per-row lengths."""
+    import onnx
+    import onnxruntime as ort
+
+    res, sess = buffered_graph
+    assert res.input_names == buffered_input_names(N_LAYERS) and res.output_names == buffered_output_names(N_LAYERS)
+    m = onnx.load(res.path, load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("GroupQueryAttention") == N_LAYERS and "Softmax" not in ops
+    # each buffer is read by its layer's attention alone: nothing concatenates or copies it
+    readers = {i: [n.op_type for n in m.graph.node if i in n.input] for i in buffered_input_names(N_LAYERS)}
+    assert all(readers[f"past_{k}.{i}"] == ["GroupQueryAttention"] for i in range(N_LAYERS) for k in ("key", "value"))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.input}
+    assert [dims[f"past_key.{i}"][2] for i in range(N_LAYERS)] == [f"capacity_{i}" for i in range(N_LAYERS)]
+
+    model = model_of("qwen2", "eager")
+    pre, x, pos = first_step(model, make_batch(ROWS), SCHEDULE)
+    steps = 4
+    buf = compact(pre, steps)
+    assert len({int(t.shape[2]) for t in buf[0::3]}) > 1  # per-layer capacities differ
+    io = sess.io_binding()
+    vals = []
+    for i in range(N_LAYERS):
+        for j, kind in enumerate(("key", "value")):
+            v = ort.OrtValue.ortvalue_from_numpy(buf[3 * i + j].numpy().copy())
+            io.bind_ortvalue_input(f"past_{kind}.{i}", v)
+            io.bind_ortvalue_output(f"present_{kind}.{i}", v)
+            vals.append(v)
+    io.bind_output("logits")
+    step = BufferedDecodeModule(model)
+    lengths = [buf[3 * i + 2].numpy().copy() for i in range(N_LAYERS)]
+    for _ in range(steps):
+        with torch.no_grad():
+            want = step(x, pos, *buf)
+        io.bind_cpu_input("inputs_embeds", x.numpy())
+        io.bind_cpu_input("position_ids", pos.numpy())
+        for i in range(N_LAYERS):
+            io.bind_cpu_input(f"past_length.{i}", lengths[i])
+        sess.run_with_iobinding(io)
+        logits = io.copy_outputs_to_cpu()[-1]
+        assert logits.shape == tuple(want[0].shape) and np.abs(logits - want[0].numpy()).max() <= 1e-4
+        for i in range(N_LAYERS):
+            for j in (0, 1):
+                got, ref = vals[2 * i + j].numpy(), want[1 + 2 * i + j].numpy()
+                for r in range(len(lengths[i])):
+                    n = lengths[i][r] + 1
+                    assert np.abs(got[r, :, :n] - ref[r, :, :n]).max() <= 1e-5
+            buf[3 * i : 3 * i + 3] = [want[1 + 2 * i], want[2 + 2 * i], buf[3 * i + 2] + 1]
+            lengths[i] = lengths[i] + 1
+        x, pos = embed_ids(model, want[0].argmax(-1)).detach(), pos + 1
+
+
+def test_bfloat16_decoder_keeps_the_concat_graph(tmp_path):
+    model = tiny_decoder("llama", "sdpa", layers=2).to(torch.bfloat16)
+    res = export_decode(model, str(tmp_path / "decode.onnx"))
+    assert res.input_names == decode_input_names(2)
 
 
 # ----------------------------------------------------------------------------- KV cache bytes

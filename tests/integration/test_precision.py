@@ -71,6 +71,7 @@ def test_float16_artifact_keeps_float32_tokens(arts, scene_file):
     assert out["key.3"].dtype == np.float16 and out["kept.0"].dtype == np.int64
     answers = rt.generate([s.scene for s in samples], QUESTIONS, max_new_tokens=4)
     assert len(answers) == 3 and all(isinstance(x, str) for x in answers)
+    assert rt.last_transfer["kv"] == "buffers" and rt.last_transfer["kv_bytes_per_step"] == 0
 
 
 def test_int4_artifact_quantises_every_linear_layer(arts, scene_file):
@@ -94,6 +95,7 @@ def test_int4_artifact_quantises_every_linear_layer(arts, scene_file):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95  # the same function, to int4 rounding
     answers = rt.generate([s.scene for s in samples], QUESTIONS, max_new_tokens=4)
     assert len(answers) == 3 and all(isinstance(x, str) for x in answers)
+    assert rt.last_transfer["kv"] == "buffers" and rt.last_transfer["kv_bytes_per_step"] == 0
 
 
 def test_bench_prefill_at_given_token_counts(arts):

@@ -528,7 +528,8 @@ def measure(args, paths: dict) -> list[dict]:
                 w.run(warm, 2)
             for r, c, e in interleaved_order(args.engines, args.contexts, args.rounds):
                 res = workers[e].run(prompt_ids(c, FIXTURE["vocab"]), args.new_tokens)
-                res.update(precision=prec, engine=e, context=c, round=r)
+                # the machine may be shared: its load beside each figure says how far to trust it
+                res.update(precision=prec, engine=e, context=c, round=r, load_avg_1min=round(os.getloadavg()[0], 2))
                 samples.append(res)
                 _log(f"{prec} round {r} {c:>5} {e:<13} prefill {res['prefill_s']:.2f} s  "
                      f"decode {res['decode_ms']:.1f} ms/token")
@@ -545,12 +546,15 @@ def write_results(args, samples: list[dict]) -> str:
     os.makedirs(args.out, exist_ok=True)
     meta = {"contexts": args.contexts, "precisions": args.precisions, "engines": args.engines,
             "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "fixture": FIXTURE,
-            "cuts": CUTS, "command": shlex.join([sys.executable, *sys.argv])}
+            "cuts": CUTS, "command": shlex.join([sys.executable, *sys.argv]), "cpus": os.cpu_count(),
+            "load_avg_1min": [min(x["load_avg_1min"] for x in samples), max(x["load_avg_1min"] for x in samples)]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "samples": samples}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"`{meta['command']}`\n\nmedians of {args.rounds} interleaved rounds, {args.threads} threads, "
-                f"{args.new_tokens} new tokens; ratios against ONNX Runtime GenAI at the same precision\n\n{md}")
+                f"{args.new_tokens} new tokens; ratios against ONNX Runtime GenAI at the same precision; "
+                f"load average (1 min) {meta['load_avg_1min'][0]:.1f}-{meta['load_avg_1min'][1]:.1f} "
+                f"on {meta['cpus']} CPUs\n\n{md}")
     return md
 
 

@@ -154,3 +154,16 @@ def test_a_venv_folder_the_script_did_not_build_is_left_alone(bp, tmp_path):
     with pytest.raises(bp.UsageError, match="did not build"):
         bp.ensure_venv("openvino", str(tmp_path))
     assert (theirs / "keep.txt").read_text() == "x"
+
+
+def test_results_are_written_as_json_and_markdown_with_the_machine_load(bp, tmp_path):
+    args = bp.parse_args(["--out", str(tmp_path / "r"), "--contexts", "500", "--precisions", "fp32",
+                          "--engines", "ours,ort-genai"])
+    s = [dict(_sample(bp, "ours", 500, 2.0, 100.0, [1, 2], kv=8), load_avg_1min=3.5),
+         dict(_sample(bp, "ort-genai", 500, 1.0, 50.0, [1, 3]), load_avg_1min=1.25)]
+    md = bp.write_results(args, s)
+    data = __import__("json").loads((tmp_path / "r" / "results.json").read_text())
+    assert data["meta"]["load_avg_1min"] == [1.25, 3.5] and data["meta"]["threads"] == 2
+    assert data["summary"]["fp32"]["ort-genai"]["contexts"]["500"]["agreement_with_ours"]["same"] == 1
+    text = (tmp_path / "r" / "results.md").read_text()
+    assert md in text and "load average (1 min) 1.2-3.5" in text and "2.00 s (2.00x)" in md

@@ -411,7 +411,8 @@ def _ours(model: str, threads: int):
         return {"prefill_s": steps[0], "decode_ms": 1000 * statistics.mean(steps[1:]), "tokens": toks,
                 "kv_bytes_per_step": int(kv)}
 
-    return run
+    return run, {"precision": rt.precision, "providers": rt.providers,
+                 "cuts": [[c.layer, c.keep] for c in rt.schedule.cuts]}
 
 
 def _ort_genai(model: str, threads: int):
@@ -447,7 +448,7 @@ def _ort_genai(model: str, threads: int):
             toks.append(int(g.get_next_tokens()[0]))
         return {"prefill_s": prefill, "decode_ms": 1000 * statistics.mean(steps), "tokens": toks}
 
-    return run
+    return run, {"onnxruntime_genai": og.__version__}
 
 
 def _openvino(model: str, threads: int, f32: bool):
@@ -472,19 +473,24 @@ def _openvino(model: str, threads: int, f32: bool):
         return {"prefill_s": pm.get_ttft().mean / 1000, "decode_ms": pm.get_tpot().mean,
                 "tokens": [int(t) for t in res.tokens[0]]}
 
-    return run
+    # what "default" means on this CPU: the plugin's own precision and KV-cache type without hints
+    core = ov.Core()
+    return run, {"openvino_genai": ovg.__version__, "properties": props,
+                 "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+                 "cpu_default_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+                 "cpu_default_kv_cache": str(core.get_property("CPU", "KV_CACHE_PRECISION"))}
 
 
 def worker(engine: str, model: str, threads: int) -> None:
     """Load one engine, then answer one JSON request a line on stdin ({"ids", "new_tokens"})."""
     t = time.perf_counter()
     if engine.startswith("ours"):
-        run = _ours(model, threads)
+        run, info = _ours(model, threads)
     elif engine == "ort-genai":
-        run = _ort_genai(model, threads)
+        run, info = _ort_genai(model, threads)
     else:
-        run = _openvino(model, threads, f32=engine == "openvino-f32")
-    print(MARK + json.dumps({"ready": True, "load_s": time.perf_counter() - t}), flush=True)
+        run, info = _openvino(model, threads, f32=engine == "openvino-f32")
+    print(MARK + json.dumps({"ready": True, "load_s": time.perf_counter() - t, "info": info}, default=str), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         print(MARK + json.dumps(run(req["ids"], req["new_tokens"])), flush=True)
@@ -494,7 +500,8 @@ class Worker:
     def __init__(self, engine: str, cmd: list[str], env: dict):
         self.engine = engine
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.load_s = self._reply()["load_s"]
+        ready = self._reply()
+        self.load_s, self.info = ready["load_s"], ready.get("info")
 
     def _reply(self) -> dict:
         for line in self.proc.stdout:
@@ -513,8 +520,9 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------- driver
-def measure(args, paths: dict) -> list[dict]:
-    samples = []
+def measure(args, paths: dict) -> tuple[list[dict], dict]:
+    """The timed runs, and what each engine reported about itself when it loaded."""
+    samples, infos = [], {}
     env = dict(os.environ)
     for prec in args.precisions:
         # one precision's workers at a time: five engines of one precision fit the memory
@@ -523,6 +531,7 @@ def measure(args, paths: dict) -> list[dict]:
             for e in args.engines:
                 workers[e] = Worker(e, worker_command(e, paths[(prec, e)], args.threads, args.cache), env)
                 _log(f"{prec} {e}: loaded in {workers[e].load_s:.1f} s")
+                infos[f"{prec} {e}"] = {"load_s": workers[e].load_s, **(workers[e].info or {})}
             warm = prompt_ids(min(args.contexts), FIXTURE["vocab"], seed=1)
             for e, w in workers.items():  # first runs pay one-off allocations
                 w.run(warm, 2)
@@ -536,10 +545,10 @@ def measure(args, paths: dict) -> list[dict]:
         finally:
             for w in workers.values():
                 w.close()
-    return samples
+    return samples, infos
 
 
-def write_results(args, samples: list[dict]) -> str:
+def write_results(args, samples: list[dict], engines: dict | None = None) -> str:
     summary = summarize(samples)
     header, rows = table_header(args.contexts), table_rows(summary, args.contexts)
     md = markdown(header, rows)
@@ -549,7 +558,7 @@ def write_results(args, samples: list[dict]) -> str:
             "cuts": CUTS, "command": shlex.join([sys.executable, *sys.argv]), "cpus": os.cpu_count(),
             "load_avg_1min": [min(x["load_avg_1min"] for x in samples), max(x["load_avg_1min"] for x in samples)]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "summary": summary, "samples": samples}, f, indent=1)
+        json.dump({"meta": meta, "engines": engines or {}, "summary": summary, "samples": samples}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"`{meta['command']}`\n\nmedians of {args.rounds} interleaved rounds, {args.threads} threads, "
                 f"{args.new_tokens} new tokens; ratios against ONNX Runtime GenAI at the same precision; "
@@ -567,11 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"{args.out}: not a folder ; pass a folder for --out")
         paths = build_all(args)
-        samples = measure(args, paths)
+        samples, engines = measure(args, paths)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(write_results(args, samples))
+    print(write_results(args, samples, engines))
     return 0
 
 

@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker:
             worker(args.worker, args.model, args.threads)
             return 0
+        sys.path.insert(0, ROOT)  # this checkout's package builds the fixture and the schedule
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"{args.out}: not a folder ; pass a folder for --out")
         paths = build_all(args)

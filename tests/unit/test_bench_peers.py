@@ -167,3 +167,35 @@ def test_results_are_written_as_json_and_markdown_with_the_machine_load(bp, tmp_
     assert data["summary"]["fp32"]["ort-genai"]["contexts"]["500"]["agreement_with_ours"]["same"] == 1
     text = (tmp_path / "r" / "results.md").read_text()
     assert md in text and "load average (1 min) 1.2-3.5" in text and "2.00 s (2.00x)" in md
+
+
+def test_the_fixture_options_size_the_decoder(bp, tmp_path):
+    import inspect
+    import json
+
+    from adatoken_compile.models.testing import random_llava_hf
+
+    assert set(bp.FIXTURE) <= set(inspect.signature(random_llava_hf).parameters)
+    d = random_llava_hf(str(tmp_path / "hf"), layers=1, hidden=32, heads=4, kv_heads=2, intermediate=88, vocab=1000,
+                        max_positions=512)
+    t = json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]
+    assert (t["intermediate_size"], t["vocab_size"], t["max_position_embeddings"]) == (88, 1000, 512)
+    out = tmp_path / "decoder"
+    bp.save_decoder(d, str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == 1000 and "rope_theta" in cfg
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.embed_tokens.weight").shape == (1000, 32)
+    assert "lm_head.weight" in keys and not any(k.startswith(("vision_tower", "multi_modal")) for k in keys)
+    # the peers' decoder computes what the LLaVA's language model computes on the same ids
+    import torch
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    ids = torch.tensor([[1, 5, 900, 17, 250]])
+    with torch.no_grad():
+        want = LlavaForConditionalGeneration.from_pretrained(d).eval()(input_ids=ids).logits
+        got = LlamaForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

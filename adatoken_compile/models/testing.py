@@ -225,12 +225,17 @@ CHATML_TEMPLATE = (
 
 
 def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
-                    kv_heads: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0,
+                    kv_heads: int | None = None, intermediate: int | None = None, vocab: int | None = None,
+                    max_positions: int | None = None, image_size: int = 56, patch_size: int = 14, seed: int = 0,
                     image_processor: str = "clip", chat_template: str | None = None, overwrite: bool = False) -> str:
     """A tiny random HF LLaVA checkpoint (tests), with what ``LlavaProcessor.from_pretrained`` reads:
     a full image processor config (``clip`` or ``siglip``), ``processor_config.json`` and, when
     given, ``chat_template.jinja``. Llama-style checkpoints add BOS when tokenizing (as Llama
-    tokenizers do); Qwen2-style ones have no BOS and ChatML's special tokens."""
+    tokenizers do); Qwen2-style ones have no BOS and ChatML's special tokens.
+
+    ``intermediate`` (default ``2 * hidden``), ``vocab`` (default: the word tokenizer's size) and
+    ``max_positions`` (default: the config class's) size a decoder like a real one for speed
+    benchmarks; token ids past the tokenizer's words exist only as embedding rows."""
     torch.manual_seed(seed)
     tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
     if decoder == "qwen2":
@@ -240,8 +245,11 @@ def random_llava_hf(out_dir: str, *, decoder: str = "llama", layers: int = 2, hi
         tok._tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                                 special_tokens=[("<s>", tok.bos_id)])
     tc = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-              num_key_value_heads=kv_heads or heads, intermediate_size=hidden * 2, vocab_size=tok.vocab_size,
-              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+              num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or hidden * 2,
+              vocab_size=max(vocab or 0, tok.vocab_size), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+              pad_token_id=tok.pad_id)
+    if max_positions:
+        tc["max_position_embeddings"] = max_positions
     text = (Qwen2Config if decoder == "qwen2" else LlamaConfig)(**tc)
     vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=patch_size)

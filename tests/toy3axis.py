@@ -1,7 +1,8 @@
-"""A test-only decoder family with 3-axis position ids, defined entirely here: the proof that a family
-whose positions are not (B, L) needs its own module and nothing else.
+"""A test-only decoder family with 3-axis position ids, defined here: the proof that a family whose
+positions are not (B, L) needs its own module and, for the artifact runtime, a position layout in
+``runtime/positions.py`` (whose numpy builder its spec uses too), and nothing else.
 
-Positions follow M-RoPE's layout: ``position_ids (3, B, L)``; a text token has its running index on
+Positions follow M-RoPE's layout (the runtime's ``grid3``): ``position_ids (3, B, L)``; a text token has its running index on
 all three axes, the n spatial tokens of a span starting at running index s sit on a grid
 ``w = ceil(sqrt(n))`` wide, ``(s, s + r // w, s + r % w)`` for the r-th, and the text after the span
 continues at the span's largest position + 1. So a row's next position is NOT its length: decoding
@@ -12,13 +13,12 @@ the installed Llama attention applies them unchanged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adatoken_compile.models.spec import DecoderSpec, register
+from adatoken_compile.runtime.positions import LAYOUTS
 
 MODEL_TYPE = "toy3axis"
 
@@ -56,34 +56,13 @@ class Toy3AxisSpec(DecoderSpec):
     """The base spec with 3-axis positions: batch on axis 1, sequence on axis 2."""
 
     AXES = {**DecoderSpec.AXES, "position_ids": (1, 2), "decode_position_ids": (1, 2)}
+    POSITION_LAYOUT = "grid3"
 
     def positions(self, inputs) -> torch.Tensor:
-        B, L = inputs.attention_mask.shape
-        pos = torch.ones(3, B, L, dtype=torch.int64)
-        for b in range(B):
-            valid = inputs.attention_mask[b].tolist()
-            spatial = inputs.spatial_mask[b].tolist()
-            t, j = 0, 0
-            while j < L:
-                if not valid[j]:
-                    j += 1
-                    continue
-                if not spatial[j]:
-                    pos[:, b, j] = t
-                    t, j = t + 1, j + 1
-                    continue
-                end = j
-                while end < L and spatial[end]:
-                    end += 1
-                n = end - j
-                w = math.ceil(math.sqrt(n))
-                r = torch.arange(n)
-                pos[0, b, j:end] = t
-                pos[1, b, j:end] = t + r // w
-                pos[2, b, j:end] = t + r % w
-                t = int(pos[:, b, j:end].max()) + 1
-                j = end
-        return pos
+        # the runtime's numpy builder of the declared layout: one definition for the compiler and the
+        # artifact runtime (tests/integration/test_toy_family.py checks it against positions by hand)
+        am, sm = inputs.attention_mask.numpy(), inputs.spatial_mask.numpy()
+        return torch.from_numpy(LAYOUTS[self.POSITION_LAYOUT].prefill(am, sm))
 
     def decode_positions(self, inputs, steps: int = 0) -> torch.Tensor:
         pos = self.positions(inputs)

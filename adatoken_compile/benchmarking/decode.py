@@ -64,8 +64,10 @@ def bench_decode(variants: dict, contexts: list[tuple[int, int]], *, steps: int 
             if group not in prefills:
                 rt = rts[name]
                 feeds = synthetic_row(rt.arch["hidden"], spatial, text, rt.embed.dtype)
+                # positions in the artifact's declared layout
+                feeds["position_ids"] = rt.positions.prefill(feeds["attention_mask"], feeds["spatial_mask"])
                 t0 = time.perf_counter()
-                prefills[group] = rt.prefill(feeds), feeds["attention_mask"].sum(1)[:, None]
+                prefills[group] = rt.prefill(feeds), rt.positions.start(feeds["attention_mask"], feeds["spatial_mask"])
                 say(f"context {key}: prefill {group} {time.perf_counter() - t0:.1f} s")
         runs = {name: [] for name in variants}
         transfer = {}

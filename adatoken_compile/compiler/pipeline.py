@@ -148,7 +148,9 @@ def compile_artifact(adapter, schedule, out_dir: str, *, opset: int | None = Non
         os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
         adapter.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         with open(os.path.join(tmp, PREPROCESS_FILE), "w", encoding="utf-8") as f:
-            json.dump(adapter.runtime_config(), f, indent=2)
+            # the runtime builds prefill and decode positions as the decoder's spec lays them out
+            json.dump({**adapter.runtime_config(), "positions": adapter.spec.position_layout()}, f,
+                      indent=2)
         schedule.save(os.path.join(tmp, SCHEDULE_FILE))
         files = file_table(tmp)
         graphs = {name: {"file": f"{name}.onnx", **graph_io(os.path.join(tmp, f"{name}.onnx")), **fields}

@@ -64,6 +64,15 @@ class DecoderSpec:
         torch.Tensor.__matmul__,
     )
 
+    # the runtime's name for how this family's positions are built and continued
+    # (:mod:`adatoken_compile.runtime.positions`), written into the artifact by compile
+    POSITION_LAYOUT = "sequence"
+
+    def position_layout(self) -> dict:
+        """The artifact's ``preprocess.json`` ``positions``: the layout the runtime builds prefill and
+        decode positions with (it must equal :meth:`positions` / :meth:`decode_positions`)."""
+        return {"layout": self.POSITION_LAYOUT}
+
     def position_axes(self, name: str = "position_ids") -> tuple[int, int]:
         """(batch axis, sequence axis) of a prefill input."""
         return self.AXES[name]

@@ -9,9 +9,10 @@
 
 The prompt batch is built exactly as the PyTorch adapters build it (:mod:`adatoken_compile.runtime.prompt`):
 BOS once, the model's template, text chunks tokenized around the placeholder, spatial tokens
-spliced in, rows left-padded, position ids ``0..n-1`` (1 on padding). The ORT prefill (pruned by
-the compiled schedule) returns per-layer caches of per-layer lengths; the decode graph then
-continues each row at position ``original (unpruned) prompt length + step``.
+spliced in, rows left-padded, position ids in the layout the artifact declares
+(:mod:`adatoken_compile.runtime.positions`; ``0..n-1``, 1 on padding, by default). The ORT prefill
+(pruned by the compiled schedule) returns per-layer caches of per-layer lengths; the decode graph
+then continues each row from the ORIGINAL (unpruned) prompt's positions (``length + step`` by default).
 
 What the encoder graphs take is declared by the artifact (``preprocess.json`` ``input``):
 ``scene`` (posed RGB-D views -> encoder -> voxel pooling -> projector) or ``image`` (one RGB
@@ -35,6 +36,7 @@ from ..schedule import Schedule
 from .image import ImageProcessing, patch_coordinates
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
+from .positions import layout_of
 from .decoding import BufferedSteps, ConcatSteps, is_buffered
 from .sampling import check_sampling, make_rng, next_tokens
 from .scene import (Scene, limit_hint, limits, pool_numpy, preprocess_scene, unproject_patches,
@@ -68,6 +70,7 @@ class Runtime:
                            else ImageProcessing.clip(self.pre["image_size"], self.pre["mean"], self.pre["std"]))
         self.num_frames = self.pre.get("num_frames")
         self.max_positions = self.pre.get("max_positions")
+        self.positions = layout_of(self.pre["positions"], where, RECOMPILE)
         self.arch = normalize_arch(self.pre["arch"], f"{self.path}/{d['preprocess']}")
         self.embed = _load_embeddings(os.path.join(self.path, d["embed_tokens"]), self.arch["hidden"])
         tok = d["tokenizer"].rstrip("/")
@@ -97,6 +100,7 @@ class Runtime:
                          for name, g in d["graphs"].items()}
         check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE,
                        coords="xyz" in self.schedule.needs())
+        self._check_position_rank()
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
@@ -109,6 +113,15 @@ class Runtime:
         self.bind_kv = True
         # bytes the last generation's decode steps moved across the session boundary, per step
         self.last_transfer: dict = {"kv_bytes_per_step": 0.0, "logits_bytes_per_step": 0.0, "steps": 0, "kv": None}
+
+    def _check_position_rank(self) -> None:
+        """Refuse, at load, graphs whose ``position_ids`` are not the declared layout's rank."""
+        for name in ("prefill", "decode"):
+            s = self.sessions.get(name)
+            got = next((len(i.shape) for i in s.get_inputs() if i.name == "position_ids"), None) if s else None
+            if got is not None and got != self.positions.rank:
+                raise InputError(f"{self.path}: graph '{name}' takes {got}-D position_ids, but the artifact declares "
+                                 f"the '{self.positions.name}' layout ({self.positions.rank}-D); {RECOMPILE}")
 
     def graph_path(self, name: str) -> str:
         """Path of one of the artifact's ONNX graphs (``encoder``, ``projector``, ``prefill``, ``decode``)."""
@@ -246,7 +259,6 @@ class Runtime:
         feeds = {
             "inputs_embeds": np.zeros((B, L, H), self.embed.dtype),
             "attention_mask": np.zeros((B, L), np.int64),
-            "position_ids": np.ones((B, L), np.int64),
             "spatial_mask": np.zeros((B, L), bool),
             "spatial_xyz": np.zeros((B, L, 3), np.float32),
         }
@@ -254,14 +266,15 @@ class Runtime:
             n = emb.shape[0]
             feeds["inputs_embeds"][b, L - n :] = emb
             feeds["attention_mask"][b, L - n :] = 1
-            feeds["position_ids"][b, L - n :] = np.arange(n)
             feeds["spatial_mask"][b, L - n :] = sm
             feeds["spatial_xyz"][b, L - n :] = xyz
+        feeds["position_ids"] = self.positions.prefill(feeds["attention_mask"], feeds["spatial_mask"])
         return feeds
 
     # ------------------------------------------------------------------ graphs
     def _check_feeds(self, feeds: dict) -> None:
-        need = {"inputs_embeds": (3, "f"), "attention_mask": (2, np.int64), "position_ids": (2, np.int64),
+        need = {"inputs_embeds": (3, "f"), "attention_mask": (2, np.int64),
+                "position_ids": (self.positions.rank, np.int64),
                 "spatial_mask": (2, np.bool_)}
         if "spatial_xyz" in self._inputs["prefill"]:  # the schedule's rules read token coordinates
             need["spatial_xyz"] = (3, np.float32)
@@ -322,19 +335,20 @@ class Runtime:
         self._check_generation(feeds, max_new_tokens)
         check_sampling(temperature, top_p, seed)
         out = self.prefill(feeds)
-        pos = feeds["attention_mask"].sum(1).astype(np.int64)[:, None]  # ORIGINAL lengths
+        pos = self.positions.start(feeds["attention_mask"], feeds["spatial_mask"])  # of the ORIGINAL prompt
         yield from self.continue_ids(out, pos, max_new_tokens, temperature, top_p, seed, ignore_eos)
 
     def continue_ids(self, prefill_out: dict, positions: np.ndarray, max_new_tokens: int = 32,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                      ignore_eos: bool = False) -> Iterator[np.ndarray]:
-        """The generation after a prefill: ``prefill_out`` its outputs, ``positions`` (B, 1) each
-        row's ORIGINAL (unpruned) prompt length. Records :attr:`last_transfer` when done."""
+        """The generation after a prefill: ``prefill_out`` its outputs, ``positions`` (B,) or (B, 1)
+        the index each row's first decoded token takes in the ORIGINAL (unpruned) prompt (its length
+        in the ``sequence`` layout: :meth:`PositionLayout.start`). Records :attr:`last_transfer` when done."""
         self._check_new_tokens(max_new_tokens)
         check_sampling(temperature, top_p, seed)
         out = prefill_out
         B = out["logits"].shape[0]
-        pos = np.asarray(positions, np.int64).reshape(B, 1)
+        start = np.asarray(positions, np.int64).reshape(B)
         steps = None
         if max_new_tokens > 1:
             dec = self.sessions["decode"]
@@ -356,8 +370,8 @@ class Runtime:
                 if done.all() or t == max_new_tokens - 1:
                     break
                 emb = self.embed[toks][:, None, :]
-                logits = steps.step(emb.astype(emb_type, copy=False) if emb_type is not None else emb, pos)
-                pos = pos + 1
+                logits = steps.step(emb.astype(emb_type, copy=False) if emb_type is not None else emb,
+                                    self.positions.decode(start, t))
         finally:
             n = max(steps.steps, 1) if steps is not None else 1
             self.last_transfer = {"kv_bytes_per_step": float(steps.kv_bytes / n) if steps else 0.0,

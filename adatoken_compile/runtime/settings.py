@@ -9,6 +9,7 @@ from ..arch import normalize as normalize_arch
 from ..errors import InputError
 from ..readers import Fields, read_json
 from .image import ImageProcessing
+from .positions import layout_of
 
 # artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
 _LEGACY_INPUT = {"llava3d": "scene", "llava-hf": "image"}
@@ -44,6 +45,8 @@ def read_settings(path: str, fix: str) -> dict:
     if out["input"] == "scene":
         out["voxel_size"] = f.number("voxel_size", lo=0.0, hi=MAX_VOXEL_M, lo_open=True, default=0.2)
         out["max_tokens"] = f.integer("max_tokens", lo=1, default=2560)
+    # the position layout the decoder spec exported (older artifacts: one index per token)
+    out["positions"] = layout_of(d.get("positions"), path, fix).to_dict()
     if out["eos_id"] is not None and out["eos_id"] >= out["arch"]["vocab"]:
         raise InputError(f"{path}: 'eos_id' {out['eos_id']} is outside the vocabulary ({out['arch']['vocab']}); {fix}")
     return out

@@ -1,6 +1,7 @@
 """A family with 3-axis position ids (tests/toy3axis.py, nothing of it in the package) through every
-seam: the executor, the token-drop pass on its captured graph, the ONNX prefill and decode graphs, and
-greedy generation token-exact against its own eager reference."""
+seam: the executor, the token-drop pass on its captured graph, the ONNX prefill and decode graphs,
+greedy generation token-exact against its own eager reference, and a compiled artifact that the
+torch-free runtime drives from the position layout it declares."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from adatoken_compile.compiler.executor import pruned_prefill
 from adatoken_compile.compiler.parity import ort_session
 from adatoken_compile.compiler.reference import generate
 from adatoken_compile.models.spec import spec_for
+from adatoken_compile.models.spec import BASE
 from adatoken_compile.passes.token_drop import apply_token_drop
+from adatoken_compile.runtime.positions import LAYOUTS
 from adatoken_compile.schedule import Cut, Schedule
 
 from conftest import make_batch
@@ -90,3 +93,85 @@ def test_onnx_generation_is_token_exact_against_the_eager_reference(toy, tmp_pat
         logits = steps.step(x, SPEC.decode_positions(batch, t).numpy())
     assert steps.kv_bytes == 0
     assert got == want
+
+
+def test_grid3_positions_by_hand():
+    """One left-padded row: 2 text tokens, a span of 5 spatial tokens on a 3-wide grid, 2 text tokens."""
+    am = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int64)
+    sm = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], bool)
+    layout = LAYOUTS["grid3"]
+    want = np.array([[1, 1, 0, 1, 2, 2, 2, 2, 2, 5, 6],
+                     [1, 1, 0, 1, 2, 2, 2, 3, 3, 5, 6],
+                     [1, 1, 0, 1, 2, 3, 4, 2, 3, 5, 6]])[:, None, :]
+    assert np.array_equal(layout.prefill(am, sm), want)
+    assert layout.start(am, sm).tolist() == [7]  # not the row's length, 9
+    assert np.array_equal(layout.decode(layout.start(am, sm), 2), np.full((3, 1, 1), 9))
+
+
+@pytest.mark.parametrize("spec", [BASE, SPEC], ids=["sequence", "grid3"])
+def test_runtime_positions_are_the_specs(spec):
+    """The runtime's numpy builder of the layout a spec declares gives the spec's own positions, at
+    prefill and at every decode step (rows of different lengths: left padding included)."""
+    batch = make_batch(ROWS, seed=1)
+    layout = LAYOUTS[spec.position_layout()["layout"]]
+    am, sm = batch.attention_mask.numpy(), batch.spatial_mask.numpy()
+    want = spec.positions(batch).numpy()
+    got = layout.prefill(am, sm)
+    assert got.dtype == np.int64 and got.ndim == layout.rank
+    assert np.array_equal(got, want)
+    start = layout.start(am, sm)
+    for t in range(3):
+        assert np.array_equal(layout.decode(start, t), spec.decode_positions(batch, t).numpy())
+
+
+def _toy_adapter(tiny3d_dir):
+    """The tiny LLaVA-3D adapter with its decoder's weights in the toy family (3-axis positions)."""
+    from adatoken_compile.models.registry import load_adapter
+    from toy3axis import Toy3AxisConfig, Toy3AxisForCausalLM
+
+    adapter = load_adapter(tiny3d_dir)
+    cfg = Toy3AxisConfig(**{k: v for k, v in adapter.decoder.config.to_dict().items() if k != "model_type"})
+    toy = Toy3AxisForCausalLM(cfg)
+    toy.load_state_dict(adapter.decoder.state_dict())
+    toy.config._attn_implementation = adapter.decoder.config._attn_implementation
+    adapter.decoder = toy.eval()
+    adapter.spec = spec_for(toy)
+    return adapter
+
+
+def test_toy_artifact_runs_through_the_runtime(tiny3d_dir, tmp_path):
+    """compile writes the spec's layout; the runtime prefills and decodes with it, token-exact
+    against the eager pruned reference of the same decoder."""
+    import json
+
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.contract import Sample
+    from adatoken_compile.runtime import load
+    from conftest import simple_scene
+
+    adapter = _toy_adapter(tiny3d_dir)
+    assert adapter.spec is SPEC
+    sched = Schedule(cuts=list(SCHEDULE.cuts), num_layers=4, fingerprint=adapter.fingerprint(), family=adapter.family)
+    out = str(tmp_path / "toy")
+    compile_artifact(adapter, sched, out, progress=False)
+    with open(f"{out}/preprocess.json") as f:
+        assert json.load(f)["positions"] == {"layout": "grid3"}
+    rt = load(out)
+    assert rt.positions.name == "grid3"
+    scenes = [simple_scene(seed=0), simple_scene(seed=1)]
+    questions = ["what is here?", "how many chairs are next to the table?"]
+    feeds = rt.prepare(list(zip(scenes, questions)))
+    batch = adapter.prepare([Sample(question=q, scene=s) for s, q in zip(scenes, questions)])
+    assert np.array_equal(feeds["position_ids"], SPEC.positions(batch).numpy())
+    want = generate(adapter.decoder, batch, sched, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    got = np.stack(list(rt.generate_ids(feeds, NEW_TOKENS, ignore_eos=True)), axis=1).tolist()
+    assert got == want
+
+
+def test_an_artifact_without_a_layout_is_sequence_and_an_unknown_one_is_refused():
+    from adatoken_compile.errors import InputError
+    from adatoken_compile.runtime.positions import layout_of
+
+    assert layout_of(None, "art/preprocess.json", "recompile").name == "sequence"
+    with pytest.raises(InputError, match=r"^art/preprocess.json: 'positions' must be .*'spiral'.*; recompile$"):
+        layout_of({"layout": "spiral"}, "art/preprocess.json", "recompile")

@@ -142,6 +142,7 @@ def test_manifest(pruned_art, schedule, adapter):
         p = json.load(f)
     assert p["voxel_size"] == 0.2 and p["max_tokens"] == 2560 and p["placeholders"]["image"] == -200
     assert p["eos_id"] == adapter.eos_token_id and p["max_positions"] == adapter.max_positions
+    assert p["positions"] == {"layout": "sequence"}  # the base decoder spec's
 
 
 # ----------------------------------------------------------------------------- parity

@@ -195,7 +195,7 @@ ARTIFACT_FIELDS = [("manifest.json", p) for p in (
     ("files", "embed_tokens.npy", "size"), ("tokenizer",), ("version",), ("created_at",))] + [
     ("preprocess.json", p) for p in (("image_size",), ("patch_size",), ("std",), ("mean",), ("voxel_size",),
                                      ("max_tokens",), ("eos_id",), ("max_positions",), ("prompt", "format"),
-                                     ("arch", "hidden"), ("input",))]
+                                     ("arch", "hidden"), ("input",), ("positions",), ("positions", "layout"))]
 
 
 @settings(max_examples=12, **FUZZ)
@@ -212,6 +212,23 @@ def test_artifact_fields_answer_or_one_line_error(art, scene_file, tmp_path_fact
     digest = load(art).manifest.digest  # the compiled artifact's digest refuses any rewritten manifest
     code, out = cli("run", "--artifact", dst, "--digest", digest, "--scene", scene_file, "-q", "what?")
     assert code == 2
+
+
+def test_position_layout_absent_is_sequence_and_mismatched_is_one_line(art, scene_file, tmp_path):
+    """An artifact compiled before the layout was declared answers as the declared one does; a
+    layout whose rank is not the graphs' is refused at load, one line."""
+    args = ("--scene", scene_file, "-q", "what is here?", "--max-new-tokens", "3")
+    def answer(path):
+        code, out = cli("run", "--artifact", path, *args)
+        assert code == 0
+        return [line for line in out.splitlines() if line.startswith("answer:")]
+
+    old = _rehashed_copy(art, str(tmp_path / "old"), edit_file=("preprocess.json", lambda d: d.pop("positions")))
+    assert load(old).positions.name == "sequence"
+    assert answer(old) == answer(art) and answer(art)
+    bad = _rehashed_copy(art, str(tmp_path / "bad"), edit_file=("preprocess.json", _set(("positions", "layout"), "grid3")))
+    code, out = cli("run", "--artifact", bad, *args)
+    assert code == 2 and "takes 2-D position_ids, but the artifact declares the 'grid3' layout (3-D)" in out
 
 
 def test_digest_accepts_the_compiled_artifact_and_only_it(art, scene_file, tmp_path):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from adatoken_compile import distributed
+# the held-back defaults live with the engine, which takes the same ones
+from adatoken_compile.calibration.defaults import HOLDOUT, RULES_HOLDOUT, default_holdout  # noqa: F401
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, PEERS, POLICIES
 from adatoken_compile.data import (
     builtin_split,
@@ -48,20 +50,9 @@ DEFAULT_MODEL = "llava3d-tiny"
 # One set of calibration defaults for the API, the CLI and the main job.
 CALIBRATION_DATA = "builtin:calibration"
 SAMPLES = 64  # questions whose attention statistics are mined
-HOLDOUT = 384  # other questions that validate candidate schedules (agreement with the unpruned model)
-# with a rule search: rules at the same counts differ by 1-2 points of agreement, which the ~2-point
-# 95% interval of 384 rows cannot resolve (llava3d-tiny at an 80% cut: 384 rows chose a rule 1.7
-# test points behind the one that 1,536 rows chose)
-RULES_HOLDOUT = 1536
 HOLDOUT_START_SCENE = 200  # built-in data: held-back questions come from this scene on, disjoint from the statistics'
 EVAL_DATA = "builtin:test"
 MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes; older ones fail its version conversion
-
-
-def default_holdout(searching_rules) -> int:
-    """Held-back questions when none are given: ``RULES_HOLDOUT`` while a rule search runs, else
-    ``HOLDOUT``. A question file with fewer questions past the statistics' scenes gives what it has."""
-    return RULES_HOLDOUT if searching_rules else HOLDOUT
 
 
 __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compare", "compile", "evaluate", "generate", "load",

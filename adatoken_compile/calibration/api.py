@@ -32,6 +32,7 @@ from adatoken_compile.arch import from_config as arch_of
 from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.models.spec import spec_for
 from adatoken_compile.schedule import Schedule
+from adatoken_compile.calibration.defaults import default_holdout
 from adatoken_compile.calibration.observers import AttentionObserver
 from adatoken_compile.calibration.policies import LIKE_POLICIES, POLICIES, peer_schedule
 from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
@@ -84,7 +85,7 @@ def _batches(rows, bs):
 
 
 def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity: float | None = None,
-              flops_budget: float | None = None, holdout: float | int = 0.25, seed: int = 0, progress: bool = True,
+              flops_budget: float | None = None, holdout: float | int | None = None, seed: int = 0, progress: bool = True,
               fingerprint: str | None = None, family: str | None = None, model_name: str | None = None,
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
               max_validations: int = 16, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
@@ -93,7 +94,9 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
 
     ``holdout``: fraction in [0, 1) or a row count held back from the statistics to validate
-    schedules on (needed by ``adaptive``; peers get their fidelity measured on it too).
+    schedules on (needed by ``adaptive``; peers get their fidelity measured on it too); None: the
+    package API's count (:func:`adatoken_compile.calibration.defaults.default_holdout`: 384 rows,
+    1,536 with ``rules``), refused when ``batches`` do not hold more rows than that.
     ``holdout_batches``: a separate iterable (same kind as ``batches``) to validate on instead;
     every row of ``batches`` then goes into the statistics. ``cache``: a ``solver.ValidationCache``
     to reuse in later ``derive_schedule`` calls on the same held-back rows.
@@ -123,6 +126,11 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     if not distributed.total(len(rows)):
         raise InputError("calibrate: no calibration samples (the batch iterable was empty)")
     n = len(rows)
+    if holdout_batches is None and holdout is None:
+        holdout = default_holdout(bool(rules))
+        if holdout >= n and not distributed.active():
+            raise InputError(f"calibrate: the default holds back {holdout} rows to validate on, but the batches "
+                             f"hold {n}; pass holdout_batches (other questions), holdout=<rows> or holdout=<fraction>")
     if holdout_batches is not None:
         cal_rows, hold_rows = rows, _rows(decoder, holdout_batches)[0]
     elif distributed.active() and holdout:

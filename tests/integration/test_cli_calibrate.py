@@ -135,7 +135,8 @@ def test_calibrate_through_hf_llava_qwen2_adapter(tmp_path):
     imgs = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(6)]
     batches = [a.prepare([Sample("what color is the ball?", image=imgs[i]), Sample("how many?", image=imgs[i + 1])])
                for i in range(0, 6, 2)]
-    sched, stats = calibrate(a.decoder, batches, policy="pdrop", fingerprint=a.fingerprint(), progress=False)
+    sched, stats = calibrate(a.decoder, batches, policy="pdrop", fingerprint=a.fingerprint(), progress=False,
+                             holdout=0.25)
     assert stats.samples > 0 and sched.fingerprint == a.fingerprint()
     assert stats.mean_spatial_tokens() == (a.image_size // 14) ** 2
     assert [c.layer for c in sched.cuts] == [1, 2, 3] and "fidelity" in sched.calibration

@@ -93,7 +93,8 @@ def test_bundled_accuracy_on_fixed_test_sample(bundled, ci_sample):
 def test_solver_meets_budget_on_bundled(bundled, tmp_path):
     batches = sample_batches(bundled, iter_samples("calibration", limit=16))
     sched, stats = calibrate(bundled.decoder, batches, policy="adaptive",
-                             flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4)
+                             flops_budget=0.5, fingerprint=bundled.fingerprint(), progress=False, max_validations=4,
+                             holdout=0.25)
     assert sched.predicted["flops_ratio"] <= 0.5 + 1e-9
     ratios = [c.keep for c in sched.cuts]
     assert ratios == sorted(ratios, reverse=True) and all(0 < r <= 1 for r in ratios)

@@ -559,11 +559,11 @@ def test_invalid_inputs(tmp_path, monkeypatch):
     with pytest.raises(InputError):
         calibrate(model, data, policy="bogus", progress=False)
     with pytest.raises(InputError):
-        calibrate(model, [_batch(32, 0)], policy="pdrop", progress=False)
-    s, st = calibrate(model, data, policy="pdrop", progress=False)
+        calibrate(model, [_batch(32, 0)], policy="pdrop", progress=False, holdout=0.25)
+    s, st = calibrate(model, data, policy="pdrop", progress=False, holdout=0.25)
     other = CalibrationStats.empty(st.arch, "other")
     with pytest.raises(InputError):
-        calibrate(model, data, policy="pdrop", prior=other, progress=False)
+        calibrate(model, data, policy="pdrop", prior=other, progress=False, holdout=0.25)
     s.fingerprint = "other-model"
     with pytest.raises(InputError):
         write_calibration(str(tmp_path / "bad"), s, st)
@@ -633,3 +633,26 @@ def test_validation_from_the_layer_zero_states_equals_running_every_layer():
     tight = solver.LayerZeroStates(len(hold), budget=sizes[0] + sizes[1])
     assert [solver.agreement(model, hold, refs, s, states=tight) for s in schedules] == plain
     assert [f is not None for f in tight.flows] == [True, True, False, False] and tight.used == tight.budget
+
+
+def test_the_engine_holds_back_what_the_api_does(monkeypatch):
+    """Without ``holdout``, the engine holds back the API's count (one definition), refuses batches
+    too few to leave statistics rows, and still takes a fraction or a count when given one."""
+    import adatoken_compile.api as api
+    from adatoken_compile.calibration import defaults
+
+    assert (api.HOLDOUT, api.RULES_HOLDOUT, api.default_holdout) == \
+        (defaults.HOLDOUT, defaults.RULES_HOLDOUT, defaults.default_holdout)
+    model = _llama()
+    data = _data(64, n=8)
+    with pytest.raises(InputError, match=rf"^calibrate: the default holds back {defaults.HOLDOUT} rows .* hold 8; "):
+        calibrate(model, data, policy="pdrop", progress=False)
+    with pytest.raises(InputError, match=rf"holds back {defaults.RULES_HOLDOUT} rows"):
+        calibrate(model, data, policy="pdrop", progress=False, rules="all")
+    monkeypatch.setattr(defaults, "HOLDOUT", 3)
+    _, st = calibrate(model, data, policy="pdrop", progress=False)
+    assert st.meta["holdout_rows"] == 3 and st.samples == 5
+    _, st = calibrate(model, data, policy="pdrop", progress=False, holdout=0.25)
+    assert st.meta["holdout_rows"] == 2 and st.samples == 6
+    _, st = calibrate(model, data, policy="pdrop", progress=False, holdout=1)
+    assert st.meta["holdout_rows"] == 1

@@ -9,6 +9,10 @@ Post-processing, for every graph:
   ``adatoken_cut{c}_<role>``) are renamed ``adatoken_cut{c}_<role>/<original name>`` so they are
   identifiable in the ONNX graph and in ORT profiles (the scope also stays in metadata_props);
 * every ``TopK`` gets ``sorted=1`` (ORT's CUDA TopK wants it; the exporter already emits it);
+* the node metadata that records where the traced Python code lives (``pkg.torch.onnx.stack_trace``:
+  file paths and line numbers; ``namespace`` / ``pkg.torch.onnx.class_hierarchy``: the classes'
+  import names) is dropped, so the same graph is the same bytes (and sha256) from any checkout,
+  whatever lines moved in the traced code; the module scopes (``name_scopes``) and FX node text stay;
 * an optional graph-specific step (e.g. naming the decode graph's symbolic dims);
 * the weights (:mod:`adatoken_compile.compiler.weights`): read from disk when written (``weights``),
   transposed lazily, optionally quantised to int4 (``quantize``), a bfloat16 graph given float32
@@ -86,9 +90,27 @@ def _scope_of(node) -> str | None:
     return None
 
 
+# node metadata that depends on where the traced source lives, not on the graph
+SOURCE_METADATA = ("pkg.torch.onnx.stack_trace", "namespace", "pkg.torch.onnx.class_hierarchy")
+
+
+def strip_source_metadata(model) -> int:
+    """Drop :data:`SOURCE_METADATA` from every node of ``model`` (its graph, subgraphs and
+    functions); returns how many entries went."""
+    n = 0
+    graphs = [model.graph, *model.functions.values()]
+    for g in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(g):
+            for key in SOURCE_METADATA:
+                if node.metadata_props.pop(key, None) is not None:
+                    n += 1
+    return n
+
+
 def _postprocess(model) -> tuple[int, int, dict[str, int]]:
     topk = fixed = 0
     counts: dict[str, int] = {}
+    strip_source_metadata(model)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "TopK" and node.domain in ("", "ai.onnx"):
             topk += 1

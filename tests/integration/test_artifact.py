@@ -143,6 +143,14 @@ def test_manifest(pruned_art, schedule, adapter):
     assert p["voxel_size"] == 0.2 and p["max_tokens"] == 2560 and p["placeholders"]["image"] == -200
     assert p["eos_id"] == adapter.eos_token_id and p["max_positions"] == adapter.max_positions
     assert p["positions"] == {"layout": "sequence"}  # the base decoder spec's
+    # no graph records where the traced source lives: its digest is the same from any checkout
+    import onnx
+
+    from adatoken_compile.compiler.export import SOURCE_METADATA
+    for name in m["graphs"]:
+        g = onnx.load(os.path.join(pruned_art, f"{name}.onnx"), load_external_data=False)
+        keys = {q.key for n in g.graph.node for q in n.metadata_props}
+        assert keys and not keys & set(SOURCE_METADATA), (name, keys & set(SOURCE_METADATA))
 
 
 # ----------------------------------------------------------------------------- parity

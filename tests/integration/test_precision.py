@@ -183,3 +183,12 @@ def test_provider_cuda_without_cuda_is_one_line(argv, tmp_path):
     assert r.exit_code == 2
     assert r.output.startswith("error: --provider cuda: the CUDA execution provider is not available")
     assert r.output.count("\n") == 1
+
+
+@pytest.mark.skipif("OpenVINOExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime-openvino is installed here")
+def test_provider_openvino_without_it_is_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["run", "--provider", "openvino", "--artifact", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+    assert r.output.startswith("error: --provider openvino: the OpenVINO execution provider is not available")
+    assert r.output.count("\n") == 1

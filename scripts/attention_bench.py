@@ -29,7 +29,7 @@ def _log(msg: str) -> None:
 
 
 def export_graphs(out: str, cuts, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int,
-                  dtype: str, seed: int, model: str | None = None) -> dict[str, str]:
+                  dtype: str, seed: int, model: str | None = None, int4: bool = False) -> dict[str, str]:
     """The four prefill graphs under ``out`` (reused when present); ``model``: a checkpoint or
     bundled name whose decoder is exported instead of a random one."""
     names = [f"{s}-{a}" for s in ("identity", "pruned") for a in ("fused", "decomposed")]
@@ -41,6 +41,7 @@ def export_graphs(out: str, cuts, *, hidden: int, layers: int, heads: int, kv_he
 
     from adatoken_compile.benchmarking.synthetic import rule_schedule, synthetic_inputs
     from adatoken_compile.compiler.capture import capture, export_prefill
+    from adatoken_compile.compiler.weights import Quantization
     from adatoken_compile.passes.token_drop import apply_token_drop
 
     torch.manual_seed(seed)
@@ -63,7 +64,7 @@ def export_graphs(out: str, cuts, *, hidden: int, layers: int, heads: int, kv_he
     for n, p in paths.items():
         kind, attention = n.split("-")
         t0 = time.perf_counter()
-        res = export_prefill(graphs[kind], ex, p, attention=attention)
+        res = export_prefill(graphs[kind], ex, p, attention=attention, quantize=Quantization() if int4 else None)
         _log(f"exported {n} ({res.fused_attention} fused attention ops) in {time.perf_counter() - t0:.0f} s")
         gc.collect()
     return paths
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--int4", action="store_true", help="int4 weights (MatMulNBits), as compile --quantize int4")
     ap.add_argument("--provider", default=None, help="execution provider (runtime --provider names)")
     ap.add_argument("--model", default=None, help="a checkpoint or bundled name (llava3d-tiny): its decoder "
                     "instead of a random one (its own width and depth)")
@@ -105,7 +107,8 @@ def main(argv=None) -> None:
     cuts = [(int(l), float(k)) for l, k in (c.split(":") for c in a.cuts.split(","))]
     out = a.graphs or tempfile.mkdtemp(prefix="attention-bench-")
     paths = export_graphs(out, cuts, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                          ffn=a.ffn, vocab=a.vocab, dtype=a.dtype, seed=a.seed, model=a.model)
+                          ffn=a.ffn, vocab=a.vocab, dtype=a.dtype, seed=a.seed, model=a.model,
+                          int4=a.int4)
 
     providers = choose_providers(a.provider)
     kinds = a.kinds.split(",")

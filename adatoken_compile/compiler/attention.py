@@ -129,9 +129,9 @@ def _unrepeated(node: fx.Node) -> fx.Node:
 
 
 def _plain_sdpa(node: fx.Node) -> bool:
-    kw = node.kwargs
+    """sdpa with a mask and no dropout or implicit causal mask (the mask then says it all)."""
     extra = dict(zip(("dropout_p", "is_causal"), node.args[4:6]))
-    extra.update({k: kw[k] for k in ("dropout_p", "is_causal", "enable_gqa") if k in kw})
+    extra.update({k: node.kwargs[k] for k in ("dropout_p", "is_causal") if k in node.kwargs})
     return not extra.get("dropout_p") and not extra.get("is_causal") and len(node.args) in (4, 5, 6)
 
 
@@ -170,10 +170,11 @@ def fuse_attention(gm: fx.GraphModule) -> int:
         scale = float(scale) if scale is not None else float(qv.shape[-1]) ** -0.5
         if (mask, qv.dtype) not in biases:
             with g.inserting_after(mask):
-                # finfo.min, not -inf: a fully masked padding row then stays finite, as in the current graph
+                # finfo.min, not -inf: a fully masked padding row stays finite, as the decomposed
+                # lowering's IsNaN guard makes it
                 bias = g.call_function(torch.ops.aten.where.Scalar, (mask, 0.0, torch.finfo(qv.dtype).min))
-                bias = _cast_after(g, bias, qv.dtype, mask)
-            biases[(mask, qv.dtype)] = bias
+            with g.inserting_after(bias):
+                biases[(mask, qv.dtype)] = g.call_function(torch.ops.aten._to_copy.default, (bias,), {"dtype": qv.dtype})
         with g.inserting_before(node):
             new = g.call_function(torch.ops.adatoken.gqa_attention.default,
                                   (q, k0, v0, biases[(mask, qv.dtype)], heads, kv_heads, scale))
@@ -187,10 +188,3 @@ def fuse_attention(gm: fx.GraphModule) -> int:
         gm.recompile()
     return fused
 
-
-def _cast_after(g: fx.Graph, node: fx.Node, dtype: torch.dtype, src: fx.Node) -> fx.Node:
-    with g.inserting_after(node):
-        cast = g.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
-    for n in (node, cast):
-        n.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
-    return cast

@@ -12,7 +12,8 @@ What it builds (each step skipped when its output is already there, so a rerun o
   vocabulary 32,000), and its decoder alone saved as ``LlamaForCausalLM`` (the same tensors) for
   the peers;
 - this tool's artifacts (``adatoken-compile compile``): unpruned and pruned (cuts L1:0.7, L2:0.4),
-  float32 and ``--quantize int4``; the peers' models: ORT GenAI ``-p fp32|int4 -e cpu``,
+  float32 and ``--quantize int4``, kept per digest of this checkout's source (a code change
+  rebuilds them); the peers' models: ORT GenAI ``-p fp32|int4 -e cpu``,
   OpenVINO ``--weight-format fp32|int4`` (int4: every linear layer, groups of 32 like ours).
 
 What is compared: each engine gets the same token sequence of N positions (BOS, then seeded
@@ -30,6 +31,7 @@ tool's. KV bytes crossing the session boundary per decode step: the runtime's ow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -324,6 +326,21 @@ def save_decoder(hf_dir: str, out: str) -> None:
         shutil.copy(os.path.join(hf_dir, name), out)
 
 
+def code_key() -> str:
+    """A digest of this checkout's package source: this tool's artifacts are rebuilt whenever the code
+    that writes or runs them changes, so a cached artifact never stands in for the current compiler."""
+    h = hashlib.sha256()
+    pkg = os.path.join(ROOT, "adatoken_compile")
+    for d, dirs, files in sorted(os.walk(pkg)):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(".py"):
+                h.update(os.path.relpath(os.path.join(d, f), pkg).encode())
+                with open(os.path.join(d, f), "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 def build_all(args) -> dict:
     """Everything the engines load, built where missing: {(precision, engine): model path}."""
     work = os.path.join(args.cache, "work")
@@ -346,12 +363,13 @@ def build_all(args) -> dict:
             a = api.load_model(hf, lazy=True)
             Schedule(cuts=[Cut(layer, keep) for layer, keep in CUTS], num_layers=FIXTURE["layers"],
                      fingerprint=a.fingerprint(), family=a.family).save(sched)
+        code = code_key()
         for prec in args.precisions:
             q = ["--quantize", "int4"] if prec == "int4" else []
-            ident = os.path.join(work, f"ours-{prec}")
+            ident = os.path.join(work, f"ours-{prec}-{code}")
             if not os.path.exists(os.path.join(ident, "manifest.json")):
                 _run([sys.executable, "-m", "adatoken_compile", "compile", "--model", hf, "--out", ident, *q], env)
-            pruned = os.path.join(work, f"ours-pruned-{prec}")
+            pruned = os.path.join(work, f"ours-pruned-{prec}-{code}")
             if "ours-pruned" in args.engines and not os.path.exists(os.path.join(pruned, "manifest.json")):
                 # the encoder and decode graphs do not depend on the schedule
                 _run([sys.executable, "-m", "adatoken_compile", "compile", "--model", hf, "--schedule", sched,

@@ -82,9 +82,10 @@ def data_options(fn):
 
 
 def provider_option(fn):
-    return click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-                        help="ONNX Runtime execution provider (auto: CUDA when available; cuda: an error "
-                             "when it is not)")(fn)
+    return click.option("--provider", default="auto", show_default=True,
+                        type=click.Choice(["auto", "cpu", "cuda", "openvino"]),
+                        help="ONNX Runtime execution provider (auto: CUDA when available; cuda / openvino: an "
+                             "error when it is not; openvino computes in float32)")(fn)
 
 
 def check_provider(provider: str) -> None:

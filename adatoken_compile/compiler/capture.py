@@ -43,12 +43,14 @@ import torch
 from torch import nn
 
 from adatoken_compile.arch import from_config
+from adatoken_compile.compiler.attention import fused_copy
 from adatoken_compile.compiler.export import ExportResult, export
 from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.models.spec import DecoderSpec, spec_for, spec_for_type
 
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids", "spatial_mask")
+ATTENTION_MODES = ("fused", "decomposed")
 
 # torch.export's pytree emits this FutureWarning once per exported module (torch 2.13 internals)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -175,15 +177,25 @@ def _check_example(example: DecoderInputs) -> None:
 
 def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: int | None = None,
                    external_data_threshold: int = 1024, optimize: bool = True, check: bool = True, weights=None,
-                   quantize=None) -> ExportResult:
+                   quantize=None, attention: str = "fused") -> ExportResult:
     """ONNX export of a captured (or pruned) prefill with dynamic batch and sequence axes
-    (``weights`` / ``quantize``: see :func:`adatoken_compile.compiler.export.export`)."""
+    (``weights`` / ``quantize``: see :func:`adatoken_compile.compiler.export.export`).
+    ``attention``: "fused" exports each layer's attention as one ``GroupQueryAttention`` node
+    where :mod:`adatoken_compile.compiler.attention` applies, "decomposed" as the exporter's
+    MatMul / Softmax lowering of sdpa; ``gm`` itself is not modified."""
+    if attention not in ATTENTION_MODES:
+        raise InputError(f"export: attention '{attention}' is not one of {', '.join(ATTENTION_MODES)}")
     layout = getattr(gm, "meta", {}).get("adatoken_layout", {})
     names = list(layout.get("inputs", INPUT_NAMES))
     spec = spec_for_type(layout.get("model_type"))
-    return export(gm, example_args(example, names, spec), dynamic_shapes(axes=spec.prefill_dynamic_axes(names)), path, names,
-                  list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
-                  optimize=optimize, check=check, weights=weights, quantize=quantize)
+    fused = 0
+    if attention == "fused" and isinstance(gm, torch.fx.GraphModule):
+        gm, fused = fused_copy(gm)
+    res = export(gm, example_args(example, names, spec), dynamic_shapes(axes=spec.prefill_dynamic_axes(names)), path,
+                 names, list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
+                 optimize=optimize, check=check, weights=weights, quantize=quantize)
+    res.fused_attention = fused
+    return res
 
 
 def plain_codegen(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

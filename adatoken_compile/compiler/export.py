@@ -44,6 +44,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from adatoken_compile.compiler.attention import ONNX_TRANSLATIONS
 from adatoken_compile.compiler.weights import (Quantization, float32_boundary, fold_weight_transposes,
                                                quantize_matmuls, stream_initializers)
 
@@ -71,6 +72,7 @@ class ExportResult:
     adatoken_nodes: dict[str, int] = field(default_factory=dict)  # step scope -> ONNX node count
     streamed_weights: int = 0  # initializers read from disk when written
     quantized_matmuls: int = 0  # MatMul / Gemm weights turned into MatMulNBits
+    fused_attention: int = 0  # attention ops exported as one GroupQueryAttention node
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,8 +182,8 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
     with torch.no_grad():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
         kw = {} if opset is None else {"opset_version": opset}
-        if translations:
-            kw["custom_translation_table"] = dict(translations)
+        # the prefill's fused attention and any caller's custom ops (the decode step's) in one table
+        kw["custom_translation_table"] = {**ONNX_TRANSLATIONS, **dict(translations or {})}
         # optimised here, after the weight passes: the optimizer would fold every weight's transpose in memory
         prog = torch.onnx.export(ep, tuple(args), dynamo=True, optimize=False, verbose=False, **kw)
     streamed = stream_initializers(prog.model, weights.for_module(module) if weights else None)

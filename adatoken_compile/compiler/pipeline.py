@@ -85,8 +85,9 @@ def _export_graphs(adapter, schedule, tmp: str, opset, progress: bool, decode: b
                          quantize=quantize)
     graphs["prefill"] = {"external_data": [res.external_data] if res.external_data else [],
                          "adatoken_nodes": res.adatoken_nodes, "topk_nodes": res.topk_nodes,
-                         "quantized_matmuls": res.quantized_matmuls}
-    _log(progress, f"prefill.onnx exported ({res.export_s:.1f}s, {res.topk_nodes} TopK"
+                         "quantized_matmuls": res.quantized_matmuls, "fused_attention": res.fused_attention}
+    _log(progress, f"prefill.onnx exported ({res.export_s:.1f}s, {res.topk_nodes} TopK, "
+         f"{res.fused_attention} GroupQueryAttention"
          + (f", {res.quantized_matmuls} MatMulNBits" if quantize else "") + ")")
     del pruned
     if decode and reuse is not None and "decode" in reuse.graphs:

@@ -14,7 +14,11 @@ from ..errors import InputError
 # one-line error; only its errors are shown, as the sessions' log_severity_level does per session
 ort.set_default_logger_severity(3)
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# OpenVINO (onnxruntime-openvino, which replaces onnxruntime) in float32: its CPU default may
+# compute in bfloat16, which changes the scores a cut ranks by; nodes it lacks run on the CPU provider
+OPENVINO = ("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "FP32"})
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "openvino": [OPENVINO, "CPUExecutionProvider"]}
 LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -40,14 +44,18 @@ def cuda_available() -> bool:
 def choose_providers(providers: Sequence[str] | str | None = None) -> list[str]:
     """Execution providers for a session.
 
-    ``None`` or ``"auto"``: CUDA when available, else CPU. ``"cpu"`` / ``"cuda"``: that one
-    (``"cuda"`` is a one-line error when CUDA is not available). A list is used as given.
+    ``None`` or ``"auto"``: CUDA when available, else CPU. ``"cpu"`` / ``"cuda"`` / ``"openvino"``:
+    that one (a one-line error when its provider is not installed or, for CUDA, no GPU is
+    visible). A list is used as given.
     """
     if providers is None or providers == "auto":
         return PROVIDERS["cuda"] if cuda_available() else PROVIDERS["cpu"]
     if isinstance(providers, str):
         if providers not in PROVIDERS:
-            raise InputError(f"--provider {providers!r}: choose cpu, cuda or auto")
+            raise InputError(f"--provider {providers!r}: choose cpu, cuda, openvino or auto")
+        if providers == "openvino" and OPENVINO[0] not in ort.get_available_providers():
+            raise InputError("--provider openvino: the OpenVINO execution provider is not available (install "
+                             "onnxruntime-openvino in place of onnxruntime, in its own environment), or use --provider cpu")
         if providers == "cuda" and not cuda_available():
             raise InputError("--provider cuda: the CUDA execution provider is not available (install onnxruntime-gpu "
                              "in place of onnxruntime and make a GPU visible), or use --provider cpu")

@@ -62,6 +62,9 @@ def test_float16_artifact_keeps_float32_tokens(arts, scene_file):
     m = onnx.load(rt.graph_path("prefill"), load_external_data=False)
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert {i.data_type for i in m.graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    # float16 attention is one GroupQueryAttention per layer (onnxruntime's CPU kernel has it)
+    assert sum(n.op_type == "GroupQueryAttention" for n in m.graph.node) == rt.num_layers
+    assert rt.manifest.graphs["prefill"]["fused_attention"] == rt.num_layers
     # a fixed batch: one scene, questions of three lengths (left padding)
     samples = [Sample(q, scene=load_scene(scene_file)) for q in QUESTIONS]
     par = compare_artifacts(arts["f16"], arts["mem32"], samples)
@@ -86,6 +89,7 @@ def test_int4_artifact_quantises_every_linear_layer(arts, scene_file):
         assert len(nbits) == 7 * L + 1 and rt.manifest.graphs[g]["quantized_matmuls"] == 7 * L + 1
         assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in nbits)
         assert not [n for n in m.graph.node if n.op_type in ("Gemm",)]
+    assert rt.manifest.graphs["prefill"]["fused_attention"] == L  # int4 weights, float32 attention: fused
     # weights: 4 bits + a float32 scale per 32 -> 5/32 of float32 (the norms stay float32)
     size = {k: r.manifest.files["prefill.onnx.data"]["size"] for k, r in (("q4", rt), ("f32", ref))}
     assert size["q4"] < 0.2 * size["f32"], size
@@ -122,6 +126,9 @@ def test_bfloat16_artifact_has_float32_boundary_and_refuses_cpu(tiny3d_dir, tmp_
     assert floats and {v.type.tensor_type.elem_type for v in floats} == {onnx.TensorProto.FLOAT}
     assert {i.data_type for i in m.graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.BFLOAT16}
     assert np.load(os.path.join(art, "embed_tokens.npy")).dtype == np.float32
+    # bfloat16 attention keeps the exporter's lowering (no CPU kernel of the fused op to check it on)
+    assert man["graphs"]["prefill"]["fused_attention"] == 0
+    assert not [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
     with pytest.raises(InputError, match="bfloat16.*--provider cuda"):
         load(art, "cpu")
 
@@ -184,4 +191,13 @@ def test_provider_cuda_without_cuda_is_one_line(argv, tmp_path):
     r = CliRunner().invoke(main, [*argv, "--provider", "cuda", "--artifact", str(tmp_path / "missing")])
     assert r.exit_code == 2
     assert r.output.startswith("error: --provider cuda: the CUDA execution provider is not available")
+    assert r.output.count("\n") == 1
+
+
+@pytest.mark.skipif("OpenVINOExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime-openvino is installed here")
+def test_provider_openvino_without_it_is_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["run", "--provider", "openvino", "--artifact", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+    assert r.output.startswith("error: --provider openvino: the OpenVINO execution provider is not available")
     assert r.output.count("\n") == 1

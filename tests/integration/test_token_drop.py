@@ -229,6 +229,56 @@ def test_onnx_matches_pruned_graph(onnx_llama):
         assert d["logits"] <= 1e-4 and d["kv_valid"] <= 1e-4, d
 
 
+def test_fused_attention_matches_decomposed(tmp_path):
+    """Each layer's sdpa over repeated keys exports as one GroupQueryAttention (GQA 4/2 heads);
+    the pruned graph keeps the same tokens, masks and, within 1e-4, logits and kept keys/values as
+    the exporter's decomposed attention, on the left-padded export batch and on other sizes."""
+    import onnx
+
+    _, ex, _, pg = setup("qwen2", "sdpa")
+    res = {a: export_onnx(pg, ex, str(tmp_path / f"{a}.onnx"), attention=a) for a in ("fused", "decomposed")}
+    ops = {a: Counter(n.op_type for n in onnx.load(r.path, load_external_data=False).graph.node)
+           for a, r in res.items()}
+    assert res["fused"].fused_attention == N_LAYERS and ops["fused"]["GroupQueryAttention"] == N_LAYERS
+    assert res["decomposed"].fused_attention == 0 and ops["decomposed"]["GroupQueryAttention"] == 0
+    # one attention Softmax per layer is gone; the cuts' scoring keeps its own
+    assert ops["decomposed"]["Softmax"] - ops["fused"]["Softmax"] == N_LAYERS and ops["fused"]["IsNaN"] == 0
+    sessions = {a: ort_session(r.path) for a, r in res.items()}
+    for batch in (ex, make_batch([(4, 7, 2), (1, 12, 5), (3, 3, 3)], seed=3)):
+        got = {a: run_ort(s, batch) for a, s in sessions.items()}
+        assert set(got["fused"]) == set(got["decomposed"])
+        for c in range(2):
+            np.testing.assert_array_equal(got["fused"][f"kept.{c}"], got["decomposed"][f"kept.{c}"])
+        for i in range(N_LAYERS):
+            np.testing.assert_array_equal(got["fused"][f"mask.{i}"], got["decomposed"][f"mask.{i}"])
+            assert got["fused"][f"key.{i}"].shape == got["decomposed"][f"key.{i}"].shape
+        d = max_abs_diff_valid(got["fused"], got["decomposed"], N_LAYERS)
+        assert d["logits"] <= 1e-4 and d["kv_valid"] <= 1e-4, d
+
+
+def test_fused_attention_fx_rewrite_keeps_outputs():
+    """The rewrite is exact in torch (the op's eager form is sdpa), leaves the input graph alone,
+    and applies only to sdpa over a boolean mask in float32 / float16 (eager attention, bfloat16
+    are exported as before)."""
+    from adatoken_compile.compiler.attention import fused_copy
+
+    _, ex, _, pg = setup("qwen2", "sdpa")
+    fused, n = fused_copy(pg)
+    assert n == N_LAYERS
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert sum(nd.target == sdpa for nd in pg.graph.nodes) == N_LAYERS  # the input is unchanged
+    assert not any(nd.target == sdpa for nd in fused.graph.nodes)
+    want, got = graph_outputs(pg, ex), graph_outputs(fused, ex)
+    for c in range(2):
+        assert torch.equal(got[f"kept.{c}"], want[f"kept.{c}"])
+    assert (got["logits"] - want["logits"]).abs().max().item() <= 1e-5
+    assert fused_copy(setup("qwen2", "eager")[3])[1] == 0
+    bex = make_batch([(2, 5, 2), (1, 4, 1)])
+    bex.inputs_embeds = bex.inputs_embeds.to(torch.bfloat16)
+    bf16 = capture(tiny_decoder("qwen2", "sdpa", layers=2).to(torch.bfloat16), bex)
+    assert fused_copy(bf16)[1] == 0
+
+
 def test_onnx_qwen2_gqa_eager():
     model, ex, _, pg = setup("qwen2", "eager")
     import tempfile

@@ -199,3 +199,16 @@ def test_the_fixture_options_size_the_decoder(bp, tmp_path):
         want = LlavaForConditionalGeneration.from_pretrained(d).eval()(input_ids=ids).logits
         got = LlamaForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_source_change_gives_this_tools_artifacts_a_new_cache_key(bp, tmp_path, monkeypatch):
+    pkg = tmp_path / "adatoken_compile"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(bp, "ROOT", str(tmp_path))
+    first = bp.code_key()
+    assert bp.code_key() == first
+    (pkg / "notes.txt").write_text("not code")
+    assert bp.code_key() == first
+    (pkg / "a.py").write_text("x = 2\n")
+    assert bp.code_key() != first

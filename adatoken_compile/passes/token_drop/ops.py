@@ -50,12 +50,17 @@ def keep_millionths(keep: float) -> int:
 
 
 def keep_counts(n0: torch.Tensor, n_now: torch.Tensor, keep: float) -> torch.Tensor:
-    """k = clamp(ceil(keep * n0), 1, n_now) per row (0 where n_now == 0), in INTEGER arithmetic
-    with keep in millionths, exactly as :meth:`adatoken_compile.schedule.Schedule.keep_count`
-    (a float constant would be rounded to float32 in ONNX and could keep one token too many)."""
+    """k = clamp(ceil(keep * n0), 1, n_now) per row (0 where n_now == 0), with keep in millionths,
+    exactly as :meth:`adatoken_compile.schedule.Schedule.keep_count` (a float constant would be
+    rounded to float32 in ONNX and could keep one token too many).
+
+    The ceiling is taken in float64 on integers, exact while n0 * num < 2**53, rather than in
+    int64: onnxruntime's OpenVINO provider computes int64 Mul in int32 (wrapping past 2,147 tokens
+    at keep 1.0) and int64 Div through float32 (984,999,999 // 10**6 gives 985), and its Clip with
+    only a lower bound returns 0 on int64, so the bounds are Max / Min."""
     num, den = keep_millionths(keep), 1_000_000
-    k = (n0.to(torch.int64) * num + (den - 1)) // den
-    return torch.minimum(torch.clamp(k, min=1), n_now)
+    k = torch.floor((n0.to(torch.float64) * num + (den - 1)) / den).to(torch.int64)
+    return torch.minimum(torch.maximum(k, torch.ones_like(k)), n_now)
 
 
 def select_tokens(

@@ -102,6 +102,7 @@ def main(argv=None) -> None:
                     "keeps the four sessions' arenas out of memory)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    from adatoken_compile.benchmarking.timing import interleaved
     from adatoken_compile.runtime.session import choose_providers, make_session
 
     cuts = [(int(l), float(k)) for l, k in (c.split(":") for c in a.cuts.split(","))]
@@ -121,14 +122,10 @@ def main(argv=None) -> None:
         for n, s in sessions.items():  # warm-up, and the outputs parity is read from
             names = [o.name for o in s.get_outputs()]
             outs[n] = dict(zip(names, s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})))
-        times = {n: [] for n in sessions}
-        for _ in range(a.rounds):
-            for n, s in sessions.items():
-                f = {i.name: feeds[i.name] for i in s.get_inputs()}
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times[n].append(time.perf_counter() - t0)
-        med = {n: float(np.median(t)) for n, t in times.items()}
+        runs = {n: (lambda s=s: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}))
+                for n, s in sessions.items()}
+        # the run above was the warm-up
+        med = {n: st["median_s"] for n, st in interleaved(runs, repeats=a.rounds, warmup=0).items()}
         print(f"tokens {n_tok}: " + ", ".join(f"{n} {med[n]:.3f} s" for n in med))
         for kind in kinds:
             f, d = outs[f"{kind}-fused"], outs[f"{kind}-decomposed"]

@@ -1,0 +1,125 @@
+"""Qwen2.5-VL (transformers' own ``Qwen2_5_VLForConditionalGeneration`` on a tiny random checkpoint:
+GQA decoder, windowed and full-attention vision blocks, odd image sizes, two images in one prompt)
+against transformers itself: the image processor, the vision tower, the M-RoPE positions and
+greedy generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adatoken_compile.contract import Sample
+from adatoken_compile.errors import InputError
+from adatoken_compile.models.testing import random_qwen25vl
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return random_qwen25vl(str(tmp_path_factory.mktemp("qwen25vl") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def adapter(qwen_dir):
+    from adatoken_compile.models.registry import load_adapter
+
+    return load_adapter(qwen_dir)
+
+
+def images():
+    rng = np.random.default_rng(0)
+    # 5x7 merged tokens (four 4x4-token windows), 2x3, and a tall 11x1 strip
+    return [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((150, 203, 3), (61, 97, 3), (300, 33, 3))]
+
+
+def samples():
+    im = images()
+    return [Sample("what color is the ball?", image=im[0]), Sample("how many chairs are there?", image=[im[1], im[2]])]
+
+
+def hf_generate(adapter, batch_samples, max_new_tokens=NEW_TOKENS):
+    hf = adapter.hf_inputs(batch_samples)
+    with torch.no_grad():
+        out = adapter.vl.generate(**hf, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=adapter.eos_token_id,
+                                  pad_token_id=adapter.tokenizer.pad_id)
+    rows = []
+    for r in out[:, hf["input_ids"].shape[1]:].tolist():
+        rows.append(r[:r.index(adapter.eos_token_id)] if adapter.eos_token_id in r else r)
+    return rows
+
+
+def test_patches_are_the_processors(adapter, qwen_dir):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    with open(f"{qwen_dir}/preprocessor_config.json") as f:
+        cfg = {k: v for k, v in json.load(f).items() if k != "image_processor_type"}
+    proc = Qwen2VLImageProcessorPil(**cfg)
+    for im in images():
+        want = proc(images=[im], return_tensors="np")
+        got, grid = adapter.pixels(im)
+        assert np.array_equal(grid[None], want["image_grid_thw"])
+        assert np.allclose(got, want["pixel_values"], atol=1e-6)
+
+
+def test_exported_tower_module_is_the_towers(adapter):
+    """The per-image tower with window ids (what the ONNX encoder is) gives transformers' tokens."""
+    proc = adapter.processing
+    for im in images():
+        pix, grid = adapter.pixels(im)
+        feeds = proc.encoder_feeds(pix, grid)
+        with torch.no_grad():
+            want = adapter.vl.model.get_image_features(torch.from_numpy(pix), torch.from_numpy(grid[None])).pooler_output[0]
+            got = adapter.tower(*(torch.from_numpy(feeds[k]) for k in ("pixel_values", "vision_position_ids", "window_ids")))
+        assert np.allclose(proc.unpermute(got.numpy(), grid), want.numpy(), atol=1e-5)
+        assert len(set(feeds["window_ids"].tolist())) == (4 if grid[1] == 10 else 1 if grid[1] == 4 else 3)
+
+
+def test_positions_are_get_rope_index(adapter):
+    """Left-padded batch, two images in the second row: the mrope layout gives transformers'
+    positions on every real token and continues where its rope_deltas say."""
+    ss = samples()
+    batch = adapter.prepare(ss)
+    hf = adapter.hf_inputs(ss)
+    want, deltas = adapter.vl.model.get_rope_index(hf["input_ids"], image_grid_thw=hf["image_grid_thw"],
+                                                   attention_mask=hf["attention_mask"],
+                                                   mm_token_type_ids=hf["mm_token_type_ids"])
+    am = hf["attention_mask"].bool()
+    assert torch.equal(batch.attention_mask.bool(), am)
+    got = adapter.spec.positions(batch)
+    assert torch.equal(got[:, am], want[:, am])
+    for t in (0, 3):
+        nxt = adapter.spec.decode_positions(batch, t)
+        assert torch.equal(nxt[:, :, 0], (am.sum(1) + deltas[:, 0] + t)[None].expand(3, -1))
+    assert torch.equal(batch.spatial_mask, hf["input_ids"] == adapter.image_token_id)
+
+
+def test_adapter_generation_is_transformers_generate(adapter):
+    from adatoken_compile.compiler.reference import generate
+    from adatoken_compile.schedule import identity
+
+    ss = samples()
+    want = hf_generate(adapter, ss)
+    assert want[0] != want[1]
+    got = generate(adapter.decoder, adapter.prepare(ss), identity(adapter.arch()["num_layers"]),
+                   max_new_tokens=NEW_TOKENS, eos_token_id=adapter.eos_token_id)
+    assert got == want
+
+
+def test_processor_disagreeing_with_the_vision_config_is_refused(qwen_dir, tmp_path):
+    import shutil
+
+    from adatoken_compile.models.qwen25vl import Qwen25VLAdapter
+
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen_dir, bad)
+    with open(bad / "preprocessor_config.json") as f:
+        cfg = json.load(f)
+    cfg["patch_size"] = 16
+    with open(bad / "preprocessor_config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(InputError, match=r"preprocessor_config.json: patch_size 16 disagrees with the vision config's 14"):
+        Qwen25VLAdapter(str(bad))

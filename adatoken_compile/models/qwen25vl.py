@@ -254,7 +254,8 @@ class Qwen25VLAdapter:
         feeds = self.processing.encoder_feeds(*self.processing.patches(img))
         args = (torch.from_numpy(feeds["pixel_values"]).to(self.dtype), torch.from_numpy(feeds["vision_position_ids"]),
                 torch.from_numpy(feeds["window_ids"]))
-        patches = torch.export.Dim("patches", min=4, max=1 << 20)
+        # the merger reads patches in 2x2 blocks: the patch axis is a multiple of merge_size**2
+        patches = self.processing.merge_size ** 2 * torch.export.Dim("merged_tokens", min=2, max=1 << 18)
         return [EncoderGraph("encoder", self.tower, args, ({0: patches}, {0: patches}, {0: patches}),
                              ["pixel_values", "vision_position_ids", "window_ids"], ["features"])]
 

@@ -415,6 +415,9 @@ def random_qwen25vl(out_dir: str, *, layers: int = 4, hidden: int = 64, heads: i
     torch.manual_seed(seed)
     tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
     tok._tok.add_special_tokens(QWEN25VL_SPECIALS)
+    # ChatML ends every prompt with a newline: a token of its own (not <unk>, whose embedding is the
+    # zero padding row), as in Qwen's vocabulary
+    tok._tok.add_tokens(["\n"])
     tok.bos_id = None
     tok.eos_id = tok.token_to_id("<|im_end|>")
     head_dim = hidden // heads

@@ -98,6 +98,7 @@ class QwenImageProcessing:
     mean: tuple[float, ...] | None = CLIP_MEAN
     std: tuple[float, ...] | None = CLIP_STD
     kind: str = KIND
+    ENCODER_INPUTS = ("pixel_values", "vision_position_ids", "window_ids")  # the exported tower's, per image
 
     def __post_init__(self):
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "window_size"):
@@ -173,6 +174,13 @@ class QwenImageProcessing:
         windows = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes * unit)
         return {"pixel_values": np.ascontiguousarray(pix), "vision_position_ids": np.ascontiguousarray(rot),
                 "window_ids": windows}
+
+    def encode(self, image: np.ndarray, run) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H) tokens of one image in raster order and their (N, 3) (t, h, w); ``run(feeds)``
+        runs the tower graph."""
+        patches, grid = self.patches(image)
+        tokens = self.unpermute(np.asarray(run(self.encoder_feeds(patches, grid))), grid)
+        return tokens, token_coordinates(grid, self.merge_size)
 
     def unpermute(self, tokens: np.ndarray, grid_thw) -> np.ndarray:
         """The tower's merged tokens (window order) back in raster order."""

@@ -20,7 +20,8 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    return random_qwen25vl(str(tmp_path_factory.mktemp("qwen25vl") / "ckpt"))
+    # two decoder layers and two vision blocks (one windowed, one full): every kind, exported quickly
+    return random_qwen25vl(str(tmp_path_factory.mktemp("qwen25vl") / "ckpt"), layers=2, vision_depth=2, fullatt_blocks=(1,))
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,106 @@ def test_processor_disagreeing_with_the_vision_config_is_refused(qwen_dir, tmp_p
         json.dump(cfg, f)
     with pytest.raises(InputError, match=r"preprocessor_config.json: patch_size 16 disagrees with the vision config's 14"):
         Qwen25VLAdapter(str(bad))
+
+
+# ----------------------------------------------------------------------------- pruning with M-RoPE
+
+SCHEDULE_CUTS = [(0, 0.6, "stratified"), (1, 0.5, "last_token")]
+
+
+def pruned_schedule(adapter, cuts=SCHEDULE_CUTS):
+    from adatoken_compile.schedule import Cut, Schedule
+    from adatoken_compile.selection import Rule
+
+    rules = {"stratified": Rule.of("stratified", rank="random"), "last_token": Rule.of("last_token")}
+    return Schedule(cuts=[Cut(layer, keep, rules[r]) for layer, keep, r in cuts],
+                    num_layers=adapter.arch()["num_layers"], fingerprint=adapter.fingerprint(), family=adapter.family)
+
+
+def test_a_cut_before_layer_0_is_the_text_model_on_the_kept_tokens_at_their_positions(adapter):
+    """Pruning before the LLM: transformers' text model run on the kept tokens alone, each with its
+    ORIGINAL (t, h, w) position ids, gives the executor's logits; decoding continues where the
+    unpruned prompt's rope_deltas say (M-RoPE: an image of h x w tokens spans max(h, w) positions)."""
+    from adatoken_compile.compiler.executor import pruned_prefill
+
+    ss = samples()
+    batch = adapter.prepare(ss)
+    sched = pruned_schedule(adapter, [(0, 0.4, "stratified")])
+    res = pruned_prefill(adapter.decoder, batch, sched)
+    kept = res.kept_indices[0]  # (B, K) original positions, -1 on padding
+    pos = adapter.spec.positions(batch)
+    for b in range(len(ss)):
+        idx = kept[b][kept[b] >= 0]
+        assert int(batch.spatial_mask[b, idx].sum()) < int(batch.spatial_mask[b].sum())
+        with torch.no_grad():
+            out = adapter.decoder.model(inputs_embeds=batch.inputs_embeds[b:b + 1, idx],
+                                        position_ids=pos[:, b:b + 1, idx])
+            want = adapter.decoder.lm_head(out.last_hidden_state[:, -1])[0]
+        assert torch.allclose(res.logits_last[b], want, atol=1e-5)
+    hf = adapter.hf_inputs(ss)
+    _, deltas = adapter.vl.model.get_rope_index(hf["input_ids"], image_grid_thw=hf["image_grid_thw"],
+                                                attention_mask=hf["attention_mask"],
+                                                mm_token_type_ids=hf["mm_token_type_ids"])
+    start = hf["attention_mask"].sum(1) + deltas[:, 0]
+    assert torch.equal(adapter.spec.decode_positions(batch, 0)[0, :, 0], start)
+    assert (start != (kept >= 0).sum(1)).all()  # neither the kept length nor the prompt's
+    assert (start != hf["attention_mask"].sum(1)).all()
+
+
+@pytest.fixture(scope="module")
+def identity_artifact(adapter, tmp_path_factory):
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.schedule import Schedule
+
+    out = str(tmp_path_factory.mktemp("qwen_art") / "identity")
+    sched = Schedule(cuts=[], num_layers=adapter.arch()["num_layers"], fingerprint=adapter.fingerprint(),
+                     family=adapter.family)
+    compile_artifact(adapter, sched, out, progress=False)
+    return out
+
+
+def test_identity_artifact_is_transformers_generate(adapter, identity_artifact):
+    """The torch-free runtime rebuilds patches, window ids, grids and M-RoPE positions in numpy;
+    its greedy tokens are transformers' own generate's."""
+    from adatoken_compile.runtime import load
+
+    rt = load(identity_artifact)
+    assert rt.positions.name == "mrope"
+    ss = samples()
+    feeds = rt.prepare(ss)
+    batch = adapter.prepare(ss)
+    assert np.array_equal(feeds["position_ids"], adapter.spec.positions(batch).numpy())
+    assert np.allclose(feeds["inputs_embeds"], batch.inputs_embeds.numpy(), atol=1e-5)
+    got = np.stack(list(rt.generate_ids(feeds, NEW_TOKENS, ignore_eos=True)), axis=1).tolist()
+    want = hf_generate(adapter, ss)
+    assert [g[:len(w)] for g, w in zip(got, want)] == want
+    assert rt.generate(ss[1].image, ss[1].question, max_new_tokens=NEW_TOKENS) == \
+        adapter.tokenizer.decode(want[1]).strip()
+
+
+def test_pruned_artifact_matches_the_eager_pruned_reference(adapter, identity_artifact, tmp_path):
+    """A cut before layer 0 ranked by (t, h, w) cells and an attention cut after it: the artifact
+    keeps the eager reference's tokens and generates its tokens over per-layer pruned caches."""
+    from adatoken_compile.compiler.executor import pruned_prefill
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.compiler.reference import generate
+    from adatoken_compile.runtime import load
+
+    sched = pruned_schedule(adapter)
+    out = str(tmp_path / "pruned")
+    compile_artifact(adapter, sched, out, progress=False, reuse=identity_artifact)
+    rt = load(out)
+    ss = samples()
+    feeds = rt.prepare(ss)
+    batch = adapter.prepare(ss)
+    got = np.stack(list(rt.generate_ids(feeds, NEW_TOKENS, ignore_eos=True)), axis=1).tolist()
+    want = generate(adapter.decoder, batch, sched, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    assert got == want
+    ref = pruned_prefill(adapter.decoder, batch, sched)
+    assert len(rt.last_kept) == 2
+    for k, r in zip(rt.last_kept, ref.kept_indices):
+        assert np.array_equal(k, r.numpy())
+    # per-layer caches: layer 0 holds the tokens kept before it, layer 1 fewer again
+    out = rt.prefill(feeds)
+    n0, n1 = out["mask.0"].sum(1), out["mask.1"].sum(1)
+    assert (n0 < feeds["attention_mask"].sum(1)).all() and (n1 < n0).all()

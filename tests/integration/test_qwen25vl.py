@@ -227,3 +227,19 @@ def test_pruned_artifact_matches_the_eager_pruned_reference(adapter, identity_ar
     out = rt.prefill(feeds)
     n0, n1 = out["mask.0"].sum(1), out["mask.1"].sum(1)
     assert (n0 < feeds["attention_mask"].sum(1)).all() and (n1 < n0).all()
+
+
+def test_make_tiny_writes_a_qwen25vl_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from adatoken_compile.cli import main
+    from adatoken_compile.models.registry import load_adapter
+
+    out = str(tmp_path / "tiny")
+    res = CliRunner().invoke(main, ["make-tiny", "--family", "qwen2_5_vl", "--layers", "2", "--out", out])
+    assert res.exit_code == 0, res.output
+    a = load_adapter(out)
+    assert a.family == "qwen2_5_vl" and a.arch()["num_layers"] == 2 and a.arch()["kv_heads"] < a.arch()["heads"]
+    bad = CliRunner().invoke(main, ["make-tiny", "--family", "qwen2_5_vl", "--decoder", "qwen2", "--out",
+                                    str(tmp_path / "x")])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --family qwen2_5_vl writes one tiny checkpoint")

@@ -143,6 +143,9 @@ class LlavaHFAdapter:
         if sample.image is None:
             raise InputError("HF LLaVA sample without an image: pass --image IMG, or --data with a question file whose "
                              "questions name an 'image'")
+        if isinstance(sample.image, (list, tuple)):
+            raise InputError(f"{len(sample.image)} images in one question: an HF LLaVA prompt holds one image; "
+                             "ask about one image at a time")
         ids = self.prompt_ids(sample.question)
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")

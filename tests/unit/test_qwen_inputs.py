@@ -100,3 +100,12 @@ def test_a_question_file_names_several_images(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x", "image": ["v0.png", 3]}))
     with pytest.raises(InputError, match="'image' must be a path string, or a list of them"):
         read_questions(str(tmp_path / "bad.jsonl"))
+
+
+def test_an_image_past_the_pixel_limit_is_refused_before_it_is_resized():
+    proc = QwenImageProcessing(min_pixels=3136, max_pixels=50176)
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (3000, 3000, 3))  # no memory behind it
+    with pytest.raises(InputError, match=r"^view 2: 3000x3000 pixels, more than the limit of \d+; downscale it"):
+        proc.patches(huge, "view 2")
+    with pytest.raises(InputError, match=r"expected \(H,W,3\) uint8 RGB"):
+        proc.patches(np.zeros((20, 20), np.uint8))

@@ -247,8 +247,13 @@ class Runtime:
                 if id(src) not in cache:
                     cache[id(src)] = self.encode_with_coordinates(src)
                 parts.append(cache[id(src)])
-            if sum(p[0].shape[0] for p in parts) < 1:
+            n_spatial = sum(p[0].shape[0] for p in parts)
+            if n_spatial < 1:
                 raise InputError(f"item {i}: the scene gives 0 spatial tokens; a cut keeps k >= 1 per row")
+            if n_spatial > limits()["spatial_tokens"]:  # several images in one prompt add up
+                raise InputError(f"item {i}: {len(parts)} images give {n_spatial} spatial tokens, more than the limit "
+                                 f"of {limits()['spatial_tokens']} a prompt; pass fewer or smaller images, or "
+                                 f"{limit_hint('spatial_tokens')}")
             ids = self.prompt_ids(r.question, len(parts))
             if BOXES_TOKEN_INDEX in ids:
                 raise InputError(f"item {i}: <boxes> location prompts are not supported by the artifact runtime")

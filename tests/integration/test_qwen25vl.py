@@ -243,3 +243,14 @@ def test_make_tiny_writes_a_qwen25vl_checkpoint(tmp_path):
     bad = CliRunner().invoke(main, ["make-tiny", "--family", "qwen2_5_vl", "--decoder", "qwen2", "--out",
                                     str(tmp_path / "x")])
     assert bad.exit_code == 2 and bad.output.startswith("error: --family qwen2_5_vl writes one tiny checkpoint")
+
+
+def test_images_past_the_prompt_limit_are_one_line(identity_artifact, monkeypatch):
+    from adatoken_compile.runtime import load
+
+    rt = load(identity_artifact)
+    monkeypatch.setenv("ADATOKEN_COMPILE_MAX_SPATIAL_TOKENS", "40")
+    im = images()
+    assert rt.prepare([Sample("what is here?", image=im[0])])["spatial_mask"].sum() == 35
+    with pytest.raises(InputError, match=r"^item 0: 2 images give 41 spatial tokens, more than the limit of 40 a prompt"):
+        rt.prepare([Sample("what is here?", image=[im[0], im[1]])])

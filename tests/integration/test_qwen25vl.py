@@ -21,7 +21,9 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     # two decoder layers and two vision blocks (one windowed, one full): every kind, exported quickly
-    return random_qwen25vl(str(tmp_path_factory.mktemp("qwen25vl") / "ckpt"), layers=2, vision_depth=2, fullatt_blocks=(1,))
+    # (seed 1: a random model whose greedy tokens change when decoding continues from the wrong position)
+    return random_qwen25vl(str(tmp_path_factory.mktemp("qwen25vl") / "ckpt"), layers=2, vision_depth=2,
+                           fullatt_blocks=(1,), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +100,21 @@ def test_positions_are_get_rope_index(adapter):
     assert torch.equal(batch.spatial_mask, hf["input_ids"] == adapter.image_token_id)
 
 
-def test_adapter_generation_is_transformers_generate(adapter):
+def test_adapter_generation_is_transformers_generate(adapter, monkeypatch):
     from adatoken_compile.compiler.reference import generate
     from adatoken_compile.schedule import identity
 
     ss = samples()
     want = hf_generate(adapter, ss)
     assert want[0] != want[1]
-    got = generate(adapter.decoder, adapter.prepare(ss), identity(adapter.arch()["num_layers"]),
-                   max_new_tokens=NEW_TOKENS, eos_token_id=adapter.eos_token_id)
+    batch = adapter.prepare(ss)
+    sched = identity(adapter.arch()["num_layers"])
+    got = generate(adapter.decoder, batch, sched, max_new_tokens=NEW_TOKENS, eos_token_id=adapter.eos_token_id)
     assert got == want
+    # the comparison sees the continuation: decoding from the prompt length instead of rope_deltas differs
+    monkeypatch.setattr(adapter.spec, "decode_positions", lambda inputs, steps=0: torch.as_tensor(
+        inputs.lengths())[None, :, None].expand(3, -1, 1) + steps)
+    assert generate(adapter.decoder, batch, sched, max_new_tokens=NEW_TOKENS, eos_token_id=adapter.eos_token_id) != want
 
 
 def test_processor_disagreeing_with_the_vision_config_is_refused(qwen_dir, tmp_path):

@@ -133,6 +133,8 @@ class QwenImageProcessing:
                        window_size=int(d["window_size"]), resample=int(d.get("resample", BICUBIC)),
                        rescale=d.get("rescale"), mean=tuple(d["mean"]) if d.get("mean") is not None else None,
                        std=tuple(d["std"]) if d.get("std") is not None else None)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
             raise InputError(f"{where}: malformed image_processing ({type(e).__name__}: {e}); recompile the artifact")
 

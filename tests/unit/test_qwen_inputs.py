@@ -109,3 +109,15 @@ def test_an_image_past_the_pixel_limit_is_refused_before_it_is_resized():
         proc.patches(huge, "view 2")
     with pytest.raises(InputError, match=r"expected \(H,W,3\) uint8 RGB"):
         proc.patches(np.zeros((20, 20), np.uint8))
+
+
+@pytest.mark.parametrize("key,value", [("min_pixels", "many"), ("max_pixels", 0), ("merge_size", None),
+                                       ("window_size", 100), ("mean", [0.5, 0.5])])
+def test_a_malformed_qwen_image_processing_setting_is_one_line(key, value):
+    from adatoken_compile.runtime.image import processing_from_dict
+
+    good = QwenImageProcessing(min_pixels=3136, max_pixels=50176).to_dict()
+    assert processing_from_dict(good, "art/preprocess.json") == QwenImageProcessing(min_pixels=3136, max_pixels=50176)
+    with pytest.raises(InputError) as e:
+        processing_from_dict({**good, key: value}, "art/preprocess.json")
+    assert str(e.value).startswith("art/preprocess.json: ") and "\n" not in str(e.value)

@@ -93,7 +93,10 @@ def extend_with_answers(decoder, inputs: DecoderInputs, answers) -> tuple[Decode
         if e is not None and e.shape[-1] != H:
             raise InputError(f"answers: row {b} has width {e.shape[-1]}, embeddings are {H} wide")
         e = e.to(r.inputs_embeds.dtype) if e is not None else r.inputs_embeds[0, :0]
-        rows.append(Segment(torch.cat([r.inputs_embeds[0], e]), torch.cat([r.spatial_mask[0], torch.zeros(e.shape[0], dtype=torch.bool)])))
+        # the coordinates travel too: a family's positions may be built from them (M-RoPE)
+        xyz = None if r.spatial_xyz is None else torch.cat([r.spatial_xyz[0].float(), torch.zeros(e.shape[0], 3)])
+        rows.append(Segment(torch.cat([r.inputs_embeds[0], e]),
+                            torch.cat([r.spatial_mask[0], torch.zeros(e.shape[0], dtype=torch.bool)]), xyz))
         alens.append(int(e.shape[0]))
     ext = collate(rows)
     T = ext.seq_len

@@ -20,7 +20,7 @@ from adatoken_compile.runtime.session import choose_providers
 
 DEBUG_ENV = "ADATOKEN_COMPILE_DEBUG"  # set to 1: unexpected errors show their traceback
 
-MODEL_HELP = "checkpoint directory (LLaVA-3D layout or HF LLaVA) or bundled name; default: llava3d-tiny"
+MODEL_HELP = "checkpoint directory (LLaVA-3D layout, HF LLaVA or Qwen2.5-VL) or bundled name; default: llava3d-tiny"
 
 
 def default(fn, name: str):

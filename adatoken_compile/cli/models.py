@@ -183,11 +183,14 @@ def make_scene(seed, count, fmt, image_format, out, questions_out, overwrite):
 
 
 @main.command("make-tiny")
-@click.option("--out", required=True, help="output checkpoint directory (released LLaVA-3D layout)")
+@click.option("--out", required=True, help="output checkpoint directory")
 @click.option("--preset", default=None, type=click.Choice(["llava3d-7b"]),
               help="full-size random checkpoint instead of a tiny one: llava3d-7b = 32 layers x 4096, 32 heads, "
                    "FFN 11008, vocab 32000, CLIP-L/14-336 tower, float16 shards of 2 GB (13.5 GB on disk; written "
                    "shard by shard, a few GB of memory)")
+@click.option("--family", default="llava3d", type=click.Choice(["llava3d", "qwen2_5_vl"]), show_default=True,
+              help="llava3d: the released LLaVA-3D layout; qwen2_5_vl: a Qwen2_5_VLForConditionalGeneration checkpoint "
+                   "(GQA decoder, windowed + full-attention vision blocks, Qwen2VLImageProcessor, chat template)")
 @click.option("--decoder", default="llama", type=click.Choice(["llama", "qwen2"]), show_default=True)
 @click.option("--layers", default=None, type=click.IntRange(1, 64),
               help="decoder depth [default: 4, or the preset's]")
@@ -195,12 +198,18 @@ def make_scene(seed, count, fmt, image_format, out, questions_out, overwrite):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--overwrite", is_flag=True, help="replace an earlier make-tiny output at --out")
 @user_errors
-def make_tiny(out, preset, decoder, layers, shards, seed, overwrite):
-    """Write a RANDOM checkpoint in the released LLaVA-3D layout (offline demos, tests, scale checks)."""
-    from adatoken_compile.models.testing import random_llava3d, random_llava3d_preset  # torch: not in the runtime install
+def make_tiny(out, family, preset, decoder, layers, shards, seed, overwrite):
+    """Write a RANDOM checkpoint in the released LLaVA-3D layout, or a tiny Qwen2.5-VL one (offline
+    demos, tests, scale checks)."""
+    from adatoken_compile.models.testing import (random_llava3d, random_llava3d_preset,  # torch: not in the runtime install
+                                                 random_qwen25vl)
 
     check_output(out, "checkpoint", overwrite=overwrite)
-    if preset:
+    if family == "qwen2_5_vl":
+        if preset or decoder != "llama" or shards != 1:
+            raise InputError("--family qwen2_5_vl writes one tiny checkpoint; drop --preset / --decoder / --shards")
+        random_qwen25vl(out, layers=layers or 4, seed=seed, overwrite=overwrite)
+    elif preset:
         if decoder != "llama" or shards != 1:
             raise InputError(f"--preset {preset} fixes the decoder and the sharding; drop --decoder / --shards")
         random_llava3d_preset(out, preset, seed=seed, overwrite=overwrite, log=lambda m: click.echo(m, err=True),

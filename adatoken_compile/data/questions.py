@@ -152,9 +152,13 @@ def read_questions(path: str, scenes: str | None = None, depth_scale: float | No
             raise InputError(f"{where}: give a scene or an image, not both")
         scene = image = None
         if image_val is not None:
-            if not isinstance(image_val, str):
-                raise InputError(f"{where}: 'image' must be a path string")
-            key, image = res.image(image_val, where)
+            paths = image_val if isinstance(image_val, list) and image_val else [image_val]
+            if not all(isinstance(v, str) for v in paths):
+                raise InputError(f"{where}: 'image' must be a path string, or a list of them (several images in "
+                                 "one prompt, for models that take them)")
+            found = [res.image(v, where) for v in paths]
+            key = found[0][0] if len(found) == 1 else "|".join(k for k, _ in found)
+            image = found[0][1] if len(found) == 1 else [ref for _, ref in found]
         elif scene_val is not None or scene_id is not None:
             val = scene_val if scene_val is not None else scene_id
             if not isinstance(val, str) or not val.strip():

@@ -292,3 +292,33 @@ def chat_prompt(model_dir: str, tokenizer, image_token: str = "<image>") -> Prom
         tried.append(f"rendered {text[:80]!r}")
     raise InputError(f"{where}: the chat template does not place one image and the question in a user turn "
                      f"({'; '.join(tried)}); fix it, or remove 'chat_template' to use the built-in prompt")
+
+
+def load_composite(model_dir: str, cls, model_type: str, what: str, attn_implementation: str, dtype: torch.dtype):
+    """(config dict, weight files, model) of a transformers vision-language checkpoint whose decoder
+    sits in ``text_config``: the model type and the decoder's size against the weights checked
+    before ``cls.from_pretrained`` builds it, every loaded weight finite. ``what`` names the
+    checkpoint kind in errors."""
+    from adatoken_compile.arch import check_config, parameter_count
+    from adatoken_compile.readers import Fields
+
+    cfg = read_config(model_dir)
+    where = os.path.join(model_dir, "config.json")
+    if cfg.get("model_type") != model_type:
+        raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not {what} checkpoint ('{model_type}')")
+    files = weight_files(model_dir)  # refuses pickle checkpoints before transformers sees them
+    text = Fields(cfg, where, FIX_CONFIG).obj("text_config", default={})
+    # the decoder's size against the weights', before it is built (fields left to transformers' defaults: not checked)
+    if all(k in text.data for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                                     "vocab_size")):
+        check_weight_bytes(parameter_count(check_config(text.data, f"{where}: text_config", FIX_CONFIG)), files, where)
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                    attn_implementation=attn_implementation, dtype=dtype)
+    except Exception as e:
+        kind = what.split(" ", 1)[-1].removeprefix("HF ")
+        raise InputError(f"{model_dir}: could not load the {kind} checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); {FIX_CONFIG}") from None
+    for name, t in model.state_dict().items():
+        check_finite(t, model_dir, name)
+    return cfg, files, model.eval()

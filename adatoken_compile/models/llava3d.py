@@ -403,13 +403,17 @@ def pool_torch(feats: torch.Tensor, vmap) -> torch.Tensor:
     return out / counts[:, None]
 
 
-def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | None = None,
+def splice(ids: list[int], embed, spatial, boxes: torch.Tensor | None = None,
            xyz: torch.Tensor | None = None) -> Segment:
     """Replace the image placeholder by the spatial tokens (and <boxes> by box tokens); ``xyz``:
-    the spatial tokens' coordinates (N, 3), placed on them (0 on every other token)."""
-    if ids.count(IMAGE_TOKEN_INDEX) != 1:
-        raise InputError(f"prompt must hold exactly one <image> placeholder, found {ids.count(IMAGE_TOKEN_INDEX)}")
-    pieces, mask, coords, text, bi = [], [], [], [], 0
+    the spatial tokens' coordinates (N, 3), placed on them (0 on every other token). ``spatial``
+    may instead be a list of (tokens, coordinates) pairs, one per placeholder (several images)."""
+    parts = list(spatial) if isinstance(spatial, (list, tuple)) else [(spatial, xyz)]
+    if ids.count(IMAGE_TOKEN_INDEX) != len(parts):
+        want = "one <image> placeholder" if len(parts) == 1 else f"{len(parts)} <image> placeholders"
+        raise InputError(f"prompt must hold exactly {want}, found {ids.count(IMAGE_TOKEN_INDEX)}")
+    with_xyz = any(c is not None for _, c in parts)
+    pieces, mask, coords, text, bi, ii = [], [], [], [], 0, 0
 
     def flush():
         if text:
@@ -421,9 +425,11 @@ def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | N
     for t in ids:
         if t == IMAGE_TOKEN_INDEX:
             flush()
-            pieces.append(spatial.to(pieces[0].dtype if pieces else spatial.dtype))
-            mask.append(torch.ones(spatial.shape[0], dtype=torch.bool))
-            coords.append(xyz.float() if xyz is not None else torch.zeros(spatial.shape[0], 3))
+            tokens, c = parts[ii]
+            ii += 1
+            pieces.append(tokens.to(pieces[0].dtype if pieces else tokens.dtype))
+            mask.append(torch.ones(tokens.shape[0], dtype=torch.bool))
+            coords.append(c.float() if c is not None else torch.zeros(tokens.shape[0], 3))
         elif t == BOXES_TOKEN_INDEX:
             flush()
             pieces.append(boxes[bi : bi + 1])
@@ -433,7 +439,7 @@ def splice(ids: list[int], embed, spatial: torch.Tensor, boxes: torch.Tensor | N
         else:
             text.append(t)
     flush()
-    return Segment(torch.cat(pieces, 0), torch.cat(mask, 0), torch.cat(coords, 0) if xyz is not None else None)
+    return Segment(torch.cat(pieces, 0), torch.cat(mask, 0), torch.cat(coords, 0) if with_xyz else None)
 
 
 def _hf_config(cls, fields: dict, where: str):

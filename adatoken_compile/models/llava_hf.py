@@ -14,15 +14,14 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2ForCausalLM
 
-from adatoken_compile.arch import check_config, from_config, parameter_count
+from adatoken_compile.arch import from_config
 from adatoken_compile.contract import DecoderInputs, EncoderGraph, Sample, Segment, collate, runtime_config
 from adatoken_compile.runtime.sources import resolve_image
 from adatoken_compile.errors import InputError
-from adatoken_compile.models.checkpoint import (FIX_CONFIG, chat_prompt, check_finite, check_weight_bytes, config_digest,
-                                                embed_token_ids, files_digest, image_processing, read_config, weight_files)
+from adatoken_compile.models.checkpoint import (chat_prompt, config_digest, embed_token_ids, files_digest, image_processing, 
+                                                load_composite)
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
 from adatoken_compile.models.spec import spec_for
-from adatoken_compile.readers import Fields
 from adatoken_compile.runtime.image import patch_coordinates
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
@@ -48,26 +47,9 @@ class LlavaHFAdapter:
     input_kind = "image"
 
     def __init__(self, model_dir: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-        cfg = read_config(model_dir)
+        cfg, files, llava = load_composite(model_dir, LlavaForConditionalGeneration, "llava", "an HF LLaVA",
+                                           attn_implementation, dtype)
         where = os.path.join(model_dir, "config.json")
-        if cfg.get("model_type") != "llava":
-            raise InputError(f"{where}: model_type '{cfg.get('model_type')}' is not an HF LLaVA checkpoint ('llava')")
-        files = weight_files(model_dir)  # refuses pickle checkpoints before transformers sees them
-        text = Fields(cfg, where, FIX_CONFIG).obj("text_config", default={})
-        # the decoder's size against the weights', before it is built (fields left to transformers' defaults: not checked)
-        if all(k in text.data for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                                         "vocab_size")):
-            check_weight_bytes(parameter_count(check_config(text.data, f"{where}: text_config", FIX_CONFIG)), files, where)
-        try:
-            llava = LlavaForConditionalGeneration.from_pretrained(
-                model_dir, local_files_only=True, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype
-            )
-        except Exception as e:
-            raise InputError(f"{model_dir}: could not load the LLaVA checkpoint ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); {FIX_CONFIG}") from None
-        for name, t in llava.state_dict().items():
-            check_finite(t, model_dir, name)
-        llava.eval()
         tcfg = llava.config.text_config
         cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}.get(tcfg.model_type)
         if cls is None:
@@ -161,6 +143,9 @@ class LlavaHFAdapter:
         if sample.image is None:
             raise InputError("HF LLaVA sample without an image: pass --image IMG, or --data with a question file whose "
                              "questions name an 'image'")
+        if isinstance(sample.image, (list, tuple)):
+            raise InputError(f"{len(sample.image)} images in one question: an HF LLaVA prompt holds one image; "
+                             "ask about one image at a time")
         ids = self.prompt_ids(sample.question)
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")

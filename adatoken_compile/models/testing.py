@@ -381,3 +381,74 @@ def random_llava3d_preset(out_dir: str, preset: str = "llava3d-7b", *, seed: int
         write_shards(vision, vdir, seed + 1, max_shard_bytes, log)
         save_preprocessor(vdir, spec["image_size"])
     return out_dir
+
+
+# ----------------------------------------------------------------------------- tiny Qwen2.5-VL
+
+# The chat template Qwen2.5-VL checkpoints ship (images and text; videos as <|video_pad|>)
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content "
+    "or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+QWEN25VL_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                     "<|video_pad|>"]
+
+
+def random_qwen25vl(out_dir: str, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    vision_depth: int = 4, vision_hidden: int = 32, fullatt_blocks=(1, 3), patch_size: int = 14,
+                    window_size: int = 112, min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64,
+                    seed: int = 0, overwrite: bool = False) -> str:
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` checkpoint (GQA decoder, windowed and
+    full-attention vision blocks, 2x2 merger) with the files a released one ships: config,
+    safetensors, tokenizer (ChatML and vision special tokens), ``chat_template.jinja`` and
+    ``preprocessor_config.json`` (``Qwen2VLImageProcessor`` with ``min_pixels`` / ``max_pixels``)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+    tok._tok.add_special_tokens(QWEN25VL_SPECIALS)
+    # ChatML ends every prompt with a newline: a token of its own (not <unk>, whose embedding is the
+    # zero padding row), as in Qwen's vocabulary
+    tok._tok.add_tokens(["\n"])
+    tok.bos_id = None
+    tok.eos_id = tok.token_to_id("<|im_end|>")
+    head_dim = hidden // heads
+    third = head_dim // 2 // 3
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=hidden * 2, vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_dim // 2 - 2 * third, third, third]})
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+                  patch_size=patch_size, window_size=window_size, out_hidden_size=hidden,
+                  fullatt_block_indexes=list(fullatt_blocks), spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tok.token_to_id("<|image_pad|>"),
+                           video_token_id=tok.token_to_id("<|video_pad|>"),
+                           vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+                           vision_end_token_id=tok.token_to_id("<|vision_end|>"), eos_token_id=tok.eos_id)
+    m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save(tmp)
+        with open(os.path.join(tmp, "tokenizer_config.json")) as f:
+            tcfg = json.load(f)
+        tcfg.update({"bos_token": None, "eos_token": "<|im_end|>", "unk_token": "<unk>",
+                     "tokenizer_class": "PreTrainedTokenizerFast"})
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(tcfg, f, indent=2)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": min_pixels,
+                       "max_pixels": max_pixels, "patch_size": patch_size, "temporal_patch_size": 2, "merge_size": 2,
+                       "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_rescale": True, "rescale_factor": 1 / 255,
+                       "do_normalize": True, "do_resize": True, "resample": 3}, f, indent=2)
+        with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+            f.write(QWEN25VL_CHAT_TEMPLATE)
+    return out_dir

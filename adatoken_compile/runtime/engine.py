@@ -33,7 +33,8 @@ from ..arch import normalize as normalize_arch
 from ..artifact import RECOMPILE, Manifest, verify
 from ..errors import InputError
 from ..schedule import Schedule
-from .image import ImageProcessing, patch_coordinates
+from .image import ImageProcessing, patch_coordinates, processing_from_dict
+from .qwen_vision import image_list, prompt_for_images
 from .sample import Sample
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .positions import layout_of
@@ -66,8 +67,10 @@ class Runtime:
         self.input_kind = self.pre["input"]
         self.eos_id = self.pre.get("eos_id")
         where = f"{self.path}/{d['preprocess']}"
-        self.processing = (ImageProcessing.from_dict(self.pre["image_processing"], where) if "image_processing" in self.pre
+        self.processing = (processing_from_dict(self.pre["image_processing"], where) if "image_processing" in self.pre
                            else ImageProcessing.clip(self.pre["image_size"], self.pre["mean"], self.pre["std"]))
+        # the text around one image in the prompt, repeated per image when a prompt holds several
+        self.image_unit = self.pre.get("image_unit")
         self.num_frames = self.pre.get("num_frames")
         self.max_positions = self.pre.get("max_positions")
         self.positions = layout_of(self.pre["positions"], where, RECOMPILE)
@@ -99,7 +102,8 @@ class Runtime:
         self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
                          for name, g in d["graphs"].items()}
         check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE,
-                       coords="xyz" in self.schedule.needs())
+                       coords="xyz" in self.schedule.needs(),
+                       encoder_inputs=getattr(self.processing, "ENCODER_INPUTS", None))
         self._check_position_rank()
         self.providers = self.sessions["prefill"].get_providers()
         self.provider = self.providers[0]
@@ -161,6 +165,9 @@ class Runtime:
         for a scene, (row, col, 0) of each patch for an image (what spatial selection rules read)."""
         if self.input_kind == "scene":
             return self._scene_tokens(source)
+        encode = getattr(self.processing, "encode", None)  # processings whose encoder takes more than pixels
+        if encode is not None and self.input_kind == "image":
+            return encode(scene_paths.resolve_image(source), lambda feeds: first(self.run_graph("encoder", feeds)))
         tokens = self.encode_image(source)
         return tokens, patch_coordinates(tokens.shape[0])
 
@@ -188,12 +195,18 @@ class Runtime:
         if self.input_kind != "image" or isinstance(image, scene_like):
             raise InputError(f"this artifact takes a {self.input_kind}, got "
                              + ("a scene" if isinstance(image, scene_like) else type(image).__name__))
+        if getattr(self.processing, "encode", None) is not None:
+            return self.encode_with_coordinates(image)[0]
         pix = self.processing(scene_paths.resolve_image(image))
         return first(self.run_graph("encoder", {"pixel_values": pix[None]}))[0]
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, images: int = 1) -> list[int]:
         check_question(question)
         fmt = self.pre["prompt"]["format"]
+        if images != 1:
+            if not self.image_unit:
+                raise InputError(f"{images} images in one prompt: this artifact's model takes one image a prompt")
+            fmt = prompt_for_images(fmt, images, self.image_unit)
         return tokenize_with_placeholders(self.tokenizer, fmt.replace(self.pre["prompt"].get("question_field", "{question}"), question))
 
     def _as_requests(self, items) -> list[Sample]:
@@ -228,29 +241,29 @@ class Runtime:
         rows = []
         V = self.embed.shape[0]
         for i, r in enumerate(reqs):
-            src = r.scene if r.scene is not None else r.image
-            key = id(src)
-            if key not in cache:
-                cache[key] = self.encode_with_coordinates(src)
-            spatial, coords = cache[key]
-            if spatial.shape[0] < 1:
+            srcs = [r.scene] if r.scene is not None else image_list(r.image)
+            parts = []
+            for src in srcs:
+                if id(src) not in cache:
+                    cache[id(src)] = self.encode_with_coordinates(src)
+                parts.append(cache[id(src)])
+            n_spatial = sum(p[0].shape[0] for p in parts)
+            if n_spatial < 1:
                 raise InputError(f"item {i}: the scene gives 0 spatial tokens; a cut keeps k >= 1 per row")
-            ids = self.prompt_ids(r.question)
+            if n_spatial > limits()["spatial_tokens"]:  # several images in one prompt add up
+                raise InputError(f"item {i}: {len(parts)} images give {n_spatial} spatial tokens, more than the limit "
+                                 f"of {limits()['spatial_tokens']} a prompt; pass fewer or smaller images, or "
+                                 f"{limit_hint('spatial_tokens')}")
+            ids = self.prompt_ids(r.question, len(parts))
             if BOXES_TOKEN_INDEX in ids:
                 raise InputError(f"item {i}: <boxes> location prompts are not supported by the artifact runtime")
-            if ids.count(IMAGE_TOKEN_INDEX) != 1:
-                raise InputError(f"item {i}: prompt must hold exactly one <image> placeholder, found {ids.count(IMAGE_TOKEN_INDEX)}")
+            if ids.count(IMAGE_TOKEN_INDEX) != len(parts):
+                raise InputError(f"item {i}: prompt must hold exactly {len(parts) if len(parts) > 1 else 'one'} <image> "
+                                 f"placeholder{'s' if len(parts) > 1 else ''}, found {ids.count(IMAGE_TOKEN_INDEX)}")
             bad = [t for t in ids if t != IMAGE_TOKEN_INDEX and not (0 <= t < V)]
             if bad:
                 raise InputError(f"item {i}: token id {bad[0]} outside the embedding table ({V}); {RECOMPILE}")
-            k = ids.index(IMAGE_TOKEN_INDEX)
-            pre, post = ids[:k], ids[k + 1 :]
-            emb = np.concatenate([self.embed[pre], spatial.astype(self.embed.dtype), self.embed[post]], axis=0)
-            sm = np.zeros(emb.shape[0], bool)
-            sm[len(pre) : len(pre) + spatial.shape[0]] = True
-            xyz = np.zeros((emb.shape[0], 3), np.float32)
-            xyz[len(pre) : len(pre) + spatial.shape[0]] = coords
-            rows.append((emb, sm, xyz))
+            rows.append(_splice(ids, self.embed, parts))
         L = max(e.shape[0] for e, _, _ in rows)
         if self.max_positions and L > self.max_positions:
             raise InputError(f"prompt of {L} tokens exceeds the model's max_position_embeddings={self.max_positions}; "
@@ -268,7 +281,7 @@ class Runtime:
             feeds["attention_mask"][b, L - n :] = 1
             feeds["spatial_mask"][b, L - n :] = sm
             feeds["spatial_xyz"][b, L - n :] = xyz
-        feeds["position_ids"] = self.positions.prefill(feeds["attention_mask"], feeds["spatial_mask"])
+        feeds["position_ids"] = self.positions.prefill(feeds["attention_mask"], feeds["spatial_mask"], feeds["spatial_xyz"])
         return feeds
 
     # ------------------------------------------------------------------ graphs
@@ -335,7 +348,8 @@ class Runtime:
         self._check_generation(feeds, max_new_tokens)
         check_sampling(temperature, top_p, seed)
         out = self.prefill(feeds)
-        pos = self.positions.start(feeds["attention_mask"], feeds["spatial_mask"])  # of the ORIGINAL prompt
+        pos = self.positions.start(feeds["attention_mask"], feeds["spatial_mask"],  # of the ORIGINAL prompt
+                                   feeds.get("spatial_xyz"))
         yield from self.continue_ids(out, pos, max_new_tokens, temperature, top_p, seed, ignore_eos)
 
     def continue_ids(self, prefill_out: dict, positions: np.ndarray, max_new_tokens: int = 32,
@@ -434,6 +448,25 @@ class Runtime:
             if len(text) > len(prev) and text.startswith(prev):
                 yield text[len(prev):]
                 prev = text
+
+
+def _splice(ids: list[int], embed: np.ndarray, parts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, spatial mask, coordinates) of one prompt: text ids embedded, each placeholder
+    replaced by the next (tokens, coordinates) part."""
+    embs, masks, coords, start = [], [], [], 0
+    places = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX] + [len(ids)]
+    for k, end in enumerate(places):
+        text = ids[start:end]
+        embs.append(embed[text])
+        masks.append(np.zeros(len(text), bool))
+        coords.append(np.zeros((len(text), 3), np.float32))
+        if k < len(parts):
+            tokens, xyz = parts[k]
+            embs.append(tokens.astype(embed.dtype))
+            masks.append(np.ones(tokens.shape[0], bool))
+            coords.append(np.asarray(xyz, np.float32))
+        start = end + 1
+    return np.concatenate(embs), np.concatenate(masks), np.concatenate(coords)
 
 
 def _kv_form(steps) -> str | None:

@@ -227,6 +227,16 @@ class ImageProcessing:
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def processing_from_dict(d: dict, where: str = "preprocess.json"):
+    """The image processing a ``preprocess.json`` records: Qwen2-VL's (``kind`` ``qwen2_vl``,
+    :mod:`adatoken_compile.runtime.qwen_vision`) or the resize / crop one above."""
+    if isinstance(d, dict) and d.get("kind") == "qwen2_vl":
+        from .qwen_vision import QwenImageProcessing
+
+        return QwenImageProcessing.from_dict(d, where)
+    return ImageProcessing.from_dict(d, where)
+
+
 def preprocess_image(image: np.ndarray, size: int | ImageProcessing, mean=None, std=None) -> np.ndarray:
     """(H,W,3) uint8 -> (3,h,w) float32 with ``size``'s processing (an :class:`ImageProcessing`),
     or CLIP's at ``size`` with ``mean`` / ``std``."""

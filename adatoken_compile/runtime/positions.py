@@ -7,8 +7,9 @@ Artifacts without the key use ``sequence`` (what every artifact did before the k
 
 Each layout is three pure functions of the left-padded batch:
 
-* ``prefill(attention_mask (B, L), spatial_mask (B, L))`` -> the prefill graph's ``position_ids``;
-* ``start(attention_mask, spatial_mask)`` -> (B,) the index the first decoded token takes
+* ``prefill(attention_mask (B, L), spatial_mask (B, L), spatial_xyz (B, L, 3) or None)`` -> the
+  prefill graph's ``position_ids``;
+* ``start(attention_mask, spatial_mask, spatial_xyz)`` -> (B,) the index the first decoded token takes
   (whatever the cuts dropped: positions are the ORIGINAL prompt's);
 * ``decode(start (B,), step)`` -> the decode graph's ``position_ids`` of the token decoded after
   ``step`` others.
@@ -24,6 +25,11 @@ Layouts:
     ``(s, s + r // w, s + r % w)`` for the r-th; text after the span continues at the span's
     largest position + 1; padding is 1. Decoding continues from the largest prompt position + 1
     (what Qwen2.5-VL's ``rope_deltas`` carry), the same index on each axis, ``(3, B, 1)``.
+``mrope``
+    Qwen2.5-VL's M-RoPE (``get_rope_index``): as ``grid3``, but a spatial span's tokens sit at
+    the span's start s plus their own (t, h, w) from ``spatial_xyz`` (the image's merged-token
+    grid), so images of any shape keep transformers' positions; text after the span continues at
+    its largest position + 1, and decoding as in ``grid3``.
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ import numpy as np
 from ..errors import InputError
 
 
-def _sequence_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray) -> np.ndarray:
+def _sequence_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
     valid = np.asarray(attention_mask).astype(bool)
     pos = np.cumsum(valid, axis=1, dtype=np.int64) - 1
     return np.where(valid, pos, 1).astype(np.int64)
 
 
-def _sequence_start(attention_mask: np.ndarray, spatial_mask: np.ndarray) -> np.ndarray:
+def _sequence_start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
     return np.asarray(attention_mask).astype(bool).sum(1).astype(np.int64)
 
 
@@ -51,7 +57,7 @@ def _sequence_decode(start: np.ndarray, step: int) -> np.ndarray:
     return (np.asarray(start, np.int64) + int(step))[:, None]
 
 
-def _grid3_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray) -> np.ndarray:
+def _grid3_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
     valid = np.asarray(attention_mask).astype(bool)
     spatial = np.asarray(spatial_mask).astype(bool) & valid
     B, L = valid.shape
@@ -80,8 +86,44 @@ def _grid3_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray) -> np.n
     return pos
 
 
-def _grid3_start(attention_mask: np.ndarray, spatial_mask: np.ndarray) -> np.ndarray:
+def _grid3_start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
     pos = _grid3_prefill(attention_mask, spatial_mask)
+    valid = np.broadcast_to(np.asarray(attention_mask).astype(bool)[None], pos.shape)
+    return (np.where(valid, pos, -1).max(axis=(0, 2)) + 1).astype(np.int64)
+
+
+def _mrope_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+    valid = np.asarray(attention_mask).astype(bool)
+    spatial = np.asarray(spatial_mask).astype(bool) & valid
+    B, L = valid.shape
+    if spatial_xyz is None:
+        if spatial.any():
+            raise InputError("mrope positions: spatial tokens without their (t, h, w) coordinates (spatial_xyz)")
+        spatial_xyz = np.zeros((B, L, 3), np.float32)
+    thw = np.rint(np.asarray(spatial_xyz, np.float64)).astype(np.int64)
+    pos = np.ones((3, B, L), np.int64)
+    for b in range(B):
+        t = 0
+        idx = np.flatnonzero(valid[b])
+        j = 0
+        while j < len(idx):
+            k = idx[j]
+            if not spatial[b, k]:
+                pos[:, b, k] = t
+                t, j = t + 1, j + 1
+                continue
+            end = j
+            while end < len(idx) and spatial[b, idx[end]]:
+                end += 1
+            cols = idx[j:end]
+            pos[:, b, cols] = t + thw[b, cols].T
+            t = int(pos[:, b, cols].max()) + 1
+            j = end
+    return pos
+
+
+def _mrope_start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+    pos = _mrope_prefill(attention_mask, spatial_mask, spatial_xyz)
     valid = np.broadcast_to(np.asarray(attention_mask).astype(bool)[None], pos.shape)
     return (np.where(valid, pos, -1).max(axis=(0, 2)) + 1).astype(np.int64)
 
@@ -97,8 +139,8 @@ class PositionLayout:
 
     name: str
     rank: int
-    prefill: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    start: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    prefill: Callable[..., np.ndarray]
+    start: Callable[..., np.ndarray]
     decode: Callable[[np.ndarray, int], np.ndarray]
 
     def to_dict(self) -> dict:
@@ -108,6 +150,7 @@ class PositionLayout:
 LAYOUTS = {
     "sequence": PositionLayout("sequence", 2, _sequence_prefill, _sequence_start, _sequence_decode),
     "grid3": PositionLayout("grid3", 3, _grid3_prefill, _grid3_start, _grid3_decode),
+    "mrope": PositionLayout("mrope", 3, _mrope_prefill, _mrope_start, _grid3_decode),
 }
 DEFAULT = "sequence"
 

@@ -151,16 +151,18 @@ def device_of(session) -> tuple[str, int]:
 
 
 def check_graph_io(sessions: dict, input_kind: str, num_layers: int, num_cuts: int, art: str, hint: str,
-                   coords: bool = False) -> None:
+                   coords: bool = False, encoder_inputs=None) -> None:
     """Refuse, at load, an artifact whose graphs are not the ones the runtime drives: each graph the
     input kind needs is present, takes only the feeds the runtime gives it and returns what it
     reads back (names fixed by the compiler). ``coords``: the schedule's rules read the spatial
-    tokens' coordinates, so the prefill may take them (``spatial_xyz``)."""
+    tokens' coordinates, so the prefill may take them (``spatial_xyz``). ``encoder_inputs``: what
+    the image encoder takes when the image processing says (default: ``pixel_values``)."""
     need = {"prefill": ({"inputs_embeds", "attention_mask", "position_ids", "spatial_mask"}
                         | ({"spatial_xyz"} if coords else set()),
                         {"logits", *(f"{k}.{i}" for k in ("key", "value", "mask") for i in range(num_layers)),
                          *(f"kept.{c}" for c in range(num_cuts))}),
-            "encoder": ({"pixel_values", "xyz"} if input_kind == "scene" else {"pixel_values"}, {"features"})}
+            "encoder": ({"pixel_values", "xyz"} if input_kind == "scene" else set(encoder_inputs or ["pixel_values"]),
+                        {"features"})}
     if input_kind == "scene":
         need["projector"] = ({"features"}, {"tokens"})
     if "decode" in sessions:

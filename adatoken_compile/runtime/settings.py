@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..arch import normalize as normalize_arch
 from ..errors import InputError
 from ..readers import Fields, read_json
-from .image import ImageProcessing
+from .image import processing_from_dict
 from .positions import layout_of
 
 # artifacts whose preprocess.json predates the ``input`` key: what their family's encoder takes
@@ -30,7 +30,7 @@ def read_settings(path: str, fix: str) -> dict:
     out["mean"] = f.numbers("mean", length=3)
     out["std"] = f.numbers("std", length=3, lo=0.0, lo_open=True)
     if "image_processing" in d:  # the checkpoint's own processor (older artifacts: CLIP's from mean / std)
-        out["image_processing"] = ImageProcessing.from_dict(f.obj("image_processing").data, path).to_dict()
+        out["image_processing"] = processing_from_dict(f.obj("image_processing").data, path).to_dict()
     out["num_frames"] = f.integer("num_frames", lo=1, default=None, null=True)
     prompt = f.obj("prompt")
     field = prompt.string("question_field", default="{question}")

@@ -56,8 +56,9 @@ _GQA_INPUTS = (("query", "T", False), ("key", "T", True), ("value", "T", True), 
                ("attention_bias", "T", True), ("head_sink", "T", True), ("k_scale", "T_KV_SCALE", True),
                ("v_scale", "T_KV_SCALE", True), ("q_norm_weight", "T", True), ("k_norm_weight", "T", True),
                ("query_seqlens", "M", True))
-_GQA_OUTPUTS = (("output", "T", False), ("present_key", "T_CACHE", True), ("present_value", "T_CACHE", True),
-                ("output_qk", "T", True))
+# the op's fourth output (output_qk) is left out of the declaration: a node that names it runs the
+# CPU kernel's slower path (the heads split into two fixed halves, not one task per head)
+_GQA_OUTPUTS = (("output", "T", False), ("present_key", "T_CACHE", True), ("present_value", "T_CACHE", True))
 _GQA_ATTRS = {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "softcap": "FLOAT", "do_rotary": "INT",
               "rotary_interleaved": "INT", "local_window_size": "INT", "causal": "INT", "smooth_softmax": "INT",
               "qk_output": "INT", "kv_cache_bit_width": "INT", "sliding_window_cache": "INT",
@@ -97,8 +98,10 @@ def _gqa_onnx(query, key, value, bias, num_heads: int, kv_num_heads: int, scale:
     def bsd(x):  # (B, n, S, H) -> (B, S, n*H), the op's packed layout
         return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), to_bsd)
 
-    seq = op.Shape(query, start=2, end=3)
-    batch = op.Shape(query, start=0, end=1)
+    # sizes read off the value: a query read only by the op lets its rotary take the packed layout
+    # (adatoken_compile.compiler.fusions), with no transposes around it
+    seq = op.Shape(value, start=2, end=3)
+    batch = op.Shape(value, start=0, end=1)
     # no past: every row's last key index is S-1; padding is carried by the bias
     seqlens = op.Cast(op.Expand(op.Sub(seq, op.Constant(value_ints=[1])), batch), to=6)  # int32
     total = op.Cast(op.Squeeze(seq), to=6)

@@ -193,7 +193,8 @@ def export_prefill(gm: nn.Module, example: DecoderInputs, path: str, *, opset: i
         gm, fused = fused_copy(gm)
     res = export(gm, example_args(example, names, spec), dynamic_shapes(axes=spec.prefill_dynamic_axes(names)), path,
                  names, list(layout.get("outputs", [])) or None, opset=opset, external_data_threshold=external_data_threshold,
-                 optimize=optimize, check=check, weights=weights, quantize=quantize)
+                 optimize=optimize, check=check, weights=weights, quantize=quantize,
+                 fusions=layout.get("ort_fusions"))
     res.fused_attention = fused
     return res
 
@@ -225,6 +226,7 @@ def capture(decoder_lm: nn.Module, example: DecoderInputs) -> torch.fx.GraphModu
         "inputs": list(INPUT_NAMES),
         "outputs": output_names(mod.num_layers),
         **describe_decoder(decoder_lm),
+        "ort_fusions": spec.ort_fusions(decoder_lm),
     }
     gm.meta["adatoken_capture_s"] = time.perf_counter() - t0
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

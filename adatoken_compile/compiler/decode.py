@@ -323,7 +323,8 @@ def export_decode(decoder_lm, path: str, example_feeds: dict | None = None, *, o
     prefix = "capacity_" if buffered else "past_"
     res = export(mod, args, dyn, path, in_names, out_names, opset=opset, external_data_threshold=external_data_threshold,
                  optimize=optimize, check=check, postprocess=lambda model: _name_dims(model, n, prefix),
-                 weights=weights, quantize=quantize, translations=gqa.TRANSLATIONS if buffered else None)
+                 weights=weights, quantize=quantize, translations=gqa.TRANSLATIONS if buffered else None,
+                 fusions=spec_for(decoder_lm).ort_fusions(decoder_lm))
     if res.input_names != in_names or res.output_names != out_names:
         raise RuntimeError(f"export_decode: unexpected graph I/O names {res.input_names} / {res.output_names}")
     return res

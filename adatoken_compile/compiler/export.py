@@ -45,6 +45,7 @@ import onnx_ir as ir
 import torch
 
 from adatoken_compile.compiler.attention import ONNX_TRANSLATIONS
+from adatoken_compile.compiler.fusions import fuse_decoder
 from adatoken_compile.compiler.weights import (Quantization, float32_boundary, fold_weight_transposes,
                                                quantize_matmuls, stream_initializers)
 
@@ -73,6 +74,7 @@ class ExportResult:
     streamed_weights: int = 0  # initializers read from disk when written
     quantized_matmuls: int = 0  # MatMul / Gemm weights turned into MatMulNBits
     fused_attention: int = 0  # attention ops exported as one GroupQueryAttention node
+    fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime ops put in by compiler.fusions
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -168,7 +170,8 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
            input_names: Sequence[str], output_names: Sequence[str] | None = None, *, opset: int | None = None,
            external_data_threshold: int = 1024, optimize: bool = True, check: bool = True,
            postprocess: Callable | None = None, weights=None,
-           quantize: Quantization | None = None, translations: dict | None = None) -> ExportResult:
+           quantize: Quantization | None = None, translations: dict | None = None,
+           fusions: dict | None = None) -> ExportResult:
     """Export ``module`` called on ``args`` to ``path`` (.onnx, weights in ``path.data``).
 
     ``dynamic_shapes`` as torch.export takes them; ``postprocess(model)`` may edit the ONNX IR
@@ -176,7 +179,10 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
     module's parameters whose values stay on disk until written
     (:class:`adatoken_compile.models.checkpoint.LazyWeights` of a model loaded lazily);
     ``quantize``: int4 weight-only quantisation of the constant-weight MatMul / Gemm nodes;
-    ``translations``: ONNX translations of custom torch ops (``{op overload: onnxscript function}``).
+    ``translations``: ONNX translations of custom torch ops (``{op overload: onnxscript function}``);
+    ``fusions``: a decoder graph's onnxruntime fusions, the keywords of
+    :func:`adatoken_compile.compiler.fusions.fuse_decoder` (with ``optimize`` only: they match
+    the optimised graph).
     """
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -188,8 +194,11 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
         prog = torch.onnx.export(ep, tuple(args), dynamo=True, optimize=False, verbose=False, **kw)
     streamed = stream_initializers(prog.model, weights.for_module(module) if weights else None)
     fold_weight_transposes(prog.model)
+    fused = {}
     if optimize:
         prog.optimize()
+        if fusions is not None:
+            fused = fuse_decoder(prog.model, **fusions)
     model = prog.model
     _rename(model.graph.inputs, input_names)
     if output_names:
@@ -218,6 +227,7 @@ def export(module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic_shapes
         adatoken_nodes=counts,
         streamed_weights=streamed,
         quantized_matmuls=nq,
+        fused_ops=fused,
     )
 
 

@@ -194,6 +194,16 @@ class DecoderSpec:
         return torch.full((batch, 1), int(position), dtype=torch.int64)
 
 
+    # ------------------------------------------------------------------ ONNX Runtime fusions
+    def ort_fusions(self, lm: nn.Module) -> dict | None:
+        """The keywords of :func:`adatoken_compile.compiler.fusions.fuse_decoder` for this family's
+        exported prefill and decode graphs (None: no fusions). The base family's RMSNorm and
+        rotate-half RoPE match onnxruntime's fused ops; the rotary tables have
+        ``max_position_embeddings`` rows (none in the config: rotary stays unfused)."""
+        v = getattr(lm.config, "max_position_embeddings", None)
+        return {"max_positions": int(v) if v else None}
+
+
 BASE = DecoderSpec()
 _SPECS: dict[str, DecoderSpec] = {"llama": BASE, "qwen2": BASE}
 

@@ -34,8 +34,8 @@
    target only rules whose agreement still passes it. An attention rule is thus kept only where it
    beats the controls by more than chance. ``debiased`` takes its per-position prior from the
    statistics. Then a single cut before layer 0 at the same prefill FLOPs per rule that can run
-   there, chosen over the in-LLM schedule only when significantly better by the same test: a
-   FLOPs budget out of the in-LLM cuts' reach (layer 0 alone costs 1/L of the prefill) is met
+   there, chosen over the in-LLM schedule only when significantly better by the same test (not run
+   when the schedule disagrees on fewer than 6 rows: no rule can then win at 0.05); a FLOPs budget out of the in-LLM cuts' reach (layer 0 alone costs 1/L of the prefill) is met
    before layer 0.
 5. Control. The chosen schedule is compared, on the same rows, with random tokens at its counts
    (``calibrate --policy random --like``): its paired margin, exact interval and p-value are
@@ -627,6 +627,13 @@ def pick(measured: list, target: float | None = None) -> tuple[int | None, list]
     return chosen, tests
 
 
+def can_be_beaten(measured: dict, alpha: float = PAIRED_ALPHA) -> bool:
+    """Can any schedule agree significantly more than ``measured`` on the same rows? Only on the rows
+    it disagrees on (d of them), and winning all of them gives p = 2 / 2**d at best."""
+    d = measured["rows"] - measured["agreed"]
+    return 2.0 / 2 ** d < alpha
+
+
 def _trial(base: dict, m: dict, test: dict | None, chosen: bool) -> dict:
     out = {**base, **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))}
     if test is not None:
@@ -674,7 +681,11 @@ def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule
     L = stats.arch["num_layers"]
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
     cands, ms, bases = ([schedule], [measured], []) if schedule is not None else ([], [], [])
-    for rule in by_cost(stats, rule_candidates(stats, 0, names)):
+    rules = by_cost(stats, rule_candidates(stats, 0, names))
+    if schedule is not None and not can_be_beaten(measured):
+        return schedule, measured, [{"cut": 0, "rule": r.label(), "skipped": "the schedule disagrees on too few rows "
+                                     "for any rule to agree significantly more"} for r in rules]
+    for rule in rules:
         keep = keep_for_flops(stats.arch, L, flops_ratio, N, nt, rule)
         cand = Schedule(cuts=[Cut(0, keep, rule)], num_layers=L, policy="adaptive")
         cands.append(cand)

@@ -264,6 +264,12 @@ def test_a_cut_before_layer_0_replaces_the_schedule_only_when_significantly_bett
     fake.agreed.update({("strided",): 90, ("random",): 100})  # 6 rows above the schedule, 10 above strided
     pre, m2, more = solver.choose_pre_llm(None, st, [], best, m, ["strided", "random", "last_token"], fake, limit)
     assert [(c.layer, c.rule.name) for c in pre.cuts] == [(0, "random")] and m2["agreed"] == 100
+    # a schedule disagreeing on 5 rows cannot be beaten at 0.05 (2 / 2**5 = 0.0625): nothing is run
+    calls = len(fake.calls)
+    five = {**m, "agreed": 95, solver.ROW_KEY: [True] * 95 + [False] * 5}
+    pre, _, more = solver.choose_pre_llm(None, st, [], best, five, ["strided", "random"], fake, limit)
+    assert pre is best and len(fake.calls) == calls and all(t["skipped"] for t in more)
+    assert solver.can_be_beaten(m) and not solver.can_be_beaten(five)
     assert schedule_flops(ARCH, pre, 400, 20)["flops_ratio"] <= limit + 1e-3
 
 

@@ -148,10 +148,11 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     ``fidelity`` (default 0.95) at 95% confidence, or the best agreement under ``flops_budget``),
     or a peer rule (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``, ``divprune``, ``random`` /
     ``prellm-strided`` / ``prellm-random`` with ``like``, ``none``).
-    ``rules``: selection rules the adaptive solver tries at each chosen cut, keeping per cut the one
-    with the most agreeing held-back rows (None: every cut ranks by the last token's attention;
-    ``"all"`` or names such as ``("last_token", "stratified", "strided")``; each trial is one more
-    held-back run, so it is off by default).
+    ``rules``: selection rules the adaptive solver compares at each chosen cut, keeping per cut the
+    cheapest one a paired test on the held-back rows does not put below the most agreeing one
+    (None: ``solver.DEFAULT_RULES``, the random and strided controls and the cheap attention rules;
+    ``"all"`` or names such as ``("last_token", "stratified", "strided")``; ``("last_token",)``: no
+    comparison).
     ``start_scene``: mine from this scene on (shards of one calibration run on several machines).
     ``merge``: calibration directories whose statistics replace the mining (disjoint shards).
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).

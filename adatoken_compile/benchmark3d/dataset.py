@@ -57,14 +57,15 @@ def iter_questions(split: str, num_scenes: int, start: int = 0) -> Iterator[tupl
 
 
 def iter_samples(split: str, limit: int | None = None, start_scene: int = 0,
-                 keep: Callable[[int, int], bool] | None = None) -> Iterator[Sample]:
+                 keep: Callable[[int, int], bool] | None = None, seeds: range | None = None) -> Iterator[Sample]:
     """Samples of ``split`` in a fixed order: scene seeds ascending from the split start (+
     ``start_scene``), each scene rendered once, its questions consecutive. ``limit`` counts
     samples (questions). ``keep(i, j)``: called for every sample with its position and its scene's
     (from 0); only the samples it accepts are yielded, and a scene none of whose samples it accepts
-    is not rendered (one process's share of a data-parallel run)."""
+    is not rendered (one process's share of a data-parallel run). ``seeds``: these scene seeds
+    instead of the split's (scenes no split holds; ``split`` then only labels the samples)."""
     n = 0
-    for j, seed in enumerate(scene_seeds(split)[start_scene:]):
+    for j, seed in enumerate((scene_seeds(split) if seeds is None else seeds)[start_scene:]):
         info = make_world(seed)
         qs = questions_for(info)[: None if limit is None else max(0, limit - n)]
         kept = [(i, q) for i, q in enumerate(qs) if keep is None or keep(n + i, j)]

@@ -102,7 +102,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     to reuse in later ``derive_schedule`` calls on the same held-back rows.
     ``prior``: statistics of earlier shards to merge with (same model). ``like``: the schedule
     whose counts ``random`` copies (and whose FLOPs the ``prellm-*`` policies match). ``rules``:
-    selection rules the adaptive solver considers at each cut (None: ``last_token`` only; "all").
+    selection rules the adaptive solver considers at each cut (None: ``solver.DEFAULT_RULES``; "all").
     """
     if policy not in POLICIES:
         raise InputError(f"calibrate: unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")

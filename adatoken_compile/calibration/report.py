@@ -124,6 +124,7 @@ def write_report(out_dir: str, schedule: Schedule, stats: CalibrationStats) -> N
         "flops": rows,
         "formula": FORMULA,
         "fidelity": fid,
+        "random_control": schedule.calibration.get("random_control"),
     }
     lines = [
         "# Calibration report",
@@ -135,6 +136,10 @@ def write_report(out_dir: str, schedule: Schedule, stats: CalibrationStats) -> N
     ]
     if fid:
         lines.append(f"Measured fidelity on held-back samples: {fid}.")
+    ctrl = schedule.calibration.get("random_control")
+    if ctrl:
+        lines += ["", f"Against random tokens at the same counts ({ctrl['rule']}), paired on the same held-back rows: "
+                  f"{ctrl['summary']}."]
     lines += [
         "",
         "## Predicted prefill FLOPs",

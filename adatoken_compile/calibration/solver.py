@@ -23,16 +23,23 @@
    far (the proxy can prefer one shape throughout). A candidate's run stops
    once more rows disagree than the target allows (``max_disagreements``); the identity is not run.
    FLOPs budget: one candidate per first-cut layer within the budget, best measured agreement wins.
-4. Rules (``rules``, off by default: each trial is one more held-back run). At the chosen cuts,
-   cut by cut from the first, every other selection rule that can run there (and whose schedule
-   stays within the chosen FLOPs plus ``RULE_FLOPS_SLACK``) is validated on the same held-back
-   rows; a rule replaces the cut's rule when strictly more rows agree (a trial stops once it has
-   as many disagreements as the incumbent). More agreement raises the Wilson lower bound, so a
-   schedule that passed the fidelity target still passes. ``debiased`` takes its per-position
-   prior from the statistics. Then a single cut before layer 0 (selection before the decoder) at
-   the same prefill FLOPs is tried per rule that can run there, by the same measure: pre-LLM
-   selection competes with the in-LLM schedule, and a FLOPs budget out of the in-LLM cuts' reach
-   (layer 0 alone costs 1/L of the prefill) is met before layer 0.
+4. Rules (``rules``; default ``DEFAULT_RULES``: random, strided, last_token, text_tail, dedup). At
+   the chosen cuts, cut by cut from the first, the cut's own rule and every rule of the set that can
+   run there (and whose schedule stays within the chosen FLOPs plus ``RULE_FLOPS_SLACK``, which
+   leaves dedup out of most budgets) are measured on the same held-back rows; the rows before the
+   cut's layer run once per batch and branch there. Two rules on the same rows differ only where
+   one agrees and the other does not, so the choice is a paired one (:func:`pick`): the cheapest
+   rule (random and strided before the attention rules) that the exact McNemar test on those
+   discordant rows does not put significantly below the most agreeing rule; under a fidelity
+   target only rules whose agreement still passes it. An attention rule is thus kept only where it
+   beats the controls by more than chance. ``debiased`` takes its per-position prior from the
+   statistics. Then a single cut before layer 0 at the same prefill FLOPs per rule that can run
+   there, chosen over the in-LLM schedule only when significantly better by the same test (not run
+   when the schedule disagrees on fewer than 6 rows: no rule can then win at 0.05); a FLOPs budget out of the in-LLM cuts' reach (layer 0 alone costs 1/L of the prefill) is met
+   before layer 0.
+5. Control. The chosen schedule is compared, on the same rows, with random tokens at its counts
+   (``calibrate --policy random --like``): its paired margin, exact interval and p-value are
+   written to ``calibration.random_control``.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from adatoken_compile.contract import DecoderInputs
 from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
-from adatoken_compile.selection import RULES, Rule, at_layer, pre_llm
+from adatoken_compile.selection import RULES, Rule, at_layer, drop_cost, pre_llm
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, keep_for_flops
 from adatoken_compile.calibration.stats import CalibrationStats
 
@@ -65,6 +72,14 @@ REFINE_GAP = 0.02  # FLOPs-ratio gap below which the fidelity search stops refin
 # similarity, 0.04 there, is a different budget)
 RULE_FLOPS_SLACK = 0.005
 Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
+# a rule (or a cut before layer 0) replaces a cheaper one only when the paired test on the held-back
+# rows says it agrees more at this level (two-sided)
+PAIRED_ALPHA = 0.05
+# the rules every adaptive calibration compares at each chosen cut, cheapest first: the random and
+# strided controls, the attention rules that score with one query row (last_token) or the question's
+# rows (text_tail), and dedup where its pairwise similarity fits the FLOPs; the first three (and
+# dedup) also try one cut before layer 0
+DEFAULT_RULES = ("random", "strided", "last_token", "text_tail", "dedup")
 
 
 # ---------------------------------------------------------------------- forwards
@@ -112,7 +127,10 @@ def _run_from(flow: PrefillExecutor, schedule: Schedule) -> torch.Tensor:
 def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor,
              start: PrefillExecutor | None = None) -> tuple[list, float]:
     """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
-    lg = _run_pruned(decoder, batch, schedule, start)
+    return _agree_kl(_run_pruned(decoder, batch, schedule, start), ref)
+
+
+def _agree_kl(lg: torch.Tensor, ref: torch.Tensor) -> tuple[list, float]:
     lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
     return (lg.argmax(-1) == ref.argmax(-1)).tolist(), float((lp.exp() * (lp - lq)).sum(-1).sum())
 
@@ -146,8 +164,14 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
         if max_disagree is not None and total - same > max_disagree:
             stopped = total < n_rows
             break
+    return _measurement(rows, kl, stopped)
+
+
+def _measurement(rows: list, kl: float, stopped: bool = False) -> dict:
+    """A validation's numbers from its per-row agreement and KL sum."""
+    same, total = sum(rows), len(rows)
     out = {"agreement": same / max(1, total), "kl": kl / max(1, total), "rows": total, "agreed": same,
-           "ci95": [round(x, 4) for x in wilson_interval(same, total)], ROW_KEY: rows}
+           "ci95": [round(x, 4) for x in wilson_interval(same, total)], ROW_KEY: list(rows)}
     if stopped:
         out["stopped"] = True
     return out
@@ -225,12 +249,59 @@ class ValidationCache:
     def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
         """Agreement of ``schedule`` (see ``agreement``); a measurement that stopped early answers only
         requests that would have stopped there too (a fidelity search), others measure all rows."""
-        cuts = tuple((c.layer, round(float(c.keep), 9), c.rule) for c in schedule.cuts)
-        have = self.measured.get(cuts)
-        if have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree)):
+        cuts = _key(schedule)
+        if self._stale(cuts, max_disagree):
             refs = self.refs_for(decoder, holdout)
             self.measured[cuts] = agreement(decoder, holdout, refs, schedule, max_disagree, self.states)
         return dict(self.measured[cuts])
+
+    def _stale(self, key, max_disagree: int | None) -> bool:
+        have = self.measured.get(key)
+        return have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree))
+
+    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None) -> list:
+        """Agreements of ``schedules`` that share every cut before ``layer`` and differ from there
+        on (the rules of one cut): each held-back batch runs the shared layers once and branches at
+        ``layer`` (same numbers as :meth:`measure` per schedule). ``max_disagree`` as in ``agreement``,
+        per schedule. A schedule already measured on every row is not run again."""
+        todo = [k for k, sch in enumerate(schedules) if self._stale(_key(sch), max_disagree)]
+        if todo:
+            refs = self.refs_for(decoder, holdout)
+            prefix = Schedule(cuts=[c for c in schedules[0].cuts if c.layer < layer], num_layers=schedules[0].num_layers)
+            from_layer_1 = layer >= 1 and all(c.layer >= 1 for c in prefix.effective_cuts())
+            rows = {k: [] for k in todo}
+            kl = dict.fromkeys(todo, 0.0)
+            active = list(todo)
+
+            @torch.no_grad()
+            def compare(item):
+                i, batch, ref = item
+                start = self.states.get(i, decoder, batch) if from_layer_1 else None
+                flow = start.resume() if start is not None else PrefillExecutor(decoder, batch, materialize_mask=True)
+                if flow.next_layer < layer:  # the shared layers, the last one observed for an attention rule
+                    flow.run(prefix, until=layer - 1)
+                    flow.run(prefix, until=layer, observe_all=True)
+                return {k: _agree_kl(flow.branch().run(schedules[k]).logits().float().cpu(), ref) for k in active}
+
+            n_rows = distributed.total(sum(b.batch_size for b in holdout))
+            stopped = set()
+            for out in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
+                for k, (hit, kl_batch) in out.items():
+                    rows[k] += hit
+                    kl[k] += kl_batch
+                    if max_disagree is not None and len(rows[k]) - sum(rows[k]) > max_disagree:
+                        active.remove(k)
+                        if len(rows[k]) < n_rows:
+                            stopped.add(k)
+                if not active:
+                    break
+            for k in todo:
+                self.measured[_key(schedules[k])] = _measurement(rows[k], kl[k], k in stopped)
+        return [dict(self.measured[_key(sch)]) for sch in schedules]
+
+
+def _key(schedule: Schedule) -> tuple:
+    return tuple((c.layer, round(float(c.keep), 9), c.rule) for c in schedule.cuts)
 
 
 def passes(measured: dict, target: float) -> bool:
@@ -284,6 +355,66 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _binom_tail(k: int, n: int, p: float, upper: bool) -> float:
+    """P(X <= k) (or P(X >= k) with ``upper``) for X ~ Binomial(n, p), summed in log space."""
+    if p <= 0.0:
+        return 1.0 if not upper or k <= 0 else 0.0
+    if p >= 1.0:
+        return 1.0 if upper or k >= n else 0.0
+    ks = range(k, n + 1) if upper else range(0, k + 1)
+    lp, lq = math.log(p), math.log1p(-p)
+    return min(1.0, math.fsum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                                       + i * lp + (n - i) * lq) for i in ks))
+
+
+def clopper_pearson(k: int, n: int, alpha: float = PAIRED_ALPHA) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided ``1 - alpha`` interval of a proportion k/n, by bisection on
+    the binomial tails."""
+    if n <= 0:
+        return 0.0, 1.0
+
+    def solve_for(tail_at_k, upper):
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            # P(X >= k) grows with p; P(X <= k) falls with p
+            if (_binom_tail(tail_at_k, n, mid, upper) < alpha / 2) == upper:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    return (0.0 if k == 0 else solve_for(k, True)), (1.0 if k == n else solve_for(k, False))
+
+
+def paired_test(a_rows, b_rows, alpha: float = PAIRED_ALPHA) -> dict:
+    """Paired comparison of two schedules on the same held-back rows (per row: did it agree with
+    the unpruned model). Only the discordant rows carry information: ``wins`` (a agrees, b not) and
+    ``losses``; under "equally good" each discordant row is a fair coin, so the exact McNemar test is
+    a two-sided sign test on them. ``margin`` = (wins - losses) / rows, the difference of the two
+    agreements; ``ci95``: the exact (Clopper-Pearson) interval of the wins' share of the discordant
+    rows, scaled to a margin (conditional on the discordant count). For a fair coin the test is
+    significant at ``alpha`` exactly when that interval excludes 0."""
+    a, b = np.asarray(a_rows, dtype=bool), np.asarray(b_rows, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_test: {a.shape[0]} rows vs {b.shape[0]}: a paired test needs the same rows")
+    n = int(a.shape[0])
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    d = wins + losses
+    p = min(1.0, 2 * sum(math.comb(d, i) for i in range(min(wins, losses) + 1)) / 2 ** d) if d else 1.0
+    lo, hi = clopper_pearson(wins, d, alpha) if d else (0.5, 0.5)
+    scale = d / n if n else 0.0
+    return {"rows": n, "wins": wins, "losses": losses, "margin": (wins - losses) / n if n else 0.0,
+            "ci95": [scale * (2 * lo - 1), scale * (2 * hi - 1)], "p_value": p, "significant": p < alpha}
+
+
+def paired_summary(t: dict, what: str) -> str:
+    """One line of a :func:`paired_test` result."""
+    lo, hi = t["ci95"]
+    return (f"{100 * t['margin']:+.1f} points of agreement over {what} (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
+            f"exact McNemar p={t['p_value']:.3g}, {t['wins']} vs {t['losses']} discordant of {t['rows']} rows)")
 
 
 # ---------------------------------------------------------------------- proxy + DP
@@ -472,56 +603,115 @@ def rule_candidates(stats: CalibrationStats, layer: int, names) -> list[Rule]:
     return out
 
 
-def choose_rules(decoder, stats: CalibrationStats, holdout, schedule: Schedule, measured: dict, names,
-                 cache: "ValidationCache", flops_limit: float, progress=None) -> tuple[Schedule, dict, list]:
-    """Per cut (first to last), the rule of ``names`` with the most agreeing held-back rows at the
-    schedule's budget (see the module docstring, step 4). ``measured``: the schedule's own
-    measurement on ``holdout``. Returns (schedule, its measurement, trials)."""
+def by_cost(stats: CalibrationStats, rules) -> list[Rule]:
+    """``rules`` cheapest first: the FLOPs of their scoring at the statistics' mean token counts
+    (equal costs, such as random and strided, keep their given order)."""
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
-    best, best_m, trials = schedule, dict(measured), []
+    return sorted(rules, key=lambda r: drop_cost(r, stats.arch, int(round(N + nt)), int(round(N)), int(round(nt))))
+
+
+def pick(measured: list, target: float | None = None) -> tuple[int | None, list]:
+    """The choice among candidates measured on the same held-back rows, ``measured`` cheapest
+    first: the cheapest whose agreement the paired test (:func:`paired_test`) does not put
+    significantly below the most agreeing one's; with a fidelity ``target``, among those that pass
+    it. Returns (its index or None when none can be chosen, each candidate's test against the most
+    agreeing one or None when it could not be chosen)."""
+    ok = [k for k, m in enumerate(measured) if not m.get("stopped") and (target is None or passes(m, target))]
+    tests: list = [None] * len(measured)
+    if not ok:
+        return None, tests
+    best = max(ok, key=lambda k: (measured[k]["agreed"], -k))
+    for k in ok:
+        tests[k] = paired_test(measured[best][ROW_KEY], measured[k][ROW_KEY])
+    chosen = next(k for k in ok if not (tests[k]["significant"] and tests[k]["margin"] > 0))
+    return chosen, tests
+
+
+def can_be_beaten(measured: dict, alpha: float = PAIRED_ALPHA) -> bool:
+    """Can any schedule agree significantly more than ``measured`` on the same rows? Only on the rows
+    it disagrees on (d of them), and winning all of them gives p = 2 / 2**d at best."""
+    d = measured["rows"] - measured["agreed"]
+    return 2.0 / 2 ** d < alpha
+
+
+def _trial(base: dict, m: dict, test: dict | None, chosen: bool) -> dict:
+    out = {**base, **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))}
+    if test is not None:
+        out["below_best"] = {"margin": round(test["margin"], 5), "p_value": round(test["p_value"], 5)}
+    return {**out, "chosen": chosen}
+
+
+def choose_rules(decoder, stats: CalibrationStats, holdout, schedule: Schedule, names, cache: "ValidationCache",
+                 flops_limit: float, target: float | None = None, stop_at: int | None = None) -> tuple[Schedule, dict, list]:
+    """Per cut (first to last), the rule of ``names`` (or the cut's own) that :func:`pick` chooses
+    among those within ``flops_limit`` + ``RULE_FLOPS_SLACK``, all measured on the same held-back
+    rows from the cut's shared prefix (see the module docstring, step 4). ``stop_at``: a candidate
+    stops once more rows disagree (it cannot pass ``target``). Returns (schedule, its
+    measurement, trials)."""
+    N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
+    best, best_m, trials = schedule, None, []
     for j, cut in enumerate(schedule.cuts):
-        for rule in rule_candidates(stats, cut.layer, names):
-            if rule == best.cuts[j].rule:
-                continue
+        own = best.cuts[j].rule
+        cands, bases = [], []
+        for rule in by_cost(stats, [own] + [r for r in rule_candidates(stats, cut.layer, names) if r != own]):
             cuts = list(best.cuts)
             cuts[j] = Cut(cut.layer, cut.keep, rule)
             cand = Schedule(cuts=cuts, num_layers=schedule.num_layers, policy=schedule.policy)
             fl = schedule_flops(stats.arch, cand, N, nt)["flops_ratio"]
             trial = {"cut": cut.layer, "rule": rule.label(), "flops_ratio": round(fl, 5)}
-            if fl > flops_limit + RULE_FLOPS_SLACK + 1e-12:
+            if rule != own and fl > flops_limit + RULE_FLOPS_SLACK + 1e-12:
                 trials.append({**trial, "skipped": "over the FLOPs budget"})
                 continue
-            incumbent_dis = best_m["rows"] - best_m["agreed"]
-            m = cache.measure(decoder, holdout, cand, max_disagree=incumbent_dis - 1)
-            trials.append({**trial, **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))})
-            if progress is not None:
-                progress(trials[-1])
-            if not m.get("stopped") and m["rows"] == best_m["rows"] and m["agreed"] > best_m["agreed"]:
-                best, best_m = cand, m
+            cands.append(cand)
+            bases.append(trial)
+        ms = cache.measure_at_cut(decoder, holdout, cands, cut.layer, stop_at)
+        k, tests = pick(ms, target)
+        k = cands.index(best) if k is None else k  # nothing passes: the count search's schedule stays
+        trials += [_trial(t, m, tt, i == k) for i, (t, m, tt) in enumerate(zip(bases, ms, tests))]
+        best, best_m = cands[k], ms[k]
     return best, best_m, trials
 
 
 def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule | None, measured: dict | None, names,
-                   cache: "ValidationCache", flops_ratio: float) -> tuple[Schedule, dict, list]:
+                   cache: "ValidationCache", flops_ratio: float, target: float | None = None,
+                   stop_at: int | None = None) -> tuple[Schedule, dict, list]:
     """One cut before layer 0 at ``flops_ratio`` of the prefill FLOPs, per rule of ``names`` that can
-    run there, against ``schedule`` (None: the first such cut is the incumbent): the most agreeing
-    held-back rows win, ties to the incumbent (see the module docstring, step 4)."""
+    run there (cheapest first), against ``schedule`` (None: none), chosen by :func:`pick` with
+    ``schedule`` first: a cut before layer 0 replaces it only when it agrees significantly more."""
     L = stats.arch["num_layers"]
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
-    best, best_m, trials = schedule, measured, []
-    for rule in rule_candidates(stats, 0, names):
+    cands, ms, bases = ([schedule], [measured], []) if schedule is not None else ([], [], [])
+    rules = by_cost(stats, rule_candidates(stats, 0, names))
+    if schedule is not None and not can_be_beaten(measured):
+        return schedule, measured, [{"cut": 0, "rule": r.label(), "skipped": "the schedule disagrees on too few rows "
+                                     "for any rule to agree significantly more"} for r in rules]
+    for rule in rules:
         keep = keep_for_flops(stats.arch, L, flops_ratio, N, nt, rule)
         cand = Schedule(cuts=[Cut(0, keep, rule)], num_layers=L, policy="adaptive")
-        stop = None if best is None else best_m["rows"] - best_m["agreed"] - 1
-        m = cache.measure(decoder, holdout, cand, max_disagree=stop)
-        trials.append({"cut": 0, "keep": keep, "rule": rule.label(),
-                       "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5),
-                       **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))})
-        if best is None or (not m.get("stopped") and m["rows"] == best_m["rows"] and m["agreed"] > best_m["agreed"]):
-            best, best_m = cand, m
-    if best is None:
+        cands.append(cand)
+        ms.append(cache.measure(decoder, holdout, cand, max_disagree=stop_at))
+        bases.append({"cut": 0, "keep": keep, "rule": rule.label(),
+                      "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5)})
+    if not cands:
         raise InputError("calibrate: no rule can cut before layer 0 at this budget; add --rules strided,random")
-    return best, best_m, trials
+    k, tests = pick(ms, target)
+    k = 0 if k is None else k
+    off = len(cands) - len(bases)
+    trials = [_trial(t, ms[i + off], tests[i + off], i + off == k) for i, t in enumerate(bases)]
+    return cands[k], ms[k], trials
+
+
+def random_control(decoder, holdout, schedule: Schedule, measured: dict, cache: "ValidationCache", seed: int = 0) -> dict:
+    """The chosen schedule against random tokens at its counts (``calibrate --policy random --like``
+    with the same seed), paired on the held-back rows."""
+    rule = Rule.of("random", **({"seed": int(seed)} if seed else {}))
+    ctrl = Schedule(cuts=[Cut(c.layer, c.keep, rule) for c in schedule.cuts], num_layers=schedule.num_layers)
+    m = cache.measure(decoder, holdout, ctrl)
+    t = paired_test(measured[ROW_KEY], m[ROW_KEY])
+    return {"rule": Rule.of("random", seed=int(seed)).label(), "agreement": round(m["agreement"], 6),
+            "margin": round(t["margin"], 6), "ci95": [round(x, 6) for x in t["ci95"]], "p_value": round(t["p_value"], 6),
+            "wins": t["wins"], "losses": t["losses"], "rows": t["rows"],
+            "summary": paired_summary(t, "random tokens at the same counts")}
 
 
 # ---------------------------------------------------------------------- solve
@@ -655,18 +845,16 @@ def _targets(fidelity: float | None, flops_budget: float | None) -> float | None
     return fidelity
 
 
-def _with_rules(decoder, stats, holdout, s: Schedule | None, measured, names, cache, flops_budget):
-    """The rule stage: per cut the most agreeing rule, then a cut before layer 0 at the same FLOPs."""
+def _with_rules(decoder, stats, holdout, s: Schedule | None, measured, names, cache, flops_budget, target, stop_at):
+    """The rule stage: per cut the rule :func:`pick` chooses, then a cut before layer 0 at the same FLOPs."""
     if s is not None and s.cuts:
-        if measured.get("stopped") or measured.get("unpruned"):
-            measured = cache.measure(decoder, holdout, s)
         N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
         limit = flops_budget if flops_budget is not None else schedule_flops(stats.arch, s, N, nt)["flops_ratio"]
-        s, measured, trials = choose_rules(decoder, stats, holdout, s, measured, names, cache, limit)
+        s, measured, trials = choose_rules(decoder, stats, holdout, s, names, cache, limit, target, stop_at)
     else:
         limit, trials = flops_budget, []
     if s is None or s.cuts:  # the identity (fidelity search found nothing cheaper) has no budget to match
-        s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit)
+        s, measured, more = choose_pre_llm(decoder, stats, holdout, s, measured, names, cache, limit, target, stop_at)
         trials += more
     s.validate("adaptive")
     return s, measured, trials
@@ -678,8 +866,8 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
           rules=None) -> Schedule:
     """Adaptive schedule for ``decoder`` (see module doc). ``holdout``: held-back batches; ``cache``:
     share reference logits and measurements with other solves on the same held-back set.
-    ``rules``: selection-rule names to consider at each chosen cut (None: every cut keeps the
-    default ``last_token``; ``"all"``: every catalogued rule)."""
+    ``rules``: selection-rule names to compare at each chosen cut (None: ``DEFAULT_RULES``;
+    ``"all"``: every catalogued rule; ``("last_token",)``: no other)."""
     fidelity = _targets(fidelity, flops_budget)
     n_rows = distributed.total(sum(b.batch_size for b in holdout))
     if not n_rows:
@@ -688,14 +876,15 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         require_rows(n_rows, fidelity)
     t0 = time.time()
     L = stats.arch["num_layers"]
-    names = (tuple(RULES) if rules == "all" else tuple(rules)) if rules else ()
+    names = DEFAULT_RULES if rules is None else tuple(RULES) if rules == "all" else tuple(rules)
     frontier = propose(stats, max_cuts=max_cuts, proxy=proxy)
     cache = cache if cache is not None else ValidationCache()
     cache.refs_for(decoder, holdout)
     # a fidelity search stops a candidate's run once it has failed (most failing candidates are
     # settled within the first half of the rows); a budget search ranks full measurements
+    stop_at = None if fidelity is None else max_disagreements(n_rows, fidelity)
     search = _Search(decoder, stats, holdout, cache, max_cuts=max_cuts, proxy=proxy, max_validations=max_validations,
-                     stop_at=None if fidelity is None else max_disagreements(n_rows, fidelity), progress=progress)
+                     stop_at=stop_at, progress=progress)
     if fidelity is not None:
         chosen = search.for_fidelity(frontier, fidelity, n_rows)
         mode = {"objective": "min_flops", "fidelity_target": fidelity,
@@ -707,7 +896,8 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
     s = chosen.schedule(L).validate("adaptive") if chosen is not None else None
     measured, trials = (chosen.measured if chosen is not None else None), None
     if names:
-        s, measured, trials = _with_rules(decoder, stats, holdout, s, measured, names, cache, flops_budget)
+        s, measured, trials = _with_rules(decoder, stats, holdout, s, measured, names, cache, flops_budget, fidelity,
+                                          stop_at)
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
     fl = schedule_flops(stats.arch, s, N, nt)
     s.predicted = {"flops_ratio": fl["flops_ratio"], "formula": FORMULA, "spatial_tokens": fl["spatial_tokens"],
@@ -730,7 +920,14 @@ def solve(decoder, stats: CalibrationStats, holdout: Sequence[DecoderInputs], *,
         },
     }
     if trials is not None:
-        s.calibration["rules"] = {"considered": list(names), "rule": "per cut, most agreeing held-back rows within "
-                                  f"the chosen FLOPs + {RULE_FLOPS_SLACK}; then one cut before layer 0 at the same "
-                                  "FLOPs per rule that can run there", "trials": trials}
+        s.calibration["rules"] = {
+            "considered": list(names),
+            "rule": f"per cut, among the rules within the chosen FLOPs + {RULE_FLOPS_SLACK}"
+                    + (" whose agreement passes the fidelity target" if fidelity is not None else "")
+                    + ", measured on the same held-back rows: the cheapest that the exact McNemar test "
+                    f"(two-sided, alpha {PAIRED_ALPHA}) does not put below the most agreeing one; then one cut before "
+                    "layer 0 at the same FLOPs per rule that can run there, chosen only when significantly better",
+            "trials": trials}
+    if s.cuts:
+        s.calibration["random_control"] = random_control(decoder, holdout, s, measured, cache, seed)
     return s

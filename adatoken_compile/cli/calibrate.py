@@ -6,6 +6,7 @@ import click
 
 from adatoken_compile import api, distributed
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
+from adatoken_compile.calibration.solver import DEFAULT_RULES
 from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, scales_out, user_errors
 from adatoken_compile.io import check_output
 from adatoken_compile.selection import spec
@@ -33,9 +34,10 @@ from adatoken_compile.selection import spec
               "shown at 95% confidence (the lower end of the Wilson interval on the held-back rows); when neither this "
               f"nor --flops-budget is given: {DEFAULT_FIDELITY}")
 @click.option("--like", default=None, help="random / prellm-* policies: copy the cuts / FLOPs of this schedule.json")
-@click.option("--rules", default=None, help="adaptive: selection rules to try at each chosen cut, comma-separated "
-              "(e.g. last_token,stratified,strided) or 'all'; per cut the rule with the most agreeing held-back "
-              "rows is kept (one more held-back run per rule and cut) [default: last_token only]")
+@click.option("--rules", default=None, help="adaptive: selection rules to compare at each chosen cut, comma-separated "
+              "(e.g. last_token,stratified,strided) or 'all'; per cut the cheapest rule that a paired test on the "
+              "held-back rows does not put below the best is kept; last_token alone skips the comparison "
+              f"[default: {','.join(DEFAULT_RULES)}]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
@@ -75,3 +77,6 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_sca
     stab = schedule.calibration.get("stability")
     if stab:
         click.echo(f"  stability: {stab['summary']}")
+    ctrl = schedule.calibration.get("random_control")
+    if ctrl:
+        click.echo(f"  {ctrl['summary']}")

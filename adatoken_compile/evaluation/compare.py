@@ -109,7 +109,8 @@ def build_configs(decoder, stats, holdout, *, budgets=FLOPS_CUTS, rules=tuple(RU
         t0 = time.time()
         tag = _tag(b)
         try:
-            base = solve(decoder, stats, holdout, flops_budget=1.0 - b, max_validations=4, cache=cache)
+            base = solve(decoder, stats, holdout, flops_budget=1.0 - b, max_validations=4, cache=cache,
+                         rules=("last_token",))
             log(f"[compare] {tag}% FLOPs cut: cuts {', '.join(f'L{c.layer}:{c.keep:g}' for c in base.cuts)} "
                 f"({time.time() - t0:.0f} s)")
         except InputError as e:  # out of the in-LLM cuts' reach: only cuts before layer 0 get there

@@ -356,6 +356,12 @@ def test_solver_meets_target(kw, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p != "cal"] == []
 
 
+def _measured(agreed: int, rows: int) -> dict:
+    """A constructed validation: the first ``agreed`` of ``rows`` held-back rows agree."""
+    return {"agreement": agreed / rows, "kl": 0.0, "rows": rows, "agreed": agreed,
+            solver.ROW_KEY: [True] * agreed + [False] * (rows - agreed)}
+
+
 def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
     """The Lagrangian frontier jumps (here 0.54 -> 1.0 of the FLOPs); with agreement a step function of
     the FLOPs ratio the fidelity search must land inside the gap, below the frontier's passing point."""
@@ -372,10 +378,11 @@ def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
 
     def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None):
         ok = schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold
-        return {"agreement": 1.0 if ok else 0.5, "kl": 0.0, "rows": 4, "agreed": 4 if ok else 2}
+        return _measured(4 if ok else 2, 4)
 
     monkeypatch.setattr(solver, "agreement", fake_agreement)
-    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=12)  # 4 of 4 shows >= 0.55
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=12,  # 4 of 4 shows >= 0.55
+                     rules=("last_token",))
     got = s.predicted["flops_ratio"]
     assert threshold <= got < hi - 0.05  # inside the gap, well below the frontier point above it
     assert got - threshold < 0.15
@@ -400,10 +407,10 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
         assert schedule.cuts, "the unpruned schedule was run"
         runs.append(schedule)
         ok = schedule.cuts[0].layer >= 2
-        return {"agreement": 1.0 if ok else 0.5, "kl": 0.0, "rows": 4, "agreed": 4 if ok else 2}
+        return _measured(4 if ok else 2, 4)
 
     monkeypatch.setattr(solver, "agreement", fake_agreement)
-    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=12)
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=12, rules=("last_token",))
     assert s.cuts and s.cuts[0].layer >= 2 and s.calibration["fidelity"]["agreed"] == 4
     assert s.predicted["flops_ratio"] < 1.0 and len(runs) <= 12
     cheapest_deep = min(c.flops_ratio for c in solver.propose(st, first_layer=2) if c.cuts)
@@ -412,15 +419,15 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
     runs.clear()
     budget = cheapest_deep + 0.03  # the proxy's own candidates at this budget all cut at layer 1 here
     deep = fake_agreement
-    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: {**deep(d, h, r, sch), "agreement": 0.75, "agreed": 3}
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: {**deep(d, h, r, sch), **_measured(3, 4)}
                         if sch.cuts[0].layer >= 2 else deep(d, h, r, sch))  # below 1: no early stop
-    b = solver.solve(model, st, _data(64, n=4), flops_budget=budget, max_validations=4)
+    b = solver.solve(model, st, _data(64, n=4), flops_budget=budget, max_validations=4, rules=("last_token",))
     assert len({r.cuts[0].layer for r in runs}) >= 2  # shapes measured, not ranked by the proxy alone
     assert b.cuts[0].layer >= 2 and b.predicted["flops_ratio"] <= budget + 1e-9
 
     # nothing passes: the unpruned schedule is returned, recorded as agreeing by construction
-    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: {"agreement": 0.5, "kl": 0.0, "rows": 4, "agreed": 2})
-    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=6)
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: _measured(2, 4))
+    s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=6, rules=("last_token",))
     assert s.cuts == [] and s.calibration["fidelity"]["unpruned"] and s.calibration["fidelity"]["agreed"] == 4
     assert len(s.calibration["search"]["validated"]) == 6
 
@@ -440,11 +447,11 @@ def test_a_lucky_point_estimate_does_not_pass(monkeypatch):
 
     def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None):
         k = 96 if schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold - 1e-9 else 92
-        return {"agreement": k / 96, "kl": 0.0, "rows": 96, "agreed": k}
+        return _measured(k, 96)
 
     monkeypatch.setattr(solver, "agreement", fake_agreement)
     hold = _data(64, n=96)  # 96 rows: all agreeing shows >= 0.962
-    s = solver.solve(model, st, hold, fidelity=0.95, max_validations=12)
+    s = solver.solve(model, st, hold, fidelity=0.95, max_validations=12, rules=("last_token",))
     assert s.calibration["fidelity"]["agreed"] == 96 and s.predicted["flops_ratio"] >= threshold - 1e-9
     seen = s.calibration["search"]["validated"]
     assert any(v["agreed"] == 92 for v in seen)  # the lucky cheaper ones were measured and refused
@@ -483,21 +490,23 @@ def test_validation_cache_computes_references_and_measures_each_schedule_once(mo
             return fn(*a, **k)
         return wrap
 
-    plain = solver.solve(model, st, _data(64, n=8), fidelity=0.5)
+    one = ("last_token",)  # the count search's validations (a rule search adds its own, cached alike)
+    plain = solver.solve(model, st, _data(64, n=8), fidelity=0.5, rules=one)
     monkeypatch.setattr(solver, "agreement", counted("agreement", real_agreement))
     monkeypatch.setattr(solver, "reference_logits", counted("refs", real_refs))
     cache = solver.ValidationCache()
-    s1 = solver.solve(model, st, _data(64, n=8), fidelity=0.5, cache=cache)
+    s1 = solver.solve(model, st, _data(64, n=8), fidelity=0.5, cache=cache, rules=one)
     first = dict(calls)
-    assert first["refs"] == 4 and first["agreement"] == len(s1.calibration["search"]["validated"]) > 0
-    s2 = solver.solve(model, st, _data(64, n=8), fidelity=0.5, cache=cache)  # same contents, new objects
+    # each validated candidate once, and the chosen schedule's random control
+    assert first["refs"] == 4 and first["agreement"] == len(s1.calibration["search"]["validated"]) + bool(s1.cuts) > 0
+    s2 = solver.solve(model, st, _data(64, n=8), fidelity=0.5, cache=cache, rules=one)  # same contents, new objects
     assert calls == first
-    s3 = solver.solve(model, st, _data(64, n=8), flops_budget=0.6, cache=cache, max_validations=3)
+    s3 = solver.solve(model, st, _data(64, n=8), flops_budget=0.6, cache=cache, max_validations=3, rules=one)
     assert calls["refs"] == first["refs"]
-    assert calls["agreement"] - first["agreement"] <= len(s3.calibration["search"]["validated"])
+    assert calls["agreement"] - first["agreement"] <= len(s3.calibration["search"]["validated"]) + 1
     assert s1.cuts == s2.cuts == plain.cuts
     assert s1.calibration["fidelity"] == s2.calibration["fidelity"] == plain.calibration["fidelity"]
-    solver.solve(model, st, _data(64, n=10), fidelity=0.5, cache=cache)  # other rows: new references
+    solver.solve(model, st, _data(64, n=10), fidelity=0.5, cache=cache, rules=one)  # other rows: new references
     assert calls["refs"] == first["refs"] + 5
 
 

@@ -204,7 +204,8 @@ def test_flops_count_the_rule_and_a_cut_before_layer_zero():
 
 
 class _Measured:
-    """A held-back 'measurement' constructed per rule: agreeing rows out of 100."""
+    """Held-back 'measurements' constructed per rule: the first ``agreed`` of 100 rows agree, so two
+    rules differ on exactly |a - b| rows, all one way (significant from 6 on: 2 / 2**6 < 0.05)."""
 
     def __init__(self, agreed: dict):
         self.agreed, self.calls = agreed, []
@@ -214,39 +215,100 @@ class _Measured:
         self.calls.append((key, max_disagree))
         a = self.agreed[key]
         stopped = max_disagree is not None and 100 - a > max_disagree
-        return {"agreement": a / 100, "agreed": a, "rows": 100, **({"stopped": True} if stopped else {})}
+        return {"agreement": a / 100, "agreed": a, "rows": 100, solver.ROW_KEY: [True] * a + [False] * (100 - a),
+                **({"stopped": True} if stopped else {})}
+
+    def measure_at_cut(self, decoder, holdout, schedules, layer, max_disagree=None):
+        return [self.measure(decoder, holdout, s, max_disagree) for s in schedules]
 
 
-def test_solver_picks_the_rule_a_constructed_case_makes_best():
+def _constructed():
     st = CalibrationStats.empty(ARCH, "fp")
     st.arrays["samples"][0] = 1
     st.arrays["spatial_tokens_sum"][0] = 400
     st.arrays["text_tokens_sum"][0] = 20
-    s = Schedule(cuts=[Cut(1, 0.5), Cut(2, 0.25)], num_layers=4)
-    agreed = {}
-    for a in ("last_token", "strided", "stratified", "random", "dedup"):
-        for b in ("last_token", "strided", "stratified", "random", "dedup"):
-            agreed[(a, b)] = 80 + {"strided": 6, "random": 3}.get(a, 0) + {"stratified": 9, "random": 2}.get(b, 0) \
-                + (15 if "dedup" in (a, b) else 0)
-    fake = _Measured(agreed)
+    first = {"strided": 3, "random": 12}
+    second = {"stratified": 16, "last_token": 14, "random": 12}
+    names = ("last_token", "strided", "stratified", "random", "dedup")
+    agreed = {(a, b): 70 + first.get(a, 0) + second.get(b, 0) + (4 if "dedup" in (a, b) else 0)
+              for a in names for b in names}
+    return st, Schedule(cuts=[Cut(1, 0.5), Cut(2, 0.25)], num_layers=4), names, _Measured(agreed)
+
+
+def test_solver_keeps_the_cheapest_rule_the_paired_test_cannot_separate_from_the_best():
+    st, s, names, fake = _constructed()
     limit = schedule_flops(ARCH, s, 400, 20)["flops_ratio"]
-    best, m, trials = solver.choose_rules(None, st, [], s, {"agreed": 80, "rows": 100, "agreement": 0.8},
-                                          ["last_token", "strided", "stratified", "random", "dedup"], fake, limit)
-    assert [c.rule.name for c in best.cuts] == ["strided", "stratified"] and m["agreed"] == 95
+    best, m, trials = solver.choose_rules(None, st, [], s, names, fake, limit)
+    # cut 1: random 96 vs strided 87 (9 rows apart: significant) -> random, the best;
+    # cut 2 (after random): stratified 98 is best, random 94 only 4 rows behind -> random, the cheaper
+    assert [c.rule.name for c in best.cuts] == ["random", "random"] and m["agreed"] == 94
+    at2 = {t["rule"]: t for t in trials if t["cut"] == 2 and "agreed" in t}
+    assert at2["random"]["chosen"] and at2["random"]["below_best"] == {"margin": 0.04, "p_value": 0.125}
+    assert not at2["stratified"]["chosen"] and at2["strided"]["below_best"]["p_value"] < 0.05
     # dedup would agree most, but its pairwise similarity costs more than the budget allows
     assert all(t.get("skipped") for t in trials if t["rule"] == "dedup")
-    # a trial stops once it has as many disagreements as the incumbent
-    assert fake.calls[0] == (("strided", "last_token"), 19)
-    # then one cut before layer 0 at the same FLOPs per rule that can run there
-    fake.agreed.update({("strided",): 94, ("random",): 97, ("dedup",): 99, ("stratified",): 90, ("diverse",): 50})
+    # under a fidelity target (0.89: 94 of 100 fails, 96 passes) the cheapest passing rule not
+    # significantly below the best: last_token (96), 2 rows behind stratified (98)
+    best, m, _ = solver.choose_rules(None, st, [], s, names, fake, limit, target=0.89)
+    assert [c.rule.name for c in best.cuts] == ["random", "last_token"] and m["agreed"] == 96
+
+
+def test_a_cut_before_layer_0_replaces_the_schedule_only_when_significantly_better():
+    st, s, names, fake = _constructed()
+    limit = schedule_flops(ARCH, s, 400, 20)["flops_ratio"]
+    best, m, _ = solver.choose_rules(None, st, [], s, names, fake, limit)
+    fake.agreed.update({("strided",): 97, ("random",): 98})  # 3 and 4 rows above 94: not significant
     pre, m2, more = solver.choose_pre_llm(None, st, [], best, m, ["strided", "random", "last_token"], fake, limit)
-    assert [(c.layer, c.rule.name) for c in pre.cuts] == [(0, "random")] and m2["agreed"] == 97
+    assert pre is best and not any(t["chosen"] for t in more)
     assert {t["rule"] for t in more} == {"strided", "random"}  # last_token cannot run before layer 0
+    fake.agreed.update({("strided",): 90, ("random",): 100})  # 6 rows above the schedule, 10 above strided
+    pre, m2, more = solver.choose_pre_llm(None, st, [], best, m, ["strided", "random", "last_token"], fake, limit)
+    assert [(c.layer, c.rule.name) for c in pre.cuts] == [(0, "random")] and m2["agreed"] == 100
+    # a schedule disagreeing on 5 rows cannot be beaten at 0.05 (2 / 2**5 = 0.0625): nothing is run
+    calls = len(fake.calls)
+    five = {**m, "agreed": 95, solver.ROW_KEY: [True] * 95 + [False] * 5}
+    pre, _, more = solver.choose_pre_llm(None, st, [], best, five, ["strided", "random"], fake, limit)
+    assert pre is best and len(fake.calls) == calls and all(t["skipped"] for t in more)
+    assert solver.can_be_beaten(m) and not solver.can_be_beaten(five)
     assert schedule_flops(ARCH, pre, 400, 20)["flops_ratio"] <= limit + 1e-3
 
 
-def test_calibrate_with_rules_keeps_the_most_agreeing_choice():
-    from adatoken_compile.calibration.api import calibrate
+def test_paired_test_matches_a_hand_computed_case():
+    a = [True] * 10 + [False] * 2 + [True] * 50 + [False] * 8
+    b = [False] * 10 + [True] * 2 + [True] * 50 + [False] * 8
+    t = solver.paired_test(a, b)
+    # 10 wins, 2 losses: two-sided sign test 2 * (C(12,0) + C(12,1) + C(12,2)) / 2**12 = 158 / 4096
+    assert (t["wins"], t["losses"], t["rows"]) == (10, 2, 70) and t["p_value"] == pytest.approx(158 / 4096)
+    assert t["margin"] == pytest.approx(8 / 70) and t["significant"]
+    lo, hi = t["ci95"]
+    assert 0 < lo < 8 / 70 < hi
+    back = solver.paired_test(b, a)  # swapping the two negates the margin and its interval
+    assert back["p_value"] == t["p_value"] and back["ci95"] == pytest.approx([-hi, -lo])
+    # 5 wins and no loss: p = 2 / 32, not significant; the exact lower end of the wins' share is
+    # 0.025 ** (1/5), so the margin's interval is 5/100 * (2 * 0.025 ** 0.2 - 1) .. 5/100
+    t = solver.paired_test([True] * 100, [False] * 5 + [True] * 95)
+    assert t["p_value"] == pytest.approx(0.0625) and not t["significant"]
+    assert t["ci95"] == pytest.approx([0.05 * (2 * 0.025 ** 0.2 - 1), 0.05])
+    assert solver.clopper_pearson(3, 10) == pytest.approx((0.0667, 0.6525), abs=1e-4)  # tabulated
+    assert solver.paired_test([True, False], [True, False])["ci95"] == [0.0, 0.0]
+
+
+def test_shared_prefix_measures_as_the_schedules_alone():
+    from conftest import make_batch, tiny_decoder
+
+    model = tiny_decoder("qwen2", "sdpa", layers=4)
+    hold = [make_batch([(3, 30, 4), (2, 24, 3)], seed=i) for i in range(2)]
+    scheds = [Schedule(cuts=[Cut(1, 0.6, Rule.of("strided")), Cut(2, 0.3, Rule.of(r))], num_layers=4)
+              for r in ("random", "strided", "last_token", "text_tail")]
+    shared = solver.ValidationCache().measure_at_cut(model, hold, scheds, 2)
+    for sch, m in zip(scheds, shared):
+        alone = solver.ValidationCache().measure(model, hold, sch)
+        assert m[solver.ROW_KEY] == alone[solver.ROW_KEY] and m["kl"] == pytest.approx(alone["kl"], rel=1e-5, abs=1e-7)
+    assert len({round(m["kl"], 9) for m in shared}) > 1  # the rules do differ
+
+
+def test_calibrate_compares_the_default_rules_and_reports_the_random_control(tmp_path):
+    from adatoken_compile.calibration.api import calibrate, write_calibration
 
     from conftest import make_batch, tiny_decoder
 
@@ -256,13 +318,21 @@ def test_calibrate_with_rules_keeps_the_most_agreeing_choice():
     s, _ = calibrate(model, data, policy="adaptive", flops_budget=0.6, holdout=6, progress=False, rules=names)
     trials = s.calibration["rules"]["trials"]
     assert {t["rule"] for t in trials} >= {"strided", "random"} and any(t["cut"] == 0 for t in trials)
-    done = [t for t in trials if "agreed" in t and not t["stopped"]]
-    assert all(s.calibration["fidelity"]["agreed"] >= t["agreed"] for t in done)
     assert s.predicted["flops_ratio"] <= 0.6 + solver.RULE_FLOPS_SLACK
+    # without rules: the default set, the controls and the cheap attention rules among them
+    assert {"random", "strided", "last_token", "text_tail"} <= set(solver.DEFAULT_RULES)
+    d, stats = calibrate(model, data, policy="adaptive", flops_budget=0.6, holdout=6, progress=False)
+    assert tuple(d.calibration["rules"]["considered"]) == solver.DEFAULT_RULES
+    assert {t["rule"] for t in d.calibration["rules"]["trials"]} >= {"random", "strided", "last_token", "text_tail"}
+    ctrl = d.calibration["random_control"]
+    assert ctrl["rows"] == 6 and ctrl["ci95"][0] <= ctrl["margin"] <= ctrl["ci95"][1]
+    assert ctrl["margin"] == pytest.approx(d.calibration["fidelity"]["agreement"] - ctrl["agreement"], abs=1e-5)
+    write_calibration(str(tmp_path / "cal"), d, stats)
+    assert "random tokens at the same counts" in (tmp_path / "cal" / "report.md").read_text()
     # a budget no in-LLM cut reaches (layer 0 alone is a quarter of it) is met before layer 0
     s2, _ = calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False, rules=names)
     assert [c.layer for c in s2.cuts] == [0] and s2.predicted["flops_ratio"] <= 0.3 + 1e-3
     with pytest.raises(InputError, match="unreachable"):
-        calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False)
+        calibrate(model, data, policy="adaptive", flops_budget=0.3, holdout=6, progress=False, rules=("last_token",))
     with pytest.raises(InputError, match="even before layer 0"):  # the text tokens alone cost more
         calibrate(model, data, policy="adaptive", flops_budget=0.1, holdout=6, progress=False, rules=names)

@@ -92,16 +92,24 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
     from adatoken_compile.compiler.weights import (
         torch_dtype,  # torch: not in the runtime install
     )
-    from adatoken_compile.calibration.layered import check_device, check_dtype
+    from adatoken_compile.calibration.layered import check_device
     from adatoken_compile.models.registry import load_adapter
 
+    _placement_checked(device, dtype)  # before anything loads
     dev = check_device(device)
-    check_dtype(torch_dtype(dtype), dev)  # both before anything loads
     adapter = load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
                            dtype=torch_dtype(dtype), lazy=lazy)
     if dev.type != "cpu" and not lazy:
         adapter.decoder.to(dev)
     return adapter
+
+
+def _placement_checked(device, dtype) -> None:
+    """``device`` and ``dtype`` refused in one line (before any model loads) when unusable here."""
+    from adatoken_compile.calibration.layered import check_device, check_dtype
+    from adatoken_compile.compiler.weights import torch_dtype
+
+    check_dtype(torch_dtype(dtype), check_device(device))
 
 
 def _placement(model, *, device, dtype, engine, max_memory, vision_tower=None):
@@ -369,7 +377,7 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
 @distributed.collective
 def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = None, data: str = EVAL_DATA,
              scenes: str | None = None, depth_scale: float | None = None, limit: int = 500, kinds=(), schedule=None,
-             max_new_tokens: int = 8, providers=None, progress=None) -> dict:
+             max_new_tokens: int = 8, providers=None, progress=None, device: str = "cpu", dtype: str = "float32") -> dict:
     """Answer accuracy on ``limit`` questions of ``data``, overall and per question kind.
 
     ``data``: ``builtin:<split>`` or a question file (docs/data.md) whose scene ids resolve under
@@ -381,7 +389,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     ``schedule`` when given; then, for questions without answers, its agreement with the unpruned
     model). ``kinds``: keep only those question kinds / templates among the first ``limit``.
     Under torchrun each process answers its share of the scenes and every process returns the
-    result of all of them.
+    result of all of them. ``device`` / ``dtype``: where and in what precision a PyTorch model given
+    by name or directory runs (see :func:`load_model`).
 
     Example::
 
@@ -395,6 +404,7 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+    _placement_checked(device, dtype)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise InputError(f"--limit {limit!r}: give a whole number of questions >= 1")
 
@@ -407,11 +417,11 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
         raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of {data}; raise --limit")
     captions = builtin_split(data) is None
     if artifact:
-        adapter = None if baseline else load_model(model)
+        adapter = None if baseline else load_model(model, device=device, dtype=dtype)
         res = eval_artifact(artifact, samples, baseline=baseline, adapter=adapter, progress=progress,
                             providers=providers, captions=captions, positions=positions)
     else:
-        adapter = load_model(model)
+        adapter = load_model(model, device=device, dtype=dtype)
         sched = _schedule_for(adapter, schedule)
         res = run_eval(reference_answer_fn(adapter, sched, max_new_tokens), samples, progress=progress,
                        captions=captions, positions=positions)
@@ -476,7 +486,8 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
             seeds=(0, 1, 2), rules=None, peers=PEERS,
             search: bool = True, samples: int = SAMPLES, holdout: int | None = None, stats: str | None = None,
-            batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+            batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
     ``data``: ``out``/compare.md (tables with paired 95% intervals), compare.json, predictions.json,
     pareto.png (accuracy vs prefill FLOPs) and kept_x.png (where each rule's kept tokens lie).
@@ -490,7 +501,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     instead of mining ``samples`` questions. The statistics and held-back questions come from the
     built-in calibration split for built-in ``data``, and from ``data`` itself for a question file
     (scenes or images, whichever the model reads), from the scenes after those the answered
-    questions use. See :mod:`adatoken_compile.evaluation.compare`.
+    questions use. See :mod:`adatoken_compile.evaluation.compare`. ``device`` / ``dtype``: where and
+    in what precision a model given by name or directory runs (see :func:`load_model`).
     Under torchrun each process mines and validates its share of the calibration questions and
     answers its share of the scenes; rank 0 writes ``out``, which holds what one process writes.
 
@@ -517,11 +529,12 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     if holdout is None:
         holdout = default_holdout(search)
     require_rows(holdout, 0.5, "compare")
+    _placement_checked(device, dtype)
     distributed.on_main(check_output, out, "comparison", overwrite=overwrite)
     if not distributed.is_main():
         log = _quiet  # rank 0 alone reports
     t0 = time.time()
-    adapter = load_model(model)
+    adapter = load_model(model, device=device, dtype=dtype)
     tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
     test = load_samples(data, limit=limit, keep=tshare)
     cal_data, cal_start = _calibration_source(data, tshare.scenes)

@@ -23,6 +23,7 @@ import functools
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -209,22 +210,29 @@ class StreamedLayers:
         self.chunk_bytes = chunk_bytes
         self.timings: dict = {}
 
+    def read(self, *modules) -> list:
+        """The weights of ``modules`` on the device: [(placeholder tensor, loaded value)]."""
+        out = []
+        for m in modules:
+            loaders = self._loaders[id(m)]
+            named = dict(m.named_parameters(remove_duplicate=False))
+            named.update(m.named_buffers(remove_duplicate=False))
+            for name, t in named.items():
+                load = loaders.get(name)
+                if load is None and t.device == self.device:
+                    continue
+                out.append((t, load().to(self.device, t.dtype) if load is not None else t.data.to(self.device)))
+        return out
+
     @contextmanager
-    def on(self, *modules):
+    def on(self, *modules, weights: list | None = None):
+        """``modules`` with their weights in place (``weights``: read already, by :meth:`read`)."""
         t0 = time.perf_counter()
         saved = []
         try:
-            for m in modules:
-                loaders = self._loaders[id(m)]
-                named = dict(m.named_parameters(remove_duplicate=False))
-                named.update(m.named_buffers(remove_duplicate=False))
-                for name, t in named.items():
-                    load = loaders.get(name)
-                    if load is None and t.device == self.device:
-                        continue
-                    new = load().to(self.device, t.dtype) if load is not None else t.data.to(self.device)
-                    saved.append((t, t.data))
-                    t.data = new
+            for t, value in (weights if weights is not None else self.read(*modules)):
+                saved.append((t, t.data))
+                t.data = value
             self._add("load_s", time.perf_counter() - t0)
             yield
         finally:
@@ -260,18 +268,30 @@ class StreamedLayers:
         heads = int(cfg.num_attention_heads)
         return int(B * T * ((6 * H + 3 * inter) * item + 2 * (H // heads) * 4 + heads * T * 4))
 
-    def run(self, states: list, step, phase: str) -> None:
-        """Every layer over every state of ``states``: ``step(state, i)`` runs layer ``i`` on one."""
-        for i, layer in enumerate(self.layers):
-            with self.on(layer):
+    def run(self, states: list, step, phase: str, head: bool = False) -> list | None:
+        """Every layer over every state of ``states``: ``step(state, i)`` runs layer ``i`` on one.
+        The next layer's weights are read while a layer runs (``load_s`` counts only the wait);
+        ``head``: the head's too, returned for :meth:`logits`."""
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(self.read, self.layers[0])
+            for i, layer in enumerate(self.layers):
                 t0 = time.perf_counter()
-                for st in states:
-                    step(st, i)
-                self._add(f"{phase}_s", time.perf_counter() - t0)
-                self._add(f"{phase}_sample_layers", sum(_rows(st) for st in states))
+                weights = ahead.result()
+                self._add("load_s", time.perf_counter() - t0)
+                nxt = self.layers[i + 1:i + 2] or (self.head if head else ())
+                ahead = reader.submit(self.read, *nxt)
+                with self.on(layer, weights=weights):
+                    t0 = time.perf_counter()
+                    for st in states:
+                        step(st, i)
+                    self._add(f"{phase}_s", time.perf_counter() - t0)
+                    self._add(f"{phase}_sample_layers", sum(_rows(st) for st in states))
+                del weights
+            return ahead.result() if head else None
 
-    def logits(self, executors: list) -> list[torch.Tensor]:
-        with self.on(*self.head):
+    def logits(self, executors: list, weights: list | None = None) -> list[torch.Tensor]:
+        """The head over the states after the last layer (``weights``: read by :meth:`run`)."""
+        with self.on(*self.head, weights=weights):
             return [ex.logits().float().cpu() for ex in executors]
 
     def summary(self) -> dict:
@@ -327,8 +347,8 @@ def prefill_logits(layers: StreamedLayers, batches: list, schedule=None, phase: 
     cuts = {c.layer: c for c in schedule.effective_cuts()} if schedule is not None else {}
     exs = [PrefillExecutor(layers.decoder, b, materialize_mask=bool(cuts), spec=layers.spec, keep_kv=bool(cuts),
                            device=layers.device) for b in batches]
-    layers.run(exs, _pruned_step(cuts) if cuts else (lambda ex, i: ex.layer()), phase)
-    return layers.logits(exs)
+    head = layers.run(exs, _pruned_step(cuts) if cuts else (lambda ex, i: ex.layer()), phase, head=True)
+    return layers.logits(exs, head)
 
 
 class LayeredValidation:

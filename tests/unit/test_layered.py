@@ -147,3 +147,16 @@ def test_calibrate_placement_errors_are_one_line_before_loading(tiny3d_dir, tmp_
     r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), *args])
     assert r.exit_code == 2 and says in r.output and r.output.strip().count("\n") == 0, r.output
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_gpu_without_bfloat16_refuses_it_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    dev = layered.check_device("cuda:1")
+    assert dev == torch.device("cuda", 1)
+    with pytest.raises(InputError, match="--dtype bfloat16: Tesla T4 has no bfloat16 matmul; use --dtype float16"):
+        layered.check_dtype(torch.bfloat16, dev)
+    with pytest.raises(InputError, match="cuda:0 to cuda:1"):
+        layered.check_device("cuda:2")

@@ -8,10 +8,12 @@
 # STEPs (default: all, in this order): checkpoint frames calibrate-float32 calibrate-bfloat16 compile-float16
 # compile-int4 compile-int4-pruned bench.
 # LAYERS=4 scripts/deploy_7b.sh DIR: the same width at depth 4 (minutes; a rehearsal).
-# frames: the checkpoint selects FRAMES views per scene (default 1: a prefill of a few hundred tokens, so
-# that calibrating on 2 cores takes minutes); calibrate-*: a layer-major calibration (--engine layered)
-# on CAL_SAMPLES statistics questions and CAL_HOLDOUT held-back ones (defaults 4 and 4, one candidate
-# validated under --flops-budget 0.5), whose schedule compile-int4-pruned compiles.
+# frames: the checkpoint selects FRAMES views per scene (default 1) and 6 generated scenes are written as
+# ScanNet folders with their questions (a folder scene gives num_frames views: with one, a prefill of
+# a few hundred tokens, so that calibrating on 2 cores takes minutes, not hours); calibrate-*: a
+# layer-major calibration (--engine layered) on CAL_SAMPLES statistics questions and CAL_HOLDOUT
+# held-back ones of those scenes (defaults 8 and 16; one candidate validated under --flops-budget
+# 0.5), whose schedule compile-int4-pruned compiles.
 # Disk: about 14 GB (checkpoint) + 27 GB (float16 artifact, deleted once measured) + 11 GB (int4).
 # Figures accumulate in DIR/summary.txt; each step's log and /usr/bin/time -v report beside it.
 set -euo pipefail
@@ -46,12 +48,13 @@ cfg = json.load(open(sys.argv[1]))
 cfg["num_frames"] = int(sys.argv[2])
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 PY
+        "${AC[@]}" make-scene --count 6 --format scannet --out "$D/scenes" --questions "$D/questions.json" --overwrite
         ;;
     calibrate-float32|calibrate-bfloat16)
         dt=${step#calibrate-}
         timed "$step" "${AC[@]}" calibrate --model "$D/ckpt" --engine layered --dtype "$dt" \
-            --samples "${CAL_SAMPLES:-4}" --holdout "${CAL_HOLDOUT:-4}" --flops-budget 0.5 --max-validations 1 \
-            --out "$D/cal-$dt" --overwrite
+            --data "$D/questions.json" --scenes "$D/scenes" --samples "${CAL_SAMPLES:-8}" \
+            --holdout "${CAL_HOLDOUT:-16}" --flops-budget 0.5 --max-validations 1 --out "$D/cal-$dt" --overwrite
         python - "$D/cal-$dt/schedule.json" <<'PY' | tee -a "$D/summary.txt"
 import json, sys
 c = json.load(open(sys.argv[1]))["calibration"]

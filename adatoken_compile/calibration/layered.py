@@ -102,9 +102,13 @@ class Footprint:
     def sample_major(self) -> int:
         return self.whole + RUNTIME_BYTES
 
+    def streamed(self) -> int:
+        """Streamed weights held at once: the layer that runs and the next one, read meanwhile."""
+        return 2 * max(self.layer, self.head)
+
     def layered(self) -> int:
-        """The least a layer-major run needs: the resident weights, one layer (or the head), one chunk."""
-        return self.resident + max(self.layer, self.head) + RUNTIME_BYTES + MIN_CHUNK_BYTES
+        """The least a layer-major run needs: the resident weights, two layers, one chunk."""
+        return self.resident + self.streamed() + RUNTIME_BYTES + MIN_CHUNK_BYTES
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -158,7 +162,7 @@ class Plan:
         if self.max_memory is None or self.footprint is None:
             return None
         fp = self.footprint
-        return max(MIN_CHUNK_BYTES, self.max_memory - fp.resident - max(fp.layer, fp.head) - RUNTIME_BYTES)
+        return max(MIN_CHUNK_BYTES, self.max_memory - fp.resident - fp.streamed() - RUNTIME_BYTES)
 
 
 def physical_memory() -> int:
@@ -182,7 +186,7 @@ def plan(model_dir: str | None, *, device: str | None = "cpu", dtype: str = "flo
     if fp is not None and budget is not None and engine != "sample" and fp.layered() > budget:
         raise InputError(f"--max-memory {max_memory}: too small for this model in {dtype}; layer-major "
                          f"calibration needs at least {_gb(fp.layered())} (the encoder and embeddings "
-                         f"{_gb(fp.resident)}, one layer {_gb(max(fp.layer, fp.head))}, one chunk of states "
+                         f"{_gb(fp.resident)}, a layer and the next {_gb(fp.streamed())}, one chunk of states "
                          f"{_gb(MIN_CHUNK_BYTES)}, the runtime {_gb(RUNTIME_BYTES)}); raise --max-memory")
     if engine == "auto":
         fits = fp is None or fp.sample_major() <= (budget if budget is not None else physical_memory())

@@ -124,7 +124,7 @@ def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
     assert layered.plan(tiny3d_dir, engine="auto", max_memory="40GB").engine == "sample"
     squeezed = layered.plan(tiny3d_dir, engine="auto", max_memory="12GB")
     assert squeezed.engine == "layered"
-    assert squeezed.chunk_bytes() == 12 * 10**9 - big.resident - big.layer - layered.RUNTIME_BYTES
+    assert squeezed.chunk_bytes() == 12 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
     with pytest.raises(InputError, match="too small.*raise --max-memory"):
         layered.plan(tiny3d_dir, engine="layered", max_memory="3GB")
 

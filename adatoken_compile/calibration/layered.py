@@ -272,13 +272,15 @@ class StreamedLayers:
         heads = int(cfg.num_attention_heads)
         return int(B * T * ((6 * H + 3 * inter) * item + 2 * (H // heads) * 4 + heads * T * 4))
 
-    def run(self, states: list, step, phase: str, head: bool = False) -> list | None:
-        """Every layer over every state of ``states``: ``step(state, i)`` runs layer ``i`` on one.
-        The next layer's weights are read while a layer runs (``load_s`` counts only the wait);
-        ``head``: the head's too, returned for :meth:`logits`."""
+    def run(self, states: list, step, phase: str, head: bool = False, start: int = 0) -> list | None:
+        """Every layer from ``start`` on over every state of ``states``: ``step(state, i)`` runs
+        layer ``i`` on one. The next layer's weights are read while a layer runs (``load_s`` counts
+        only the wait); ``head``: the head's too, returned for :meth:`logits`."""
         with ThreadPoolExecutor(max_workers=1) as reader:
-            ahead = reader.submit(self.read, self.layers[0])
+            ahead = reader.submit(self.read, self.layers[start])
             for i, layer in enumerate(self.layers):
+                if i < start:
+                    continue
                 t0 = time.perf_counter()
                 weights = ahead.result()
                 self._add("load_s", time.perf_counter() - t0)
@@ -332,12 +334,17 @@ def observe(layers: StreamedLayers, obs, batches: list) -> None:
 
 
 # ---------------------------------------------------------------------- validation
-def _pruned_step(cuts: dict):
+def _pruned_step(cuts: dict, first: int | None = None, keep: list | None = None):
+    """Layer ``i`` of a pruned run: its cut, the layer, and the caches no later cut reads dropped.
+    ``keep``: the states before the first cut (layer ``first``) are stored there, every layer
+    before it recording its query (a later candidate's cut there may rank by attention)."""
     def step(ex: PrefillExecutor, i: int) -> None:
+        if keep is not None and i == first:
+            keep.append(ex.stored())
         if i in cuts:
             ex.cut(cuts[i])
         nxt = cuts.get(i + 1)
-        ex.layer(observe=nxt is not None and "attention" in nxt.rule.needs())
+        ex.layer(observe=(keep is not None and i < first) or (nxt is not None and "attention" in nxt.rule.needs()))
         # a cut reads the keys of the layer before it, nothing older, and never the values
         ex.cache.values[i] = None
         if i:
@@ -346,17 +353,30 @@ def _pruned_step(cuts: dict):
 
 
 @torch.no_grad()
-def prefill_logits(layers: StreamedLayers, batches: list, schedule=None, phase: str = "validation") -> list:
-    """Next-token logits (float32, CPU) of each batch, unpruned (``schedule`` None) or pruned."""
+def prefill_logits(layers: StreamedLayers, batches: list, schedule=None, phase: str = "validation", *,
+                   start: tuple | None = None, keep: list | None = None) -> list:
+    """Next-token logits (float32, CPU) of each batch, unpruned (``schedule`` None) or pruned.
+    ``start``: (layer f, the batches' :meth:`PrefillExecutor.stored` states before layer f, no cut
+    before it) to run from; ``keep``: a list that receives the states before the first cut."""
     cuts = {c.layer: c for c in schedule.effective_cuts()} if schedule is not None else {}
-    exs = [PrefillExecutor(layers.decoder, b, materialize_mask=bool(cuts), spec=layers.spec, keep_kv=bool(cuts),
-                           device=layers.device) for b in batches]
-    head = layers.run(exs, _pruned_step(cuts) if cuts else (lambda ex, i: ex.layer()), phase, head=True)
+    if start is not None:
+        begin, exs = start[0], [st.resume() for st in start[1]]
+    else:
+        begin = 0
+        exs = [PrefillExecutor(layers.decoder, b, materialize_mask=bool(cuts), spec=layers.spec, keep_kv=bool(cuts),
+                               device=layers.device) for b in batches]
+    step = _pruned_step(cuts, min(cuts, default=None), keep) if cuts else (lambda ex, i: ex.layer())
+    head = layers.run(exs, step, phase, head=True, start=begin)
     return layers.logits(exs, head)
 
 
 class LayeredValidation:
-    """Mixin body of :func:`validation_cache`: the solver's ValidationCache running layer-major."""
+    """Mixin body of :func:`validation_cache`: the solver's ValidationCache running layer-major.
+
+    Candidates share the unpruned layers before their first cut: per chunk of held-back batches the
+    states before the shallowest first cut run so far are kept (within the cache's prefix budget),
+    and a candidate whose first cut is there or deeper starts from them (the sample-major engine's
+    states after layer 0, taken as deep as the candidates allow)."""
 
     layers: StreamedLayers
 
@@ -366,13 +386,33 @@ class LayeredValidation:
             out += prefill_logits(self.layers, chunk, None, "references")
         return out
 
+    def _chunk_logits(self, n: int, batches: list, schedule) -> list:
+        cuts = schedule.effective_cuts()
+        if not cuts or min(c.layer for c in cuts) < 1:
+            return prefill_logits(self.layers, batches, schedule)
+        first = min(c.layer for c in cuts)
+        prefixes = self.__dict__.setdefault("_prefixes", {})
+        if prefixes.get("key") != self.key:  # another held-back set: the states are not its
+            prefixes.clear()
+            prefixes["key"] = self.key
+        have = prefixes.get(n)
+        if have is not None and have[0] <= first:
+            return prefill_logits(self.layers, batches, schedule, start=have)
+        keep: list = []
+        out = prefill_logits(self.layers, batches, schedule, keep=keep)
+        size = sum(st.nbytes() for st in keep)
+        used = sum(sum(st.nbytes() for st in v[1]) for k, v in prefixes.items() if k not in ("key", n))
+        if used + size <= self.prefix_bytes:
+            prefixes[n] = (first, keep)
+        return out
+
     def agreement(self, decoder, holdout, refs, schedule, max_disagree):
         from adatoken_compile.calibration.solver import agreement, score
 
         def results():  # read chunk by chunk, as far as the count needs (a failed candidate stops early)
             idx = list(range(len(holdout)))
-            for chunk in self.layers.chunks(idx, lambda i: self.layers.state_bytes(holdout[i])):
-                for i, lg in zip(chunk, prefill_logits(self.layers, [holdout[i] for i in chunk], schedule)):
+            for n, chunk in enumerate(self.layers.chunks(idx, lambda i: self.layers.state_bytes(holdout[i]))):
+                for i, lg in zip(chunk, self._chunk_logits(n, [holdout[i] for i in chunk], schedule)):
                     yield score(lg, refs[i])
 
         return agreement(decoder, holdout, refs, schedule, max_disagree, results=results())

@@ -160,3 +160,18 @@ def test_a_gpu_without_bfloat16_refuses_it_in_one_line(monkeypatch):
         layered.check_dtype(torch.bfloat16, dev)
     with pytest.raises(InputError, match="cuda:0 to cuda:1"):
         layered.check_device("cuda:2")
+
+
+def test_candidates_share_the_unpruned_layers_before_their_first_cut():
+    dec = _llama()
+    hold = [_batch(s) for s in range(3)]
+    streamed = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)
+    lay, ref = layered.validation_cache(streamed), ValidationCache()
+    ran = []
+    for cuts in ([Cut(2, 0.5)], [Cut(2, 0.2), Cut(3, 0.1)], [Cut(3, 0.3)], [Cut(1, 0.4)], [Cut(2, 0.3)]):
+        s = Schedule(cuts, 4, policy="adaptive")
+        before = streamed.timings.get("validation_sample_layers", 0)
+        assert lay.measure(dec, hold, s) == ref.measure(dec, hold, s), cuts
+        ran.append((streamed.timings["validation_sample_layers"] - before) // 6)  # layers per row
+    # from layer 0; from the states before layer 2 (twice); from layer 0, keeping those before layer 1
+    assert ran == [4, 2, 2, 4, 3]

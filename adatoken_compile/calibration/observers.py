@@ -65,7 +65,7 @@ def _answer_embeds(decoder, ans) -> torch.Tensor | None:
         if ans.numel() == 0:
             return None
         emb = decoder.get_input_embeddings()
-        return emb(ans.long().to(emb.weight.device))
+        return emb(ans.long().to(emb.weight.device)).cpu()  # appended to the prompt's row on the CPU
     if ans.ndim != 2:
         raise InputError(f"answers: embeddings must be (A, H), got shape {tuple(ans.shape)}")
     return ans if ans.shape[0] > 0 else None

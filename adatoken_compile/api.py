@@ -21,6 +21,7 @@ process returns what one process would (:mod:`adatoken_compile.distributed`); ra
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ __all__ = ["Calibration", "DEFAULT_MODEL", "bench", "calibrate", "compare", "com
 
 
 def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa", dtype: str = "float32",
-               lazy: bool = False):
+               lazy: bool = False, device: str | None = None):
     """Load a checkpoint directory or a bundled name as a model adapter (PyTorch).
 
     ``model``: a directory in the released LLaVA-3D layout (``model_type`` ``llava_llama`` /
@@ -68,7 +69,9 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
     (default ``llava3d-tiny``); an adapter is returned as is. ``attn``: ``sdpa`` or ``eager``.
     ``dtype``: ``float32``, ``float16`` or ``bfloat16`` (the modules are built in it). ``lazy``:
     the decoder's weights stay on disk until :func:`compile` writes them, one at a time (what a
-    7B model needs on a 24 GB machine); such a model can only be compiled.
+    7B model needs on a 24 GB machine); such a model can be compiled, or calibrated layer-major
+    (``calibrate(engine="layered")``). ``device``: ``cpu`` (default) or ``cuda[:N]``, where the
+    decoder runs (the encoder stays on the CPU); refused in one line when it is not there.
 
     Example::
 
@@ -89,10 +92,41 @@ def load_model(model=None, *, vision_tower: str | None = None, attn: str = "sdpa
     from adatoken_compile.compiler.weights import (
         torch_dtype,  # torch: not in the runtime install
     )
+    from adatoken_compile.calibration.layered import check_device
     from adatoken_compile.models.registry import load_adapter
 
-    return load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
-                        dtype=torch_dtype(dtype), lazy=lazy)
+    _placement_checked(device, dtype)  # before anything loads
+    dev = check_device(device)
+    adapter = load_adapter(model or DEFAULT_MODEL, vision_tower=vision_tower, attn_implementation=attn,
+                           dtype=torch_dtype(dtype), lazy=lazy)
+    if dev.type != "cpu" and not lazy:
+        adapter.decoder.to(dev)
+    return adapter
+
+
+def _placement_checked(device, dtype) -> None:
+    """``device`` and ``dtype`` refused in one line (before any model loads) when unusable here."""
+    from adatoken_compile.calibration.layered import check_device, check_dtype
+    from adatoken_compile.compiler.weights import torch_dtype
+
+    check_dtype(torch_dtype(dtype), check_device(device))
+
+
+def _placement(model, *, device, dtype, engine, max_memory, vision_tower=None):
+    """The :class:`adatoken_compile.calibration.layered.Plan` of a calibration of ``model`` (a name,
+    a directory or a loaded adapter), checked before anything loads."""
+    from adatoken_compile.calibration import layered
+    from adatoken_compile.models.checkpoint import read_config
+    from adatoken_compile.models.registry import resolve_model_dir
+
+    if model is None or isinstance(model, str):
+        model_dir = resolve_model_dir(model)
+        vt = vision_tower or read_config(model_dir).get("mm_vision_tower")
+        vision_dir = vt if vision_tower or not isinstance(vt, str) else os.path.join(model_dir, vt)
+    else:
+        model_dir, vision_dir = getattr(model, "model_dir", None), getattr(model, "vision_dir", None)
+    return layered.plan(model_dir, device=device, dtype=dtype, engine=engine, max_memory=max_memory,
+                        vision_dir=vision_dir if isinstance(vision_dir, str) else None)
 
 
 @dataclass
@@ -135,7 +169,8 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
               samples: int = SAMPLES, holdout: int | None = None,
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
-              progress: bool = True, cache=None, max_validations: int = 16, rules=None) -> Calibration:
+              progress: bool = True, cache=None, max_validations: int = 16, rules=None, device: str = "cpu",
+              dtype: str | None = None, engine: str = "auto", max_memory=None) -> Calibration:
     """Mine attention statistics on ``samples`` questions of ``data`` and derive a schedule.
 
     ``data``: ``builtin:<split>`` or a question file (JSONL, ScanQA, SQA3D; docs/data.md) whose
@@ -158,6 +193,13 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     ``out``: also write schedule.json, stats and a report there (``overwrite`` an earlier one).
     Under torchrun: each process mines and validates its share, every process returns the same
     result, and rank 0 writes ``out``.
+    ``device``: ``cpu`` or ``cuda[:N]`` (under torchrun ``cuda`` is each process's LOCAL_RANK GPU);
+    ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16`` (a loaded model: its own); the
+    statistics and the selection scores are accumulated in float32 whatever it is. ``engine``:
+    ``sample`` (each batch through the whole resident model), ``layered`` (the decoder's layers
+    read from the checkpoint one at a time, each run over every batch of a chunk: a model larger
+    than memory; same statistics and schedule) or ``auto`` (layered when the model does not fit
+    ``max_memory``, e.g. ``"12GB"``; default: this machine's memory). See docs/calibration.md.
 
     Example::
 
@@ -165,7 +207,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
         print(cal.schedule.cuts, cal.schedule.predicted["flops_ratio"])
     """
     from adatoken_compile.calibration import (
-        api as engine,  # torch: not in the runtime install
+        api as engine_api,  # torch: not in the runtime install
     )
     from adatoken_compile.calibration.batches import (
         BATCH_SIZE,
@@ -193,9 +235,27 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
         require_rows(holdout, DEFAULT_FIDELITY if fidelity is None else fidelity, "calibrate")
     if out is not None:
         distributed.on_main(check_output, out, "calibration", overwrite=overwrite)
+    loaded = model is not None and not isinstance(model, str)
+    if dtype is None:
+        dtype = str(model.dtype).removeprefix("torch.") if loaded and hasattr(model, "dtype") else "float32"
+    where = _placement(model, device=device, dtype=dtype, engine=engine, max_memory=max_memory)
     like_s = Schedule.load(like) if isinstance(like, str) else like
-    shards = [engine.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
-    adapter = load_model(model)
+    shards = [engine_api.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
+    adapter = load_model(model, dtype=dtype, lazy=where.engine == "layered", device=device)
+    lazy = adapter.lazy_weights if getattr(adapter, "lazy_weights", None) else None
+    if loaded and hasattr(adapter, "dtype") and adapter.dtype != where.dtype:
+        raise InputError(f"calibrate: the model was loaded in {str(adapter.dtype).removeprefix('torch.')}, not "
+                         f"{dtype}; load it with load_model(..., dtype={dtype!r}) or leave dtype out")
+    if lazy is not None and where.engine == "sample":
+        raise InputError("calibrate: this model's decoder weights were left on disk (load_model(lazy=True)); "
+                         "calibrate it with engine='layered'")
+    layers = None
+    if where.engine == "layered":
+        from adatoken_compile.calibration.layered import StreamedLayers
+
+        layers = StreamedLayers(adapter.decoder, lazy, where.device, where.chunk_bytes())
+    elif loaded and where.device.type != "cpu":
+        adapter.decoder.to(where.device)
     share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
     stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale,
                                  keep=share)
@@ -205,15 +265,17 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
               fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
               max_validations=max_validations, cache=cache, rules=rules)
     if merge:
-        schedule, stats = engine.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
+        if layers is not None:
+            kw["cache"] = kw["cache"] or engine_api.layered.validation_cache(layers)
+        schedule, stats = engine_api.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
     else:
-        schedule, stats = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), holdout_batches=hold,
-                                           **kw)
+        schedule, stats = engine_api.calibrate(adapter.decoder, sample_batches(adapter, stats_samples),
+                                               holdout_batches=hold, layers=layers, **kw)
     schedule.calibration.update({"data": data, "start_scene": start_scene, "holdout_questions": holdout,
                                  "environment": environment()})
     if scenes is not None:
         schedule.calibration["scenes"] = scenes
-    path = distributed.on_main(engine.write_calibration, out, schedule, stats, overwrite=overwrite) if out else None
+    path = distributed.on_main(engine_api.write_calibration, out, schedule, stats, overwrite=overwrite) if out else None
     return Calibration(schedule, stats, path, hold)
 
 
@@ -316,7 +378,7 @@ def generate(model, source, question, *, schedule=None, max_new_tokens: int = 32
 @distributed.collective
 def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = None, data: str = EVAL_DATA,
              scenes: str | None = None, depth_scale: float | None = None, limit: int = 500, kinds=(), schedule=None,
-             max_new_tokens: int = 8, providers=None, progress=None) -> dict:
+             max_new_tokens: int = 8, providers=None, progress=None, device: str = "cpu", dtype: str = "float32") -> dict:
     """Answer accuracy on ``limit`` questions of ``data``, overall and per question kind.
 
     ``data``: ``builtin:<split>`` or a question file (docs/data.md) whose scene ids resolve under
@@ -328,7 +390,8 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     ``schedule`` when given; then, for questions without answers, its agreement with the unpruned
     model). ``kinds``: keep only those question kinds / templates among the first ``limit``.
     Under torchrun each process answers its share of the scenes and every process returns the
-    result of all of them.
+    result of all of them. ``device`` / ``dtype``: where and in what precision a PyTorch model given
+    by name or directory runs (see :func:`load_model`).
 
     Example::
 
@@ -342,6 +405,7 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
     from adatoken_compile.evaluation.answers import eval_artifact, reference_answer_fn
 
     choose_providers(providers)  # "cuda" without CUDA: refused before any model is loaded
+    _placement_checked(device, dtype)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise InputError(f"--limit {limit!r}: give a whole number of questions >= 1")
 
@@ -354,11 +418,11 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
         raise InputError(f"eval: no {' / '.join(kinds)} question among the first {limit} of {data}; raise --limit")
     captions = builtin_split(data) is None
     if artifact:
-        adapter = None if baseline else load_model(model)
+        adapter = None if baseline else load_model(model, device=device, dtype=dtype)
         res = eval_artifact(artifact, samples, baseline=baseline, adapter=adapter, progress=progress,
                             providers=providers, captions=captions, positions=positions)
     else:
-        adapter = load_model(model)
+        adapter = load_model(model, device=device, dtype=dtype)
         sched = _schedule_for(adapter, schedule)
         res = run_eval(reference_answer_fn(adapter, sched, max_new_tokens), samples, progress=progress,
                        captions=captions, positions=positions)
@@ -423,7 +487,8 @@ def bench(artifact: str, *, baseline: str | None = None, model=None, data: str =
 def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, budgets=(0.5, 0.65, 0.8, 0.9),
             seeds=(0, 1, 2), rules=None, peers=PEERS,
             search: bool = True, samples: int = SAMPLES, holdout: int | None = None, stats: str | None = None,
-            batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+            batch_size: int = 8, overwrite: bool = False, progress: bool = True, log=print, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     """Every selection rule and peer policy at matched prefill FLOPs on the first ``limit`` questions of
     ``data``: ``out``/compare.md (tables with paired 95% intervals), compare.json, predictions.json,
     pareto.png (accuracy vs prefill FLOPs) and kept_x.png (where each rule's kept tokens lie).
@@ -437,7 +502,8 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     instead of mining ``samples`` questions. The statistics and held-back questions come from the
     built-in calibration split for built-in ``data``, and from ``data`` itself for a question file
     (scenes or images, whichever the model reads), from the scenes after those the answered
-    questions use. See :mod:`adatoken_compile.evaluation.compare`.
+    questions use. See :mod:`adatoken_compile.evaluation.compare`. ``device`` / ``dtype``: where and
+    in what precision a model given by name or directory runs (see :func:`load_model`).
     Under torchrun each process mines and validates its share of the calibration questions and
     answers its share of the scenes; rank 0 writes ``out``, which holds what one process writes.
 
@@ -464,11 +530,12 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     if holdout is None:
         holdout = default_holdout(search)
     require_rows(holdout, 0.5, "compare")
+    _placement_checked(device, dtype)
     distributed.on_main(check_output, out, "comparison", overwrite=overwrite)
     if not distributed.is_main():
         log = _quiet  # rank 0 alone reports
     t0 = time.time()
-    adapter = load_model(model)
+    adapter = load_model(model, device=device, dtype=dtype)
     tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
     test = load_samples(data, limit=limit, keep=tshare)
     cal_data, cal_start = _calibration_source(data, tshare.scenes)

@@ -32,10 +32,11 @@ from adatoken_compile.arch import from_config as arch_of
 from adatoken_compile.flops import FORMULA, schedule_flops
 from adatoken_compile.models.spec import spec_for
 from adatoken_compile.schedule import Schedule
+from adatoken_compile.calibration import layered
 from adatoken_compile.calibration.defaults import default_holdout
 from adatoken_compile.calibration.observers import AttentionObserver
 from adatoken_compile.calibration.policies import LIKE_POLICIES, POLICIES, peer_schedule
-from adatoken_compile.calibration.solver import agreement, public, reference_logits, solve
+from adatoken_compile.calibration.solver import ROW_KEY, ValidationCache, public, solve
 from adatoken_compile.calibration.report import write_report
 from adatoken_compile.calibration.stats import DEFAULT_BINS, DEFAULT_RATIOS, CalibrationStats, merge, reduce_op
 
@@ -90,7 +91,7 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
               like: Schedule | None = None, prior: CalibrationStats | None = None, max_cuts: int | None = 4,
               max_validations: int = 16, batch_size: int | None = None, ratios=DEFAULT_RATIOS,
               num_bins: int = DEFAULT_BINS, holdout_batches: Iterable | None = None,
-              cache=None, rules=None) -> tuple[Schedule, CalibrationStats]:
+              cache=None, rules=None, layers=None) -> tuple[Schedule, CalibrationStats]:
     """Mine attention statistics over ``batches`` and derive a schedule with ``policy``.
 
     ``holdout``: fraction in [0, 1) or a row count held back from the statistics to validate
@@ -103,6 +104,9 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     ``prior``: statistics of earlier shards to merge with (same model). ``like``: the schedule
     whose counts ``random`` copies (and whose FLOPs the ``prellm-*`` policies match). ``rules``:
     selection rules the adaptive solver considers at each cut (None: ``solver.DEFAULT_RULES``; "all").
+    ``layers``: a :class:`adatoken_compile.calibration.layered.StreamedLayers` to run the statistics,
+    the references and the validations layer-major (same numbers; the decoder's layers may then be
+    placeholders whose weights it reads from the checkpoint); None: sample-major.
     """
     if policy not in POLICIES:
         raise InputError(f"calibrate: unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
@@ -158,9 +162,15 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
     obs = AttentionObserver(decoder, stats)
     t0 = time.time()
     bar = _bar(progress, len(cal_rows), "calibrate")
-    for batch, ans, k in _batches(cal_rows, bs):
-        obs.observe(batch, ans)
-        bar.update(k)
+    if layers is not None:
+        layered.observe(layers, obs, [(batch, ans) for batch, ans, _ in _batches(cal_rows, bs)])
+        bar.update(len(cal_rows))
+        if cache is None:
+            cache = layered.validation_cache(layers)
+    else:
+        for batch, ans, k in _batches(cal_rows, bs):
+            obs.observe(batch, ans)
+            bar.update(k)
     bar.close()
     stats.arrays = distributed.all_reduce_int64(stats.arrays, reduce_op)
     stats.meta["observe_seconds"] = round(time.time() - t0, 2)
@@ -173,6 +183,8 @@ def calibrate(decoder, batches: Iterable, *, policy: str = "adaptive", fidelity:
                             seed=seed, progress=progress, family=family, model_name=model_name, like=like,
                             max_cuts=max_cuts, max_validations=max_validations, cache=cache, rules=rules)
     sched.calibration["observe_seconds"] = stats.meta.get("observe_seconds")
+    sched.calibration["engine"] = {"order": "layer-major" if layers is not None else "sample-major",
+                                   **(layers.summary() if layers is not None else {})}
     return sched, stats
 
 
@@ -188,6 +200,7 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
     # a bare decoder (no adapter) is its own family: its config's model_type
     family = family or str(getattr(decoder.config, "model_type", None) or "decoder")
     model = {"fingerprint": fp, "family": family, "model_name": model_name}
+    cache = cache if cache is not None else ValidationCache()
     if policy == "adaptive":
         vbar = _bar(progress, max_validations, "validate")
         sched = solve(decoder, stats, holdout_batches, fidelity=fidelity, flops_budget=flops_budget, max_cuts=max_cuts,
@@ -204,10 +217,30 @@ def derive_schedule(decoder, stats: CalibrationStats, holdout_batches: list, *, 
         n_rows = distributed.total(sum(b.batch_size for b in holdout_batches))
         sched.calibration = {"samples": stats.samples, "holdout_rows": n_rows, "seed": seed}
         if n_rows:
-            refs = [reference_logits(decoder, b) for b in holdout_batches]
             sched.calibration["fidelity"] = {"metric": "greedy_next_token_agreement",
-                                             **public(agreement(decoder, holdout_batches, refs, sched))}
+                                             **public(cache.measure(decoder, holdout_batches, sched))}
+    sched.calibration["precision"] = precision(decoder, holdout_batches, sched, cache)
     return sched
+
+
+def precision(decoder, holdout_batches: list, schedule: Schedule, cache) -> dict:
+    """Where the calibration computed and how close its answers came to flipping: the device and
+    dtype of the decoder's layers, and the smallest gap between the unpruned model's two best
+    next-token logits among the held-back rows where the schedule agrees with it (near-ties are the
+    answers a change of precision flips)."""
+    p = next(spec_for(decoder).layers(decoder).parameters())
+    layers = getattr(cache, "layers", None)
+    out = {"device": str(layers.device if layers is not None else p.device),
+           "dtype": str(p.dtype).removeprefix("torch."), "min_top1_margin": None}
+    if not holdout_batches or not distributed.total(sum(b.batch_size for b in holdout_batches)):
+        return out
+    refs = cache.refs_for(decoder, holdout_batches)
+    rows = cache.measure(decoder, holdout_batches, schedule)[ROW_KEY] if schedule.effective_cuts() else None
+    gaps = [(t[:, 0] - t[:, 1]).tolist() for t in (r.topk(2, dim=-1).values for r in refs)]
+    gaps = [g for batch in distributed.in_order(gaps, lambda g: g) for g in batch]  # every rank's, in row order
+    agreeing = [g for g, ok in zip(gaps, rows if rows is not None else [True] * len(gaps)) if ok]
+    out["min_top1_margin"] = round(min(agreeing), 6) if agreeing else None
+    return out
 
 
 def load_stats(path: str) -> CalibrationStats:

@@ -44,7 +44,7 @@ def softmax_rows(attn: torch.nn.Module, q: torch.Tensor, keys: torch.Tensor, q_l
     g = heads // kvh
     s = torch.matmul(q.view(kvh, g, m, d), keys.float().transpose(-1, -2).unsqueeze(1)).reshape(heads, m, n)
     s = s * float(getattr(attn, "scaling", d**-0.5))
-    causal = torch.arange(n)[None, :] > q_local[:, None]
+    causal = torch.arange(n, device=s.device)[None, :] > q_local.to(s.device)[:, None]
     s = s.masked_fill(causal[None], float("-inf"))
     return torch.softmax(s, dim=-1)
 
@@ -65,7 +65,7 @@ def _answer_embeds(decoder, ans) -> torch.Tensor | None:
         if ans.numel() == 0:
             return None
         emb = decoder.get_input_embeddings()
-        return emb(ans.long().to(emb.weight.device))
+        return emb(ans.long().to(emb.weight.device)).cpu()  # appended to the prompt's row on the CPU
     if ans.ndim != 2:
         raise InputError(f"answers: embeddings must be (A, H), got shape {tuple(ans.shape)}")
     return ans if ans.shape[0] > 0 else None
@@ -213,17 +213,17 @@ class AttentionObserver:
                 st.add(f"{g}_attn_spatial", _row_sum_fixed(pg.sum(-1), i, st.arrays[f"{g}_attn_spatial"].shape))
                 st.add(f"{g}_flow_spatial", _row_sum_fixed(fg.sum(-1), i, st.arrays[f"{g}_flow_spatial"].shape))
                 rel = fg / fg.amax(-1, keepdim=True).clamp_min(1e-30)
-                bins = _bin(rel, nb) + (torch.arange(heads) * nb)[:, None, None]
-                st.arrays[f"{g}_hist_flow"][i] += torch.bincount(bins.flatten(), minlength=heads * nb).view(heads, nb).numpy()
+                bins = _bin(rel, nb) + (torch.arange(heads, device=rel.device) * nb)[:, None, None]
+                st.arrays[f"{g}_hist_flow"][i] += torch.bincount(bins.flatten(), minlength=heads * nb).view(heads, nb).cpu().numpy()
                 fm = fg.mean(0)
-                st.arrays[f"{g}_hist_flow_mean"][i] += torch.bincount(_bin(fm / fm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
+                st.arrays[f"{g}_hist_flow_mean"][i] += torch.bincount(_bin(fm / fm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).cpu().numpy()
                 pm = pg.mean(0)
-                st.arrays[f"{g}_hist_attn_mean"][i] += torch.bincount(_bin(pm / pm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).numpy()
+                st.arrays[f"{g}_hist_attn_mean"][i] += torch.bincount(_bin(pm / pm.amax(-1, keepdim=True).clamp_min(1e-30), nb).flatten(), minlength=nb).cpu().numpy()
                 if g == "last":
-                    pl["a_last"][i] = pm[0].double()
-                    pl["f_last"][i] = fm[0].double()
+                    pl["a_last"][i] = pm[0].double().cpu()
+                    pl["f_last"][i] = fm[0].double().cpu()
                 elif g == "answer":
-                    pl["a_ans"][i] = pm.mean(0).double()
+                    pl["a_ans"][i] = pm.mean(0).double().cpu()
 
     def finish(self, plan: list) -> None:
         """The retained-mass tables of every observed row (after all layers)."""

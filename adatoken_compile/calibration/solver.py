@@ -127,23 +127,25 @@ def _run_from(flow: PrefillExecutor, schedule: Schedule) -> torch.Tensor:
 def _compare(decoder, schedule: Schedule, batch: DecoderInputs, ref: torch.Tensor,
              start: PrefillExecutor | None = None) -> tuple[list, float]:
     """Per row of one held-back batch: does the pruned model's next token agree; and the batch's KL sum."""
-    return _agree_kl(_run_pruned(decoder, batch, schedule, start), ref)
+    return score(_run_pruned(decoder, batch, schedule, start), ref)
 
 
-def _agree_kl(lg: torch.Tensor, ref: torch.Tensor) -> tuple[list, float]:
+def score(lg: torch.Tensor, ref: torch.Tensor) -> tuple[list, float]:
+    """Per row: do the pruned logits ``lg`` pick the unpruned ``ref``'s next token; and their KL sum."""
     lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
     return (lg.argmax(-1) == ref.argmax(-1)).tolist(), float((lp.exp() * (lp - lq)).sum(-1).sum())
 
 
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
-              max_disagree: int | None = None, states: LayerZeroStates | None = None) -> dict:
+              max_disagree: int | None = None, states: LayerZeroStates | None = None, results=None) -> dict:
     """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
     ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
     failed a fidelity target whatever the rest do); the result then says ``stopped`` and counts
     only the rows run. Under torchrun ``holdout`` is this rank's share, and the batches' counts are
     taken in one process's order, so every rank stops at the same batch with the same numbers.
     ``states``: the batches' :class:`LayerZeroStates`, from which a schedule whose first cut is at
-    layer 1 or later starts (same numbers, one layer fewer per batch)."""
+    layer 1 or later starts (same numbers, one layer fewer per batch). ``results``: the batches'
+    ``score`` s in order, computed elsewhere (a layer-major engine); read only as far as needed."""
     same = total = 0
     kl = 0.0
     stopped = False
@@ -156,7 +158,9 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
         i, batch, ref = item
         return _compare(decoder, schedule, batch, ref, states.get(i, decoder, batch) if from_layer_1 else None)
 
-    for hit, kl_batch in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
+    if results is None:
+        results = distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare)
+    for hit, kl_batch in results:
         rows += hit
         same += sum(hit)
         total += len(hit)
@@ -242,9 +246,17 @@ class ValidationCache:
         key = (id(decoder),) + tuple((tuple(b.inputs_embeds.shape), float(b.inputs_embeds.double().sum()),
                                       int(b.attention_mask.sum()), int(b.spatial_mask.sum())) for b in holdout)
         if distributed.any_true(key != self.key):  # every rank forgets its measurements alike
-            self.key, self.refs, self.measured = key, [reference_logits(decoder, b) for b in holdout], {}
+            self.key, self.refs, self.measured = key, self.references(decoder, holdout), {}
             self.states = LayerZeroStates(len(holdout), self.prefix_bytes)
         return self.refs
+
+    def references(self, decoder, holdout: Sequence[DecoderInputs]) -> list:
+        """The unpruned next-token logits of every held-back batch (an engine may run them otherwise)."""
+        return [reference_logits(decoder, b) for b in holdout]
+
+    def agreement(self, decoder, holdout, refs, schedule: Schedule, max_disagree: int | None) -> dict:
+        """``agreement`` of one schedule (an engine may run its prefills otherwise)."""
+        return agreement(decoder, holdout, refs, schedule, max_disagree, self.states)
 
     def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
         """Agreement of ``schedule`` (see ``agreement``); a measurement that stopped early answers only
@@ -252,7 +264,7 @@ class ValidationCache:
         cuts = _key(schedule)
         if self._stale(cuts, max_disagree):
             refs = self.refs_for(decoder, holdout)
-            self.measured[cuts] = agreement(decoder, holdout, refs, schedule, max_disagree, self.states)
+            self.measured[cuts] = self.agreement(decoder, holdout, refs, schedule, max_disagree)
         return dict(self.measured[cuts])
 
     def _stale(self, key, max_disagree: int | None) -> bool:
@@ -281,7 +293,7 @@ class ValidationCache:
                 if flow.next_layer < layer:  # the shared layers, the last one observed for an attention rule
                     flow.run(prefix, until=layer - 1)
                     flow.run(prefix, until=layer, observe_all=True)
-                return {k: _agree_kl(flow.branch().run(schedules[k]).logits().float().cpu(), ref) for k in active}
+                return {k: score(flow.branch().run(schedules[k]).logits().float().cpu(), ref) for k in active}
 
             n_rows = distributed.total(sum(b.batch_size for b in holdout))
             stopped = set()

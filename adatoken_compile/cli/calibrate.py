@@ -7,7 +7,8 @@ import click
 from adatoken_compile import api, distributed
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
 from adatoken_compile.calibration.solver import DEFAULT_RULES
-from adatoken_compile.cli.main import data_options, default, given, load_model, main, model_options, scales_out, user_errors
+from adatoken_compile.cli.main import (data_options, default, given, load_model, main, model_options, placement_options,
+                                       scales_out, user_errors)
 from adatoken_compile.io import check_output
 from adatoken_compile.selection import spec
 
@@ -39,12 +40,22 @@ from adatoken_compile.selection import spec
               "held-back rows does not put below the best is kept; last_token alone skips the comparison "
               f"[default: {','.join(DEFAULT_RULES)}]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--max-validations", default=None, type=click.IntRange(1, None),
+              help="adaptive: most candidate schedules run on the held-back questions (each is one pruned prefill "
+                   f"per question) [default: {default(api.calibrate, 'max_validations')}]")
 @click.option("--merge", "merge_dirs", multiple=True, help="merge the statistics of these calibration dirs (repeat) "
               "instead of mining new ones; the schedule is validated on --holdout questions")
+@placement_options
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "sample", "layered"]),
+              help="sample: each batch through the whole model held in memory; layered: the decoder's layers read "
+                   "from the checkpoint one at a time, each run over every batch (a model larger than memory; the "
+                   "same statistics and schedule); auto: layered when the model does not fit --max-memory")
+@click.option("--max-memory", default=None, help="memory the calibration may use, e.g. 12GB (auto picks the engine "
+              "by it; layered sizes its chunks by it) [default: this machine's memory]")
 @user_errors
 @scales_out
 def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_scale, samples, holdout, start_scene, policy,
-              flops_budget, fidelity, like, rules, seed, merge_dirs):
+              flops_budget, fidelity, like, rules, seed, max_validations, merge_dirs, device, dtype, engine, max_memory):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     if flops_budget is not None and fidelity is not None:
         raise click.UsageError("pass either --flops-budget or --fidelity, not both")
@@ -53,12 +64,16 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_sca
     if rule_names not in (None, "all"):
         for r in rule_names:
             spec(r)  # unknown names: one line before any work
-    check_output(out, "calibration", overwrite=overwrite)  # before the model is loaded
-    adapter = load_model(model, vision_tower, attn)
+    # device, dtype and memory budget, then the output: all before the model is loaded
+    where = api._placement(model, device=device, dtype=dtype, engine=engine, max_memory=max_memory,
+                           vision_tower=vision_tower)
+    check_output(out, "calibration", overwrite=overwrite)
+    adapter = load_model(model, vision_tower, attn, dtype=dtype, lazy=where.engine == "layered", device=device)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
-                        like=like, seed=seed, start_scene=start_scene, merge=merge_dirs,
+                        like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, device=device, dtype=dtype,
+                        engine=where.engine, max_memory=max_memory,
                         **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout,
-                                rules=rule_names))
+                                rules=rule_names, max_validations=max_validations))
     if not distributed.is_main():
         return
     schedule = cal.schedule

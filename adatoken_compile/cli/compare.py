@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from adatoken_compile import api, distributed
-from adatoken_compile.cli.main import default, given, load_model, main, model_options, scales_out, user_errors
+from adatoken_compile.cli.main import (default, given, load_model, main, model_options, placement_options, scales_out,
+                                       user_errors)
 from adatoken_compile.errors import InputError
 
 
@@ -45,14 +46,16 @@ def _names(text: str | None):
               f"solver validates on [default: {api.RULES_HOLDOUT}; with --no-search {api.HOLDOUT}]")
 @click.option("--batch-size", default=None, type=click.IntRange(1, None),
               help=f"questions per forward [default: {default(api.compare, 'batch_size')}]")
+@placement_options
 @user_errors
 @scales_out
 def compare(model, vision_tower, attn, out, overwrite, data, limit, budgets, seeds, rules, peers, no_search, stats, samples,
-            holdout, batch_size):
+            holdout, batch_size, device, dtype):
     """Selection rules and peers at matched prefill FLOPs: tables, paired 95% intervals, plots."""
     b = _floats(budgets, "budgets")
     sd = _floats(seeds, "seeds")
-    adapter = load_model(model, vision_tower, attn)
+    api._placement_checked(device, dtype)  # before the model loads
+    adapter = load_model(model, vision_tower, attn, device=device, dtype=dtype)
     res = api.compare(adapter, out=out, overwrite=overwrite, search=not no_search, stats=stats,
                       **given(data=data, limit=limit, budgets=b, seeds=None if sd is None else tuple(int(x) for x in sd),
                               rules=_names(rules), peers=_names(peers), samples=samples, holdout=holdout,

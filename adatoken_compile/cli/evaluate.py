@@ -7,7 +7,8 @@ import click
 from adatoken_compile import api, distributed
 from adatoken_compile.benchmarking.report import format_bench
 from adatoken_compile.cli.main import (check_provider, data_options, default, echo_json, given, load_model, main,
-                                       model_options, progress, provider_option, scales_out, user_errors)
+                                       model_options, placement_options, progress, provider_option, scales_out,
+                                       user_errors)
 from adatoken_compile.errors import InputError
 from adatoken_compile.io import check_output, write_json
 from adatoken_compile.runtime.session import choose_providers
@@ -30,15 +31,17 @@ from adatoken_compile.runtime.session import choose_providers
 @click.option("--predictions", default=None, help="also write per-question predictions to this JSON file")
 @click.option("--overwrite", is_flag=True, help="replace a --predictions file an earlier eval wrote")
 @provider_option
+@placement_options
 @user_errors
 @scales_out
 def eval_cmd(model, vision_tower, attn, artifact, baseline, data, scenes, depth_scale, limit, kinds, as_json, predictions,
-             overwrite, provider):
+             overwrite, provider, device, dtype):
     """Answer accuracy on a question set (overall and per question kind)."""
     check_provider(provider)
+    api._placement_checked(device, dtype)  # before the model loads
     if predictions:
         distributed.on_main(check_output, predictions, "predictions", overwrite=overwrite, is_dir=False)
-    adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn)
+    adapter = None if (artifact and baseline) else load_model(model, vision_tower, attn, device=device, dtype=dtype)
     n = limit or default(api.evaluate, "limit")
     bar = progress(n, "eval")
     try:

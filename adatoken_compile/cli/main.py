@@ -93,8 +93,20 @@ def check_provider(provider: str) -> None:
     choose_providers(provider)
 
 
-def load_model(model, vision_tower, attn):
-    return api.load_model(model, vision_tower=vision_tower, attn=attn)
+def load_model(model, vision_tower, attn, **kw):
+    return api.load_model(model, vision_tower=vision_tower, attn=attn, **kw)
+
+
+def placement_options(fn):
+    """--device and --dtype: where the PyTorch model runs and in what precision."""
+    fn = click.option("--dtype", default="float32", show_default=True,
+                      type=click.Choice(["float32", "bfloat16", "float16"]),
+                      help="precision of the PyTorch model (attention statistics and selection scores are "
+                           "accumulated in float32 whatever it is)")(fn)
+    fn = click.option("--device", default="cpu", show_default=True,
+                      help="where the PyTorch model runs: cpu, cuda or cuda:N (under torchrun, cuda is each "
+                           "process's LOCAL_RANK GPU)")(fn)
+    return fn
 
 
 def echo_json(obj) -> None:

@@ -106,20 +106,23 @@ class PrefillExecutor:
     unpruned path leaves it to the attention kernel, as the model's own forward does).
     ``keep_kv``: keep every layer's keys and values for :meth:`result` (an observer that reads them
     in its callback passes False, so a prefill holds one layer's cache at a time).
+    ``device``: where the state lives (default: the decoder's parameters').
 
     >>> ex = PrefillExecutor(decoder_lm, batch)                     # doctest: +SKIP
     >>> ex.run(schedule, on_layer=lambda ev: print(ev.index)).logits()  # doctest: +SKIP
     """
 
     def __init__(self, decoder_lm, inputs: DecoderInputs, materialize_mask: bool = True, *,
-                 spec: DecoderSpec | None = None, keep_kv: bool = True):
+                 spec: DecoderSpec | None = None, keep_kv: bool = True, device: torch.device | str | None = None):
         check_decoder(decoder_lm)
         self.spec = spec or spec_for(decoder_lm)
         cfg = decoder_lm.config
         self.lm = decoder_lm
         self.n_layers = int(cfg.num_hidden_layers)
         check_inputs(inputs, int(cfg.hidden_size))
-        dev = next(decoder_lm.parameters()).device
+        # a layer-major driver passes the device its layers are loaded on (the resident placeholders
+        # stay where they are)
+        dev = torch.device(device) if device is not None else next(decoder_lm.parameters()).device
         self.hidden = inputs.inputs_embeds.to(dev)
         attention_mask = inputs.attention_mask.to(torch.int64).to(dev)
         self.position_ids = self.spec.positions(inputs).to(dev)

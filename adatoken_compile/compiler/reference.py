@@ -79,13 +79,14 @@ def generate(
     rng = make_rng(seed) if temperature > 0 else None
     B = inputs.batch_size
     spec = spec_for(decoder_lm)
+    dev = next(decoder_lm.parameters()).device
     past = _flat_past(pre.keys, pre.values, pre.masks)
     logits = pre.logits_last
     done = np.zeros(B, dtype=bool)
     out: list[list[int]] = [[] for _ in range(B)]
     fill = 0 if eos_token_id is None else int(eos_token_id)
     for t in range(max_new_tokens):
-        toks = next_tokens(logits.float().numpy(), temperature, top_p, rng)
+        toks = next_tokens(logits.float().cpu().numpy(), temperature, top_p, rng)
         for b in range(B):
             if done[b]:
                 continue
@@ -96,7 +97,7 @@ def generate(
         if done.all() or t == max_new_tokens - 1:
             break
         feed = torch.from_numpy(np.where(done, fill, toks).astype(np.int64))[:, None]
-        res = step(embed(feed), spec.decode_positions(inputs, t), *past)
+        res = step(embed(feed.to(dev)).to(dev), spec.decode_positions(inputs, t).to(dev), *past)
         logits, past = res[0], list(res[1:])
     return out
 

@@ -193,8 +193,9 @@ def assign_exact(module: torch.nn.Module, sd: dict, where: str, prefix: str = ""
 
 def embed_token_ids(decoder, ids) -> torch.Tensor:
     """(n, H) input embeddings of token ids through the decoder's own embedding table."""
-    with torch.no_grad():
-        return decoder.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long))
+    emb = decoder.get_input_embeddings()
+    with torch.no_grad():  # next to the encoder's features, on the CPU, wherever the decoder runs
+        return emb(torch.tensor(list(ids), dtype=torch.long, device=emb.weight.device)).cpu()
 
 
 def image_processing(proc_dir: str, image_size: int) -> ImageProcessing:

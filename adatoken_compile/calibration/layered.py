@@ -1,0 +1,433 @@
+"""Where a calibration runs: device, precision, memory budget, and the layer-major engine.
+
+Sample-major calibration (the default for a model that fits) holds the whole decoder and runs each
+batch through every layer. A model larger than the memory budget runs **layer-major** instead, as
+the post-training quantisers do (llm-compressor's sequential pipeline, GPTQModel, AutoRound): the
+decoder's layers are read from the checkpoint one at a time (the lazy weights ``compile`` streams,
+:class:`adatoken_compile.models.checkpoint.LazyWeights`), and each loaded layer runs over every
+batch of a chunk before the next is read, the chunk's per-batch states
+(:class:`adatoken_compile.compiler.executor.PrefillExecutor`) waiting in memory between layers.
+The same executor, observer and scoring run in both orders, so the statistics are the same int64
+arrays and the validations the same counts; only the loop order differs.
+
+* :func:`observe` -- the attention statistics (the observer's ``plan`` / ``on_layer`` / ``finish``);
+* :class:`LayeredValidation` -- the solver's validation cache whose unpruned references and pruned
+  candidates run layer-major, a chunk of held-back batches at a time, so that a candidate's early
+  stop (more disagreements than the fidelity target allows) ends its run at a chunk boundary;
+* :func:`plan` -- device, dtype and memory checked before anything loads, and the engine chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from adatoken_compile import distributed
+from adatoken_compile.compiler.executor import PrefillExecutor
+from adatoken_compile.errors import InputError
+from adatoken_compile.models.spec import spec_for
+
+ENGINES = ("auto", "sample", "layered")
+DEVICE_HELP = "cpu, cuda or cuda:N"
+# what a process holds besides weights and states (torch, the tokenizer, the data, the allocator's slack)
+RUNTIME_BYTES = 1 << 30
+MIN_CHUNK_BYTES = 256 << 20  # the smallest budget for one chunk's states that is worth a pass over the weights
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+# ---------------------------------------------------------------------- options
+def parse_memory(text) -> int:
+    """``12GB``, ``8GiB``, ``500MB``, ``2e9`` -> bytes (one-line error otherwise)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise InputError(f"--max-memory {text!r}: give a size such as 12GB, 8GiB or 500MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def check_device(device: str | None) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N`` -> a usable torch device, or one line before anything loads.
+    Under torchrun ``cuda`` is each process's LOCAL_RANK GPU."""
+    name = str(device or "cpu").strip().lower()
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if not m or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise InputError(f"--device {device!r}: choose {DEVICE_HELP}")
+    if m.group(1) == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+    index = int(m.group(2)) if m.group(2) is not None else (
+        int(os.environ.get("LOCAL_RANK", 0)) if distributed.active() else torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """One line when ``device`` cannot multiply matrices in ``dtype`` (bfloat16 on a pre-Ampere GPU)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 matmul; "
+                         "use --dtype float16 or float32")
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except RuntimeError as e:
+        raise InputError(f"--dtype {str(dtype).removeprefix('torch.')}: not supported on {device} "
+                         f"({' '.join(str(e).split())[:120]}); use --dtype float32") from None
+
+
+# ---------------------------------------------------------------------- memory
+@dataclass
+class Footprint:
+    """Bytes of a checkpoint's weights in the compute dtype: all of them, the largest decoder layer,
+    the head (final norm and lm_head) and what a layer-major run keeps resident (the rest)."""
+
+    whole: int
+    layer: int
+    head: int
+    resident: int
+    layers: int
+
+    def sample_major(self) -> int:
+        return self.whole + RUNTIME_BYTES
+
+    def streamed(self) -> int:
+        """Streamed weights held at once: the layer that runs and the next one, read meanwhile."""
+        return 2 * max(self.layer, self.head)
+
+    def layered(self) -> int:
+        """The least a layer-major run needs: the resident weights, two layers, one chunk."""
+        return self.resident + self.streamed() + RUNTIME_BYTES + MIN_CHUNK_BYTES
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def footprint(model_dir: str, itemsize: int, vision_dir: str | None = None) -> Footprint:
+    """The :class:`Footprint` of a checkpoint directory from its safetensors headers (nothing read)."""
+    from safetensors import safe_open
+
+    from adatoken_compile.models.checkpoint import weight_files
+
+    per_layer: dict[int, int] = {}
+    whole = head = 0
+    files = weight_files(model_dir) + (weight_files(vision_dir) if vision_dir and os.path.isdir(vision_dir) else [])
+    vision = set(files[len(weight_files(model_dir)):])
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                n = 1
+                for d in f.get_slice(k).get_shape():
+                    n *= int(d)
+                b = n * itemsize
+                whole += b
+                m = _LAYER.search(k)
+                if path in vision or "vision_tower" in k:
+                    continue
+                if m:
+                    per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + b
+                elif k.startswith("lm_head.") or k.endswith(".norm.weight") and "layers" not in k:
+                    head += b
+    layer = max(per_layer.values(), default=0)
+    return Footprint(whole, layer, head, whole - sum(per_layer.values()) - head, len(per_layer))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@dataclass
+class Plan:
+    """Where and how a calibration runs (:func:`plan`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    engine: str  # "sample" or "layered"
+    max_memory: int | None
+    footprint: Footprint | None = None
+
+    def chunk_bytes(self) -> int | None:
+        """The layered engine's budget for one chunk's states (None: unbounded)."""
+        if self.max_memory is None or self.footprint is None:
+            return None
+        fp = self.footprint
+        return max(MIN_CHUNK_BYTES, self.max_memory - fp.resident - fp.streamed() - RUNTIME_BYTES)
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan(model_dir: str | None, *, device: str | None = "cpu", dtype: str = "float32", engine: str = "auto",
+         max_memory=None, vision_dir: str | None = None) -> Plan:
+    """Check the device, the dtype and the memory budget before anything loads and choose the engine:
+    ``auto`` runs sample-major when the whole model fits ``max_memory`` (default: this machine's
+    memory), else layer-major; ``layered`` refuses a budget below one layer plus one chunk."""
+    from adatoken_compile.compiler.weights import torch_dtype
+
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine!r}: choose {', '.join(ENGINES)}")
+    dt = torch_dtype(dtype)
+    dev = check_device(device)
+    check_dtype(dt, dev)
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    fp = footprint(model_dir, torch.empty((), dtype=dt).element_size(), vision_dir) if model_dir else None
+    if fp is not None and budget is not None and engine != "sample" and fp.layered() > budget:
+        raise InputError(f"--max-memory {max_memory}: too small for this model in {dtype}; layer-major "
+                         f"calibration needs at least {_gb(fp.layered())} (the encoder and embeddings "
+                         f"{_gb(fp.resident)}, a layer and the next {_gb(fp.streamed())}, one chunk of states "
+                         f"{_gb(MIN_CHUNK_BYTES)}, the runtime {_gb(RUNTIME_BYTES)}); raise --max-memory")
+    if engine == "auto":
+        fits = fp is None or fp.sample_major() <= (budget if budget is not None else physical_memory())
+        engine = "sample" if fits else "layered"
+    if engine == "layered" and distributed.active():
+        raise InputError("--engine layered runs in one process; start it without torchrun (or use --engine sample)")
+    return Plan(dev, dt, engine, budget, fp)
+
+
+# ---------------------------------------------------------------------- streamed layers
+class StreamedLayers:
+    """The decoder's layers (and head) on ``device`` one at a time: :meth:`on` loads a module's
+    weights (from the checkpoint when ``lazy`` left them there, else a copy of the resident ones
+    when the device differs) and puts the placeholders back when the block ends."""
+
+    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None):
+        self.decoder = decoder
+        self.spec = spec_for(decoder)
+        self.device = torch.device(device)
+        self.layers = list(self.spec.layers(decoder))
+        body = self.spec.body(decoder)
+        self.head = (body.norm, decoder.lm_head)
+        self._loaders = {id(m): (lazy.for_module(m) if lazy else {}) for m in (*self.layers, *self.head)}
+        body.rotary_emb.to(self.device)  # a small buffer every layer reads
+        self.chunk_bytes = chunk_bytes
+        self.timings: dict = {}
+
+    def read(self, *modules) -> list:
+        """The weights of ``modules`` on the device: [(placeholder tensor, loaded value)]."""
+        out = []
+        for m in modules:
+            loaders = self._loaders[id(m)]
+            named = dict(m.named_parameters(remove_duplicate=False))
+            named.update(m.named_buffers(remove_duplicate=False))
+            for name, t in named.items():
+                load = loaders.get(name)
+                if load is None and t.device == self.device:
+                    continue
+                out.append((t, load().to(self.device, t.dtype) if load is not None else t.data.to(self.device)))
+        return out
+
+    @contextmanager
+    def on(self, *modules, weights: list | None = None):
+        """``modules`` with their weights in place (``weights``: read already, by :meth:`read`)."""
+        t0 = time.perf_counter()
+        saved = []
+        try:
+            for t, value in (weights if weights is not None else self.read(*modules)):
+                saved.append((t, t.data))
+                t.data = value
+            self._add("load_s", time.perf_counter() - t0)
+            yield
+        finally:
+            for t, data in reversed(saved):
+                t.data = data
+
+    def _add(self, key: str, v: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + v
+
+    def chunks(self, items: list, size_of) -> list[list]:
+        """``items`` in consecutive chunks whose ``size_of`` sums stay within the chunk budget
+        (at least one item each)."""
+        if self.chunk_bytes is None:
+            return [items] if items else []
+        out, cur, used = [], [], 0
+        for it in items:
+            b = size_of(it)
+            if cur and used + b > self.chunk_bytes:
+                out.append(cur)
+                cur, used = [], 0
+            cur.append(it)
+            used += b
+        return out + ([cur] if cur else [])
+
+    def state_bytes(self, inputs) -> int:
+        """About what one batch's state holds between layers and while a layer runs on it: the
+        hidden states, a layer's keys and values, the MLP's intermediate activations, the rotary
+        tables and the attention scores of one layer."""
+        cfg = self.decoder.config
+        B, T = inputs.inputs_embeds.shape[:2]
+        item = torch.empty((), dtype=next(self.decoder.parameters()).dtype).element_size()
+        H, inter = int(cfg.hidden_size), int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+        heads = int(cfg.num_attention_heads)
+        return int(B * T * ((6 * H + 3 * inter) * item + 2 * (H // heads) * 4 + heads * T * 4))
+
+    def run(self, states: list, step, phase: str, head: bool = False, start: int = 0) -> list | None:
+        """Every layer from ``start`` on over every state of ``states``: ``step(state, i)`` runs
+        layer ``i`` on one. The next layer's weights are read while a layer runs (``load_s`` counts
+        only the wait); ``head``: the head's too, returned for :meth:`logits`."""
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(self.read, self.layers[start])
+            for i, layer in enumerate(self.layers):
+                if i < start:
+                    continue
+                t0 = time.perf_counter()
+                weights = ahead.result()
+                self._add("load_s", time.perf_counter() - t0)
+                nxt = self.layers[i + 1:i + 2] or (self.head if head else ())
+                ahead = reader.submit(self.read, *nxt)
+                with self.on(layer, weights=weights):
+                    t0 = time.perf_counter()
+                    for st in states:
+                        step(st, i)
+                    self._add(f"{phase}_s", time.perf_counter() - t0)
+                    self._add(f"{phase}_sample_layers", sum(_rows(st) for st in states))
+                del weights
+            return ahead.result() if head else None
+
+    def logits(self, executors: list, weights: list | None = None) -> list[torch.Tensor]:
+        """The head over the states after the last layer (``weights``: read by :meth:`run`)."""
+        with self.on(*self.head, weights=weights):
+            return [ex.logits().float().cpu() for ex in executors]
+
+    def summary(self) -> dict:
+        """Seconds spent reading weights and running layers, per phase, and per row and layer."""
+        out = {k: round(v, 3) for k, v in self.timings.items() if k.endswith("_s")}
+        for phase in ("statistics", "references", "validation"):
+            n = self.timings.get(f"{phase}_sample_layers")
+            if n:
+                out[f"{phase}_sample_layers"] = int(n)
+                out[f"{phase}_s_per_sample_layer"] = round(self.timings[f"{phase}_s"] / n, 4)
+        return out
+
+
+def _rows(state) -> int:
+    ex = state[0] if isinstance(state, tuple) else state
+    return int(ex.hidden.shape[0])
+
+
+# ---------------------------------------------------------------------- statistics
+@torch.no_grad()
+def observe(layers: StreamedLayers, obs, batches: list) -> None:
+    """Accumulate ``obs``'s statistics over ``batches`` ((DecoderInputs, answers) pairs) layer by
+    layer: per chunk, plan every batch, run each layer over all of them, then finish them."""
+    for chunk in layers.chunks(list(batches), lambda ba: layers.state_bytes(ba[0])):
+        states = []
+        for batch, ans in chunk:
+            ext, pl = obs.plan(batch, ans)
+            ex = PrefillExecutor(obs.decoder, ext, materialize_mask=False, spec=obs.spec, keep_kv=False,
+                                 device=layers.device)
+            states.append((ex, functools.partial(obs.on_layer, pl), pl))
+        layers.run(states, lambda st, i: st[0].layer(on_layer=st[1]), "statistics")
+        for _, _, pl in states:
+            obs.finish(pl)
+
+
+# ---------------------------------------------------------------------- validation
+def _pruned_step(cuts: dict, first: int | None = None, keep: list | None = None):
+    """Layer ``i`` of a pruned run: its cut, the layer, and the caches no later cut reads dropped.
+    ``keep``: the states before the first cut (layer ``first``) are stored there, every layer
+    before it recording its query (a later candidate's cut there may rank by attention)."""
+    def step(ex: PrefillExecutor, i: int) -> None:
+        if keep is not None and i == first:
+            keep.append(ex.stored())
+        if i in cuts:
+            ex.cut(cuts[i])
+        nxt = cuts.get(i + 1)
+        ex.layer(observe=(keep is not None and i < first) or (nxt is not None and "attention" in nxt.rule.needs()))
+        # a cut reads the keys of the layer before it, nothing older, and never the values
+        ex.cache.values[i] = None
+        if i:
+            ex.cache.keys[i - 1] = None
+    return step
+
+
+@torch.no_grad()
+def prefill_logits(layers: StreamedLayers, batches: list, schedule=None, phase: str = "validation", *,
+                   start: tuple | None = None, keep: list | None = None) -> list:
+    """Next-token logits (float32, CPU) of each batch, unpruned (``schedule`` None) or pruned.
+    ``start``: (layer f, the batches' :meth:`PrefillExecutor.stored` states before layer f, no cut
+    before it) to run from; ``keep``: a list that receives the states before the first cut."""
+    cuts = {c.layer: c for c in schedule.effective_cuts()} if schedule is not None else {}
+    if start is not None:
+        begin, exs = start[0], [st.resume() for st in start[1]]
+    else:
+        begin = 0
+        exs = [PrefillExecutor(layers.decoder, b, materialize_mask=bool(cuts), spec=layers.spec, keep_kv=bool(cuts),
+                               device=layers.device) for b in batches]
+    step = _pruned_step(cuts, min(cuts, default=None), keep) if cuts else (lambda ex, i: ex.layer())
+    head = layers.run(exs, step, phase, head=True, start=begin)
+    return layers.logits(exs, head)
+
+
+class LayeredValidation:
+    """Mixin body of :func:`validation_cache`: the solver's ValidationCache running layer-major.
+
+    Candidates share the unpruned layers before their first cut: per chunk of held-back batches the
+    states before the shallowest first cut run so far are kept (within the cache's prefix budget),
+    and a candidate whose first cut is there or deeper starts from them (the sample-major engine's
+    states after layer 0, taken as deep as the candidates allow)."""
+
+    layers: StreamedLayers
+
+    def references(self, decoder, holdout) -> list:
+        out = []
+        for chunk in self.layers.chunks(list(holdout), self.layers.state_bytes):
+            out += prefill_logits(self.layers, chunk, None, "references")
+        return out
+
+    def _chunk_logits(self, n: int, batches: list, schedule) -> list:
+        cuts = schedule.effective_cuts()
+        if not cuts or min(c.layer for c in cuts) < 1:
+            return prefill_logits(self.layers, batches, schedule)
+        first = min(c.layer for c in cuts)
+        prefixes = self.__dict__.setdefault("_prefixes", {})
+        if prefixes.get("key") != self.key:  # another held-back set: the states are not its
+            prefixes.clear()
+            prefixes["key"] = self.key
+        have = prefixes.get(n)
+        if have is not None and have[0] <= first:
+            return prefill_logits(self.layers, batches, schedule, start=have)
+        keep: list = []
+        out = prefill_logits(self.layers, batches, schedule, keep=keep)
+        size = sum(st.nbytes() for st in keep)
+        used = sum(sum(st.nbytes() for st in v[1]) for k, v in prefixes.items() if k not in ("key", n))
+        if used + size <= self.prefix_bytes:
+            prefixes[n] = (first, keep)
+        return out
+
+    def agreement(self, decoder, holdout, refs, schedule, max_disagree):
+        from adatoken_compile.calibration.solver import agreement, score
+
+        def results():  # read chunk by chunk, as far as the count needs (a failed candidate stops early)
+            idx = list(range(len(holdout)))
+            for n, chunk in enumerate(self.layers.chunks(idx, lambda i: self.layers.state_bytes(holdout[i]))):
+                for i, lg in zip(chunk, self._chunk_logits(n, [holdout[i] for i in chunk], schedule)):
+                    yield score(lg, refs[i])
+
+        return agreement(decoder, holdout, refs, schedule, max_disagree, results=results())
+
+    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None) -> list:
+        # the sample-major branching runs whole decoders; here each rule is its own layer-major pass,
+        # sharing the states before its first cut like any other candidate (same numbers)
+        return [self.measure(decoder, holdout, s, max_disagree) for s in schedules]
+
+
+def validation_cache(layers: StreamedLayers):
+    """A ``solver.ValidationCache`` whose references and candidates run through ``layers``."""
+    from adatoken_compile.calibration.solver import ValidationCache
+
+    cls = type("LayeredValidationCache", (LayeredValidation, ValidationCache), {})
+    cache = cls()
+    cache.layers = layers
+    return cache

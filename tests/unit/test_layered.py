@@ -1,0 +1,177 @@
+"""Layer-major calibration (decoder layers read one at a time) against the sample-major engine, and
+where a calibration runs (device, dtype, memory budget)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adatoken_compile import api
+from adatoken_compile.calibration import layered
+from adatoken_compile.calibration.solver import ROW_KEY, ValidationCache
+from adatoken_compile.cli import main
+from adatoken_compile.contract import Segment, collate
+from adatoken_compile.errors import InputError
+from adatoken_compile.schedule import Cut, Schedule
+
+
+def test_layered_statistics_and_schedule_match_sample_major_on_the_bundled_model():
+    kw = dict(samples=2, holdout=2, flops_budget=0.5, max_validations=1, progress=False)
+    sample = api.calibrate("llava3d-tiny", engine="sample", **kw)
+    layer = api.calibrate("llava3d-tiny", engine="layered", **kw)
+    a, b = sample.stats.arrays, layer.stats.arrays
+    assert set(a) == set(b)
+    for k in a:  # int64 fixed point: byte for byte
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+    s, t = sample.schedule, layer.schedule
+    assert [(c.layer, c.keep, c.rule) for c in s.cuts] == [(c.layer, c.keep, c.rule) for c in t.cuts]
+    for key in ("fidelity", "stability", "precision"):
+        assert s.calibration[key] == t.calibration[key], key
+    assert [v["agreement"] for v in s.calibration["search"]["validated"]] == \
+        [v["agreement"] for v in t.calibration["search"]["validated"]]
+    eng = t.calibration["engine"]
+    layers = s.num_layers
+    assert eng["order"] == "layer-major" and s.calibration["engine"]["order"] == "sample-major"
+    assert eng["statistics_sample_layers"] == 2 * layers and eng["references_sample_layers"] == 2 * layers
+    prec = t.calibration["precision"]
+    assert prec["device"] == "cpu" and prec["dtype"] == "float32" and prec["min_top1_margin"] > 0
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=37)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # sharper attention: a deep cut changes answers
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def _batch(seed, B=2):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        pre, n, post = 2 + b, 20 + 5 * b + seed % 3, 3 + b
+        sp = torch.zeros(pre + n + post, dtype=torch.bool)
+        sp[pre:pre + n] = True
+        e = torch.randn(pre + n + post, 64, generator=g)
+        e[pre + n:] *= 0.01  # a faint text tail: its next token rests on the spatial tokens it attends to
+        rows.append(Segment(e, sp))
+    return collate(rows)
+
+
+def test_layered_validation_counts_and_early_stop_match_sample_major():
+    dec = _llama()
+    hold = [_batch(s) for s in range(4)]
+    sched = Schedule([Cut(1, 0.5), Cut(2, 0.25)], 4, policy="adaptive")
+    streamed = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)  # every batch its own chunk
+    lay = layered.validation_cache(streamed)
+    ref = ValidationCache()
+    for a, b in zip(ref.refs_for(dec, hold), lay.refs_for(dec, hold)):
+        assert torch.equal(a, b)
+    full_s, full_l = ref.measure(dec, hold, sched), lay.measure(dec, hold, sched)
+    assert full_s == full_l and full_s["rows"] == 8
+    assert not all(full_s[ROW_KEY])  # the cut changes some answers: the stop below is exercised
+    ran = streamed.timings["validation_sample_layers"]
+    first_miss = full_s[ROW_KEY].index(False)
+    stop_s, stop_l = ValidationCache().measure(dec, hold, sched, 0), layered.validation_cache(streamed).measure(
+        dec, hold, sched, 0)
+    assert stop_s == stop_l and stop_s["rows"] == 2 * (first_miss // 2 + 1)
+    if stop_s.get("stopped"):  # the chunks after the failing one never ran
+        assert streamed.timings["validation_sample_layers"] - ran == stop_s["rows"] * 4
+
+
+def test_streamed_layers_read_the_checkpoint_and_put_the_placeholders_back(tiny3d_dir):
+    full = api.load_model(tiny3d_dir)
+    lazy = api.load_model(tiny3d_dir, lazy=True)
+    streamed = layered.StreamedLayers(lazy.decoder, lazy.lazy_weights, "cpu")
+    w = lazy.decoder.model.layers[1].mlp.down_proj.weight
+    placeholder = w.data_ptr()
+    with streamed.on(lazy.decoder.model.layers[1]):
+        assert torch.equal(w, full.decoder.model.layers[1].mlp.down_proj.weight)
+    assert w.data_ptr() == placeholder
+    with streamed.on(*streamed.head):
+        assert torch.equal(lazy.decoder.lm_head.weight, full.decoder.lm_head.weight)
+
+
+def test_bfloat16_calibration_records_its_precision(tiny3d_dir):
+    cal = api.calibrate(tiny3d_dir, samples=4, holdout=2, policy="pdrop", dtype="bfloat16", progress=False)
+    prec = cal.schedule.calibration["precision"]
+    assert prec["dtype"] == "bfloat16" and prec["device"] == "cpu"
+    assert all(np.isfinite(v).all() for v in cal.stats.arrays.values())
+    assert cal.stats.arrays["last_attn_spatial"].any()  # float32 statistics of a bfloat16 model, not zeros
+
+
+def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
+    assert layered.parse_memory("12GB") == 12 * 10**9 and layered.parse_memory("8GiB") == 8 << 30
+    assert layered.parse_memory("500 mb") == 500 * 10**6
+    for bad in ("lots", "-3GB", "0", "12XB"):
+        with pytest.raises(InputError, match="--max-memory"):
+            layered.parse_memory(bad)
+    fp = layered.footprint(tiny3d_dir, 4, os.path.join(tiny3d_dir, "vision_tower"))
+    assert fp.layers == 4 and fp.layer > 0 and fp.whole > fp.resident + 4 * fp.layer
+    assert layered.plan(tiny3d_dir, engine="auto").engine == "sample"
+    # a 7B in float32: 28 GB of weights, 0.8 GB a layer, 0.5 GB the head, 2 GB the encoder and embeddings
+    big = layered.Footprint(whole=28 * 10**9, layer=8 * 10**8, head=5 * 10**8, resident=2 * 10**9, layers=32)
+    monkeypatch.setattr(layered, "footprint", lambda *a, **k: big)
+    assert layered.plan(tiny3d_dir, engine="auto", max_memory="40GB").engine == "sample"
+    squeezed = layered.plan(tiny3d_dir, engine="auto", max_memory="12GB")
+    assert squeezed.engine == "layered"
+    assert squeezed.chunk_bytes() == 12 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
+    with pytest.raises(InputError, match="too small.*raise --max-memory"):
+        layered.plan(tiny3d_dir, engine="layered", max_memory="3GB")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--device", "cuda"], "--device cuda"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--engine", "layered", "--max-memory", "100MB"], "too small"),
+    (["--max-memory", "plenty"], "--max-memory"),
+])
+def test_calibrate_placement_errors_are_one_line_before_loading(tiny3d_dir, tmp_path, monkeypatch, args, says):
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the option was checked")
+
+    monkeypatch.setattr(api, "load_model", no_load)
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(main, ["calibrate", "--model", tiny3d_dir, "--out", str(out), *args])
+    assert r.exit_code == 2 and says in r.output and r.output.strip().count("\n") == 0, r.output
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_gpu_without_bfloat16_refuses_it_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    dev = layered.check_device("cuda:1")
+    assert dev == torch.device("cuda", 1)
+    with pytest.raises(InputError, match="--dtype bfloat16: Tesla T4 has no bfloat16 matmul; use --dtype float16"):
+        layered.check_dtype(torch.bfloat16, dev)
+    with pytest.raises(InputError, match="cuda:0 to cuda:1"):
+        layered.check_device("cuda:2")
+
+
+def test_candidates_share_the_unpruned_layers_before_their_first_cut():
+    dec = _llama()
+    hold = [_batch(s) for s in range(3)]
+    streamed = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)
+    lay, ref = layered.validation_cache(streamed), ValidationCache()
+    ran = []
+    for cuts in ([Cut(2, 0.5)], [Cut(2, 0.2), Cut(3, 0.1)], [Cut(3, 0.3)], [Cut(1, 0.4)], [Cut(2, 0.3)]):
+        s = Schedule(cuts, 4, policy="adaptive")
+        before = streamed.timings.get("validation_sample_layers", 0)
+        assert lay.measure(dec, hold, s) == ref.measure(dec, hold, s), cuts
+        ran.append((streamed.timings["validation_sample_layers"] - before) // 6)  # layers per row
+    # from layer 0; from the states before layer 2 (twice); from layer 0, keeping those before layer 1
+    assert ran == [4, 2, 2, 4, 3]

@@ -59,6 +59,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.flops import FORMULA, drop_flops, layer_flops, prefill_flops, schedule_flops
 from adatoken_compile.schedule import Cut, Schedule
 from adatoken_compile.selection import RULES, Rule, at_layer, drop_cost, pre_llm
+from adatoken_compile.calibration.defaults import DEFAULT_RULES
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, keep_for_flops
 from adatoken_compile.calibration.stats import CalibrationStats
 
@@ -75,11 +76,6 @@ Z95 = 1.96  # two-sided 95% normal quantile of the Wilson interval
 # a rule (or a cut before layer 0) replaces a cheaper one only when the paired test on the held-back
 # rows says it agrees more at this level (two-sided)
 PAIRED_ALPHA = 0.05
-# the rules every adaptive calibration compares at each chosen cut, cheapest first: the random and
-# strided controls, the attention rules that score with one query row (last_token) or the question's
-# rows (text_tail), and dedup where its pairwise similarity fits the FLOPs; the first three (and
-# dedup) also try one cut before layer 0
-DEFAULT_RULES = ("random", "strided", "last_token", "text_tail", "dedup")
 
 
 # ---------------------------------------------------------------------- forwards

@@ -6,7 +6,7 @@ import click
 
 from adatoken_compile import api, distributed
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, POLICIES
-from adatoken_compile.calibration.solver import DEFAULT_RULES
+from adatoken_compile.calibration.defaults import DEFAULT_RULES
 from adatoken_compile.cli.main import (data_options, default, given, load_model, main, model_options, placement_options,
                                        scales_out, user_errors)
 from adatoken_compile.io import check_output

@@ -164,12 +164,15 @@ def _run(tmp, out, t0, *, limit, samples, holdout, repeats, all_artifacts, model
     schedules = {"none": identity(L, **model_kw), "adaptive": sched_a}
     for p in PEERS:
         schedules[p] = peer_schedule(p, L, like=sched_a if p == "random" else None, seed=0, **model_kw)
+    # the side table's matched-FLOPs solves are the count search alone (last_token, no rule stage):
+    # comparing every rule again at each peer's FLOPs, with no early stop in a budget search, took
+    # longer than the whole calibration
     for p in DECODER_PEERS:
         budget = schedule_flops(arch, schedules[p], n_sp, n_tx)["flops_ratio"]
         log(f"      adaptive at {p}'s prefill FLOPs ratio {budget:.3f}")
         s = derive_schedule(adapter.decoder, stats, cal.holdout, policy="adaptive", flops_budget=budget, seed=0,
                             progress=False, family=adapter.family, model_name=adapter.name, max_validations=2,
-                            cache=cache)
+                            cache=cache, rules=())
         s.policy = f"adaptive@{p}"
         schedules[f"adaptive@{p}"] = s
     flops = {}

@@ -49,11 +49,12 @@ def test_runtime_tier_runs_an_artifact_without_torch(wheel, tiny3d_dir, scene_fi
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = str(env_dir / "bin" / "python")
-    inst = subprocess.run([py, "-m", "pip", "install", "-q", wheel], capture_output=True, text=True)
+    # without PYTHONPATH: a checkout on it (with the egg-info a build leaves there) reads as installed
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    inst = subprocess.run([py, "-m", "pip", "install", "-q", wheel], capture_output=True, text=True, env=clean)
     if inst.returncode != 0 and "Could not find a version" in inst.stderr + inst.stdout:
         pytest.skip("the package registry is not reachable for the runtime dependencies")
     assert inst.returncode == 0, inst.stderr[-2000:]
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     for mod in ("torch", "transformers", "onnx", "matplotlib"):
         r = subprocess.run([py, "-c", f"import {mod}"], capture_output=True, text=True, env=clean, cwd=tmp_path)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, f"{mod} is importable in the runtime tier"

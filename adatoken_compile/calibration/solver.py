@@ -142,11 +142,7 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
     ``states``: the batches' :class:`LayerZeroStates`, from which a schedule whose first cut is at
     layer 1 or later starts (same numbers, one layer fewer per batch). ``results``: the batches'
     ``score`` s in order, computed elsewhere (a layer-major engine); read only as far as needed."""
-    same = total = 0
-    kl = 0.0
-    stopped = False
-    rows: list[bool] = []
-    n_rows = distributed.total(sum(b.batch_size for b in holdout))
+    tally = _Tally(distributed.total(sum(b.batch_size for b in holdout)), max_disagree)
     cuts = schedule.effective_cuts()
     from_layer_1 = states is not None and bool(cuts) and min(c.layer for c in cuts) >= 1
 
@@ -157,14 +153,31 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
     if results is None:
         results = distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare)
     for hit, kl_batch in results:
-        rows += hit
-        same += sum(hit)
-        total += len(hit)
-        kl += kl_batch
-        if max_disagree is not None and total - same > max_disagree:
-            stopped = total < n_rows
+        if tally.add(hit, kl_batch):
             break
-    return _measurement(rows, kl, stopped)
+    return tally.measurement()
+
+
+class _Tally:
+    """One validation's running count over held-back batches: per-row agreement, the KL sum, and
+    whether it has failed (more rows disagree than ``max_disagree``: the rest cannot save it)."""
+
+    def __init__(self, n_rows: int, max_disagree: int | None):
+        self.n_rows, self.max_disagree = n_rows, max_disagree
+        self.rows: list[bool] = []
+        self.kl, self.disagree, self.stopped = 0.0, 0, False
+
+    def add(self, hit: list, kl_batch: float) -> bool:
+        """Count one batch; True once the validation has failed (stop running it)."""
+        self.rows += hit
+        self.kl += kl_batch
+        self.disagree += len(hit) - sum(hit)
+        failed = self.max_disagree is not None and self.disagree > self.max_disagree
+        self.stopped = failed and len(self.rows) < self.n_rows
+        return failed
+
+    def measurement(self) -> dict:
+        return _measurement(self.rows, self.kl, self.stopped)
 
 
 def _measurement(rows: list, kl: float, stopped: bool = False) -> dict:
@@ -277,8 +290,8 @@ class ValidationCache:
             refs = self.refs_for(decoder, holdout)
             prefix = Schedule(cuts=[c for c in schedules[0].cuts if c.layer < layer], num_layers=schedules[0].num_layers)
             from_layer_1 = layer >= 1 and all(c.layer >= 1 for c in prefix.effective_cuts())
-            rows = {k: [] for k in todo}
-            kl = dict.fromkeys(todo, 0.0)
+            n_rows = distributed.total(sum(b.batch_size for b in holdout))
+            tallies = {k: _Tally(n_rows, max_disagree) for k in todo}
             active = list(todo)
 
             @torch.no_grad()
@@ -291,20 +304,14 @@ class ValidationCache:
                     flow.run(prefix, until=layer, observe_all=True)
                 return {k: score(flow.branch().run(schedules[k]).logits().float().cpu(), ref) for k in active}
 
-            n_rows = distributed.total(sum(b.batch_size for b in holdout))
-            stopped = set()
             for out in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
                 for k, (hit, kl_batch) in out.items():
-                    rows[k] += hit
-                    kl[k] += kl_batch
-                    if max_disagree is not None and len(rows[k]) - sum(rows[k]) > max_disagree:
+                    if tallies[k].add(hit, kl_batch):
                         active.remove(k)
-                        if len(rows[k]) < n_rows:
-                            stopped.add(k)
                 if not active:
                     break
             for k in todo:
-                self.measured[_key(schedules[k])] = _measurement(rows[k], kl[k], k in stopped)
+                self.measured[_key(schedules[k])] = tallies[k].measurement()
         return [dict(self.measured[_key(sch)]) for sch in schedules]
 
 

@@ -36,7 +36,11 @@
    statistics. Then a single cut before layer 0 at the same prefill FLOPs per rule that can run
    there, chosen over the in-LLM schedule only when significantly better by the same test (not run
    when the schedule disagrees on fewer than 6 rows: no rule can then win at 0.05); a FLOPs budget out of the in-LLM cuts' reach (layer 0 alone costs 1/L of the prefill) is met
-   before layer 0.
+   before layer 0. Both choices run fewer rows for the same result (:func:`pick_curtailed`): the
+   cheapest rule (or the schedule) runs every row, and another stops once it could not agree
+   significantly more even by winning every remaining row the first disagrees on
+   (:func:`out_of_reach`), since the first is then kept whatever it does; when one does agree
+   significantly more, the stopped ones run in full.
 5. Control. The chosen schedule is compared, on the same rows, with random tokens at its counts
    (``calibrate --policy random --like``): its paired margin, exact interval and p-value are
    written to ``calibration.random_control``.

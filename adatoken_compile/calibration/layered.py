@@ -406,7 +406,7 @@ class LayeredValidation:
             prefixes[n] = (first, keep)
         return out
 
-    def agreement(self, decoder, holdout, refs, schedule, max_disagree):
+    def agreement(self, decoder, holdout, refs, schedule, max_disagree, against=None):
         from adatoken_compile.calibration.solver import agreement, score
 
         def results():  # read chunk by chunk, as far as the count needs (a failed candidate stops early)
@@ -415,12 +415,13 @@ class LayeredValidation:
                 for i, lg in zip(chunk, self._chunk_logits(n, [holdout[i] for i in chunk], schedule)):
                     yield score(lg, refs[i])
 
-        return agreement(decoder, holdout, refs, schedule, max_disagree, results=results())
+        return agreement(decoder, holdout, refs, schedule, max_disagree, results=results(), against=against)
 
-    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None) -> list:
+    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None,
+                       against=None) -> list:
         # the sample-major branching runs whole decoders; here each rule is its own layer-major pass,
         # sharing the states before its first cut like any other candidate (same numbers)
-        return [self.measure(decoder, holdout, s, max_disagree) for s in schedules]
+        return [self.measure(decoder, holdout, s, max_disagree, against) for s in schedules]
 
 
 def validation_cache(layers: StreamedLayers):

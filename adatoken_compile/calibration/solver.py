@@ -36,7 +36,11 @@
    statistics. Then a single cut before layer 0 at the same prefill FLOPs per rule that can run
    there, chosen over the in-LLM schedule only when significantly better by the same test (not run
    when the schedule disagrees on fewer than 6 rows: no rule can then win at 0.05); a FLOPs budget out of the in-LLM cuts' reach (layer 0 alone costs 1/L of the prefill) is met
-   before layer 0.
+   before layer 0. Both choices run fewer rows for the same result (:func:`pick_curtailed`): the
+   cheapest rule (or the schedule) runs every row, and another stops once it could not agree
+   significantly more even by winning every remaining row the first disagrees on
+   (:func:`out_of_reach`), since the first is then kept whatever it does; when one does agree
+   significantly more, the stopped ones run in full.
 5. Control. The chosen schedule is compared, on the same rows, with random tokens at its counts
    (``calibrate --policy random --like``): its paired margin, exact interval and p-value are
    written to ``calibration.random_control``.
@@ -133,7 +137,8 @@ def score(lg: torch.Tensor, ref: torch.Tensor) -> tuple[list, float]:
 
 
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
-              max_disagree: int | None = None, states: LayerZeroStates | None = None, results=None) -> dict:
+              max_disagree: int | None = None, states: LayerZeroStates | None = None, results=None,
+              against=None) -> dict:
     """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
     ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
     failed a fidelity target whatever the rest do); the result then says ``stopped`` and counts
@@ -141,8 +146,10 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
     taken in one process's order, so every rank stops at the same batch with the same numbers.
     ``states``: the batches' :class:`LayerZeroStates`, from which a schedule whose first cut is at
     layer 1 or later starts (same numbers, one layer fewer per batch). ``results``: the batches'
-    ``score`` s in order, computed elsewhere (a layer-major engine); read only as far as needed."""
-    tally = _Tally(distributed.total(sum(b.batch_size for b in holdout)), max_disagree)
+    ``score`` s in order, computed elsewhere (a layer-major engine); read only as far as needed.
+    ``against``: another schedule's per-row agreement on all rows; stop (``curtailed``) once this one
+    cannot agree significantly more than it (:func:`out_of_reach`)."""
+    tally = _Tally(distributed.total(sum(b.batch_size for b in holdout)), max_disagree, against)
     cuts = schedule.effective_cuts()
     from_layer_1 = states is not None and bool(cuts) and min(c.layer for c in cuts) >= 1
 
@@ -160,24 +167,28 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
 
 class _Tally:
     """One validation's running count over held-back batches: per-row agreement, the KL sum, and
-    whether it has failed (more rows disagree than ``max_disagree``: the rest cannot save it)."""
+    whether its run can stop: it has failed (more rows disagree than ``max_disagree``: the rest
+    cannot save it), or it can no longer agree significantly more than ``against`` (``curtailed``)."""
 
-    def __init__(self, n_rows: int, max_disagree: int | None):
-        self.n_rows, self.max_disagree = n_rows, max_disagree
+    def __init__(self, n_rows: int, max_disagree: int | None, against=None):
+        self.n_rows, self.max_disagree, self.against = n_rows, max_disagree, against
         self.rows: list[bool] = []
-        self.kl, self.disagree, self.stopped = 0.0, 0, False
+        self.kl, self.disagree, self.stopped, self.curtailed = 0.0, 0, False, False
 
     def add(self, hit: list, kl_batch: float) -> bool:
-        """Count one batch; True once the validation has failed (stop running it)."""
+        """Count one batch; True once the validation can stop."""
         self.rows += hit
         self.kl += kl_batch
         self.disagree += len(hit) - sum(hit)
         failed = self.max_disagree is not None and self.disagree > self.max_disagree
-        self.stopped = failed and len(self.rows) < self.n_rows
-        return failed
+        left = len(self.rows) < self.n_rows
+        self.curtailed = not failed and left and self.against is not None and out_of_reach(self.rows, self.against)
+        self.stopped = (failed or self.curtailed) and left
+        return failed or self.curtailed
 
     def measurement(self) -> dict:
-        return _measurement(self.rows, self.kl, self.stopped)
+        out = _measurement(self.rows, self.kl, self.stopped)
+        return {**out, "curtailed": True} if self.curtailed else out
 
 
 def _measurement(rows: list, kl: float, stopped: bool = False) -> dict:
@@ -263,35 +274,36 @@ class ValidationCache:
         """The unpruned next-token logits of every held-back batch (an engine may run them otherwise)."""
         return [reference_logits(decoder, b) for b in holdout]
 
-    def agreement(self, decoder, holdout, refs, schedule: Schedule, max_disagree: int | None) -> dict:
+    def agreement(self, decoder, holdout, refs, schedule: Schedule, max_disagree: int | None, against=None) -> dict:
         """``agreement`` of one schedule (an engine may run its prefills otherwise)."""
-        return agreement(decoder, holdout, refs, schedule, max_disagree, self.states)
+        return agreement(decoder, holdout, refs, schedule, max_disagree, self.states, against=against)
 
-    def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None) -> dict:
+    def measure(self, decoder, holdout, schedule: Schedule, max_disagree: int | None = None, against=None) -> dict:
         """Agreement of ``schedule`` (see ``agreement``); a measurement that stopped early answers only
         requests that would have stopped there too (a fidelity search), others measure all rows."""
         cuts = _key(schedule)
         if self._stale(cuts, max_disagree):
             refs = self.refs_for(decoder, holdout)
-            self.measured[cuts] = self.agreement(decoder, holdout, refs, schedule, max_disagree)
+            self.measured[cuts] = self.agreement(decoder, holdout, refs, schedule, max_disagree, against)
         return dict(self.measured[cuts])
 
     def _stale(self, key, max_disagree: int | None) -> bool:
         have = self.measured.get(key)
         return have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree))
 
-    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None) -> list:
+    def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None,
+                       against=None) -> list:
         """Agreements of ``schedules`` that share every cut before ``layer`` and differ from there
         on (the rules of one cut): each held-back batch runs the shared layers once and branches at
-        ``layer`` (same numbers as :meth:`measure` per schedule). ``max_disagree`` as in ``agreement``,
-        per schedule. A schedule already measured on every row is not run again."""
+        ``layer`` (same numbers as :meth:`measure` per schedule). ``max_disagree`` and ``against`` as
+        in ``agreement``, per schedule. A schedule already measured on every row is not run again."""
         todo = [k for k, sch in enumerate(schedules) if self._stale(_key(sch), max_disagree)]
         if todo:
             refs = self.refs_for(decoder, holdout)
             prefix = Schedule(cuts=[c for c in schedules[0].cuts if c.layer < layer], num_layers=schedules[0].num_layers)
             from_layer_1 = layer >= 1 and all(c.layer >= 1 for c in prefix.effective_cuts())
             n_rows = distributed.total(sum(b.batch_size for b in holdout))
-            tallies = {k: _Tally(n_rows, max_disagree) for k in todo}
+            tallies = {k: _Tally(n_rows, max_disagree, against) for k in todo}
             active = list(todo)
 
             @torch.no_grad()
@@ -418,11 +430,28 @@ def paired_test(a_rows, b_rows, alpha: float = PAIRED_ALPHA) -> dict:
     n = int(a.shape[0])
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
     d = wins + losses
-    p = min(1.0, 2 * sum(math.comb(d, i) for i in range(min(wins, losses) + 1)) / 2 ** d) if d else 1.0
+    p = sign_test_p(wins, losses)
     lo, hi = clopper_pearson(wins, d, alpha) if d else (0.5, 0.5)
     scale = d / n if n else 0.0
     return {"rows": n, "wins": wins, "losses": losses, "margin": (wins - losses) / n if n else 0.0,
             "ci95": [scale * (2 * lo - 1), scale * (2 * hi - 1)], "p_value": p, "significant": p < alpha}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar) on ``wins`` vs ``losses`` discordant rows."""
+    d = wins + losses
+    return min(1.0, 2 * sum(math.comb(d, i) for i in range(min(wins, losses) + 1)) / 2 ** d) if d else 1.0
+
+
+def out_of_reach(rows, against, alpha: float = PAIRED_ALPHA) -> bool:
+    """Can a schedule that agreed as ``rows`` on the first held-back rows no longer agree
+    significantly more than ``against`` (measured on all of them), whatever its other rows do? At
+    best it wins every remaining row that ``against`` disagrees on and loses no other; fewer wins or
+    more losses only raise the sign test's p-value."""
+    a, r = np.asarray(against, dtype=bool), np.asarray(rows, dtype=bool)
+    wins = int((r & ~a[:len(r)]).sum() + (~a[len(r):]).sum())
+    losses = int((~r & a[:len(r)]).sum())
+    return not (wins > losses and sign_test_p(wins, losses) < alpha)
 
 
 def paired_summary(t: dict, what: str) -> str:
@@ -642,15 +671,32 @@ def pick(measured: list, target: float | None = None) -> tuple[int | None, list]
     return chosen, tests
 
 
-def can_be_beaten(measured: dict, alpha: float = PAIRED_ALPHA) -> bool:
-    """Can any schedule agree significantly more than ``measured`` on the same rows? Only on the rows
-    it disagrees on (d of them), and winning all of them gives p = 2 / 2**d at best."""
-    d = measured["rows"] - measured["agreed"]
-    return 2.0 / 2 ** d < alpha
+def pick_curtailed(cands: list, measure, target: float | None = None) -> tuple[list, int | None, list]:
+    """:func:`pick` among ``cands`` (cheapest first), running fewer rows for the same choice.
+    ``measure(schedules, against)``: their measurements, each stopped (``curtailed``) once it cannot
+    agree significantly more than the per-row vector ``against`` (None: no such stop). The first
+    candidate runs every row, the others against it when it can be chosen: ``pick`` takes the first
+    unless it is significantly below the most agreeing one, so a candidate that cannot agree
+    significantly more than it changes nothing. Only when ``pick`` then chooses another do the
+    curtailed ones run in full: any of them may be the most agreeing, or the cheapest not below it.
+    Returns (the measurements, pick's index, its tests)."""
+    ms = measure(cands[:1], None)
+    first = ms[0] if ms else {"stopped": True}
+    ms += measure(cands[1:], None if first.get("stopped") or (target is not None and not passes(first, target))
+                  else first[ROW_KEY])
+    k, tests = pick(ms, target)
+    redo = [i for i, m in enumerate(ms) if m.get("curtailed")]
+    if k and redo:
+        for i, m in zip(redo, measure([cands[i] for i in redo], None)):
+            ms[i] = m
+        k, tests = pick(ms, target)
+    return ms, k, tests
 
 
-def _trial(base: dict, m: dict, test: dict | None, chosen: bool) -> dict:
+def _trial(base: dict, m: dict, test: dict | None, chosen: bool, first: str) -> dict:
     out = {**base, **{k: m[k] for k in ("agreement", "agreed", "rows")}, "stopped": bool(m.get("stopped"))}
+    if m.get("curtailed"):
+        out["curtailed"] = f"cannot agree significantly more than {first}"
     if test is not None:
         out["below_best"] = {"margin": round(test["margin"], 5), "p_value": round(test["p_value"], 5)}
     return {**out, "chosen": chosen}
@@ -679,10 +725,10 @@ def choose_rules(decoder, stats: CalibrationStats, holdout, schedule: Schedule, 
                 continue
             cands.append(cand)
             bases.append(trial)
-        ms = cache.measure_at_cut(decoder, holdout, cands, cut.layer, stop_at)
-        k, tests = pick(ms, target)
+        ms, k, tests = pick_curtailed(cands, lambda scheds, against: cache.measure_at_cut(
+            decoder, holdout, scheds, cut.layer, stop_at, against), target)
         k = cands.index(best) if k is None else k  # nothing passes: the count search's schedule stays
-        trials += [_trial(t, m, tt, i == k) for i, (t, m, tt) in enumerate(zip(bases, ms, tests))]
+        trials += [_trial(t, m, tt, i == k, bases[0]["rule"]) for i, (t, m, tt) in enumerate(zip(bases, ms, tests))]
         best, best_m = cands[k], ms[k]
     return best, best_m, trials
 
@@ -695,24 +741,25 @@ def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule
     ``schedule`` first: a cut before layer 0 replaces it only when it agrees significantly more."""
     L = stats.arch["num_layers"]
     N, nt = stats.mean_spatial_tokens(), stats.mean_text_tokens()
-    cands, ms, bases = ([schedule], [measured], []) if schedule is not None else ([], [], [])
+    cands, bases = ([schedule] if schedule is not None else []), []
     rules = by_cost(stats, rule_candidates(stats, 0, names))
-    if schedule is not None and not can_be_beaten(measured):
+    if schedule is not None and out_of_reach([], measured[ROW_KEY]):
         return schedule, measured, [{"cut": 0, "rule": r.label(), "skipped": "the schedule disagrees on too few rows "
                                      "for any rule to agree significantly more"} for r in rules]
     for rule in rules:
         keep = keep_for_flops(stats.arch, L, flops_ratio, N, nt, rule)
         cand = Schedule(cuts=[Cut(0, keep, rule)], num_layers=L, policy="adaptive")
         cands.append(cand)
-        ms.append(cache.measure(decoder, holdout, cand, max_disagree=stop_at))
         bases.append({"cut": 0, "keep": keep, "rule": rule.label(),
                       "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5)})
     if not cands:
         raise InputError("calibrate: no rule can cut before layer 0 at this budget; add --rules strided,random")
-    k, tests = pick(ms, target)
+    ms, k, tests = pick_curtailed(cands, lambda scheds, against: [
+        measured if s is schedule else cache.measure(decoder, holdout, s, stop_at, against) for s in scheds], target)
     k = 0 if k is None else k
     off = len(cands) - len(bases)
-    trials = [_trial(t, ms[i + off], tests[i + off], i + off == k) for i, t in enumerate(bases)]
+    first = "the schedule" if off else bases[0]["rule"]
+    trials = [_trial(t, ms[i + off], tests[i + off], i + off == k, first) for i, t in enumerate(bases)]
     return cands[k], ms[k], trials
 
 

@@ -376,7 +376,7 @@ def test_fidelity_search_refines_the_gap_between_frontier_points(monkeypatch):
     assert hi - lo > 0.2  # the premise: a wide jump on this model's frontier
     threshold = lo + 0.5 * (hi - lo)
 
-    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None):
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None, against=None):
         ok = schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold
         return _measured(4 if ok else 2, 4)
 
@@ -403,7 +403,7 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
     assert all(c.cuts[0].layer >= 2 for c in solver.propose(st, first_layer=2) if c.cuts)
     runs = []
 
-    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None):
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None, against=None):
         assert schedule.cuts, "the unpruned schedule was run"
         runs.append(schedule)
         ok = schedule.cuts[0].layer >= 2
@@ -419,14 +419,15 @@ def test_search_tries_deeper_first_cuts_when_the_proxy_prefers_shallow_ones(monk
     runs.clear()
     budget = cheapest_deep + 0.03  # the proxy's own candidates at this budget all cut at layer 1 here
     deep = fake_agreement
-    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: {**deep(d, h, r, sch), **_measured(3, 4)}
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None, against=None:
+                        {**deep(d, h, r, sch), **_measured(3, 4)}
                         if sch.cuts[0].layer >= 2 else deep(d, h, r, sch))  # below 1: no early stop
     b = solver.solve(model, st, _data(64, n=4), flops_budget=budget, max_validations=4, rules=("last_token",))
     assert len({r.cuts[0].layer for r in runs}) >= 2  # shapes measured, not ranked by the proxy alone
     assert b.cuts[0].layer >= 2 and b.predicted["flops_ratio"] <= budget + 1e-9
 
     # nothing passes: the unpruned schedule is returned, recorded as agreeing by construction
-    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None: _measured(2, 4))
+    monkeypatch.setattr(solver, "agreement", lambda d, h, r, sch, m=None, states=None, against=None: _measured(2, 4))
     s = solver.solve(model, st, _data(64, n=4), fidelity=0.5, max_validations=6, rules=("last_token",))
     assert s.cuts == [] and s.calibration["fidelity"]["unpruned"] and s.calibration["fidelity"]["agreed"] == 4
     assert len(s.calibration["search"]["validated"]) == 6
@@ -445,7 +446,7 @@ def test_a_lucky_point_estimate_does_not_pass(monkeypatch):
     ratios = sorted(c.flops_ratio for c in solver.propose(st))
     threshold = ratios[len(ratios) // 2]
 
-    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None):
+    def fake_agreement(decoder, holdout, refs, schedule, max_disagree=None, states=None, against=None):
         k = 96 if schedule_flops(st.arch, schedule, N, nt)["flops_ratio"] >= threshold - 1e-9 else 92
         return _measured(k, 96)
 

@@ -175,3 +175,40 @@ def test_candidates_share_the_unpruned_layers_before_their_first_cut():
         ran.append((streamed.timings["validation_sample_layers"] - before) // 6)  # layers per row
     # from layer 0; from the states before layer 2 (twice); from layer 0, keeping those before layer 1
     assert ran == [4, 2, 2, 4, 3]
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.9])
+def test_curtailed_rule_choice_is_the_full_choice_in_both_engines(monkeypatch, budget):
+    """The rule stage stops a rule once it cannot agree significantly more than the cheapest one (or
+    a cut before layer 0 than the schedule): the same schedule and trial choices as running every
+    rule on every row, fewer rows run, and the layer-major engine stops at the same rows."""
+    from adatoken_compile.calibration import api as engine_api, solver
+
+    dec = _llama()
+    data, hold = [_batch(s) for s in range(100, 104)], [_batch(s) for s in range(24)]
+
+    def run(**kw):
+        s, _ = engine_api.calibrate(dec, data, holdout_batches=hold, policy="adaptive", flops_budget=budget,
+                                    progress=False, max_validations=2, **kw)
+        return s, [t for t in s.calibration["rules"]["trials"] if "skipped" not in t]
+
+    cut, cut_trials = run()
+    lay, lay_trials = run(layers=layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1))
+    real = solver.out_of_reach
+    # no curtailment; a schedule that no cut before layer 0 can beat at all is still not challenged
+    monkeypatch.setattr(solver, "out_of_reach", lambda rows, against, alpha=solver.PAIRED_ALPHA:
+                        len(rows) == 0 and real(rows, against, alpha))
+    full, full_trials = run()
+    assert cut.cuts == full.cuts == lay.cuts
+    assert cut.calibration["fidelity"] == full.calibration["fidelity"] == lay.calibration["fidelity"]
+    assert cut.calibration["random_control"] == full.calibration["random_control"]
+    assert [(t["cut"], t["rule"], t["chosen"]) for t in cut_trials] == \
+        [(t["cut"], t["rule"], t["chosen"]) for t in full_trials]
+    for c, f in zip(cut_trials, full_trials):
+        if "curtailed" in c:
+            assert c["stopped"] and c["rows"] < f["rows"] and c["agreed"] <= f["agreed"]
+        else:
+            assert (c["agreed"], c["rows"]) == (f["agreed"], f["rows"])
+    assert any("curtailed" in t for t in cut_trials)
+    assert sum(t["rows"] for t in cut_trials) < sum(t["rows"] for t in full_trials)
+    assert lay_trials == cut_trials and lay.calibration["random_control"] == cut.calibration["random_control"]

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from adatoken_compile.calibration import solver
 from adatoken_compile.calibration.stats import CalibrationStats
@@ -210,16 +211,18 @@ class _Measured:
     def __init__(self, agreed: dict):
         self.agreed, self.calls = agreed, []
 
-    def measure(self, decoder, holdout, schedule, max_disagree=None):
+    def measure(self, decoder, holdout, schedule, max_disagree=None, against=None):
         key = tuple(c.rule.name for c in schedule.cuts)
         self.calls.append((key, max_disagree))
         a = self.agreed[key]
-        stopped = max_disagree is not None and 100 - a > max_disagree
-        return {"agreement": a / 100, "agreed": a, "rows": 100, solver.ROW_KEY: [True] * a + [False] * (100 - a),
-                **({"stopped": True} if stopped else {})}
+        tally = solver._Tally(100, max_disagree, against)  # one row a batch
+        for row in [True] * a + [False] * (100 - a):
+            if tally.add([row], 0.0):
+                break
+        return tally.measurement()
 
-    def measure_at_cut(self, decoder, holdout, schedules, layer, max_disagree=None):
-        return [self.measure(decoder, holdout, s, max_disagree) for s in schedules]
+    def measure_at_cut(self, decoder, holdout, schedules, layer, max_disagree=None, against=None):
+        return [self.measure(decoder, holdout, s, max_disagree, against) for s in schedules]
 
 
 def _constructed():
@@ -269,7 +272,7 @@ def test_a_cut_before_layer_0_replaces_the_schedule_only_when_significantly_bett
     five = {**m, "agreed": 95, solver.ROW_KEY: [True] * 95 + [False] * 5}
     pre, _, more = solver.choose_pre_llm(None, st, [], best, five, ["strided", "random"], fake, limit)
     assert pre is best and len(fake.calls) == calls and all(t["skipped"] for t in more)
-    assert solver.can_be_beaten(m) and not solver.can_be_beaten(five)
+    assert not solver.out_of_reach([], m[solver.ROW_KEY]) and solver.out_of_reach([], five[solver.ROW_KEY])
     assert schedule_flops(ARCH, pre, 400, 20)["flops_ratio"] <= limit + 1e-3
 
 
@@ -291,6 +294,74 @@ def test_paired_test_matches_a_hand_computed_case():
     assert t["ci95"] == pytest.approx([0.05 * (2 * 0.025 ** 0.2 - 1), 0.05])
     assert solver.clopper_pearson(3, 10) == pytest.approx((0.0667, 0.6525), abs=1e-4)  # tabulated
     assert solver.paired_test([True, False], [True, False])["ci95"] == [0.0, 0.0]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 120), st.floats(0.5, 1.0))
+def test_out_of_reach_is_the_best_case_and_no_completion_beats_it(seed, n, rate):
+    rng = np.random.default_rng(seed)
+    against = (rng.random(n) < rate).tolist()
+    ran = int(rng.integers(0, n + 1))
+    prefix = (rng.random(ran) < rng.uniform(0.5, 1.0)).tolist()
+    best = solver.paired_test(prefix + [True] * (n - ran), against)  # every remaining row agreeing
+    reach = best["significant"] and best["margin"] > 0
+    assert solver.out_of_reach(prefix, against) == (not reach)
+    if not reach:
+        for _ in range(20):
+            t = solver.paired_test(prefix + (rng.random(n - ran) < rng.uniform(0.5, 1.0)).tolist(), against)
+            assert not (t["significant"] and t["margin"] > 0)
+
+
+def _tallied(vecs, batch, stop_at):
+    """A measure(indices, against) over constructed per-row vectors, ``batch`` rows at a time."""
+    def measure(idx, against):
+        out = []
+        for i in idx:
+            tally = solver._Tally(len(vecs[i]), stop_at, against)
+            for s in range(0, len(vecs[i]), batch):
+                if tally.add(vecs[i][s:s + batch], 0.0):
+                    break
+            out.append(tally.measurement())
+        return out
+    return measure
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 2**32 - 1), st.integers(73, 240), st.integers(2, 6), st.integers(1, 9),
+       st.sampled_from([None, 0.8, 0.9]))
+def test_curtailed_candidates_never_change_the_paired_choice(seed, n, k, batch, target):
+    # rules at one cut share most of their agreeing rows; each differs on a few with its own rate
+    rng = np.random.default_rng(seed)
+    base = rng.random(n)
+    vecs = []
+    for _ in range(k):
+        p = rng.uniform(0.75, 1.0)
+        own = rng.random(n) < rng.uniform(0.0, 0.2)
+        vecs.append(np.where(own, rng.random(n) < p, base < p).tolist())
+    stop_at = solver.max_disagreements(n, target) if target is not None else None
+    measure = _tallied(vecs, batch, stop_at)
+    cands = list(range(k))
+    full = measure(cands, None)
+    want, _ = solver.pick(full, target)
+    ms, got, _ = solver.pick_curtailed(cands, measure, target)
+    assert got == want
+    for m, f in zip(ms, full):
+        assert m[solver.ROW_KEY] == f[solver.ROW_KEY][:m["rows"]]
+        assert m == f or m.get("curtailed") and m["rows"] < n and got == 0
+
+
+def test_candidates_stop_once_they_cannot_agree_significantly_more_than_the_first():
+    first = [True] * 90 + [False] * 10
+    mid = [False] * 5 + [True] * 95  # 5 losses in the first batch of 10: 10 wins at best, p = 0.30
+    ms, k, _ = solver.pick_curtailed([0, 1], _tallied([first, mid], 10, None))
+    assert k == 0 and ms[1]["rows"] == 10 and ms[1]["curtailed"] and ms[1]["stopped"]
+    # the last wins all 10 of the first's disagreements (p = 0.002): the first is out, and the
+    # curtailed candidate, run in full, is only 5 rows below the best (p = 0.06): it is chosen
+    ms, k, _ = solver.pick_curtailed([0, 1, 2], _tallied([first, mid, [True] * 100], 10, None))
+    assert k == 1 and ms[1]["rows"] == 100 and not ms[1].get("stopped")
+    # a first that fails the target (90 of 100 shows >= 0.83) is no yardstick: nothing is curtailed
+    ms, k, _ = solver.pick_curtailed([0, 1], _tallied([first, mid], 10, None), target=0.85)
+    assert k == 1 and ms[1]["rows"] == 100
 
 
 def test_shared_prefix_measures_as_the_schedules_alone():

@@ -58,6 +58,15 @@ def test_buffers_match_the_numpy_path(buffered_art, concat_art):
     forms; the buffered one moves no KV byte per step, the numpy one the whole cache both ways."""
     a, b = load(buffered_art), load(concat_art)
     assert "past_length.0" in a._inputs["decode"] and b._inputs["decode"] == decode_input_names(a.num_layers)
+    # the step's attention rotates the packed q / k / v at the graph's position ids itself (the
+    # pruned layers' positions are not their slots), as ONNX Runtime GenAI's graphs do
+    import onnx
+
+    g = onnx.load(os.path.join(buffered_art, "decode.onnx"), load_external_data=False).graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == a.num_layers and not any(n.op_type == "RotaryEmbedding" for n in g.node)
+    assert all({x.name: x.i for x in n.attribute}["do_rotary"] == 1 and n.input[9] == "position_ids"
+               and n.input[1] == n.input[2] == "" for n in gqa)
     feeds = a.prepare(list(zip(SCENES[:2], QUESTIONS[:2])))
     steps = 6
     got = {}

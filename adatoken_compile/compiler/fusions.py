@@ -15,6 +15,8 @@ These rewrites put onnxruntime's own ops in their place, with the same arithmeti
   original nodes. Where the rotated tensor is only reshaped back to ``(B, S, heads*D)`` (the
   decode step's query and key before GroupQueryAttention), the op takes that 3-D form directly
   and the Reshape / Transpose pairs around it go.
+* the lm_head's ``Gemm(x, W, transB=1)`` -> ``MatMul(x, W.T)`` (onnxruntime's CPU Gemm with
+  transB is the slower kernel for a few rows);
 * a decode step's query and key rotated at ``position_ids`` just before ``GroupQueryAttention``,
   all three cut from one packed q/k/v MatMul: the op takes the packed tensor and rotates at those
   same positions itself (``do_rotary`` with its ``position_ids`` input), as ONNX Runtime GenAI's
@@ -36,6 +38,8 @@ from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+from .weights import gemm_as_matmul
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate RotaryEmbedding functions
 
@@ -301,6 +305,10 @@ def fuse_decoder(model: ir.Model, max_positions: int | None) -> dict[str, int]:
     if _is_bfloat16(model):
         return {}
     counts = {"packed_matmuls": pack_sibling_matmuls(model), "packed_biases": pack_split_biases(model)}
+    # the lm_head exports as Gemm(transB=1): onnxruntime's CPU Gemm over the (vocab, hidden) weight
+    # runs one token's logits ~20% slower than MatMul over its transpose
+    counts["gemm_as_matmul"] = sum(gemm_as_matmul(model.graph, n) is not None
+                                   for n in list(model.graph) if n.op_type == "Gemm" and n.domain in ("", "ai.onnx"))
     shapes = common_passes.ShapeInferencePass()
     shapes(model)
     counts["rms_norm"] = fuse_rms_normalization(model)

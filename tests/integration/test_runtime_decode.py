@@ -88,6 +88,22 @@ def test_buffers_match_the_numpy_path(buffered_art, concat_art):
     assert tb["kv_bytes_per_step"] == pytest.approx(np.mean(per_step))
 
 
+def test_only_the_decode_session_spin_waits(buffered_art):
+    """The once-per-request graphs' thread pools sleep when idle, so that after a prefill they leave
+    the cores to the decode step's pool, which keeps ONNX Runtime's spin-waiting between its many
+    small sections."""
+    def spin(session):
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return None
+
+    rt = load(buffered_art, threads=2)
+    spins = {name: spin(s) for name, s in rt.sessions.items()}
+    assert set(spins) >= {"encoder", "prefill", "decode"}
+    assert spins.pop("decode") != "0" and set(spins.values()) == {"0"}
+
+
 def test_buffered_logits_match_the_numpy_path(buffered_art, concat_art):
     from adatoken_compile.runtime.decoding import ConcatSteps
 

@@ -57,11 +57,22 @@ def user_errors(fn):
             if distributed.is_main():
                 click.echo(f"error: {_one_line(e)}", err=True)
             distributed.close()
-            sys.exit(2)
+            _leave_launch(2)
         distributed.close()
         return out
 
     return wrapper
+
+
+def _leave_launch(code: int):
+    """Exit with ``code``; a rank of a torchrun launch skips the interpreter's teardown: the group is
+    left and the line printed, and the teardown of torch's threads after a peer rank has gone can
+    abort the process (SIGABRT, exit 134, instead of the 2 the user's script checks)."""
+    if distributed.launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def model_options(fn):

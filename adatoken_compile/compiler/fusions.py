@@ -15,6 +15,14 @@ These rewrites put onnxruntime's own ops in their place, with the same arithmeti
   original nodes. Where the rotated tensor is only reshaped back to ``(B, S, heads*D)`` (the
   decode step's query and key before GroupQueryAttention), the op takes that 3-D form directly
   and the Reshape / Transpose pairs around it go.
+* the lm_head's ``Gemm(x, W, transB=1)`` -> ``MatMul(x, W.T)`` (onnxruntime's CPU Gemm with
+  transB is the slower kernel for a few rows);
+* a decode step's query and key rotated at ``position_ids`` just before ``GroupQueryAttention``,
+  all three cut from one packed q/k/v MatMul: the op takes the packed tensor and rotates at those
+  same positions itself (``do_rotary`` with its ``position_ids`` input), as ONNX Runtime GenAI's
+  graphs do; the Split, both RotaryEmbeddings and the value's Reshape go. Only for one new token
+  per row: for a prompt the op reads a row's first position and counts on from it, which a
+  left-padded or pruned prompt's positions do not do.
 
 Positions must stay below ``max_positions`` (the runtime refuses longer prompts plus budgets).
 Graphs in bfloat16 are left alone: onnxruntime's CPU provider has none of these ops in bfloat16.
@@ -30,6 +38,8 @@ from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+from .weights import gemm_as_matmul
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate RotaryEmbedding functions
 
@@ -180,6 +190,111 @@ def pack_sibling_matmuls(model: ir.Model) -> int:
     return removed
 
 
+def pack_split_biases(model: ir.Model) -> int:
+    """A Split whose every output gets its own constant bias added (Qwen2's q / k / v after
+    :func:`pack_sibling_matmuls`) -> one Add of the biases side by side before the Split: one node
+    for three, and the packed q / k / v stay one tensor for :func:`fold_rotary_into_gqa`. Returns
+    how many Splits were changed."""
+    g = model.graph
+    changed = 0
+    for split in list(g):
+        if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or split.inputs[0] is None:
+            continue
+        adds = []
+        for out in split.outputs:
+            users = list(out.uses())
+            node = users[0].node if len(users) == 1 else None
+            bias = None
+            if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+                bias = node.inputs[1 - users[0].idx]
+            if (bias is None or bias.const_value is None or out.is_graph_output() or bias.shape is None
+                    or len(bias.shape) != 1 or out.shape is None or bias.shape[0] != out.shape[-1]):
+                break
+            adds.append((node, bias))
+        else:
+            if not adds or split.attributes.get_int("axis", 0) not in (-1, len(split.inputs[0].shape or []) - 1):
+                continue
+            biases = [b for _, b in adds]
+            name = split.name + ".bias"
+            shape = ir.Shape([sum(int(b.shape[0]) for b in biases)])
+            tensors = [b.const_value for b in biases]
+
+            def value(tensors=tensors, name=name):
+                return ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in tensors]), name=name)
+
+            packed = ir.Value(name=name, shape=shape, type=biases[0].type,
+                              const_value=ir.LazyTensor(value, dtype=biases[0].dtype, shape=shape, name=name))
+            g.register_initializer(packed)
+            add = ir.node("Add", [split.inputs[0], packed], name=name + "/add")
+            add.outputs[0].shape, add.outputs[0].type = split.inputs[0].shape, split.inputs[0].type
+            g.insert_before(split, add)
+            split.replace_input_with(0, add.outputs[0])
+            for out, (node, _) in zip(split.outputs, adds):
+                node.outputs[0].replace_all_uses_with(out)
+            g.remove([n for n, _ in adds], safe=True)
+            for b in biases:
+                if not b.uses() and b.name in g.initializers:
+                    g.initializers.pop(b.name)
+            changed += 1
+    return changed
+
+
+def _through_reshapes(v: ir.Value) -> tuple[ir.Value | None, list[ir.Node]]:
+    """The value ``v`` is reshaped from, back through Reshapes to one of the same (B, S, width) shape
+    (the value's head split and merge around attention), and those Reshapes; (None, []) if there is
+    none."""
+    nodes, src = [], v
+    while (node := src.producer()) is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+        nodes.append(node)
+        src = node.inputs[0]
+        if src is None:
+            return None, []
+    if nodes and (src.shape is None or v.shape is None or src.shape != v.shape or len(v.shape) != 3):
+        return None, []
+    return src, nodes
+
+
+def fold_rotary_into_gqa(model: ir.Model) -> int:
+    """The decode step's RotaryEmbedding pairs into GroupQueryAttention (module docstring). Returns
+    how many attention nodes now rotate themselves."""
+    g = model.graph
+    folded = 0
+    for node in list(g):
+        if (node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.inputs) != 7
+                or node.attributes.get_int("do_rotary", 0)):
+            continue
+        q, k, v = node.inputs[:3]
+        rq, rk = (x.producer() if x is not None else None for x in (q, k))
+        if not all(r is not None and r.op_type == "RotaryEmbedding" and r.domain == "com.microsoft"
+                   and not r.attributes.get_int("interleaved", 0) for r in (rq, rk)):
+            continue
+        if list(rq.inputs[1:]) != list(rk.inputs[1:]) or len(rq.inputs) != 4:
+            continue  # one position_ids and one pair of tables for both
+        heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
+        if rq.attributes.get_int("num_heads", 0) != heads or rk.attributes.get_int("num_heads", 0) != kv_heads:
+            continue
+        xv, reshapes = _through_reshapes(v)
+        split = rq.inputs[0].producer()
+        if (split is None or split.op_type != "Split" or xv is None or list(split.outputs) != [rq.inputs[0], rk.inputs[0], xv]
+                or q.shape is None or len(q.shape) != 3 or q.shape[1] != 1):
+            continue
+        chain = [rq, rk, split] + reshapes
+        outs = [o for n in chain for o in n.outputs]
+        if any(o.is_graph_output() or any(u.node not in chain + [node] for u in o.uses()) for o in outs):
+            continue
+        pos, cos, sin = rq.inputs[1:]
+        gqa = ir.node("GroupQueryAttention", [split.inputs[0], None, None, *node.inputs[3:], cos, sin, pos],
+                      attributes={**{a.name: a for a in node.attributes.values()}, "do_rotary": 1},
+                      domain="com.microsoft", num_outputs=len(node.outputs), name=node.name)
+        g.insert_before(node, gqa)
+        for old, new in zip(node.outputs, gqa.outputs):
+            new.shape, new.type, new.name = old.shape, old.type, old.name
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+        g.remove([node, *chain], safe=True)
+        folded += 1
+    return folded
+
+
 def _is_bfloat16(model: ir.Model) -> bool:
     return any(v.dtype == ir.DataType.BFLOAT16 for v in model.graph.initializers.values())
 
@@ -189,7 +304,11 @@ def fuse_decoder(model: ir.Model, max_positions: int | None) -> dict[str, int]:
     of each were put in. ``max_positions``: rows of the rotary tables (None: rotary left as is)."""
     if _is_bfloat16(model):
         return {}
-    counts = {"packed_matmuls": pack_sibling_matmuls(model)}
+    counts = {"packed_matmuls": pack_sibling_matmuls(model), "packed_biases": pack_split_biases(model)}
+    # the lm_head exports as Gemm(transB=1): onnxruntime's CPU Gemm over the (vocab, hidden) weight
+    # runs one token's logits ~20% slower than MatMul over its transpose
+    counts["gemm_as_matmul"] = sum(gemm_as_matmul(model.graph, n) is not None
+                                   for n in list(model.graph) if n.op_type == "Gemm" and n.domain in ("", "ai.onnx"))
     shapes = common_passes.ShapeInferencePass()
     shapes(model)
     counts["rms_norm"] = fuse_rms_normalization(model)
@@ -204,6 +323,7 @@ def fuse_decoder(model: ir.Model, max_positions: int | None) -> dict[str, int]:
             counts["rotary"] = rules.apply_to_model(model)
             shapes(model)
             counts["rotary_3d"] = pattern.RewriteRuleSet([Rotary3D.rule()]).apply_to_model(model)
+            counts["rotary_in_attention"] = fold_rotary_into_gqa(model)
     pattern.RewriteRuleSet([UnfuseLoneRMSNorm.rule()]).apply_to_model(model)
     # onnxscript's rotary functions left unmatched are inlined back; unused nodes and functions go
     optimize(model)

@@ -97,6 +97,9 @@ class BufferedSteps:
         self.logits = np.empty((B, prefill_out["logits"].shape[-1]), ltype)
         # the host array itself is the output: ORT writes (or copies from the device) the logits there
         self.io.bind_output("logits", "cpu", 0, ltype, list(self.logits.shape), self.logits.ctypes.data)
+        self._bound, self._bound_values = {}, {}  # host inputs bound once (see _host)
+        if bind:  # each layer's valid length: bound once, advanced in place after every step
+            self.lengths = [self._host(f"past_length.{i}", n) for i, n in enumerate(self.lengths)]
         self.kv_bytes = self.logits_bytes = 0
         self.steps = 0
 
@@ -104,17 +107,27 @@ class BufferedSteps:
     def capacities(self) -> list[int]:
         return [int(v.shape[2] if isinstance(v, np.ndarray) else v.shape()[2]) for v in self.buffers[0::2]]
 
+    def _host(self, name: str, value: np.ndarray) -> np.ndarray:
+        """The host array bound once as input ``name`` (an OrtValue over its memory, which the step
+        then rewrites in place: no binding per step); rebound if the shape or dtype changes."""
+        have = self._bound.get(name)
+        if have is None or have.shape != value.shape or have.dtype != value.dtype:
+            have = np.array(value, order="C")
+            self._bound[name] = have
+            self._bound_values[name] = v = ort.OrtValue.ortvalue_from_numpy(have)
+            self.io.bind_ortvalue_input(name, v)
+        else:
+            have[...] = value
+        return have
+
     def step(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if not self.bind:
             return self._numpy_step(embeds, positions)
-        self._embeds = np.ascontiguousarray(embeds, self.embed_type or embeds.dtype)  # alive until the run
-        self._positions = np.ascontiguousarray(positions, np.int64)
-        self.io.bind_cpu_input("inputs_embeds", self._embeds)
-        self.io.bind_cpu_input("position_ids", self._positions)
-        for i, n in enumerate(self.lengths):
-            self.io.bind_cpu_input(f"past_length.{i}", n)
+        self._host("inputs_embeds", np.asarray(embeds, self.embed_type or embeds.dtype))
+        self._host("position_ids", np.asarray(positions, np.int64))
         self.s.run_with_iobinding(self.io)
-        self.lengths = [n + 1 for n in self.lengths]
+        for n in self.lengths:
+            n += 1
         self.logits_bytes += self.logits.nbytes
         self.steps += 1
         return self.logits.copy()

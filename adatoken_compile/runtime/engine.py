@@ -99,7 +99,8 @@ class Runtime:
             raise InputError(f"{self.path}: this artifact computes in bfloat16, which ONNX Runtime's CPU provider "
                              "cannot run; run it with --provider cuda (onnxruntime-gpu), or compile --dtype float16 "
                              "for CPU")
-        self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads)
+        self.sessions = {name: open_session(os.path.join(self.path, g["file"]), wanted, RECOMPILE, threads,
+                                            spin=name == "decode")
                          for name, g in d["graphs"].items()}
         check_graph_io(self.sessions, self.input_kind, self.num_layers, len(self.cuts), self.path, RECOMPILE,
                        coords="xyz" in self.schedule.needs(),

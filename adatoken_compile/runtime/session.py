@@ -72,10 +72,15 @@ def on_local_device(providers: Sequence) -> list:
 
 
 def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvider",), *, threads: int | None = None,
-                 profile_prefix: str | None = None, optimized_model_filepath: str | None = None, level: str = "all"):
-    """An ORT session (ORT_ENABLE_ALL by default); ``threads`` sets intra-op threads (inter-op 1)."""
+                 profile_prefix: str | None = None, optimized_model_filepath: str | None = None, level: str = "all",
+                 spin: bool = True):
+    """An ORT session (ORT_ENABLE_ALL by default); ``threads`` sets intra-op threads (inter-op 1).
+    ``spin=False``: the session's worker threads sleep as soon as a parallel section ends instead of
+    spin-waiting for the next (see :func:`open_session`)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -88,15 +93,22 @@ def make_session(onnx_path: str, providers: Sequence[str] = ("CPUExecutionProvid
     return ort.InferenceSession(str(onnx_path), so, providers=on_local_device(providers))
 
 
-def open_session(path: str, providers: list[str], recompile_hint: str, threads: int | None = None):
-    """A session for one artifact graph; a CUDA session that fails to start falls back to CPU."""
+def open_session(path: str, providers: list[str], recompile_hint: str, threads: int | None = None,
+                 spin: bool = True):
+    """A session for one artifact graph; a CUDA session that fails to start falls back to CPU.
+
+    Each graph has its own session and intra-op thread pool. ``spin=False`` for the graphs that run
+    once per request (encoder, projector, prefill): their workers would otherwise spin-wait after
+    the prefill on the cores the decode session's threads need, and the first decode steps ran up
+    to a third slower on 2 cores (``python scripts/bench_peers.py``). The decode step, run back to
+    back, keeps ONNX Runtime's default spinning."""
     try:
-        sess = make_session(path, providers, threads=threads)
+        sess = make_session(path, providers, threads=threads, spin=spin)
     except Exception as e:
         if providers == PROVIDERS["cpu"]:
             raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {_first_line(e)}); "
                              f"{recompile_hint}") from None
-        sess = open_session(path, PROVIDERS["cpu"], recompile_hint, threads)  # e.g. CUDA libraries missing
+        sess = open_session(path, PROVIDERS["cpu"], recompile_hint, threads, spin)  # e.g. CUDA libraries missing
     return sess if isinstance(sess, CheckedSession) else CheckedSession(sess, path, recompile_hint)
 
 

@@ -286,10 +286,13 @@ def test_buffered_onnx_in_place_matches_module(buffered_graph):
     m = onnx.load(res.path, load_external_data=False)
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("GroupQueryAttention") == N_LAYERS and "Softmax" not in ops
-    # onnxruntime's fused norm and rotary (at the graph's position ids) in place of the primitive ops
-    assert ops.count("RotaryEmbedding") == 2 * N_LAYERS and "Neg" not in ops
+    # onnxruntime's fused norm, and rotary at the graph's position ids inside the attention op, which
+    # takes q / k / v packed (their biases added once) in place of the primitive ops
+    assert "RotaryEmbedding" not in ops and "Neg" not in ops and ops.count("Split") == N_LAYERS  # gate / up only
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * N_LAYERS and "Pow" not in ops
-    assert res.fused_ops["rotary_3d"] == 2 * N_LAYERS
+    assert res.fused_ops["rotary_3d"] == res.fused_ops["rotary_in_attention"] * 2 == 2 * N_LAYERS
+    assert res.fused_ops["packed_biases"] == N_LAYERS
+    assert res.fused_ops["gemm_as_matmul"] == 1 and "Gemm" not in ops  # the lm_head
     # each buffer is read by its layer's attention alone: nothing concatenates or copies it
     readers = {i: [n.op_type for n in m.graph.node if i in n.input] for i in buffered_input_names(N_LAYERS)}
     assert all(readers[f"past_{k}.{i}"] == ["GroupQueryAttention"] for i in range(N_LAYERS) for k in ("key", "value"))

@@ -58,6 +58,15 @@ def test_buffers_match_the_numpy_path(buffered_art, concat_art):
     forms; the buffered one moves no KV byte per step, the numpy one the whole cache both ways."""
     a, b = load(buffered_art), load(concat_art)
     assert "past_length.0" in a._inputs["decode"] and b._inputs["decode"] == decode_input_names(a.num_layers)
+    # the step's attention rotates the packed q / k / v at the graph's position ids itself (the
+    # pruned layers' positions are not their slots), as ONNX Runtime GenAI's graphs do
+    import onnx
+
+    g = onnx.load(os.path.join(buffered_art, "decode.onnx"), load_external_data=False).graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == a.num_layers and not any(n.op_type == "RotaryEmbedding" for n in g.node)
+    assert all({x.name: x.i for x in n.attribute}["do_rotary"] == 1 and n.input[9] == "position_ids"
+               and n.input[1] == n.input[2] == "" for n in gqa)
     feeds = a.prepare(list(zip(SCENES[:2], QUESTIONS[:2])))
     steps = 6
     got = {}
@@ -77,6 +86,22 @@ def test_buffers_match_the_numpy_path(buffered_art, concat_art):
     kv = a.arch["kv_heads"] * a.arch["head_dim"] * 4 * 2 * 2  # K and V, float32, batch 2
     per_step = [sum((L + t) * kv + (L + t) * 2 + (L + t + 1) * kv + (L + t + 1) * 2 for L in lens) for t in range(steps - 1)]
     assert tb["kv_bytes_per_step"] == pytest.approx(np.mean(per_step))
+
+
+def test_only_the_decode_session_spin_waits(buffered_art):
+    """The once-per-request graphs' thread pools sleep when idle, so that after a prefill they leave
+    the cores to the decode step's pool, which keeps ONNX Runtime's spin-waiting between its many
+    small sections."""
+    def spin(session):
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return None
+
+    rt = load(buffered_art, threads=2)
+    spins = {name: spin(s) for name, s in rt.sessions.items()}
+    assert set(spins) >= {"encoder", "prefill", "decode"}
+    assert spins.pop("decode") != "0" and set(spins.values()) == {"0"}
 
 
 def test_buffered_logits_match_the_numpy_path(buffered_art, concat_art):

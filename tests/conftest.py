@@ -61,6 +61,20 @@ def tiny_artifact(tiny3d_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_identity_artifact(tiny3d_dir, tmp_path_factory):
+    """The tiny model's identity-schedule artifact, prefill only (no decode graph)."""
+    from adatoken_compile.compiler.pipeline import compile_artifact
+    from adatoken_compile.models.registry import load_adapter
+    from adatoken_compile.schedule import identity
+
+    adapter = load_adapter(tiny3d_dir)
+    out = str(tmp_path_factory.mktemp("tiny_identity") / "identity")
+    compile_artifact(adapter, identity(4, fingerprint=adapter.fingerprint(), family=adapter.family), out,
+                     progress=False, decode=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def scene_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("scenes") / "scene.npz")
     simple_scene().save(path)

@@ -61,11 +61,8 @@ def pruned_art(tiny_artifact):
 
 
 @pytest.fixture(scope="module")
-def identity_art(adapter, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("arts") / "identity")
-    compile_artifact(adapter, identity(LAYERS, fingerprint=adapter.fingerprint(), family="llava3d"), out, progress=False,
-                     decode=False)
-    return out
+def identity_art(tiny_identity_artifact):
+    return tiny_identity_artifact
 
 
 @pytest.fixture(scope="module")

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
 
 from adatoken_compile.compiler.pipeline import compile_artifact
 from adatoken_compile.flops import decode_flops
-from adatoken_compile.calibration.policies import peer_schedule
 from adatoken_compile.cli import main
 from adatoken_compile.benchmark3d.dataset import iter_samples
 from adatoken_compile.errors import InputError
 from adatoken_compile.evaluation.accuracy import evaluate, normalize, paired
 from adatoken_compile.evaluation.answers import reference_answer_fn as pruned_answer_fn
 from adatoken_compile.models.registry import load_adapter
-from adatoken_compile.schedule import identity
+from adatoken_compile.schedule import Schedule, identity
 
 
 @pytest.fixture(scope="module")
-def arts(tiny3d_dir, tmp_path_factory):
+def arts(tiny3d_dir, tiny_artifact, tmp_path_factory):
+    """The tiny pruned artifact (prefill + decode) and an identity artifact that borrows its
+    schedule-free graphs (encoders, decode)."""
     a = load_adapter(tiny3d_dir)
     L, fp = a.arch()["num_layers"], a.fingerprint()
+    art = tiny_artifact[0]
+    sched = Schedule.load(os.path.join(art, "schedule.json"))
     d = tmp_path_factory.mktemp("arts")
-    sched = peer_schedule("pdrop", L, fingerprint=fp, family=a.family)
-    compile_artifact(a, identity(L, fingerprint=fp, family=a.family), str(d / "id"), progress=False)
-    compile_artifact(a, sched, str(d / "pd"), progress=False)
-    return a, sched, str(d / "id"), str(d / "pd")
+    compile_artifact(a, identity(L, fingerprint=fp, family=a.family), str(d / "id"), progress=False, reuse=art)
+    return a, sched, str(d / "id"), art
 
 
 def _json(out: str) -> dict:

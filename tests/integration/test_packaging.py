@@ -32,17 +32,10 @@ def test_wheel_holds_the_package_only(wheel):
     assert not any(n.startswith("reference_model/") or "/train" in n for n in names)
 
 
-def test_runtime_tier_runs_an_artifact_without_torch(wheel, tiny3d_dir, scene_file, tmp_path):
+def test_runtime_tier_runs_an_artifact_without_torch(wheel, tiny_artifact, scene_file, tmp_path):
     """A fresh virtual environment with the base install only (no torch, transformers or onnx)
     loads an artifact built here and answers as the full install does."""
-    from adatoken_compile.compiler.pipeline import compile_artifact
-    from adatoken_compile.models.registry import load_adapter
-    from adatoken_compile.schedule import Cut, Schedule
-
-    adapter = load_adapter(tiny3d_dir)
-    sched = Schedule([Cut(1, 0.5)], 4, fingerprint=adapter.fingerprint(), family=adapter.family)
-    art = str(tmp_path / "art")
-    compile_artifact(adapter, sched, art, progress=False)
+    art = tiny_artifact[0]
     args = ["run", "--artifact", art, "--scene", scene_file, "-q", "what is in the room?", "--max-new-tokens", "6"]
     want = subprocess.run([sys.executable, "-m", "adatoken_compile", *args], capture_output=True, text=True, check=True)
 

@@ -6,15 +6,26 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from adatoken_compile.cli import main
 from adatoken_compile.evaluation.accuracy import normalize
 
 
-def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_layer_dir(tmp_path_factory):
+    """The tiny random checkpoint with two decoder layers: the job exports a prefill graph for each of
+    six schedules, which takes time with every layer and cut, and at two layers every peer still cuts
+    (before layer 1)."""
+    from adatoken_compile.models.testing import random_llava3d
+
+    return random_llava3d(str(tmp_path_factory.mktemp("ckpt") / "tiny3d-2"), layers=2, seed=0)
+
+
+def test_quickstart_writes_every_output_and_consistent_paired_columns(two_layer_dir, tmp_path):
     out = str(tmp_path / "qs")
-    r = CliRunner().invoke(main, ["quickstart", "--out", out, "--model", tiny3d_dir, "--limit", "12", "--samples", "8",
+    r = CliRunner().invoke(main, ["quickstart", "--out", out, "--model", two_layer_dir, "--limit", "10", "--samples", "8",
                                   "--holdout", "8", "--fidelity", "0.6", "--repeats", "1"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -30,7 +41,7 @@ def test_quickstart_writes_every_output_and_consistent_paired_columns(tiny3d_dir
     base = preds["none"]
     for name, row in rows.items():
         p = preds[name]
-        assert len(p) == res["test_questions"] == 12
+        assert len(p) == res["test_questions"] == 10
         acc = sum(normalize(x["prediction"]) == normalize(x["answer"]) for x in p) / len(p)
         assert abs(acc - row["accuracy"]) < 1e-12
         changed = sum(normalize(x["prediction"]) != normalize(y["prediction"]) for x, y in zip(p, base))

@@ -293,19 +293,22 @@ def test_recorded_command_can_be_typed_again():
     assert shlex.split(cmd)[3:] == argv  # a shell splits it back into the same arguments
 
 
-def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
+def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path, monkeypatch):
     """Two decoder steps through the whole train() path on one cached stage-1 tower: the checkpoint
-    loads through the real adapter, TRAINING.json records the recipe, and --decoder-seed changes the
-    decoder but not the tower."""
+    with every read-out loads through the real adapter, TRAINING.json records the recipe, and
+    --decoder-seed changes the decoder but not the tower."""
     import json
 
     from safetensors.torch import load_file
 
+    import reference_model.loop as loop
     from reference_model.train import main
 
     common = ["--scenes", "2", "--epochs", "1", *tiny_stage1(tmp_path), "--template-curriculum", "exist;count",
               "--template-frac", "1"]
-    main(["--out", str(tmp_path / "a"), *common])
+    with monkeypatch.context() as mp:  # the plain run is compared by its recipe and weights alone
+        mp.setattr(loop, "record_eval", lambda out_dir: None)
+        main(["--out", str(tmp_path / "a"), *common])
     main(["--out", str(tmp_path / "b"), "--decoder-seed", "7", "--dense-answer", "1", "--dense-from", "key-word",
           "--relation-draws", "0", "--count-balance", "--locate-weight", "0.5", "--locate-layer", "2",
           "--instance-weight", "0.5", "--instance-layer", "3", "--bg-curriculum", "0.5", "--lr-decay-frac", "0.5",
@@ -328,7 +331,7 @@ def test_train_end_to_end_records_its_recipe_and_decoder_seed(tmp_path):
     assert prov[1]["decoder_training"]["count_balance"] and all(w > 0 for w in prov[1]["decoder_training"]["count_balance"].values())
     assert prov[0]["decoder_training"]["steps"] == 2
     assert prov[0]["decoder_training"]["template_curriculum"] == {"stages": [["exist"], ["count"]], "steps_per_stage": 1}
-    assert 0.0 <= prov[0]["ci_sample_eval"]["accuracy"] <= 1.0 and prov[0]["ci_sample_eval"]["n"] == 50
+    assert 0.0 <= prov[1]["ci_sample_eval"]["accuracy"] <= 1.0 and prov[1]["ci_sample_eval"]["n"] == 50
     da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
     va, vb = (load_file(str(tmp_path / m / "vision_tower" / "model.safetensors")) for m in "ab")
     assert va and all(torch.equal(va[k], vb[k]) for k in va)  # the same cached tower
@@ -493,20 +496,41 @@ def test_compare_target_sits_at_the_second_candidate_and_says_whether_the_first_
     assert compare_targets(_question_suffix(tok, q_count("box")), word_of, info, "count") == []
 
 
+@pytest.fixture(scope="module")
+def relation_run(tmp_path_factory):
+    """One decoder step on relation questions without a read-out: the run each read-out's run is
+    compared with (its weights, and the arguments both share). The subject is the weights, so
+    neither run evaluates the CI sample."""
+    from safetensors.torch import load_file
+
+    import reference_model.loop as loop
+    from reference_model.train import main
+
+    d = tmp_path_factory.mktemp("relation")
+    common = ["--scenes", "3", "--epochs", "0.34", *tiny_stage1(d), "--templates", "closer,farther,closer_yesno"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "record_eval", lambda out_dir: None)
+        n = torch.get_num_threads()
+        main(["--out", str(d / "a"), *common])
+        torch.set_num_threads(n)
+    return common, load_file(str(d / "a" / "model.safetensors"))
+
+
 @pytest.mark.parametrize("flag", ["distance", "candidate-distance", "compare"])
-def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, flag):
+def test_distance_read_outs_train_the_decoder_on_relation_questions(tmp_path, monkeypatch, relation_run, flag):
     """Same seed and data, with and without --distance-weight (read at the last position) or
     --candidate-distance-weight (read at the candidate words): the read-out's gradient reaches the
     layers below the one it reads (only scene 2 of the first three has relation questions)."""
     import numpy as np
     from safetensors.torch import load_file
 
+    import reference_model.loop as loop
     from reference_model.train import main
 
-    common = ["--scenes", "3", "--epochs", "0.34", *tiny_stage1(tmp_path), "--templates", "closer,farther,closer_yesno"]
-    main(["--out", str(tmp_path / "a"), *common])
+    monkeypatch.setattr(loop, "record_eval", lambda out_dir: None)
+    common, da = relation_run
     main(["--out", str(tmp_path / "b"), f"--{flag}-weight", "1", f"--{flag}-layer", "3", *common])
-    da, db = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
+    db = load_file(str(tmp_path / "b" / "model.safetensors"))
     # one step: the read-out after layer 3 moves layers 1-3; above it only the gradient clipping's
     # common scale differs (Adam's first step is nearly scale-free), so those barely move
     diff = {k: float((da[k] - db[k]).abs().mean()) for k in da}
@@ -543,6 +567,7 @@ def test_bg_hold_trains_on_fewer_tokens_then_on_whole_scenes(tmp_path, monkeypat
 
     from transformers import LlamaForCausalLM
 
+    import reference_model.loop as loop
     from reference_model.train import main
 
     lengths = []
@@ -554,6 +579,7 @@ def test_bg_hold_trains_on_fewer_tokens_then_on_whole_scenes(tmp_path, monkeypat
         return forward(self, *a, **kw)
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    monkeypatch.setattr(loop, "record_eval", lambda out_dir: None)  # the subject is the decoder inputs
     main(["--out", str(tmp_path / "m"), "--scenes", "1", "--epochs", "4", *tiny_stage1(tmp_path),
           "--bg-hold", "0.75", "--bg-keep-max", "0.1"])
     assert len(lengths) == 4
@@ -606,9 +632,9 @@ def test_workers_lend_their_cores_back_after_the_first_epoch(tmp_path, monkeypat
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    tr.main(["--out", str(tmp_path / "m"), "--scenes", "3", "--epochs", "2", "--vision-scenes", "2",
+    tr.main(["--out", str(tmp_path / "m"), "--scenes", "2", "--epochs", "2", "--vision-scenes", "2",
              "--vision-steps", "2", "--vision-views", "2", "--threads", "2", "--workers", "1"])
-    assert at_step == [2, 2] + [1, 1, 1] + [2, 2, 2], at_step  # stage 1, epoch 1, epoch 2
+    assert at_step == [2, 2] + [1, 1] + [2, 2], at_step  # stage 1, epoch 1, epoch 2
     assert torch.get_num_threads() == 2
 
 

@@ -15,10 +15,14 @@
    the 7B-width float16 identity artifact, with the KV and logits bytes each moved per step
    (ONNX Runtime GenAI on CUDA is not run here: its package and model builder need a network);
 3. without it (or if a CUDA session cannot start): times the pruned PyTorch prefill against the
-   unpruned one on CUDA (float16, 7B width, depth N) and records why ONNX Runtime could not run.
+   unpruned one on CUDA (float16, 7B width, depth N) and records why ONNX Runtime could not run;
+4. with torch's CUDA: ``calibrate --device cuda --dtype bfloat16`` of a 7B-width checkpoint (depth
+   N) on few-frame scenes, layer-major and whole-model (``--engine layered`` / ``sample``), with
+   wall time, time per sample-layer and the schedule found.
 
 ``--rehearse-decode-on-cpu ART`` runs only the decode comparison, on the CPU, on a compiled
-artifact (checks the step without a GPU).
+artifact, and ``--rehearse-calibrate-on-cpu MODEL`` only the calibration step, on the CPU in
+float32 on a small checkpoint (each checks its step without a GPU).
 
 Every step is skipped once ``--budget-s`` is spent; results.json records what ran, with timings.
 Nothing here is needed on a machine without a GPU.
@@ -99,6 +103,15 @@ def ort_cuda_works() -> tuple[bool, str]:
     except Exception as e:  # the reason is the finding
         return False, f"{type(e).__name__}: {str(e)[:500]}"
     return True, "ok"
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def schedule_file(path: str, layers: int, fingerprint: str | None = None) -> str:
@@ -202,6 +215,43 @@ def seven_b_width_on_cuda(out: str, log, res: dict, budget, layers: int) -> None
             shutil.rmtree(path, ignore_errors=True)
 
 
+def calibrate_on_device(out: str, log, res: dict, budget, layers: int, device: str = "cuda",
+                        dtype: str = "bfloat16", ckpt: str | None = None, samples: int = 8, holdout: int = 16) -> None:
+    """``calibrate`` of a LLaVA-3D-7B-width random checkpoint (depth ``layers``) on ``device`` in
+    ``dtype``, layer-major (``--engine layered``) and whole-model (``--engine sample``), on the same
+    few-frame scenes and questions as ``scripts/deploy_7b.sh``: wall time, the engine's time per
+    sample-layer, the schedule found (``ckpt``: another checkpoint, to rehearse the step)."""
+    if ckpt is None:
+        ckpt = os.path.join(out, f"llava3d-7b-L{layers}-cal")
+        budget()
+        sh(cli("make-tiny", "--preset", "llava3d-7b", "--layers", layers, "--out", ckpt, "--overwrite"), log)
+        with open(os.path.join(ckpt, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["num_frames"] = 1  # a prefill of a few hundred tokens: the step measures the engines, not long scenes
+        with open(os.path.join(ckpt, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    scenes, questions = os.path.join(out, "cal-scenes"), os.path.join(out, "cal-questions.json")
+    sh(cli("make-scene", "--count", 6, "--format", "scannet", "--out", scenes, "--questions", questions, "--overwrite"), log)
+    for engine in ("layered", "sample"):
+        budget()
+        dst = os.path.join(out, f"cal-{device.replace(':', '')}-{dtype}-{engine}")
+        t0 = time.perf_counter()
+        sh(cli("calibrate", "--model", ckpt, "--device", device, "--dtype", dtype, "--engine", engine, "--data", questions,
+               "--scenes", scenes, "--samples", samples, "--holdout", holdout, "--flops-budget", 0.5,
+               "--max-validations", 1, "--out", dst, "--overwrite"), log)
+        wall = time.perf_counter() - t0
+        with open(os.path.join(dst, "schedule.json")) as f:
+            sch = json.load(f)
+        cal = sch["calibration"]
+        res[f"calibrate_{device}_{dtype}_{engine}"] = {
+            "wall_s": wall, "cuts": [[c["layer"], c["keep"]] for c in sch.get("cuts", [])],
+            "engine": cal.get("engine"), "precision": cal.get("precision"), "samples": samples, "holdout": holdout}
+        e = cal.get("engine") or {}
+        log(f"calibrate on {device} {dtype}, {engine}: {wall:.0f} s, per sample-layer "
+            + ", ".join(f"{k} {e.get(k + '_s_per_sample_layer', 0):.3f} s" for k in ("statistics", "references", "validation"))
+            + f"; cuts {res[f'calibrate_{device}_{dtype}_{engine}']['cuts']}")
+
+
 def torch_on_cuda(log, res: dict, budget, layers: int, device: str = "cuda", hidden: int = 4096) -> None:
     """Fallback: the pruned PyTorch prefill (the reference the artifacts are parity-tested against)
     against the unpruned one, float16, 7B width, on CUDA (``device``/``hidden`` only to rehearse
@@ -258,6 +308,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="depth of the 7B-width checkpoint")
     ap.add_argument("--rehearse-torch-on-cpu", action="store_true",
                     help="run only the PyTorch fallback step, on the CPU at a small width (checks the script)")
+    ap.add_argument("--rehearse-calibrate-on-cpu", metavar="MODEL", default=None,
+                    help="run only the calibration step, on the CPU in float32, on this checkpoint (checks the script)")
     ap.add_argument("--rehearse-decode-on-cpu", metavar="ART", default=None,
                     help="run only the decode bound-vs-numpy step, on the CPU, on this artifact (checks the script)")
     args = ap.parse_args()
@@ -286,6 +338,11 @@ def main() -> None:
                          steps=4, rounds=2)
         save()
         return
+    if args.rehearse_calibrate_on_cpu:
+        calibrate_on_device(args.out, log, res, budget, 0, device="cpu", dtype="float32",
+                            ckpt=args.rehearse_calibrate_on_cpu, samples=2, holdout=2)
+        save()
+        return
     if args.rehearse_torch_on_cpu:
         torch_on_cuda(log, res, budget, 3, device="cpu", hidden=256)
         save()
@@ -298,6 +355,8 @@ def main() -> None:
     steps = ([("bundled", lambda: bundled_on_cuda(args.out, log, res, budget)),
               ("7b_width", lambda: seven_b_width_on_cuda(args.out, log, res, budget, args.layers))] if ok else
              [("torch_cuda", lambda: torch_on_cuda(log, res, budget, args.layers))])
+    if torch_cuda():  # calibration is PyTorch's: it runs on the GPU whether or not onnxruntime-gpu is there
+        steps.append(("calibrate_cuda", lambda: calibrate_on_device(args.out, log, res, budget, args.layers)))
     for name, step in steps:
         try:
             step()

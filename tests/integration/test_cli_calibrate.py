@@ -171,3 +171,25 @@ def test_cli_usage_errors_are_one_line(tiny3d_dir, tmp_path):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.strip().count("\n") == 0, r.output
     assert not (tmp_path / "c").exists()
+
+
+def test_gpu_check_calibration_step_rehearsed_on_cpu(tiny3d_dir, tmp_path):
+    """The GPU check's calibration step (layer-major and whole-model on the device, in its dtype),
+    run on the CPU in float32: both engines calibrate the same scenes to the same schedule, and
+    the figures it reports are recorded."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "gpu_check.py"), "--out", str(tmp_path),
+                        "--rehearse-calibrate-on-cpu", tiny3d_dir], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "results.json") as f:
+        res = json.load(f)
+    layered, sample = res["calibrate_cpu_float32_layered"], res["calibrate_cpu_float32_sample"]
+    assert layered["cuts"] == sample["cuts"] and layered["cuts"]
+    assert layered["precision"]["dtype"] == sample["precision"]["dtype"] == "float32"
+    assert layered["precision"]["device"] == "cpu" and layered["wall_s"] > 0
+    assert layered["engine"]["order"] == "layer-major" and sample["engine"]["order"] == "sample-major"
+    assert layered["engine"]["validation_s_per_sample_layer"] > 0
+    assert "calibrate on cpu float32, layered" in r.stdout

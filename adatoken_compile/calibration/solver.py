@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 import torch
 
 from adatoken_compile import distributed
@@ -384,36 +385,12 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def _binom_tail(k: int, n: int, p: float, upper: bool) -> float:
-    """P(X <= k) (or P(X >= k) with ``upper``) for X ~ Binomial(n, p), summed in log space."""
-    if p <= 0.0:
-        return 1.0 if not upper or k <= 0 else 0.0
-    if p >= 1.0:
-        return 1.0 if upper or k >= n else 0.0
-    ks = range(k, n + 1) if upper else range(0, k + 1)
-    lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, math.fsum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                                       + i * lp + (n - i) * lq) for i in ks))
-
-
 def clopper_pearson(k: int, n: int, alpha: float = PAIRED_ALPHA) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) two-sided ``1 - alpha`` interval of a proportion k/n, by bisection on
-    the binomial tails."""
+    """Exact (Clopper-Pearson) two-sided ``1 - alpha`` interval of a proportion k/n."""
     if n <= 0:
         return 0.0, 1.0
-
-    def solve_for(tail_at_k, upper):
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            # P(X >= k) grows with p; P(X <= k) falls with p
-            if (_binom_tail(tail_at_k, n, mid, upper) < alpha / 2) == upper:
-                lo = mid
-            else:
-                hi = mid
-        return 0.5 * (lo + hi)
-
-    return (0.0 if k == 0 else solve_for(k, True)), (1.0 if k == n else solve_for(k, False))
+    ci = binomtest(k, n).proportion_ci(1 - alpha, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def paired_test(a_rows, b_rows, alpha: float = PAIRED_ALPHA) -> dict:
@@ -440,7 +417,7 @@ def paired_test(a_rows, b_rows, alpha: float = PAIRED_ALPHA) -> dict:
 def sign_test_p(wins: int, losses: int) -> float:
     """Two-sided exact sign test (McNemar) on ``wins`` vs ``losses`` discordant rows."""
     d = wins + losses
-    return min(1.0, 2 * sum(math.comb(d, i) for i in range(min(wins, losses) + 1)) / 2 ** d) if d else 1.0
+    return float(binomtest(wins, d).pvalue) if d else 1.0
 
 
 def out_of_reach(rows, against, alpha: float = PAIRED_ALPHA) -> bool:

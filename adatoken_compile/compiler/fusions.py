@@ -138,6 +138,28 @@ class UnfuseLoneRMSNorm(pattern.RewriteRuleClassBase):
         return op.Mul(scale, normed)
 
 
+def _side_by_side(g: ir.Graph, name: str, values: list[ir.Value]) -> ir.Value:
+    """An initializer ``name`` of the constants ``values`` concatenated along their last axis, built
+    when the model is written (like the transposed weights, :mod:`adatoken_compile.compiler.weights`)."""
+    tensors = [v.const_value for v in values]
+    shape = ir.Shape([*values[0].shape[:-1], sum(int(v.shape[-1]) for v in values)])
+
+    def value():
+        return ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in tensors], axis=-1), name=name)
+
+    packed = ir.Value(name=name, shape=shape, type=ir.TensorType(values[0].dtype),
+                      const_value=ir.LazyTensor(value, dtype=values[0].dtype, shape=shape, name=name))
+    g.register_initializer(packed)
+    return packed
+
+
+def _drop_unread(g: ir.Graph, values: list[ir.Value]) -> None:
+    """The initializers of ``values`` that nothing reads any more leave the graph."""
+    for v in values:
+        if not v.uses() and v.name in g.initializers:
+            g.initializers.pop(v.name)
+
+
 def pack_sibling_matmuls(model: ir.Model) -> int:
     """MatMuls of one input by constant 2-D weights (a layer's q / k / v projections, its gate /
     up projections) -> one MatMul by the weights side by side, then Split: one kernel (one
@@ -161,15 +183,7 @@ def pack_sibling_matmuls(model: ir.Model) -> int:
             continue
         widths = [int(w.shape[1]) for w in ws]
         name = ws[0].name + ".packed"
-        shape = ir.Shape([int(ws[0].shape[0]), sum(widths)])
-        tensors = [w.const_value for w in ws]
-
-        def value(tensors=tensors, name=name):
-            return ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in tensors], axis=1), name=name)
-
-        packed = ir.Value(name=name, shape=shape, type=ir.TensorType(ws[0].dtype),
-                          const_value=ir.LazyTensor(value, dtype=ws[0].dtype, shape=shape, name=name))
-        g.register_initializer(packed)
+        packed = _side_by_side(g, name, ws)
         sizes = ir.Value(name=name + ".split", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64),
                          const_value=ir.tensor(np.asarray(widths, np.int64), name=name + ".split"))
         g.register_initializer(sizes)
@@ -183,9 +197,7 @@ def pack_sibling_matmuls(model: ir.Model) -> int:
             if old.outputs[0].is_graph_output():
                 raise RuntimeError("pack_sibling_matmuls: a packed MatMul's output is a graph output")
             g.remove(old, safe=True)
-        for w in ws:
-            if not w.uses() and w.name in g.initializers:
-                g.initializers.pop(w.name)
+        _drop_unread(g, ws)
         removed += len(nodes) - 1
     return removed
 
@@ -198,45 +210,38 @@ def pack_split_biases(model: ir.Model) -> int:
     g = model.graph
     changed = 0
     for split in list(g):
-        if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or split.inputs[0] is None:
+        if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or split.inputs[0] is None \
+                or split.attributes.get_int("axis", 0) not in (-1, len(split.inputs[0].shape or []) - 1):
             continue
-        adds = []
-        for out in split.outputs:
-            users = list(out.uses())
-            node = users[0].node if len(users) == 1 else None
-            bias = None
-            if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
-                bias = node.inputs[1 - users[0].idx]
-            if (bias is None or bias.const_value is None or out.is_graph_output() or bias.shape is None
-                    or len(bias.shape) != 1 or out.shape is None or bias.shape[0] != out.shape[-1]):
-                break
-            adds.append((node, bias))
-        else:
-            if not adds or split.attributes.get_int("axis", 0) not in (-1, len(split.inputs[0].shape or []) - 1):
-                continue
-            biases = [b for _, b in adds]
-            name = split.name + ".bias"
-            shape = ir.Shape([sum(int(b.shape[0]) for b in biases)])
-            tensors = [b.const_value for b in biases]
-
-            def value(tensors=tensors, name=name):
-                return ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in tensors]), name=name)
-
-            packed = ir.Value(name=name, shape=shape, type=biases[0].type,
-                              const_value=ir.LazyTensor(value, dtype=biases[0].dtype, shape=shape, name=name))
-            g.register_initializer(packed)
-            add = ir.node("Add", [split.inputs[0], packed], name=name + "/add")
-            add.outputs[0].shape, add.outputs[0].type = split.inputs[0].shape, split.inputs[0].type
-            g.insert_before(split, add)
-            split.replace_input_with(0, add.outputs[0])
-            for out, (node, _) in zip(split.outputs, adds):
-                node.outputs[0].replace_all_uses_with(out)
-            g.remove([n for n, _ in adds], safe=True)
-            for b in biases:
-                if not b.uses() and b.name in g.initializers:
-                    g.initializers.pop(b.name)
-            changed += 1
+        adds = [_bias_add(out) for out in split.outputs]
+        if not adds or None in adds:
+            continue
+        biases = [b for _, b in adds]
+        add = ir.node("Add", [split.inputs[0], _side_by_side(g, split.name + ".bias", biases)],
+                      name=split.name + ".bias/add")
+        add.outputs[0].shape, add.outputs[0].type = split.inputs[0].shape, split.inputs[0].type
+        g.insert_before(split, add)
+        split.replace_input_with(0, add.outputs[0])
+        for out, (node, _) in zip(split.outputs, adds):
+            node.outputs[0].replace_all_uses_with(out)
+        g.remove([n for n, _ in adds], safe=True)
+        _drop_unread(g, biases)
+        changed += 1
     return changed
+
+
+def _bias_add(out: ir.Value) -> tuple[ir.Node, ir.Value] | None:
+    """(the Add, its constant 1-D bias) when ``out``'s only reader adds such a bias of its width."""
+    users = list(out.uses())
+    node = users[0].node if len(users) == 1 else None
+    if out.is_graph_output() or node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx") \
+            or len(node.inputs) != 2:
+        return None
+    bias = node.inputs[1 - users[0].idx]
+    if (bias is None or bias.const_value is None or bias.shape is None or len(bias.shape) != 1 or out.shape is None
+            or bias.shape[0] != out.shape[-1]):
+        return None
+    return node, bias
 
 
 def _through_reshapes(v: ir.Value) -> tuple[ir.Value | None, list[ir.Node]]:

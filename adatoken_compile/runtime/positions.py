@@ -57,75 +57,62 @@ def _sequence_decode(start: np.ndarray, step: int) -> np.ndarray:
     return (np.asarray(start, np.int64) + int(step))[:, None]
 
 
-def _grid3_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+def _spans(attention_mask: np.ndarray, spatial_mask: np.ndarray, offsets) -> np.ndarray:
+    """(3, B, L) positions: text tokens count up on all three axes; a spatial span starting at
+    position s puts its tokens at s + ``offsets(b, cols)`` ((3, n) per-axis offsets of row b's span
+    columns ``cols``), and the text after it continues at the span's largest position + 1;
+    padding is 1."""
     valid = np.asarray(attention_mask).astype(bool)
     spatial = np.asarray(spatial_mask).astype(bool) & valid
     B, L = valid.shape
     pos = np.ones((3, B, L), np.int64)
     for b in range(B):
         t, j = 0, 0
-        while j < L:
-            if not valid[b, j]:
-                j += 1
-                continue
-            if not spatial[b, j]:
-                pos[:, b, j] = t
-                t, j = t + 1, j + 1
-                continue
-            end = j
-            while end < L and spatial[b, end]:
-                end += 1
-            n = end - j
-            w = math.ceil(math.sqrt(n))
-            r = np.arange(n)
-            pos[0, b, j:end] = t
-            pos[1, b, j:end] = t + r // w
-            pos[2, b, j:end] = t + r % w
-            t = int(pos[:, b, j:end].max()) + 1
-            j = end
-    return pos
-
-
-def _grid3_start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
-    pos = _grid3_prefill(attention_mask, spatial_mask)
-    valid = np.broadcast_to(np.asarray(attention_mask).astype(bool)[None], pos.shape)
-    return (np.where(valid, pos, -1).max(axis=(0, 2)) + 1).astype(np.int64)
-
-
-def _mrope_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
-    valid = np.asarray(attention_mask).astype(bool)
-    spatial = np.asarray(spatial_mask).astype(bool) & valid
-    B, L = valid.shape
-    if spatial_xyz is None:
-        if spatial.any():
-            raise InputError("mrope positions: spatial tokens without their (t, h, w) coordinates (spatial_xyz)")
-        spatial_xyz = np.zeros((B, L, 3), np.float32)
-    thw = np.rint(np.asarray(spatial_xyz, np.float64)).astype(np.int64)
-    pos = np.ones((3, B, L), np.int64)
-    for b in range(B):
-        t = 0
         idx = np.flatnonzero(valid[b])
-        j = 0
         while j < len(idx):
-            k = idx[j]
-            if not spatial[b, k]:
-                pos[:, b, k] = t
+            if not spatial[b, idx[j]]:
+                pos[:, b, idx[j]] = t
                 t, j = t + 1, j + 1
                 continue
             end = j
             while end < len(idx) and spatial[b, idx[end]]:
                 end += 1
             cols = idx[j:end]
-            pos[:, b, cols] = t + thw[b, cols].T
+            pos[:, b, cols] = t + offsets(b, cols)
             t = int(pos[:, b, cols].max()) + 1
             j = end
     return pos
 
 
-def _mrope_start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
-    pos = _mrope_prefill(attention_mask, spatial_mask, spatial_xyz)
-    valid = np.broadcast_to(np.asarray(attention_mask).astype(bool)[None], pos.shape)
-    return (np.where(valid, pos, -1).max(axis=(0, 2)) + 1).astype(np.int64)
+def _square(b: int, cols: np.ndarray) -> np.ndarray:
+    # the r-th of n tokens at (0, r // w, r % w) on a ceil(sqrt(n))-wide grid
+    r = np.arange(len(cols))
+    w = math.ceil(math.sqrt(len(cols)))
+    return np.stack([np.zeros_like(r), r // w, r % w])
+
+
+def _grid3_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+    return _spans(attention_mask, spatial_mask, _square)
+
+
+def _mrope_prefill(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+    if spatial_xyz is None:
+        if (np.asarray(spatial_mask).astype(bool) & np.asarray(attention_mask).astype(bool)).any():
+            raise InputError("mrope positions: spatial tokens without their (t, h, w) coordinates (spatial_xyz)")
+        spatial_xyz = np.zeros((*np.shape(attention_mask), 3), np.float32)
+    thw = np.rint(np.asarray(spatial_xyz, np.float64)).astype(np.int64)
+    return _spans(attention_mask, spatial_mask, lambda b, cols: thw[b, cols].T)
+
+
+def _after(prefill) -> Callable[..., np.ndarray]:
+    """A 3-axis layout's ``start``: one past the largest position of each row's prompt."""
+
+    def start(attention_mask: np.ndarray, spatial_mask: np.ndarray, spatial_xyz=None) -> np.ndarray:
+        pos = prefill(attention_mask, spatial_mask, spatial_xyz)
+        valid = np.broadcast_to(np.asarray(attention_mask).astype(bool)[None], pos.shape)
+        return (np.where(valid, pos, -1).max(axis=(0, 2)) + 1).astype(np.int64)
+
+    return start
 
 
 def _grid3_decode(start: np.ndarray, step: int) -> np.ndarray:
@@ -149,8 +136,8 @@ class PositionLayout:
 
 LAYOUTS = {
     "sequence": PositionLayout("sequence", 2, _sequence_prefill, _sequence_start, _sequence_decode),
-    "grid3": PositionLayout("grid3", 3, _grid3_prefill, _grid3_start, _grid3_decode),
-    "mrope": PositionLayout("mrope", 3, _mrope_prefill, _mrope_start, _grid3_decode),
+    "grid3": PositionLayout("grid3", 3, _grid3_prefill, _after(_grid3_prefill), _grid3_decode),
+    "mrope": PositionLayout("mrope", 3, _mrope_prefill, _after(_mrope_prefill), _grid3_decode),
 }
 DEFAULT = "sequence"
 

@@ -25,12 +25,13 @@ import numpy as np
 import onnxruntime as ort
 
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+from adatoken_compile.runtime.session import make_session  # noqa: E402
+
+
 def session(path: str, threads: int, profile: str | None):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    if profile:
-        so.enable_profiling, so.profile_file_prefix = True, profile
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    # the runtime's own session options (ORT_ENABLE_ALL, inter-op 1), on the CPU provider
+    return make_session(path, threads=threads, profile_prefix=profile or None)
 
 
 def buffers(s, io, past: str, present, context: int, rng, dims=None) -> list:

@@ -8,9 +8,11 @@ budget (``calibrate --flops-budget``, ranking by the last token's attention), th
 * ``prellm-<rule>``: one cut before layer 0 (selection on the projected scene tokens, what serving
   engines do) with the keep ratio that costs the same prefill FLOPs, for every rule that can run
   there (``random`` once per seed);
-* ``calibrated``: the solver's choice on the held-back calibration rows (``calibrate
-  --flops-budget B --rules ...``: a rule per cut, then a cut before layer 0 at the same FLOPs if
-  that agrees more), when ``search`` is on; at a budget the in-LLM cuts cannot reach (layer 0
+* ``calibrated``: the solver's choice on the held-back calibration rows, exactly what ``calibrate
+  --flops-budget B --rules RULES`` chooses on them (its counts, then a rule per cut by the paired
+  test, then a cut before layer 0 at the same FLOPs if that agrees significantly more), when
+  ``search`` is on; ``--rules random,strided,last_token,text_tail,dedup --holdout 384`` is the
+  default ``calibrate``; at a budget the in-LLM cuts cannot reach (layer 0
   alone costs 1/L of the prefill) only the cuts before layer 0 run;
 
 plus the peers at their published settings (``fastv``, ``pdrop``, ``adatoken-decay``, ``dart``,
@@ -145,8 +147,9 @@ def build_configs(decoder, stats, holdout, *, budgets=FLOPS_CUTS, rules=tuple(RU
                 configs.append(Config(f"{nm}@{tag}", f"prellm-{r}", s, b, sd, flops(s)))
         if search:
             t0 = time.time()
-            cal = solve(decoder, stats, holdout, flops_budget=1.0 - b, max_validations=4, cache=cache,
-                        rules=tuple(r for r in rules))
+            # the solver's own defaults otherwise, so that this row is what `calibrate --flops-budget B
+            # --rules RULES` chooses on the same statistics and held-back rows
+            cal = solve(decoder, stats, holdout, flops_budget=1.0 - b, cache=cache, rules=tuple(rules))
             cal.policy = "calibrated"
             for k, v in model.items():
                 setattr(cal, k, v)

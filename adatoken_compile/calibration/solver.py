@@ -318,8 +318,10 @@ class ValidationCache:
                 return {k: score(flow.branch().run(schedules[k]).logits().float().cpu(), ref) for k in active}
 
             for out in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
+                # the ranks compute a round's batches before any is counted: a schedule stopped on an
+                # earlier batch of the round comes back from the later ones, uncounted as in one process
                 for k, (hit, kl_batch) in out.items():
-                    if tallies[k].add(hit, kl_batch):
+                    if k in active and tallies[k].add(hit, kl_batch):
                         active.remove(k)
                 if not active:
                     break

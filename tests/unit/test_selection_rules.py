@@ -378,6 +378,30 @@ def test_shared_prefix_measures_as_the_schedules_alone():
     assert len({round(m["kl"], 9) for m in shared}) > 1  # the rules do differ
 
 
+def test_rules_stopped_within_a_round_of_ranks_count_as_in_one_process(monkeypatch):
+    """Under torchrun every rank computes its batch of a round before any is counted, so a rule that
+    stops on the round's first batch comes back from the others' too: those rows are not counted
+    (one process never ran them) and the rule stays stopped."""
+    from adatoken_compile import distributed
+
+    from conftest import make_batch, tiny_decoder
+
+    model = tiny_decoder("qwen2", "sdpa", layers=4)
+    hold = [make_batch([(3, 60, 4), (3, 50, 3)], seed=30 + i) for i in range(6)]
+    scheds = [Schedule(cuts=[Cut(1, 0.6, Rule.of("strided")), Cut(2, 0.1, Rule.of(r))], num_layers=4)
+              for r in ("random", "strided", "last_token")]
+    one = solver.ValidationCache().measure_at_cut(model, hold, scheds, 2, max_disagree=0)
+    # the case under test: rules stop on the first batch of a round while another runs on
+    assert [m["rows"] for m in one] == [2, 12, 2] and one[0]["stopped"] and not one[1].get("stopped")
+
+    def two_ranks(items, fn):  # rounds of two items, both computed before either is yielded
+        for k in range(0, len(items), 2):
+            yield from [fn(item) for item in items[k:k + 2]]
+
+    monkeypatch.setattr(distributed, "in_order", two_ranks)
+    assert solver.ValidationCache().measure_at_cut(model, hold, scheds, 2, max_disagree=0) == one
+
+
 def test_calibrate_compares_the_default_rules_and_reports_the_random_control(tmp_path):
     from adatoken_compile.calibration.api import calibrate, write_calibration
 

@@ -39,7 +39,7 @@ from adatoken_compile.models.spec import DecoderSpec, register
 from adatoken_compile.readers import read_json
 from adatoken_compile.runtime.positions import LAYOUTS
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
-from adatoken_compile.runtime.qwen_vision import (QwenImageProcessing, image_list, prompt_for_images,
+from adatoken_compile.runtime.qwen_vision import (QwenImageProcessing, image_list, prompt_for_images, read_frames,
                                                   token_coordinates)
 from adatoken_compile.runtime.sample import Video
 from adatoken_compile.runtime.sources import resolve_image
@@ -281,7 +281,7 @@ class Qwen25VLAdapter:
         if isinstance(image, Video):
             if self.video_refusal:
                 raise InputError(self.video_refusal)
-            return self.processing.video_patches([resolve_image(f) for f in image.frames])
+            return self.processing.video_patches(read_frames(image, resolve_image).frames)
         return self.processing.patches(resolve_image(image))
 
     @torch.no_grad()

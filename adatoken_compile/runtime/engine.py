@@ -34,7 +34,7 @@ from ..artifact import RECOMPILE, Manifest, verify
 from ..errors import InputError
 from ..schedule import Schedule
 from .image import ImageProcessing, patch_coordinates, processing_from_dict
-from .qwen_vision import image_list, prompt_for_images
+from .qwen_vision import image_list, prompt_for_images, read_frames
 from .sample import Sample, Video
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .positions import layout_of
@@ -171,7 +171,7 @@ class Runtime:
             if encode is None or self.input_kind != "image":
                 raise InputError(f"video: this artifact's model takes {self.input_kind}s, not videos; pass the frames "
                                  "as images")
-            source = Video([scene_paths.resolve_image(f) for f in source.frames], source.fps)
+            source = read_frames(source, scene_paths.resolve_image)
         elif encode is not None:
             source = scene_paths.resolve_image(source)
         if encode is not None and self.input_kind == "image":

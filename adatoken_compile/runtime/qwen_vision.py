@@ -24,6 +24,7 @@ grid bookkeeping compute, for the PyTorch adapter and the torch-free runtime ali
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,11 +175,8 @@ class QwenImageProcessing:
     def video_patches(self, frames, where: str = "video") -> tuple[np.ndarray, np.ndarray]:
         """(N, patch_dim) float32 patches and (3,) int64 grid_thw of a video's frames ((H, W, 3) uint8,
         all one size), temporal patch by temporal patch."""
-        frames = [self._frame(f, f"{where}: frame {i}") for i, f in enumerate(frames)]
-        sizes = sorted({f.shape[:2] for f in frames})
-        if len(sizes) > 1:
-            raise InputError(f"{where}: frames of different sizes ({', '.join(f'{w}x{h}' for h, w in sizes[:3])}) "
-                             "in one video; resize them to one size, or pass them as separate images")
+        frames = [self._frame(f, f"{where} frame {i}") for i, f in enumerate(frames)]
+        check_frames(frames, [f"{where} frame {i}" for i in range(len(frames))])
         return self._patchify(frames, where)
 
     @staticmethod
@@ -242,6 +240,25 @@ class QwenImageProcessing:
         """The tower's merged tokens (window order) back in raster order."""
         order, _ = window_order(grid_thw, self.merge_size, self.window_size // self.factor)
         return tokens[np.argsort(order)]
+
+
+def check_frames(frames, names) -> None:
+    """One line naming the first frame whose size is not frame 0's."""
+    sizes = [np.shape(f)[:2] for f in frames]
+    for i, (h, w) in enumerate(sizes):
+        if (h, w) != sizes[0]:
+            raise InputError(f"{names[i]}: frame {i} of a video is {w}x{h} pixels, frame 0 {sizes[0][1]}x{sizes[0][0]}; "
+                             "the frames of one video must be one size: resize them, or pass them as images")
+
+
+def read_frames(video: Video, resolve) -> Video:
+    """``video`` with its frames read by ``resolve`` (paths, references) and checked to be one size,
+    a frame read from a file named by its path."""
+    frames = [resolve(f) for f in video.frames]
+    names = [getattr(f, "path", None) or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else f"video frame {i}")
+             for i, f in enumerate(video.frames)]
+    check_frames(frames, names)
+    return Video(frames, video.fps)
 
 
 def image_list(image) -> list:

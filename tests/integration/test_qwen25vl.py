@@ -394,15 +394,29 @@ def test_video_pruned_artifact_matches_the_eager_pruned_reference(adapter, prune
 def test_bad_videos_are_one_line(adapter, identity_artifact, qwen_dir, tmp_path):
     import shutil
 
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from adatoken_compile.cli import main
     from adatoken_compile.models.qwen25vl import Qwen25VLAdapter
     from adatoken_compile.runtime import load
 
     rng = np.random.default_rng(0)
     mixed = Video([rng.integers(0, 255, (61, 97, 3), dtype=np.uint8), rng.integers(0, 255, (60, 97, 3), dtype=np.uint8)])
-    with pytest.raises(InputError, match=r"^video: frames of different sizes \(97x60, 97x61\) in one video; "):
+    one_size = r"frame 1 of a video is 97x60 pixels, frame 0 97x61; the frames of one video must be one size"
+    with pytest.raises(InputError, match=r"^video frame 1: " + one_size):
         adapter.pixels(mixed)
-    with pytest.raises(InputError, match=r"^video: frames of different sizes"):
+    with pytest.raises(InputError, match=r"^video frame 1: " + one_size):
         load(identity_artifact).prepare([Sample("what is here?", image=mixed)])
+    # from a question file: the command names the frame's file, one line, exit 2
+    for i, frame in enumerate(mixed.frames):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "what moves?", "frames": ["f0.png", "f1.png"]}))
+    res = CliRunner().invoke(main, ["eval", "--artifact", identity_artifact, "--baseline", identity_artifact,
+                                    "--data", str(tmp_path / "q.jsonl"), "--limit", "1"])
+    errors = [line for line in res.output.replace("\r", "\n").splitlines() if "error" in line]
+    assert res.exit_code == 2 and len(errors) == 1 and res.output.endswith(errors[0] + "\n")
+    assert errors[0].startswith(f"error: {tmp_path / 'f1.png'}: " + one_size), res.output
     with pytest.raises(InputError, match=r"^video: fps 0 must be a number > 0"):
         Video(mixed.frames, fps=0)
     bad = tmp_path / "novideo"
@@ -416,3 +430,20 @@ def test_bad_videos_are_one_line(adapter, identity_artifact, qwen_dir, tmp_path)
     assert a.pixels(images()[1])[1].tolist() == [1, 4, 6]  # images still work
     with pytest.raises(InputError, match=r"^video: .*config.json names no video_token_id of its tokenizer"):
         a.prepare(video_samples()[:1])
+
+
+def test_video_prompt_is_the_chat_templates(adapter, qwen_dir):
+    """A video then an image then the question, as the checkpoint's chat template renders those
+    content parts, each pad repeated for its tokens: the ids transformers is given."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from adatoken_compile.models.checkpoint import chat_template
+
+    ss = video_samples()[1:]
+    hf = adapter.hf_inputs(ss)
+    content = [{"type": "video"}, {"type": "image"}, {"type": "text", "text": ss[0].question}]
+    text = render_jinja_template([[{"role": "user", "content": content}]], chat_template=chat_template(qwen_dir)[0],
+                                 add_generation_prompt=True)[0][0]
+    for pad, grid in (("<|video_pad|>", hf["video_grid_thw"][0]), ("<|image_pad|>", hf["image_grid_thw"][0])):
+        text = text.replace(pad, pad * (int(grid.prod()) // 4))
+    assert adapter.tokenizer.encode(text) == hf["input_ids"][0].tolist()

@@ -323,6 +323,14 @@ def test_video_patches_are_the_video_processors(adapter, qwen_dir):
         got, got_grid = adapter.pixels(video)
         assert got_grid.tolist() == grid and grid[0] == grid_t
         assert np.allclose(got, want[0].numpy(), atol=1e-6)
+        # transformers' video processor resizes uint8 frames with torchvision, which on CPU is torch's
+        # antialiased bicubic: it differs from Pillow's by at most one grey level on these frames
+        h, w = 14 * grid[1], 14 * grid[2]
+        tv = torch.nn.functional.interpolate(torch.from_numpy(np.stack(video.frames)).permute(0, 3, 1, 2).contiguous(),
+                                             size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (proc.image_mean, proc.image_std))
+        tv_patches = patchify(None, ((tv.float() / 255 - mean) / std)[None], 14, 2, 2)[0][0].numpy()
+        assert 0 < np.abs(got - tv_patches).max() <= 1 / 255 / min(proc.image_std) + 1e-5
 
 
 def test_video_tower_runs_per_temporal_patch_as_transformers(adapter):

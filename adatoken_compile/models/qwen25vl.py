@@ -1,7 +1,9 @@
 """Qwen2.5-VL adapter: ``Qwen2_5_VLForConditionalGeneration`` checkpoints, transformers' own code.
 
-The image tokens (after the tower's 2x2 patch merger) are the spatial tokens; one prompt may hold
-several images. What differs from the LLaVA families is declared here and nowhere else:
+The image and video tokens (after the tower's 2x2 patch merger) are the spatial tokens; one prompt
+may hold several images and videos (:class:`~adatoken_compile.runtime.sample.Video`: frames, with a
+t axis that steps by ``tokens_per_second * second_per_grid_ts``). What differs from the LLaVA
+families is declared here and nowhere else:
 
 * **positions** -- M-RoPE: ``position_ids (3, B, L)``, each image token at its image's start
   position plus its (t, h, w) on the merged grid (:func:`adatoken_compile.runtime.qwen_vision.token_coordinates`,
@@ -10,10 +12,10 @@ several images. What differs from the LLaVA families is declared here and nowher
   cos / sin tables, so cuts gather them with the hidden states like any other family's and every
   kept token keeps its original (t, h, w) rotation; decoding continues from the unpruned prompt's
   largest position + 1 (transformers' ``rope_deltas``), whatever the cuts dropped.
-* **the vision tower** -- exported per image as :class:`VisionTower`: the tower's own modules
-  (patch embedding, rotary, windowed and full-attention blocks, merger) with the window and image
-  segments given as ids the runtime computes in numpy (transformers splits the sequence by
-  Python lists there, which no graph can hold).
+* **the vision tower** -- exported per image as :class:`VisionTower` (a video runs it once per
+  temporal patch): the tower's own modules (patch embedding, rotary, windowed and full-attention
+  blocks, merger) with the window and image segments given as ids the runtime computes in numpy
+  (transformers splits the sequence by Python lists there, which no graph can hold).
 * **the decoder** -- :class:`TextCausalLM`: the checkpoint's ``Qwen2_5_VLTextModel`` and
   ``lm_head`` under the ``*ForCausalLM`` shape the compiler drives.
 """

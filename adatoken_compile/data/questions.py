@@ -4,7 +4,9 @@ Accepted forms (see docs/data.md):
 
 * JSONL, one object a line: ``question`` (required), ``id``, ``scene`` (a scene path relative to
   the file, or a scene id under ``--scenes``), ``scene_id``, ``image`` (a path relative to the
-  file, HF LLaVA), ``answers`` (list) or ``answer``, ``type``;
+  file, HF LLaVA; a list of paths for several images in one prompt), ``frames`` (a list of frame
+  paths: one video, after the images if both are given) with ``fps`` (their sampling rate, default
+  2), ``answers`` (list) or ``answer``, ``type``;
 * ScanQA v1.0 JSON: a list of ``{"question_id", "scene_id", "question", "answers"?, ...}``;
 * SQA3D: a list (or ``{"questions": [...]}``) of ``{"question_id", "scene_id", "situation",
   "question", "answers"?, "question_type"?}``; the text asked is ``situation + " " + question``;
@@ -27,7 +29,7 @@ import re
 from adatoken_compile.runtime.sources import ImageRef, SceneRef, find_scene, split_key
 from adatoken_compile.errors import InputError
 from adatoken_compile.readers import MAX_DATA_JSON_ENV, max_data_json_bytes, parse_json_text, read_bytes, regular_file
-from adatoken_compile.runtime.sample import Sample
+from adatoken_compile.runtime.sample import Sample, Video
 
 FIX = "see docs/data.md (question files)"
 
@@ -147,16 +149,30 @@ def read_questions(path: str, scenes: str | None = None, depth_scale: float | No
             q = f"{obj['situation'].strip()} {q.strip()}"
         scene_val = obj.get("scene")
         scene_id = obj.get("scene_id", obj.get("video"))
-        image_val = obj.get("image")
-        if image_val is not None and (scene_val is not None or scene_id is not None):
-            raise InputError(f"{where}: give a scene or an image, not both")
+        image_val, frames_val = obj.get("image"), obj.get("frames")
+        if (image_val is not None or frames_val is not None) and (scene_val is not None or scene_id is not None):
+            raise InputError(f"{where}: give a scene or images / frames, not both")
         scene = image = None
-        if image_val is not None:
-            paths = image_val if isinstance(image_val, list) and image_val else [image_val]
-            if not all(isinstance(v, str) for v in paths):
-                raise InputError(f"{where}: 'image' must be a path string, or a list of them (several images in "
-                                 "one prompt, for models that take them)")
-            found = [res.image(v, where) for v in paths]
+        if image_val is not None or frames_val is not None:
+            found = []
+            if image_val is not None:
+                paths = image_val if isinstance(image_val, list) and image_val else [image_val]
+                if not all(isinstance(v, str) for v in paths):
+                    raise InputError(f"{where}: 'image' must be a path string, or a list of them (several images in "
+                                     "one prompt, for models that take them)")
+                found = [res.image(v, where) for v in paths]
+            if frames_val is not None:
+                if not isinstance(frames_val, list) or not frames_val or not all(isinstance(v, str) for v in frames_val):
+                    raise InputError(f"{where}: 'frames' must be a list of frame paths (one video, in time order)")
+                frames = [res.image(v, where) for v in frames_val]
+                fps = obj.get("fps", 2.0)
+                if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+                    raise InputError(f"{where}: 'fps' must be a number > 0 (the frames' sampling rate)")
+                try:
+                    video = Video([ref for _, ref in frames], fps)
+                except InputError as e:
+                    raise InputError(f"{where}: {e}") from None
+                found.append(("video:" + "|".join(k for k, _ in frames), video))
             key = found[0][0] if len(found) == 1 else "|".join(k for k, _ in found)
             image = found[0][1] if len(found) == 1 else [ref for _, ref in found]
         elif scene_val is not None or scene_id is not None:
@@ -165,7 +181,8 @@ def read_questions(path: str, scenes: str | None = None, depth_scale: float | No
                 raise InputError(f"{where}: 'scene' / 'scene_id' must be a non-empty string")
             key, scene = res.scene(val, by_id=scene_val is None, where=where)
         else:
-            raise InputError(f"{where}: no 'scene', 'scene_id' or 'image'; each question needs what it asks about")
+            raise InputError(f"{where}: no 'scene', 'scene_id', 'image' or 'frames'; each question needs what it asks "
+                             "about")
         answers = _answers(obj, where)
         kind = obj.get("type", obj.get("kind", obj.get("question_type")))
         qid = obj.get("id", obj.get("question_id"))

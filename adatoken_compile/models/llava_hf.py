@@ -23,6 +23,7 @@ from adatoken_compile.models.checkpoint import (chat_prompt, config_digest, embe
 from adatoken_compile.models.llava3d import EXAMPLE_QUESTIONS, splice
 from adatoken_compile.models.spec import spec_for
 from adatoken_compile.runtime.image import patch_coordinates
+from adatoken_compile.runtime.sample import Video
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
@@ -146,6 +147,8 @@ class LlavaHFAdapter:
         if isinstance(sample.image, (list, tuple)):
             raise InputError(f"{len(sample.image)} images in one question: an HF LLaVA prompt holds one image; "
                              "ask about one image at a time")
+        if isinstance(sample.image, Video):
+            raise InputError("video: an HF LLaVA prompt holds one image, not a video; ask about one frame at a time")
         ids = self.prompt_ids(sample.question)
         if IMAGE_TOKEN_INDEX not in ids:
             raise InputError("prompt lost its <image> placeholder")

@@ -1,7 +1,9 @@
 """Qwen2.5-VL adapter: ``Qwen2_5_VLForConditionalGeneration`` checkpoints, transformers' own code.
 
-The image tokens (after the tower's 2x2 patch merger) are the spatial tokens; one prompt may hold
-several images. What differs from the LLaVA families is declared here and nowhere else:
+The image and video tokens (after the tower's 2x2 patch merger) are the spatial tokens; one prompt
+may hold several images and videos (:class:`~adatoken_compile.runtime.sample.Video`: frames, with a
+t axis that steps by ``tokens_per_second * second_per_grid_ts``). What differs from the LLaVA
+families is declared here and nowhere else:
 
 * **positions** -- M-RoPE: ``position_ids (3, B, L)``, each image token at its image's start
   position plus its (t, h, w) on the merged grid (:func:`adatoken_compile.runtime.qwen_vision.token_coordinates`,
@@ -10,10 +12,10 @@ several images. What differs from the LLaVA families is declared here and nowher
   cos / sin tables, so cuts gather them with the hidden states like any other family's and every
   kept token keeps its original (t, h, w) rotation; decoding continues from the unpruned prompt's
   largest position + 1 (transformers' ``rope_deltas``), whatever the cuts dropped.
-* **the vision tower** -- exported per image as :class:`VisionTower`: the tower's own modules
-  (patch embedding, rotary, windowed and full-attention blocks, merger) with the window and image
-  segments given as ids the runtime computes in numpy (transformers splits the sequence by
-  Python lists there, which no graph can hold).
+* **the vision tower** -- exported per image as :class:`VisionTower` (a video runs it once per
+  temporal patch): the tower's own modules (patch embedding, rotary, windowed and full-attention
+  blocks, merger) with the window and image segments given as ids the runtime computes in numpy
+  (transformers splits the sequence by Python lists there, which no graph can hold).
 * **the decoder** -- :class:`TextCausalLM`: the checkpoint's ``Qwen2_5_VLTextModel`` and
   ``lm_head`` under the ``*ForCausalLM`` shape the compiler drives.
 """
@@ -39,8 +41,9 @@ from adatoken_compile.models.spec import DecoderSpec, register
 from adatoken_compile.readers import read_json
 from adatoken_compile.runtime.positions import LAYOUTS
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX, PromptFormat, check_question, tokenize_with_placeholders
-from adatoken_compile.runtime.qwen_vision import (QwenImageProcessing, image_list, prompt_for_images,
+from adatoken_compile.runtime.qwen_vision import (QwenImageProcessing, image_list, prompt_for_images, read_frames,
                                                   token_coordinates)
+from adatoken_compile.runtime.sample import Video
 from adatoken_compile.runtime.sources import resolve_image
 from adatoken_compile.runtime.tokenizer import TextTokenizer
 
@@ -147,8 +150,9 @@ class VisionTower(nn.Module):
 FIX_PROCESSOR = "fix or re-download the checkpoint's preprocessor_config.json"
 
 
-def image_processing(model_dir: str, vision) -> QwenImageProcessing:
-    """The checkpoint's ``Qwen2VLImageProcessor`` settings, checked against the vision config."""
+def image_processing(model_dir: str, vision, video: bool = True) -> QwenImageProcessing:
+    """The checkpoint's ``Qwen2VLImageProcessor`` settings, checked against the vision config;
+    ``video``: the model takes videos (their temporal positions step by ``tokens_per_second``)."""
     path = os.path.join(model_dir, "preprocessor_config.json")
     if not os.path.exists(path):
         raise InputError(f"{path}: missing; a Qwen2.5-VL checkpoint ships its image processor's settings there")
@@ -171,7 +175,8 @@ def image_processing(model_dir: str, vision) -> QwenImageProcessing:
             window_size=int(vision.window_size), resample=int(p.resample),
             rescale=float(p.rescale_factor) if p.do_rescale else None,
             mean=tuple(float(x) for x in p.image_mean) if p.do_normalize else None,
-            std=tuple(float(x) for x in p.image_std) if p.do_normalize else None)
+            std=tuple(float(x) for x in p.image_std) if p.do_normalize else None,
+            tokens_per_second=getattr(vision, "tokens_per_second", None) if video else None)
     except InputError as e:
         raise InputError(f"{path}: {e}; {FIX_PROCESSOR}") from None
     except Exception as e:  # transformers' own validation errors and malformed values
@@ -198,9 +203,10 @@ class Qwen25VLAdapter:
             raise InputError(f"{where}: vision_config.out_hidden_size {vcfg.out_hidden_size} differs from the decoder's "
                              f"hidden_size {vl.config.text_config.hidden_size}; {FIX_CONFIG}")
         self.tower = VisionTower(vl.model.visual).eval()
-        self.processing = image_processing(model_dir, vcfg)
-        self.mean, self.std = self.processing.mean, self.processing.std
         self.tokenizer = TextTokenizer.from_dir(model_dir)
+        self.video_token_id, self.video_refusal = _video_support(model_dir, vl.config, self.tokenizer)
+        self.processing = image_processing(model_dir, vcfg, video=self.video_refusal is None)
+        self.mean, self.std = self.processing.mean, self.processing.std
         ids = {}
         for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
             tid = getattr(vl.config, key, None)
@@ -272,16 +278,24 @@ class Qwen25VLAdapter:
         return embed_token_ids(self.decoder, ids)
 
     def pixels(self, image) -> tuple[np.ndarray, np.ndarray]:
-        """(N, patch_dim) patches and (3,) grid_thw of one image (array, path or reference)."""
+        """(N, patch_dim) patches and (3,) grid_thw of one image (array, path or reference) or
+        :class:`Video`."""
+        if isinstance(image, Video):
+            if self.video_refusal:
+                raise InputError(self.video_refusal)
+            return self.processing.video_patches(read_frames(image, resolve_image).frames)
         return self.processing.patches(resolve_image(image))
 
     @torch.no_grad()
     def image_tokens(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, H) merged tokens of ONE image through transformers' own tower, and their (t, h, w)."""
+        """(N, H) merged tokens of ONE image or video through transformers' own tower, and their
+        (t, h, w)."""
         pix, grid = self.pixels(image)
-        feats = self.vl.model.get_image_features(torch.from_numpy(pix).to(self.dtype),
-                                                 torch.from_numpy(grid[None])).pooler_output[0]
-        return feats, torch.from_numpy(token_coordinates(grid, self.processing.merge_size))
+        video = isinstance(image, Video)
+        features = self.vl.model.get_video_features if video else self.vl.model.get_image_features
+        feats = features(torch.from_numpy(pix).to(self.dtype), torch.from_numpy(grid[None])).pooler_output[0]
+        interval = self.processing.time_interval(image) if video else 1.0
+        return feats, torch.from_numpy(token_coordinates(grid, self.processing.merge_size, interval))
 
     def spatial_tokens_xyz(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) tokens and (N, 3) (t, h, w) of a sample's image(s), images one after another
@@ -306,29 +320,65 @@ class Qwen25VLAdapter:
 
     # ----------------------------------------------------------------- transformers' own inputs
     def hf_inputs(self, samples: Sequence[Sample]) -> dict:
-        """``input_ids`` (left-padded), ``attention_mask``, ``pixel_values``, ``image_grid_thw`` and
+        """``input_ids`` (left-padded), ``attention_mask``, ``pixel_values`` / ``image_grid_thw``,
+        ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts`` and
         ``mm_token_type_ids`` for ``Qwen2_5_VLForConditionalGeneration`` (the reference the
         adapter is tested against)."""
-        rows, pix, grids = [], [], []
+        rows, types = [], []
+        parts: dict[bool, list] = {False: [], True: []}
+        seconds = []
         unit = self.processing.merge_size ** 2
         for s in samples:
-            images = image_list(s.image)
-            mine = [self.pixels(im) for im in images]
-            pix += [p for p, _ in mine]
-            grids += [g for _, g in mine]
-            counts = iter(int(np.prod(g)) // unit for _, g in mine)
-            row = []
-            for t in self.prompt_ids(s.question, len(images)):
-                row += [self.image_token_id] * next(counts) if t == IMAGE_TOKEN_INDEX else [t]
+            items = image_list(s.image)
+            mine = [(isinstance(im, Video), *self.pixels(im)) for im in items]
+            for im, (video, p, g) in zip(items, mine):
+                parts[video].append((p, g))
+                if video:
+                    seconds.append(self.processing.temporal_patch_size / im.fps)
+            spans = iter(mine)
+            row, kind = [], []
+            for t in self.prompt_ids(s.question, len(items)):
+                if t == IMAGE_TOKEN_INDEX:
+                    video, _, g = next(spans)
+                    n = int(np.prod(g)) // unit
+                    row += [self.video_token_id if video else self.image_token_id] * n
+                    kind += [2 if video else 1] * n
+                else:
+                    row.append(t)
+                    kind.append(0)
             rows.append(row)
+            types.append(kind)
         L = max(len(r) for r in rows)
         pad = self.tokenizer.pad_id or 0
-        input_ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])
-        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-        return {"input_ids": input_ids, "attention_mask": am,
-                "pixel_values": torch.from_numpy(np.concatenate(pix)).to(self.dtype),
-                "image_grid_thw": torch.from_numpy(np.stack(grids)),
-                "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32) * am.to(torch.int32)}
+        out = {"input_ids": torch.tensor([[pad] * (L - len(r)) + r for r in rows]),
+               "attention_mask": torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows]),
+               "mm_token_type_ids": torch.tensor([[0] * (L - len(k)) + k for k in types], dtype=torch.int32)}
+        for video, (pix, grid) in ((False, ("pixel_values", "image_grid_thw")),
+                                   (True, ("pixel_values_videos", "video_grid_thw"))):
+            if parts[video]:
+                out[pix] = torch.from_numpy(np.concatenate([p for p, _ in parts[video]])).to(self.dtype)
+                out[grid] = torch.from_numpy(np.stack([g for _, g in parts[video]]))
+        if seconds:
+            out["second_per_grid_ts"] = torch.tensor(seconds)
+        return out
+
+
+def _video_support(model_dir: str, config, tokenizer) -> tuple[int | None, str | None]:
+    """(``video_token_id``, None) when the checkpoint takes videos, else (None, why not: the line
+    a video given to it raises)."""
+    where = os.path.join(model_dir, "config.json")
+    tid = getattr(config, "video_token_id", None)
+    if tid is None or tokenizer.id_to_token(int(tid)) is None:
+        return None, (f"video: {where} names no video_token_id of its tokenizer, so the checkpoint takes no "
+                      "video; pass the frames as images")
+    if getattr(config.vision_config, "tokens_per_second", None) is None:
+        return None, (f"video: {where} has no vision_config.tokens_per_second, so the checkpoint takes no video; "
+                      "pass the frames as images")
+    path = os.path.join(model_dir, "video_preprocessor_config.json")
+    if os.path.exists(path):
+        return None, (f"video: {path}: videos sized by a video processor of their own are not supported; pass the "
+                      "frames as images")
+    return int(tid), None
 
 
 def _split_images(spatial: torch.Tensor, xyz: torch.Tensor | None, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

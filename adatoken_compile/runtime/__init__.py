@@ -11,7 +11,7 @@ Example::
 
 from .engine import Runtime, load
 from .image import load_image
-from .sample import Sample
+from .sample import Sample, Video
 from .scene import Scene, load_scene
 
-__all__ = ["Runtime", "Sample", "Scene", "load", "load_image", "load_scene"]
+__all__ = ["Runtime", "Sample", "Scene", "Video", "load", "load_image", "load_scene"]

@@ -34,8 +34,8 @@ from ..artifact import RECOMPILE, Manifest, verify
 from ..errors import InputError
 from ..schedule import Schedule
 from .image import ImageProcessing, patch_coordinates, processing_from_dict
-from .qwen_vision import image_list, prompt_for_images
-from .sample import Sample
+from .qwen_vision import image_list, prompt_for_images, read_frames
+from .sample import Sample, Video
 from .prompt import BOXES_TOKEN_INDEX, IMAGE_TOKEN_INDEX, check_question, tokenize_with_placeholders
 from .positions import layout_of
 from .decoding import BufferedSteps, ConcatSteps, is_buffered
@@ -167,8 +167,15 @@ class Runtime:
         if self.input_kind == "scene":
             return self._scene_tokens(source)
         encode = getattr(self.processing, "encode", None)  # processings whose encoder takes more than pixels
+        if isinstance(source, Video):
+            if encode is None or self.input_kind != "image":
+                raise InputError(f"video: this artifact's model takes {self.input_kind}s, not videos; pass the frames "
+                                 "as images")
+            source = read_frames(source, scene_paths.resolve_image)
+        elif encode is not None:
+            source = scene_paths.resolve_image(source)
         if encode is not None and self.input_kind == "image":
-            return encode(scene_paths.resolve_image(source), lambda feeds: first(self.run_graph("encoder", feeds)))
+            return encode(source, lambda feeds: first(self.run_graph("encoder", feeds)))
         tokens = self.encode_image(source)
         return tokens, patch_coordinates(tokens.shape[0])
 
@@ -218,9 +225,10 @@ class Runtime:
                 out.append(it)
             elif isinstance(it, (tuple, list)) and len(it) == 2:
                 inp, q = it
-                if scene_kind and isinstance(inp, (np.ndarray, scene_paths.ImageRef)):
-                    raise InputError(f"item {i}: this artifact takes scenes; got an image "
-                                     + ("array" if isinstance(inp, np.ndarray) else "file"))
+                if scene_kind and isinstance(inp, (np.ndarray, scene_paths.ImageRef, Video)):
+                    raise InputError(f"item {i}: this artifact takes scenes; got "
+                                     + ("a video" if isinstance(inp, Video) else "an image array"
+                                        if isinstance(inp, np.ndarray) else "an image file"))
                 if not scene_kind and isinstance(inp, (Scene, dict, scene_paths.SceneRef)):
                     raise InputError(f"item {i}: this artifact takes images; got a scene")
                 out.append(Sample(question=q, scene=inp) if scene_kind else Sample(question=q, image=inp))

@@ -28,8 +28,10 @@ Layouts:
 ``mrope``
     Qwen2.5-VL's M-RoPE (``get_rope_index``): as ``grid3``, but a spatial span's tokens sit at
     the span's start s plus their own (t, h, w) from ``spatial_xyz`` (the image's merged-token
-    grid), so images of any shape keep transformers' positions; text after the span continues at
-    its largest position + 1, and decoding as in ``grid3``.
+    grid; a video's t is its temporal patch scaled by ``tokens_per_second * second_per_grid_ts``),
+    so images and videos of any shape keep transformers' positions; text after the span continues
+    at its largest h / w position + 1 (a video's t may run further: transformers steps over the
+    rows and columns only), and decoding from the largest prompt position + 1 as in ``grid3``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _sequence_decode(start: np.ndarray, step: int) -> np.ndarray:
 def _spans(attention_mask: np.ndarray, spatial_mask: np.ndarray, offsets) -> np.ndarray:
     """(3, B, L) positions: text tokens count up on all three axes; a spatial span starting at
     position s puts its tokens at s + ``offsets(b, cols)`` ((3, n) per-axis offsets of row b's span
-    columns ``cols``), and the text after it continues at the span's largest position + 1;
+    columns ``cols``), and the text after it continues at the span's largest h / w position + 1;
     padding is 1."""
     valid = np.asarray(attention_mask).astype(bool)
     spatial = np.asarray(spatial_mask).astype(bool) & valid
@@ -79,7 +81,8 @@ def _spans(attention_mask: np.ndarray, spatial_mask: np.ndarray, offsets) -> np.
                 end += 1
             cols = idx[j:end]
             pos[:, b, cols] = t + offsets(b, cols)
-            t = int(pos[:, b, cols].max()) + 1
+            # the text goes on past the span's rows and columns; a video's time axis may reach further
+            t = int(pos[1:, b, cols].max()) + 1
             j = end
     return pos
 

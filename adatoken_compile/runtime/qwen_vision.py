@@ -14,17 +14,24 @@ grid bookkeeping compute, for the PyTorch adapter and the torch-free runtime ali
 * :func:`token_coordinates` -- each merged token's (t, h, w) on the language model's grid: the
   M-RoPE offsets of the token inside its image (the ``mrope`` position layout adds them to the
   image's start position) and the coordinates that spatial selection rules read.
+* :meth:`QwenImageProcessing.video_patches` -- a :class:`~adatoken_compile.runtime.sample.Video`'s
+  frames as ``Qwen2VLVideoProcessor`` lays them out: each frame resized and normalised as an
+  image, ``temporal_patch_size`` frames to a temporal patch (an odd count padded with the last
+  frame), ``grid_thw = (frames / temporal_patch_size, h, w)``; a video token's t is its temporal
+  patch times ``tokens_per_second * second_per_grid_ts`` (``get_rope_index``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
 from .image import BICUBIC, CLIP_MEAN, CLIP_STD, ImageProcessing, check_pixels
+from .sample import Video
 
 KIND = "qwen2_vl"
 MAX_ASPECT = 200  # the processor refuses more elongated images
@@ -49,11 +56,14 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def token_coordinates(grid_thw, merge_size: int) -> np.ndarray:
-    """(t * h/m * w/m, 3) float32 (t, h, w) of an image's merged tokens, raster order."""
+def token_coordinates(grid_thw, merge_size: int, time_interval: float = 1.0) -> np.ndarray:
+    """(t * h/m * w/m, 3) float32 (t, h, w) of an image's or a video's merged tokens, raster order;
+    the temporal index scaled by ``time_interval`` and truncated in float32, as ``get_rope_index``
+    does with its float32 ``second_per_grid_ts``."""
     t, h, w = (int(x) for x in grid_thw)
     gh, gw = h // merge_size, w // merge_size
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+    times = (np.arange(t, dtype=np.float32) * np.float32(time_interval)).astype(np.int64)
+    tt, hh, ww = np.meshgrid(times, np.arange(gh), np.arange(gw), indexing="ij")
     return np.stack([tt.ravel(), hh.ravel(), ww.ravel()], axis=1).astype(np.float32)
 
 
@@ -97,6 +107,7 @@ class QwenImageProcessing:
     rescale: float | None = 1 / 255
     mean: tuple[float, ...] | None = CLIP_MEAN
     std: tuple[float, ...] | None = CLIP_STD
+    tokens_per_second: float | None = None  # the vision config's; None: the model takes no video
     kind: str = KIND
     ENCODER_INPUTS = ("pixel_values", "vision_position_ids", "window_ids")  # the exported tower's, per image
 
@@ -107,6 +118,10 @@ class QwenImageProcessing:
                 raise InputError(f"preprocessing: {name} {str(v)[:20]} must be a whole number >= 1; fix {name}")
         if self.min_pixels > self.max_pixels:
             raise InputError(f"preprocessing: min_pixels {self.min_pixels} > max_pixels {self.max_pixels}; fix them")
+        tps = self.tokens_per_second
+        if tps is not None and (isinstance(tps, bool) or not isinstance(tps, (int, float)) or not 0 < tps < 1e6):
+            raise InputError(f"preprocessing: tokens_per_second {str(tps)[:20]} must be a number > 0; fix the vision "
+                             "config")
         if self.window_size % (self.patch_size * self.merge_size):
             raise InputError(f"preprocessing: window_size {self.window_size} is not a multiple of patch_size x "
                              f"merge_size ({self.patch_size * self.merge_size}); fix the vision config")
@@ -132,7 +147,8 @@ class QwenImageProcessing:
                        temporal_patch_size=int(d["temporal_patch_size"]), merge_size=int(d["merge_size"]),
                        window_size=int(d["window_size"]), resample=int(d.get("resample", BICUBIC)),
                        rescale=d.get("rescale"), mean=tuple(d["mean"]) if d.get("mean") is not None else None,
-                       std=tuple(d["std"]) if d.get("std") is not None else None)
+                       std=tuple(d["std"]) if d.get("std") is not None else None,
+                       tokens_per_second=d.get("tokens_per_second"))
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
@@ -143,7 +159,7 @@ class QwenImageProcessing:
                 "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
                 "merge_size": self.merge_size, "window_size": self.window_size, "resample": self.resample,
                 "rescale": self.rescale, "mean": list(self.mean) if self.mean is not None else None,
-                "std": list(self.std) if self.std is not None else None}
+                "std": list(self.std) if self.std is not None else None, "tokens_per_second": self.tokens_per_second}
 
     def pixels_step(self, hw: tuple[int, int]) -> ImageProcessing:
         return ImageProcessing(resize_hw=hw, resample=self.resample, rescale=self.rescale, mean=self.mean, std=self.std)
@@ -152,18 +168,37 @@ class QwenImageProcessing:
         return smart_resize(H, W, self.factor, self.min_pixels, self.max_pixels, where)
 
     def patches(self, image: np.ndarray, where: str = "image") -> tuple[np.ndarray, np.ndarray]:
-        """(N, patch_dim) float32 patches of one (H, W, 3) uint8 image and its (3,) int64 grid_thw."""
+        """(N, patch_dim) float32 patches of one (H, W, 3) uint8 image and its (3,) int64 grid_thw
+        (the image is one temporal patch of ``temporal_patch_size`` equal frames)."""
+        return self._patchify([self._frame(image, where)], where)
+
+    def video_patches(self, frames, where: str = "video") -> tuple[np.ndarray, np.ndarray]:
+        """(N, patch_dim) float32 patches and (3,) int64 grid_thw of a video's frames ((H, W, 3) uint8,
+        all one size), temporal patch by temporal patch."""
+        frames = [self._frame(f, f"{where} frame {i}") for i, f in enumerate(frames)]
+        check_frames(frames, [f"{where} frame {i}" for i in range(len(frames))])
+        return self._patchify(frames, where)
+
+    @staticmethod
+    def _frame(image, where: str) -> np.ndarray:
         img = np.asarray(image)
         if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8 or 0 in img.shape:
             raise InputError(f"{where}: shape {img.shape} dtype {img.dtype}, expected (H,W,3) uint8 RGB")
         check_pixels(where, *img.shape[:2])
-        x = self.pixels_step(self.resized_hw(*img.shape[:2], where))(img)  # (3, h, w)
-        C, h, w = x.shape
-        p, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = h // p, w // p
-        x = x.reshape(C, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, p, p))
-        return np.ascontiguousarray(x.reshape(gh * gw, C * T * p * p), np.float32), np.array([1, gh, gw], np.int64)
+        return img
+
+    def _patchify(self, frames: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+        step = self.pixels_step(self.resized_hw(*frames[0].shape[:2], where))
+        T = self.temporal_patch_size
+        pixels = [step(f) for f in frames]  # (3, h, w) each
+        pixels += pixels[-1:] * (-len(pixels) % T)  # the processor pads with the last frame
+        x = np.stack(pixels)
+        F_, C, h, w = x.shape
+        p, m = self.patch_size, self.merge_size
+        gt, gh, gw = F_ // T, h // p, w // p
+        x = x.reshape(gt, T, C, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return (np.ascontiguousarray(x.reshape(gt * gh * gw, C * T * p * p), np.float32),
+                np.array([gt, gh, gw], np.int64))
 
     def encoder_feeds(self, patches: np.ndarray, grid_thw) -> dict:
         """The vision tower graph's feeds for one image: patches and rotary ids in window order, each
@@ -177,17 +212,53 @@ class QwenImageProcessing:
         return {"pixel_values": np.ascontiguousarray(pix), "vision_position_ids": np.ascontiguousarray(rot),
                 "window_ids": windows}
 
-    def encode(self, image: np.ndarray, run) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H) tokens of one image in raster order and their (N, 3) (t, h, w); ``run(feeds)``
-        runs the tower graph."""
-        patches, grid = self.patches(image)
-        tokens = self.unpermute(np.asarray(run(self.encoder_feeds(patches, grid))), grid)
-        return tokens, token_coordinates(grid, self.merge_size)
+    def encode(self, source, run) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H) tokens of one image or :class:`Video` (frames as arrays) in raster order and their
+        (N, 3) (t, h, w); ``run(feeds)`` runs the tower graph."""
+        if not isinstance(source, Video):
+            patches, grid = self.patches(source)
+            tokens = self.unpermute(np.asarray(run(self.encoder_feeds(patches, grid))), grid)
+            return tokens, token_coordinates(grid, self.merge_size)
+        interval = self.time_interval(source)
+        patches, grid = self.video_patches(source.frames)
+        # every vision block attends within one temporal patch (transformers' packed attention has one
+        # segment per temporal patch, windows included), so the one-image tower runs on each alone
+        one, per = np.array([1, grid[1], grid[2]], np.int64), patches.shape[0] // int(grid[0])
+        tokens = [self.unpermute(np.asarray(run(self.encoder_feeds(patches[i * per:(i + 1) * per], one))), one)
+                  for i in range(int(grid[0]))]
+        return np.concatenate(tokens), token_coordinates(grid, self.merge_size, interval)
+
+    def time_interval(self, video: Video) -> float:
+        """M-RoPE steps between temporal patches: ``tokens_per_second * second_per_grid_ts`` with
+        ``second_per_grid_ts = temporal_patch_size / fps`` (the processor's), in float32."""
+        if self.tokens_per_second is None:
+            raise InputError("video: this model takes no video (no tokens_per_second in its vision config, or "
+                             "an artifact compiled without it); pass the frames as images, or recompile the artifact")
+        return float(np.float32(self.tokens_per_second) * np.float32(self.temporal_patch_size / video.fps))
 
     def unpermute(self, tokens: np.ndarray, grid_thw) -> np.ndarray:
         """The tower's merged tokens (window order) back in raster order."""
         order, _ = window_order(grid_thw, self.merge_size, self.window_size // self.factor)
         return tokens[np.argsort(order)]
+
+
+def check_frames(frames, names) -> None:
+    """One line naming the first frame whose size is not frame 0's."""
+    sizes = [np.shape(f)[:2] for f in frames]
+    for i, (h, w) in enumerate(sizes):
+        if (h, w) != sizes[0]:
+            raise InputError(f"{names[i]}: frame {i} of a video is {w}x{h} pixels, frame 0 {sizes[0][1]}x{sizes[0][0]}; "
+                             "the frames of one video must be one size: resize them, or pass them as images")
+
+
+def read_frames(video: Video, resolve) -> Video:
+    """``video`` with its frames read by ``resolve`` (paths, references) and checked to be one size,
+    a frame read from a file named by its path."""
+    frames = [resolve(f) for f in video.frames]
+    names = [getattr(f, "path", None) or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else f"video frame {i}")
+             for i, f in enumerate(video.frames)]
+    check_frames(frames, names)
+    return Video(frames, video.fps)
 
 
 def image_list(image) -> list:

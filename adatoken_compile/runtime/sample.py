@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import InputError
+
 
 @dataclass
 class Sample:
@@ -17,3 +19,28 @@ class Sample:
     kind: str | None = None  # question type, when the data gives one
     boxes: object | None = None  # optional (M, 3) location prompt(s) for <boxes>
     meta: dict = field(default_factory=dict)  # id, all reference answers ("answers"), source file, ...
+
+
+@dataclass(eq=False)
+class Video:
+    """One video as its frames, in time order and all the same size: (H, W, 3) uint8 arrays or
+    image paths. Put it where an image goes (``Sample.image``, ``rt.generate(Video(frames), q)``,
+    or in a list with images for one prompt). ``fps``: the rate the frames were sampled at, which
+    spaces the temporal positions (Qwen2.5-VL: ``second_per_grid_ts = temporal_patch_size / fps``);
+    2 is the rate Qwen samples videos at."""
+
+    frames: list
+    fps: float = 2.0
+
+    def __post_init__(self):
+        if isinstance(self.frames, (str, bytes)) or not hasattr(self.frames, "__len__") or len(self.frames) < 1:
+            raise InputError("video: expected a list of one or more frames ((H, W, 3) uint8 arrays or image paths); "
+                             "pass the frames as a list")
+        self.frames = list(self.frames)
+        try:
+            fps = float(self.fps)
+        except (TypeError, ValueError):
+            fps = float("nan")
+        if not fps > 0 or fps == float("inf"):
+            raise InputError(f"video: fps {str(self.fps)[:20]} must be a number > 0; pass the frames' sampling rate")
+        self.fps = fps

@@ -14,6 +14,7 @@ import torch
 from adatoken_compile.contract import Sample
 from adatoken_compile.errors import InputError
 from adatoken_compile.models.testing import random_qwen25vl
+from adatoken_compile.runtime.sample import Video
 
 NEW_TOKENS = 8
 
@@ -208,19 +209,22 @@ def test_identity_artifact_is_transformers_generate(adapter, identity_artifact):
         adapter.tokenizer.decode(want[1]).strip()
 
 
-def test_pruned_artifact_matches_the_eager_pruned_reference(adapter, identity_artifact, tmp_path):
-    """A cut before layer 0 ranked by (t, h, w) cells and an attention cut after it: the artifact
-    keeps the eager reference's tokens and generates its tokens over per-layer pruned caches."""
-    from adatoken_compile.compiler.executor import pruned_prefill
+@pytest.fixture(scope="module")
+def pruned_artifact(adapter, identity_artifact, tmp_path_factory):
     from adatoken_compile.compiler.pipeline import compile_artifact
+
+    out = str(tmp_path_factory.mktemp("qwen_art") / "pruned")
+    compile_artifact(adapter, pruned_schedule(adapter), out, progress=False, reuse=identity_artifact)
+    return out
+
+
+def check_pruned_artifact(adapter, artifact, ss):
+    from adatoken_compile.compiler.executor import pruned_prefill
     from adatoken_compile.compiler.reference import generate
     from adatoken_compile.runtime import load
 
     sched = pruned_schedule(adapter)
-    out = str(tmp_path / "pruned")
-    compile_artifact(adapter, sched, out, progress=False, reuse=identity_artifact)
-    rt = load(out)
-    ss = samples()
+    rt = load(artifact)
     feeds = rt.prepare(ss)
     batch = adapter.prepare(ss)
     got = np.stack(list(rt.generate_ids(feeds, NEW_TOKENS, ignore_eos=True)), axis=1).tolist()
@@ -234,6 +238,12 @@ def test_pruned_artifact_matches_the_eager_pruned_reference(adapter, identity_ar
     out = rt.prefill(feeds)
     n0, n1 = out["mask.0"].sum(1), out["mask.1"].sum(1)
     assert (n0 < feeds["attention_mask"].sum(1)).all() and (n1 < n0).all()
+
+
+def test_pruned_artifact_matches_the_eager_pruned_reference(adapter, pruned_artifact):
+    """A cut before layer 0 ranked by (t, h, w) cells and an attention cut after it: the artifact
+    keeps the eager reference's tokens and generates its tokens over per-layer pruned caches."""
+    check_pruned_artifact(adapter, pruned_artifact, samples())
 
 
 def test_make_tiny_writes_a_qwen25vl_checkpoint(tmp_path):
@@ -261,3 +271,187 @@ def test_images_past_the_prompt_limit_are_one_line(identity_artifact, monkeypatc
     assert rt.prepare([Sample("what is here?", image=im[0])])["spatial_mask"].sum() == 35
     with pytest.raises(InputError, match=r"^item 0: 2 images give 41 spatial tokens, more than the limit of 40 a prompt"):
         rt.prepare([Sample("what is here?", image=[im[0], im[1]])])
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def videos():
+    rng = np.random.default_rng(2)
+    # 5 frames (odd: the last one repeated) at Qwen's 2 fps, 4 frames at 24 fps (t steps of 1/3 truncated)
+    return [Video([rng.integers(0, 255, (61, 97, 3), dtype=np.uint8) for _ in range(5)]),
+            Video([rng.integers(0, 255, (75, 131, 3), dtype=np.uint8) for _ in range(4)], fps=24)]
+
+
+def video_samples():
+    v = videos()
+    return [Sample("what happens in the video?", image=v[0]),
+            Sample("what changes from the video to the picture?", image=[v[1], images()[1]])]
+
+
+def transformers_video_patchify():
+    """``Qwen2VLVideoProcessor.patchify``, transformers' own code, without importing its module (which
+    needs torchvision for its resize)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec("transformers.models.qwen2_vl.video_processing_qwen2_vl").origin
+    with open(origin) as f:
+        tree = ast.parse(f.read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "patchify")
+    ns = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), origin, "exec"), ns)
+    return ns["patchify"]
+
+
+def test_video_patches_are_the_video_processors(adapter, qwen_dir):
+    """Each frame resized and normalised by the image processor, then the video processor's own
+    temporal patching (an odd frame count padded with the last frame) and grid."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    with open(f"{qwen_dir}/preprocessor_config.json") as f:
+        proc = Qwen2VLImageProcessorPil(**{k: v for k, v in json.load(f).items() if k != "image_processor_type"})
+    frames = []
+    own = proc.patchify
+    proc.patchify = lambda image, **kw: frames.append(image) or own(image, **kw)
+    patchify = transformers_video_patchify()
+    for video, grid_t in zip(videos(), (3, 2)):
+        frames.clear()
+        proc(images=video.frames, return_tensors="np")
+        want, *grid = patchify(None, torch.from_numpy(np.stack(frames))[None], 14, 2, 2)
+        got, got_grid = adapter.pixels(video)
+        assert got_grid.tolist() == grid and grid[0] == grid_t
+        assert np.allclose(got, want[0].numpy(), atol=1e-6)
+        # transformers' video processor resizes uint8 frames with torchvision, which on CPU is torch's
+        # antialiased bicubic: it differs from Pillow's by at most one grey level on these frames
+        h, w = 14 * grid[1], 14 * grid[2]
+        tv = torch.nn.functional.interpolate(torch.from_numpy(np.stack(video.frames)).permute(0, 3, 1, 2).contiguous(),
+                                             size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (proc.image_mean, proc.image_std))
+        tv_patches = patchify(None, ((tv.float() / 255 - mean) / std)[None], 14, 2, 2)[0][0].numpy()
+        assert 0 < np.abs(got - tv_patches).max() <= 1 / 255 / min(proc.image_std) + 1e-5
+
+
+def test_video_tower_runs_per_temporal_patch_as_transformers(adapter):
+    """The exported one-image tower run on each temporal patch (what the runtime does) gives
+    transformers' video features: its attention never crosses temporal patches."""
+    for video in videos():
+        pix, grid = adapter.pixels(video)
+        with torch.no_grad():
+            want = adapter.vl.model.get_video_features(torch.from_numpy(pix), torch.from_numpy(grid[None])).pooler_output[0]
+            got, xyz = adapter.processing.encode(video, lambda feeds: adapter.tower(
+                *(torch.from_numpy(feeds[k]) for k in adapter.processing.ENCODER_INPUTS)).numpy())
+        assert np.allclose(got, want.numpy(), atol=1e-5)
+        assert np.array_equal(xyz, adapter.image_tokens(video)[1].numpy())
+
+
+def test_video_positions_are_get_rope_index(adapter):
+    """A video at 2 fps, one at 24 fps with an image after it, left-padded: transformers' positions
+    (t scaled by tokens_per_second * second_per_grid_ts) and its rope_deltas."""
+    ss = video_samples()
+    batch = adapter.prepare(ss)
+    hf = adapter.hf_inputs(ss)
+    assert hf["video_grid_thw"].tolist() == [[3, 4, 6], [2, 6, 10]]
+    want, deltas = adapter.vl.model.get_rope_index(hf["input_ids"], image_grid_thw=hf["image_grid_thw"],
+                                                   video_grid_thw=hf["video_grid_thw"],
+                                                   second_per_grid_ts=hf["second_per_grid_ts"],
+                                                   attention_mask=hf["attention_mask"],
+                                                   mm_token_type_ids=hf["mm_token_type_ids"])
+    am = hf["attention_mask"].bool()
+    got = adapter.spec.positions(batch)
+    assert torch.equal(got[:, am], want[:, am])
+    # the first video's time axis runs past its rows and columns (t up to 2 * 4), yet the text goes on
+    # after the rows and columns: positions and the decode start both depend on the rule
+    assert int(batch.spatial_xyz[0, :, 0].max()) == 8
+    nxt = adapter.spec.decode_positions(batch, 0)
+    assert torch.equal(nxt[:, :, 0], (am.sum(1) + deltas[:, 0])[None].expand(3, -1))
+    assert torch.equal(batch.spatial_mask, hf["mm_token_type_ids"] > 0)
+
+
+def test_video_generation_is_transformers_generate(adapter, identity_artifact, tmp_path):
+    """The PyTorch adapter and the torch-free identity artifact (frames read from files) give
+    transformers' own greedy tokens for a video, and a video with an image."""
+    from PIL import Image
+
+    from adatoken_compile.compiler.reference import generate
+    from adatoken_compile.runtime import load
+    from adatoken_compile.schedule import identity
+
+    ss = video_samples()
+    want = hf_generate(adapter, ss)
+    got = generate(adapter.decoder, adapter.prepare(ss), identity(adapter.arch()["num_layers"]),
+                   max_new_tokens=NEW_TOKENS, eos_token_id=adapter.eos_token_id)
+    assert got == want
+    rt = load(identity_artifact)
+    feeds = rt.prepare(ss)
+    assert np.array_equal(feeds["position_ids"], adapter.spec.positions(adapter.prepare(ss)).numpy())
+    ids = np.stack(list(rt.generate_ids(feeds, NEW_TOKENS, ignore_eos=True)), axis=1).tolist()
+    assert [g[:len(w)] for g, w in zip(ids, want)] == want
+    paths = []
+    for i, frame in enumerate(ss[0].image.frames):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(frame).save(paths[-1])
+    assert rt.generate(Video(paths), ss[0].question, max_new_tokens=NEW_TOKENS) == adapter.tokenizer.decode(want[0]).strip()
+
+
+def test_video_pruned_artifact_matches_the_eager_pruned_reference(adapter, pruned_artifact):
+    check_pruned_artifact(adapter, pruned_artifact, video_samples())
+
+
+def test_bad_videos_are_one_line(adapter, identity_artifact, qwen_dir, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from adatoken_compile.cli import main
+    from adatoken_compile.models.qwen25vl import Qwen25VLAdapter
+    from adatoken_compile.runtime import load
+
+    rng = np.random.default_rng(0)
+    mixed = Video([rng.integers(0, 255, (61, 97, 3), dtype=np.uint8), rng.integers(0, 255, (60, 97, 3), dtype=np.uint8)])
+    one_size = r"frame 1 of a video is 97x60 pixels, frame 0 97x61; the frames of one video must be one size"
+    with pytest.raises(InputError, match=r"^video frame 1: " + one_size):
+        adapter.pixels(mixed)
+    with pytest.raises(InputError, match=r"^video frame 1: " + one_size):
+        load(identity_artifact).prepare([Sample("what is here?", image=mixed)])
+    # from a question file: the command names the frame's file, one line, exit 2
+    for i, frame in enumerate(mixed.frames):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "what moves?", "frames": ["f0.png", "f1.png"]}))
+    res = CliRunner().invoke(main, ["eval", "--artifact", identity_artifact, "--baseline", identity_artifact,
+                                    "--data", str(tmp_path / "q.jsonl"), "--limit", "1"])
+    errors = [line for line in res.output.replace("\r", "\n").splitlines() if "error" in line]
+    assert res.exit_code == 2 and len(errors) == 1 and res.output.endswith(errors[0] + "\n")
+    assert errors[0].startswith(f"error: {tmp_path / 'f1.png'}: " + one_size), res.output
+    with pytest.raises(InputError, match=r"^video: fps 0 must be a number > 0"):
+        Video(mixed.frames, fps=0)
+    bad = tmp_path / "novideo"
+    shutil.copytree(qwen_dir, bad)
+    with open(bad / "config.json") as f:
+        cfg = json.load(f)
+    cfg["video_token_id"] = 10 ** 6
+    with open(bad / "config.json", "w") as f:
+        json.dump(cfg, f)
+    a = Qwen25VLAdapter(str(bad))
+    assert a.pixels(images()[1])[1].tolist() == [1, 4, 6]  # images still work
+    with pytest.raises(InputError, match=r"^video: .*config.json names no video_token_id of its tokenizer"):
+        a.prepare(video_samples()[:1])
+
+
+def test_video_prompt_is_the_chat_templates(adapter, qwen_dir):
+    """A video then an image then the question, as the checkpoint's chat template renders those
+    content parts, each pad repeated for its tokens: the ids transformers is given."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from adatoken_compile.models.checkpoint import chat_template
+
+    ss = video_samples()[1:]
+    hf = adapter.hf_inputs(ss)
+    content = [{"type": "video"}, {"type": "image"}, {"type": "text", "text": ss[0].question}]
+    text = render_jinja_template([[{"role": "user", "content": content}]], chat_template=chat_template(qwen_dir)[0],
+                                 add_generation_prompt=True)[0][0]
+    for pad, grid in (("<|video_pad|>", hf["video_grid_thw"][0]), ("<|image_pad|>", hf["image_grid_thw"][0])):
+        text = text.replace(pad, pad * (int(grid.prod()) // 4))
+    assert adapter.tokenizer.encode(text) == hf["input_ids"][0].tolist()

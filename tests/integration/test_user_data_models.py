@@ -195,6 +195,17 @@ def test_hf_llava_on_a_jsonl_of_images_calibrate_artifact_eval(hf_dirs, tmp_path
     res = json.loads(r.output[r.output.index("{"):])
     assert res["n"] == 0 and res["questions"] == 2 and res["accuracy"] is None
     assert os.path.exists(art) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    # a video for a model that takes one image a prompt: one line, exit 2, from the model and the artifact
+    from adatoken_compile.errors import InputError
+    from adatoken_compile.runtime import Video
+
+    (tmp_path / "video.jsonl").write_text(json.dumps({"frames": ["0.png", "0.png"], "question": qs[0]}))
+    r = CliRunner().invoke(main, ["eval", "--model", d, "--data", str(tmp_path / "video.jsonl"), "--limit", "1"])
+    errors = [line for line in r.output.replace("\r", "\n").splitlines() if "error" in line]
+    assert r.exit_code == 2 and errors == ["error: video: an HF LLaVA prompt holds one image, not a video; ask about one "
+                                           "frame at a time"], r.output
+    with pytest.raises(InputError, match=r"^video: this artifact's model takes images, not videos"):
+        rt.generate(Video([imgs[0], imgs[0]]), qs[0])
 
 
 def test_compare_on_a_jsonl_of_images_calibrates_on_the_file(hf_dirs, tmp_path):

@@ -14,7 +14,8 @@ from adatoken_compile.data.questions import read_questions
 from adatoken_compile.errors import InputError
 from adatoken_compile.runtime.positions import LAYOUTS
 from adatoken_compile.runtime.qwen_vision import (QwenImageProcessing, prompt_for_images, rotary_ids, smart_resize,
-                                                  window_order)
+                                                  token_coordinates, window_order)
+from adatoken_compile.runtime.sample import Video
 
 GRIDS = [(1, 10, 14), (1, 4, 6), (1, 22, 2), (2, 8, 8), (1, 36, 52)]
 
@@ -77,6 +78,35 @@ def test_mrope_positions_by_hand():
         layout.prefill(am, sm)
 
 
+def test_mrope_video_time_runs_past_the_text_by_hand():
+    """A video of 3 temporal patches of 1x2 tokens at t steps of 2: the text after it goes on past
+    its rows and columns (start + 2), the decode start past its largest t (start + 4 + 1)."""
+    am = np.ones((1, 9), np.int64)
+    sm = np.array([[0] + [1] * 6 + [0, 0]], bool)
+    xyz = np.zeros((1, 9, 3), np.float32)
+    xyz[0, 1:7] = token_coordinates((3, 2, 4), 2, time_interval=2.0)
+    assert xyz[0, 1:7, 0].tolist() == [0, 0, 2, 2, 4, 4]
+    layout = LAYOUTS["mrope"]
+    want = np.array([[0, 1, 1, 3, 3, 5, 5, 3, 4],
+                     [0, 1, 1, 1, 1, 1, 1, 3, 4],
+                     [0, 1, 2, 1, 2, 1, 2, 3, 4]])[:, None, :]
+    assert np.array_equal(layout.prefill(am, sm, xyz), want)
+    assert layout.start(am, sm, xyz).tolist() == [6]
+    # transformers truncates t * interval in float32: 1/3 steps give 0, 0, 0, 1
+    assert token_coordinates((4, 2, 2), 2, time_interval=float(np.float32(4) * np.float32(2 / 24)))[:, 0].tolist() \
+        == [0, 0, 0, 1]
+
+
+def test_a_model_without_video_refuses_a_video_in_one_line():
+    proc = QwenImageProcessing(min_pixels=3136, max_pixels=50176)
+    frames = [np.zeros((56, 56, 3), np.uint8)] * 2
+    with pytest.raises(InputError, match=r"^video: this model takes no video"):
+        proc.encode(Video(frames), lambda feeds: None)
+    with_video = QwenImageProcessing(min_pixels=3136, max_pixels=50176, tokens_per_second=2)
+    assert QwenImageProcessing.from_dict(with_video.to_dict()) == with_video
+    assert with_video.time_interval(Video(frames)) == 2.0 and with_video.time_interval(Video(frames, fps=1)) == 4.0
+
+
 def test_prompt_repeats_the_image_unit():
     unit = "<|vision_start|><image><|vision_end|>"
     fmt = f"<|im_start|>user\n{unit}{{question}}<|im_end|>"
@@ -100,6 +130,26 @@ def test_a_question_file_names_several_images(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x", "image": ["v0.png", 3]}))
     with pytest.raises(InputError, match="'image' must be a path string, or a list of them"):
         read_questions(str(tmp_path / "bad.jsonl"))
+
+
+def test_a_question_file_names_a_video_by_its_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"f{i}.png")
+    rows = [{"question": "what moves?", "frames": ["f0.png", "f1.png", "f2.png"], "fps": 4},
+            {"question": "and with this view?", "image": "f0.png", "frames": ["f1.png", "f2.png"]}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    got = read_questions(str(tmp_path / "q.jsonl"))
+    assert isinstance(got[0].image, Video) and len(got[0].image.frames) == 3 and got[0].image.fps == 4
+    assert got[0].image.frames[2].load().shape == (20, 30, 3)
+    assert not isinstance(got[1].image[0], Video) and got[1].image[1].fps == 2.0  # images first, then the video
+    for bad, msg in (({"frames": "f0.png"}, "'frames' must be a list of frame paths"),
+                     ({"frames": ["f0.png"], "fps": "fast"}, "'fps' must be a number > 0"),
+                     ({"frames": ["f0.png"], "fps": -1}, r"video: fps -1(\.0)? must be a number > 0"),
+                     ({"frames": ["f0.png"], "scene": "s.npz"}, "give a scene or images / frames, not both")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x", **bad}))
+        with pytest.raises(InputError, match=msg):
+            read_questions(str(tmp_path / "bad.jsonl"))
 
 
 def test_an_image_past_the_pixel_limit_is_refused_before_it_is_resized():

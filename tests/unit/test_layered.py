@@ -21,7 +21,8 @@ from adatoken_compile.schedule import Cut, Schedule
 
 
 def test_layered_statistics_and_schedule_match_sample_major_on_the_bundled_model():
-    kw = dict(samples=2, holdout=2, flops_budget=0.5, max_validations=1, progress=False)
+    # three first-cut layers within the budget: the layered engine validates them as one round
+    kw = dict(samples=2, holdout=2, flops_budget=0.5, max_validations=3, progress=False)
     sample = api.calibrate("llava3d-tiny", engine="sample", **kw)
     layer = api.calibrate("llava3d-tiny", engine="layered", **kw)
     a, b = sample.stats.arrays, layer.stats.arrays
@@ -32,8 +33,8 @@ def test_layered_statistics_and_schedule_match_sample_major_on_the_bundled_model
     assert [(c.layer, c.keep, c.rule) for c in s.cuts] == [(c.layer, c.keep, c.rule) for c in t.cuts]
     for key in ("fidelity", "stability", "precision"):
         assert s.calibration[key] == t.calibration[key], key
-    assert [v["agreement"] for v in s.calibration["search"]["validated"]] == \
-        [v["agreement"] for v in t.calibration["search"]["validated"]]
+    assert s.calibration["search"]["validated"] == t.calibration["search"]["validated"]
+    assert len({str(v["cuts"][0][0]) for v in t.calibration["search"]["validated"]}) == 3
     eng = t.calibration["engine"]
     layers = s.num_layers
     assert eng["order"] == "layer-major" and s.calibration["engine"]["order"] == "sample-major"
@@ -212,3 +213,45 @@ def test_curtailed_rule_choice_is_the_full_choice_in_both_engines(monkeypatch, b
     assert any("curtailed" in t for t in cut_trials)
     assert sum(t["rows"] for t in cut_trials) < sum(t["rows"] for t in full_trials)
     assert lay_trials == cut_trials and lay.calibration["random_control"] == cut.calibration["random_control"]
+
+
+def _round():
+    from adatoken_compile.selection import Rule
+
+    rnd, strided = Rule.of("random"), Rule.of("strided")
+    return [Schedule(cuts, 4, policy="adaptive") for cuts in (
+        [Cut(1, 0.5)], [Cut(1, 0.5), Cut(3, 0.2)], [Cut(1, 0.5, rnd)], [Cut(1, 0.5), Cut(3, 0.2, rnd)],
+        [Cut(2, 0.3)], [Cut(0, 0.5, strided)], [])]
+
+
+@pytest.mark.parametrize("max_disagree", [None, 0])
+def test_a_round_runs_as_one_prefix_tree_with_the_counts_of_one_by_one(max_disagree):
+    """Candidates sharing their cuts up to a layer share its states and branch at their first
+    differing cut: the same measurements as one candidate at a time, each layer's weights read once
+    per chunk for the whole round (early stops included)."""
+    dec = _llama()
+    hold = [_batch(s) for s in range(4)]
+    scheds = _round()
+    sample = [ValidationCache().measure(dec, hold, s, max_disagree) for s in scheds]
+    one = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)  # every batch its own chunk
+    one_cache = layered.validation_cache(one)
+    assert [one_cache.measure(dec, hold, s, max_disagree) for s in scheds] == sample
+    tree = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)
+    tree_cache = layered.validation_cache(tree)
+    tree_cache.refs_for(dec, hold)
+    assert tree_cache.measure_all(dec, hold, scheds, max_disagree) == sample
+    assert not all(m["agreement"] == 1.0 for m in sample)  # the cuts change answers: branches differ
+    reads = tree.timings["validation_layer_reads"]
+    if max_disagree is None:
+        assert reads == 4 * len(hold)  # 4 layers, once per chunk
+        assert one.timings["validation_layer_reads"] > 4 * reads
+    else:
+        assert any(m.get("stopped") for m in sample)
+        assert reads <= 4 * len(hold) < one.timings["validation_layer_reads"]
+    # a round that ends at its first perfect candidate gives the measurements the sequential one does
+    until = lambda m: m["agreement"] >= 1.0  # noqa: E731
+    fresh = layered.validation_cache(layered.StreamedLayers(dec, None, "cpu"))
+    got = fresh.measure_all(dec, hold, scheds[::-1], max_disagree, until=until)
+    assert got == ValidationCache().measure_all(dec, hold, scheds[::-1], max_disagree, until=until)
+    assert got == sample[::-1][:len(got)] and until(got[-1]) and len(got) < len(scheds)
+

@@ -20,9 +20,12 @@ arrays and the validations the same counts; only the loop order differs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -197,13 +200,99 @@ def plan(model_dir: str | None, *, device: str | None = "cpu", dtype: str = "flo
     return Plan(dev, dt, engine, budget, fp)
 
 
+# ---------------------------------------------------------------------- spilled states
+SPILL_MODES = ("auto", "off")
+SPILL_MARGIN = 1 << 30  # disk left free beside the spilled states
+
+
+class Spill:
+    """Memory-mapped files for the states of a chunk past the memory budget, so that one pass over
+    the weights serves every batch. The files live in a directory of its own that the first spilled
+    state creates under ``parent`` and :meth:`close` removes; each file is unlinked as soon as it is
+    mapped (its bytes stay until the tensor is freed), so none outlives the process, even killed."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.dir: str | None = None
+        self.files = self.bytes = 0
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def room(self, need: int) -> bool:
+        """Is there room for ``need`` bytes of states (and a margin) on ``parent``'s disk?"""
+        return os.path.isdir(self.parent) and shutil.disk_usage(self.parent).free >= need + SPILL_MARGIN
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s values in a new memory-mapped file (one line when the disk is full)."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix=".adatoken-spill-", dir=self.parent)
+        path = os.path.join(self.dir, f"{self.files}.bin")
+        self.files += 1
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, t.numel() * t.element_size())  # a full disk fails here, not in a page fault
+            out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise InputError(f"{self.parent}: no room left for the spilled states; free disk space, give "
+                             "--spill another directory or --spill off") from None
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        self.bytes += t.numel() * t.element_size()
+        return out.view(t.shape).copy_(t)
+
+    def store(self, ex: PrefillExecutor) -> None:
+        """Move ``ex``'s hidden states, mask, query and cached keys and values to mapped files."""
+        _map_state(ex, lambda t: self.tensor(t) if t.is_contiguous() and t.numel()
+                   and t.untyped_storage().filename is None else t)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            try:
+                os.rmdir(self.dir)  # its files were unlinked when mapped: only what another put there keeps it
+            except OSError:
+                pass
+            self.dir = None
+
+
+def _map_state(ex: PrefillExecutor, fn) -> None:
+    for name in ("hidden", "mask4", "query"):
+        t = getattr(ex, name)
+        if isinstance(t, torch.Tensor):
+            setattr(ex, name, fn(t))
+    for tensors in (ex.cache.keys, ex.cache.values):
+        for j, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor):
+                tensors[j] = fn(t)
+
+
+def spill_for(spill: str | None, out: str | None) -> Spill | None:
+    """``--spill``: ``auto`` (default: beside ``--out``, or in the temporary directory without one),
+    ``off``, or a directory to spill under (one line unless it exists)."""
+    spill = "auto" if spill is None else str(spill)
+    if spill == "off":
+        return None
+    if spill == "auto":
+        parent = os.path.dirname(os.path.abspath(out)) if out else tempfile.gettempdir()
+        return Spill(parent if os.path.isdir(parent) else tempfile.gettempdir())
+    if not os.path.isdir(spill):
+        raise InputError(f"--spill {spill}: not a directory; give an existing directory, auto or off")
+    return Spill(os.path.abspath(spill))
+
+
 # ---------------------------------------------------------------------- streamed layers
 class StreamedLayers:
     """The decoder's layers (and head) on ``device`` one at a time: :meth:`on` loads a module's
     weights (from the checkpoint when ``lazy`` left them there, else a copy of the resident ones
     when the device differs) and puts the placeholders back when the block ends."""
 
-    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None):
+    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None, spill: Spill | None = None):
         self.decoder = decoder
         self.spec = spec_for(decoder)
         self.device = torch.device(device)
@@ -213,6 +302,9 @@ class StreamedLayers:
         self._loaders = {id(m): (lazy.for_module(m) if lazy else {}) for m in (*self.layers, *self.head)}
         body.rotary_emb.to(self.device)  # a small buffer every layer reads
         self.chunk_bytes = chunk_bytes
+        # ``spill``: where a chunk's states past the budget go instead of another pass over the weights;
+        # ``resident``: while one pass serves more than the budget, the bytes of states kept in memory
+        self.spill, self.resident = spill, None
         self.timings: dict = {}
 
     def read(self, *modules) -> list:
@@ -247,9 +339,12 @@ class StreamedLayers:
     def _add(self, key: str, v: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + v
 
-    def chunks(self, items: list, size_of) -> list[list]:
+    def chunks(self, items: list, size_of, held_of=None) -> list[list]:
         """``items`` in consecutive chunks whose ``size_of`` sums stay within the chunk budget
-        (at least one item each)."""
+        (at least one item each), or, with a :class:`Spill` that has room for what the states of
+        all of them hold between layers (``held_of``, default ``size_of``), all in one chunk whose
+        states past the budget (less one item's ``size_of``, for the state that runs) are spilled."""
+        self.resident = None
         if self.chunk_bytes is None:
             return [items] if items else []
         out, cur, used = [], [], 0
@@ -260,7 +355,11 @@ class StreamedLayers:
                 cur, used = [], 0
             cur.append(it)
             used += b
-        return out + ([cur] if cur else [])
+        out += [cur] if cur else []
+        if len(out) > 1 and self.spill is not None and self.spill.room(sum(map(held_of or size_of, items))):
+            self.resident = max(0, self.chunk_bytes - max(map(size_of, items)))
+            return [items]
+        return out
 
     def state_bytes(self, inputs) -> int:
         """About what one batch's state holds between layers and while a layer runs on it: the
@@ -299,8 +398,18 @@ class StreamedLayers:
                 now = states(i) if callable(states) else states
                 with self.on(layer, weights=weights):
                     t0 = time.perf_counter()
+                    held = 0
                     for st in now:
+                        ex = _executor(st)
+                        if self.device.type != "cpu":  # a spilled state runs from the device
+                            _map_state(ex, lambda t: t.to(self.device))
                         step(st, i)
+                        if self.resident is not None:
+                            size = ex.nbytes()
+                            if held + size > self.resident:
+                                self.spill.store(ex)
+                            else:
+                                held += size
                     self._add(f"{phase}_s", time.perf_counter() - t0)
                     self._add(f"{phase}_sample_layers", sum(_rows(st) for st in now))
                 del weights
@@ -313,8 +422,11 @@ class StreamedLayers:
 
     def summary(self) -> dict:
         """Seconds spent reading weights and running layers, per phase, and per row and layer; how
-        many layers each phase read (the number of layers per pass over the weights)."""
+        many layers each phase read (the number of layers per pass over the weights); the bytes of
+        states spilled to memory-mapped files."""
         out = {k: round(v, 3) for k, v in self.timings.items() if k.endswith("_s")}
+        if self.spill is not None and self.spill.bytes:
+            out["spilled_bytes"] = int(self.spill.bytes)
         for phase in ("statistics", "references", "validation"):
             n = self.timings.get(f"{phase}_sample_layers")
             if n:
@@ -324,9 +436,12 @@ class StreamedLayers:
         return out
 
 
+def _executor(state) -> PrefillExecutor:
+    return state[0] if isinstance(state, tuple) else state
+
+
 def _rows(state) -> int:
-    ex = state[0] if isinstance(state, tuple) else state
-    return int(ex.hidden.shape[0])
+    return int(_executor(state).hidden.shape[0])
 
 
 # ---------------------------------------------------------------------- statistics
@@ -334,7 +449,8 @@ def _rows(state) -> int:
 def observe(layers: StreamedLayers, obs, batches: list) -> None:
     """Accumulate ``obs``'s statistics over ``batches`` ((DecoderInputs, answers) pairs) layer by
     layer: per chunk, plan every batch, run each layer over all of them, then finish them."""
-    for chunk in layers.chunks(list(batches), lambda ba: layers.state_bytes(ba[0])):
+    for chunk in layers.chunks(list(batches), lambda ba: layers.state_bytes(ba[0]),
+                               lambda ba: layers.branch_bytes(ba[0])):
         states = []
         for batch, ans in chunk:
             ext, pl = obs.plan(batch, ans)
@@ -435,7 +551,7 @@ class LayeredValidation:
 
     def references(self, decoder, holdout) -> list:
         out = []
-        for chunk in self.layers.chunks(list(holdout), self.layers.state_bytes):
+        for chunk in self.layers.chunks(list(holdout), self.layers.state_bytes, self.layers.branch_bytes):
             out += tree_logits(self.layers, chunk, [None], "references")[0]
         return out
 
@@ -470,8 +586,13 @@ class LayeredValidation:
     def _chunks(self, holdout, n_states: int = 1) -> list[tuple]:
         """The held-back batches' indices in chunks, each batch holding ``n_states`` states at once
         (the candidates of a round, pruned ones smaller: budgeted at the hidden states and mask)."""
-        return [tuple(c) for c in self.layers.chunks(list(range(len(holdout))), lambda i: self.layers.state_bytes(
-            holdout[i]) + (n_states - 1) * self.layers.branch_bytes(holdout[i]))]
+        lay = self.layers
+
+        def size(i: int) -> int:
+            return lay.state_bytes(holdout[i]) + (n_states - 1) * lay.branch_bytes(holdout[i])
+
+        return [tuple(c) for c in lay.chunks(list(range(len(holdout))), size,
+                                             lambda i: n_states * lay.branch_bytes(holdout[i]))]
 
     def agreement(self, decoder, holdout, refs, schedule, max_disagree, against=None):
         from adatoken_compile.calibration.solver import agreement, score

@@ -293,7 +293,8 @@ class ValidationCache:
         """:meth:`measure` of each of ``schedules`` in order, ending after the first whose measurement
         satisfies ``until`` (None: none ends it); the measurements made, in order. An engine may run
         them together (it then measures the ones after that first too, and keeps them)."""
-        return _until((self.measure(decoder, holdout, s, max_disagree, against) for s in schedules), until)
+        return _until((self.measure(decoder, holdout, s, max_disagree, against) for s in schedules),
+                      until)
 
     def _stale(self, key, max_disagree: int | None) -> bool:
         have = self.measured.get(key)

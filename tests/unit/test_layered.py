@@ -135,6 +135,7 @@ def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
     (["--device", "tpu"], "--device 'tpu'"),
     (["--engine", "layered", "--max-memory", "100MB"], "too small"),
     (["--max-memory", "plenty"], "--max-memory"),
+    (["--engine", "layered", "--spill", "/nonexistent/spill"], "--spill /nonexistent/spill: not a directory"),
 ])
 def test_calibrate_placement_errors_are_one_line_before_loading(tiny3d_dir, tmp_path, monkeypatch, args, says):
     if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -255,3 +256,59 @@ def test_a_round_runs_as_one_prefix_tree_with_the_counts_of_one_by_one(max_disag
     assert got == ValidationCache().measure_all(dec, hold, scheds[::-1], max_disagree, until=until)
     assert got == sample[::-1][:len(got)] and until(got[-1]) and len(got) < len(scheds)
 
+
+
+def test_spilled_states_give_the_in_memory_numbers_in_one_pass_over_the_weights(tmp_path):
+    """Past the chunk budget the states go to memory-mapped files instead of another pass over the
+    weights: the same int64 statistics and measurements, each layer read once per phase, and the
+    files' directory gone afterwards."""
+    from adatoken_compile.calibration import api as engine_api
+
+    dec = _llama()
+    data, hold = [_batch(s) for s in range(100, 104)], [_batch(s) for s in range(6)]
+    budget = 2 * layered.StreamedLayers(dec).state_bytes(hold[0])  # about two batches a chunk
+
+    def run(spill):
+        streamed = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=budget, spill=spill)
+        s, st = engine_api.calibrate(dec, data, holdout_batches=hold, policy="adaptive", flops_budget=0.6,
+                                     progress=False, max_validations=2, rules=("last_token", "random"), layers=streamed)
+        return s, st, streamed.timings
+
+    mem, mem_stats, in_ram = run(None)
+    with layered.Spill(str(tmp_path)) as spill:
+        sp, sp_stats, spilled = run(spill)
+        assert spill.bytes > 0 and spill.files > 0
+        assert [os.listdir(os.path.join(tmp_path, d)) for d in os.listdir(tmp_path)] == [[]]  # unlinked when mapped
+    assert os.listdir(tmp_path) == []
+    for k in mem_stats.arrays:
+        assert mem_stats.arrays[k].tobytes() == sp_stats.arrays[k].tobytes(), k
+    assert [(c.layer, c.keep, c.rule) for c in mem.cuts] == [(c.layer, c.keep, c.rule) for c in sp.cuts]
+    for key in ("fidelity", "stability", "random_control", "rules"):
+        assert mem.calibration[key] == sp.calibration[key], key
+    assert mem.calibration["search"]["validated"] == sp.calibration["search"]["validated"]
+    assert spilled["statistics_layer_reads"] == spilled["references_layer_reads"] == 4  # one pass each
+    assert in_ram["statistics_layer_reads"] > 4 and in_ram["references_layer_reads"] > 4
+    assert spilled["validation_layer_reads"] < in_ram["validation_layer_reads"]
+    assert sp.calibration["engine"]["spilled_bytes"] == spill.bytes
+
+
+def test_the_spill_directory_goes_after_a_failed_calibration(tiny3d_dir, tmp_path, monkeypatch):
+    from adatoken_compile.calibration import api as engine_api
+
+    monkeypatch.setattr(layered.Plan, "chunk_bytes", lambda self: 1)  # no state fits: every one spills
+    where = tmp_path / "spill"
+    where.mkdir()
+    cal = api.calibrate(tiny3d_dir, engine="layered", spill=str(where), samples=8, holdout=8, policy="pdrop",
+                        progress=False)
+    eng = cal.schedule.calibration["engine"]
+    assert eng["spilled_bytes"] > 0 and eng["statistics_layer_reads"] == 4 and os.listdir(where) == []
+
+    def fail(*a, **k):
+        assert [n for n in os.listdir(where) if n.startswith(".adatoken-spill-")]  # the statistics spilled
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(engine_api, "derive_schedule", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        api.calibrate(tiny3d_dir, engine="layered", spill=str(where), samples=8, holdout=8, policy="pdrop",
+                      progress=False)
+    assert os.listdir(where) == []

@@ -214,7 +214,7 @@ class Spill:
     def __init__(self, parent: str):
         self.parent = parent
         self.dir: str | None = None
-        self.files = self.bytes = 0
+        self.files = self.bytes = self.no_room = 0
 
     def __enter__(self) -> "Spill":
         return self
@@ -356,9 +356,12 @@ class StreamedLayers:
             cur.append(it)
             used += b
         out += [cur] if cur else []
-        if len(out) > 1 and self.spill is not None and self.spill.room(sum(map(held_of or size_of, items))):
-            self.resident = max(0, self.chunk_bytes - max(map(size_of, items)))
-            return [items]
+        if len(out) > 1 and self.spill is not None:
+            need = sum(map(held_of or size_of, items))
+            if self.spill.room(need):
+                self.resident = max(0, self.chunk_bytes - max(map(size_of, items)))
+                return [items]
+            self.spill.no_room = max(self.spill.no_room, need)  # reported: the chunked passes ran instead
         return out
 
     def state_bytes(self, inputs) -> int:
@@ -427,6 +430,8 @@ class StreamedLayers:
         out = {k: round(v, 3) for k, v in self.timings.items() if k.endswith("_s")}
         if self.spill is not None and self.spill.bytes:
             out["spilled_bytes"] = int(self.spill.bytes)
+        if self.spill is not None and self.spill.no_room:
+            out["spill_no_room"] = f"{self.spill.parent}: no room for {_gb(self.spill.no_room)} of states; chunked"
         for phase in ("statistics", "references", "validation"):
             n = self.timings.get(f"{phase}_sample_layers")
             if n:
@@ -594,44 +599,40 @@ class LayeredValidation:
         return [tuple(c) for c in lay.chunks(list(range(len(holdout))), size,
                                              lambda i: n_states * lay.branch_bytes(holdout[i]))]
 
+    def _measurements(self, holdout, refs, schedules: list, max_disagree, against) -> list[dict]:
+        """The agreements of ``schedules`` run together, chunk by chunk: one pass over the layers per
+        chunk for all of them (:func:`tree_logits`), a schedule leaving the tree at the chunk where
+        its count stops (``max_disagree``, ``against``: as in the solver's ``agreement``)."""
+        from adatoken_compile.calibration.solver import _Tally, score
+
+        tallies = [_Tally(sum(b.batch_size for b in holdout), max_disagree, against) for _ in schedules]
+        active = list(range(len(schedules)))
+        for chunk in self._chunks(holdout, len(schedules)):
+            outs = self._chunk_logits(chunk, [holdout[i] for i in chunk], [schedules[k] for k in active])
+            for k, lgs in zip(list(active), outs):
+                for i, lg in zip(chunk, lgs):
+                    if tallies[k].add(*score(lg, refs[i])):
+                        active.remove(k)
+                        break
+            if not active:
+                break
+        return [t.measurement() for t in tallies]
+
     def agreement(self, decoder, holdout, refs, schedule, max_disagree, against=None):
-        from adatoken_compile.calibration.solver import agreement, score
-
-        def results():  # read chunk by chunk, as far as the count needs (a failed candidate stops early)
-            for chunk in self._chunks(holdout):
-                for i, lg in zip(chunk, self._chunk_logits(chunk, [holdout[i] for i in chunk], [schedule])[0]):
-                    yield score(lg, refs[i])
-
-        return agreement(decoder, holdout, refs, schedule, max_disagree, results=results(), against=against)
+        return self._measurements(holdout, refs, [schedule], max_disagree, against)[0]
 
     def measure_all(self, decoder, holdout, schedules: list, max_disagree: int | None = None, against=None,
                     until=None) -> list:
-        """The solver's ``measure_all`` with the schedules run together, chunk by chunk: one pass over
-        the layers per chunk for all of them (:func:`tree_logits`), a schedule leaving the tree at
-        the chunk where its count stops (``max_disagree``, ``against``: as in ``agreement``). The
-        same measurements as one by one; those after the first that satisfies ``until`` are kept too."""
-        from adatoken_compile.calibration.solver import _key, _Tally, _until, score
+        """The solver's ``measure_all`` with the schedules not measured yet run together
+        (:meth:`_measurements`): the same measurements as one by one; those after the first that
+        satisfies ``until`` are made and kept too."""
+        from adatoken_compile.calibration.solver import _key, _until
 
-        todo: dict = {}
-        for sch in schedules:
-            if _key(sch) not in todo and self._stale(_key(sch), max_disagree):
-                todo[_key(sch)] = sch
+        todo = {_key(sch): sch for sch in schedules if self._stale(_key(sch), max_disagree)}
         if todo:
             refs = self.refs_for(decoder, holdout)
-            n_rows = sum(b.batch_size for b in holdout)
-            tallies = {k: _Tally(n_rows, max_disagree, against) for k in todo}
-            active = list(todo)
-            for chunk in self._chunks(holdout, len(todo)):
-                outs = self._chunk_logits(chunk, [holdout[i] for i in chunk], [todo[k] for k in active])
-                for k, lgs in zip(list(active), outs):
-                    for i, lg in zip(chunk, lgs):
-                        if tallies[k].add(*score(lg, refs[i])):
-                            active.remove(k)
-                            break
-                if not active:
-                    break
-            for k in todo:
-                self.measured[k] = tallies[k].measurement()
+            self.measured.update(zip(todo, self._measurements(holdout, refs, list(todo.values()), max_disagree,
+                                                              against)))
         return _until((dict(self.measured[_key(sch)]) for sch in schedules), until)
 
     def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None,

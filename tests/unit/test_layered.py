@@ -290,6 +290,13 @@ def test_spilled_states_give_the_in_memory_numbers_in_one_pass_over_the_weights(
     assert in_ram["statistics_layer_reads"] > 4 and in_ram["references_layer_reads"] > 4
     assert spilled["validation_layer_reads"] < in_ram["validation_layer_reads"]
     assert sp.calibration["engine"]["spilled_bytes"] == spill.bytes
+    full = layered.Spill(str(tmp_path))
+    full.room = lambda need: False  # a full disk: the chunked passes, said so
+    chunked, _, passes = run(full)
+    assert {k: v for k, v in passes.items() if not k.endswith("_s")} == {
+        k: v for k, v in in_ram.items() if not k.endswith("_s")}  # the same reads and question-layers
+    assert chunked.calibration["fidelity"] == mem.calibration["fidelity"]
+    assert "no room" in chunked.calibration["engine"]["spill_no_room"] and full.files == 0
 
 
 def test_the_spill_directory_goes_after_a_failed_calibration(tiny3d_dir, tmp_path, monkeypatch):

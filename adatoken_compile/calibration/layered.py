@@ -162,11 +162,13 @@ class Plan:
     footprint: Footprint | None = None
 
     def chunk_bytes(self) -> int | None:
-        """The layered engine's budget for one chunk's states (None: unbounded)."""
-        if self.max_memory is None or self.footprint is None:
+        """The layered engine's budget for one chunk's states, out of ``max_memory`` or, without
+        one, this machine's memory (None: unbounded, for a model whose weights are not measured)."""
+        if self.footprint is None:
             return None
         fp = self.footprint
-        return max(MIN_CHUNK_BYTES, self.max_memory - fp.resident - fp.streamed() - RUNTIME_BYTES)
+        budget = self.max_memory if self.max_memory is not None else physical_memory()
+        return max(MIN_CHUNK_BYTES, budget - fp.resident - fp.streamed() - RUNTIME_BYTES)
 
 
 def physical_memory() -> int:

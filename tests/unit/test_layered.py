@@ -126,6 +126,9 @@ def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
     squeezed = layered.plan(tiny3d_dir, engine="auto", max_memory="12GB")
     assert squeezed.engine == "layered"
     assert squeezed.chunk_bytes() == 12 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
+    monkeypatch.setattr(layered, "physical_memory", lambda: 24 * 10**9)  # no budget given: this machine's memory
+    assert layered.plan(tiny3d_dir, engine="auto").chunk_bytes() == \
+        24 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
     with pytest.raises(InputError, match="too small.*raise --max-memory"):
         layered.plan(tiny3d_dir, engine="layered", max_memory="3GB")
 

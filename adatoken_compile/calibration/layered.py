@@ -236,7 +236,8 @@ class Spill:
         self.files += 1
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.posix_fallocate(fd, 0, t.numel() * t.element_size())  # a full disk fails here, not in a page fault
+            # a full disk fails here, not in a page fault (macOS has no fallocate: a sparse file there)
+            getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))(fd, 0, t.numel() * t.element_size())
             out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
         except OSError as e:
             if e.errno != errno.ENOSPC:

@@ -322,3 +322,16 @@ def test_the_spill_directory_goes_after_a_failed_calibration(tiny3d_dir, tmp_pat
         api.calibrate(tiny3d_dir, engine="layered", spill=str(where), samples=8, holdout=8, policy="pdrop",
                       progress=False)
     assert os.listdir(where) == []
+
+
+def test_a_disk_that_fills_while_spilling_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layered.os, "posix_fallocate", full)
+    with pytest.raises(InputError, match="no room left for the spilled states.*--spill off"):
+        with layered.Spill(str(tmp_path)) as spill:
+            spill.tensor(torch.ones(3))
+    assert os.listdir(tmp_path) == []

@@ -1,6 +1,7 @@
 """A round of candidate schedules validated layer-major: one at a time against one prefix tree.
 
-    python scripts/layered_round_bench.py [--model llava3d-tiny] [--holdout 32] [--keep 0.3] [--chunk-mb 0] [--spill DIR]
+    python scripts/layered_round_bench.py [--model llava3d-tiny] [--holdout 32] [--keep 0.3] [--chunk-mb 0] \
+        [--spill DIR]
 
 The round is the FLOPs-budget search's kind: one single-cut candidate per first-cut layer (1 to
 L-1, keep ratio ``--keep``), on ``--holdout`` held-back questions of ``builtin:calibration``, the
@@ -57,7 +58,8 @@ def main() -> None:
             t = streamed.timings
             print(f"{way:>14}: {wall:6.2f} s, {int(t['validation_layer_reads'])} layer reads, "
                   f"{int(t['validation_sample_layers'])} question-layers, "
-                  f"{spill.bytes / 1e6 if spill else 0:.0f} MB spilled, load wait {t.get('load_s', 0):.2f} s, in layers {t['validation_s']:.2f} s "
+                  f"{spill.bytes / 1e6 if spill else 0:.0f} MB spilled, load wait {t.get('load_s', 0):.2f} s, "
+                  f"in layers {t['validation_s']:.2f} s "
                   f"({len(round_)} candidates, {sum(b.batch_size for b in hold)} questions, {L} layers, run {rep + 1})")
     print("same measurements:", [round(m["agreement"], 4) for m in results["prefix tree"]])
 

@@ -203,7 +203,6 @@ def plan(model_dir: str | None, *, device: str | None = "cpu", dtype: str = "flo
 
 
 # ---------------------------------------------------------------------- spilled states
-SPILL_MODES = ("auto", "off")
 SPILL_MARGIN = 1 << 30  # disk left free beside the spilled states
 
 
@@ -237,7 +236,8 @@ class Spill:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             # a full disk fails here, not in a page fault (macOS has no fallocate: a sparse file there)
-            getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))(fd, 0, t.numel() * t.element_size())
+            allocate = getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))
+            allocate(fd, 0, t.numel() * t.element_size())
             out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -295,7 +295,8 @@ class StreamedLayers:
     weights (from the checkpoint when ``lazy`` left them there, else a copy of the resident ones
     when the device differs) and puts the placeholders back when the block ends."""
 
-    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None, spill: Spill | None = None):
+    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None,
+                 spill: Spill | None = None):
         self.decoder = decoder
         self.spec = spec_for(decoder)
         self.device = torch.device(device)

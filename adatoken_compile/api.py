@@ -21,6 +21,7 @@ process returns what one process would (:mod:`adatoken_compile.distributed`); ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
               policy: str = "adaptive", fidelity: float | None = None, flops_budget: float | None = None,
               like=None, seed: int = 0, start_scene: int = 0, merge=(), out: str | None = None, overwrite: bool = False,
               progress: bool = True, cache=None, max_validations: int = 16, rules=None, device: str = "cpu",
-              dtype: str | None = None, engine: str = "auto", max_memory=None) -> Calibration:
+              dtype: str | None = None, engine: str = "auto", max_memory=None, spill: str = "auto") -> Calibration:
     """Mine attention statistics on ``samples`` questions of ``data`` and derive a schedule.
 
     ``data``: ``builtin:<split>`` or a question file (JSONL, ScanQA, SQA3D; docs/data.md) whose
@@ -199,7 +200,10 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     ``sample`` (each batch through the whole resident model), ``layered`` (the decoder's layers
     read from the checkpoint one at a time, each run over every batch of a chunk: a model larger
     than memory; same statistics and schedule) or ``auto`` (layered when the model does not fit
-    ``max_memory``, e.g. ``"12GB"``; default: this machine's memory). See docs/calibration.md.
+    ``max_memory``, e.g. ``"12GB"``; default: this machine's memory). ``spill``: where the layered
+    engine puts the states that do not fit ``max_memory``, in memory-mapped files, so that one pass
+    over the weights serves every batch: ``auto`` (beside ``out``, when the disk has room), ``off``
+    (another pass over the weights per chunk instead) or a directory. See docs/calibration.md.
 
     Example::
 
@@ -239,6 +243,7 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     if dtype is None:
         dtype = str(model.dtype).removeprefix("torch.") if loaded and hasattr(model, "dtype") else "float32"
     where = _placement(model, device=device, dtype=dtype, engine=engine, max_memory=max_memory)
+    spiller = engine_api.layered.spill_for(spill, out)
     like_s = Schedule.load(like) if isinstance(like, str) else like
     shards = [engine_api.load_stats(d) for d in merge]  # read (and refused) before the model and the mining
     adapter = load_model(model, dtype=dtype, lazy=where.engine == "layered", device=device)
@@ -253,29 +258,32 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
     if where.engine == "layered":
         from adatoken_compile.calibration.layered import StreamedLayers
 
-        layers = StreamedLayers(adapter.decoder, lazy, where.device, where.chunk_bytes())
+        layers = StreamedLayers(adapter.decoder, lazy, where.device, where.chunk_bytes(), spiller)
     elif loaded and where.device.type != "cpu":
         adapter.decoder.to(where.device)
-    share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
-    stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes, depth_scale=depth_scale,
-                                 keep=share)
-    hold = input_batches(adapter, holdout_samples(data, holdout, share.scenes, start_scene, scenes=scenes,
-                                                  depth_scale=depth_scale, keep=distributed.Share(block=BATCH_SIZE)))
-    kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
-              fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
-              max_validations=max_validations, cache=cache, rules=rules)
-    if merge:
-        if layers is not None:
-            kw["cache"] = kw["cache"] or engine_api.layered.validation_cache(layers)
-        schedule, stats = engine_api.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
-    else:
-        schedule, stats = engine_api.calibrate(adapter.decoder, sample_batches(adapter, stats_samples),
-                                               holdout_batches=hold, layers=layers, **kw)
-    schedule.calibration.update({"data": data, "start_scene": start_scene, "holdout_questions": holdout,
-                                 "environment": environment()})
-    if scenes is not None:
-        schedule.calibration["scenes"] = scenes
-    path = distributed.on_main(engine_api.write_calibration, out, schedule, stats, overwrite=overwrite) if out else None
+    with spiller or contextlib.nullcontext():  # the spilled states' directory goes, whatever happens
+        share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
+        stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes,
+                                     depth_scale=depth_scale, keep=share)
+        hold = input_batches(adapter, holdout_samples(
+            data, holdout, share.scenes, start_scene, scenes=scenes, depth_scale=depth_scale,
+            keep=distributed.Share(block=BATCH_SIZE)))
+        kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
+                  fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
+                  max_validations=max_validations, cache=cache, rules=rules)
+        if merge:
+            if layers is not None:
+                kw["cache"] = kw["cache"] or engine_api.layered.validation_cache(layers)
+            schedule, stats = engine_api.calibrate_from_stats(adapter.decoder, shards, hold, **kw)
+        else:
+            schedule, stats = engine_api.calibrate(adapter.decoder, sample_batches(adapter, stats_samples),
+                                                   holdout_batches=hold, layers=layers, **kw)
+        schedule.calibration.update({"data": data, "start_scene": start_scene, "holdout_questions": holdout,
+                                     "environment": environment()})
+        if scenes is not None:
+            schedule.calibration["scenes"] = scenes
+        path = (distributed.on_main(engine_api.write_calibration, out, schedule, stats, overwrite=overwrite)
+                if out else None)
     return Calibration(schedule, stats, path, hold)
 
 

@@ -13,15 +13,19 @@ arrays and the validations the same counts; only the loop order differs.
 * :func:`observe` -- the attention statistics (the observer's ``plan`` / ``on_layer`` / ``finish``);
 * :class:`LayeredValidation` -- the solver's validation cache whose unpruned references and pruned
   candidates run layer-major, a chunk of held-back batches at a time, so that a candidate's early
-  stop (more disagreements than the fidelity target allows) ends its run at a chunk boundary;
+  stop (more disagreements than the fidelity target allows) ends its run at a chunk boundary; the
+  candidates of one round run together as a prefix tree of schedules (:func:`tree_logits`);
 * :func:`plan` -- device, dtype and memory checked before anything loads, and the engine chosen.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -158,11 +162,13 @@ class Plan:
     footprint: Footprint | None = None
 
     def chunk_bytes(self) -> int | None:
-        """The layered engine's budget for one chunk's states (None: unbounded)."""
-        if self.max_memory is None or self.footprint is None:
+        """The layered engine's budget for one chunk's states, out of ``max_memory`` or, without
+        one, this machine's memory (None: unbounded, for a model whose weights are not measured)."""
+        if self.footprint is None:
             return None
         fp = self.footprint
-        return max(MIN_CHUNK_BYTES, self.max_memory - fp.resident - fp.streamed() - RUNTIME_BYTES)
+        budget = self.max_memory if self.max_memory is not None else physical_memory()
+        return max(MIN_CHUNK_BYTES, budget - fp.resident - fp.streamed() - RUNTIME_BYTES)
 
 
 def physical_memory() -> int:
@@ -196,13 +202,101 @@ def plan(model_dir: str | None, *, device: str | None = "cpu", dtype: str = "flo
     return Plan(dev, dt, engine, budget, fp)
 
 
+# ---------------------------------------------------------------------- spilled states
+SPILL_MARGIN = 1 << 30  # disk left free beside the spilled states
+
+
+class Spill:
+    """Memory-mapped files for the states of a chunk past the memory budget, so that one pass over
+    the weights serves every batch. The files live in a directory of its own that the first spilled
+    state creates under ``parent`` and :meth:`close` removes; each file is unlinked as soon as it is
+    mapped (its bytes stay until the tensor is freed), so none outlives the process, even killed."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.dir: str | None = None
+        self.files = self.bytes = self.no_room = 0
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def room(self, need: int) -> bool:
+        """Is there room for ``need`` bytes of states (and a margin) on ``parent``'s disk?"""
+        return os.path.isdir(self.parent) and shutil.disk_usage(self.parent).free >= need + SPILL_MARGIN
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s values in a new memory-mapped file (one line when the disk is full)."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix=".adatoken-spill-", dir=self.parent)
+        path = os.path.join(self.dir, f"{self.files}.bin")
+        self.files += 1
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            # a full disk fails here, not in a page fault (macOS has no fallocate: a sparse file there)
+            allocate = getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))
+            allocate(fd, 0, t.numel() * t.element_size())
+            out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise InputError(f"{self.parent}: no room left for the spilled states; free disk space, give "
+                             "--spill another directory or --spill off") from None
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        self.bytes += t.numel() * t.element_size()
+        return out.view(t.shape).copy_(t)
+
+    def store(self, ex: PrefillExecutor) -> None:
+        """Move ``ex``'s hidden states, mask, query and cached keys and values to mapped files."""
+        _map_state(ex, lambda t: self.tensor(t) if t.is_contiguous() and t.numel()
+                   and t.untyped_storage().filename is None else t)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            try:
+                os.rmdir(self.dir)  # its files were unlinked when mapped: only what another put there keeps it
+            except OSError:
+                pass
+            self.dir = None
+
+
+def _map_state(ex: PrefillExecutor, fn) -> None:
+    for name in ("hidden", "mask4", "query"):
+        t = getattr(ex, name)
+        if isinstance(t, torch.Tensor):
+            setattr(ex, name, fn(t))
+    for tensors in (ex.cache.keys, ex.cache.values):
+        for j, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor):
+                tensors[j] = fn(t)
+
+
+def spill_for(spill: str | None, out: str | None) -> Spill | None:
+    """``--spill``: ``auto`` (default: beside ``--out``, or in the temporary directory without one),
+    ``off``, or a directory to spill under (one line unless it exists)."""
+    spill = "auto" if spill is None else str(spill)
+    if spill == "off":
+        return None
+    if spill == "auto":
+        parent = os.path.dirname(os.path.abspath(out)) if out else tempfile.gettempdir()
+        return Spill(parent if os.path.isdir(parent) else tempfile.gettempdir())
+    if not os.path.isdir(spill):
+        raise InputError(f"--spill {spill}: not a directory; give an existing directory, auto or off")
+    return Spill(os.path.abspath(spill))
+
+
 # ---------------------------------------------------------------------- streamed layers
 class StreamedLayers:
     """The decoder's layers (and head) on ``device`` one at a time: :meth:`on` loads a module's
     weights (from the checkpoint when ``lazy`` left them there, else a copy of the resident ones
     when the device differs) and puts the placeholders back when the block ends."""
 
-    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None):
+    def __init__(self, decoder, lazy=None, device="cpu", chunk_bytes: int | None = None,
+                 spill: Spill | None = None):
         self.decoder = decoder
         self.spec = spec_for(decoder)
         self.device = torch.device(device)
@@ -212,6 +306,9 @@ class StreamedLayers:
         self._loaders = {id(m): (lazy.for_module(m) if lazy else {}) for m in (*self.layers, *self.head)}
         body.rotary_emb.to(self.device)  # a small buffer every layer reads
         self.chunk_bytes = chunk_bytes
+        # ``spill``: where a chunk's states past the budget go instead of another pass over the weights;
+        # ``resident``: while one pass serves more than the budget, the bytes of states kept in memory
+        self.spill, self.resident = spill, None
         self.timings: dict = {}
 
     def read(self, *modules) -> list:
@@ -246,9 +343,12 @@ class StreamedLayers:
     def _add(self, key: str, v: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + v
 
-    def chunks(self, items: list, size_of) -> list[list]:
+    def chunks(self, items: list, size_of, held_of=None) -> list[list]:
         """``items`` in consecutive chunks whose ``size_of`` sums stay within the chunk budget
-        (at least one item each)."""
+        (at least one item each), or, with a :class:`Spill` that has room for what the states of
+        all of them hold between layers (``held_of``, default ``size_of``), all in one chunk whose
+        states past the budget (less one item's ``size_of``, for the state that runs) are spilled."""
+        self.resident = None
         if self.chunk_bytes is None:
             return [items] if items else []
         out, cur, used = [], [], 0
@@ -259,7 +359,14 @@ class StreamedLayers:
                 cur, used = [], 0
             cur.append(it)
             used += b
-        return out + ([cur] if cur else [])
+        out += [cur] if cur else []
+        if len(out) > 1 and self.spill is not None:
+            need = sum(map(held_of or size_of, items))
+            if self.spill.room(need):
+                self.resident = max(0, self.chunk_bytes - max(map(size_of, items)))
+                return [items]
+            self.spill.no_room = max(self.spill.no_room, need)  # reported: the chunked passes ran instead
+        return out
 
     def state_bytes(self, inputs) -> int:
         """About what one batch's state holds between layers and while a layer runs on it: the
@@ -272,10 +379,18 @@ class StreamedLayers:
         heads = int(cfg.num_attention_heads)
         return int(B * T * ((6 * H + 3 * inter) * item + 2 * (H // heads) * 4 + heads * T * 4))
 
-    def run(self, states: list, step, phase: str, head: bool = False, start: int = 0) -> list | None:
-        """Every layer from ``start`` on over every state of ``states``: ``step(state, i)`` runs
-        layer ``i`` on one. The next layer's weights are read while a layer runs (``load_s`` counts
-        only the wait); ``head``: the head's too, returned for :meth:`logits`."""
+    def branch_bytes(self, inputs) -> int:
+        """About what one more state of a batch holds between layers: its hidden states, one
+        layer's keys and the boolean mask."""
+        B, T = inputs.inputs_embeds.shape[:2]
+        item = torch.empty((), dtype=next(self.decoder.parameters()).dtype).element_size()
+        return int(B * T * (2 * int(self.decoder.config.hidden_size) * item + T))
+
+    def run(self, states, step, phase: str, head: bool = False, start: int = 0) -> list | None:
+        """Every layer from ``start`` on over every state of ``states`` (a list, or a function of the
+        layer index giving the states that run it): ``step(state, i)`` runs layer ``i`` on one. The
+        next layer's weights are read while a layer runs (``load_s`` counts only the wait; each read
+        adds one to ``{phase}_layer_reads``); ``head``: the head's too, returned for :meth:`logits`."""
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(self.read, self.layers[start])
             for i, layer in enumerate(self.layers):
@@ -284,14 +399,26 @@ class StreamedLayers:
                 t0 = time.perf_counter()
                 weights = ahead.result()
                 self._add("load_s", time.perf_counter() - t0)
+                self._add(f"{phase}_layer_reads", 1)
                 nxt = self.layers[i + 1:i + 2] or (self.head if head else ())
                 ahead = reader.submit(self.read, *nxt)
+                now = states(i) if callable(states) else states
                 with self.on(layer, weights=weights):
                     t0 = time.perf_counter()
-                    for st in states:
+                    held = 0
+                    for st in now:
+                        ex = _executor(st)
+                        if self.device.type != "cpu":  # a spilled state runs from the device
+                            _map_state(ex, lambda t: t.to(self.device))
                         step(st, i)
+                        if self.resident is not None:
+                            size = ex.nbytes()
+                            if held + size > self.resident:
+                                self.spill.store(ex)
+                            else:
+                                held += size
                     self._add(f"{phase}_s", time.perf_counter() - t0)
-                    self._add(f"{phase}_sample_layers", sum(_rows(st) for st in states))
+                    self._add(f"{phase}_sample_layers", sum(_rows(st) for st in now))
                 del weights
             return ahead.result() if head else None
 
@@ -301,19 +428,29 @@ class StreamedLayers:
             return [ex.logits().float().cpu() for ex in executors]
 
     def summary(self) -> dict:
-        """Seconds spent reading weights and running layers, per phase, and per row and layer."""
+        """Seconds spent reading weights and running layers, per phase, and per row and layer; how
+        many layers each phase read (the number of layers per pass over the weights); the bytes of
+        states spilled to memory-mapped files."""
         out = {k: round(v, 3) for k, v in self.timings.items() if k.endswith("_s")}
+        if self.spill is not None and self.spill.bytes:
+            out["spilled_bytes"] = int(self.spill.bytes)
+        if self.spill is not None and self.spill.no_room:
+            out["spill_no_room"] = f"{self.spill.parent}: no room for {_gb(self.spill.no_room)} of states; chunked"
         for phase in ("statistics", "references", "validation"):
             n = self.timings.get(f"{phase}_sample_layers")
             if n:
                 out[f"{phase}_sample_layers"] = int(n)
+                out[f"{phase}_layer_reads"] = int(self.timings[f"{phase}_layer_reads"])
                 out[f"{phase}_s_per_sample_layer"] = round(self.timings[f"{phase}_s"] / n, 4)
         return out
 
 
+def _executor(state) -> PrefillExecutor:
+    return state[0] if isinstance(state, tuple) else state
+
+
 def _rows(state) -> int:
-    ex = state[0] if isinstance(state, tuple) else state
-    return int(ex.hidden.shape[0])
+    return int(_executor(state).hidden.shape[0])
 
 
 # ---------------------------------------------------------------------- statistics
@@ -321,7 +458,8 @@ def _rows(state) -> int:
 def observe(layers: StreamedLayers, obs, batches: list) -> None:
     """Accumulate ``obs``'s statistics over ``batches`` ((DecoderInputs, answers) pairs) layer by
     layer: per chunk, plan every batch, run each layer over all of them, then finish them."""
-    for chunk in layers.chunks(list(batches), lambda ba: layers.state_bytes(ba[0])):
+    for chunk in layers.chunks(list(batches), lambda ba: layers.state_bytes(ba[0]),
+                               lambda ba: layers.branch_bytes(ba[0])):
         states = []
         for batch, ans in chunk:
             ext, pl = obs.plan(batch, ans)
@@ -334,40 +472,78 @@ def observe(layers: StreamedLayers, obs, batches: list) -> None:
 
 
 # ---------------------------------------------------------------------- validation
-def _pruned_step(cuts: dict, first: int | None = None, keep: list | None = None):
-    """Layer ``i`` of a pruned run: its cut, the layer, and the caches no later cut reads dropped.
-    ``keep``: the states before the first cut (layer ``first``) are stored there, every layer
-    before it recording its query (a later candidate's cut there may rank by attention)."""
-    def step(ex: PrefillExecutor, i: int) -> None:
-        if keep is not None and i == first:
-            keep.append(ex.stored())
-        if i in cuts:
-            ex.cut(cuts[i])
-        nxt = cuts.get(i + 1)
-        ex.layer(observe=(keep is not None and i < first) or (nxt is not None and "attention" in nxt.rule.needs()))
+class _Node:
+    """A node of :func:`tree_logits`' prefix tree: the batches' states and the schedules that share
+    them (the same cuts so far)."""
+
+    def __init__(self, exs: list, members: list[int]):
+        self.exs, self.members, self.cut, self.observe = exs, members, None, False
+
+
+@torch.no_grad()
+def tree_logits(layers: StreamedLayers, batches: list, schedules: list, phase: str = "validation", *,
+                start: tuple | None = None, keep: list | None = None) -> list[list]:
+    """Next-token logits (float32, CPU) of each batch under each of ``schedules`` (pruned, or
+    unpruned for None or a schedule without cuts; a list per schedule), all in one pass over the
+    layers: the schedules that make the same cuts up to a layer share one state per batch, which
+    branches (a copy per distinct cut) where their cuts first differ, each branch then carrying its
+    own pruned state. For the schedules with cuts: ``start``: (layer f, the batches'
+    :meth:`PrefillExecutor.stored` states before layer f, where none of them cuts yet) to run from;
+    ``keep``: a list that receives the states before their shallowest first cut."""
+    cuts = [{c.layer: c for c in s.effective_cuts()} if s is not None else {} for s in schedules]
+    pruned = [k for k, c in enumerate(cuts) if c]
+    first = min((min(cuts[k]) for k in pruned), default=None)
+    nodes = []
+    if len(pruned) < len(schedules):  # the unpruned model, as its own prefill runs it
+        nodes.append(_Node([PrefillExecutor(layers.decoder, b, materialize_mask=False, spec=layers.spec,
+                                            keep_kv=False, device=layers.device) for b in batches],
+                           [k for k, c in enumerate(cuts) if not c]))
+    if pruned:
+        exs = [st.resume() for st in start[1]] if start is not None else [
+            PrefillExecutor(layers.decoder, b, materialize_mask=True, spec=layers.spec, keep_kv=True,
+                            device=layers.device) for b in batches]
+        nodes.append(_Node(exs, pruned))
+
+    def at(i: int) -> list:
+        """The states that run layer ``i``: each node there split by its schedules' cuts before it."""
+        for node in [n for n in nodes if n.exs[0].next_layer == i]:
+            if keep is not None and i == first and node.members == pruned:
+                keep.extend(ex.stored() for ex in node.exs)
+            groups: dict = {}
+            for k in node.members:
+                c = cuts[k].get(i)
+                groups.setdefault(None if c is None else (c.keep, c.rule), []).append(k)
+            parts = list(groups.values())
+            node.members = parts[0]
+            for part in parts[1:]:
+                nodes.append(_Node([ex.branch() for ex in node.exs], part))
+        for node in nodes:
+            if node.exs[0].next_layer == i:
+                node.cut = cuts[node.members[0]].get(i)
+                # record the query where a later cut ranks by attention (or the stored states may)
+                node.observe = any(c.get(i + 1) is not None and "attention" in c[i + 1].rule.needs()
+                                   for c in (cuts[k] for k in node.members)) or (
+                    keep is not None and first is not None and i < first and node.members == pruned)
+        return [(ex, node) for node in nodes if node.exs[0].next_layer == i for ex in node.exs]
+
+    def step(st, i: int) -> None:
+        ex, node = st
+        if node.cut is not None:
+            ex.cut(node.cut)
+        ex.layer(observe=node.observe)
         # a cut reads the keys of the layer before it, nothing older, and never the values
         ex.cache.values[i] = None
         if i:
             ex.cache.keys[i - 1] = None
-    return step
 
-
-@torch.no_grad()
-def prefill_logits(layers: StreamedLayers, batches: list, schedule=None, phase: str = "validation", *,
-                   start: tuple | None = None, keep: list | None = None) -> list:
-    """Next-token logits (float32, CPU) of each batch, unpruned (``schedule`` None) or pruned.
-    ``start``: (layer f, the batches' :meth:`PrefillExecutor.stored` states before layer f, no cut
-    before it) to run from; ``keep``: a list that receives the states before the first cut."""
-    cuts = {c.layer: c for c in schedule.effective_cuts()} if schedule is not None else {}
-    if start is not None:
-        begin, exs = start[0], [st.resume() for st in start[1]]
-    else:
-        begin = 0
-        exs = [PrefillExecutor(layers.decoder, b, materialize_mask=bool(cuts), spec=layers.spec, keep_kv=bool(cuts),
-                               device=layers.device) for b in batches]
-    step = _pruned_step(cuts, min(cuts, default=None), keep) if cuts else (lambda ex, i: ex.layer())
-    head = layers.run(exs, step, phase, head=True, start=begin)
-    return layers.logits(exs, head)
+    begin = min(n.exs[0].next_layer for n in nodes)
+    head = layers.run(at, step, phase, head=True, start=begin)
+    logits = layers.logits([ex for n in nodes for ex in n.exs], head)
+    out: list = [None] * len(schedules)
+    for j, node in enumerate(nodes):
+        for k in node.members:
+            out[k] = logits[j * len(batches):(j + 1) * len(batches)]
+    return out
 
 
 class LayeredValidation:
@@ -376,52 +552,97 @@ class LayeredValidation:
     Candidates share the unpruned layers before their first cut: per chunk of held-back batches the
     states before the shallowest first cut run so far are kept (within the cache's prefix budget),
     and a candidate whose first cut is there or deeper starts from them (the sample-major engine's
-    states after layer 0, taken as deep as the candidates allow)."""
+    states after layer 0, taken as deep as the candidates allow). The candidates of one round
+    (:meth:`measure_all`) run together, as a prefix tree (:func:`tree_logits`): one pass over the
+    layers per chunk for the whole round."""
 
     layers: StreamedLayers
 
     def references(self, decoder, holdout) -> list:
         out = []
-        for chunk in self.layers.chunks(list(holdout), self.layers.state_bytes):
-            out += prefill_logits(self.layers, chunk, None, "references")
+        for chunk in self.layers.chunks(list(holdout), self.layers.state_bytes, self.layers.branch_bytes):
+            out += tree_logits(self.layers, chunk, [None], "references")[0]
         return out
 
-    def _chunk_logits(self, n: int, batches: list, schedule) -> list:
-        cuts = schedule.effective_cuts()
-        if not cuts or min(c.layer for c in cuts) < 1:
-            return prefill_logits(self.layers, batches, schedule)
-        first = min(c.layer for c in cuts)
+    def _prefix(self, chunk: tuple, first: int | None):
+        """(the stored states of ``chunk`` to start from, or None; a list to keep them in, or None)
+        for candidates whose shallowest first cut is at layer ``first``."""
+        if first is None or first < 1:
+            return None, None
         prefixes = self.__dict__.setdefault("_prefixes", {})
         if prefixes.get("key") != self.key:  # another held-back set: the states are not its
             prefixes.clear()
             prefixes["key"] = self.key
-        have = prefixes.get(n)
-        if have is not None and have[0] <= first:
-            return prefill_logits(self.layers, batches, schedule, start=have)
-        keep: list = []
-        out = prefill_logits(self.layers, batches, schedule, keep=keep)
+        have = prefixes.get(chunk)
+        return (have, None) if have is not None and have[0] <= first else (None, [])
+
+    def _keep(self, chunk: tuple, first: int, keep: list) -> None:
+        prefixes = self._prefixes
         size = sum(st.nbytes() for st in keep)
-        used = sum(sum(st.nbytes() for st in v[1]) for k, v in prefixes.items() if k not in ("key", n))
+        used = sum(sum(st.nbytes() for st in v[1]) for k, v in prefixes.items() if k not in ("key", chunk))
         if used + size <= self.prefix_bytes:
-            prefixes[n] = (first, keep)
+            prefixes[chunk] = (first, keep)
+
+    def _chunk_logits(self, chunk: tuple, batches: list, schedules: list) -> list[list]:
+        firsts = [min(c.layer for c in s.effective_cuts()) for s in schedules if s.effective_cuts()]
+        first = min(firsts) if len(firsts) == len(schedules) else None
+        start, keep = self._prefix(chunk, first)
+        out = tree_logits(self.layers, batches, schedules, start=start, keep=keep)
+        if keep:
+            self._keep(chunk, first, keep)
         return out
 
+    def _chunks(self, holdout, n_states: int = 1) -> list[tuple]:
+        """The held-back batches' indices in chunks, each batch holding ``n_states`` states at once
+        (the candidates of a round, pruned ones smaller: budgeted at the hidden states and mask)."""
+        lay = self.layers
+
+        def size(i: int) -> int:
+            return lay.state_bytes(holdout[i]) + (n_states - 1) * lay.branch_bytes(holdout[i])
+
+        return [tuple(c) for c in lay.chunks(list(range(len(holdout))), size,
+                                             lambda i: n_states * lay.branch_bytes(holdout[i]))]
+
+    def _measurements(self, holdout, refs, schedules: list, max_disagree, against) -> list[dict]:
+        """The agreements of ``schedules`` run together, chunk by chunk: one pass over the layers per
+        chunk for all of them (:func:`tree_logits`), a schedule leaving the tree at the chunk where
+        its count stops (``max_disagree``, ``against``: as in the solver's ``agreement``)."""
+        from adatoken_compile.calibration.solver import _Tally, score
+
+        tallies = [_Tally(sum(b.batch_size for b in holdout), max_disagree, against) for _ in schedules]
+        active = list(range(len(schedules)))
+        for chunk in self._chunks(holdout, len(schedules)):
+            outs = self._chunk_logits(chunk, [holdout[i] for i in chunk], [schedules[k] for k in active])
+            for k, lgs in zip(list(active), outs):
+                for i, lg in zip(chunk, lgs):
+                    if tallies[k].add(*score(lg, refs[i])):
+                        active.remove(k)
+                        break
+            if not active:
+                break
+        return [t.measurement() for t in tallies]
+
     def agreement(self, decoder, holdout, refs, schedule, max_disagree, against=None):
-        from adatoken_compile.calibration.solver import agreement, score
+        return self._measurements(holdout, refs, [schedule], max_disagree, against)[0]
 
-        def results():  # read chunk by chunk, as far as the count needs (a failed candidate stops early)
-            idx = list(range(len(holdout)))
-            for n, chunk in enumerate(self.layers.chunks(idx, lambda i: self.layers.state_bytes(holdout[i]))):
-                for i, lg in zip(chunk, self._chunk_logits(n, [holdout[i] for i in chunk], schedule)):
-                    yield score(lg, refs[i])
+    def measure_all(self, decoder, holdout, schedules: list, max_disagree: int | None = None, against=None,
+                    until=None) -> list:
+        """The solver's ``measure_all`` with the schedules not measured yet run together
+        (:meth:`_measurements`): the same measurements as one by one; those after the first that
+        satisfies ``until`` are made and kept too."""
+        from adatoken_compile.calibration.solver import _key, _until
 
-        return agreement(decoder, holdout, refs, schedule, max_disagree, results=results(), against=against)
+        todo = {_key(sch): sch for sch in schedules if self._stale(_key(sch), max_disagree)}
+        if todo:
+            refs = self.refs_for(decoder, holdout)
+            self.measured.update(zip(todo, self._measurements(holdout, refs, list(todo.values()), max_disagree,
+                                                              against)))
+        return _until((dict(self.measured[_key(sch)]) for sch in schedules), until)
 
     def measure_at_cut(self, decoder, holdout, schedules: list, layer: int, max_disagree: int | None = None,
                        against=None) -> list:
-        # the sample-major branching runs whole decoders; here each rule is its own layer-major pass,
-        # sharing the states before its first cut like any other candidate (same numbers)
-        return [self.measure(decoder, holdout, s, max_disagree, against) for s in schedules]
+        # the rules of one cut are one round: they branch at ``layer`` in the prefix tree
+        return self.measure_all(decoder, holdout, schedules, max_disagree, against)
 
 
 def validation_cache(layers: StreamedLayers):

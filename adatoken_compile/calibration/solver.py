@@ -288,6 +288,14 @@ class ValidationCache:
             self.measured[cuts] = self.agreement(decoder, holdout, refs, schedule, max_disagree, against)
         return dict(self.measured[cuts])
 
+    def measure_all(self, decoder, holdout, schedules: list, max_disagree: int | None = None, against=None,
+                    until=None) -> list:
+        """:meth:`measure` of each of ``schedules`` in order, ending after the first whose measurement
+        satisfies ``until`` (None: none ends it); the measurements made, in order. An engine may run
+        them together (it then measures the ones after that first too, and keeps them)."""
+        return _until((self.measure(decoder, holdout, s, max_disagree, against) for s in schedules),
+                      until)
+
     def _stale(self, key, max_disagree: int | None) -> bool:
         have = self.measured.get(key)
         return have is None or (have.get("stopped") and (max_disagree is None or have["rows"] - have["agreed"] <= max_disagree))
@@ -328,6 +336,16 @@ class ValidationCache:
             for k in todo:
                 self.measured[_key(schedules[k])] = tallies[k].measurement()
         return [dict(self.measured[_key(sch)]) for sch in schedules]
+
+
+def _until(measurements, until) -> list:
+    """``measurements`` up to and including the first that satisfies ``until`` (None: all)."""
+    out = []
+    for m in measurements:
+        out.append(m)
+        if until is not None and until(m):
+            break
+    return out
 
 
 def _key(schedule: Schedule) -> tuple:
@@ -733,8 +751,11 @@ def choose_pre_llm(decoder, stats: CalibrationStats, holdout, schedule: Schedule
                       "flops_ratio": round(schedule_flops(stats.arch, cand, N, nt)["flops_ratio"], 5)})
     if not cands:
         raise InputError("calibrate: no rule can cut before layer 0 at this budget; add --rules strided,random")
-    ms, k, tests = pick_curtailed(cands, lambda scheds, against: [
-        measured if s is schedule else cache.measure(decoder, holdout, s, stop_at, against) for s in scheds], target)
+    def measure(scheds, against):
+        ms = iter(cache.measure_all(decoder, holdout, [s for s in scheds if s is not schedule], stop_at, against))
+        return [measured if s is schedule else next(ms) for s in scheds]
+
+    ms, k, tests = pick_curtailed(cands, measure, target)
     k = 0 if k is None else k
     off = len(cands) - len(bases)
     first = "the schedule" if off else bases[0]["rule"]
@@ -771,12 +792,20 @@ class _Search:
         return len(self.validated) >= self.max_validations
 
     def validate(self, c: Candidate) -> float:
-        if c.measured is None:
-            c.measured = self.cache.measure(self.decoder, self.holdout, c.schedule(self.L), self.stop_at)
+        self.validate_all([c])
+        return c.measured["agreement"]
+
+    def validate_all(self, cands: list[Candidate], until=None) -> None:
+        """Validate ``cands`` in order, ending after the first whose measurement satisfies ``until``;
+        the cache may run them together (one pass over the layers for the whole list)."""
+        todo = [c for c in cands if c.measured is None]
+        ms = self.cache.measure_all(self.decoder, self.holdout, [c.schedule(self.L) for c in todo], self.stop_at,
+                                    until=until)
+        for c, m in zip(todo, ms):
+            c.measured = m
             self.validated.append(c)
             if self.progress is not None:
                 self.progress(c)
-        return c.measured["agreement"]
 
     def known(self, c: Candidate) -> Candidate:
         """The validated candidate with ``c``'s cuts if there is one (no second run or count), else ``c``."""
@@ -867,9 +896,10 @@ class _Search:
             rep = fill_budget(self.stats, max(fam, key=lambda c: c.flops_ratio), flops_budget, self.proxy)
             if all(rep.cuts != r.cuts for r in reps):
                 reps.append(rep)
-        for c in sorted(reps, key=lambda c: c.loss)[:self.max_validations]:
-            if self.validate(c) >= 1.0:
-                break
+        # a candidate that agrees on every row ends the round (none can agree more); the others do not
+        # depend on each other's results, so the cache may run the round together
+        self.validate_all(sorted(reps, key=lambda c: c.loss)[:self.max_validations],
+                          until=lambda m: m["agreement"] >= 1.0)
         return max(self.validated, key=lambda c: (c.measured["agreement"], -c.loss, -c.flops_ratio)) if self.validated else None
 
 

@@ -52,10 +52,15 @@ from adatoken_compile.selection import spec
                    "same statistics and schedule); auto: layered when the model does not fit --max-memory")
 @click.option("--max-memory", default=None, help="memory the calibration may use, e.g. 12GB (auto picks the engine "
               "by it; layered sizes its chunks by it) [default: this machine's memory]")
+@click.option("--spill", default="auto", show_default=True,
+              help="layered: where the states that do not fit --max-memory go (memory-mapped files in a directory "
+                   "created and removed there), so that one pass over the weights serves every question: auto "
+                   "(beside --out, when the disk has room), off (another pass over the weights instead) or DIR")
 @user_errors
 @scales_out
 def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_scale, samples, holdout, start_scene, policy,
-              flops_budget, fidelity, like, rules, seed, max_validations, merge_dirs, device, dtype, engine, max_memory):
+              flops_budget, fidelity, like, rules, seed, max_validations, merge_dirs, device, dtype, engine, max_memory,
+              spill):
     """Mine attention statistics and derive a static per-layer pruning schedule."""
     if flops_budget is not None and fidelity is not None:
         raise click.UsageError("pass either --flops-budget or --fidelity, not both")
@@ -67,11 +72,14 @@ def calibrate(model, vision_tower, attn, out, overwrite, data, scenes, depth_sca
     # device, dtype and memory budget, then the output: all before the model is loaded
     where = api._placement(model, device=device, dtype=dtype, engine=engine, max_memory=max_memory,
                            vision_tower=vision_tower)
+    from adatoken_compile.calibration.layered import spill_for
+
+    spill_for(spill, out)  # a --spill DIR that is not there: one line before loading
     check_output(out, "calibration", overwrite=overwrite)
     adapter = load_model(model, vision_tower, attn, dtype=dtype, lazy=where.engine == "layered", device=device)
     cal = api.calibrate(adapter, out=out, overwrite=overwrite, policy=policy, fidelity=fidelity, flops_budget=flops_budget,
                         like=like, seed=seed, start_scene=start_scene, merge=merge_dirs, device=device, dtype=dtype,
-                        engine=where.engine, max_memory=max_memory,
+                        engine=where.engine, max_memory=max_memory, spill=spill,
                         **given(data=data, scenes=scenes, depth_scale=depth_scale, samples=samples, holdout=holdout,
                                 rules=rule_names, max_validations=max_validations))
     if not distributed.is_main():

@@ -21,7 +21,8 @@ from adatoken_compile.schedule import Cut, Schedule
 
 
 def test_layered_statistics_and_schedule_match_sample_major_on_the_bundled_model():
-    kw = dict(samples=2, holdout=2, flops_budget=0.5, max_validations=1, progress=False)
+    # three first-cut layers within the budget: the layered engine validates them as one round
+    kw = dict(samples=2, holdout=2, flops_budget=0.5, max_validations=3, progress=False)
     sample = api.calibrate("llava3d-tiny", engine="sample", **kw)
     layer = api.calibrate("llava3d-tiny", engine="layered", **kw)
     a, b = sample.stats.arrays, layer.stats.arrays
@@ -32,8 +33,8 @@ def test_layered_statistics_and_schedule_match_sample_major_on_the_bundled_model
     assert [(c.layer, c.keep, c.rule) for c in s.cuts] == [(c.layer, c.keep, c.rule) for c in t.cuts]
     for key in ("fidelity", "stability", "precision"):
         assert s.calibration[key] == t.calibration[key], key
-    assert [v["agreement"] for v in s.calibration["search"]["validated"]] == \
-        [v["agreement"] for v in t.calibration["search"]["validated"]]
+    assert s.calibration["search"]["validated"] == t.calibration["search"]["validated"]
+    assert len({str(v["cuts"][0][0]) for v in t.calibration["search"]["validated"]}) == 3
     eng = t.calibration["engine"]
     layers = s.num_layers
     assert eng["order"] == "layer-major" and s.calibration["engine"]["order"] == "sample-major"
@@ -125,6 +126,9 @@ def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
     squeezed = layered.plan(tiny3d_dir, engine="auto", max_memory="12GB")
     assert squeezed.engine == "layered"
     assert squeezed.chunk_bytes() == 12 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
+    monkeypatch.setattr(layered, "physical_memory", lambda: 24 * 10**9)  # no budget given: this machine's memory
+    assert layered.plan(tiny3d_dir, engine="auto").chunk_bytes() == \
+        24 * 10**9 - big.resident - 2 * big.layer - layered.RUNTIME_BYTES
     with pytest.raises(InputError, match="too small.*raise --max-memory"):
         layered.plan(tiny3d_dir, engine="layered", max_memory="3GB")
 
@@ -134,6 +138,7 @@ def test_memory_sizes_and_engine_choice(tiny3d_dir, monkeypatch):
     (["--device", "tpu"], "--device 'tpu'"),
     (["--engine", "layered", "--max-memory", "100MB"], "too small"),
     (["--max-memory", "plenty"], "--max-memory"),
+    (["--engine", "layered", "--spill", "/nonexistent/spill"], "--spill /nonexistent/spill: not a directory"),
 ])
 def test_calibrate_placement_errors_are_one_line_before_loading(tiny3d_dir, tmp_path, monkeypatch, args, says):
     if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -212,3 +217,121 @@ def test_curtailed_rule_choice_is_the_full_choice_in_both_engines(monkeypatch, b
     assert any("curtailed" in t for t in cut_trials)
     assert sum(t["rows"] for t in cut_trials) < sum(t["rows"] for t in full_trials)
     assert lay_trials == cut_trials and lay.calibration["random_control"] == cut.calibration["random_control"]
+
+
+def _round():
+    from adatoken_compile.selection import Rule
+
+    rnd, strided = Rule.of("random"), Rule.of("strided")
+    return [Schedule(cuts, 4, policy="adaptive") for cuts in (
+        [Cut(1, 0.5)], [Cut(1, 0.5), Cut(3, 0.2)], [Cut(1, 0.5, rnd)], [Cut(1, 0.5), Cut(3, 0.2, rnd)],
+        [Cut(2, 0.3)], [Cut(0, 0.5, strided)], [])]
+
+
+@pytest.mark.parametrize("max_disagree", [None, 0])
+def test_a_round_runs_as_one_prefix_tree_with_the_counts_of_one_by_one(max_disagree):
+    """Candidates sharing their cuts up to a layer share its states and branch at their first
+    differing cut: the same measurements as one candidate at a time, each layer's weights read once
+    per chunk for the whole round (early stops included)."""
+    dec = _llama()
+    hold = [_batch(s) for s in range(4)]
+    scheds = _round()
+    sample = [ValidationCache().measure(dec, hold, s, max_disagree) for s in scheds]
+    one = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)  # every batch its own chunk
+    one_cache = layered.validation_cache(one)
+    assert [one_cache.measure(dec, hold, s, max_disagree) for s in scheds] == sample
+    tree = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=1)
+    tree_cache = layered.validation_cache(tree)
+    tree_cache.refs_for(dec, hold)
+    assert tree_cache.measure_all(dec, hold, scheds, max_disagree) == sample
+    assert not all(m["agreement"] == 1.0 for m in sample)  # the cuts change answers: branches differ
+    reads = tree.timings["validation_layer_reads"]
+    if max_disagree is None:
+        assert reads == 4 * len(hold)  # 4 layers, once per chunk
+        assert one.timings["validation_layer_reads"] > 4 * reads
+    else:
+        assert any(m.get("stopped") for m in sample)
+        assert reads <= 4 * len(hold) < one.timings["validation_layer_reads"]
+    # a round that ends at its first perfect candidate gives the measurements the sequential one does
+    until = lambda m: m["agreement"] >= 1.0  # noqa: E731
+    fresh = layered.validation_cache(layered.StreamedLayers(dec, None, "cpu"))
+    got = fresh.measure_all(dec, hold, scheds[::-1], max_disagree, until=until)
+    assert got == ValidationCache().measure_all(dec, hold, scheds[::-1], max_disagree, until=until)
+    assert got == sample[::-1][:len(got)] and until(got[-1]) and len(got) < len(scheds)
+
+
+
+def test_spilled_states_give_the_in_memory_numbers_in_one_pass_over_the_weights(tmp_path):
+    """Past the chunk budget the states go to memory-mapped files instead of another pass over the
+    weights: the same int64 statistics and measurements, each layer read once per phase, and the
+    files' directory gone afterwards."""
+    from adatoken_compile.calibration import api as engine_api
+
+    dec = _llama()
+    data, hold = [_batch(s) for s in range(100, 104)], [_batch(s) for s in range(6)]
+    budget = 2 * layered.StreamedLayers(dec).state_bytes(hold[0])  # about two batches a chunk
+
+    def run(spill):
+        streamed = layered.StreamedLayers(dec, None, "cpu", chunk_bytes=budget, spill=spill)
+        s, st = engine_api.calibrate(dec, data, holdout_batches=hold, policy="adaptive", flops_budget=0.6,
+                                     progress=False, max_validations=2, rules=("last_token", "random"), layers=streamed)
+        return s, st, streamed.timings
+
+    mem, mem_stats, in_ram = run(None)
+    with layered.Spill(str(tmp_path)) as spill:
+        sp, sp_stats, spilled = run(spill)
+        assert spill.bytes > 0 and spill.files > 0
+        assert [os.listdir(os.path.join(tmp_path, d)) for d in os.listdir(tmp_path)] == [[]]  # unlinked when mapped
+    assert os.listdir(tmp_path) == []
+    for k in mem_stats.arrays:
+        assert mem_stats.arrays[k].tobytes() == sp_stats.arrays[k].tobytes(), k
+    assert [(c.layer, c.keep, c.rule) for c in mem.cuts] == [(c.layer, c.keep, c.rule) for c in sp.cuts]
+    for key in ("fidelity", "stability", "random_control", "rules"):
+        assert mem.calibration[key] == sp.calibration[key], key
+    assert mem.calibration["search"]["validated"] == sp.calibration["search"]["validated"]
+    assert spilled["statistics_layer_reads"] == spilled["references_layer_reads"] == 4  # one pass each
+    assert in_ram["statistics_layer_reads"] > 4 and in_ram["references_layer_reads"] > 4
+    assert spilled["validation_layer_reads"] < in_ram["validation_layer_reads"]
+    assert sp.calibration["engine"]["spilled_bytes"] == spill.bytes
+    full = layered.Spill(str(tmp_path))
+    full.room = lambda need: False  # a full disk: the chunked passes, said so
+    chunked, _, passes = run(full)
+    assert {k: v for k, v in passes.items() if not k.endswith("_s")} == {
+        k: v for k, v in in_ram.items() if not k.endswith("_s")}  # the same reads and question-layers
+    assert chunked.calibration["fidelity"] == mem.calibration["fidelity"]
+    assert "no room" in chunked.calibration["engine"]["spill_no_room"] and full.files == 0
+
+
+def test_the_spill_directory_goes_after_a_failed_calibration(tiny3d_dir, tmp_path, monkeypatch):
+    from adatoken_compile.calibration import api as engine_api
+
+    monkeypatch.setattr(layered.Plan, "chunk_bytes", lambda self: 1)  # no state fits: every one spills
+    where = tmp_path / "spill"
+    where.mkdir()
+    cal = api.calibrate(tiny3d_dir, engine="layered", spill=str(where), samples=8, holdout=8, policy="pdrop",
+                        progress=False)
+    eng = cal.schedule.calibration["engine"]
+    assert eng["spilled_bytes"] > 0 and eng["statistics_layer_reads"] == 4 and os.listdir(where) == []
+
+    def fail(*a, **k):
+        assert [n for n in os.listdir(where) if n.startswith(".adatoken-spill-")]  # the statistics spilled
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(engine_api, "derive_schedule", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        api.calibrate(tiny3d_dir, engine="layered", spill=str(where), samples=8, holdout=8, policy="pdrop",
+                      progress=False)
+    assert os.listdir(where) == []
+
+
+def test_a_disk_that_fills_while_spilling_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layered.os, "posix_fallocate", full)
+    with pytest.raises(InputError, match="no room left for the spilled states.*--spill off"):
+        with layered.Spill(str(tmp_path)) as spill:
+            spill.tensor(torch.ones(3))
+    assert os.listdir(tmp_path) == []

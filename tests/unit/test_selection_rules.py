@@ -204,7 +204,7 @@ def test_flops_count_the_rule_and_a_cut_before_layer_zero():
     assert pre["tokens_per_layer"] == [200] * 4 and pre["flops_ratio"] < f["strided"]
 
 
-class _Measured:
+class _Measured(solver.ValidationCache):
     """Held-back 'measurements' constructed per rule: the first ``agreed`` of 100 rows agree, so two
     rules differ on exactly |a - b| rows, all one way (significant from 6 on: 2 / 2**6 < 0.05)."""
 

@@ -18,7 +18,7 @@ from adatoken_compile.errors import InputError
 from adatoken_compile.io import atomic_dir, atomic_file, check_output, mark_scene
 from adatoken_compile.runtime.image import load_image
 from adatoken_compile.runtime.prompt import check_question
-from adatoken_compile.runtime.sample import Sample
+from adatoken_compile.runtime.sample import Sample, Video
 
 SCENE_HELP = "scene: .npz, ScanNet export folder, or EmbodiedScan info .json (INFO.json#SCENE)"
 
@@ -29,14 +29,16 @@ def depth_scale_option(fn):
 
 
 def sample_from_args(input_kind: str, scene: str | None, image: str | None, question: str | None,
-                     depth_scale: float | None = None) -> Sample:
+                     depth_scale: float | None = None, frames=(), fps: float = 2.0) -> Sample:
     """The sample a command line asks about. Scene models without --scene: the first built-in test
-    scene and (without --question) its first question, with the ground truth."""
+    scene and (without --question) its first question, with the ground truth. ``frames``: one
+    video's frame files, after ``image`` in the prompt when both are given (as question files order
+    them)."""
     if question is not None:
         check_question(question)
     if input_kind == "scene":
-        if image:
-            raise InputError("this model takes scenes: pass --scene, not --image")
+        if image or frames:
+            raise InputError(f"this model takes scenes: pass --scene, not --{'image' if image else 'frames'}")
         if scene:
             if not question:
                 raise InputError("pass --question with --scene")
@@ -46,28 +48,37 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
         return Sample(question=question or s.question, scene=s.scene, answer=None if question else s.answer)
     if scene:
         raise InputError("this model takes images: pass --image, not --scene")
-    if not image or not question:
-        raise InputError("this model takes images: pass --image IMG (.npy (H,W,3) uint8 or an image file) and --question")
-    return Sample(question=question, image=load_image(image))
+    if not (image or frames) or not question:
+        raise InputError("this model takes images: pass --image IMG (.npy (H,W,3) uint8 or an image file) "
+                         "or --frames of a video, and --question")
+    media = [load_image(image)] if image else []
+    if frames:
+        media.append(Video(list(frames), fps))
+    return Sample(question=question, image=media[0] if len(media) == 1 else media)
 
 
 @main.command()
 @model_options
 @click.option("--scene", default=None, help=f"{SCENE_HELP} (3D models); default: a generated test scene")
 @depth_scale_option
-@click.option("--image", default=None, help="image file or .npy (HF LLaVA)")
+@click.option("--image", default=None, help="image file or .npy (HF LLaVA, Qwen2.5-VL)")
+@click.option("--frames", multiple=True, help="one video's frames in order, a file each (repeat the option; "
+              "Qwen2.5-VL); after --image in the prompt when both are given")
+@click.option("--fps", default=2.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="with --frames: the rate they were sampled at (spaces their temporal positions)")
 @click.option("--question", "-q", default=None, help="question text")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--artifact", default=None, help="run a compiled artifact with ONNX Runtime instead of PyTorch")
 @click.option("--digest", default=None, help="with --artifact: the sha256:... digest compile printed; refuse any other")
 @provider_option
 @user_errors
-def run(model, vision_tower, attn, scene, depth_scale, image, question, max_new_tokens, artifact, digest, provider):
+def run(model, vision_tower, attn, scene, depth_scale, image, frames, fps, question, max_new_tokens, artifact, digest,
+        provider):
     """Answer a question about a scene or image (greedy)."""
     check_provider(provider)
     if artifact:
         rt = api.load(artifact, provider, expected_digest=digest)
-        sample = sample_from_args(rt.input_kind, scene, image, question, depth_scale)
+        sample = sample_from_args(rt.input_kind, scene, image, question, depth_scale, frames, fps)
         pieces = rt.stream(sample, max_new_tokens=max_new_tokens)
         first = next(pieces, "")  # a refused input is refused here, before anything is printed
         click.echo(f"question: {sample.question}")
@@ -77,7 +88,7 @@ def run(model, vision_tower, attn, scene, depth_scale, image, question, max_new_
         click.echo()
     else:
         adapter = load_model(model, vision_tower, attn)
-        sample = sample_from_args(adapter.input_kind, scene, image, question, depth_scale)
+        sample = sample_from_args(adapter.input_kind, scene, image, question, depth_scale, frames, fps)
         source = sample.scene if adapter.input_kind == "scene" else sample.image
         ans = api.generate(adapter, source, sample.question, max_new_tokens=max_new_tokens)
         click.echo(f"question: {sample.question}")

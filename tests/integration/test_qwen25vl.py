@@ -455,3 +455,28 @@ def test_video_prompt_is_the_chat_templates(adapter, qwen_dir):
     for pad, grid in (("<|video_pad|>", hf["video_grid_thw"][0]), ("<|image_pad|>", hf["image_grid_thw"][0])):
         text = text.replace(pad, pad * (int(grid.prod()) // 4))
     assert adapter.tokenizer.encode(text) == hf["input_ids"][0].tolist()
+
+
+def test_run_command_answers_a_video_given_as_frames(adapter, identity_artifact, qwen_dir, tmp_path):
+    """`run --frames F --frames F ...`: the PyTorch model and the artifact answer as the runtime's
+    generate does for the same video; a scene model refuses frames in one line."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from adatoken_compile.cli import main
+    from adatoken_compile.runtime import load
+
+    ss = video_samples()
+    paths = []
+    for i, frame in enumerate(ss[0].image.frames):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(frame).save(paths[-1])
+    want = load(identity_artifact).generate(Video(paths, fps=4), ss[0].question, max_new_tokens=NEW_TOKENS)
+    args = [x for p in paths for x in ("--frames", p)] + ["--fps", "4", "-q", ss[0].question, "--max-new-tokens",
+                                                          str(NEW_TOKENS)]
+    for where in (["--model", qwen_dir], ["--artifact", identity_artifact]):
+        r = CliRunner().invoke(main, ["run", *where, *args])
+        assert r.exit_code == 0, r.output
+        assert r.output.split("answer: ", 1)[1].strip() == want.strip()  # a random model's answer may span lines
+    r = CliRunner().invoke(main, ["run", "--model", "llava3d-tiny", *args])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: ") and "--frames" in r.output

@@ -138,7 +138,7 @@ def score(lg: torch.Tensor, ref: torch.Tensor) -> tuple[list, float]:
 
 
 def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Tensor], schedule: Schedule,
-              max_disagree: int | None = None, states: LayerZeroStates | None = None, results=None,
+              max_disagree: int | None = None, states: LayerZeroStates | None = None,
               against=None) -> dict:
     """Greedy next-token agreement (and mean KL) of the pruned vs unpruned model on ``holdout``.
     ``max_disagree``: stop after the batch where more rows than this disagree (the schedule has
@@ -146,8 +146,7 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
     only the rows run. Under torchrun ``holdout`` is this rank's share, and the batches' counts are
     taken in one process's order, so every rank stops at the same batch with the same numbers.
     ``states``: the batches' :class:`LayerZeroStates`, from which a schedule whose first cut is at
-    layer 1 or later starts (same numbers, one layer fewer per batch). ``results``: the batches'
-    ``score`` s in order, computed elsewhere (a layer-major engine); read only as far as needed.
+    layer 1 or later starts (same numbers, one layer fewer per batch).
     ``against``: another schedule's per-row agreement on all rows; stop (``curtailed``) once this one
     cannot agree significantly more than it (:func:`out_of_reach`)."""
     tally = _Tally(distributed.total(sum(b.batch_size for b in holdout)), max_disagree, against)
@@ -158,9 +157,7 @@ def agreement(decoder, holdout: Sequence[DecoderInputs], refs: Sequence[torch.Te
         i, batch, ref = item
         return _compare(decoder, schedule, batch, ref, states.get(i, decoder, batch) if from_layer_1 else None)
 
-    if results is None:
-        results = distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare)
-    for hit, kl_batch in results:
+    for hit, kl_batch in distributed.in_order(list(zip(range(len(holdout)), holdout, refs)), compare):
         if tally.add(hit, kl_batch):
             break
     return tally.measurement()

@@ -260,7 +260,8 @@ class Runtime:
             if n_spatial < 1:
                 raise InputError(f"item {i}: the scene gives 0 spatial tokens; a cut keeps k >= 1 per row")
             if n_spatial > limits()["spatial_tokens"]:  # several images in one prompt add up
-                raise InputError(f"item {i}: {len(parts)} images give {n_spatial} spatial tokens, more than the limit "
+                raise InputError(f"item {i}: {_count_inputs(srcs, r.scene is not None)} give {n_spatial} spatial tokens, "
+                                 f"more than the limit "
                                  f"of {limits()['spatial_tokens']} a prompt; pass fewer or smaller images, or "
                                  f"{limit_hint('spatial_tokens')}")
             ids = self.prompt_ids(r.question, len(parts))
@@ -514,3 +515,13 @@ def load(art_dir: str, providers: Sequence[str] | str | None = None, *, check_ha
         print(rt.generate("scene.npz", "what color is the box?"))
     """
     return Runtime(verify(art_dir, check_hashes=check_hashes, expected_digest=expected_digest), providers, threads)
+
+
+def _count_inputs(srcs: list, scene: bool) -> str:
+    """What a prompt's spatial tokens came from, for messages: "1 scene", "2 images", "1 video and 1 image"."""
+    if scene:
+        return "1 scene"
+    videos = sum(isinstance(s, Video) for s in srcs)
+    images = len(srcs) - videos
+    words = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((videos, "video"), (images, "image")) if n]
+    return " and ".join(words)

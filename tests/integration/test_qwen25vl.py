@@ -271,6 +271,9 @@ def test_images_past_the_prompt_limit_are_one_line(identity_artifact, monkeypatc
     assert rt.prepare([Sample("what is here?", image=im[0])])["spatial_mask"].sum() == 35
     with pytest.raises(InputError, match=r"^item 0: 2 images give 41 spatial tokens, more than the limit of 40 a prompt"):
         rt.prepare([Sample("what is here?", image=[im[0], im[1]])])
+    monkeypatch.setenv("ADATOKEN_COMPILE_MAX_SPATIAL_TOKENS", "5")
+    with pytest.raises(InputError, match=r"^item 0: 1 video and 1 image give \d+ spatial tokens, more than the limit"):
+        rt.prepare([video_samples()[1]])
 
 
 # ----------------------------------------------------------------------------- videos

@@ -341,6 +341,22 @@ def code_key() -> str:
     return h.hexdigest()[:12]
 
 
+def drop_stale_artifacts(work: str, code: str) -> list[str]:
+    """Remove this script's compiles of other source versions (``ours[-pruned]-PREC-KEY`` holding a
+    manifest): each is a full artifact set, and they would otherwise pile up one per code change."""
+    import re
+    import shutil
+
+    gone = []
+    for name in sorted(os.listdir(work)):
+        m = re.fullmatch(r"ours(?:-pruned)?-(?:fp32|int4)-([0-9a-f]{12})", name)
+        path = os.path.join(work, name)
+        if m and m.group(1) != code and os.path.exists(os.path.join(path, "manifest.json")):
+            shutil.rmtree(path)
+            gone.append(name)
+    return gone
+
+
 def build_all(args) -> dict:
     """Everything the engines load, built where missing: {(precision, engine): model path}."""
     work = os.path.join(args.cache, "work")
@@ -364,6 +380,8 @@ def build_all(args) -> dict:
             Schedule(cuts=[Cut(layer, keep) for layer, keep in CUTS], num_layers=FIXTURE["layers"],
                      fingerprint=a.fingerprint(), family=a.family).save(sched)
         code = code_key()
+        for name in drop_stale_artifacts(work, code):
+            _log(f"removed {name} (compiled by another version of the source)")
         for prec in args.precisions:
             q = ["--quantize", "int4"] if prec == "int4" else []
             ident = os.path.join(work, f"ours-{prec}-{code}")

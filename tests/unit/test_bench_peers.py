@@ -212,3 +212,20 @@ def test_a_source_change_gives_this_tools_artifacts_a_new_cache_key(bp, tmp_path
     assert bp.code_key() == first
     (pkg / "a.py").write_text("x = 2\n")
     assert bp.code_key() != first
+
+
+def test_only_this_scripts_compiles_of_other_source_versions_are_removed(bp, tmp_path):
+    def folder(name, manifest=True):
+        (tmp_path / name).mkdir()
+        if manifest:
+            (tmp_path / name / "manifest.json").write_text("{}")
+
+    for name in ("ours-fp32-aaaaaaaaaaaa", "ours-pruned-int4-aaaaaaaaaaaa", "ours-fp32-bbbbbbbbbbbb"):
+        folder(name)
+    folder("ours-int4-cccccccccccc", manifest=False)  # not a compile's output
+    folder("ort-genai-fp32")
+    folder("ours-fp32-mine")
+    gone = bp.drop_stale_artifacts(str(tmp_path), "bbbbbbbbbbbb")
+    assert gone == ["ours-fp32-aaaaaaaaaaaa", "ours-pruned-int4-aaaaaaaaaaaa"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ort-genai-fp32", "ours-fp32-bbbbbbbbbbbb",
+                                                           "ours-fp32-mine", "ours-int4-cccccccccccc"]

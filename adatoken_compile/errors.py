@@ -12,3 +12,9 @@ class InputError(ValueError):
 
 class ScheduleMismatch(InputError):
     """A schedule or artifact made for another model."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, at most 200 characters: what a one-line error quotes of a library's."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:200]

@@ -124,3 +124,17 @@ def hf_greedy_ids(adapter, batch, max_new_tokens: int = 32) -> list[list[int]]:
             ids.append(t)
         rows.append(ids)
     return rows
+
+
+def write_video(path, frames, fps: int = 12, codec: str = "mpeg4") -> str:
+    """An encoded video of ``frames`` ((H, W, 3) uint8, even sides) at ``fps``, written with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return str(path)

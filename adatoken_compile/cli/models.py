@@ -29,16 +29,20 @@ def depth_scale_option(fn):
 
 
 def sample_from_args(input_kind: str, scene: str | None, image: str | None, question: str | None,
-                     depth_scale: float | None = None, frames=(), fps: float = 2.0) -> Sample:
+                     depth_scale: float | None = None, frames=(), fps: float = 2.0, video: str | None = None) -> Sample:
     """The sample a command line asks about. Scene models without --scene: the first built-in test
     scene and (without --question) its first question, with the ground truth. ``frames``: one
     video's frame files, after ``image`` in the prompt when both are given (as question files order
-    them)."""
+    them); ``video``: a video file instead, its frames sampled at ``fps``."""
+    if video and frames:
+        raise InputError("--video and --frames both give a video; pass one of them")
+    frames = video or tuple(frames)
     if question is not None:
         check_question(question)
     if input_kind == "scene":
         if image or frames:
-            raise InputError(f"this model takes scenes: pass --scene, not --{'image' if image else 'frames'}")
+            given = "image" if image else ("video" if video else "frames")
+            raise InputError(f"this model takes scenes: pass --scene, not --{given}")
         if scene:
             if not question:
                 raise InputError("pass --question with --scene")
@@ -50,10 +54,10 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
         raise InputError("this model takes images: pass --image, not --scene")
     if not (image or frames) or not question:
         raise InputError("this model takes images: pass --image IMG (.npy (H,W,3) uint8 or an image file) "
-                         "or --frames of a video, and --question")
+                         "or a video (--video FILE, or its --frames), and --question")
     media = [load_image(image)] if image else []
     if frames:
-        media.append(Video(list(frames), fps))
+        media.append(Video(frames if video else list(frames), fps))
     return Sample(question=question, image=media[0] if len(media) == 1 else media)
 
 
@@ -64,21 +68,24 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
 @click.option("--image", default=None, help="image file or .npy (HF LLaVA, Qwen2.5-VL)")
 @click.option("--frames", multiple=True, help="one video's frames in order, a file each (repeat the option; "
               "Qwen2.5-VL); after --image in the prompt when both are given")
+@click.option("--video", default=None, help="a video file (Qwen2.5-VL; decoded with PyAV, frames sampled at --fps); "
+              "after --image in the prompt when both are given")
 @click.option("--fps", default=2.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
-              help="with --frames: the rate they were sampled at (spaces their temporal positions)")
+              help="with --frames: the rate they were sampled at (spaces their temporal positions); with --video: "
+                   "the rate to sample it at")
 @click.option("--question", "-q", default=None, help="question text")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--artifact", default=None, help="run a compiled artifact with ONNX Runtime instead of PyTorch")
 @click.option("--digest", default=None, help="with --artifact: the sha256:... digest compile printed; refuse any other")
 @provider_option
 @user_errors
-def run(model, vision_tower, attn, scene, depth_scale, image, frames, fps, question, max_new_tokens, artifact, digest,
-        provider):
+def run(model, vision_tower, attn, scene, depth_scale, image, frames, video, fps, question, max_new_tokens, artifact,
+        digest, provider):
     """Answer a question about a scene or image (greedy)."""
     check_provider(provider)
     if artifact:
         rt = api.load(artifact, provider, expected_digest=digest)
-        sample = sample_from_args(rt.input_kind, scene, image, question, depth_scale, frames, fps)
+        sample = sample_from_args(rt.input_kind, scene, image, question, depth_scale, frames, fps, video)
         pieces = rt.stream(sample, max_new_tokens=max_new_tokens)
         first = next(pieces, "")  # a refused input is refused here, before anything is printed
         click.echo(f"question: {sample.question}")
@@ -88,7 +95,7 @@ def run(model, vision_tower, attn, scene, depth_scale, image, frames, fps, quest
         click.echo()
     else:
         adapter = load_model(model, vision_tower, attn)
-        sample = sample_from_args(adapter.input_kind, scene, image, question, depth_scale, frames, fps)
+        sample = sample_from_args(adapter.input_kind, scene, image, question, depth_scale, frames, fps, video)
         source = sample.scene if adapter.input_kind == "scene" else sample.image
         ans = api.generate(adapter, source, sample.question, max_new_tokens=max_new_tokens)
         click.echo(f"question: {sample.question}")

@@ -281,17 +281,23 @@ class Qwen25VLAdapter:
         """(N, patch_dim) patches and (3,) grid_thw of one image (array, path or reference) or
         :class:`Video`."""
         if isinstance(image, Video):
-            if self.video_refusal:
-                raise InputError(self.video_refusal)
-            return self.processing.video_patches(read_frames(image, resolve_image).frames)
+            return self.processing.video_patches(self.read_video(image).frames)
         return self.processing.patches(resolve_image(image))
+
+    def read_video(self, video: Video) -> Video:
+        """``video`` with its frames read (a video file's decoded and sampled at its fps)."""
+        if self.video_refusal:
+            raise InputError(self.video_refusal)
+        return read_frames(video, resolve_image, self.processing.temporal_patch_size)
 
     @torch.no_grad()
     def image_tokens(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) merged tokens of ONE image or video through transformers' own tower, and their
         (t, h, w)."""
-        pix, grid = self.pixels(image)
         video = isinstance(image, Video)
+        if video:  # a video file's frames and the rate they were sampled at, read once
+            image = self.read_video(image)
+        pix, grid = self.pixels(image)
         features = self.vl.model.get_video_features if video else self.vl.model.get_image_features
         feats = features(torch.from_numpy(pix).to(self.dtype), torch.from_numpy(grid[None])).pooler_output[0]
         interval = self.processing.time_interval(image) if video else 1.0
@@ -329,7 +335,7 @@ class Qwen25VLAdapter:
         seconds = []
         unit = self.processing.merge_size ** 2
         for s in samples:
-            items = image_list(s.image)
+            items = [self.read_video(im) if isinstance(im, Video) else im for im in image_list(s.image)]
             mine = [(isinstance(im, Video), *self.pixels(im)) for im in items]
             for im, (video, p, g) in zip(items, mine):
                 parts[video].append((p, g))

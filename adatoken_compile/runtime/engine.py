@@ -171,7 +171,7 @@ class Runtime:
             if encode is None or self.input_kind != "image":
                 raise InputError(f"video: this artifact's model takes {self.input_kind}s, not videos; pass the frames "
                                  "as images")
-            source = read_frames(source, scene_paths.resolve_image)
+            source = read_frames(source, scene_paths.resolve_image, self.processing.temporal_patch_size)
         elif encode is not None:
             source = scene_paths.resolve_image(source)
         if encode is not None and self.input_kind == "image":

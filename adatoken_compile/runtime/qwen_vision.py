@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .image import BICUBIC, CLIP_MEAN, CLIP_STD, ImageProcessing, check_pixels
 from .sample import Video
 
@@ -251,9 +251,72 @@ def check_frames(frames, names) -> None:
                              "the frames of one video must be one size: resize them, or pass them as images")
 
 
-def read_frames(video: Video, resolve) -> Video:
+# transformers' Qwen2VLVideoProcessor: a sampled video has at least 4 and at most 768 frames
+VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 4, 768
+
+
+def sample_frame_indices(total: int, video_fps: float, fps: float, temporal_patch_size: int,
+                         min_frames: int = VIDEO_MIN_FRAMES, max_frames: int = VIDEO_MAX_FRAMES) -> np.ndarray:
+    """The frames of a ``total``-frame video at ``video_fps`` that Qwen2.5-VL's video processor keeps
+    when asked for ``fps`` frames a second (``do_sample_frames``): ``total / video_fps * fps`` frames,
+    clamped to [min_frames, max_frames] and to the video, rounded down to whole temporal patches,
+    evenly spaced from frame 0. Empty when the video is shorter than one temporal patch."""
+    T = temporal_patch_size
+    most = math.floor(min(max_frames, total) / T) * T
+    n = min(max(total / video_fps * fps, min_frames), most, total)
+    n = math.floor(n / T) * T
+    if n < 1:
+        return np.zeros(0, np.int64)
+    # frame i * total / n for i < n: transformers' float arange to `total` can round to an (n+1)-th
+    # index, `total` itself, past the last frame; it is not taken here
+    return (np.arange(n) * (total / n)).astype(np.int64)
+
+
+def decode_video(path: str, fps: float, temporal_patch_size: int) -> Video:
+    """A video file's frames sampled at ``fps`` (:func:`sample_frame_indices`), decoded with PyAV as
+    RGB, as a :class:`Video` at the rate they were actually sampled at (what transformers reports as
+    the video's ``sampled_fps``)."""
+    try:
+        import av
+    except ImportError:
+        raise InputError(f"{path}: reading a video file needs PyAV; pip install 'adatoken-compile[video]', or pass "
+                         "the video's frames as images") from None
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such video file; check the path")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: holds no video stream; pass a video file, or its frames as images")
+            stream = container.streams.video[0]
+            total, rate = int(stream.frames), stream.average_rate
+            if total < 1 or not rate:
+                raise InputError(f"{path}: the container states no frame count or frame rate; re-encode it "
+                                 "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4), or pass its frames as images")
+            keep = sample_frame_indices(total, float(rate), fps, temporal_patch_size)
+            if keep.size == 0:
+                raise InputError(f"{path}: {total} frames, fewer than one temporal patch of {temporal_patch_size}; "
+                                 "pass a longer video, or its frames as images")
+            wanted, frames = set(keep.tolist()), []
+            for i, frame in enumerate(container.decode(video=0)):
+                if i > keep[-1]:
+                    break
+                if i in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+    except av.error.FFmpegError as e:
+        raise InputError(f"{path}: not a readable video ({type(e).__name__}: {first_line(e)}); pass a video file, "
+                         "or its frames as images") from None
+    if len(frames) < keep.size:
+        raise InputError(f"{path}: decoded {len(frames)} of the {keep.size} frames its header promises; re-encode "
+                         "it, or pass its frames as images")
+    return Video(frames, len(keep) / total * float(rate))
+
+
+def read_frames(video: Video, resolve, temporal_patch_size: int = 2) -> Video:
     """``video`` with its frames read by ``resolve`` (paths, references) and checked to be one size,
-    a frame read from a file named by its path."""
+    a frame read from a file named by its path; a video file's frames decoded and sampled
+    (:func:`decode_video`)."""
+    if isinstance(video.frames, str):
+        return decode_video(video.frames, video.fps, temporal_patch_size)
     frames = [resolve(f) for f in video.frames]
     names = [getattr(f, "path", None) or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else f"video frame {i}")
              for i, f in enumerate(video.frames)]

@@ -3,6 +3,7 @@ runtime, evaluation) passes around. Torch-free."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..errors import InputError
@@ -27,16 +28,23 @@ class Video:
     image paths. Put it where an image goes (``Sample.image``, ``rt.generate(Video(frames), q)``,
     or in a list with images for one prompt). ``fps``: the rate the frames were sampled at, which
     spaces the temporal positions (Qwen2.5-VL: ``second_per_grid_ts = temporal_patch_size / fps``);
-    2 is the rate Qwen samples videos at."""
+    2 is the rate Qwen samples videos at.
 
-    frames: list
+    ``frames`` may instead be the path of a video file (``Video("clip.mp4", fps=2)``): its frames are
+    decoded with PyAV and sampled at ``fps`` as Qwen2.5-VL's video processor samples them (see
+    :func:`~adatoken_compile.runtime.qwen_vision.sample_frame_indices`), when a model reads them."""
+
+    frames: list | str
     fps: float = 2.0
 
     def __post_init__(self):
-        if isinstance(self.frames, (str, bytes)) or not hasattr(self.frames, "__len__") or len(self.frames) < 1:
-            raise InputError("video: expected a list of one or more frames ((H, W, 3) uint8 arrays or image paths); "
-                             "pass the frames as a list")
-        self.frames = list(self.frames)
+        if isinstance(self.frames, os.PathLike) or (isinstance(self.frames, str) and self.frames):
+            self.frames = os.fspath(self.frames)
+        elif isinstance(self.frames, (str, bytes)) or not hasattr(self.frames, "__len__") or len(self.frames) < 1:
+            raise InputError("video: expected a list of one or more frames ((H, W, 3) uint8 arrays or image paths), "
+                             "or a video file's path")
+        else:
+            self.frames = list(self.frames)
         try:
             fps = float(self.fps)
         except (TypeError, ValueError):

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 # ONNX Runtime's own log lines (warnings about a graph or its external data) would follow the tool's
 # one-line error; only its errors are shown, as the sessions' log_severity_level does per session
@@ -106,15 +106,10 @@ def open_session(path: str, providers: list[str], recompile_hint: str, threads: 
         sess = make_session(path, providers, threads=threads, spin=spin)
     except Exception as e:
         if providers == PROVIDERS["cpu"]:
-            raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {_first_line(e)}); "
+            raise InputError(f"{path}: ONNX Runtime could not load the graph ({type(e).__name__}: {first_line(e)}); "
                              f"{recompile_hint}") from None
         sess = open_session(path, PROVIDERS["cpu"], recompile_hint, threads, spin)  # e.g. CUDA libraries missing
     return sess if isinstance(sess, CheckedSession) else CheckedSession(sess, path, recompile_hint)
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else "")[:200]
 
 
 # encoder outputs that must be finite: NaN spatial tokens answer garbage silently (the logits are
@@ -136,7 +131,7 @@ class CheckedSession:
         try:
             outs = self._s.run(output_names, feeds, *args, **kwargs)
         except Exception as e:  # onnxruntime's own error types (invalid argument, runtime failure)
-            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {_first_line(e)}); the inputs do not "
+            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {first_line(e)}); the inputs do not "
                              f"fit this graph, or {self.hint}") from None
         names = output_names or [o.name for o in self._s.get_outputs()]
         for name, value in zip(names, outs):
@@ -150,7 +145,7 @@ class CheckedSession:
         try:
             return self._s.run_with_iobinding(binding, *args, **kwargs)
         except Exception as e:  # as run: the graph's failure, in one line
-            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {_first_line(e)}); the inputs do not "
+            raise InputError(f"{self.path}: ONNX Runtime failed ({type(e).__name__}: {first_line(e)}); the inputs do not "
                              f"fit this graph, or {self.hint}") from None
 
 

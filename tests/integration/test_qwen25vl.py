@@ -483,3 +483,32 @@ def test_run_command_answers_a_video_given_as_frames(adapter, identity_artifact,
         assert r.output.split("answer: ", 1)[1].strip() == want.strip()  # a random model's answer may span lines
     r = CliRunner().invoke(main, ["run", "--model", "llava3d-tiny", *args])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: ") and "--frames" in r.output
+
+
+def test_a_video_file_is_its_sampled_frames(adapter, identity_artifact, tmp_path):
+    """A video file (``Video(path)``, ``run --video``) answers as its frames decoded by transformers'
+    PyAV reader at the rate they were sampled: the adapter, the artifact and the command line."""
+    pytest.importorskip("av")
+    from click.testing import CliRunner
+    from transformers.video_utils import read_video_pyav
+
+    from adatoken_compile.cli import main
+    from adatoken_compile.runtime import load
+    from adatoken_compile.runtime.qwen_vision import sample_frame_indices
+    from conftest import write_video
+
+    rng = np.random.default_rng(3)
+    frames = [np.repeat(np.repeat(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8), 4, 0), 4, 1) for _ in range(5)]
+    path = write_video(tmp_path / "clip.mp4", frames, fps=4)
+    theirs, meta = read_video_pyav(path, lambda metadata, **_: sample_frame_indices(
+        metadata.total_num_frames, metadata.fps, 2, adapter.processing.temporal_patch_size))
+    question = "what happens in the video?"
+    want = hf_generate(adapter, [Sample(question, image=Video(list(theirs), fps=meta.sampled_fps))])
+    assert hf_generate(adapter, [Sample(question, image=Video(path))]) == want
+    text = load(identity_artifact).generate(Video(path), question, max_new_tokens=NEW_TOKENS)
+    assert text == adapter.tokenizer.decode(want[0]).strip()
+    r = CliRunner().invoke(main, ["run", "--artifact", identity_artifact, "--video", path, "-q", question,
+                                  "--max-new-tokens", str(NEW_TOKENS)])
+    assert r.exit_code == 0 and r.output.split("answer: ", 1)[1].strip() == text, r.output
+    r = CliRunner().invoke(main, ["run", "--artifact", identity_artifact, "--video", path, "--frames", path, "-q", "x"])
+    assert r.exit_code == 2 and r.output.strip().endswith("--video and --frames both give a video; pass one of them")

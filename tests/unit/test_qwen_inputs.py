@@ -143,7 +143,7 @@ def test_a_question_file_names_a_video_by_its_frames(tmp_path):
     assert isinstance(got[0].image, Video) and len(got[0].image.frames) == 3 and got[0].image.fps == 4
     assert got[0].image.frames[2].load().shape == (20, 30, 3)
     assert not isinstance(got[1].image[0], Video) and got[1].image[1].fps == 2.0  # images first, then the video
-    for bad, msg in (({"frames": "f0.png"}, "'frames' must be a list of frame paths"),
+    for bad, msg in (({"frames": 3}, "'frames' must be a list of frame paths .*, or a video file's path"),
                      ({"frames": ["f0.png"], "fps": "fast"}, "'fps' must be a number > 0"),
                      ({"frames": ["f0.png"], "fps": -1}, r"video: fps -1(\.0)? must be a number > 0"),
                      ({"frames": ["f0.png"], "scene": "s.npz"}, "give a scene or images / frames, not both")):

@@ -13,7 +13,8 @@
 # a few hundred tokens, so that calibrating on 2 cores takes minutes, not hours); calibrate-*: a
 # layer-major calibration (--engine layered) on CAL_SAMPLES statistics questions and CAL_HOLDOUT
 # held-back ones of those scenes (defaults 8 and 16; one candidate validated under --flops-budget
-# 0.5), whose schedule compile-int4-pruned compiles.
+# 0.5), whose schedule compile-int4-pruned compiles. CAL_RULES=last_token skips the rule stage (the
+# default compares five rules at the chosen cut: several times the validation's time on 2 cores).
 # Disk: about 14 GB (checkpoint) + 27 GB (float16 artifact, deleted once measured) + 11 GB (int4).
 # Figures accumulate in DIR/summary.txt; each step's log and /usr/bin/time -v report beside it.
 set -euo pipefail
@@ -54,7 +55,8 @@ PY
         dt=${step#calibrate-}
         timed "$step" "${AC[@]}" calibrate --model "$D/ckpt" --engine layered --dtype "$dt" \
             --data "$D/questions.json" --scenes "$D/scenes" --samples "${CAL_SAMPLES:-8}" \
-            --holdout "${CAL_HOLDOUT:-16}" --flops-budget 0.5 --max-validations 1 --out "$D/cal-$dt" --overwrite
+            --holdout "${CAL_HOLDOUT:-16}" --flops-budget 0.5 --max-validations 1 ${CAL_RULES:+--rules "$CAL_RULES"} \
+            --out "$D/cal-$dt" --overwrite
         python - "$D/cal-$dt/schedule.json" <<'PY' | tee -a "$D/summary.txt"
 import json, sys
 c = json.load(open(sys.argv[1]))["calibration"]

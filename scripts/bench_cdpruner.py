@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--make-questions", default=None, metavar="DIR",
                     help="only write a question file of random images (DIR/q.jsonl) and stop")
     ap.add_argument("--images", type=int, default=12, help="with --make-questions: images (3 questions each) [12]")
+    ap.add_argument("--sides", default="40,220", help="with --make-questions: the images' sides in pixels, LO,HI [40,220]")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--convert-tokenizer", default=None, help=argparse.SUPPRESS)
@@ -116,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.make_questions:
         if args.images < 1:
             raise UsageError(f"--images: {args.images} ; use a whole number >= 1")
+        try:
+            args.sides = tuple(int(x) for x in args.sides.split(","))
+        except ValueError:
+            args.sides = ()
+        if len(args.sides) != 2 or not 8 <= args.sides[0] <= args.sides[1] <= 4096:
+            raise UsageError(f"--sides: '{args.sides}' ; give LO,HI pixels, 8 <= LO <= HI <= 4096, e.g. --sides 40,220")
         return args
     missing = [f"--{k}" for k in ("model", "data", "out") if not getattr(args, k)]
     if missing:
@@ -334,8 +341,8 @@ def markdown(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- questions
-def make_questions(folder: str, images: int = 12, seed: int = 0) -> str:
-    """A question file of ``images`` random images (40-220 pixels a side, coloured boxes on noise),
+def make_questions(folder: str, images: int = 12, seed: int = 0, sides: tuple[int, int] = (40, 220)) -> str:
+    """A question file of ``images`` random images (``sides`` pixels a side, coloured boxes on noise),
     three questions each, a quarter of them about two images; answers from what was drawn."""
     import random
 
@@ -347,7 +354,7 @@ def make_questions(folder: str, images: int = 12, seed: int = 0) -> str:
     os.makedirs(folder, exist_ok=True)
     drawn = []
     for i in range(images):
-        h, w = rng.randint(40, 220), rng.randint(40, 220)
+        h, w = rng.randint(*sides), rng.randint(*sides)
         img = nrng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         color = rng.choice(COLORS)
         rgb = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30),
@@ -720,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         sys.path.insert(0, ROOT)
         if args.make_questions:
-            print(f"wrote {make_questions(args.make_questions, args.images)}")
+            print(f"wrote {make_questions(args.make_questions, args.images, sides=args.sides)}")
             return 0
         from adatoken_compile.errors import InputError
 

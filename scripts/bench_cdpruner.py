@@ -177,7 +177,7 @@ def plan(ratios: list[int], rules: list[str], modes: list[str]) -> list[dict]:
     out = [{"name": "ours:unpruned", "engine": "ours:unpruned", "ratio": 0, "rule": None,
             "label": "this tool, unpruned"},
            {"name": "ours:calibrated", "engine": "ours:calibrated", "ratio": None, "rule": None,
-            "label": "this tool, calibrated in-LLM schedule"}]
+            "label": "this tool, calibrated (calibrate --flops-budget)"}]
     for r in ratios:
         for rule in rules:
             name = f"ours:prellm-{rule}@{r}"
@@ -499,6 +499,8 @@ def build_all(args, configs: list[dict], questions: list[dict]) -> dict:
     t_mean = sum(t for _, t in counts) / len(counts)
     budget = schedule_flops_ratio(rt.arch, Schedule(cuts=[Cut(0, 1 - args.flops_of / 100, Rule.of("random"))],
                                                     num_layers=L), n_mean, t_mean)
+    arch, tokenizer = rt.arch, rt.tokenizer
+    del rt  # the workers load the artifacts; this process keeps the tokenizer alone
 
     def compiled(name: str, schedule_path: str) -> str:
         art = os.path.join(work, f"{name}-{code}")
@@ -533,7 +535,7 @@ def build_all(args, configs: list[dict], questions: list[dict]) -> dict:
     schedules["ours:calibrated"] = Schedule.load(sched_path)
     digest = hashlib.sha256(open(sched_path, "rb").read()).hexdigest()[:12]
     paths["ours:calibrated"] = compiled(f"ours-calibrated-{digest}", sched_path)
-    return {"paths": paths, "arch": rt.arch, "schedules": schedules, "tokenizer": rt.tokenizer, "eos": rt.eos_id,
+    return {"paths": paths, "arch": arch, "schedules": schedules, "tokenizer": tokenizer,
             "flops_budget": budget, "mean_tokens": [n_mean, t_mean], "calibrated_schedule": sched_path}
 
 

@@ -5,7 +5,7 @@ token and visual tokens kept, this tool's artifacts next to ``VLMPipeline`` with
         [--ratios 50,75,90] [--flops-of 75] [--prellm-rules random,diverse] [--openvino f32,default]
         [--rounds 3] [--threads 2] [--new-tokens 8] [--limit N] [--relevance-weight W]
         [--schedule schedule.json | --cal-data FILE --cal-samples 8 --cal-holdout 16 --cal-rules last_token,stratified]
-    python scripts/bench_cdpruner.py --make-questions DIR [--images 12]   # 36 questions on 12 random images
+    python scripts/bench_cdpruner.py --make-questions DIR [--images 12] [--sides 40,220]   # 36 questions, 12 images
 
 What it builds (each kept under ``--cache`` and reused while its inputs are unchanged):
 - OpenVINO GenAI's environment: a virtual environment with openvino-genai, optimum-intel 2.2 and the
@@ -22,7 +22,9 @@ What it builds (each kept under ``--cache`` and reused while its inputs are unch
 What runs: every question through every configuration, greedy, ``--new-tokens`` at most (EOS ends
 an answer). OpenVINO: ``VLMPipeline`` (prefix caching off) at ``pruning_ratio`` 0 and each ratio,
 once with ``INFERENCE_PRECISION_HINT=f32`` and once at the plugin's default (bf16 compute where
-the CPU has it). Rounds are interleaved: each round starts one worker process per runtime (one
+the CPU has it), and unpruned once more with every image resized beforehand by Pillow to the
+processor's size (OpenVINO GenAI resizes with its own code; given the resized pixels, both runtimes
+see the same ones, which separates the resize from the model in the parity). Rounds are interleaved: each round starts one worker process per runtime (one
 per artifact, one per OpenVINO precision), in an order rotated every round, all on ``--threads``.
 
 What it reports per configuration: visual tokens kept (this tool: counted on its prefill graph's

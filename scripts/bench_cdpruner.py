@@ -406,6 +406,12 @@ def load_questions(path: str, limit: int | None) -> list[dict]:
 def _export_openvino(venv: str, model: str, out: str) -> None:
     bp._run([os.path.join(venv, "bin", "optimum-cli"), "export", "openvino", "--model", model,
              "--task", "image-text-to-text", "--weight-format", "fp32", out])
+    complete_export(venv, model, out)
+
+
+def complete_export(venv: str, model: str, out: str) -> None:
+    """What ``VLMPipeline`` loads and an export may lack: ``preprocessor_config.json`` (from a nested
+    ``processor_config.json``, else the checkpoint's) and the tokenizer models."""
     pre = os.path.join(out, "preprocessor_config.json")
     if not os.path.exists(pre):  # some exports keep the image processor inside processor_config.json
         proc = os.path.join(out, "processor_config.json")

@@ -151,3 +151,21 @@ def test_video_questions_are_refused_in_one_line(bc, tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps({"question": "what moves?", "frames": ["f.png", "f.png"]}) + "\n")
     with pytest.raises(bc.UsageError, match="video"):
         bc.load_questions(str(tmp_path / "q.jsonl"), None)
+
+
+def test_an_export_gets_the_image_processor_config_it_lacks(bc, tmp_path):
+    model, out = tmp_path / "ckpt", tmp_path / "ov"
+    model.mkdir()
+    out.mkdir()
+    for name in ("openvino_tokenizer.xml", "openvino_detokenizer.xml"):  # present: no conversion runs
+        (out / name).write_text("")
+    nested = {"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 50176}
+    (out / "processor_config.json").write_text(json.dumps({"image_processor": nested}))
+    bc.complete_export(str(tmp_path / "venv"), str(model), str(out))
+    assert json.loads((out / "preprocessor_config.json").read_text()) == nested
+    # without a nested one, the checkpoint's own
+    (out / "preprocessor_config.json").unlink()
+    (out / "processor_config.json").unlink()
+    (model / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136}))
+    bc.complete_export(str(tmp_path / "venv"), str(model), str(out))
+    assert json.loads((out / "preprocessor_config.json").read_text()) == {"min_pixels": 3136}

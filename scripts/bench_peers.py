@@ -59,6 +59,9 @@ PEER_PACKAGES = {
     "ort-genai": ["torch==2.13.0", "onnxruntime-genai==0.18.0", "transformers>=4.45,<5.26", "onnx", "onnx-ir",
                   "onnxscript", "safetensors"],
     "openvino": ["torch==2.13.0", "optimum-intel[openvino]==2.2.0", "openvino-genai==2026.4.1.0", "nncf"],
+    # optimum-intel 2.2 exports Qwen2.5-VL with transformers 5.0 (VLMPipeline with CDPruner)
+    "openvino-vlm": ["torch==2.13.0", "optimum-intel[openvino]==2.2.0", "openvino-genai==2026.4.1.0", "nncf",
+                     "transformers==5.0.0", "pillow"],
 }
 MARK = "@@bench "  # worker replies start with this; anything else a library prints is passed over
 VENV_MARKER = ".adatoken-compile-venv"
@@ -128,11 +131,16 @@ def interleaved_order(engines: list[str], contexts: list[int], rounds: int) -> l
     order rotated each round so no engine always runs right after the same one."""
     order = []
     for r in range(rounds):
-        k = r % len(engines)
-        rot = engines[k:] + engines[:k]
+        rot = rotated(engines, r)
         for c in contexts:
             order.extend((r, c, e) for e in rot)
     return order
+
+
+def rotated(items: list, r: int) -> list:
+    """``items`` rotated left by ``r``: round r's run order."""
+    k = r % len(items)
+    return items[k:] + items[:k]
 
 
 def growth_per_1000(points: dict[int, float]) -> float | None:
@@ -492,11 +500,7 @@ def _openvino(model: str, threads: int, f32: bool):
     import openvino as ov
     import openvino_genai as ovg
 
-    sched = ovg.SchedulerConfig()
-    sched.enable_prefix_caching = False
-    props = {"INFERENCE_NUM_THREADS": threads}
-    if f32:
-        props["INFERENCE_PRECISION_HINT"] = "f32"
+    sched, props, info = openvino_setup(threads, f32)
     pipe = ovg.LLMPipeline(model, "CPU", scheduler_config=sched, **props)
 
     def run(ids: list[int], new_tokens: int) -> dict:
@@ -509,27 +513,46 @@ def _openvino(model: str, threads: int, f32: bool):
         return {"prefill_s": pm.get_ttft().mean / 1000, "decode_ms": pm.get_tpot().mean,
                 "tokens": [int(t) for t in res.tokens[0]]}
 
-    # what "default" means on this CPU: the plugin's own precision and KV-cache type without hints
+    return run, info
+
+
+def openvino_setup(threads: int, f32: bool):
+    """(scheduler config, pipeline properties, what they mean on this CPU) of an OpenVINO GenAI
+    pipeline: prefix caching off, ``threads`` inference threads, f32 compute when ``f32`` (else the
+    plugin's default: bf16 where the CPU has it, u8 KV cache)."""
+    import openvino as ov
+    import openvino_genai as ovg
+
+    sched = ovg.SchedulerConfig()
+    sched.enable_prefix_caching = False
+    props = {"INFERENCE_NUM_THREADS": threads}
+    if f32:
+        props["INFERENCE_PRECISION_HINT"] = "f32"
     core = ov.Core()
-    return run, {"openvino_genai": ovg.__version__, "properties": props,
-                 "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-                 "cpu_default_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
-                 "cpu_default_kv_cache": str(core.get_property("CPU", "KV_CACHE_PRECISION"))}
+    return sched, props, {"openvino_genai": ovg.__version__, "properties": props,
+                          "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+                          "cpu_default_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+                          "cpu_default_kv_cache": str(core.get_property("CPU", "KV_CACHE_PRECISION"))}
+
+
+def serve(load) -> None:
+    """A worker's life: ``load()`` gives (run, info); then one JSON request a line on stdin, each
+    answered with ``run(**request)`` on stdout after :data:`MARK`."""
+    t = time.perf_counter()
+    run, info = load()
+    print(MARK + json.dumps({"ready": True, "load_s": time.perf_counter() - t, "info": info}, default=str), flush=True)
+    for line in sys.stdin:
+        print(MARK + json.dumps(run(**json.loads(line))), flush=True)
 
 
 def worker(engine: str, model: str, threads: int) -> None:
     """Load one engine, then answer one JSON request a line on stdin ({"ids", "new_tokens"})."""
-    t = time.perf_counter()
     if engine.startswith("ours"):
-        run, info = _ours(model, threads)
+        serve(lambda: _ours(model, threads))
     elif engine == "ort-genai":
-        run, info = _ort_genai(model, threads)
+        serve(lambda: _ort_genai(model, threads))
     else:
-        run, info = _openvino(model, threads, f32=engine == "openvino-f32")
-    print(MARK + json.dumps({"ready": True, "load_s": time.perf_counter() - t, "info": info}, default=str), flush=True)
-    for line in sys.stdin:
-        req = json.loads(line)
-        print(MARK + json.dumps(run(req["ids"], req["new_tokens"])), flush=True)
+        serve(lambda: _openvino(model, threads, f32=engine == "openvino-f32"))
 
 
 class Worker:
@@ -545,10 +568,13 @@ class Worker:
                 return json.loads(line[len(MARK):])
         raise RuntimeError(f"{self.engine}: worker ended (exit {self.proc.wait()}); its messages are above")
 
-    def run(self, ids: list[int], new_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"ids": ids, "new_tokens": new_tokens}) + "\n")
+    def request(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return self._reply()
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        return self.request(ids=ids, new_tokens=new_tokens)
 
     def close(self) -> None:
         self.proc.stdin.close()

@@ -34,6 +34,7 @@ SPLITS = {
 # the perspective views an image model gets after the bird's-eye view: the two that walk the walls
 # and look into the room (every OVERVIEW_EVERY-th view of render.make_cameras)
 IMAGE_VIEWS = (9, 19)
+IMAGE_VIEW_SIZE = (168, 224)  # (H, W) they are given at (bicubic, from 240 x 320)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -55,8 +56,16 @@ def scene_images(info: SceneInfo, scene: Scene) -> list[np.ndarray]:
     """The images a 2D model (Qwen2.5-VL) gets for a scene, in prompt order: the room's
     bird's-eye view (:func:`~adatoken_compile.benchmark3d.render.render_top_down`: relations are
     floor distances, which a top-down view shows at one scale), then the rendered views
-    ``IMAGE_VIEWS``. A function of the scene alone, the same for every question about it."""
-    return [render_top_down(info)[0]] + [scene.images[v] for v in IMAGE_VIEWS]
+    ``IMAGE_VIEWS`` at ``IMAGE_VIEW_SIZE``. A function of the scene alone, the same for every
+    question about it."""
+    return [render_top_down(info)[0]] + [view_image(scene.images[v]) for v in IMAGE_VIEWS]
+
+
+def view_image(image: np.ndarray) -> np.ndarray:
+    """A rendered view at ``IMAGE_VIEW_SIZE`` (Pillow bicubic)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize(IMAGE_VIEW_SIZE[::-1], Image.BICUBIC))
 
 
 def as_image_samples(samples) -> list[Sample]:

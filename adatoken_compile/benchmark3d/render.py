@@ -306,8 +306,10 @@ def render_scene(
 
 # --------------------------------------------------------------------------- bird's-eye view
 
-TOP_DOWN_PX_PER_M = 24.0  # one fixed scale for every room: floor distances read the same in every image
-TOP_DOWN_SIZE = (196, 224)  # (H, W): the largest room (9 x 8 m) plus a margin, multiples of 28
+# one fixed scale for every room (floor distances read the same in every image), fine enough that an
+# object fills much of a 28-pixel merged Qwen2.5-VL token (0.78 m) and its class pattern shows
+TOP_DOWN_PX_PER_M = 36.0
+TOP_DOWN_SIZE = (308, 336)  # (H, W): the largest room (9 x 8 m) plus a margin, multiples of 28
 TOP_DOWN_MARGIN = 4  # pixels between the image border and the room's (0, 0) corner
 TOP_DOWN_SUPERSAMPLE = 2  # rays per pixel side, averaged: fine patterns blur instead of aliasing
 # the map's floor is tinted by position, like a map's coordinate grid: red from x 0.75 to 1.25 times

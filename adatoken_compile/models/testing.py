@@ -422,10 +422,12 @@ def qwen25vl_token_ids(tok) -> dict:
                 vision_end_token_id=tok.token_to_id("<|vision_end|>"), eos_token_id=tok.eos_id)
 
 
-def save_qwen25vl(model, tok, out_dir: str, *, min_pixels: int, max_pixels: int, overwrite: bool = False) -> str:
+def save_qwen25vl(model, tok, out_dir: str, *, min_pixels: int, max_pixels: int, overwrite: bool = False,
+                  extra: dict | None = None) -> str:
     """``model`` (a ``Qwen2_5_VLForConditionalGeneration``) with the files a released checkpoint
     ships: config, safetensors, tokenizer, ``chat_template.jinja`` and ``preprocessor_config.json``
-    (``Qwen2VLImageProcessor`` with ``min_pixels`` / ``max_pixels``), written atomically."""
+    (``Qwen2VLImageProcessor`` with ``min_pixels`` / ``max_pixels``), written atomically; ``extra``:
+    more JSON files, name -> content."""
     patch_size = int(model.config.vision_config.patch_size)
     with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -443,6 +445,9 @@ def save_qwen25vl(model, tok, out_dir: str, *, min_pixels: int, max_pixels: int,
                        "do_normalize": True, "do_resize": True, "resample": 3}, f, indent=2)
         with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
             f.write(QWEN25VL_CHAT_TEMPLATE)
+        for name, content in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
     return out_dir
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adatoken_compile.benchmark3d.dataset import IMAGE_VIEWS
+from adatoken_compile.benchmark3d.dataset import IMAGE_VIEWS, view_image
 from adatoken_compile.benchmark3d.render import (TOP_DOWN_MARGIN, TOP_DOWN_PX_PER_M, make_cameras, render_scene,
                                                  render_top_down)
 from adatoken_compile.benchmark3d.world import CLASSES, COLOR_NAMES, make_world
@@ -32,7 +32,7 @@ def scene_images_and_instances(info) -> tuple[list[np.ndarray], list[np.ndarray]
     not depend on the others)."""
     top, top_ids = render_top_down(info)
     r = render_scene(info, poses=make_cameras(info)[list(IMAGE_VIEWS)])
-    return [top] + list(r.scene.images), [top_ids] + list(r.instance)
+    return [top] + [view_image(v) for v in r.scene.images], [top_ids] + list(r.instance)
 
 
 def token_instances(instance: np.ndarray, grid_h: int, grid_w: int, factor: int) -> np.ndarray:

@@ -21,13 +21,14 @@ from adatoken_compile.runtime.positions import LAYOUTS
 from adatoken_compile.runtime.prompt import IMAGE_TOKEN_INDEX
 from adatoken_compile.runtime.qwen_vision import token_coordinates
 from reference_model.targets import (candidate_distance_targets, class_colour_loss, compare_targets, locate_targets,
-                                     packed_sequence, qa_targets, read_out_loss, room_frame, word_read_out_at)
+                                     packed_sequence, qa_targets, read_out_loss, room_frame, weighted_cross_entropy,
+                                     word_read_out_at)
 from reference_model.text import key_word_ids, key_word_position, word_of_key_token
 
-# min / max pixels of the image processor: the bird's-eye view (224 x 196) is taken as drawn
-# (8 x 7 = 56 merged tokens), a 320 x 240 view is resized to 224 x 168 (48 tokens)
-MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 224 * 196
-READ_OUTS = ("position", "locate", "candidate_distance", "compare")  # training-only heads (not saved)
+# min / max pixels of the image processor: the bird's-eye view (336 x 308) is taken as drawn
+# (12 x 11 = 132 merged tokens), and so is each 224 x 168 view (48 tokens)
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 336 * 308
+NUM_CLASSES, NUM_COLOURS = 5, 6
 
 
 def build_config(tok, width: int, layers: int, vision_width: int, vision_depth: int, rope_theta: float):
@@ -80,17 +81,19 @@ class Packed:
     image_tokens: torch.Tensor  # (N,) positions of the image tokens, in image order
     labels: torch.Tensor
     dense_labels: torch.Tensor
+    weight: torch.Tensor  # (L,) loss weight of each position's label (counting questions by answer)
     answer_at: list
     locate: list
     candidate_distance: list
     compare: list
 
 
-def pack(adapter, vocab: Vocab, feats: list, coords: list, ex, dense: bool) -> Packed:
+def pack(adapter, vocab: Vocab, feats: list, coords: list, ex, dense: bool, count_w: dict | None = None) -> Packed:
     emb = adapter.vl.model.language_model.embed_tokens
     prefix = suffixes = None
-    blocks, labels, dense_l, answer_at, loc, cand, comp = [], [], [], [], [], [], []
+    blocks, labels, dense_l, answer_at, loc, cand, comp, qw = [], [], [], [], [], [], [], []
     for q in ex.questions:
+        qw.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
         pre, suf = split_prompt(adapter, q.text, len(feats))
         if prefix is None:
             prefix = pre
@@ -117,10 +120,13 @@ def pack(adapter, vocab: Vocab, feats: list, coords: list, ex, dense: bool) -> P
     x = torch.cat([seg.embeds, emb(ids)])[None]
     lab = torch.full((L,), -100, dtype=torch.long)
     dlab = torch.full((L,), -100, dtype=torch.long)
-    for s, m, d in zip(starts, labels, dense_l):
+    weight = torch.ones(L)
+    for s, m, d, qwt in zip(starts, labels, dense_l, qw):
         lab[s : s + len(m)] = torch.tensor(m)
         dlab[s : s + len(d)] = torch.tensor(d)
-    return Packed(x, allow, pos, starts, torch.nonzero(seg.spatial).squeeze(1), lab, dlab, answer_at, loc, cand, comp)
+        weight[s : s + len(m)] = qwt
+    return Packed(x, allow, pos, starts, torch.nonzero(seg.spatial).squeeze(1), lab, dlab, weight, answer_at, loc,
+                  cand, comp)
 
 
 def image_features(adapter, ex) -> tuple[list, list]:
@@ -136,6 +142,7 @@ def image_features(adapter, ex) -> tuple[list, list]:
 class Weights:
     dense: float = 1.0
     aux: float = 1.0
+    token_label: float = 1.0
     position: float = 1.0
     locate: float = 1.0
     candidate_distance: float = 4.0
@@ -146,27 +153,66 @@ class Weights:
 
 
 def make_heads(width: int, w: Weights) -> dict:
-    dims = {"position": 2, "locate": 2, "candidate_distance": 1, "compare": 1}
+    dims = {"token_label": 1 + NUM_CLASSES + 1 + NUM_COLOURS, "position": 2, "locate": 2, "candidate_distance": 1,
+            "compare": 1}
     return {k: nn.Linear(width, d) for k, d in dims.items() if getattr(w, k)}
 
 
-def scene_loss(adapter, vocab: Vocab, heads: dict, ex, w: Weights, log: dict):
-    """The training loss of one scene; appends its figures to ``log`` (lists by name)."""
+def token_label_loss(head, feats: torch.Tensor, cls_t: torch.Tensor, col_t: torch.Tensor, object_weight: float = 1.0):
+    """Cross-entropy of each merged token's class and colour (room tokens: "none", label 0) from
+    ``head`` on the tokens as they enter the decoder; object tokens weigh ``object_weight``.
+    Returns (loss, class accuracy over object tokens)."""
+    f = head(feats)
+    w = torch.where(cls_t >= 0, object_weight, 1.0)
+    ce = nn.functional.cross_entropy(f[:, : 1 + NUM_CLASSES], cls_t + 1, reduction="none") + \
+        nn.functional.cross_entropy(f[:, 1 + NUM_CLASSES :], col_t + 1, reduction="none")
+    obj = cls_t >= 0
+    with torch.no_grad():
+        acc = (f[obj, 1 : 1 + NUM_CLASSES].argmax(-1) == cls_t[obj]).float().mean().item() if obj.any() else 1.0
+    return (ce * w).sum() / w.sum(), acc
+
+
+def keep_room_share(feats: list, coords: list, ex, share: float, rng: np.random.Generator):
+    """Every object token and a random ``share`` of the room tokens (floor, walls, outside the
+    room) of each image, each kept token at its own (t, h, w); ``ex``'s token labels and
+    bird's-eye positions cut alike. Room tokens are most of an image and answer no question: few
+    of them early let the question words find the objects among few tokens."""
+    keep = (ex.token_class >= 0) | (rng.random(len(ex.token_class)) < share)
+    starts = np.cumsum([0] + [len(f) for f in feats])
+    keep[starts[:-1]] = True  # every image keeps a token (its placeholder is never empty)
+    keep = torch.from_numpy(keep)
+    out_f = [f[keep[a:b]] for f, a, b in zip(feats, starts[:-1], starts[1:])]
+    out_c = [c[keep[a:b]] for c, a, b in zip(coords, starts[:-1], starts[1:])]
+    n = len(ex.top_xy)
+    ex.top_xy = ex.top_xy[keep[:n].numpy()]
+    ex.token_class, ex.token_colour = ex.token_class[keep.numpy()], ex.token_colour[keep.numpy()]
+    return out_f, out_c
+
+
+def scene_loss(adapter, vocab: Vocab, heads: dict, ex, w: Weights, log: dict, count_w: dict | None = None,
+               room_share: float | None = None, rng: np.random.Generator | None = None):
+    """The training loss of one scene; appends its figures to ``log`` (lists by name).
+    ``count_w``: loss weight of a counting question by its answer
+    (``reference_model.scenes.count_answer_weights``); ``room_share``: keep only that share of
+    the room tokens (``keep_room_share``, drawn from ``rng``)."""
     feats, coords = image_features(adapter, ex)
-    p = pack(adapter, vocab, feats, coords, ex, dense=bool(w.dense))
+    if room_share is not None:
+        feats, coords = keep_room_share(feats, coords, ex, room_share, rng)
+    p = pack(adapter, vocab, feats, coords, ex, dense=bool(w.dense), count_w=count_w)
     lm = adapter.vl.model.language_model
     out = lm(inputs_embeds=p.x, attention_mask={"full_attention": p.allow[None, None]}, position_ids=p.pos,
              output_hidden_states=True)
     logits = adapter.vl.lm_head(out.last_hidden_state[0])
-    total = nn.functional.cross_entropy(logits, p.labels, ignore_index=-100)
+    total = weighted_cross_entropy(logits, p.labels, p.weight)
     if w.dense:
-        total = total + w.dense * nn.functional.cross_entropy(logits, p.dense_labels, ignore_index=-100)
+        total = total + w.dense * weighted_cross_entropy(logits, p.dense_labels, p.weight)
     hs = out.hidden_states
     for name, at in (("locate", word_read_out_at(p.starts, p.locate)),
                      ("candidate_distance", word_read_out_at(p.starts, p.candidate_distance)),
                      ("compare", word_read_out_at(p.starts, p.compare))):
         if name in heads and at:
-            total = total + getattr(w, name) * read_out_loss(hs, getattr(w, f"{name}_layer"), heads[name], at,
+            layer = min(getattr(w, f"{name}_layer"), len(hs) - 1)  # a smaller decoder: its last layer
+            total = total + getattr(w, name) * read_out_loss(hs, layer, heads[name], at,
                                                              log.setdefault(name, []), binary=name == "compare")
     cls_t, col_t = torch.from_numpy(ex.token_class), torch.from_numpy(ex.token_colour)
     obj = cls_t >= 0
@@ -174,6 +220,12 @@ def scene_loss(adapter, vocab: Vocab, heads: dict, ex, w: Weights, log: dict):
         # each object token names its class and colour (a dense caption of the images)
         sl = logits[p.image_tokens][obj]
         total = total + w.aux * class_colour_loss(sl, sl, vocab.class_word[cls_t[obj]], vocab.colour_word[col_t[obj]])
+    if "token_label" in heads:
+        # the tower's own read-out: each merged token, as it enters the decoder, names its class and
+        # colour (room tokens: "none"), stage 1's labels kept on while the decoder trains
+        lab, acc = token_label_loss(heads["token_label"], torch.cat(feats), cls_t, col_t)
+        total = total + w.token_label * lab
+        log.setdefault("token_class_acc", []).append(acc)
     if "position" in heads:
         n = len(ex.top_xy)  # the bird's-eye view's tokens, as they enter the decoder
         target = room_frame(torch.from_numpy(ex.top_xy), torch.as_tensor(np.asarray(ex.info.room[:2], np.float32)))
@@ -182,6 +234,8 @@ def scene_loss(adapter, vocab: Vocab, heads: dict, ex, w: Weights, log: dict):
         log.setdefault("position", []).append(err.item())
     with torch.no_grad():
         first = torch.tensor(p.starts) + torch.tensor(p.answer_at)
+        log.setdefault("answer_ce", []).append(
+            nn.functional.cross_entropy(logits[first], p.labels[first]).item())
         log.setdefault("hits", []).append((logits[first].argmax(-1) == p.labels[first]).sum().item())
         log.setdefault("questions", []).append(len(p.starts))
     return total

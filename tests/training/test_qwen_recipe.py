@@ -55,16 +55,17 @@ def test_token_instances_take_the_majority_object_above_the_share():
 def test_top_down_token_positions_are_the_floor_positions_of_their_pixels():
     """Each object's centre pixel in the bird's-eye view shows that object, at the position the
     position targets give the token that holds it."""
-    from adatoken_compile.benchmark3d.render import TOP_DOWN_MARGIN, TOP_DOWN_PX_PER_M, render_top_down
+    from adatoken_compile.benchmark3d.render import TOP_DOWN_MARGIN, TOP_DOWN_PX_PER_M, TOP_DOWN_SIZE, render_top_down
     from reference_model.qwen.data import top_down_token_xy
 
     info = make_world(11)
     _, ids = render_top_down(info)
-    xy = top_down_token_xy(7, 8, 28)
+    gh, gw = (s // 28 for s in TOP_DOWN_SIZE)
+    xy = top_down_token_xy(gh, gw, 28)
     for j, o in enumerate(info.objects):
         c, r = (o.center[:2] * TOP_DOWN_PX_PER_M + TOP_DOWN_MARGIN).astype(int)
         assert ids[r, c] == j
-        tok = (r // 28) * 8 + c // 28
+        tok = (r // 28) * gw + c // 28
         assert np.abs(xy[tok] - o.center[:2]).max() <= 14 / TOP_DOWN_PX_PER_M + 1e-6
 
 
@@ -92,16 +93,61 @@ def test_packed_questions_get_the_adapters_logits(tiny):
             assert pre + suf == adapter.prompt_ids(q.text, 3)
 
 
-def test_train_end_to_end_writes_a_checkpoint_the_adapter_loads(tmp_path):
+TINY = ["--steps", "2", "--scenes", "2", "--width", "64", "--layers", "2", "--vision-width", "48", "--vision-depth", "2",
+        "--threads", "1", "--log-every", "1", "--tower-steps", "1", "--tower-scenes", "1", "--views-from", "0.5",
+        "--count-balance"]
+
+
+def test_train_end_to_end_writes_a_checkpoint_the_adapter_loads_and_is_seeded(tmp_path):
+    from safetensors.torch import load_file
+
     from adatoken_compile.models.qwen25vl import Qwen25VLAdapter
     from reference_model.qwen.train import main
 
-    out = tmp_path / "ckpt"
-    main(["--out", str(out), "--steps", "2", "--scenes", "2", "--width", "64", "--layers", "2", "--vision-width", "48",
-          "--vision-depth", "2", "--threads", "1", "--log-every", "1"])
+    for name in ("a", "b"):
+        main(["--out", str(tmp_path / name)] + TINY)
+    out = tmp_path / "a"
     rec = json.loads((out / "TRAINING.json").read_text())
-    assert rec["command"].startswith("python -m reference_model.qwen.train --out ")
-    assert rec["steps"] == 2 and len(rec["history"]) == 2
-    a = Qwen25VLAdapter(str(out))
+    assert rec["command"] == "python -m reference_model.qwen.train --out " + str(out) + " " + " ".join(TINY)
+    assert rec["steps"] == 2 and len(rec["history"]) == 2 and rec["tower"]["steps"] == 1
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    assert int(a.vl.config.text_config.num_hidden_layers) == 2
+    assert int(Qwen25VLAdapter(str(out)).vl.config.text_config.num_hidden_layers) == 2
+    wa, wb = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_token_label_loss_weighs_object_tokens_and_scores_their_class():
+    from reference_model.qwen.model import NUM_CLASSES, NUM_COLOURS, token_label_loss
+
+    head = torch.nn.Identity()
+    cls_t, col_t = torch.tensor([-1, 0, 3]), torch.tensor([-1, 2, 5])
+    right = torch.full((3, 2 + NUM_CLASSES + NUM_COLOURS), -10.0)
+    for i, (c, k) in enumerate(zip(cls_t, col_t)):
+        right[i, c + 1] = right[i, 1 + NUM_CLASSES + k + 1] = 10.0
+    loss, acc = token_label_loss(head, right, cls_t, col_t)
+    assert acc == 1.0 and loss < 1e-6
+    wrong = right.clone()
+    wrong[1, 1], wrong[1, 2] = -10.0, 10.0  # the first object token names class 1 instead of 0
+    light, acc = token_label_loss(head, wrong, cls_t, col_t, 1.0)
+    heavy, _ = token_label_loss(head, wrong, cls_t, col_t, 5.0)
+    assert acc == 0.5 and heavy > light > 1.0
+
+
+def test_keep_room_share_keeps_every_object_token_and_cuts_labels_alike():
+    from types import SimpleNamespace
+
+    from reference_model.qwen.model import keep_room_share
+
+    cls = np.array([-1, 2, -1, -1, 0, -1, -1, 4, -1])  # two images: the bird's-eye view's 5 tokens, then 4
+    ex = SimpleNamespace(token_class=cls.copy(), token_colour=cls.copy() + 1, top_xy=np.arange(10.0).reshape(5, 2))
+    feats = [torch.arange(5.0)[:, None], torch.arange(5.0, 9.0)[:, None]]
+    coords = [torch.arange(5.0)[:, None].repeat(1, 3), torch.arange(4.0)[:, None].repeat(1, 3)]
+    f, c = keep_room_share(feats, coords, ex, 0.0, np.random.default_rng(0))
+    # objects and each image's first token (an image is never empty), nothing else
+    assert [x[:, 0].tolist() for x in f] == [[0.0, 1.0, 4.0], [5.0, 7.0]]
+    assert [x[:, 0].tolist() for x in c] == [[0.0, 1.0, 4.0], [0.0, 2.0]]
+    assert ex.token_class.tolist() == [-1, 2, 0, -1, 4] and ex.token_colour.tolist() == [0, 3, 1, 0, 5]
+    assert ex.top_xy.tolist() == [[0.0, 1.0], [2.0, 3.0], [8.0, 9.0]]
+    ex2 = SimpleNamespace(token_class=cls.copy(), token_colour=cls.copy(), top_xy=np.zeros((5, 2)))
+    f, _ = keep_room_share(feats, coords, ex2, 1.0, np.random.default_rng(0))
+    assert [len(x) for x in f] == [5, 4]

@@ -368,7 +368,8 @@ def test_image_models_get_a_birds_eye_view_and_two_views_per_scene():
     top, _ = render.render_top_down(make_world(samples[0].meta["seed"]))
     np.testing.assert_array_equal(first[0].image[0], top)
     for k, v in enumerate(dataset.IMAGE_VIEWS):
-        np.testing.assert_array_equal(first[0].image[1 + k], samples[0].scene.images[v])
+        np.testing.assert_array_equal(first[0].image[1 + k], dataset.view_image(samples[0].scene.images[v]))
+        assert first[0].image[1 + k].shape == (*dataset.IMAGE_VIEW_SIZE, 3)
 
 
 def test_top_down_view_shows_each_object_at_its_floor_position_on_a_tinted_floor():

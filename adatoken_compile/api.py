@@ -34,6 +34,7 @@ from adatoken_compile.calibration.defaults import HOLDOUT, RULES_HOLDOUT, defaul
 from adatoken_compile.calibration.policies import DEFAULT_FIDELITY, PEERS, POLICIES
 from adatoken_compile.data import (
     builtin_split,
+    for_input,
     holdout_start,
     iter_samples,
     load_samples,
@@ -263,11 +264,11 @@ def calibrate(model=None, *, data: str = CALIBRATION_DATA, scenes: str | None = 
         adapter.decoder.to(where.device)
     with spiller or contextlib.nullcontext():  # the spilled states' directory goes, whatever happens
         share = distributed.Share(block=BATCH_SIZE)  # whole batches: each is the batch one process forms
-        stats_samples = load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes,
-                                     depth_scale=depth_scale, keep=share)
-        hold = input_batches(adapter, holdout_samples(
+        stats_samples = for_input(load_samples(data, limit=samples, start_scene=start_scene, scenes=scenes,
+                                               depth_scale=depth_scale, keep=share), adapter.input_kind)
+        hold = input_batches(adapter, for_input(holdout_samples(
             data, holdout, share.scenes, start_scene, scenes=scenes, depth_scale=depth_scale,
-            keep=distributed.Share(block=BATCH_SIZE)))
+            keep=distributed.Share(block=BATCH_SIZE)), adapter.input_kind))
         kw = dict(policy=policy, fidelity=fidelity, flops_budget=flops_budget, seed=seed, progress=progress,
                   fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name, like=like_s,
                   max_validations=max_validations, cache=cache, rules=rules)
@@ -431,6 +432,7 @@ def evaluate(model=None, *, artifact: str | None = None, baseline: str | None = 
                             providers=providers, captions=captions, positions=positions)
     else:
         adapter = load_model(model, device=device, dtype=dtype)
+        samples = for_input(samples, adapter.input_kind)
         sched = _schedule_for(adapter, schedule)
         res = run_eval(reference_answer_fn(adapter, sched, max_new_tokens), samples, progress=progress,
                        captions=captions, positions=positions)
@@ -545,10 +547,10 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     t0 = time.time()
     adapter = load_model(model, device=device, dtype=dtype)
     tshare = distributed.Share(by_scene=True)  # a scene's questions are answered together
-    test = load_samples(data, limit=limit, keep=tshare)
+    test = for_input(load_samples(data, limit=limit, keep=tshare), adapter.input_kind)
     cal_data, cal_start = _calibration_source(data, tshare.scenes)
     share = distributed.Share(block=BATCH_SIZE)  # whole batches, as calibrate shares them
-    stats_samples = _compare_samples(cal_data, samples, cal_start, share, limit)
+    stats_samples = for_input(_compare_samples(cal_data, samples, cal_start, share, limit), adapter.input_kind)
     if stats is not None:
         st = engine.load_stats(stats)
         if st.fingerprint != adapter.fingerprint():
@@ -556,8 +558,9 @@ def compare(model=None, *, out: str, data: str = EVAL_DATA, limit: int = 2000, b
     else:
         _, st = engine.calibrate(adapter.decoder, sample_batches(adapter, stats_samples), policy="none",
                                  holdout_batches=[], progress=progress, fingerprint=adapter.fingerprint())
-    hold = input_batches(adapter, holdout_samples(cal_data, holdout, share.scenes, cal_start,
-                                                  keep=distributed.Share(block=BATCH_SIZE)))
+    hold = input_batches(adapter, for_input(holdout_samples(cal_data, holdout, share.scenes, cal_start,
+                                                            keep=distributed.Share(block=BATCH_SIZE)),
+                                            adapter.input_kind))
     log(f"[compare] statistics of {st.samples} questions, {holdout} held-back questions ({time.time() - t0:.0f} s)")
     model_kw = dict(fingerprint=adapter.fingerprint(), family=adapter.family, model_name=adapter.name)
     configs = cmp.build_configs(adapter.decoder, st, hold, budgets=tuple(budgets), rules=names, seeds=tuple(seeds),

@@ -22,7 +22,7 @@ import numpy as np
 from adatoken_compile.runtime.sample import Sample
 from adatoken_compile.runtime.scene import Scene, preprocess_scene, unproject_patches, voxelize
 from adatoken_compile.benchmark3d.questions import KINDS, TEMPLATES, WORDS, Question, all_texts, questions_for  # noqa: F401
-from adatoken_compile.benchmark3d.render import render_scene
+from adatoken_compile.benchmark3d.render import render_scene, render_top_down
 from adatoken_compile.benchmark3d.world import SceneInfo, make_world
 
 SPLITS = {
@@ -31,6 +31,10 @@ SPLITS = {
     "test": (2_000_000, 3_000_000),
     "calibration": (3_000_000, 4_000_000),
 }
+# the perspective views an image model gets after the bird's-eye view: the two that walk the walls
+# and look into the room (every OVERVIEW_EVERY-th view of render.make_cameras)
+IMAGE_VIEWS = (9, 19)
+IMAGE_VIEW_SIZE = (168, 224)  # (H, W) they are given at (bicubic, from 240 x 320)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -46,6 +50,40 @@ def make_scene(seed: int) -> tuple[Scene, SceneInfo]:
     """Rendered scene and its ground-truth description."""
     info = make_world(seed)
     return render_scene(info).scene, info
+
+
+def scene_images(info: SceneInfo, scene: Scene) -> list[np.ndarray]:
+    """The images a 2D model (Qwen2.5-VL) gets for a scene, in prompt order: the room's
+    bird's-eye view (:func:`~adatoken_compile.benchmark3d.render.render_top_down`: relations are
+    floor distances, which a top-down view shows at one scale), then the rendered views
+    ``IMAGE_VIEWS`` at ``IMAGE_VIEW_SIZE``. A function of the scene alone, the same for every
+    question about it."""
+    return [render_top_down(info)[0]] + [view_image(scene.images[v]) for v in IMAGE_VIEWS]
+
+
+def view_image(image: np.ndarray) -> np.ndarray:
+    """A rendered view at ``IMAGE_VIEW_SIZE`` (Pillow bicubic)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize(IMAGE_VIEW_SIZE[::-1], Image.BICUBIC))
+
+
+def as_image_samples(samples) -> list[Sample]:
+    """Benchmark samples (a rendered ``scene``, its ``seed`` in ``meta``) as image samples: the
+    scene's :func:`scene_images` in ``image``, no scene; each scene's images made once. Other
+    samples pass unchanged."""
+    out, memo = [], {}
+    for s in samples:
+        if s.scene is None or s.image is not None or "seed" not in s.meta or "split" not in s.meta:
+            out.append(s)
+            continue
+        key = (s.meta["seed"], id(s.scene))
+        if key not in memo:
+            memo.clear()  # a scene's questions are consecutive: one scene's images at a time
+            memo[key] = scene_images(make_world(s.meta["seed"]), s.scene)
+        out.append(Sample(question=s.question, image=memo[key], answer=s.answer, kind=s.kind, boxes=s.boxes,
+                          meta=dict(s.meta)))
+    return out
 
 
 def iter_questions(split: str, num_scenes: int, start: int = 0) -> Iterator[tuple[int, SceneInfo, Question]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adatoken_compile.runtime.scene import Scene
-from adatoken_compile.benchmark3d.world import CEILING_ID, FLOOR_ID, WALL_ID, SceneInfo, _rng
+from adatoken_compile.benchmark3d.world import CEILING_ID, FLOOR_ID, ROOM_X, ROOM_Y, WALL_ID, SceneInfo, _rng
 
 NUM_VIEWS = 20
 HEIGHT, WIDTH = 240, 320
@@ -302,3 +302,76 @@ def render_scene(
     intr = np.repeat(K[None], V, axis=0)
     scene = Scene(images, depths, poses, intr, name=f"synth-{info.seed}")
     return Render(scene, inst)
+
+
+# --------------------------------------------------------------------------- bird's-eye view
+
+# one fixed scale for every room (floor distances read the same in every image), fine enough that an
+# object fills much of a 28-pixel merged Qwen2.5-VL token (0.78 m) and its class pattern shows
+TOP_DOWN_PX_PER_M = 36.0
+TOP_DOWN_SIZE = (308, 336)  # (H, W): the largest room (9 x 8 m) plus a margin, multiples of 28
+TOP_DOWN_MARGIN = 4  # pixels between the image border and the room's (0, 0) corner
+TOP_DOWN_SUPERSAMPLE = 2  # rays per pixel side, averaged: fine patterns blur instead of aliasing
+# the map's floor is tinted by position, like a map's coordinate grid: red from x 0.75 to 1.25 times
+# the floor colour over the largest room's length, blue likewise along y, so that where a patch
+# lies in the room reads off its own pixels (attention alone knows only relative positions)
+TOP_DOWN_FLOOR_RAMP = 0.5
+
+
+def top_down_rays(H: int, W: int, ss: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """World (x, y) of the rays of a top-down image, (H*ss, W*ss) each: column -> x, row -> y,
+    ``TOP_DOWN_PX_PER_M`` pixels a metre from the room corner at ``TOP_DOWN_MARGIN`` pixels."""
+    step = 1.0 / (TOP_DOWN_PX_PER_M * ss)
+    u = (np.arange(W * ss) + 0.5) * step - TOP_DOWN_MARGIN / TOP_DOWN_PX_PER_M
+    v = (np.arange(H * ss) + 0.5) * step - TOP_DOWN_MARGIN / TOP_DOWN_PX_PER_M
+    return np.meshgrid(u, v, indexing="xy")
+
+
+def render_top_down(info: SceneInfo, H: int = TOP_DOWN_SIZE[0], W: int = TOP_DOWN_SIZE[1],
+                    ss: int = TOP_DOWN_SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """Orthographic bird's-eye view of the room without its ceiling: (H, W, 3) uint8 RGB and the
+    (H, W) int16 instance map of each pixel's centre ray (object index, ``FLOOR_ID``, or
+    ``WALL_ID`` outside the room, which is black; the floor tinted by position,
+    ``TOP_DOWN_FLOOR_RAMP``). Each ray looks straight down and shades the
+    highest surface it meets with the views' light and class patterns, so an object shows its
+    top (box and table tops, chair seat and back, ball and cylinder from above) at its true floor
+    position: distances between objects in pixels are floor distances times the fixed scale."""
+    x, y = top_down_rays(H, W, ss)
+    L = info.room
+    inside = (x >= 0) & (x <= L[0]) & (y >= 0) & (y <= L[1])
+    top = np.zeros(x.shape)
+    lam = np.full(x.shape, LIGHT[2])  # the floor's normal is +z
+    ids = np.where(inside, FLOOR_ID, WALL_ID).astype(np.int16)
+    for j, ob in enumerate(info.objects):
+        for p in ob.prims:
+            if p[0] == "box":
+                hit = (x >= p[1][0]) & (x <= p[2][0]) & (y >= p[1][1]) & (y <= p[2][1])
+                z, nl = np.full(x.shape, p[2][2]), LIGHT[2]
+            elif p[0] == "sphere":
+                r2 = (x - p[1][0]) ** 2 + (y - p[1][1]) ** 2
+                hit = r2 <= p[2] ** 2
+                h = np.sqrt(np.maximum(p[2] ** 2 - r2, 0.0))
+                z = p[1][2] + h
+                nl = ((x - p[1][0]) * LIGHT[0] + (y - p[1][1]) * LIGHT[1] + h * LIGHT[2]) / p[2]
+            else:
+                hit = (x - p[1][0]) ** 2 + (y - p[1][1]) ** 2 <= p[2] ** 2
+                z, nl = np.full(x.shape, p[4]), LIGHT[2]
+            m = hit & (z > top)
+            top = np.where(m, z, top)
+            lam = np.where(m, nl, lam)
+            ids = np.where(m, j, ids).astype(np.int16)
+    shade = AMBIENT + DIFFUSE * np.maximum(lam, 0.0)
+    for j, ob in enumerate(info.objects):
+        m = ids == j
+        if m.any():
+            local = np.stack([x[m] - ob.lo[0], y[m] - ob.lo[1], top[m] - ob.lo[2]], -1)
+            shade[m] *= 1.0 - PATTERN_DARKEN * pattern_mask(ob.cls, local)
+    palette = np.concatenate([np.zeros((1, 3)), [info.wall_rgb], [info.floor_rgb],
+                              np.array([o.rgb for o in info.objects], float).reshape(-1, 3)])
+    rgb = palette[np.where(inside, ids, WALL_ID) + 3] * np.where(inside, shade, 0.0)[..., None]
+    floor = ids == FLOOR_ID
+    rgb[..., 0] *= np.where(floor, 1 + TOP_DOWN_FLOOR_RAMP * (x / ROOM_X[1] - 0.5), 1.0)
+    rgb[..., 2] *= np.where(floor, 1 + TOP_DOWN_FLOOR_RAMP * (y / ROOM_Y[1] - 0.5), 1.0)
+    rgb = rgb.reshape(H, ss, W, ss, 3).mean(axis=(1, 3))
+    centre = ids[ss // 2 :: ss, ss // 2 :: ss]
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), centre

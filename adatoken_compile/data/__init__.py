@@ -4,6 +4,6 @@ themselves (:mod:`.questions`: JSONL, ScanQA, SQA3D, LLaVA-3D question JSON). Sc
 ScanNet export folders, EmbodiedScan info files) are read by the runtime
 (:mod:`adatoken_compile.runtime.sources`), which serves them too."""
 
-from .specs import BUILTIN_SPLITS, builtin_split, holdout_start, iter_samples, load_samples, scene_key
+from .specs import BUILTIN_SPLITS, builtin_split, for_input, holdout_start, iter_samples, load_samples, scene_key
 
-__all__ = ["BUILTIN_SPLITS", "builtin_split", "holdout_start", "iter_samples", "load_samples", "scene_key"]
+__all__ = ["BUILTIN_SPLITS", "builtin_split", "for_input", "holdout_start", "iter_samples", "load_samples", "scene_key"]

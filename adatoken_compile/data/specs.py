@@ -89,6 +89,15 @@ def load_samples(spec: str, *, limit: int | None = None, start_scene: int = 0, s
     return samples
 
 
+def for_input(samples, input_kind: str) -> list[Sample]:
+    """``samples`` as a model that takes ``input_kind`` ("scene" or "image") reads them: built-in
+    benchmark scenes become their images for an image model
+    (:func:`adatoken_compile.benchmark3d.dataset.scene_images`: a bird's-eye view and two
+    perspective views); anything else is unchanged."""
+    samples = list(samples)
+    return benchmark.as_image_samples(samples) if input_kind == "image" else samples
+
+
 def holdout_start(spec: str, start_scene: int, stats_scenes: int, builtin_start: int) -> int:
     """The first scene of the held-back questions: after the ``stats_scenes`` scenes the
     statistics' questions came from, and for the built-in data not before ``builtin_start`` (a

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from adatoken_compile.compiler.reference import answers
+from adatoken_compile.data import for_input
 from adatoken_compile.errors import ScheduleMismatch
 from adatoken_compile.evaluation.accuracy import agreement, evaluate, paired
 from adatoken_compile.runtime import load
@@ -48,6 +49,7 @@ def eval_artifact(artifact: str, samples: Sequence, *, baseline: str | None = No
     see :func:`adatoken_compile.evaluation.accuracy.evaluate`.
     """
     rt = load(artifact, providers)
+    samples = for_input(samples, rt.input_kind)
     res = evaluate(runtime_answer_fn(rt), samples, progress=progress, captions=captions, positions=positions)
     if baseline:
         ref_rt = load(baseline, providers)

@@ -402,41 +402,35 @@ QWEN25VL_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision
                      "<|video_pad|>"]
 
 
-def random_qwen25vl(out_dir: str, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                    vision_depth: int = 4, vision_hidden: int = 32, fullatt_blocks=(1, 3), patch_size: int = 14,
-                    window_size: int = 112, min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64,
-                    seed: int = 0, overwrite: bool = False) -> str:
-    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` checkpoint (GQA decoder, windowed and
-    full-attention vision blocks, 2x2 merger) with the files a released one ships: config,
-    safetensors, tokenizer (ChatML and vision special tokens), ``chat_template.jinja`` and
-    ``preprocessor_config.json`` (``Qwen2VLImageProcessor`` with ``min_pixels`` / ``max_pixels``)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    tok = build_word_tokenizer(DEFAULT_TEXTS, vocab_size=400)
+def qwen25vl_tokenizer(texts=None) -> TextTokenizer:
+    """A word-level tokenizer trained on ``texts`` (default ``DEFAULT_TEXTS``) with Qwen2.5-VL's
+    ChatML and vision special tokens; EOS is ``<|im_end|>``, no BOS."""
+    tok = build_word_tokenizer(texts or DEFAULT_TEXTS, vocab_size=400)
     tok._tok.add_special_tokens(QWEN25VL_SPECIALS)
     # ChatML ends every prompt with a newline: a token of its own (not <unk>, whose embedding is the
     # zero padding row), as in Qwen's vocabulary
     tok._tok.add_tokens(["\n"])
     tok.bos_id = None
     tok.eos_id = tok.token_to_id("<|im_end|>")
-    head_dim = hidden // heads
-    third = head_dim // 2 // 3
-    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                intermediate_size=hidden * 2, vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=tok.eos_id,
-                pad_token_id=tok.pad_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [head_dim // 2 - 2 * third, third, third]})
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
-                  patch_size=patch_size, window_size=window_size, out_hidden_size=hidden,
-                  fullatt_block_indexes=list(fullatt_blocks), spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tok.token_to_id("<|image_pad|>"),
-                           video_token_id=tok.token_to_id("<|video_pad|>"),
-                           vision_start_token_id=tok.token_to_id("<|vision_start|>"),
-                           vision_end_token_id=tok.token_to_id("<|vision_end|>"), eos_token_id=tok.eos_id)
-    m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return tok
+
+
+def qwen25vl_token_ids(tok) -> dict:
+    """The ``Qwen2_5_VLConfig`` keyword arguments that name ``tok``'s special tokens."""
+    return dict(image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id("<|video_pad|>"),
+                vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+                vision_end_token_id=tok.token_to_id("<|vision_end|>"), eos_token_id=tok.eos_id)
+
+
+def save_qwen25vl(model, tok, out_dir: str, *, min_pixels: int, max_pixels: int, overwrite: bool = False,
+                  extra: dict | None = None) -> str:
+    """``model`` (a ``Qwen2_5_VLForConditionalGeneration``) with the files a released checkpoint
+    ships: config, safetensors, tokenizer, ``chat_template.jinja`` and ``preprocessor_config.json``
+    (``Qwen2VLImageProcessor`` with ``min_pixels`` / ``max_pixels``), written atomically; ``extra``:
+    more JSON files, name -> content."""
+    patch_size = int(model.config.vision_config.patch_size)
     with atomic_dir(out_dir, "checkpoint", overwrite=overwrite, marker=True) as tmp:
-        m.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tok.save(tmp)
         with open(os.path.join(tmp, "tokenizer_config.json")) as f:
             tcfg = json.load(f)
@@ -451,4 +445,32 @@ def random_qwen25vl(out_dir: str, *, layers: int = 4, hidden: int = 64, heads: i
                        "do_normalize": True, "do_resize": True, "resample": 3}, f, indent=2)
         with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
             f.write(QWEN25VL_CHAT_TEMPLATE)
+        for name, content in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
     return out_dir
+
+
+def random_qwen25vl(out_dir: str, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    vision_depth: int = 4, vision_hidden: int = 32, fullatt_blocks=(1, 3), patch_size: int = 14,
+                    window_size: int = 112, min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64,
+                    seed: int = 0, overwrite: bool = False) -> str:
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` checkpoint (GQA decoder, windowed and
+    full-attention vision blocks, 2x2 merger) with the files a released one ships (:func:`save_qwen25vl`)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = qwen25vl_tokenizer()
+    head_dim = hidden // heads
+    third = head_dim // 2 // 3
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=hidden * 2, vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_dim // 2 - 2 * third, third, third]})
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+                  patch_size=patch_size, window_size=window_size, out_hidden_size=hidden,
+                  fullatt_block_indexes=list(fullatt_blocks), spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen25vl_token_ids(tok))
+    m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return save_qwen25vl(m, tok, out_dir, min_pixels=min_pixels, max_pixels=max_pixels, overwrite=overwrite)

@@ -350,3 +350,38 @@ def test_iter_samples_test_fixed():
     first = [s for s in samples if s.meta["seed"] == seeds[0]]
     assert [(s.question, s.answer, s.kind) for s in first] == [(q.text, q.answer, q.kind) for q in questions_for(info)]
     assert all(s.kind in dataset.KINDS and s.meta["split"] == "test" for s in samples)
+
+
+def test_image_models_get_a_birds_eye_view_and_two_views_per_scene():
+    """For an image model a benchmark scene becomes its bird's-eye view and the views IMAGE_VIEWS:
+    the same images for every question about it, the questions and answers unchanged; a scene
+    model's samples are left alone."""
+    from adatoken_compile.data import for_input, load_samples
+
+    samples = load_samples("builtin:test", limit=7)
+    assert for_input(samples, "scene") == samples
+    imgs = for_input(samples, "image")
+    assert [(s.question, s.answer, s.meta) for s in imgs] == [(s.question, s.answer, s.meta) for s in samples]
+    assert all(s.scene is None and len(s.image) == 3 for s in imgs)
+    first = [s for s in imgs if s.meta["seed"] == samples[0].meta["seed"]]
+    assert len(first) > 1 and all(s.image is first[0].image for s in first)
+    top, _ = render.render_top_down(make_world(samples[0].meta["seed"]))
+    np.testing.assert_array_equal(first[0].image[0], top)
+    for k, v in enumerate(dataset.IMAGE_VIEWS):
+        np.testing.assert_array_equal(first[0].image[1 + k], dataset.view_image(samples[0].scene.images[v]))
+        assert first[0].image[1 + k].shape == (*dataset.IMAGE_VIEW_SIZE, 3)
+
+
+def test_top_down_view_shows_each_object_at_its_floor_position_on_a_tinted_floor():
+    info = make_world(3)
+    rgb, ids = render.render_top_down(info)
+    assert rgb.shape == (*render.TOP_DOWN_SIZE, 3) and ids.shape == render.TOP_DOWN_SIZE
+    to_px = lambda xy: (np.asarray(xy) * render.TOP_DOWN_PX_PER_M + render.TOP_DOWN_MARGIN).astype(int)
+    for j, o in enumerate(info.objects):
+        c, r = to_px(o.center[:2])
+        assert ids[r, c] == j
+    assert ids[-1, -1] == WALL_ID and (rgb[-1, -1] == 0).all()  # outside the room (the largest room's corner): black
+    # the floor's red grows along x and its blue along y
+    (c0, r0), (c1, r1) = to_px([0.2, 0.2]), to_px(info.room[:2] - 0.2)
+    assert ids[r0, c0] == ids[r1, c1] == FLOOR_ID
+    assert rgb[r1, c1, 0] > rgb[r0, c0, 0] and rgb[r1, c1, 2] > rgb[r0, c0, 2]

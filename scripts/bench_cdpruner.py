@@ -45,7 +45,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 

@@ -36,11 +36,10 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
     them); ``video``: a video file instead, its frames sampled at ``fps``."""
     if video and frames:
         raise InputError("--video and --frames both give a video; pass one of them")
-    frames = video or tuple(frames)
     if question is not None:
         check_question(question)
     if input_kind == "scene":
-        if image or frames:
+        if image or frames or video:
             given = "image" if image else ("video" if video else "frames")
             raise InputError(f"this model takes scenes: pass --scene, not --{given}")
         if scene:
@@ -52,12 +51,12 @@ def sample_from_args(input_kind: str, scene: str | None, image: str | None, ques
         return Sample(question=question or s.question, scene=s.scene, answer=None if question else s.answer)
     if scene:
         raise InputError("this model takes images: pass --image, not --scene")
-    if not (image or frames) or not question:
+    if not (image or frames or video) or not question:
         raise InputError("this model takes images: pass --image IMG (.npy (H,W,3) uint8 or an image file) "
                          "or a video (--video FILE, or its --frames), and --question")
     media = [load_image(image)] if image else []
-    if frames:
-        media.append(Video(frames if video else list(frames), fps))
+    if frames or video:
+        media.append(Video(video or list(frames), fps))
     return Sample(question=question, image=media[0] if len(media) == 1 else media)
 
 

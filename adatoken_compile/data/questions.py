@@ -120,12 +120,12 @@ class _Resolver:
             self.refs[path] = SceneRef(path, self.depth_scale)
         return path, self.refs[path]
 
-    def video_file(self, value: str, where: str) -> tuple[str, str]:
+    def video_file(self, value: str, where: str) -> str:
         _inside(value, where, "video")
         p = os.path.join(self.base, value)
         if not os.path.isfile(p):
             raise InputError(f"{where}: video '{value}' not found (paths are relative to the question file)")
-        return p, p
+        return p
 
     def image(self, value: str, where: str) -> tuple[str, ImageRef]:
         _inside(value, where, "image")
@@ -170,20 +170,21 @@ def read_questions(path: str, scenes: str | None = None, depth_scale: float | No
                 found = [res.image(v, where) for v in paths]
             if frames_val is not None:
                 if isinstance(frames_val, str) and frames_val:  # a video file, sampled at fps
-                    frames = [res.video_file(frames_val, where)]
+                    vkey = source = res.video_file(frames_val, where)
                 elif not isinstance(frames_val, list) or not frames_val or not all(isinstance(v, str) for v in frames_val):
                     raise InputError(f"{where}: 'frames' must be a list of frame paths (one video, in time order), "
                                      "or a video file's path")
                 else:
                     frames = [res.image(v, where) for v in frames_val]
+                    vkey, source = "|".join(k for k, _ in frames), [ref for _, ref in frames]
                 fps = obj.get("fps", 2.0)
                 if isinstance(fps, bool) or not isinstance(fps, (int, float)):
                     raise InputError(f"{where}: 'fps' must be a number > 0 (the frames' sampling rate)")
                 try:
-                    video = Video(frames[0][1] if isinstance(frames_val, str) else [ref for _, ref in frames], fps)
+                    video = Video(source, fps)
                 except InputError as e:
                     raise InputError(f"{where}: {e}") from None
-                found.append(("video:" + "|".join(k for k, _ in frames), video))
+                found.append(("video:" + vkey, video))
             key = found[0][0] if len(found) == 1 else "|".join(k for k, _ in found)
             image = found[0][1] if len(found) == 1 else [ref for _, ref in found]
         elif scene_val is not None or scene_id is not None:

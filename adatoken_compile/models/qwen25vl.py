@@ -280,8 +280,12 @@ class Qwen25VLAdapter:
     def pixels(self, image) -> tuple[np.ndarray, np.ndarray]:
         """(N, patch_dim) patches and (3,) grid_thw of one image (array, path or reference) or
         :class:`Video`."""
+        return self._patches(self.read_video(image) if isinstance(image, Video) else image)
+
+    def _patches(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`pixels` of an image, or of a video whose frames are read (:meth:`read_video`)."""
         if isinstance(image, Video):
-            return self.processing.video_patches(self.read_video(image).frames)
+            return self.processing.video_patches(image.frames)
         return self.processing.patches(resolve_image(image))
 
     def read_video(self, video: Video) -> Video:
@@ -297,7 +301,7 @@ class Qwen25VLAdapter:
         video = isinstance(image, Video)
         if video:  # a video file's frames and the rate they were sampled at, read once
             image = self.read_video(image)
-        pix, grid = self.pixels(image)
+        pix, grid = self._patches(image)
         features = self.vl.model.get_video_features if video else self.vl.model.get_image_features
         feats = features(torch.from_numpy(pix).to(self.dtype), torch.from_numpy(grid[None])).pooler_output[0]
         interval = self.processing.time_interval(image) if video else 1.0
@@ -336,7 +340,7 @@ class Qwen25VLAdapter:
         unit = self.processing.merge_size ** 2
         for s in samples:
             items = [self.read_video(im) if isinstance(im, Video) else im for im in image_list(s.image)]
-            mine = [(isinstance(im, Video), *self.pixels(im)) for im in items]
+            mine = [(isinstance(im, Video), *self._patches(im)) for im in items]
             for im, (video, p, g) in zip(items, mine):
                 parts[video].append((p, g))
                 if video:

@@ -311,7 +311,7 @@ def decode_video(path: str, fps: float, temporal_patch_size: int) -> Video:
     return Video(frames, len(keep) / total * float(rate))
 
 
-def read_frames(video: Video, resolve, temporal_patch_size: int = 2) -> Video:
+def read_frames(video: Video, resolve, temporal_patch_size: int) -> Video:
     """``video`` with its frames read by ``resolve`` (paths, references) and checked to be one size,
     a frame read from a file named by its path; a video file's frames decoded and sampled
     (:func:`decode_video`)."""

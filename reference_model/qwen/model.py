@@ -90,7 +90,7 @@ class Packed:
 
 def pack(adapter, vocab: Vocab, feats: list, coords: list, ex, dense: bool, count_w: dict | None = None) -> Packed:
     emb = adapter.vl.model.language_model.embed_tokens
-    prefix = suffixes = None
+    prefix = None
     blocks, labels, dense_l, answer_at, loc, cand, comp, qw = [], [], [], [], [], [], [], []
     for q in ex.questions:
         qw.append(count_w.get(q.answer, 1.0) if count_w and q.template == "count" else 1.0)
